@@ -1,0 +1,224 @@
+"""The ``sterling`` command.
+
+Sub-commands::
+
+    sterling demo                                   synth → train → publish → filtered queries
+    sterling data synth --out DIR                   synthetic request-level logs
+    sterling data movielens SRC --out DIR           MovieLens (100K / 1M / latest-small) → request rows
+    sterling data convert SRC OUT                   request rows ⇄ impression rows (lossless, streaming)
+    sterling data stats DIR [--json]                sizes of both formats
+    sterling train --data DIR --out CKPT            two-tower on request batches, held-out recall
+    sterling publish --checkpoint CKPT --data DIR --out SNAP
+    sterling query --snapshot SNAP --user ID [--filter EXPR] [-k 10] [--json]
+
+Errors in the input (a malformed filter, a corrupt snapshot, a missing file) print one line naming
+the problem and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+__all__ = ["main"]
+
+
+def _cmd_synth(args: argparse.Namespace) -> None:
+    from sterling.data.synth import SynthConfig, generate
+
+    cfg = SynthConfig(seed=args.seed)
+    cfg = replace(cfg, **{k: v for k, v in (("num_users", args.users), ("num_items", args.items)) if v})
+    t0 = time.perf_counter()
+    out = generate(cfg, Path(args.out))
+    print(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
+
+
+def _cmd_movielens(args: argparse.Namespace) -> None:
+    from sterling.data.movielens import load_movielens
+
+    kwargs = {"window_s": args.window_s} if args.window_s is not None else {}
+    print(f"wrote {load_movielens(Path(args.src), Path(args.out), **kwargs)}")
+
+
+def _cmd_convert(args: argparse.Namespace) -> None:
+    from sterling.data.group import impressions_to_requests, requests_to_impressions
+    from sterling.data.schema import DatasetPaths
+
+    src = DatasetPaths(Path(args.src))
+    convert = requests_to_impressions if src.format == "requests" else impressions_to_requests
+    convert(Path(args.src), Path(args.out))
+    print(f"converted {src.format} rows in {args.src} → {args.out}")
+
+
+def _cmd_stats(args: argparse.Namespace) -> None:
+    from sterling.data.stats import dataset_stats, format_stats
+
+    stats = dataset_stats(Path(args.dir))
+    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from sterling.train.loop import TrainConfig, train
+
+    cfg = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, dim=args.dim, seed=args.seed)
+    log = (lambda s: print(s, file=sys.stderr)) if args.json else print
+    report = train(Path(args.data), Path(args.out), cfg, log=log)
+    if args.json:
+        print(json.dumps({"checkpoint": str(report.checkpoint), "steps": report.steps,
+                          "train_s": report.train_s, "impressions_per_s": report.impressions_per_s,
+                          "metrics": report.metrics}, indent=2))
+    else:
+        print(f"checkpoint: {report.checkpoint}")
+
+
+def _cmd_publish(args: argparse.Namespace) -> None:
+    from sterling.data.schema import DatasetPaths
+    from sterling.serving.publish import publish
+
+    t0 = time.perf_counter()
+    out = publish(Path(args.checkpoint), DatasetPaths(Path(args.data)).items, Path(args.out))
+    print(f"published {out} in {time.perf_counter() - t0:.1f}s")
+
+
+def _user_history(data_dir: Path, user: int, max_len: int) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """A user's latest ``max_len`` timeline events (item ids, actions) and encoded user features."""
+    import pyarrow.parquet as pq
+
+    from sterling.data.batch import encode_categorical
+    from sterling.data.schema import DatasetPaths, read_roles
+
+    path = DatasetPaths(data_dir).users
+    table = pq.read_table(path, filters=[("user_id", "=", user)])
+    if table.num_rows == 0:
+        raise ValueError(f"user {user} is not in {path}")
+    roles = read_roles(pq.read_schema(path))
+    items = np.asarray(table.column("timeline_item_id")[0].as_py(), dtype=np.int64)[-max_len:]
+    actions = np.asarray(table.column("timeline_action")[0].as_py(), dtype=np.int64)[-max_len:]
+    feats = {f: int(encode_categorical(table.column(f))[0]) for f in roles.user}
+    return items, actions, feats
+
+
+def _cmd_query(args: argparse.Namespace) -> None:
+    from sterling.serving.publish import Recommender
+
+    rec = Recommender.load(Path(args.snapshot))
+    print(format_recommendations(rec, args.user, args.history, args.filter, args.k, args.data, args.json))
+
+
+def format_recommendations(
+    rec, user: int | None, history: str | None, filter: str | None, k: int, data: str | None, as_json: bool
+) -> str:
+    """Run one query and render it as a table (or JSON)."""
+    features: dict[str, int] = {}
+    if history is not None:
+        items = np.array([int(x) for x in history.split(",") if x.strip()], dtype=np.int64)
+        actions = None
+    else:
+        data_dir = Path(data or rec.meta["source"]["data_dir"] or "")
+        items, actions, features = _user_history(data_dir, user, rec.model.cfg.max_history)
+    res = rec.recommend(items, filter=filter, k=k, actions=actions, features=features)
+    ids = [i for i in res.ids[0].tolist() if i >= 0]
+    scores = res.scores[0, : len(ids)].tolist()
+    attrs = rec.index.attributes_of(ids) if ids else []
+    if as_json:
+        return json.dumps({"user": user, "filter": filter, "k": k,
+                           "results": [{"id": i, "score": s, "attributes": a} for i, s, a in zip(ids, scores, attrs)]})
+    head = f"user {user}" if user is not None else f"history of {len(items)} items"
+    lines = [f"{head} · filter: {filter or '(none)'} · {len(ids)} of k={k}"]
+    if not ids:
+        lines.append("  (no item passes the filter)")
+    for rank, (i, s, a) in enumerate(zip(ids, scores, attrs), 1):
+        desc = "  ".join(f"{f}={_show(v)}" for f, v in sorted(a.items()))
+        lines.append(f"  {rank:>3}  {i:>8}  {s:7.4f}  {desc}")
+    return "\n".join(lines)
+
+
+def _show(value) -> str:
+    return "|".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from sterling.demo import run_demo
+
+    run_demo(Path(args.workdir), quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sterling", description="Index-as-model retrieval trained on request-level data.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="synthetic data → train → publish → filtered queries")
+    d.add_argument("--workdir", default="runs/demo", help="where data, checkpoint and snapshot go")
+    d.add_argument("--quick", action="store_true", help="a smaller catalogue and one epoch")
+    d.set_defaults(func=_cmd_demo)
+
+    data = sub.add_parser("data", help="request-level data: generate, load, convert, measure")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    s = dsub.add_parser("synth", help="write a synthetic request-format dataset")
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--users", type=int)
+    s.add_argument("--items", type=int)
+    s.set_defaults(func=_cmd_synth)
+    m = dsub.add_parser("movielens", help="MovieLens 100K / 1M / latest-small → request-format dataset")
+    m.add_argument("src", help="folder with u.data, ratings.dat[.gz] or ratings.csv")
+    m.add_argument("--out", required=True)
+    m.add_argument("--window-s", type=int, help="seconds a request spans (see sterling.data.movielens)")
+    m.set_defaults(func=_cmd_movielens)
+    c = dsub.add_parser("convert", help="request format ⇄ impression format (direction from SRC)")
+    c.add_argument("src")
+    c.add_argument("out")
+    c.set_defaults(func=_cmd_convert)
+    st = dsub.add_parser("stats", help="rows, impressions and bytes per impression in both formats")
+    st.add_argument("dir")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_cmd_stats)
+
+    t = sub.add_parser("train", help="train the two-tower model on request batches")
+    t.add_argument("--data", required=True, help="request-format dataset directory")
+    t.add_argument("--out", required=True, help="checkpoint directory")
+    t.add_argument("--epochs", type=int, default=3)
+    t.add_argument("--max-steps", type=int)
+    t.add_argument("--dim", type=int, default=64)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=_cmd_train)
+
+    pub = sub.add_parser("publish", help="checkpoint + items → one snapshot")
+    pub.add_argument("--checkpoint", required=True)
+    pub.add_argument("--data", required=True, help="dataset directory holding items.parquet")
+    pub.add_argument("--out", required=True)
+    pub.set_defaults(func=_cmd_publish)
+
+    q = sub.add_parser("query", help="filtered top-k for one user from a published snapshot")
+    q.add_argument("--snapshot", required=True)
+    who = q.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", type=int, help="user id; history from the dataset's users.parquet")
+    who.add_argument("--history", help="comma-separated item ids, oldest first")
+    q.add_argument("--data", help="dataset directory (default: the one the model was trained on)")
+    q.add_argument("--filter", help='e.g. "genre:Drama AND NOT year:1995"')
+    q.add_argument("-k", type=int, default=10)
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=_cmd_query)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, NotADirectoryError, pa.ArrowInvalid) as e:
+        print(f"sterling: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Request-level (ROO) data: schemas, Parquet I/O, converters, generators and batches."""

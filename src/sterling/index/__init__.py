@@ -1,0 +1,1 @@
+"""Item index: the filter language, the exact attribute store and the searchable index."""

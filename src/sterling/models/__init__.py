@@ -1,0 +1,1 @@
+"""User and item towers."""

@@ -1,0 +1,206 @@
+"""The thin two-tower retrieval model: a user tower over the request's history, an item tower over
+item id + attributes, and multi-task heads over their interaction.
+
+Shapes use ``R`` requests, ``L`` history events (jagged, all requests), ``N`` items, ``M`` items
+scored at once, ``D`` the embedding width and ``T`` tasks (labels).
+
+The item tower depends on item-side inputs only, so its outputs can be computed once per catalogue
+(the embeddings the index holds). The user tower runs once per request, however many impressions
+the request has: the request-only (ROO) unit of user-side computation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["ItemTerms", "TwoTower", "TwoTowerConfig"]
+
+
+@dataclass(frozen=True)
+class TwoTowerConfig:
+    """Sizes of the two-tower model.
+
+    Args:
+        num_items (int): catalogue size ``N`` (rows of the item id table).
+        num_terms (int): attribute vocabulary size (one term per ``feature=value``).
+        tasks (tuple[str, ...]): label names, one head each (``T``).
+        context_features (tuple[str, ...]): encoded request context features.
+        user_features (tuple[str, ...]): encoded user features.
+        dim (int): output embedding width ``D``.
+        hidden (int): hidden width of both towers.
+        max_history (int): most recent history events the user tower reads.
+        hash_buckets (int): rows of each context / user feature table (codes are taken modulo).
+        num_actions (int): size of the action-bitmask embedding (bitmask values are clamped below it).
+        temperature (float): softmax temperature of the retrieval loss.
+    """
+
+    num_items: int
+    num_terms: int
+    tasks: tuple[str, ...]
+    context_features: tuple[str, ...] = ()
+    user_features: tuple[str, ...] = ()
+    dim: int = 64
+    hidden: int = 128
+    max_history: int = 100
+    hash_buckets: int = 1009
+    num_actions: int = 16
+    temperature: float = 0.05
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TwoTowerConfig":
+        d = dict(d)
+        for key in ("tasks", "context_features", "user_features"):
+            d[key] = tuple(d[key])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ItemTerms:
+    """Item attributes as jagged term ids, the item tower's input.
+
+    Every ``(feature, value)`` pair of the catalogue is one term; a multi-valued feature gives one
+    term per value.
+
+    Attributes:
+        vocab (tuple[str, ...]): ``feature=value`` strings; term id = position.
+        offsets (torch.Tensor): int64 ``[N + 1]``.
+        terms (torch.Tensor): int64 ``[nnz]``.
+    """
+
+    vocab: tuple[str, ...]
+    offsets: torch.Tensor
+    terms: torch.Tensor = field(repr=False)
+
+    @classmethod
+    def build(cls, attributes: list[dict], vocab: tuple[str, ...] | None = None) -> "ItemTerms":
+        """Term ids of ``attributes`` (N dicts); with ``vocab`` given, unseen terms are dropped."""
+        keyed = [[f"{k}={v}" for k, vals in sorted(a.items()) for v in _as_list(vals)] for a in attributes]
+        if vocab is None:
+            vocab = tuple(sorted({t for row in keyed for t in row}))
+        index = {t: i for i, t in enumerate(vocab)}
+        rows = [[index[t] for t in row if t in index] for row in keyed]
+        lengths = torch.tensor([len(r) for r in rows], dtype=torch.int64)
+        offsets = torch.zeros(len(rows) + 1, dtype=torch.int64)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        terms = torch.tensor([t for r in rows for t in r], dtype=torch.int64)
+        return cls(vocab=vocab, offsets=offsets, terms=terms)
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+class ItemTower(nn.Module):
+    """item id + attribute terms → L2-normalised embedding ``[M, D]``."""
+
+    def __init__(self, cfg: TwoTowerConfig) -> None:
+        super().__init__()
+        self.terms = nn.EmbeddingBag(max(cfg.num_terms, 1), cfg.hidden, mode="mean")
+        self.mlp = nn.Sequential(nn.Linear(2 * cfg.hidden, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.dim))
+
+    def forward(self, rows: torch.Tensor, item_terms: ItemTerms, item_ids: nn.Embedding) -> torch.Tensor:
+        starts = item_terms.offsets[rows]                                  # [M]
+        lengths = item_terms.offsets[rows + 1] - starts                    # [M]
+        offsets = torch.zeros_like(lengths)
+        offsets[1:] = torch.cumsum(lengths, 0)[:-1]
+        gather = torch.repeat_interleave(starts - offsets, lengths) + torch.arange(int(lengths.sum()))
+        t = self.terms(item_terms.terms[gather], offsets)                  # [M, H]
+        x = torch.cat([item_ids(rows), t], dim=-1)                    # [M, 2H]
+        return F.normalize(self.mlp(x), dim=-1)                            # [M, D]
+
+
+class UserTower(nn.Module):
+    """history (items, actions, recency) + context + user features → embedding ``[R, D]``.
+
+    History events are embedded (shared item id table + action + position-from-the-end), mean
+    pooled per request with ``segment_reduce`` (no padding), and mixed with the request's context
+    and user features by an MLP.
+    """
+
+    def __init__(self, cfg: TwoTowerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.actions = nn.Embedding(cfg.num_actions, cfg.hidden)
+        self.recency = nn.Embedding(cfg.max_history, cfg.hidden)
+        names = cfg.context_features + cfg.user_features
+        if len(set(names)) != len(names):
+            raise ValueError(f"context and user features must have distinct names: {names}")
+        self.features = nn.ModuleDict({n: nn.Embedding(cfg.hash_buckets, cfg.hidden) for n in names})
+        width = cfg.hidden * (1 + len(names))
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * cfg.hidden), nn.GELU(), nn.Linear(2 * cfg.hidden, cfg.dim))
+
+    def forward(
+        self,
+        history_items: torch.Tensor,
+        history_actions: torch.Tensor,
+        history_offsets: torch.Tensor,
+        features: dict[str, torch.Tensor],
+        item_ids: nn.Embedding,
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        lengths = history_offsets[1:] - history_offsets[:-1]                       # [R]
+        owner = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)    # [L]
+        from_end = (history_offsets[owner + 1] - 1 - torch.arange(owner.numel())).clamp(max=cfg.max_history - 1)
+        e = (
+            item_ids(history_items)
+            + self.actions(history_actions.clamp(0, cfg.num_actions - 1))
+            + self.recency(from_end)
+        )                                                                           # [L, H]
+        pooled = torch.segment_reduce(e, "mean", lengths=lengths, unsafe=True)      # [R, H]
+        pooled = torch.nan_to_num(pooled) if pooled.numel() else pooled             # empty history → 0
+        parts = [pooled] + [
+            self.features[n](features[n] % cfg.hash_buckets) for n in cfg.context_features + cfg.user_features
+        ]
+        return F.normalize(self.mlp(torch.cat(parts, dim=-1)), dim=-1)              # [R, D]
+
+
+class TwoTower(nn.Module):
+    """User tower, item tower and one logit head per task over ``user ⊙ item``.
+
+    Args:
+        cfg (TwoTowerConfig): sizes.
+
+    Example::
+
+        model = TwoTower(TwoTowerConfig(num_items=100, num_terms=10, tasks=("click",)))
+        items = model.encode_items(torch.arange(100), item_terms)    # [100, 64]
+    """
+
+    def __init__(self, cfg: TwoTowerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.item_id_table = nn.Embedding(cfg.num_items, cfg.hidden)
+        nn.init.normal_(self.item_id_table.weight, std=0.02)
+        self.item_tower = ItemTower(cfg)
+        self.user_tower = UserTower(cfg)
+        self.task_heads = nn.Linear(cfg.dim, len(cfg.tasks))
+
+    def encode_items(self, rows: torch.Tensor, item_terms: ItemTerms) -> torch.Tensor:
+        """Item embeddings ``[M, D]`` of item ``rows [M]``."""
+        return self.item_tower(rows, item_terms, self.item_id_table)
+
+    def encode_users(
+        self,
+        history_items: torch.Tensor,
+        history_actions: torch.Tensor,
+        history_offsets: torch.Tensor,
+        features: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """User embeddings ``[R, D]`` from jagged histories (``[L]`` values, ``[R + 1]`` offsets) and
+        encoded context / user features (each ``[R]``; a missing feature counts as code 0)."""
+        r = history_offsets.numel() - 1
+        feats = {n: features.get(n, torch.zeros(r, dtype=torch.int64)) for n in self.user_tower.features}
+        return self.user_tower(history_items, history_actions, history_offsets, feats, self.item_id_table)
+
+    def task_logits(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Per-task logits ``[M, T]`` of paired ``users [M, D]`` and ``items [M, D]``."""
+        return self.task_heads(users * items * self.cfg.dim**0.5)

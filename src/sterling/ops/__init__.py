@@ -1,0 +1,1 @@
+"""Hot ops: one dispatcher per op; ops/reference holds the pure-PyTorch oracles."""

@@ -1,0 +1,1 @@
+"""Snapshots (publish / verify / load) and, later, the served model."""

@@ -1,0 +1,81 @@
+"""Losses of the two-tower model on a :class:`~sterling.data.batch.RequestBatch`.
+
+* **Retrieval**: sampled softmax. Each engaged impression (positive label of the retrieval task) is
+  a target among the candidate set = the batch's distinct impressed items (in-batch negatives) plus
+  uniform random items; candidates that the *same user* engaged with elsewhere in the batch are
+  masked, so a user's other positives are never pushed down as negatives.
+* **Multi-task**: binary cross-entropy per task on every impression (``T`` heads).
+
+The user tower runs once per request and its output is shared by all the request's impressions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sterling.data.batch import RequestBatch
+from sterling.models.towers import ItemTerms, TwoTower
+
+__all__ = ["TwoTowerLoss", "two_tower_loss"]
+
+
+@dataclass(frozen=True)
+class TwoTowerLoss:
+    """Loss terms of one batch (scalars)."""
+
+    total: torch.Tensor
+    retrieval: torch.Tensor
+    tasks: torch.Tensor
+    positives: int
+
+
+def two_tower_loss(
+    model: TwoTower,
+    batch: RequestBatch,
+    item_terms: ItemTerms,
+    num_negatives: int,
+    retrieval_task: int = 0,
+    generator: torch.Generator | None = None,
+) -> TwoTowerLoss:
+    """Sampled-softmax retrieval loss plus per-task BCE.
+
+    Args:
+        model (TwoTower): the model.
+        batch (RequestBatch): ``R`` requests, ``K`` impressions.
+        item_terms (ItemTerms): attribute terms of the whole catalogue.
+        num_negatives (int): uniform random items added to the in-batch candidates.
+        retrieval_task (int): index of the label whose positives are retrieval targets.
+        generator (torch.Generator | None): for the uniform negatives.
+    """
+    cfg = model.cfg
+    users = model.encode_users(
+        batch.history_items, batch.history_actions, batch.history_offsets,
+        {**batch.context, **batch.user_features},
+    )                                                                                  # [R, D]
+    request = batch.impression_to_request()                                            # [K]
+    negatives = torch.randint(cfg.num_items, (num_negatives,), generator=generator)
+    candidates, inverse = torch.unique(torch.cat([batch.item_rows, negatives]), return_inverse=True)
+    items = model.encode_items(candidates, item_terms)                                 # [C, D]
+    impression_items = inverse[: batch.num_impressions]                                # [K]
+
+    logits = model.task_logits(users[request], items[impression_items])                # [K, T]
+    task_loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+
+    positive = batch.labels[:, retrieval_task] > 0                                     # [K]
+    n_pos = int(positive.sum())
+    if n_pos == 0:
+        retrieval = torch.zeros((), dtype=task_loss.dtype)
+    else:
+        target = impression_items[positive]                                            # [P]
+        scores = users[request[positive]] @ items.T / cfg.temperature                  # [P, C]
+        _, user_slot = torch.unique(batch.user_ids, return_inverse=True)               # [R]
+        engaged = torch.zeros(int(user_slot.max()) + 1, items.shape[0], dtype=torch.bool)
+        pos_user = user_slot[request[positive]]                                        # [P]
+        engaged[pos_user, target] = True
+        other = engaged[pos_user]                                                      # [P, C]
+        other[torch.arange(n_pos), target] = False
+        retrieval = F.cross_entropy(scores.masked_fill(other, float("-inf")), target)
+    return TwoTowerLoss(total=retrieval + task_loss, retrieval=retrieval, tasks=task_loss, positives=n_pos)
