@@ -104,67 +104,72 @@ class ItemTower(nn.Module):
 
     def __init__(self, cfg: TwoTowerConfig) -> None:
         super().__init__()
+        self.ids = nn.Embedding(cfg.num_items, cfg.hidden)
+        nn.init.normal_(self.ids.weight, std=0.02)
         self.terms = nn.EmbeddingBag(max(cfg.num_terms, 1), cfg.hidden, mode="mean")
         self.mlp = nn.Sequential(nn.Linear(2 * cfg.hidden, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.dim))
 
-    def forward(self, rows: torch.Tensor, item_terms: ItemTerms, item_ids: nn.Embedding) -> torch.Tensor:
+    def forward(self, rows: torch.Tensor, item_terms: ItemTerms) -> torch.Tensor:
         starts = item_terms.offsets[rows]                                  # [M]
         lengths = item_terms.offsets[rows + 1] - starts                    # [M]
         offsets = torch.zeros_like(lengths)
         offsets[1:] = torch.cumsum(lengths, 0)[:-1]
         gather = torch.repeat_interleave(starts - offsets, lengths) + torch.arange(int(lengths.sum()))
         t = self.terms(item_terms.terms[gather], offsets)                  # [M, H]
-        x = torch.cat([item_ids(rows), t], dim=-1)                    # [M, 2H]
+        x = torch.cat([self.ids(rows), t], dim=-1)                         # [M, 2H]
         return F.normalize(self.mlp(x), dim=-1)                            # [M, D]
 
 
 class UserTower(nn.Module):
-    """history (items, actions, recency) + context + user features → embedding ``[R, D]``.
+    """history item embeddings + actions + recency, context and user features → embedding ``[R, D]``.
 
-    History events are embedded (shared item id table + action + position-from-the-end), mean
-    pooled per request with ``segment_reduce`` (no padding), and mixed with the request's context
-    and user features by an MLP.
+    The history is read through the *item tower's outputs* (at serving time: the item embeddings
+    the index already caches), each event shifted by its action and position-from-the-end
+    embeddings, mean pooled per request with ``segment_reduce`` (no padding). An MLP over the pool
+    and the request's context and user features adds a residual, so a user starts out near the
+    items they engaged with and learns how to depart from them.
     """
 
     def __init__(self, cfg: TwoTowerConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.actions = nn.Embedding(cfg.num_actions, cfg.hidden)
-        self.recency = nn.Embedding(cfg.max_history, cfg.hidden)
+        self.actions = nn.Embedding(cfg.num_actions, cfg.dim)
+        self.recency = nn.Embedding(cfg.max_history, cfg.dim)
+        for table in (self.actions, self.recency):
+            nn.init.normal_(table.weight, std=0.02)
         names = cfg.context_features + cfg.user_features
         if len(set(names)) != len(names):
             raise ValueError(f"context and user features must have distinct names: {names}")
         self.features = nn.ModuleDict({n: nn.Embedding(cfg.hash_buckets, cfg.hidden) for n in names})
-        width = cfg.hidden * (1 + len(names))
+        width = cfg.dim + cfg.hidden * len(names)
         self.mlp = nn.Sequential(nn.Linear(width, 2 * cfg.hidden), nn.GELU(), nn.Linear(2 * cfg.hidden, cfg.dim))
 
     def forward(
         self,
-        history_items: torch.Tensor,
+        history_vectors: torch.Tensor,
         history_actions: torch.Tensor,
         history_offsets: torch.Tensor,
         features: dict[str, torch.Tensor],
-        item_ids: nn.Embedding,
     ) -> torch.Tensor:
         cfg = self.cfg
         lengths = history_offsets[1:] - history_offsets[:-1]                       # [R]
         owner = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)    # [L]
         from_end = (history_offsets[owner + 1] - 1 - torch.arange(owner.numel())).clamp(max=cfg.max_history - 1)
         e = (
-            item_ids(history_items)
+            history_vectors
             + self.actions(history_actions.clamp(0, cfg.num_actions - 1))
             + self.recency(from_end)
-        )                                                                           # [L, H]
-        pooled = torch.segment_reduce(e, "mean", lengths=lengths, unsafe=True)      # [R, H]
-        pooled = torch.nan_to_num(pooled) if pooled.numel() else pooled             # empty history → 0
+        )                                                                           # [L, D]
+        pooled = torch.segment_reduce(e, "mean", lengths=lengths, unsafe=True)      # [R, D]
+        pooled = torch.nan_to_num(pooled)                                           # empty history → 0
         parts = [pooled] + [
             self.features[n](features[n] % cfg.hash_buckets) for n in cfg.context_features + cfg.user_features
         ]
-        return F.normalize(self.mlp(torch.cat(parts, dim=-1)), dim=-1)              # [R, D]
+        return F.normalize(pooled + self.mlp(torch.cat(parts, dim=-1)), dim=-1)    # [R, D]
 
 
 class TwoTower(nn.Module):
-    """User tower, item tower and one logit head per task over ``user ⊙ item``.
+    """User tower, item tower and multi-task heads (one logit per task) over the pair.
 
     Args:
         cfg (TwoTowerConfig): sizes.
@@ -172,35 +177,39 @@ class TwoTower(nn.Module):
     Example::
 
         model = TwoTower(TwoTowerConfig(num_items=100, num_terms=10, tasks=("click",)))
-        items = model.encode_items(torch.arange(100), item_terms)    # [100, 64]
+        items = model.encode_items(torch.arange(100), item_terms)          # [100, 64]
+        users = model.encode_users(items[[3, 7, 7]], torch.ones(3, dtype=torch.int64),
+                                   torch.tensor([0, 1, 3]), {})             # [2, 64]
     """
 
     def __init__(self, cfg: TwoTowerConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.item_id_table = nn.Embedding(cfg.num_items, cfg.hidden)
-        nn.init.normal_(self.item_id_table.weight, std=0.02)
         self.item_tower = ItemTower(cfg)
         self.user_tower = UserTower(cfg)
-        self.task_heads = nn.Linear(cfg.dim, len(cfg.tasks))
+        self.task_heads = nn.Sequential(
+            nn.Linear(3 * cfg.dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, len(cfg.tasks))
+        )
 
     def encode_items(self, rows: torch.Tensor, item_terms: ItemTerms) -> torch.Tensor:
         """Item embeddings ``[M, D]`` of item ``rows [M]``."""
-        return self.item_tower(rows, item_terms, self.item_id_table)
+        return self.item_tower(rows, item_terms)
 
     def encode_users(
         self,
-        history_items: torch.Tensor,
+        history_vectors: torch.Tensor,
         history_actions: torch.Tensor,
         history_offsets: torch.Tensor,
         features: dict[str, torch.Tensor],
     ) -> torch.Tensor:
-        """User embeddings ``[R, D]`` from jagged histories (``[L]`` values, ``[R + 1]`` offsets) and
-        encoded context / user features (each ``[R]``; a missing feature counts as code 0)."""
+        """User embeddings ``[R, D]`` from jagged histories: the item embeddings of the events
+        (``[L, D]``), their action bitmasks (``[L]``) and offsets (``[R + 1]``), and encoded context /
+        user features (each ``[R]``; a missing feature counts as code 0)."""
         r = history_offsets.numel() - 1
         feats = {n: features.get(n, torch.zeros(r, dtype=torch.int64)) for n in self.user_tower.features}
-        return self.user_tower(history_items, history_actions, history_offsets, feats, self.item_id_table)
+        return self.user_tower(history_vectors, history_actions, history_offsets, feats)
 
     def task_logits(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """Per-task logits ``[M, T]`` of paired ``users [M, D]`` and ``items [M, D]``."""
-        return self.task_heads(users * items * self.cfg.dim**0.5)
+        """Per-task logits ``[M, T]`` of paired ``users [M, D]`` and ``items [M, D]``: an MLP over
+        ``[user, item, user ⊙ item]``, so the tasks need not share the retrieval geometry."""
+        return self.task_heads(torch.cat([users, items, users * items * self.cfg.dim**0.5], dim=-1))

@@ -4,11 +4,11 @@ A published snapshot holds, in one directory with one manifest (see :mod:`sterli
 
 * ``index.safetensors``: the item index (item embeddings from the item tower, external ids, the
   exact attribute forward index; vocabulary in the manifest);
-* ``model.safetensors``: the model weights (the user tower answers queries) and the catalogue's item
-  ids in the row order the model was trained with.
+* ``model.safetensors``: the model weights (the user tower answers queries).
 
 :class:`Recommender` loads it (checksums verified, no pickle) and turns a user's history into
-filtered top-k items.
+filtered top-k items. The user tower reads the history through the item embeddings the index
+caches, so a query never re-runs the item tower.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sterling.data.batch import ItemCatalog
 from sterling.data.items import read_items
 from sterling.index.item_index import IndexConfig, ItemIndex, SearchResult
 from sterling.models.towers import ItemTerms, TwoTower, TwoTowerConfig
@@ -27,8 +26,8 @@ from sterling.train.loop import encode_catalog, load_checkpoint
 
 __all__ = ["Recommender", "publish"]
 
-_MODEL_FILE = "model.safetensors"
-_INDEX_FILE = "index.safetensors"
+_MODEL_FILE = "model"
+_INDEX_FILE = "index"
 
 
 def publish(checkpoint: Path, items_path: Path, out_dir: Path, config: IndexConfig = IndexConfig()) -> Path:
@@ -49,7 +48,6 @@ def publish(checkpoint: Path, items_path: Path, out_dir: Path, config: IndexConf
     index = ItemIndex.build(embeddings, attributes, ids=item_ids, config=config)
     index_meta, index_tensors = index.to_snapshot_parts()
     model_tensors = {k: v.detach().contiguous() for k, v in ckpt.model.state_dict().items()}
-    model_tensors["catalog.item_ids"] = torch.from_numpy(np.ascontiguousarray(item_ids))
     meta = {
         "kind": "retrieval",
         "index": index_meta,
@@ -65,7 +63,6 @@ class Recommender:
     Args:
         model (TwoTower): the trained model (its user tower is used).
         index (ItemIndex): the item index.
-        catalog (ItemCatalog): item id → row of the model's item id table.
         meta (dict): the snapshot's metadata.
 
     Example::
@@ -74,10 +71,9 @@ class Recommender:
         res = rec.recommend([12, 7, 31], filter="language:en AND year >= 2000", k=10)
     """
 
-    def __init__(self, model: TwoTower, index: ItemIndex, catalog: ItemCatalog, meta: dict) -> None:
+    def __init__(self, model: TwoTower, index: ItemIndex, meta: dict) -> None:
         self.model = model
         self.index = index
-        self.catalog = catalog
         self.meta = meta
 
     @classmethod
@@ -85,13 +81,11 @@ class Recommender:
         snap = read_snapshot(Path(path))
         if snap.meta.get("kind") != "retrieval":
             raise ValueError(f"{path} is a snapshot of kind {snap.meta.get('kind')!r}, not a published model")
-        tensors = dict(snap.tensors[_MODEL_FILE])
-        catalog = ItemCatalog(tensors.pop("catalog.item_ids").numpy())
         model = TwoTower(TwoTowerConfig.from_json(snap.meta["model"]))
-        model.load_state_dict(tensors)
+        model.load_state_dict(snap.tensors[_MODEL_FILE])
         model.eval()
         index = ItemIndex.from_snapshot_parts(snap.meta["index"], snap.tensors[_INDEX_FILE])
-        return cls(model, index, catalog, snap.meta)
+        return cls(model, index, snap.meta)
 
     @torch.no_grad()
     def user_embedding(
@@ -102,18 +96,19 @@ class Recommender:
     ) -> torch.Tensor:
         """Embedding ``[1, D]`` of one user from the item ids of their history (oldest first), the
         action bitmask of each event (default 1) and encoded context / user features."""
-        rows = self.catalog.rows(np.asarray(history, dtype=np.int64))[-self.model.cfg.max_history :]
-        acts = np.ones(len(rows), dtype=np.int64) if actions is None else np.asarray(actions, dtype=np.int64)
-        acts = acts[-len(rows) :] if len(rows) else acts[:0]
-        if len(acts) != len(rows):
-            raise ValueError(f"{len(rows)} history items but {len(acts)} actions")
+        history = np.asarray(history, dtype=np.int64)
+        acts = np.ones(len(history), dtype=np.int64) if actions is None else np.asarray(actions, dtype=np.int64)
+        if acts.shape != history.shape:
+            raise ValueError(f"{len(history)} history items but {len(acts)} actions")
+        history, acts = history[-self.model.cfg.max_history :], acts[-self.model.cfg.max_history :]
+        vectors = self.index.embeddings_of(history) if len(history) else torch.zeros(0, self.index.dim)
         known = set(self.model.cfg.context_features + self.model.cfg.user_features)
         unknown = sorted(set(features or {}) - known)
         if unknown:
             raise ValueError(f"unknown features {unknown}; the model takes {sorted(known)}")
         feats = {n: torch.tensor([int(v)]) for n, v in (features or {}).items()}
         return self.model.encode_users(
-            torch.from_numpy(rows), torch.from_numpy(acts), torch.tensor([0, len(rows)]), feats
+            torch.as_tensor(vectors, dtype=torch.float32), torch.from_numpy(acts), torch.tensor([0, len(history)]), feats
         )
 
     def recommend(

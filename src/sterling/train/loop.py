@@ -121,13 +121,14 @@ def train(
     holdout = holdout_requests(paths.requests)
     log(f"train: {len(catalog):,} items, tasks {', '.join(tasks)}, {len(holdout):,} held-out requests")
 
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    frequency = impression_frequency(reader, holdout, len(catalog))
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
     gen = torch.Generator().manual_seed(cfg.seed)
     steps, seen, t0 = 0, 0, time.perf_counter()
     for epoch in range(cfg.epochs):
         total, n = 0.0, 0
         for batch in reader.batches(exclude=holdout):
-            loss = two_tower_loss(model, batch, item_terms, cfg.num_negatives, retrieval_task, gen)
+            loss = two_tower_loss(model, batch, item_terms, cfg.num_negatives, frequency, retrieval_task, gen)
             opt.zero_grad(set_to_none=True)
             loss.total.backward()
             opt.step()
@@ -155,8 +156,16 @@ def train(
     }
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     tensors["catalog.item_ids"] = torch.from_numpy(np.ascontiguousarray(item_ids))
-    path = write_snapshot(Path(out_dir), {"model.safetensors": tensors}, meta)
+    path = write_snapshot(Path(out_dir), {"model": tensors}, meta)
     return TrainReport(path, steps, train_s, seen / max(train_s, 1e-9), metrics)
+
+
+def impression_frequency(reader: RequestReader, holdout: np.ndarray, num_items: int) -> torch.Tensor:
+    """Each item's share ``float [N]`` of the training impressions (a floor of one impression)."""
+    counts = torch.ones(num_items)
+    for batch in reader.batches(exclude=holdout):
+        counts += torch.bincount(batch.item_rows, minlength=num_items)
+    return counts / counts.sum()
 
 
 @torch.no_grad()
@@ -169,10 +178,11 @@ def encode_catalog(model: TwoTower, item_terms: ItemTerms, num_items: int, chunk
 
 
 @torch.no_grad()
-def encode_requests(model: TwoTower, batch: RequestBatch) -> torch.Tensor:
-    """User embeddings ``[R, D]`` of a batch's requests."""
+def encode_requests(model: TwoTower, batch: RequestBatch, item_vectors: torch.Tensor) -> torch.Tensor:
+    """User embeddings ``[R, D]`` of a batch's requests, reading history through ``item_vectors [N, D]``."""
     return model.encode_users(
-        batch.history_items, batch.history_actions, batch.history_offsets, {**batch.context, **batch.user_features}
+        item_vectors[batch.history_items], batch.history_actions, batch.history_offsets,
+        {**batch.context, **batch.user_features},
     )
 
 
@@ -188,7 +198,8 @@ def evaluate(
     retrieval_task: int,
 ) -> dict:
     """Full-catalogue recall@k (model and most-popular baseline) and AUC per task on ``holdout``."""
-    index = ItemIndex.build(encode_catalog(model, item_terms, len(catalog)), attributes, ids=catalog.item_ids)
+    vectors = encode_catalog(model, item_terms, len(catalog))
+    index = ItemIndex.build(vectors, attributes, ids=catalog.item_ids)
     kmax = max(ks)
     popularity = torch.zeros(len(catalog))
     for batch in reader.batches(exclude=holdout):
@@ -196,11 +207,10 @@ def evaluate(
     popular = torch.from_numpy(catalog.item_ids)[torch.topk(popularity, min(kmax, len(catalog))).indices]
     retrieved, relevant, scores, labels = [], [], [], []
     for batch in reader.batches(only=holdout):
-        users = encode_requests(model, batch)
+        users = encode_requests(model, batch, vectors)
         retrieved.append(index.search(users, k=kmax).ids)
         req = batch.impression_to_request()
-        items = model.encode_items(batch.item_rows, item_terms)
-        scores.append(model.task_logits(users[req], items))
+        scores.append(model.task_logits(users[req], vectors[batch.item_rows]))
         labels.append(batch.labels)
         ids = catalog.item_ids[batch.item_rows.numpy()]
         pos = batch.labels[:, retrieval_task].numpy() > 0
@@ -224,7 +234,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
     snap = read_snapshot(Path(path))
     if snap.meta.get("kind") != "checkpoint":
         raise ValueError(f"{path} is a snapshot of kind {snap.meta.get('kind')!r}, not a training checkpoint")
-    tensors = dict(snap.tensors["model.safetensors"])
+    tensors = dict(snap.tensors["model"])
     item_ids = tensors.pop("catalog.item_ids").numpy()
     model = TwoTower(TwoTowerConfig.from_json(snap.meta["model"]))
     model.load_state_dict(tensors)

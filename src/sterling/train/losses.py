@@ -3,7 +3,9 @@
 * **Retrieval**: sampled softmax. Each engaged impression (positive label of the retrieval task) is
   a target among the candidate set = the batch's distinct impressed items (in-batch negatives) plus
   uniform random items; candidates that the *same user* engaged with elsewhere in the batch are
-  masked, so a user's other positives are never pushed down as negatives.
+  masked, so a user's other positives are never pushed down as negatives. Logits are corrected by
+  the log of each candidate's expected count in the candidate set (logQ correction, Yi et al. 2019),
+  so popular items are not under-scored for being frequent in-batch negatives.
 * **Multi-task**: binary cross-entropy per task on every impression (``T`` heads).
 
 The user tower runs once per request and its output is shared by all the request's impressions.
@@ -37,6 +39,7 @@ def two_tower_loss(
     batch: RequestBatch,
     item_terms: ItemTerms,
     num_negatives: int,
+    item_frequency: torch.Tensor,
     retrieval_task: int = 0,
     generator: torch.Generator | None = None,
 ) -> TwoTowerLoss:
@@ -47,19 +50,24 @@ def two_tower_loss(
         batch (RequestBatch): ``R`` requests, ``K`` impressions.
         item_terms (ItemTerms): attribute terms of the whole catalogue.
         num_negatives (int): uniform random items added to the in-batch candidates.
+        item_frequency (torch.Tensor): float ``[N]``, each item's share of all impressions (sums to 1).
         retrieval_task (int): index of the label whose positives are retrieval targets.
         generator (torch.Generator | None): for the uniform negatives.
     """
     cfg = model.cfg
+    k, n = batch.num_impressions, num_negatives
+    negatives = torch.randint(cfg.num_items, (n,), generator=generator)
+    # One item-tower pass over every distinct item the batch touches (impressions, negatives, history).
+    rows, inverse = torch.unique(torch.cat([batch.item_rows, negatives, batch.history_items]), return_inverse=True)
+    vectors = model.encode_items(rows, item_terms)                                     # [U, D]
+    slots, cand_inverse = torch.unique(inverse[: k + n], return_inverse=True)
+    candidates, items = rows[slots], vectors[slots]                                    # [C], [C, D]
+    impression_items = cand_inverse[:k]                                                # [K]
     users = model.encode_users(
-        batch.history_items, batch.history_actions, batch.history_offsets,
+        vectors[inverse[k + n :]], batch.history_actions, batch.history_offsets,
         {**batch.context, **batch.user_features},
     )                                                                                  # [R, D]
     request = batch.impression_to_request()                                            # [K]
-    negatives = torch.randint(cfg.num_items, (num_negatives,), generator=generator)
-    candidates, inverse = torch.unique(torch.cat([batch.item_rows, negatives]), return_inverse=True)
-    items = model.encode_items(candidates, item_terms)                                 # [C, D]
-    impression_items = inverse[: batch.num_impressions]                                # [K]
 
     logits = model.task_logits(users[request], items[impression_items])                # [K, T]
     task_loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
@@ -70,7 +78,8 @@ def two_tower_loss(
         retrieval = torch.zeros((), dtype=task_loss.dtype)
     else:
         target = impression_items[positive]                                            # [P]
-        scores = users[request[positive]] @ items.T / cfg.temperature                  # [P, C]
+        expected = k * item_frequency[candidates] + n / cfg.num_items
+        scores = users[request[positive]] @ items.T / cfg.temperature - expected.log()  # [P, C]
         _, user_slot = torch.unique(batch.user_ids, return_inverse=True)               # [R]
         engaged = torch.zeros(int(user_slot.max()) + 1, items.shape[0], dtype=torch.bool)
         pos_user = user_slot[request[positive]]                                        # [P]
