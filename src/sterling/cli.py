@@ -117,27 +117,43 @@ def format_recommendations(
 ) -> str:
     """Run one query and render it as a table (or JSON)."""
     features: dict[str, int] = {}
+    data_dir = Path(data) if data else Path(rec.meta["source"]["data_dir"] or "")
     if history is not None:
         items = np.array([int(x) for x in history.split(",") if x.strip()], dtype=np.int64)
         actions = None
     else:
-        data_dir = Path(data or rec.meta["source"]["data_dir"] or "")
         items, actions, features = _user_history(data_dir, user, rec.model.cfg.max_history)
     res = rec.recommend(items, filter=filter, k=k, actions=actions, features=features)
     ids = [i for i in res.ids[0].tolist() if i >= 0]
     scores = res.scores[0, : len(ids)].tolist()
     attrs = rec.index.attributes_of(ids) if ids else []
+    titles = _titles(data_dir / "items.parquet", ids)
     if as_json:
-        return json.dumps({"user": user, "filter": filter, "k": k,
-                           "results": [{"id": i, "score": s, "attributes": a} for i, s, a in zip(ids, scores, attrs)]})
+        return json.dumps({"user": user, "filter": filter, "k": k, "results": [
+            {"id": i, "score": s, "attributes": a, **({"title": titles[i]} if i in titles else {})}
+            for i, s, a in zip(ids, scores, attrs)
+        ]})
     head = f"user {user}" if user is not None else f"history of {len(items)} items"
     lines = [f"{head} · filter: {filter or '(none)'} · {len(ids)} of k={k}"]
     if not ids:
         lines.append("  (no item passes the filter)")
     for rank, (i, s, a) in enumerate(zip(ids, scores, attrs), 1):
         desc = "  ".join(f"{f}={_show(v)}" for f, v in sorted(a.items()))
-        lines.append(f"  {rank:>3}  {i:>8}  {s:7.4f}  {desc}")
+        title = f"{titles[i][:40]:<40}  " if titles else ""
+        lines.append(f"  {rank:>3}  {i:>8}  {s:7.4f}  {title}{desc}")
     return "\n".join(lines)
+
+
+def _titles(items_path: Path, ids: list[int]) -> dict[int, str]:
+    """Titles of ``ids`` from a dataset's items.parquet, when it is at hand and has a title column."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if not ids or not items_path.is_file() or "title" not in pq.read_schema(items_path).names:
+        return {}
+    table = pq.read_table(items_path, columns=["item_id", "title"])
+    table = table.filter(pc.is_in(table["item_id"], pa.array(ids, pa.int64())))
+    return dict(zip(table["item_id"].to_pylist(), table["title"].to_pylist()))
 
 
 def _show(value) -> str:
@@ -184,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train the two-tower model on request batches")
     t.add_argument("--data", required=True, help="request-format dataset directory")
     t.add_argument("--out", required=True, help="checkpoint directory")
-    t.add_argument("--epochs", type=int, default=3)
+    t.add_argument("--epochs", type=int, default=5)
     t.add_argument("--max-steps", type=int)
     t.add_argument("--dim", type=int, default=64)
     t.add_argument("--seed", type=int, default=0)

@@ -28,7 +28,7 @@ DEMO_FILTERS = (
     None,
     "language:en AND year >= 2010",
     "tags IN (music-live, gaming-live, comedy-daily) AND NOT region:na",
-    "(category:sports OR category:fitness) AND creator < 100",
+    "(category:sports OR category:fitness) AND creator <= 1020",
     "category:knitting",
 )
 
@@ -42,7 +42,7 @@ def run_demo(workdir: Path, quick: bool = False) -> None:
     synth = SynthConfig()
     if quick:
         synth = replace(synth, num_users=300, num_items=1000)
-    train_cfg = TrainConfig(epochs=1 if quick else 2)
+    train_cfg = TrainConfig(epochs=1) if quick else TrainConfig()
 
     _step(1, "synthesising request-level logs", t_start)
     data = generate(synth, workdir / "data")

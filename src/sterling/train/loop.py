@@ -48,7 +48,7 @@ class TrainConfig:
         seed (int): seed of parameters and negatives.
     """
 
-    epochs: int = 3
+    epochs: int = 5
     lr: float = 3e-3
     token_budget: int = 16384
     max_history: int = 100
