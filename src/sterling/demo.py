@@ -6,7 +6,9 @@ publish one snapshot → filtered queries for a few users.
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -60,7 +62,13 @@ def run_demo(workdir: Path, quick: bool = False) -> None:
         print(_indent(format_recommendations(rec, user, None, flt, 5, str(data), False)))
         print()
     print(f"demo finished in {time.perf_counter() - t_start:.0f}s; try:\n"
-          f"  sterling query --snapshot {snapshot} --user {users[0]} --filter 'language:en' -k 10")
+          f"  {_sterling_command()} query --snapshot {snapshot} --user {users[0]} --filter 'language:en' -k 10")
+
+
+def _sterling_command() -> str:
+    """How to call ``sterling`` from this interpreter, on PATH or not (e.g. inside ``.venv``)."""
+    script = Path(sys.executable).parent / "sterling"
+    return os.path.relpath(script) if script.exists() else f"{sys.executable} -m sterling"
 
 
 def _step(n: int, what: str, t0: float) -> None:
