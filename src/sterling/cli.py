@@ -10,6 +10,7 @@ Sub-commands::
     sterling train --data DIR --out CKPT            two-tower on request batches, held-out recall
     sterling publish --checkpoint CKPT --data DIR --out SNAP
     sterling query --snapshot SNAP --user ID [--filter EXPR] [-k 10] [--json]
+    sterling bench ann [--quick] [--json PATH] [--plot PATH]   filtered search vs FAISS / hnswlib
 
 Errors in the input (a malformed filter, a corrupt snapshot, a missing file) print one line naming
 the problem and exit with status 2.
@@ -160,6 +161,18 @@ def _show(value) -> str:
     return "|".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
+def _bench_ann_arguments(p: argparse.ArgumentParser) -> None:
+    from sterling.bench.ann import add_arguments
+
+    add_arguments(p)
+
+
+def _cmd_bench_ann(args: argparse.Namespace) -> None:
+    from sterling.bench.ann import cli
+
+    cli(args)
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from sterling.demo import run_demo
 
@@ -212,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--data", required=True, help="dataset directory holding items.parquet")
     pub.add_argument("--out", required=True)
     pub.set_defaults(func=_cmd_publish)
+
+    b = sub.add_parser("bench", help="benchmarks against the named peers, JSON out")
+    bsub = b.add_subparsers(dest="bench_command", required=True)
+    ann = bsub.add_parser("ann", help="filtered top-k: sterling vs FAISS (flat, IVF-SQ8, pre-filter) and hnswlib")
+    _bench_ann_arguments(ann)
+    ann.set_defaults(func=_cmd_bench_ann)
 
     q = sub.add_parser("query", help="filtered top-k for one user from a published snapshot")
     q.add_argument("--snapshot", required=True)

@@ -10,6 +10,7 @@ never a mix.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -69,10 +70,15 @@ class _State:
     embeddings: torch.Tensor  # float32 [N, D]
     attributes: AttributeStore  # N items
 
+    @functools.cached_property
+    def _id_order(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows sorting ``ids``, the sorted ids), computed once per state."""
+        order = torch.argsort(self.ids)
+        return order, self.ids[order]
+
     def rows_of(self, ids: torch.Tensor) -> torch.Tensor:
         """int64 [M]: the rows of external ``ids`` (int64 [M]); unknown ids are a ValueError."""
-        order = torch.argsort(self.ids)
-        sorted_ids = self.ids[order]
+        order, sorted_ids = self._id_order
         pos = torch.searchsorted(sorted_ids, ids)
         inside = pos < len(sorted_ids)
         found = torch.zeros_like(inside)
@@ -136,6 +142,15 @@ class ItemIndex:
 
     def __len__(self) -> int:
         return len(self._state.ids)
+
+    def nbytes(self) -> int:
+        """Bytes held by the index: ids, embeddings and the exact attribute store."""
+        state = self._state
+        return (
+            state.ids.element_size() * state.ids.numel()
+            + state.embeddings.element_size() * state.embeddings.numel()
+            + state.attributes.nbytes()
+        )
 
     @property
     def dim(self) -> int:

@@ -1,0 +1,1 @@
+"""Benchmarks: each compares sterling with its named peers in one run and writes JSON."""

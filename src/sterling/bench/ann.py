@@ -1,0 +1,338 @@
+"""``sterling bench ann``: filtered top-k search, sterling against FAISS and hnswlib in one run.
+
+Data: a clustered catalogue (a Gaussian mixture, like ``faiss.contrib.datasets.SyntheticDataset``;
+i.i.d. random vectors make every partition index look useless) with attributes whose filters pass
+about 50%, 10% and 1% of the items, independent of the embeddings (the hard case for partition
+indexes, as a random bitmap is). Queries are drawn near catalogue items. Each query carries **its
+own filter** (``per_query``, as real per-user filters do) or the batch shares one (``shared``).
+
+Ground truth is the exact filtered top-k (brute force). Every row reports recall@k against it,
+queries per second at batch 1 and at the batch size, build time and index bytes per item.
+
+Systems (peers need the ``[bench]`` extra; a missing peer is skipped and said so):
+
+* ``faiss-flat``: ``IndexFlatIP`` + ``IDSelectorBitmap`` (BLAS forced: ``distance_compute_blas_threshold``).
+* ``faiss-ivf-sq8``: ``IVF{nlist},SQ8`` + ``IDSelectorBitmap`` at several nprobe.
+* ``faiss-prefilter``: gather the passing items, ``IndexFlatIP`` over them.
+* ``hnswlib``: HNSW (M 16, ef_construction 200) with a filter function, at several ef.
+* ``sterling``: :class:`~sterling.ItemIndex` (each of its configurations).
+
+FAISS applies one selector to a whole ``search`` call, so per-query filters cost it one call per
+distinct filter; that is the price a FAISS user pays for them, and the table shows it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sterling.index.item_index import ItemIndex
+
+__all__ = ["AnnBenchConfig", "Catalogue", "make_catalogue", "run"]
+
+#: selectivity label → (feature, number of equally likely values): one value passes 1/values.
+SELECTIVITY_FEATURES = {"50%": ("half", 2), "10%": ("tenth", 10), "1%": ("hundredth", 100)}
+
+
+@dataclass(frozen=True)
+class AnnBenchConfig:
+    """Sizes of one benchmark run.
+
+    Args:
+        n (int): catalogue size. d (int): dimension. k (int): results per query.
+        queries (int): queries with ground truth. batch (int): the large batch size.
+        batch1_queries (int): queries timed one at a time.
+        centres (int): mixture components of the catalogue.
+        nlist (int): FAISS IVF lists. nprobes (tuple): FAISS IVF probes.
+        hnsw_efs (tuple): hnswlib ef values (empty: skip hnswlib).
+        seed (int): data seed.
+    """
+
+    n: int = 1_000_000
+    d: int = 64
+    k: int = 100
+    queries: int = 256
+    batch: int = 256
+    batch1_queries: int = 32
+    centres: int = 4096
+    nlist: int = 1024
+    nprobes: tuple[int, ...] = (16, 32, 64, 128, 256)
+    hnsw_efs: tuple[int, ...] = (200, 800)
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> "AnnBenchConfig":
+        return cls(n=100_000, queries=128, batch=128, batch1_queries=16, centres=512, nlist=256,
+                   nprobes=(16, 64), hnsw_efs=(200,))
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    """Clustered embeddings, attributes and queries with per-query filters."""
+
+    embeddings: np.ndarray      # float32 [N, D], unit norm
+    attributes: list[dict]      # N dicts: {"half": "h1", "tenth": "t7", "hundredth": "u42"}
+    codes: dict[str, np.ndarray]  # feature → int value per item [N]
+    queries: np.ndarray         # float32 [Q, D]
+    filters: dict[str, list[str]]  # selectivity label → Q filter strings
+
+
+def make_catalogue(cfg: AnnBenchConfig) -> Catalogue:
+    """A Gaussian-mixture catalogue with independent attributes and per-query filters."""
+    rng = np.random.default_rng(cfg.seed)
+    centres = rng.standard_normal((cfg.centres, cfg.d)).astype(np.float32)
+    weights = rng.zipf(1.5, cfg.centres).astype(np.float64)
+    member = rng.choice(cfg.centres, cfg.n, p=weights / weights.sum())
+    x = centres[member] + 0.35 * rng.standard_normal((cfg.n, cfg.d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    codes = {f: rng.integers(0, values, cfg.n) for f, values in SELECTIVITY_FEATURES.values()}
+    prefix = {f: f[0] for f, _ in SELECTIVITY_FEATURES.values()}
+    attributes = [
+        {f: f"{prefix[f]}{int(codes[f][i])}" for f in codes} for i in range(cfg.n)
+    ]
+    q = x[rng.integers(0, cfg.n, cfg.queries)] + 0.2 * rng.standard_normal((cfg.queries, cfg.d)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    filters = {
+        label: [f"{f}:{prefix[f]}{v}" for v in rng.integers(0, values, cfg.queries)]
+        for label, (f, values) in SELECTIVITY_FEATURES.items()
+    }
+    return Catalogue(x, attributes, codes, q.astype(np.float32), filters)
+
+
+def passing(cat: Catalogue, flt: str) -> np.ndarray:
+    """bool [N]: the items that pass one benchmark filter ``feature:value`` (exact)."""
+    feature, value = flt.split(":")
+    return cat.codes[feature] == int(value[1:])
+
+
+def ground_truth(cat: Catalogue, filters: list[str], k: int) -> list[set[int]]:
+    """Exact filtered top-k id sets per query."""
+    x = torch.from_numpy(cat.embeddings)
+    out = []
+    for q, flt in zip(torch.from_numpy(cat.queries), filters):
+        rows = torch.from_numpy(np.flatnonzero(passing(cat, flt)))
+        scores = x[rows] @ q
+        out.append(set(rows[torch.topk(scores, min(k, len(rows))).indices].tolist()))
+    return out
+
+
+def recall(found: np.ndarray, truth: list[set[int]], k: int) -> float:
+    return float(np.mean([len(set(r[:k].tolist()) & t) / max(len(t), 1) for r, t in zip(found, truth)]))
+
+
+# A searcher takes (queries [B, D], filters: B strings) and returns item rows int64 [B, k].
+Searcher = Callable[[np.ndarray, list[str]], np.ndarray]
+
+
+def _timed_qps(search: Searcher, cat: Catalogue, filters: list[str], batch: int, limit: int) -> tuple[float, np.ndarray]:
+    """Queries per second over the first ``limit`` queries in batches of ``batch``, and the results."""
+    results = []
+    t0 = time.perf_counter()
+    for s in range(0, limit, batch):
+        results.append(search(cat.queries[s : s + batch], filters[s : s + batch]))
+    return limit / (time.perf_counter() - t0), np.concatenate(results)
+
+
+def _faiss_systems(cat: Catalogue, cfg: AnnBenchConfig) -> list[tuple[str, str, float, float, Searcher]]:
+    import faiss
+
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    faiss.cvar.distance_compute_blas_threshold = 1  # force BLAS (DESIGN "Known traps")
+    x = cat.embeddings
+    systems = []
+
+    def bitmap(flt: str) -> faiss.IDSelectorBitmap:
+        bits = np.packbits(passing(cat, flt), bitorder="little")
+        sel = faiss.IDSelectorBitmap(len(x), faiss.swig_ptr(bits))
+        sel.bits_ref = bits  # keep the buffer alive as long as the selector
+        return sel
+
+    def grouped(index, params_for: Callable[[str], object]) -> Searcher:
+        def search(q: np.ndarray, filters: list[str]) -> np.ndarray:
+            out = np.empty((len(q), cfg.k), dtype=np.int64)
+            for flt in dict.fromkeys(filters):
+                rows = [i for i, f in enumerate(filters) if f == flt]
+                out[rows] = index.search(q[rows], cfg.k, params=params_for(flt))[1]
+            return out
+        return search
+
+    t0 = time.perf_counter()
+    flat = faiss.IndexFlatIP(cat.embeddings.shape[1])
+    flat.add(x)
+    systems.append(("faiss-flat", "IndexFlatIP+bitmap", time.perf_counter() - t0, 4.0 * x.shape[1] + 1 / 8,
+                    grouped(flat, lambda f: faiss.SearchParameters(sel=bitmap(f)))))
+
+    t0 = time.perf_counter()
+    ivf = faiss.index_factory(x.shape[1], f"IVF{cfg.nlist},SQ8", faiss.METRIC_INNER_PRODUCT)
+    ivf.train(x[np.random.default_rng(1).choice(len(x), min(len(x), 64 * cfg.nlist), replace=False)])
+    ivf.add(x)
+    build = time.perf_counter() - t0
+    ivf_bytes = (faiss.serialize_index(ivf).nbytes) / len(x) + 1 / 8
+    for nprobe in cfg.nprobes:
+        systems.append(("faiss-ivf-sq8", f"IVF{cfg.nlist},SQ8 nprobe={nprobe}+bitmap", build, ivf_bytes,
+                        grouped(ivf, lambda f, p=nprobe: faiss.SearchParametersIVF(sel=bitmap(f), nprobe=p))))
+
+    def prefilter(q: np.ndarray, filters: list[str]) -> np.ndarray:
+        out = np.full((len(q), cfg.k), -1, dtype=np.int64)
+        for flt in dict.fromkeys(filters):
+            rows = [i for i, f in enumerate(filters) if f == flt]
+            keep = np.flatnonzero(passing(cat, flt))
+            sub = faiss.IndexFlatIP(x.shape[1])
+            sub.add(x[keep])
+            found = sub.search(q[rows], cfg.k)[1]
+            out[rows] = np.where(found >= 0, keep[np.maximum(found, 0)], -1)
+        return out
+
+    systems.append(("faiss-prefilter", "gather passing + IndexFlatIP", 0.0, 4.0 * x.shape[1] + 1 / 8, prefilter))
+    return systems
+
+
+def _hnsw_systems(cat: Catalogue, cfg: AnnBenchConfig) -> list[tuple[str, str, float, float, Searcher]]:
+    import hnswlib
+
+    x = cat.embeddings
+    t0 = time.perf_counter()
+    index = hnswlib.Index(space="ip", dim=x.shape[1])
+    index.init_index(max_elements=len(x), M=16, ef_construction=200, random_seed=cfg.seed)
+    index.set_num_threads(torch.get_num_threads())
+    index.add_items(x, np.arange(len(x)))
+    build = time.perf_counter() - t0
+    bytes_per_item = 4.0 * x.shape[1] + 16 * 2 * 4 + 8 + 1 / 8
+
+    def searcher(ef: int) -> Searcher:
+        def search(q: np.ndarray, filters: list[str]) -> np.ndarray:
+            index.set_ef(max(ef, cfg.k))
+            out = np.full((len(q), cfg.k), -1, dtype=np.int64)
+            for i, flt in enumerate(filters):
+                ok = passing(cat, flt)
+                try:
+                    labels, _ = index.knn_query(q[i : i + 1], k=cfg.k, filter=lambda j: bool(ok[j]))
+                    out[i] = labels[0]
+                except RuntimeError:  # fewer than k found
+                    pass
+            return out
+        return search
+
+    return [("hnswlib", f"HNSW M16 ef={ef} + filter fn", build, bytes_per_item, searcher(ef)) for ef in cfg.hnsw_efs]
+
+
+def _sterling_systems(cat: Catalogue, cfg: AnnBenchConfig) -> list[tuple[str, str, float, float, Searcher]]:
+    t0 = time.perf_counter()
+    index = ItemIndex.build(cat.embeddings, cat.attributes)
+    build = time.perf_counter() - t0
+    bytes_per_item = index.nbytes() / len(index)
+
+    def search(q: np.ndarray, filters: list[str]) -> np.ndarray:
+        return index.search(torch.from_numpy(q), k=cfg.k, filter=filters).ids.numpy()
+
+    return [("sterling", "exact (ItemIndex brute force)", build, bytes_per_item, search)]
+
+
+def machine() -> dict:
+    """A description of the machine and library versions."""
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    try:
+        import faiss
+
+        info["faiss"] = faiss.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def run(cfg: AnnBenchConfig, modes: tuple[str, ...] = ("per_query", "shared"), log=print) -> dict:
+    """Run the benchmark; returns ``{"machine": ..., "config": ..., "rows": [...], "skipped": [...]}``."""
+    log(f"catalogue: {cfg.n:,} × {cfg.d}, {cfg.centres} centres, {cfg.queries} queries, k={cfg.k}")
+    cat = make_catalogue(cfg)
+    systems, skipped = [], []
+    for name, make in (("faiss", _faiss_systems), ("hnswlib", _hnsw_systems), ("sterling", _sterling_systems)):
+        if name == "hnswlib" and not cfg.hnsw_efs:
+            continue
+        try:
+            t0 = time.perf_counter()
+            systems += make(cat, cfg)
+            log(f"built {name} in {time.perf_counter() - t0:.1f}s")
+        except ImportError as e:
+            skipped.append(f"{name}: {e} (pip install 'sterling[bench]')")
+            log(f"skipping {name}: {e}")
+    rows = []
+    for label in SELECTIVITY_FEATURES:
+        per_query = cat.filters[label]
+        for mode in modes:
+            filters = per_query if mode == "per_query" else [per_query[0]] * cfg.queries
+            truth = ground_truth(cat, filters, cfg.k)
+            for system, config, build_s, bytes_per_item, search in systems:
+                few = min(cfg.batch1_queries, cfg.queries)
+                # hnswlib calls a Python filter function per visited node: time it on fewer queries.
+                limit = few if system == "hnswlib" else cfg.queries
+                qps1, _ = _timed_qps(search, cat, filters, 1, few)
+                qps, found = _timed_qps(search, cat, filters, cfg.batch, limit)
+                row = {"system": system, "config": config, "selectivity": label, "filter_mode": mode,
+                       "batch": cfg.batch, "k": cfg.k, "queries": limit,
+                       "recall": recall(found, truth[:limit], cfg.k), "qps": qps,
+                       "qps_batch1": qps1, "build_s": build_s, "bytes_per_item": bytes_per_item}
+                rows.append(row)
+                log(f"{label:>4} {mode:<9} {system:<16} {config:<34} recall {row['recall']:.3f}  "
+                    f"qps@{cfg.batch} {qps:9,.0f}  qps@1 {qps1:8,.0f}")
+    return {"machine": machine(), "config": asdict(cfg), "rows": rows, "skipped": skipped}
+
+
+def format_table(result: dict) -> str:
+    """The rows as a fixed-width table."""
+    head = f"{'sel':>4}  {'mode':<9}  {'system':<16}  {'config':<34}  {'recall':>6}  {'qps@B':>9}  {'qps@1':>8}  {'build_s':>7}  {'B/item':>7}"
+    lines = [head, "-" * len(head)]
+    for r in result["rows"]:
+        lines.append(f"{r['selectivity']:>4}  {r['filter_mode']:<9}  {r['system']:<16}  {r['config']:<34}  "
+                     f"{r['recall']:6.3f}  {r['qps']:9,.0f}  {r['qps_batch1']:8,.0f}  {r['build_s']:7.1f}  {r['bytes_per_item']:7.1f}")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    """Recall against QPS, one panel per selectivity and filter mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["selectivity"], r["filter_mode"]) for r in result["rows"]})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
+    for ax, (sel, mode) in zip(axes[0], panels):
+        for system in dict.fromkeys(r["system"] for r in result["rows"]):
+            pts = [(r["qps"], r["recall"]) for r in result["rows"]
+                   if r["system"] == system and r["selectivity"] == sel and r["filter_mode"] == mode]
+            ax.plot(*zip(*sorted(pts)), marker="o", label=system)
+        ax.set(xscale="log", xlabel="QPS", ylabel="recall@k", title=f"{sel} {mode}")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--quick", action="store_true", help="100k items, fewer configurations (under a minute)")
+    p.add_argument("--n", type=int, help="catalogue size (default 1,000,000; 100,000 with --quick)")
+    p.add_argument("--json", dest="json_path", help="write the rows and the machine here")
+    p.add_argument("--plot", help="write a recall/QPS plot (PNG) here")
+    p.add_argument("--mode", choices=["per_query", "shared", "both"], default="both")
+
+
+def cli(args) -> int:
+    cfg = AnnBenchConfig.quick() if args.quick else AnnBenchConfig()
+    if args.n:
+        cfg = replace(cfg, n=args.n)
+    modes = ("per_query", "shared") if args.mode == "both" else (args.mode,)
+    result = run(cfg, modes)
+    print(format_table(result))
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(result, indent=2))
+    if args.plot:
+        plot(result, Path(args.plot))
+    return 0

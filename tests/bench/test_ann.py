@@ -1,0 +1,33 @@
+import json
+
+import numpy as np
+import pytest
+
+from sterling.bench.ann import AnnBenchConfig, format_table, make_catalogue, passing, run
+
+TINY = AnnBenchConfig(n=3000, d=16, k=10, queries=12, batch=4, batch1_queries=3, centres=24, nlist=16,
+                      nprobes=(16,), hnsw_efs=(64,))
+
+
+def test_filters_have_their_selectivity():
+    cat = make_catalogue(AnnBenchConfig(n=20000, d=8, queries=50, centres=32))
+    for label, expected in (("50%", 0.5), ("10%", 0.1), ("1%", 0.01)):
+        share = np.mean([passing(cat, f).mean() for f in cat.filters[label]])
+        assert abs(share - expected) < expected * 0.2
+    assert all(len(a) == 3 for a in cat.attributes[:10])
+
+
+def test_rows_and_exact_systems_recall():
+    result = run(TINY, modes=("per_query", "shared"), log=lambda s: None)
+    rows = result["rows"]
+    keys = {"system", "config", "selectivity", "filter_mode", "batch", "k", "recall", "qps", "build_s", "bytes_per_item"}
+    assert rows and all(keys <= set(r) for r in rows)
+    assert {r["filter_mode"] for r in rows} == {"per_query", "shared"}
+    assert {r["selectivity"] for r in rows} == {"50%", "10%", "1%"}
+    exact = [r for r in rows if r["system"] in ("sterling", "faiss-flat", "faiss-prefilter")]
+    assert any(r["system"] == "sterling" for r in exact)
+    for r in exact:
+        assert r["recall"] == pytest.approx(1.0), r
+    json.loads(json.dumps(result))
+    assert "sterling" in format_table(result)
+    assert "machine" in result and result["machine"]["cpus"]
