@@ -304,14 +304,16 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     panels = sorted({(r["selectivity"], r["filter_mode"]) for r in result["rows"]})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
-    for ax, (sel, mode) in zip(axes[0], panels):
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.5 * rows), squeeze=False)
+    for ax, (sel, mode) in zip(axes.flat, panels):
         for system in dict.fromkeys(r["system"] for r in result["rows"]):
             pts = [(r["qps"], r["recall"]) for r in result["rows"]
                    if r["system"] == system and r["selectivity"] == sel and r["filter_mode"] == mode]
             ax.plot(*zip(*sorted(pts)), marker="o", label=system)
         ax.set(xscale="log", xlabel="QPS", ylabel="recall@k", title=f"{sel} {mode}")
-    axes[0][0].legend(fontsize=7)
+    axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
 
