@@ -1,0 +1,1 @@
+"""CPU fast paths (pure torch or native) behind the dispatchers in sterling.ops."""
