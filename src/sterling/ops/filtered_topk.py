@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import enum
-
 import torch
 
+from sterling.ops.kernel import Kernel, select
 from sterling.ops.reference import filtered_topk as reference
-
-
-class Kernel(enum.Enum):
-    """Which implementation runs an op; REFERENCE is the pure-PyTorch oracle."""
-
-    REFERENCE = "reference"
-
 
 _KERNELS = {Kernel.REFERENCE: reference.filtered_topk}
 
@@ -66,4 +58,4 @@ def filtered_topk(
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise ValueError(f"block must be an int >= 1, got {block!r}")
-    return _KERNELS[Kernel(kernel)](queries, items, mask, k, block)
+    return select("filtered_topk", _KERNELS, kernel)(queries, items, mask, k, block)

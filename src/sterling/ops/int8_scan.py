@@ -16,24 +16,14 @@ Masks come in three forms, all over *sorted* rows (the IVF order):
 
 from __future__ import annotations
 
-import enum
-
 import torch
 
 from sterling.ops.cpu import int8_scan as cpu
+from sterling.ops.kernel import Kernel, select
 from sterling.ops.reference import int8_scan as reference
 from sterling.ops.reference.int8_scan import probed_rows
 
 __all__ = ["Kernel", "int8_scan", "probed_rows"]
-
-
-class Kernel(enum.Enum):
-    """Which implementation runs the scan; REFERENCE is the pure-PyTorch oracle, CPU the batched
-    fast path (group by cluster, int8 GEMM, threshold pruning)."""
-
-    REFERENCE = "reference"
-    CPU = "cpu"
-
 
 _KERNELS = {Kernel.REFERENCE: reference.int8_scan, Kernel.CPU: cpu.int8_scan}
 
@@ -110,7 +100,7 @@ def int8_scan(
     if codes.shape[0] == 0:  # nothing to score
         b = query_codes.shape[0]
         return torch.full((b, k), float("-inf")), torch.full((b, k), -1, dtype=torch.int64)
-    return _KERNELS[Kernel(kernel)](
+    return select("int8_scan", _KERNELS, kernel)(
         query_codes, query_scales, codes, scales, list_offsets, probes, k, mask, rescore, rescore_k
     )
 
