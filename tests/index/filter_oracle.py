@@ -219,3 +219,40 @@ def _value(value: Any, rnd: random.Random) -> str:
         return value
     quote = rnd.choice(['"', "'"])
     return quote + value.replace("\\", "\\\\").replace(quote, "\\" + quote) + quote
+
+
+def zipf_catalogue(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """A realistic catalogue of ``n`` items with Zipf-distributed values: ``genre`` (1-3 of 20),
+    ``language`` (1 of 30), ``country`` (1 of 120, 10% missing), ``tags`` (0-6 of 3,000, ints
+    and strings), ``year`` (int 1950-2024, skewed recent, 5% missing), ``rating`` (float 1.0-5.0
+    in steps of 0.1)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def zipf(size: int, vocab: int, s: float = 1.1) -> Any:
+        p = 1.0 / np.arange(1, vocab + 1) ** s
+        return rng.choice(vocab, size=size, p=p / p.sum())
+
+    n_genres, n_tags = rng.integers(1, 4, n), rng.integers(0, 7, n)
+    genres, tags = zipf(int(n_genres.sum()), 20), zipf(int(n_tags.sum()), 3000, 1.0)
+    language, country = zipf(n, 30, 1.5), zipf(n, 120)
+    has_country, has_year = rng.random(n) >= 0.1, rng.random(n) >= 0.05
+    year = 2024 - np.minimum(rng.exponential(15, n), 74).astype(int)
+    rating = np.round(rng.uniform(1.0, 5.0, n), 1)
+    g_off = np.concatenate([[0], np.cumsum(n_genres)])
+    t_off = np.concatenate([[0], np.cumsum(n_tags)])
+    items = []
+    for i in range(n):
+        item: dict[str, Any] = {
+            "genre": [f"g{g}" for g in dict.fromkeys(genres[g_off[i] : g_off[i + 1]].tolist())],
+            "language": f"l{language[i]}",
+            "tags": [t if t % 2 else f"t{t}" for t in tags[t_off[i] : t_off[i + 1]].tolist()],
+            "rating": float(rating[i]),
+        }
+        if has_country[i]:
+            item["country"] = f"c{country[i]}"
+        if has_year[i]:
+            item["year"] = int(year[i])
+        items.append(item)
+    return items

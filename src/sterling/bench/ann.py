@@ -15,7 +15,8 @@ Systems (peers need the ``[bench]`` extra; a missing peer is skipped and said so
 * ``faiss-ivf-sq8``: ``IVF{nlist},SQ8`` + ``IDSelectorBitmap`` at several nprobe.
 * ``faiss-prefilter``: gather the passing items, ``IndexFlatIP`` over them.
 * ``hnswlib``: HNSW (M 16, ef_construction 200) with a filter function, at several ef.
-* ``sterling``: :class:`~sterling.ItemIndex` (each of its configurations).
+* ``sterling``: :class:`~sterling.ItemIndex` (exact) and ``sterling-ivf``: the SilverTorch segment
+  (:mod:`sterling.index.search`: IVF + int8 + Bloom with the planner) at several nprobe.
 
 FAISS applies one selector to a whole ``search`` call, so per-query filters cost it one call per
 distinct filter; that is the price a FAISS user pays for them, and the table shows it.
@@ -225,15 +226,33 @@ def _hnsw_systems(cat: Catalogue, cfg: AnnBenchConfig) -> list[tuple[str, str, f
 
 
 def _sterling_systems(cat: Catalogue, cfg: AnnBenchConfig) -> list[tuple[str, str, float, float, Searcher]]:
+    from sterling.index.attributes import AttributeStore
+    from sterling.index.search import Segment, SegmentConfig
+
     t0 = time.perf_counter()
     index = ItemIndex.build(cat.embeddings, cat.attributes)
     build = time.perf_counter() - t0
-    bytes_per_item = index.nbytes() / len(index)
 
-    def search(q: np.ndarray, filters: list[str]) -> np.ndarray:
+    def exact(q: np.ndarray, filters: list[str]) -> np.ndarray:
         return index.search(torch.from_numpy(q), k=cfg.k, filter=filters).ids.numpy()
 
-    return [("sterling", "exact (ItemIndex brute force)", build, bytes_per_item, search)]
+    systems = [("sterling", "exact (ItemIndex brute force)", build, index.nbytes() / len(index), exact)]
+    t0 = time.perf_counter()
+    segment = Segment.build(torch.from_numpy(cat.embeddings), AttributeStore.build(cat.attributes),
+                            SegmentConfig(nlist=cfg.nlist))
+    build = time.perf_counter() - t0
+    seg_bytes = (segment.codes.nbytes() + segment.attributes.nbytes() + segment.bloom.nbytes()
+                 + 8 * len(segment) + segment.centroids.numel() * 4) / len(segment)
+
+    def ivf(nprobe: int) -> Searcher:
+        def search(q: np.ndarray, filters: list[str]) -> np.ndarray:
+            _, rows, _ = segment.search(torch.from_numpy(q), list(filters), cfg.k, nprobe=nprobe)
+            return torch.where(rows >= 0, segment.order[rows.clamp(min=0)], -1).numpy()
+        return search
+
+    systems += [("sterling-ivf", f"Segment IVF{segment.nlist} int8+Bloom nprobe={p}", build, seg_bytes, ivf(p))
+                for p in cfg.nprobes]
+    return systems
 
 
 def machine() -> dict:
