@@ -45,7 +45,6 @@ def test_published_recommender_honours_filters(flow):
         passing = rec.index.search(rec.user_embedding(history), k=len(ids), filter=flt)
         assert got == [i for i in passing.ids[0].tolist() if i >= 0][:20]
     assert (rec.recommend(history, filter="category:no-such-value", k=5).ids == -1).all()
-    # The model's item embeddings in the index are the item tower's: the user's best item scores highest.
     res = rec.recommend(history, k=3)
     assert res.scores[0, 0] >= res.scores[0, 1] >= res.scores[0, 2]
 

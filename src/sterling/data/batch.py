@@ -235,7 +235,7 @@ class RequestReader:
 
         reader = RequestReader(Path("runs/demo/data"), catalog, max_history=100)
         for batch in reader.batches(exclude=holdout):
-            loss = model.loss(batch)
+            loss = two_tower_loss(model, batch, item_terms, 512, frequency)
     """
 
     def __init__(

@@ -121,7 +121,7 @@ def train(
     holdout = holdout_requests(paths.requests)
     log(f"train: {len(catalog):,} items, tasks {', '.join(tasks)}, {len(holdout):,} held-out requests")
 
-    frequency = impression_frequency(reader, holdout, len(catalog))
+    frequency, engagements = item_counts(reader, holdout, len(catalog), retrieval_task)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
     gen = torch.Generator().manual_seed(cfg.seed)
     steps, seen, t0 = 0, 0, time.perf_counter()
@@ -143,7 +143,7 @@ def train(
     train_s = time.perf_counter() - t0
 
     model.eval()
-    metrics = evaluate(model, reader, holdout, catalog, attributes, item_terms, cfg.eval_ks, retrieval_task)
+    metrics = evaluate(model, reader, holdout, catalog, attributes, item_terms, cfg.eval_ks, retrieval_task, engagements)
     for name, value in metrics.items():
         log(f"  {name}: {value:.4f}")
     meta = {
@@ -160,12 +160,17 @@ def train(
     return TrainReport(path, steps, train_s, seen / max(train_s, 1e-9), metrics)
 
 
-def impression_frequency(reader: RequestReader, holdout: np.ndarray, num_items: int) -> torch.Tensor:
-    """Each item's share ``float [N]`` of the training impressions (a floor of one impression)."""
-    counts = torch.ones(num_items)
+def item_counts(
+    reader: RequestReader, holdout: np.ndarray, num_items: int, retrieval_task: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over the training requests: each item's share ``float [N]`` of the impressions (a
+    floor of one impression; the logQ correction) and its count of engagements ``float [N]`` (the
+    most-popular baseline)."""
+    impressions, engagements = torch.ones(num_items), torch.zeros(num_items)
     for batch in reader.batches(exclude=holdout):
-        counts += torch.bincount(batch.item_rows, minlength=num_items)
-    return counts / counts.sum()
+        impressions += torch.bincount(batch.item_rows, minlength=num_items)
+        engagements.index_add_(0, batch.item_rows, batch.labels[:, retrieval_task])
+    return impressions / impressions.sum(), engagements
 
 
 @torch.no_grad()
@@ -196,15 +201,14 @@ def evaluate(
     item_terms: ItemTerms,
     ks: tuple[int, ...],
     retrieval_task: int,
+    engagements: torch.Tensor,
 ) -> dict:
-    """Full-catalogue recall@k (model and most-popular baseline) and AUC per task on ``holdout``."""
+    """Full-catalogue recall@k (model and the most-engaged items of ``engagements [N]`` as
+    baseline) and AUC per task on ``holdout``."""
     vectors = encode_catalog(model, item_terms, len(catalog))
     index = ItemIndex.build(vectors, attributes, ids=catalog.item_ids)
     kmax = max(ks)
-    popularity = torch.zeros(len(catalog))
-    for batch in reader.batches(exclude=holdout):
-        popularity.index_add_(0, batch.item_rows, batch.labels[:, retrieval_task])
-    popular = torch.from_numpy(catalog.item_ids)[torch.topk(popularity, min(kmax, len(catalog))).indices]
+    popular = torch.from_numpy(catalog.item_ids)[torch.topk(engagements, min(kmax, len(catalog))).indices]
     retrieved, relevant, scores, labels = [], [], [], []
     for batch in reader.batches(only=holdout):
         users = encode_requests(model, batch, vectors)
