@@ -114,7 +114,7 @@ def oracle(node: FilterNode, item: dict[str, Any], kinds: dict[str, tuple[str, s
         return all(oracle(c, item, kinds) for c in node.children)
     if isinstance(node, Or):
         return any(oracle(c, item, kinds) for c in node.children)
-    kind, vocab = kinds[node.feature]
+    kind, _ = kinds[node.feature]
     held = present(item.get(node.feature))
     if isinstance(node, Compare):
         return bool(held) and _OPS[node.op](float(held[0]), float(node.number))
@@ -122,10 +122,8 @@ def oracle(node: FilterNode, item: dict[str, Any], kinds: dict[str, tuple[str, s
     if kind == "numeric":
         return bool(held) and any(_number(w) == float(held[0]) for w in wanted)
     typed = {(type(v), v) for v in held}
-    for w in wanted:
-        if isinstance(w, int) and (int, w) not in {(type(v), v) for v in vocab}:
-            w = str(w)
-        if (type(w), w) in typed:
+    for w in wanted:  # an int token matches the int and its string form
+        if (type(w), w) in typed or (isinstance(w, int) and (str, str(w)) in typed):
             return True
     return False
 

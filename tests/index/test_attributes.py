@@ -6,16 +6,17 @@ import json
 import math
 import random
 import re
+import sys
 
 import numpy as np
 import pytest
 import torch
-from filter_oracle import catalogues, filter_trees, oracle, present, render, schema
+from filter_oracle import _OPS, catalogues, filter_trees, oracle, present, render, schema
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sterling.index.attributes import AttributeStore
-from sterling.index.filter import FilterError, parse
+from sterling.index.attributes import AttributeStore, CategoricalColumn, id_dtype
+from sterling.index.filter import Compare, FilterError, Term, parse
 
 
 def canonical(catalogue: list[dict]) -> list[dict]:
@@ -115,7 +116,7 @@ def test_semantics() -> None:
     assert ev('tag:"7"') == [False] * 4
     assert ev("tag IN (7, x)") == [False, True, True, False]
     both = AttributeStore.build([{"tag": 2020}, {"tag": "2020"}])
-    assert both.evaluate_filter("tag:2020").tolist() == [True, False]
+    assert both.evaluate_filter("tag:2020").tolist() == [True, True]  # the int and its string
     assert both.evaluate_filter('tag:"2020"').tolist() == [False, True]
 
 
@@ -195,17 +196,18 @@ def test_take_compacts_vocabulary() -> None:
     assert taken.meta()["features"][0]["vocab"] == ["b", "c"]
     assert taken.decode([0, 1]) == [{"t": ["b"]}, {"t": ["c"]}]
     assert taken.evaluate_filter("t:a").tolist() == [False, False]
-    # once no item holds the int 2020, the int token falls back to the string "2020"
+    # the int token matches both forms, whichever values the vocabulary holds
     tags = AttributeStore.build([{"tag": 2020}, {"tag": "2020"}])
-    assert tags.evaluate_filter("tag:2020").tolist() == [True, False]
+    assert tags.evaluate_filter("tag:2020").tolist() == [True, True]
     assert tags.take(torch.tensor([1])).evaluate_filter("tag:2020").tolist() == [True]
 
 
 def test_nbytes() -> None:
     store = AttributeStore.build([{"g": ["ab", 5]}, {"y": 1}])
-    # g: offsets 3 x int64 + value_ids 2 x int32; y: values 2 x float64 + present 2 x bool;
-    # vocabulary: "ab" (2 bytes) + the int 5 (8 bytes)
-    assert store.nbytes() == 24 + 8 + 16 + 2 + 2 + 8
+    # g: multi layout, offsets 3 x int32 + value_ids 2 x int8; y: values 2 x int8 (-128 missing)
+    g = store.columns["g"]
+    vocab = sys.getsizeof(g.vocab) + sys.getsizeof("ab") + sys.getsizeof(5)
+    assert store.nbytes() == 12 + 2 + 2 + vocab + sys.getsizeof(g.lookup)
 
 
 def test_from_parts_validation() -> None:
@@ -214,14 +216,26 @@ def test_from_parts_validation() -> None:
     with pytest.raises(ValueError, match="attribute tensor 'g.offsets' is missing"):
         AttributeStore.from_parts(meta, {k: v for k, v in tensors.items() if k != "g.offsets"})
     with pytest.raises(
-        ValueError, match=r"'y.values' should be torch.float64 \[2\], got torch.float32"
+        ValueError,
+        match=r"'y.values' should be torch.int8 or torch.int16 or torch.int32 or torch.float64 "
+        r"\[2\], got torch.float32",
     ):
         AttributeStore.from_parts(meta, {**tensors, "y.values": tensors["y.values"].float()})
+    with pytest.raises(ValueError, match=r"'g.offsets' should be torch.int32 \[3\], got .*int64"):
+        AttributeStore.from_parts(meta, {**tensors, "g.offsets": tensors["g.offsets"].long()})
+    with pytest.raises(ValueError, match=r"'g.value_ids' should be torch.int8 \[\*\], got .*int32"):
+        AttributeStore.from_parts(meta, {**tensors, "g.value_ids": tensors["g.value_ids"].int()})
     with pytest.raises(ValueError, match="offsets are not a valid CSR index"):
-        AttributeStore.from_parts(meta, {**tensors, "g.offsets": torch.tensor([0, 3, 2])})
+        AttributeStore.from_parts(
+            meta, {**tensors, "g.offsets": torch.tensor([0, 3, 2], dtype=torch.int32)}
+        )
     with pytest.raises(ValueError, match="value ids outside the vocabulary of 3"):
         AttributeStore.from_parts(
-            meta, {**tensors, "g.value_ids": torch.tensor([0, 1, 3], dtype=torch.int32)}
+            meta, {**tensors, "g.value_ids": torch.tensor([0, 1, 3], dtype=torch.int8)}
+        )
+    with pytest.raises(ValueError, match="numeric values must be finite"):
+        AttributeStore.from_parts(
+            meta, {**tensors, "y.values": torch.tensor([1.0, math.inf], dtype=torch.float64)}
         )
     bad_vocab = json.loads(json.dumps(meta))
     bad_vocab["features"][0]["vocab"] = ["a", "a", "c"]
@@ -245,3 +259,284 @@ def test_random_large_catalogue_against_oracle() -> None:
     kinds = schema(catalogue)
     tree = parse("(genre IN (g1, g2) OR year < 1960) AND NOT genre:g3")
     assert store.evaluate(tree).tolist() == [oracle(tree, item, kinds) for item in catalogue]
+
+
+# ---- compact encodings ------------------------------------------------------------------------
+
+
+def round_trip(store: AttributeStore) -> AttributeStore:
+    meta = json.loads(json.dumps(store.meta()))
+    back = AttributeStore.from_parts(meta, store.to_tensors())
+    assert back.decode(range(len(store))) == store.decode(range(len(store)))
+    assert {k: v.dtype for k, v in back.to_tensors().items()} == {
+        k: v.dtype for k, v in store.to_tensors().items()
+    }
+    return back
+
+
+@pytest.mark.parametrize(
+    "vocab_size, dtype",
+    [
+        (1, torch.int8),
+        (127, torch.int8),
+        (128, torch.int8),  # ids 0..127 and -1 still fit int8
+        (129, torch.int16),
+        (32767, torch.int16),
+        (32768, torch.int16),
+        (32769, torch.int32),
+    ],
+)
+def test_id_dtype_at_vocabulary_boundaries(vocab_size: int, dtype: torch.dtype) -> None:
+    assert id_dtype(vocab_size) == dtype
+    catalogue: list[dict] = [{"f": f"v{i}", "n": i} for i in range(vocab_size)] + [{"n": 0}]
+    store = AttributeStore.build(catalogue)
+    column = store.columns["f"]
+    assert isinstance(column, CategoricalColumn) and column.single and not column.multi
+    tensors = store.to_tensors()
+    assert set(tensors) == {"f.ids", "n.values"}
+    assert tensors["f.ids"].dtype == dtype and tensors["f.ids"].shape == (vocab_size + 1,)
+    assert int(tensors["f.ids"][-1]) == -1  # the item without f
+    # multi-valued: value ids take the same dtype, offsets int32
+    multi = AttributeStore.build([{"f": [f"v{i}", "v0"]} for i in range(vocab_size)] + [{}])
+    m_tensors = multi.to_tensors()
+    assert set(m_tensors) == {"f.offsets", "f.value_ids"}
+    assert m_tensors["f.value_ids"].dtype == dtype and m_tensors["f.offsets"].dtype == torch.int32
+    for s in (store, multi):
+        back = round_trip(s)
+        last = f"v{vocab_size - 1}"
+        assert back.evaluate_filter(f"f:{last}").nonzero().squeeze(1).tolist() == [vocab_size - 1]
+        assert back.evaluate_filter("NOT f IN (v0, zzz)").tolist()[-2:] == [
+            vocab_size > 1 and s is store,
+            True,
+        ]
+    assert store.decode([vocab_size - 1, vocab_size]) == [
+        {"f": f"v{vocab_size - 1}", "n": vocab_size - 1},
+        {"n": 0},
+    ]
+    # int storage of n: the smallest dtype whose minimum (the missing marker) is below every value
+    assert tensors["n.values"].dtype == (
+        torch.int8 if vocab_size <= 128 else torch.int16 if vocab_size <= 32768 else torch.int32
+    )
+
+
+def test_three_small_vocabulary_features_take_three_bytes_per_item() -> None:
+    n = 10_000
+    rnd = random.Random(0)
+    catalogue = [
+        {
+            "half": f"h{rnd.randrange(2)}",
+            "tenth": f"t{rnd.randrange(10)}",
+            "hundredth": rnd.randrange(100),
+        }
+        for _ in range(n)
+    ]
+    catalogue[5] = {"half": "h0", "hundredth": "u"}  # a str among ints: still categorical
+    store = AttributeStore.build(catalogue)
+    tensors = store.to_tensors()
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()} == {
+        "half.ids": (torch.int8, (n,)),
+        "tenth.ids": (torch.int8, (n,)),
+        "hundredth.ids": (torch.int8, (n,)),
+    }
+    vocab_bytes = store.nbytes() - 3 * n
+    assert 0 < vocab_bytes < 20_000  # the vocabularies, lookup dicts included
+    assert store.nbytes() / n < 5
+    kinds = schema(catalogue)
+    tree = parse("half:h1 AND (tenth IN (t1, t2) OR NOT hundredth:42) OR hundredth:u")
+    assert store.evaluate(tree).tolist() == [oracle(tree, item, kinds) for item in catalogue]
+
+
+def test_layout_follows_values_not_lists() -> None:
+    store = AttributeStore.build([{"g": ["a"]}, {"g": "b"}, {"g": []}, {}])
+    column = store.columns["g"]
+    assert isinstance(column, CategoricalColumn) and column.single and column.multi
+    assert store.to_tensors()["g.ids"].tolist() == [0, 1, -1, -1]
+    assert store.decode(range(4)) == [{"g": ["a"]}, {"g": ["b"]}, {}, {}]
+    # a value repeated on one item keeps the multi layout (decode returns it twice)
+    twice = AttributeStore.build([{"g": ["a", "a"]}, {"g": "b"}])
+    assert not twice.columns["g"].single  # type: ignore[union-attr]
+    assert twice.decode([0, 1]) == [{"g": ["a", "a"]}, {"g": ["b"]}]
+    assert twice.evaluate_filter("g:a").tolist() == [True, False]
+    round_trip(store), round_trip(twice)
+
+
+def test_append_turns_single_into_multi_and_take_back() -> None:
+    store = AttributeStore.build([{"g": "a", "y": 1}, {"y": 2}, {"g": "b"}])
+    assert store.columns["g"].single  # type: ignore[union-attr]
+    grown = store.append([{"g": ["c", "a"]}, {"g": "d"}, {}])
+    g = grown.columns["g"]
+    assert isinstance(g, CategoricalColumn) and not g.single and g.multi
+    assert g.offsets is not None and g.offsets.dtype == torch.int32
+    assert g.offsets.tolist() == [0, 1, 1, 2, 4, 5, 5]
+    assert g.value_ids.dtype == torch.int8 and g.value_ids.tolist() == [0, 1, 2, 0, 3]
+    assert grown.decode(range(6)) == [
+        {"g": ["a"], "y": 1},
+        {"y": 2},
+        {"g": ["b"]},
+        {"g": ["c", "a"]},
+        {"g": ["d"]},
+        {},
+    ]
+    assert grown.evaluate_filter("g:a").tolist() == [True, False, False, True, False, False]
+    assert grown.evaluate_filter("g IN (c, d)").tolist() == [False] * 3 + [True, True, False]
+    assert store.decode(range(3)) == [{"g": "a", "y": 1}, {"y": 2}, {"g": "b"}]  # unchanged
+    rows = torch.tensor([4, 1, 0, 5])
+    taken = grown.take(rows)  # no item with two values left: back to one id per item
+    tg = taken.columns["g"]
+    assert isinstance(tg, CategoricalColumn) and tg.single and tg.vocab == ("a", "d")
+    assert taken.to_tensors()["g.ids"].tolist() == [1, -1, 0, -1]
+    assert taken.decode(range(4)) == [{"g": ["d"]}, {"y": 2}, {"g": ["a"], "y": 1}, {}]
+    for text in ["g:a", "g:d", "NOT g:c", "y >= 2"]:
+        assert torch.equal(taken.evaluate_filter(text), grown.evaluate_filter(text)[rows])
+    round_trip(grown), round_trip(taken)
+
+
+def test_vocabulary_growth_widens_ids() -> None:
+    store = AttributeStore.build([{"f": f"v{i}"} for i in range(128)])
+    assert store.to_tensors()["f.ids"].dtype == torch.int8
+    grown = store.append([{"f": "new"}, {"f": "v127"}, {}])
+    ids = grown.to_tensors()["f.ids"]
+    assert ids.dtype == torch.int16 and ids[-3:].tolist() == [128, 127, -1]
+    assert ids[:128].tolist() == list(range(128))
+    assert grown.evaluate_filter("f:new").nonzero().squeeze(1).tolist() == [128]
+    # take keeps only the values still present, so the ids can narrow again
+    assert grown.take(torch.tensor([128, 3])).to_tensors()["f.ids"].dtype == torch.int8
+
+
+@pytest.mark.parametrize(
+    "values, dtype",
+    [
+        ([1, -5, None, 127], torch.int8),
+        ([-127, 0], torch.int8),
+        ([-128, 0], torch.int16),  # -128 is int8's missing marker
+        ([1, 32767, None], torch.int16),
+        ([-32768], torch.int32),
+        ([2**31 - 1, -(2**31) + 1, None], torch.int32),
+        ([2**31, 1], torch.float64),
+        ([2**53, -(2**53)], torch.float64),
+        ([1.0, 2.0, None], torch.int8),  # integer-valued floats: decode still gives floats
+        ([0.5, 1, None], torch.float64),
+        ([-0.0, 1], torch.float64),  # -0.0 is kept
+        ([None, 1e300], torch.float64),
+    ],
+)
+def test_numeric_storage_is_exact(values: list, dtype: torch.dtype) -> None:
+    catalogue = [{"x": v} for v in values] + [{}]
+    store = AttributeStore.build(catalogue)
+    data = store.to_tensors()["x.values"]
+    assert data.dtype == dtype and data.shape == (len(catalogue),)
+    integral = all(isinstance(v, int) for v in values if v is not None)
+    expected = [{} if v is None else {"x": v if integral else float(v)} for v in values] + [{}]
+    decoded = store.decode(range(len(catalogue)))
+    assert decoded == expected
+    assert [type(d.get("x")) for d in decoded] == [type(e.get("x")) for e in expected]
+    assert [math.copysign(1, d["x"]) for d in decoded if "x" in d] == [
+        math.copysign(1, v) for v in values if v is not None
+    ]
+    present_values = [float(v) for v in values if v is not None]
+    numbers = {
+        b + d
+        for b in present_values + [0.0, -128.0, 127.0, 2.0**31, -(2.0**31)]
+        for d in (-1.0, -0.5, 0.0, 0.5, 1.0)
+    } | {math.inf, -math.inf, 1e20, -1e20}
+    back = round_trip(store)
+    for number in sorted(numbers):
+        for op in (">=", "<=", ">", "<", "=", "!="):
+            want = [v is not None and _OPS[op](float(v), number) for v in values] + [False]
+            got = store.evaluate(Compare("x", op, number)).tolist()
+            assert got == want, (op, number)
+            assert back.evaluate(Compare("x", op, number)).tolist() == want
+        want = [v is not None and float(v) == number for v in values] + [False]
+        assert store.evaluate(Term("x", number)).tolist() == want
+        if math.isfinite(number):
+            assert store.evaluate(Term("x", repr(number))).tolist() == want
+
+
+def test_numeric_storage_on_append() -> None:
+    store = AttributeStore.build([{"y": 1990}, {"y": None}])
+    assert store.to_tensors()["y.values"].dtype == torch.int16
+    grown = store.append([{"y": 2.5}, {"y": 2**40}])
+    assert grown.to_tensors()["y.values"].dtype == torch.float64
+    assert grown.decode(range(4)) == [{"y": 1990.0}, {}, {"y": 2.5}, {"y": 2.0**40}]
+    assert grown.evaluate_filter("y > 2").tolist() == [True, False, True, True]
+    ints = store.append([{"y": 70000}])
+    assert ints.to_tensors()["y.values"].dtype == torch.int32
+    assert ints.decode(range(3)) == [{"y": 1990}, {}, {"y": 70000}]
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), catalogue=catalogues())
+def test_evaluate_rows_equals_take_then_evaluate(
+    data: st.DataObject, catalogue: list[dict]
+) -> None:
+    kinds = schema(catalogue)
+    store = AttributeStore.build(catalogue)
+    if not kinds or not catalogue:
+        return
+    rows = torch.tensor(
+        data.draw(st.lists(st.integers(0, len(catalogue) - 1), max_size=60)), dtype=torch.int64
+    )
+    for _ in range(3):
+        tree = data.draw(filter_trees(kinds))
+        got = store.evaluate_rows(tree, rows)
+        assert got.dtype == torch.bool and got.shape == rows.shape
+        assert torch.equal(got, store.take(rows).evaluate(tree))
+        assert got.tolist() == [oracle(tree, catalogue[r], kinds) for r in rows.tolist()]
+
+
+def test_evaluate_rows_errors_and_columns_touched() -> None:
+    store = AttributeStore.build([{"g": ["a", "b"], "y": 3}, {"g": "c"}, {"y": 5}])
+    rows = torch.tensor([2, 0, 0])
+    assert store.evaluate_rows(parse("g:a OR y > 4"), rows).tolist() == [True, True, True]
+    assert store.evaluate_rows(parse("g:a"), torch.zeros(0, dtype=torch.int64)).tolist() == []
+    with pytest.raises(FilterError, match="unknown feature 'x'"):
+        store.evaluate_rows(parse("x:1"), rows)
+    with pytest.raises(FilterError, match="feature 'g' is not numeric"):
+        store.evaluate_rows(parse("g > 1"), rows, "g > 1")
+    with pytest.raises(IndexError, match="rows out of range for 3 items"):
+        store.evaluate_rows(parse("g:a"), torch.tensor([3]))
+    with pytest.raises(IndexError, match="rows out of range"):
+        store.evaluate_rows(parse("g:a"), torch.tensor([-1]))
+
+
+def test_build_fast_paths_equal_item_by_item() -> None:
+    class Row(dict):  # a dict subclass takes the generic Mapping path
+        pass
+
+    rnd = random.Random(1)
+    catalogue = [
+        {
+            k: v
+            for k, v in {
+                "s": rnd.choice(["a", "b", None]),
+                "m": rnd.choice([[], ["x"], ("x", "y"), None, "z", 3]),
+                "n": rnd.choice([1, 2.5, None, np.int64(7)]),
+            }.items()
+            if rnd.random() < 0.8
+        }
+        for _ in range(300)
+    ]
+    a = AttributeStore.build(catalogue)
+    b = AttributeStore.build([Row(item) for item in catalogue])
+    assert a.meta() == b.meta()
+    assert a.decode(range(300)) == b.decode(range(300))
+    for name, t in a.to_tensors().items():
+        torch.testing.assert_close(t, b.to_tensors()[name], rtol=0, atol=0, equal_nan=True)
+
+
+def test_feature_order_and_validation_order() -> None:
+    # features in the order their first value appears; all-missing features have no column
+    store = AttributeStore.build([{"a": None, "b": 1, "z": []}, {"c": "x", "a": 2}])
+    assert store.features == ("b", "c", "a")
+    assert store.append([{"q": None}]).decode([2]) == [{}]  # an unknown feature, but missing
+    # the first bad item wins, whichever feature or check finds it
+    with pytest.raises(ValueError, match=re.escape("item 0, feature 'b': value must be finite")):
+        AttributeStore.build([{"a": 1, "b": math.nan}, {"a b": 1}, "x"])
+    with pytest.raises(ValueError, match=re.escape("item 1: feature name 'a b' cannot be used")):
+        AttributeStore.build([{"a": 1}, {"a b": 1}, "x", {"b": math.nan}])
+    with pytest.raises(ValueError, match=re.escape("item 1: attributes must be a dict")):
+        AttributeStore.build([{"a": 1}, "x", {"b": math.nan}])
+    with pytest.raises(ValueError, match=re.escape("item 1, feature 'a': float 2.5 in a categ")):
+        AttributeStore.build([{"a": "s", "b": 2**60}, {"a": 2.5}])
+    with pytest.raises(ValueError, match=re.escape("item 2, feature 'b': int 1152921504606846976")):
+        AttributeStore.build([{"b": 1, "a": "s"}, {"a": 2.5}, {"b": 2**60}])

@@ -268,7 +268,7 @@ def test_realistic_catalogue_false_positive_rate_and_memory() -> None:
     rank = torch.argsort(order).numpy()  # store item -> index row
     for name, step in (("genre", 1), ("language", 1), ("country", 2), ("tags", 20)):
         column = store.columns[name]
-        entry_rows, value_ids = column.entry_rows.numpy(), column.value_ids.numpy()
+        entry_rows, value_ids = (t.numpy() for t in column.entries())
         for vid in range(0, len(column.vocab), step):  # a sample keeps this test short
             exact = np.zeros(n, dtype=bool)  # the term's exact mask, in index row order
             exact[rank[entry_rows[value_ids == vid]]] = True

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from sterling import IndexConfig, ItemIndex, SearchResult
 from sterling.index.attributes import AttributeStore
+from sterling.index.bloom import BloomIndex
 from sterling.index.filter import FilterError
 from sterling.serving.snapshot import SnapshotError, write_snapshot
 
@@ -25,10 +26,11 @@ def brute_force_check(
     k: int,
     items: dict[int, tuple[torch.Tensor, dict]],
     passes: list,
+    exact: bool = True,
 ) -> None:
     """``passes[b](attributes) -> bool`` per query; ``items``: id -> (embedding, attributes).
-    Checks count, padding, that every id passes, exact scores, order, and that no passing item
-    left out scores above the last one returned (ties aside)."""
+    Checks count, padding, that every id passes, exact scores, order, and (``exact``) that no
+    passing item left out scores above the last one returned (ties aside)."""
     assert res.ids.shape == res.scores.shape == (len(queries), k)
     assert res.ids.dtype == torch.int64 and res.scores.dtype == torch.float32
     for b, query in enumerate(queries):
@@ -49,7 +51,7 @@ def brute_force_check(
         )
         assert (res.scores[b, :count].diff() <= 0).all()
         rest = [s for i, s in exact.items() if i not in set(got)]
-        if count and rest:
+        if exact and count and rest:
             assert max(rest) <= min(exact[i] for i in got) + 1e-4
 
 
@@ -60,8 +62,24 @@ def indexes(draw: st.DrawFn, anchored: bool = False):
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
     embeddings = torch.randn(n, d, generator=gen)
     ids = torch.randperm(4 * n + 1, generator=gen)[:n] - n  # unique, some negative
-    config = IndexConfig(block_size=draw(st.integers(1, 64)))
+    config = IndexConfig(
+        nlist=draw(st.integers(1, 4)),
+        nprobe=draw(st.integers(1, 4)),
+        kernel=draw(st.sampled_from(["cpu", "reference"])),
+        compact_at=draw(st.sampled_from([4, 65536])),
+    )
     return catalogue, embeddings, ids, config, gen
+
+
+def exact_search(index: ItemIndex, queries: torch.Tensor, k: int, filter) -> SearchResult:
+    """Search probing every list: the exact filtered top-k over the stored vectors."""
+    return index.search(queries, k=k, filter=filter, nprobe=1 << 20)
+
+
+def stored(index: ItemIndex, catalogue: dict[int, dict]) -> dict[int, tuple[torch.Tensor, dict]]:
+    """id -> (the index's stored vector, attributes): the brute-force oracle's items."""
+    ids = list(catalogue)
+    return dict(zip(ids, zip(index.embeddings_of(ids) if ids else [], catalogue.values())))
 
 
 @settings(max_examples=60, deadline=None)
@@ -82,12 +100,12 @@ def test_filtered_search_matches_brute_force(data: st.DataObject, index: tuple) 
         texts, trees = texts[0], [trees[0]] * b
     elif b > 1 and data.draw(st.booleans()):  # repeated filters in one batch
         texts[-1], trees[-1] = texts[0], trees[0]
-    res = built.search(queries, k=k, filter=texts)
-    items = {int(i): (embeddings[r], catalogue[r]) for r, i in enumerate(ids)}
+    items = stored(built, {int(i): catalogue[r] for r, i in enumerate(ids)})
     passes = [
         (lambda a: True) if t is None else (lambda a, t=t: oracle(t, a, kinds)) for t in trees
     ]
-    brute_force_check(res, queries, k, items, passes)
+    brute_force_check(exact_search(built, queries, k, texts), queries, k, items, passes)
+    brute_force_check(built.search(queries, k=k, filter=texts), queries, k, items, passes, exact=False)
 
 
 @settings(max_examples=30, deadline=None)
@@ -106,6 +124,8 @@ def test_updates_equal_fresh_build(data: st.DataObject, index: tuple) -> None:
             embs = torch.randn(len(new_ids), d, generator=gen)
             live.upsert(torch.tensor(new_ids, dtype=torch.int64), embs, attrs)
             model.update({i: (embs[j], attrs[j]) for j, i in enumerate(new_ids)})
+            if data.draw(st.booleans()):
+                live.compact()
         else:
             gone = data.draw(st.lists(pool, max_size=10))
             assert live.delete(gone) == len(set(gone) & set(model))
@@ -128,11 +148,14 @@ def test_updates_equal_fresh_build(data: st.DataObject, index: tuple) -> None:
         tree = data.draw(filter_trees(kinds))
         text = render(tree, random.Random(0))
         k = data.draw(st.integers(1, len(model) + 3))
-        got, want = live.search(queries, k=k, filter=text), fresh.search(queries, k=k, filter=text)
+        got, want = exact_search(live, queries, k, text), exact_search(fresh, queries, k, text)
         for b in range(3):
             assert set(got.ids[b].tolist()) == set(want.ids[b].tolist())
         torch.testing.assert_close(got.scores, want.scores)
-        brute_force_check(got, queries, k, model, [lambda a, t=tree: oracle(t, a, kinds)] * 3)
+        items = stored(live, {i: a for i, (_, a) in model.items()})
+        brute_force_check(got, queries, k, items, [lambda a, t=tree: oracle(t, a, kinds)] * 3)
+        brute_force_check(live.search(queries, k=k, filter=text), queries, k, items,
+                          [lambda a, t=tree: oracle(t, a, kinds)] * 3, exact=False)
 
 
 def small_index(**kwargs) -> ItemIndex:
@@ -154,9 +177,9 @@ def test_small_example() -> None:
     assert res.ids.tolist() == [[10, 13, -1]]
     assert res.scores[0, :2].tolist() == [1.0, -1.0] and res.scores[0, 2] == float("-inf")
     res = index.search(
-        torch.tensor([[1.0, 0.5], [0.0, 1.0]]), k=2, filter=['genre:"(no genres listed)"', None]
+        torch.tensor([[1.0, 0.5], [0.1, 1.0]]), k=2, filter=['genre:"(no genres listed)"', None]
     )
-    assert res.ids.tolist() == [[12, -1], [11, 12]]
+    assert res.ids.tolist() == [[12, -1], [12, 11]]
     assert index.search(torch.tensor([1.0, 0.5]), k=2, filter="genre:Horror").ids.tolist() == [
         [-1, -1]
     ]
@@ -179,15 +202,15 @@ def test_numpy_inputs_and_copies() -> None:
     assert index.ids[0] == 5
 
 
-def test_identical_filters_evaluated_once(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_identical_filters_compiled_once(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    original = AttributeStore.evaluate_filter
+    original = BloomIndex.compile
     monkeypatch.setattr(
-        AttributeStore, "evaluate_filter", lambda self, e: calls.append(e) or original(self, e)
+        BloomIndex, "compile", lambda self, node, e=None: calls.append(e) or original(self, node, e)
     )
-    small_index().search(
-        torch.randn(5, 2), k=2, filter=["year > 1", "genre:War", "year > 1", None, "genre:War"]
-    )
+    index = small_index()
+    for _ in range(2):
+        index.search(torch.randn(5, 2), k=2, filter=["year > 1", "genre:War", "year > 1", None, "genre:War"])
     assert sorted(calls) == ["genre:War", "year > 1"]
 
 
@@ -271,7 +294,7 @@ def test_failed_upsert_leaves_index_unchanged() -> None:
             ValueError,
             r"ids must have shape \[M\]",
         ),
-        (lambda: IndexConfig(block_size=0), ValueError, "block_size must be an int >= 1, got 0"),
+        (lambda: IndexConfig(nprobe=0), ValueError, "nprobe must be an int >= 1, got 0"),
         (
             lambda: small_index().search(torch.randn(3), k=1),
             ValueError,
@@ -369,17 +392,18 @@ def test_bad_filters_name_the_position(expr: str, position: int, problem: str) -
 
 
 def test_concurrent_search_never_sees_a_torn_state() -> None:
-    """Version v gives every item the embedding [v, id] and attributes {"parity": v % 2}.
-    Searching [1, 0] and [0, 1] under ``parity:0`` sees, in any consistent state, either nothing
-    (odd v) or items whose first score is one even v and whose second score is their id."""
+    """Version v gives every item the embedding [127, id, v] (stored exactly in int8: scale 1) and
+    attributes {"parity": v % 2}. Searching [0, 0, 1] and [0, 1, 0] under ``parity:0`` sees, in
+    any consistent state, either nothing (odd v) or items whose first score is one even v and
+    whose second score is their id."""
     m, versions = 40, 60
     ids = torch.arange(m)
 
     def state(v: int) -> tuple[torch.Tensor, list[dict]]:
-        emb = torch.stack([torch.full((m,), float(v)), ids.float()], dim=1)
+        emb = torch.stack([torch.full((m,), 127.0), ids.float(), torch.full((m,), float(v))], dim=1)
         return emb, [{"parity": v % 2} for _ in ids]
 
-    index = ItemIndex.build(*state(0), ids=ids, config=IndexConfig(block_size=7))
+    index = ItemIndex.build(*state(0), ids=ids, config=IndexConfig(compact_at=3 * m))
     errors: list[str] = []
     done = threading.Event()
 
@@ -389,10 +413,12 @@ def test_concurrent_search_never_sees_a_torn_state() -> None:
             if v % 5 == 0:
                 index.delete(ids[: m // 2])
                 index.upsert(ids[: m // 2], *(x[: m // 2] for x in state(v)))
+            if v % 7 == 0:
+                index.compact()
         done.set()
 
     def reader() -> None:
-        queries = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        queries = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
         seen = 0
         while not done.is_set() or seen == 0:
             res = index.search(queries, k=m + 2, filter="parity:0")
@@ -433,7 +459,7 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
         torch.randn(50, 4, generator=gen),
         catalogue,
         ids=torch.arange(50) * 7,
-        config=IndexConfig(block_size=9),
+        config=IndexConfig(nlist=4, nprobe=2),
     )
     index.delete([0, 7])
     path = index.save(tmp_path / "idx")
@@ -455,18 +481,14 @@ def test_load_refuses_other_snapshots_and_bad_parts(tmp_path: Path) -> None:
     with pytest.raises(SnapshotError, match="holds no item index"):
         ItemIndex.load(tmp_path / "other")
     meta, tensors = small_index().to_snapshot_parts()
-    with pytest.raises(
-        ValueError, match=r"embeddings should be float32 \[4, 2\], got torch.float64"
-    ):
-        ItemIndex.from_snapshot_parts(
-            meta, {**tensors, "embeddings": tensors["embeddings"].double()}
-        )
+    with pytest.raises(ValueError, match=r"codes should be int8 \[4, 2\], got float64"):
+        ItemIndex.from_snapshot_parts(meta, {**tensors, "codes": tensors["codes"].double()})
     with pytest.raises(ValueError, match=r"ids should be int64 \[4\]"):
         ItemIndex.from_snapshot_parts(meta, {**tensors, "ids": tensors["ids"][:3]})
     with pytest.raises(ValueError, match="id 10 appears more than once"):
         ItemIndex.from_snapshot_parts(meta, {**tensors, "ids": torch.tensor([10, 10, 11, 12])})
     with pytest.raises(ValueError, match="snapshot parts are malformed"):
-        ItemIndex.from_snapshot_parts({**meta, "config": {"nlist": 3}}, tensors)
+        ItemIndex.from_snapshot_parts({**meta, "config": {"nlist": 3, "colour": 1}}, tensors)
     with pytest.raises(
         ValueError, match="attribute tensor 'attr.year.values'|'year.values' is missing"
     ):

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from sterling.index.attributes import AttributeStore
 from sterling.index.bloom import BloomConfig
-from sterling.index.search import Segment, SegmentConfig, auto_nlist
+from sterling.index.search import IndexConfig, Segment, auto_nlist, pack_rows
 from sterling.ops.kernel import Kernel
 
 
@@ -24,10 +24,11 @@ def clustered(n: int, d: int, seed: int) -> torch.Tensor:
 def cases(draw):
     catalogue = draw(catalogues(max_size=150, anchored=True).filter(lambda c: len(c) >= 8))
     n = len(catalogue)
-    cfg = SegmentConfig(
+    cfg = IndexConfig(
         nlist=draw(st.integers(2, min(6, n))),
         nprobe=draw(st.integers(1, 3)),
         scan_selectivity=draw(st.sampled_from([0.0, 0.05, 0.3])),
+        min_candidates=draw(st.sampled_from([0.0, 16.0])),
         rescore_factor=draw(st.integers(1, 3)),
         sample_size=draw(st.sampled_from([4, 64])),
         bloom=BloomConfig(dedicated_bits=draw(st.sampled_from([0, 2, 64])), bits_per_term=draw(st.sampled_from([1.0, 10.0]))),
@@ -42,7 +43,7 @@ def cases(draw):
 
 
 def passing_rows(seg, catalogue, tree, kinds, alive=None):
-    ok = [tree is None or oracle(tree, catalogue[int(i)], kinds) for i in seg.order]
+    ok = [tree is None or oracle(tree, catalogue[int(i)], kinds) for i in seg.ids]
     if alive is not None:
         ok = [o and bool(a) for o, a in zip(ok, alive)]
     return torch.tensor(ok, dtype=torch.bool)
@@ -53,13 +54,13 @@ def passing_rows(seg, catalogue, tree, kinds, alive=None):
 def test_results_pass_filters_and_never_starve(case, with_deletes):
     catalogue, cfg, trees, filters, k, seed = case
     x = clustered(len(catalogue), 8, seed)
-    seg = Segment.build(x, AttributeStore.build(catalogue), cfg)
+    seg = Segment.build(x, AttributeStore.build(catalogue), config=cfg)
     kinds = schema(catalogue)
     alive = None
     if with_deletes:
         alive = torch.rand(len(seg), generator=torch.Generator().manual_seed(seed)) > 0.3
     q = torch.randn(len(filters), 8, generator=torch.Generator().manual_seed(seed + 1))
-    scores, rows, explain = seg.search(q, filters, k, alive=alive)
+    scores, rows, explain = seg.search(q, filters, k, alive=None if alive is None else pack_rows(alive))
     assert sum(e["queries"] for e in explain) == len(filters)
     for i, tree in enumerate(trees):
         ok = passing_rows(seg, catalogue, tree, kinds, alive)
@@ -75,11 +76,11 @@ def test_results_pass_filters_and_never_starve(case, with_deletes):
 def test_full_probe_equals_brute_force_over_stored_vectors(case):
     catalogue, cfg, trees, filters, k, seed = case
     x = clustered(len(catalogue), 8, seed)
-    seg = Segment.build(x, AttributeStore.build(catalogue), cfg)
+    seg = Segment.build(x, AttributeStore.build(catalogue), config=cfg)
     kinds = schema(catalogue)
     q = torch.randn(len(filters), 8, generator=torch.Generator().manual_seed(seed + 1))
     scores, rows, explain = seg.search(q, filters, k, nprobe=seg.nlist)
-    assert all(e["plan"] == "scan" for e in explain)
+    assert all(e["plan"] in ("scan", "none") for e in explain)
     stored = seg.vectors(torch.arange(len(seg)))
     for i, tree in enumerate(trees):
         ok = passing_rows(seg, catalogue, tree, kinds)
@@ -92,10 +93,12 @@ def test_full_probe_equals_brute_force_over_stored_vectors(case):
 def test_plans_follow_selectivity():
     n = 8000
     attrs = [{"common": "yes", "rare": "r" if i % 500 == 0 else "no"} for i in range(n)]
-    seg = Segment.build(clustered(n, 16, 0), AttributeStore.build(attrs), SegmentConfig(nlist=32, nprobe=4))
+    seg = Segment.build(clustered(n, 16, 0), AttributeStore.build(attrs), config=IndexConfig(nlist=32, nprobe=4))
     _, rows, explain = seg.search(torch.randn(3, 16), ["rare:r", "common:yes", None], k=10)
     plans = {e["filter"]: e["plan"] for e in explain}
     assert plans == {"rare:r": "scan", "common:yes": "ivf", None: "ivf"}
+    _, _, explain = seg.search(torch.randn(1, 16), ["common:nope"], k=10)
+    assert explain[0]["plan"] == "none"
     assert (rows >= 0).all()
     assert auto_nlist(1_000_000) == 1024 and auto_nlist(1000) == 1
 
@@ -104,11 +107,11 @@ def test_recall_on_clustered_data():
     n, d = 20000, 32
     x = torch.nn.functional.normalize(clustered(n, d, 3), dim=1)
     attrs = [{"half": i % 2} for i in range(n)]
-    seg = Segment.build(x, AttributeStore.build(attrs), SegmentConfig(nlist=64, nprobe=16))
+    seg = Segment.build(x, AttributeStore.build(attrs), config=IndexConfig(nlist=64, nprobe=16))
     q = x[:50] + 0.05 * torch.randn(50, d)
     _, rows, _ = seg.search(q, ["half:1"] * 50, k=20)
     stored = seg.vectors(torch.arange(n))
-    ok = torch.tensor([attrs[int(i)]["half"] == 1 for i in seg.order])
+    ok = torch.tensor([attrs[int(i)]["half"] == 1 for i in seg.ids])
     truth = torch.topk((q @ stored.T).masked_fill(~ok, float("-inf")), 20).indices
     recall = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(rows, truth)) / truth.numel()
     assert recall > 0.9
@@ -116,6 +119,6 @@ def test_recall_on_clustered_data():
 
 def test_config_validation():
     with pytest.raises(ValueError, match="nprobe"):
-        SegmentConfig(nprobe=0)
+        IndexConfig(nprobe=0)
     with pytest.raises(ValueError, match="scan_selectivity"):
-        SegmentConfig(scan_selectivity=2.0)
+        IndexConfig(scan_selectivity=2.0)

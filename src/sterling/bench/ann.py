@@ -15,8 +15,8 @@ Systems (peers need the ``[bench]`` extra; a missing peer is skipped and said so
 * ``faiss-ivf-sq8``: ``IVF{nlist},SQ8`` + ``IDSelectorBitmap`` at several nprobe.
 * ``faiss-prefilter``: gather the passing items, ``IndexFlatIP`` over them.
 * ``hnswlib``: HNSW (M 16, ef_construction 200) with a filter function, at several ef.
-* ``sterling``: :class:`~sterling.ItemIndex` (exact) and ``sterling-ivf``: the SilverTorch segment
-  (:mod:`sterling.index.search`: IVF + int8 + Bloom with the planner) at several nprobe.
+* ``sterling``: :class:`~sterling.ItemIndex` (IVF + int8 + Bloom with the planner of
+  :mod:`sterling.index.search`) at several nprobe, and at ``nprobe = nlist`` (exact).
 
 FAISS applies one selector to a whole ``search`` call, so per-query filters cost it one call per
 distinct filter; that is the price a FAISS user pays for them, and the table shows it.
@@ -25,8 +25,10 @@ distinct filter; that is the price a FAISS user pays for them, and the table sho
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -35,7 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sterling.index.item_index import ItemIndex
+from sterling.index.attributes import AttributeStore
+from sterling.index.item_index import IndexConfig, ItemIndex
 
 __all__ = ["AnnBenchConfig", "Catalogue", "make_catalogue", "run"]
 
@@ -77,11 +80,12 @@ class AnnBenchConfig:
 
 @dataclass(frozen=True)
 class Catalogue:
-    """Clustered embeddings, attributes and queries with per-query filters."""
+    """Embeddings, attributes and queries with per-query filters, from one dataset."""
 
-    embeddings: np.ndarray      # float32 [N, D], unit norm
+    dataset: str
+    embeddings: np.ndarray      # float32 [N, D]
     attributes: list[dict]      # N dicts: {"half": "h1", "tenth": "t7", "hundredth": "u42"}
-    codes: dict[str, np.ndarray]  # feature → int value per item [N]
+    store: AttributeStore       # the same attributes, for exact filter evaluation
     queries: np.ndarray         # float32 [Q, D]
     filters: dict[str, list[str]]  # selectivity label → Q filter strings
 
@@ -96,22 +100,60 @@ def make_catalogue(cfg: AnnBenchConfig) -> Catalogue:
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     codes = {f: rng.integers(0, values, cfg.n) for f, values in SELECTIVITY_FEATURES.values()}
     prefix = {f: f[0] for f, _ in SELECTIVITY_FEATURES.values()}
-    attributes = [
-        {f: f"{prefix[f]}{int(codes[f][i])}" for f in codes} for i in range(cfg.n)
-    ]
+    names = {f: np.array([f"{prefix[f]}{v}" for v in range(values)], dtype=object) for f, values in SELECTIVITY_FEATURES.values()}
+    columns = {f: names[f][codes[f]].tolist() for f in codes}
+    attributes = [dict(zip(columns, values)) for values in zip(*columns.values())]
     q = x[rng.integers(0, cfg.n, cfg.queries)] + 0.2 * rng.standard_normal((cfg.queries, cfg.d)).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     filters = {
         label: [f"{f}:{prefix[f]}{v}" for v in rng.integers(0, values, cfg.queries)]
         for label, (f, values) in SELECTIVITY_FEATURES.items()
     }
-    return Catalogue(x, attributes, codes, q.astype(np.float32), filters)
+    return Catalogue("synthetic", x, attributes, AttributeStore.build(attributes), q.astype(np.float32), filters)
+
+
+def movielens_catalogue(src: Path, cfg: AnnBenchConfig, log=print) -> Catalogue:
+    """Item embeddings of a two-tower model trained for one epoch on MovieLens ``src``, the
+    items' attributes (``genre`` list, ``year``), user embeddings of random users' timelines as
+    queries, and per-query filters drawn from genre terms, their negations and year ranges whose
+    exact selectivity is within 2x of 50%, 10% and 1%."""
+    import pyarrow.parquet as pq
+
+    from sterling.data.movielens import load_movielens
+    from sterling.data.schema import TIMELINE_ITEM_ID, DatasetPaths
+    from sterling.serving.publish import Recommender, publish
+    from sterling.train.loop import TrainConfig, train
+
+    rng = np.random.default_rng(cfg.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = load_movielens(src, Path(tmp) / "data")
+        report = train(data, Path(tmp) / "checkpoint", TrainConfig(epochs=1), log=lambda _: None)
+        rec = Recommender.load(publish(report.checkpoint, DatasetPaths(data).items, Path(tmp) / "snapshot"))
+        timelines = pq.read_table(DatasetPaths(data).users, columns=[TIMELINE_ITEM_ID]).column(0).to_pylist()
+    ids = rec.index.ids
+    x = rec.index.embeddings_of(ids).numpy()
+    attributes = rec.index.attributes_of(ids)
+    store = AttributeStore.build(attributes)
+    users = rng.choice(len(timelines), cfg.queries, replace=len(timelines) < cfg.queries)
+    q = np.concatenate([rec.user_embedding(timelines[u]).numpy() for u in users]).astype(np.float32)
+    genres = sorted({g for a in attributes for g in a.get("genre", [])})
+    years = sorted({a["year"] for a in attributes if "year" in a})
+    candidates = [f'genre:"{g}"' for g in genres] + [f'NOT genre:"{g}"' for g in genres]
+    candidates += [f"year >= {lo} AND year <= {hi}" for lo in years[::2] for hi in years[::2] if lo <= hi]
+    share = {c: float(store.evaluate_filter(c).float().mean()) for c in candidates}
+    filters = {}
+    for label, target in (("50%", 0.5), ("10%", 0.1), ("1%", 0.01)):
+        near = [c for c in candidates if target / 2 <= share[c] <= 2 * target]
+        if near:
+            filters[label] = [near[i] for i in rng.integers(0, len(near), cfg.queries)]
+    log(f"movielens: {len(x):,} items, {len(genres)} genres, filters per selectivity: "
+        + ", ".join(f"{k}: {len(set(v))} distinct" for k, v in filters.items()))
+    return Catalogue(f"movielens:{Path(src).name}", x, attributes, store, q, filters)
 
 
 def passing(cat: Catalogue, flt: str) -> np.ndarray:
-    """bool [N]: the items that pass one benchmark filter ``feature:value`` (exact)."""
-    feature, value = flt.split(":")
-    return cat.codes[feature] == int(value[1:])
+    """bool [N]: the items that pass ``flt`` (exact)."""
+    return cat.store.evaluate_filter(flt).numpy()
 
 
 def ground_truth(cat: Catalogue, filters: list[str], k: int) -> list[set[int]]:
@@ -226,33 +268,19 @@ def _hnsw_systems(cat: Catalogue, cfg: AnnBenchConfig) -> list[tuple[str, str, f
 
 
 def _sterling_systems(cat: Catalogue, cfg: AnnBenchConfig) -> list[tuple[str, str, float, float, Searcher]]:
-    from sterling.index.attributes import AttributeStore
-    from sterling.index.search import Segment, SegmentConfig
-
     t0 = time.perf_counter()
-    index = ItemIndex.build(cat.embeddings, cat.attributes)
+    index = ItemIndex.build(cat.embeddings, cat.attributes, config=IndexConfig(nlist=cfg.nlist))
     build = time.perf_counter() - t0
+    nlist = index.config.nlist
 
-    def exact(q: np.ndarray, filters: list[str]) -> np.ndarray:
-        return index.search(torch.from_numpy(q), k=cfg.k, filter=filters).ids.numpy()
-
-    systems = [("sterling", "exact (ItemIndex brute force)", build, index.nbytes() / len(index), exact)]
-    t0 = time.perf_counter()
-    segment = Segment.build(torch.from_numpy(cat.embeddings), AttributeStore.build(cat.attributes),
-                            SegmentConfig(nlist=cfg.nlist))
-    build = time.perf_counter() - t0
-    seg_bytes = (segment.codes.nbytes() + segment.attributes.nbytes() + segment.bloom.nbytes()
-                 + 8 * len(segment) + segment.centroids.numel() * 4) / len(segment)
-
-    def ivf(nprobe: int) -> Searcher:
+    def searcher(nprobe: int) -> Searcher:
         def search(q: np.ndarray, filters: list[str]) -> np.ndarray:
-            _, rows, _ = segment.search(torch.from_numpy(q), list(filters), cfg.k, nprobe=nprobe)
-            return torch.where(rows >= 0, segment.order[rows.clamp(min=0)], -1).numpy()
+            return index.search(torch.from_numpy(q), k=cfg.k, filter=filters, nprobe=nprobe).ids.numpy()
         return search
 
-    systems += [("sterling-ivf", f"Segment IVF{segment.nlist} int8+Bloom nprobe={p}", build, seg_bytes, ivf(p))
-                for p in cfg.nprobes]
-    return systems
+    bytes_per_item = index.nbytes() / len(index)
+    return [("sterling", f"IVF{nlist} int8+Bloom nprobe={p}" if p < nlist else f"IVF{nlist} int8+Bloom exact",
+             build, bytes_per_item, searcher(p)) for p in (*cfg.nprobes, nlist)]
 
 
 def machine() -> dict:
@@ -268,24 +296,45 @@ def machine() -> dict:
     return info
 
 
-def run(cfg: AnnBenchConfig, modes: tuple[str, ...] = ("per_query", "shared"), log=print) -> dict:
-    """Run the benchmark; returns ``{"machine": ..., "config": ..., "rows": [...], "skipped": [...]}``."""
-    log(f"catalogue: {cfg.n:,} × {cfg.d}, {cfg.centres} centres, {cfg.queries} queries, k={cfg.k}")
-    cat = make_catalogue(cfg)
-    systems, skipped = [], []
-    for name, make in (("faiss", _faiss_systems), ("hnswlib", _hnsw_systems), ("sterling", _sterling_systems)):
-        if name == "hnswlib" and not cfg.hnsw_efs:
-            continue
-        try:
-            t0 = time.perf_counter()
-            systems += make(cat, cfg)
-            log(f"built {name} in {time.perf_counter() - t0:.1f}s")
-        except ImportError as e:
-            skipped.append(f"{name}: {e} (pip install 'sterling[bench]')")
-            log(f"skipping {name}: {e}")
+#: MovieLens data looked for by default (``--movielens`` overrides; absent: the dataset is skipped).
+DEFAULT_MOVIELENS = Path(os.environ.get("STERLING_DATA", "/work/shared/data")) / "ml-1m-subset"
+
+
+def run(cfg: AnnBenchConfig, modes: tuple[str, ...] = ("per_query", "shared"), log=print,
+        movielens: Path | None = None, synthetic: bool = True,
+        systems: tuple[str, ...] = ("faiss", "hnswlib", "sterling")) -> dict:
+    """Run the benchmark on the synthetic catalogue and, given ``movielens``, on MovieLens item
+    embeddings; returns ``{"machine": ..., "config": ..., "rows": [...], "skipped": [...]}``."""
+    runs = []
+    if synthetic:
+        log(f"catalogue: {cfg.n:,} × {cfg.d}, {cfg.centres} centres, {cfg.queries} queries, k={cfg.k}")
+        runs.append((make_catalogue(cfg), cfg))
+    if movielens is not None:
+        cat = movielens_catalogue(movielens, cfg, log)
+        nlist = max(1, 2 ** round(math.log2(math.sqrt(len(cat.embeddings) / 4))))
+        small = replace(cfg, n=len(cat.embeddings), d=cat.embeddings.shape[1], nlist=nlist,
+                        nprobes=tuple(sorted({max(1, nlist // 16), max(1, nlist // 8), max(1, nlist // 4)})))
+        runs.append((cat, small))
+    rows, skipped = [], []
+    for cat, run_cfg in runs:
+        built = []
+        for name, make in (("faiss", _faiss_systems), ("hnswlib", _hnsw_systems), ("sterling", _sterling_systems)):
+            if name not in systems or (name == "hnswlib" and not run_cfg.hnsw_efs):
+                continue
+            try:
+                t0 = time.perf_counter()
+                built += make(cat, run_cfg)
+                log(f"{cat.dataset}: built {name} in {time.perf_counter() - t0:.1f}s")
+            except ImportError as e:
+                skipped.append(f"{name}: {e} (pip install 'sterling[bench]')")
+                log(f"skipping {name}: {e}")
+        rows += _measure(cat, run_cfg, built, modes, log)
+    return {"machine": machine(), "config": asdict(cfg), "rows": rows, "skipped": sorted(set(skipped))}
+
+
+def _measure(cat: Catalogue, cfg: AnnBenchConfig, systems: list, modes: tuple[str, ...], log) -> list[dict]:
     rows = []
-    for label in SELECTIVITY_FEATURES:
-        per_query = cat.filters[label]
+    for label, per_query in cat.filters.items():
         for mode in modes:
             filters = per_query if mode == "per_query" else [per_query[0]] * cfg.queries
             truth = ground_truth(cat, filters, cfg.k)
@@ -295,22 +344,22 @@ def run(cfg: AnnBenchConfig, modes: tuple[str, ...] = ("per_query", "shared"), l
                 limit = few if system == "hnswlib" else cfg.queries
                 qps1, _ = _timed_qps(search, cat, filters, 1, few)
                 qps, found = _timed_qps(search, cat, filters, cfg.batch, limit)
-                row = {"system": system, "config": config, "selectivity": label, "filter_mode": mode,
-                       "batch": cfg.batch, "k": cfg.k, "queries": limit,
+                row = {"dataset": cat.dataset, "system": system, "config": config, "selectivity": label,
+                       "filter_mode": mode, "batch": cfg.batch, "k": cfg.k, "queries": limit,
                        "recall": recall(found, truth[:limit], cfg.k), "qps": qps,
                        "qps_batch1": qps1, "build_s": build_s, "bytes_per_item": bytes_per_item}
                 rows.append(row)
-                log(f"{label:>4} {mode:<9} {system:<16} {config:<34} recall {row['recall']:.3f}  "
+                log(f"{cat.dataset[:12]:<12} {label:>4} {mode:<9} {system:<16} {config:<34} recall {row['recall']:.3f}  "
                     f"qps@{cfg.batch} {qps:9,.0f}  qps@1 {qps1:8,.0f}")
-    return {"machine": machine(), "config": asdict(cfg), "rows": rows, "skipped": skipped}
+    return rows
 
 
 def format_table(result: dict) -> str:
     """The rows as a fixed-width table."""
-    head = f"{'sel':>4}  {'mode':<9}  {'system':<16}  {'config':<34}  {'recall':>6}  {'qps@B':>9}  {'qps@1':>8}  {'build_s':>7}  {'B/item':>7}"
+    head = f"{'dataset':<12}  {'sel':>4}  {'mode':<9}  {'system':<16}  {'config':<34}  {'recall':>6}  {'qps@B':>9}  {'qps@1':>8}  {'build_s':>7}  {'B/item':>7}"
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
-        lines.append(f"{r['selectivity']:>4}  {r['filter_mode']:<9}  {r['system']:<16}  {r['config']:<34}  "
+        lines.append(f"{r['dataset'][:12]:<12}  {r['selectivity']:>4}  {r['filter_mode']:<9}  {r['system']:<16}  {r['config']:<34}  "
                      f"{r['recall']:6.3f}  {r['qps']:9,.0f}  {r['qps_batch1']:8,.0f}  {r['build_s']:7.1f}  {r['bytes_per_item']:7.1f}")
     return "\n".join(lines)
 
@@ -322,16 +371,16 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r["selectivity"], r["filter_mode"]) for r in result["rows"]})
+    panels = sorted({(r["dataset"], r["selectivity"], r["filter_mode"]) for r in result["rows"]})
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.5 * rows), squeeze=False)
-    for ax, (sel, mode) in zip(axes.flat, panels):
+    for ax, (dataset, sel, mode) in zip(axes.flat, panels):
         for system in dict.fromkeys(r["system"] for r in result["rows"]):
-            pts = [(r["qps"], r["recall"]) for r in result["rows"]
-                   if r["system"] == system and r["selectivity"] == sel and r["filter_mode"] == mode]
+            pts = [(r["qps"], r["recall"]) for r in result["rows"] if r["system"] == system
+                   and (r["dataset"], r["selectivity"], r["filter_mode"]) == (dataset, sel, mode)]
             ax.plot(*zip(*sorted(pts)), marker="o", label=system)
-        ax.set(xscale="log", xlabel="QPS", ylabel="recall@k", title=f"{sel} {mode}")
+        ax.set(xscale="log", xlabel="QPS", ylabel="recall@k", title=f"{dataset} {sel} {mode}")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
@@ -343,6 +392,11 @@ def add_arguments(p) -> None:
     p.add_argument("--json", dest="json_path", help="write the rows and the machine here")
     p.add_argument("--plot", help="write a recall/QPS plot (PNG) here")
     p.add_argument("--mode", choices=["per_query", "shared", "both"], default="both")
+    p.add_argument("--systems", default="faiss,hnswlib,sterling",
+                   help="comma-separated subset of faiss, hnswlib, sterling (hnswlib builds 1M items in ~10 min)")
+    p.add_argument("--movielens", type=Path, default=None,
+                   help=f"MovieLens folder for the real-embedding rows (default {DEFAULT_MOVIELENS} when present; "
+                        "'none' to skip)")
 
 
 def cli(args) -> int:
@@ -350,7 +404,15 @@ def cli(args) -> int:
     if args.n:
         cfg = replace(cfg, n=args.n)
     modes = ("per_query", "shared") if args.mode == "both" else (args.mode,)
-    result = run(cfg, modes)
+    movielens = args.movielens
+    if movielens is None and DEFAULT_MOVIELENS.is_dir():
+        movielens = DEFAULT_MOVIELENS
+    systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
+    unknown = set(systems) - {"faiss", "hnswlib", "sterling"}
+    if unknown:
+        raise ValueError(f"unknown systems {sorted(unknown)}; choose from faiss, hnswlib, sterling")
+    result = run(cfg, modes, movielens=None if movielens is None or str(movielens) == "none" else movielens,
+                 systems=systems)
     print(format_table(result))
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(result, indent=2))

@@ -5,26 +5,59 @@ A feature is *numeric* when every present value is a scalar int or float (bools 
 *categorical* otherwise (strings and ints, single- or multi-valued). A missing key, ``None`` and an
 empty list all mean the item lacks the feature.
 
-Storage, for N items:
+Storage, for N items (compact: about one byte per item for a single-valued feature with a small
+vocabulary, nothing derived is kept):
 
 - categorical feature: a vocabulary (the distinct values present, ``str`` and ``int`` kept apart)
-  and a CSR forward index: ``offsets`` int64 [N + 1] and ``value_ids`` int32 [nnz]; item ``i`` has
-  the values ``vocab[value_ids[offsets[i]:offsets[i + 1]]]``.
-- numeric feature: ``values`` float64 [N] (0 where missing) and ``present`` bool [N].
+  and one of two layouts, chosen from the data:
 
-Evaluation is exact: ``Term`` / ``In`` on a categorical feature test membership (an int token also
-matches its string form when the int itself is not in the vocabulary, so ``tag:2020`` finds
-``"2020"``); on a numeric feature they and ``Compare`` test numerically and a missing value never
-passes; ``NOT`` is the plain complement, so ``NOT year >= 1990`` keeps items without a year.
+  - *single* (no item holds more than one value): ``ids`` [N], the vocabulary id of each item's
+    value, ``-1`` where missing;
+  - *multi* (some item holds several values, a repeated value included): a CSR forward index,
+    ``offsets`` [N + 1] and ``value_ids`` [nnz]; item ``i`` has the values
+    ``vocab[value_ids[offsets[i]:offsets[i + 1]]]``. ``offsets`` is int32 while nnz < 2**31,
+    else int64.
+
+  Ids take the smallest signed dtype holding ``-1 .. V - 1`` for a vocabulary of V values: int8
+  for V <= 128, int16 for V <= 32768, else int32. The layout is independent of whether values
+  were given as lists (``multi`` in :meth:`AttributeStore.meta`, which only decides whether
+  ``decode`` returns lists): ``[["a"], ["b"]]`` is stored single. Appending an item with two
+  values turns a single column into a multi one; ``take`` turns it back when it can. The
+  item of each CSR entry is never stored: it is computed on the fly where needed
+  (:meth:`CategoricalColumn.entries`, a ``searchsorted`` over the hits in ``matches``).
+- numeric feature: ``values`` [N], one of
+
+  - int8 / int16 / int32, when every present value is an integer (``-0.0`` excluded) that fits
+    above the dtype's minimum, which marks a missing value (the smallest such dtype is chosen
+    when the column is built or grown; ``take`` keeps the dtype);
+  - float64, ``NaN`` where missing (present values are always finite).
+
+  Both decode to the exact float64 of the input; comparisons on integer storage are done in
+  integers (``v >= 2.5`` as ``v >= 3``), so they equal the float64 comparisons exactly.
+
+:meth:`AttributeStore.nbytes` counts every tensor held and the vocabulary objects (each value,
+the tuple and the lookup dict, as ``sys.getsizeof`` reports them).
+
+Evaluation is exact: ``Term`` / ``In`` on a categorical feature test membership (an unquoted int
+token matches the int and its decimal string form, so ``tag:2020`` finds both ``2020`` and
+``"2020"``; the answer never depends on which other values the vocabulary holds); on a numeric
+feature they and ``Compare`` test numerically and a missing value never passes; ``NOT`` is the
+plain complement, so ``NOT year >= 1990`` keeps items without a year.
 An unknown value matches nothing; an unknown feature is a :class:`FilterError`.
+:meth:`AttributeStore.evaluate_rows` evaluates a filter on some rows only, reading only the
+features the filter names.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import operator
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -45,14 +78,31 @@ from sterling.index.filter import (
 )
 
 _MAX_EXACT_INT = 2**53
-_COMPARE: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
-    ">=": torch.ge,
-    "<=": torch.le,
-    ">": torch.gt,
-    "<": torch.lt,
-    "=": torch.eq,
-    "!=": torch.ne,
+_COMPARE: dict[str, Callable[[Any, Any], Any]] = {
+    ">=": operator.ge,
+    "<=": operator.le,
+    ">": operator.gt,
+    "<": operator.lt,
+    "=": operator.eq,
+    "!=": operator.ne,
 }
+_ID_DTYPES = (torch.int8, torch.int16, torch.int32)
+_NUMERIC_DTYPES = (torch.int8, torch.int16, torch.int32, torch.float64)
+_NUMPY = {torch.int8: np.int8, torch.int16: np.int16, torch.int32: np.int32, torch.int64: np.int64}
+_SCALAR_TYPES = frozenset({str, int, float, type(None)})
+
+
+def id_dtype(vocab_size: int) -> torch.dtype:
+    """The smallest signed dtype holding the ids ``-1 .. vocab_size - 1``."""
+    for dtype in _ID_DTYPES:
+        if vocab_size - 1 <= torch.iinfo(dtype).max:
+            return dtype
+    raise ValueError(f"a vocabulary of {vocab_size} values is too large")
+
+
+def offsets_dtype(nnz: int) -> torch.dtype:
+    """int32 for CSR offsets into fewer than 2**31 values, else int64."""
+    return torch.int32 if nnz <= torch.iinfo(torch.int32).max else torch.int64
 
 
 def _normalise(item: int, feature: str, value: Any) -> Any:
@@ -85,84 +135,242 @@ def _scalar(where: str, value: Any) -> str | int | float:
     )
 
 
+def _compact_ids(ids: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(used, remap): the vocabulary ids present in ``ids`` (ascending, int64) and int64
+    [vocab_size + 1] mapping ``id + 1`` to its new id (``-1`` to ``-1``)."""
+    counts = torch.bincount(ids.long() + 1, minlength=vocab_size + 1)[1:]
+    used = torch.nonzero(counts).squeeze(1)
+    remap = torch.full((vocab_size + 1,), -1, dtype=torch.int64)
+    remap[used + 1] = torch.arange(len(used))
+    return used, remap
+
+
+def _csr_gather(
+    offsets: torch.Tensor, value_ids: torch.Tensor, rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lengths int64 [M], value ids [sum lengths]) of the CSR items at ``rows``."""
+    starts = offsets[:-1][rows].long()
+    lengths = offsets[1:][rows].long() - starts
+    total = int(lengths.sum())
+    first = torch.cumsum(lengths, 0) - lengths  # where each item starts in the output
+    shift = torch.repeat_interleave(starts - first, lengths, output_size=total)
+    return lengths, value_ids[shift + torch.arange(total)]
+
+
 @dataclass(frozen=True)
 class CategoricalColumn:
-    """One categorical feature.
+    """One categorical feature (see the module docstring for the two layouts).
 
     Args:
-        vocab (tuple[str | int, ...]): the distinct values present in some item.
-        offsets (torch.Tensor): int64 [N + 1], CSR row offsets into ``value_ids``.
-        value_ids (torch.Tensor): int32 [nnz], positions in ``vocab``.
+        vocab (tuple[str | int, ...]): the distinct values (those present in some item once the
+            column was built; ``take`` drops the others).
+        value_ids (torch.Tensor): single layout: [N], each item's vocabulary id or -1 where
+            missing; multi layout: [nnz], the vocabulary ids of the CSR entries. Dtype
+            :func:`id_dtype` ``(len(vocab))``.
+        offsets (torch.Tensor | None): None for the single layout; multi layout: int32 / int64
+            [N + 1], CSR row offsets into ``value_ids``.
         multi (bool): whether values were given as lists (``decode`` returns lists).
     """
 
     vocab: tuple[Value, ...]
-    offsets: torch.Tensor
     value_ids: torch.Tensor
+    offsets: torch.Tensor | None
     multi: bool
-    lookup: dict[Value, int] = field(init=False, repr=False, compare=False)
-    entry_rows: torch.Tensor = field(init=False, repr=False, compare=False)  # int64 [nnz]
 
-    def __post_init__(self) -> None:
-        lengths = self.offsets[1:] - self.offsets[:-1]
-        object.__setattr__(self, "lookup", {v: i for i, v in enumerate(self.vocab)})
-        object.__setattr__(
-            self, "entry_rows", torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-        )
+    @cached_property
+    def lookup(self) -> dict[Value, int]:
+        """value -> vocabulary id."""
+        return {v: i for i, v in enumerate(self.vocab)}
 
     @staticmethod
     def empty() -> CategoricalColumn:
-        return CategoricalColumn(
-            (), torch.zeros(1, dtype=torch.int64), torch.zeros(0, dtype=torch.int32), False
+        return CategoricalColumn((), torch.zeros(0, dtype=torch.int8), None, False)
+
+    @staticmethod
+    def _of(
+        vocab: tuple[Value, ...],
+        value_ids: torch.Tensor,
+        offsets: torch.Tensor | None,
+        multi: bool,
+        lookup: dict[Value, int] | None = None,
+    ) -> CategoricalColumn:
+        """A column in canonical form: single layout when no item has two values, smallest
+        dtypes; ``lookup`` (value -> id of ``vocab``) is reused when given."""
+        if offsets is not None:
+            lengths = offsets[1:] - offsets[:-1]
+            if len(lengths) == 0 or int(lengths.max()) <= 1:
+                single = torch.full((len(lengths),), -1, dtype=id_dtype(len(vocab)))
+                single[lengths.bool()] = value_ids.to(single.dtype)
+                value_ids, offsets = single, None
+            else:
+                offsets = offsets.to(offsets_dtype(len(value_ids)))
+        column = CategoricalColumn(vocab, value_ids.to(id_dtype(len(vocab))), offsets, multi)
+        if lookup is not None:
+            column.__dict__["lookup"] = lookup  # the cached_property's slot
+        return column
+
+    @property
+    def single(self) -> bool:
+        """Whether the column uses the single layout (one id per item)."""
+        return self.offsets is None
+
+    @property
+    def num_items(self) -> int:
+        return len(self.value_ids) if self.offsets is None else len(self.offsets) - 1
+
+    def lengths(self) -> torch.Tensor:
+        """int64 [N]: the number of values of each item."""
+        if self.offsets is None:
+            return (self.value_ids >= 0).long()
+        return (self.offsets[1:] - self.offsets[:-1]).long()
+
+    def entries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows int64 [E], ids int64 [E]): every (item, vocabulary id) entry, by item, in each
+        item's value order (computed on the fly, nothing is cached)."""
+        if self.offsets is None:
+            rows = torch.nonzero(self.value_ids >= 0).squeeze(1)
+            return rows, self.value_ids[rows].long()
+        rows = torch.repeat_interleave(
+            torch.arange(self.num_items), self.lengths(), output_size=len(self.value_ids)
+        )
+        return rows, self.value_ids.long()
+
+    def item_counts(self) -> torch.Tensor:
+        """int64 [V]: the number of items holding each value (a repeated value counts once)."""
+        v = len(self.vocab)
+        if self.offsets is None:
+            return torch.bincount(self.value_ids.long() + 1, minlength=v + 1)[1:]
+        rows, ids = self.entries()
+        pairs = torch.unique(rows * max(v, 1) + ids)
+        return torch.bincount(pairs % max(v, 1), minlength=v)
+
+    def extend(self, values: Sequence[Any], multi: bool = False) -> CategoricalColumn:
+        """Appends items; ``values[i]`` is new item ``i``'s value: None (missing), a str / int or
+        a non-empty list of them. ``multi`` marks the column as given in lists."""
+        lookup = dict(self.lookup)
+        multi = self.multi or multi
+        if list not in set(map(type, values)):  # one value at most per item: dict passes in C
+            for v in dict.fromkeys(values):  # the distinct values, in first-seen order
+                if v is not None and v not in lookup:
+                    lookup[v] = len(lookup)
+            vocab = tuple(lookup)
+            lookup[None] = -1  # type: ignore[index]
+            new = np.fromiter(map(lookup.__getitem__, values), dtype=np.int64, count=len(values))
+            del lookup[None]  # type: ignore[arg-type]
+            if self.offsets is None:
+                dtype = _NUMPY[id_dtype(len(vocab))]
+                ids = np.concatenate([self.value_ids.numpy().astype(dtype), new.astype(dtype)])
+                return CategoricalColumn._of(vocab, torch.from_numpy(ids), None, multi, lookup)
+            lengths = torch.from_numpy((new >= 0).astype(np.int64))
+            new_ids = torch.from_numpy(new[new >= 0])
+        else:
+            seqs = [v if type(v) is list else () if v is None else (v,) for v in values]
+            for v in dict.fromkeys(chain.from_iterable(seqs)):
+                if v not in lookup:
+                    lookup[v] = len(lookup)
+            vocab = tuple(lookup)
+            counts = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+            flat = map(lookup.__getitem__, chain.from_iterable(seqs))
+            lengths = torch.from_numpy(counts)
+            new_ids = torch.from_numpy(np.fromiter(flat, dtype=np.int64, count=int(counts.sum())))
+        _, old_ids = self.entries()
+        all_lengths = torch.cat([self.lengths(), lengths])
+        offsets = torch.zeros(len(all_lengths) + 1, dtype=torch.int64)
+        torch.cumsum(all_lengths, 0, out=offsets[1:])
+        return CategoricalColumn._of(
+            vocab, torch.cat([old_ids, new_ids]), offsets, multi, lookup
         )
 
-    def extend(self, values: Sequence[list[Value]], multi: bool) -> CategoricalColumn:
-        """Appends items; ``values[i]`` lists the values of new item ``i`` (empty if missing)."""
-        lookup, vocab, ids = dict(self.lookup), list(self.vocab), []
-        for item_values in values:
-            for v in item_values:
-                if v not in lookup:
-                    lookup[v] = len(vocab)
-                    vocab.append(v)
-                ids.append(lookup[v])
-        lengths = torch.tensor([len(v) for v in values], dtype=torch.int64)
-        return CategoricalColumn(
-            tuple(vocab),
-            torch.cat([self.offsets, self.offsets[-1] + torch.cumsum(lengths, 0)]),
-            torch.cat([self.value_ids, torch.tensor(ids, dtype=torch.int32)]),
-            self.multi or multi,
-        )
+    def gather(self, rows: torch.Tensor) -> CategoricalColumn:
+        """The items at ``rows`` (int64 [M]) with the same vocabulary (no compaction)."""
+        if self.offsets is None:
+            column = CategoricalColumn(self.vocab, self.value_ids[rows], None, self.multi)
+        else:
+            lengths, ids = _csr_gather(self.offsets, self.value_ids, rows)
+            offsets = torch.zeros(len(rows) + 1, dtype=torch.int64)
+            torch.cumsum(lengths, 0, out=offsets[1:])
+            column = CategoricalColumn(
+                self.vocab, ids, offsets.to(offsets_dtype(len(ids))), self.multi
+            )
+        column.__dict__["lookup"] = self.lookup
+        return column
 
     def take(self, rows: torch.Tensor) -> CategoricalColumn:
         """The items at ``rows`` (int64 [M]); the vocabulary keeps only values still present."""
-        lengths = (self.offsets[1:] - self.offsets[:-1])[rows]
-        offsets = torch.zeros(len(rows) + 1, dtype=torch.int64)
-        torch.cumsum(lengths, 0, out=offsets[1:])
-        shift = torch.repeat_interleave(self.offsets[:-1][rows] - offsets[:-1], lengths)
-        ids = self.value_ids[shift + torch.arange(int(offsets[-1]))]
-        used, ids = torch.unique(ids, return_inverse=True)
+        taken = self.gather(rows)
+        used, remap = _compact_ids(taken.value_ids, len(self.vocab))
+        if len(used) == len(self.vocab):
+            return CategoricalColumn._of(
+                self.vocab, taken.value_ids, taken.offsets, self.multi, self.lookup
+            )
         vocab = tuple(self.vocab[i] for i in used.tolist())
-        return CategoricalColumn(vocab, offsets, ids.to(torch.int32), self.multi)
+        ids = remap[taken.value_ids.long() + 1]
+        return CategoricalColumn._of(vocab, ids, taken.offsets, self.multi)
+
+    def _ids_of(self, values: Iterable[Value]) -> list[int]:
+        ids = set()
+        for v in values:
+            for form in (v, str(v)) if isinstance(v, int) else (v,):
+                if form in self.lookup:
+                    ids.add(self.lookup[form])
+        return sorted(ids)
 
     def matches(self, values: Iterable[Value]) -> torch.Tensor:
         """bool [N]: items having at least one of ``values``."""
-        ids = set()
-        for v in values:
-            if v not in self.lookup and isinstance(v, int):
-                v = str(v)
-            if v in self.lookup:
-                ids.add(self.lookup[v])
-        mask = torch.zeros(len(self.offsets) - 1, dtype=torch.bool)
-        if ids:
-            hit = torch.isin(self.value_ids, torch.tensor(sorted(ids), dtype=torch.int32))
-            mask[self.entry_rows[hit]] = True
+        ids = self._ids_of(values)
+        if not ids:
+            return torch.zeros(self.num_items, dtype=torch.bool)
+        if len(ids) == 1:
+            hit = self.value_ids == ids[0]
+        else:
+            hit = torch.isin(self.value_ids, torch.tensor(ids, dtype=self.value_ids.dtype))
+        if self.offsets is None:
+            return hit
+        mask = torch.zeros(self.num_items, dtype=torch.bool)
+        entries = torch.nonzero(hit).squeeze(1)
+        mask[torch.searchsorted(self.offsets, entries, right=True) - 1] = True
         return mask
 
     def decode(self, row: int) -> Any:
-        ids = self.value_ids[self.offsets[row] : self.offsets[row + 1]].tolist()
+        if self.offsets is None:
+            i = int(self.value_ids[row])
+            ids = [] if i < 0 else [i]
+        else:
+            ids = self.value_ids[self.offsets[row] : self.offsets[row + 1]].tolist()
         if not ids:
             return None
         return [self.vocab[i] for i in ids] if self.multi else self.vocab[ids[0]]
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        if self.offsets is None:
+            return {f"{name}.ids": self.value_ids}
+        return {f"{name}.offsets": self.offsets, f"{name}.value_ids": self.value_ids}
+
+    def nbytes(self) -> int:
+        """Tensor bytes plus the vocabulary objects (values, tuple and lookup dict)."""
+        tensors = self.value_ids.numel() * self.value_ids.element_size()
+        if self.offsets is not None:
+            tensors += self.offsets.numel() * self.offsets.element_size()
+        vocab = sys.getsizeof(self.vocab) + sum(sys.getsizeof(v) for v in self.vocab)
+        return tensors + vocab + sys.getsizeof(self.lookup)
+
+
+def _encode_numeric(values: np.ndarray) -> torch.Tensor:
+    """The storage of float64 ``values`` (NaN where missing): the smallest int dtype when every
+    present value is an integer that fits above the dtype's minimum (``-0.0`` excluded), else
+    float64 as is."""
+    present = ~np.isnan(values)
+    p = values[present]
+    integer = bool(np.all(np.floor(p) == p)) and not bool(np.any((p == 0) & np.signbit(p)))
+    if integer:
+        lo, hi = (float(p.min()), float(p.max())) if len(p) else (0.0, 0.0)
+        for dtype in _ID_DTYPES:
+            info = torch.iinfo(dtype)
+            if info.min < lo and hi <= info.max:
+                out = np.full(len(values), info.min, dtype=_NUMPY[dtype])
+                out[present] = p.astype(_NUMPY[dtype])
+                return torch.from_numpy(out)
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64))
 
 
 @dataclass(frozen=True)
@@ -170,60 +378,113 @@ class NumericColumn:
     """One numeric feature.
 
     Args:
-        values (torch.Tensor): float64 [N], 0 where missing.
-        present (torch.Tensor): bool [N].
+        data (torch.Tensor): [N]; int8 / int16 / int32 with the dtype's minimum where missing,
+            or float64 with NaN where missing.
         integral (bool): whether every value was an int (``decode`` returns ints).
     """
 
-    values: torch.Tensor
-    present: torch.Tensor
+    data: torch.Tensor
     integral: bool
 
     @staticmethod
     def empty() -> NumericColumn:
-        return NumericColumn(
-            torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.bool), True
-        )
+        return NumericColumn(torch.zeros(0, dtype=torch.int8), True)
+
+    @property
+    def is_float(self) -> bool:
+        return self.data.dtype == torch.float64
+
+    @property
+    def _missing(self) -> int:
+        return torch.iinfo(self.data.dtype).min
+
+    @property
+    def present(self) -> torch.Tensor:
+        """bool [N]: items having a value."""
+        if self.is_float:
+            return ~torch.isnan(self.data)
+        return self.data != self._missing
+
+    @property
+    def values(self) -> torch.Tensor:
+        """float64 [N], 0 where missing (a new tensor)."""
+        return torch.where(self.present, self.data.double(), 0.0)
+
+    def _floats(self) -> np.ndarray:
+        """float64 [N], NaN where missing."""
+        if self.is_float:
+            return self.data.numpy()
+        return np.where(self.present.numpy(), self.data.numpy().astype(np.float64), np.nan)
 
     def extend(self, values: Sequence[int | float | None]) -> NumericColumn:
         """Appends items; ``values[i]`` is the value of new item ``i`` or None."""
-        present = [v is not None for v in values]
+        new = np.array(values, dtype=np.float64)  # None -> NaN; ints are within 2**53
+        types = set(map(type, values))
         return NumericColumn(
-            torch.cat(
-                [
-                    self.values,
-                    torch.tensor([0.0 if v is None else v for v in values], dtype=torch.float64),
-                ]
-            ),
-            torch.cat([self.present, torch.tensor(present, dtype=torch.bool)]),
-            self.integral and all(isinstance(v, int) for v in values if v is not None),
+            _encode_numeric(np.concatenate([self._floats(), new.reshape(-1)])),
+            self.integral and float not in types,
         )
 
-    def take(self, rows: torch.Tensor) -> NumericColumn:
-        return NumericColumn(self.values[rows], self.present[rows], self.integral)
+    def gather(self, rows: torch.Tensor) -> NumericColumn:
+        return NumericColumn(self.data[rows], self.integral)
+
+    take = gather
 
     def matches(self, values: Iterable[Value]) -> torch.Tensor:
         """bool [N]: items whose value equals one of ``values`` read as numbers."""
-        numbers_ = [x for x in map(as_number, values) if x is not None]
-        return self.present & torch.isin(self.values, torch.tensor(numbers_, dtype=torch.float64))
+        wanted = [x for x in map(as_number, values) if x is not None]
+        if self.is_float:
+            return torch.isin(self.data, torch.tensor(wanted, dtype=torch.float64))
+        info = torch.iinfo(self.data.dtype)
+        ints = sorted({int(x) for x in wanted if info.min < x <= info.max and x == math.floor(x)})
+        return torch.isin(self.data, torch.tensor(ints, dtype=self.data.dtype))
 
     def compare(self, op: str, number: float) -> torch.Tensor:
-        return self.present & _COMPARE[op](self.values, float(number))
+        """bool [N]: items whose value ``op`` ``number`` (a missing value never passes)."""
+        x = float(number)
+        if self.is_float:
+            out = _COMPARE[op](self.data, x)
+            return out & self.present if op == "!=" else out
+        info = torch.iinfo(self.data.dtype)
+        present = self.present
+        if not info.min < x <= info.max:  # NaN or beyond every stored value: one answer for all
+            passes = _COMPARE[op](float(info.max) if x > 0 else 0.0, x)
+            return present if passes else torch.zeros_like(present)
+        # exact in integers: for an integer v, v >= x <=> v >= ceil(x), v <= x <=> v <= floor(x)
+        if op in (">=", "<"):
+            t = math.ceil(x)
+        elif op in ("<=", ">"):
+            t = math.floor(x)
+        elif x != math.floor(x):  # = / != a non-integer
+            return present & (op == "!=")
+        else:
+            t = int(x)
+        return present & _COMPARE[op](self.data, t)
 
     def decode(self, row: int) -> Any:
-        if not self.present[row]:
+        value = self.data[row].item()
+        if self.is_float:
+            if math.isnan(value):
+                return None
+            return int(value) if self.integral else value
+        if value == self._missing:
             return None
-        value = float(self.values[row])
-        return int(value) if self.integral else value
+        return value if self.integral else float(value)
+
+    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return {f"{name}.values": self.data}
+
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
 
 
 Column = CategoricalColumn | NumericColumn
 
 
 def _normalise_rows(attributes: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Validated rows with normalised values; missing values (None, []) are dropped."""
-    if isinstance(attributes, (str, bytes, Mapping)) or not isinstance(attributes, Sequence):
-        raise ValueError(f"attributes must be a list of dicts, got {type(attributes).__name__}")
+    """Validated rows with normalised values; missing values (None, []) are dropped. Item by
+    item: the reference that decides which error a bad input raises first."""
+    _check_sequence(attributes)
     rows = []
     for item, row in enumerate(attributes):
         if not isinstance(row, Mapping):
@@ -241,6 +502,75 @@ def _normalise_rows(attributes: Sequence[Mapping[str, Any]]) -> list[dict[str, A
                 normalised[name] = value
         rows.append(normalised)
     return rows
+
+
+def _check_sequence(attributes: object) -> None:
+    if isinstance(attributes, (str, bytes, Mapping)) or not isinstance(attributes, Sequence):
+        raise ValueError(f"attributes must be a list of dicts, got {type(attributes).__name__}")
+
+
+def _normalise_column(name: str, raw: list[Any]) -> list[Any] | None:
+    """The normalised values of one feature (None where missing), or None if some value is
+    invalid (the caller then finds the first error item by item)."""
+    types = set(map(type, raw))
+    if types <= _SCALAR_TYPES:  # plain str / int / float / None: already normal
+        if float in types and not all(math.isfinite(v) for v in raw if type(v) is float):
+            return None
+        return raw
+    if types <= _SCALAR_TYPES | {list} and float not in types:
+        lists = chain.from_iterable(v for v in raw if type(v) is list)
+        if set(map(type, lists)) <= {str, int}:  # lists of plain str / int: [] is missing
+            return [None if type(v) is list and not v else v for v in raw]
+    out = []
+    try:
+        for item, v in enumerate(raw):
+            t = type(v)
+            if t is str or t is int or v is None:
+                out.append(v)
+            elif t is list and v and all(type(x) is str for x in v):
+                out.append(v)
+            else:
+                out.append(_normalise(item, name, v))
+    except ValueError:
+        return None
+    return out
+
+
+def _normalised_columns(attributes: Sequence[Mapping[str, Any]]) -> tuple[int, dict[str, list]]:
+    """(M, feature -> normalised values [M], None where missing) for the features present in
+    some item, in first-seen order (by the first item holding a value, then that item's key
+    order). Raises the error the item-by-item :func:`_normalise_rows` raises first."""
+    _check_sequence(attributes)
+    names: dict[Any, None] = {}
+    if set(map(type, attributes)) <= {dict}:
+        update = names.update
+        for row in attributes:
+            update(row)  # keys in first-seen order; the values are not used
+    elif all(isinstance(row, Mapping) for row in attributes):
+        for row in attributes:
+            names.update(dict.fromkeys(row))
+    else:
+        return _columns_of_rows(_normalise_rows(attributes))
+    raw = {name: [row.get(name) for row in attributes] for name in names}
+    columns: dict[str, list] = {}
+    for name in names:
+        normalised = _normalise_column(name, raw[name]) if is_feature_name(name) else None
+        if normalised is None:
+            return _columns_of_rows(_normalise_rows(attributes))  # raises the first error
+        columns[name] = normalised
+    first = {}
+    for name, values in columns.items():
+        i = next((i for i, v in enumerate(values) if v is not None), -1)
+        if i >= 0:
+            first[name] = (i, list(attributes[i]).index(name))
+    return len(attributes), {name: columns[name] for name in sorted(first, key=first.__getitem__)}
+
+
+def _columns_of_rows(rows: list[dict[str, Any]]) -> tuple[int, dict[str, list]]:
+    names: dict[str, None] = {}
+    for row in rows:
+        names.update(dict.fromkeys(row))
+    return len(rows), {name: [row.get(name) for row in rows] for name in names}
 
 
 @dataclass(frozen=True)
@@ -263,18 +593,14 @@ class AttributeStore:
     @staticmethod
     def build(attributes: Sequence[Mapping[str, Any]]) -> AttributeStore:
         """Builds the store of ``attributes`` (a list of N dicts), inferring each feature's kind."""
-        rows = _normalise_rows(attributes)
-        present: dict[str, list[Any]] = {}
-        for row in rows:
-            for name, value in row.items():
-                present.setdefault(name, []).append(value)
+        m, values = _normalised_columns(attributes)
         columns: dict[str, Column] = {
             name: NumericColumn.empty()
-            if all(isinstance(v, (int, float)) for v in values)
+            if set(map(type, vals)) <= {int, float, type(None)}
             else CategoricalColumn.empty()
-            for name, values in present.items()
+            for name, vals in values.items()
         }
-        return AttributeStore(0, columns)._extend(rows)
+        return AttributeStore(0, columns)._extend(m, values)
 
     def __len__(self) -> int:
         return self.num_items
@@ -288,35 +614,40 @@ class AttributeStore:
 
         Values new to a vocabulary extend it; a feature not in the store is an error.
         """
-        return self._extend(_normalise_rows(attributes))
+        return self._extend(*_normalised_columns(attributes))
 
-    def _extend(self, rows: list[dict[str, Any]]) -> AttributeStore:
-        for item, row in enumerate(rows):
-            for name in row:
-                if name not in self.columns:
-                    raise ValueError(
-                        f"item {item}: unknown feature '{name}'; known features: "
-                        f"{', '.join(self.columns) or '(none)'}"
-                    )
+    def _extend(self, m: int, values: Mapping[str, list[Any]]) -> AttributeStore:
+        """Appends M items given as feature -> normalised values [M] (None where missing)."""
+        for name, vals in values.items():  # in first-seen order: the first unknown one fails
+            if name not in self.columns:
+                item = next(i for i, v in enumerate(vals) if v is not None)
+                raise ValueError(
+                    f"item {item}: unknown feature '{name}'; known features: "
+                    f"{', '.join(self.columns) or '(none)'}"
+                )
         columns: dict[str, Column] = {}
         for name, column in self.columns.items():
-            values = [row.get(name) for row in rows]
+            vals = values.get(name)
+            if vals is None:
+                vals = [None] * m
+            types = set(map(type, vals))
             if isinstance(column, NumericColumn):
-                for item, v in enumerate(values):
-                    _check_numeric(item, name, v)
-                columns[name] = column.extend(values)
+                ints = [v for v in vals if type(v) is int] if int in types else []
+                if not types <= {int, float, type(None)} or (
+                    ints and max(max(ints), -min(ints)) > _MAX_EXACT_INT
+                ):
+                    for item, v in enumerate(vals):
+                        _check_numeric(item, name, v)
+                columns[name] = column.extend(vals)
             else:
-                for item, v in enumerate(values):
-                    if isinstance(v, float):
-                        raise ValueError(
-                            f"item {item}, feature '{name}': float {v!r} in a categorical feature; "
-                            "floats are only supported when every value of the feature is a number"
-                        )
-                columns[name] = column.extend(
-                    [[] if v is None else v if isinstance(v, list) else [v] for v in values],
-                    multi=any(isinstance(v, list) for v in values),
-                )
-        return AttributeStore(self.num_items + len(rows), columns)
+                if float in types:
+                    item, v = next((i, v) for i, v in enumerate(vals) if type(v) is float)
+                    raise ValueError(
+                        f"item {item}, feature '{name}': float {v!r} in a categorical feature; "
+                        "floats are only supported when every value of the feature is a number"
+                    )
+                columns[name] = column.extend(vals, multi=list in types)
+        return AttributeStore(self.num_items + m, columns)
 
     def take(self, rows: torch.Tensor) -> AttributeStore:
         """A new store of the items at ``rows`` (int64 [M]), in that order."""
@@ -336,10 +667,52 @@ class AttributeStore:
         Raises:
             FilterError: for an unknown feature or a comparison on a categorical feature.
         """
+        return self._evaluate(node, expr, lambda name, column: column)
+
+    def evaluate_rows(
+        self, node: FilterNode, rows: torch.Tensor, expr: str | None = None
+    ) -> torch.Tensor:
+        """Evaluates a parsed filter exactly on some items only.
+
+        Equal to ``self.take(rows).evaluate(node, expr)``, but gathers only the rows of the
+        features the filter names (once each) and compacts no vocabulary.
+
+        Args:
+            node (FilterNode): the filter tree.
+            rows (torch.Tensor): int64 [M], item indices in ``[0, N)`` (repeats allowed).
+            expr (str | None): the filter text, shown in error messages.
+
+        Returns:
+            torch.Tensor: bool [M], whether item ``rows[j]`` passes the filter.
+
+        Raises:
+            FilterError: as :meth:`evaluate`.
+            IndexError: for a row outside ``[0, N)``.
+        """
+        rows = torch.as_tensor(rows, dtype=torch.int64)
+        if rows.dim() != 1:
+            raise ValueError(f"rows must be 1-D, got shape {list(rows.shape)}")
+        if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= self.num_items):
+            raise IndexError(f"rows out of range for {self.num_items} items")
+        gathered: dict[str, Column] = {}
+
+        def column_of(name: str, column: Column) -> Column:
+            if name not in gathered:
+                gathered[name] = column.gather(rows)
+            return gathered[name]
+
+        return self._evaluate(node, expr, column_of)
+
+    def _evaluate(
+        self,
+        node: FilterNode,
+        expr: str | None,
+        column_of: Callable[[str, Column], Column],
+    ) -> torch.Tensor:
         if isinstance(node, Not):
-            return ~self.evaluate(node.child, expr)
+            return ~self._evaluate(node.child, expr, column_of)
         if isinstance(node, (And, Or)):
-            masks = [self.evaluate(child, expr) for child in node.children]
+            masks = [self._evaluate(child, expr, column_of) for child in node.children]
             combine = torch.logical_and if isinstance(node, And) else torch.logical_or
             out = masks[0]
             for mask in masks[1:]:
@@ -356,7 +729,10 @@ class AttributeStore:
         if isinstance(node, Compare):
             if not isinstance(column, NumericColumn):
                 raise FilterError(f"feature '{node.feature}' is not numeric", expr, node.pos)
+            column = column_of(node.feature, column)
+            assert isinstance(column, NumericColumn)
             return column.compare(node.op, node.number)
+        column = column_of(node.feature, column)
         return column.matches((node.value,) if isinstance(node, Term) else node.values)
 
     def evaluate_filter(self, expr: str) -> torch.Tensor:
@@ -375,16 +751,12 @@ class AttributeStore:
         return out
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        """The column tensors, keyed ``"<feature>.offsets"``, ``".value_ids"``, ``".values"``,
-        ``".present"``; with :meth:`meta` they make the whole store."""
-        tensors = {}
+        """The column tensors; with :meth:`meta` they make the whole store. Keys:
+        ``"<feature>.ids"`` (categorical, single layout), ``"<feature>.offsets"`` and
+        ``"<feature>.value_ids"`` (categorical, multi layout), ``"<feature>.values"`` (numeric)."""
+        tensors: dict[str, torch.Tensor] = {}
         for name, column in self.columns.items():
-            if isinstance(column, NumericColumn):
-                tensors[f"{name}.values"] = column.values
-                tensors[f"{name}.present"] = column.present
-            else:
-                tensors[f"{name}.offsets"] = column.offsets
-                tensors[f"{name}.value_ids"] = column.value_ids
+            tensors.update(column.tensors(name))
         return tensors
 
     def meta(self) -> dict[str, Any]:
@@ -406,7 +778,9 @@ class AttributeStore:
 
     @staticmethod
     def from_parts(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> AttributeStore:
-        """Rebuilds a store from :meth:`meta` and :meth:`to_tensors`, checking their consistency."""
+        """Rebuilds a store from :meth:`meta` and :meth:`to_tensors`, checking their consistency.
+        A categorical feature's layout follows its tensors: ``.ids`` if present, else
+        ``.offsets`` and ``.value_ids``."""
         try:
             n = int(meta["num_items"])
             specs = list(meta["features"])
@@ -414,11 +788,7 @@ class AttributeStore:
             for spec in specs:
                 name, kind = spec["name"], spec["kind"]
                 if kind == "numeric":
-                    columns[name] = NumericColumn(
-                        _part(tensors, f"{name}.values", torch.float64, n),
-                        _part(tensors, f"{name}.present", torch.bool, n),
-                        bool(spec["integral"]),
-                    )
+                    columns[name] = _numeric_part(name, spec, tensors, n)
                 elif kind == "categorical":
                     columns[name] = _categorical_part(name, spec, tensors, n)
                 else:
@@ -428,15 +798,9 @@ class AttributeStore:
         return AttributeStore(n, columns)
 
     def nbytes(self) -> int:
-        """Bytes held: column tensors plus vocabulary values (str as UTF-8, int as 8 bytes)."""
-        tensor_bytes = sum(t.numel() * t.element_size() for t in self.to_tensors().values())
-        vocab_bytes = sum(
-            len(v.encode()) if isinstance(v, str) else 8
-            for c in self.columns.values()
-            if isinstance(c, CategoricalColumn)
-            for v in c.vocab
-        )
-        return tensor_bytes + vocab_bytes
+        """Bytes held: every column tensor plus the vocabulary objects (each value, the tuple
+        and the lookup dict, by ``sys.getsizeof``)."""
+        return sum(c.nbytes() for c in self.columns.values())
 
 
 def _check_numeric(item: int, name: str, value: Any) -> None:
@@ -455,17 +819,31 @@ def _check_numeric(item: int, name: str, value: Any) -> None:
 
 
 def _part(
-    tensors: Mapping[str, torch.Tensor], key: str, dtype: torch.dtype, length: int
+    tensors: Mapping[str, torch.Tensor],
+    key: str,
+    dtypes: torch.dtype | tuple[torch.dtype, ...],
+    length: int,
 ) -> torch.Tensor:
     if key not in tensors:
         raise ValueError(f"attribute tensor '{key}' is missing")
     t = tensors[key]
-    if t.dtype != dtype or t.dim() != 1 or (length >= 0 and len(t) != length):
+    dtypes = dtypes if isinstance(dtypes, tuple) else (dtypes,)
+    if t.dtype not in dtypes or t.dim() != 1 or (length >= 0 and len(t) != length):
         want = f"[{length}]" if length >= 0 else "[*]"
+        names = " or ".join(str(d) for d in dtypes)
         raise ValueError(
-            f"attribute tensor '{key}' should be {dtype} {want}, got {t.dtype} {list(t.shape)}"
+            f"attribute tensor '{key}' should be {names} {want}, got {t.dtype} {list(t.shape)}"
         )
     return t
+
+
+def _numeric_part(
+    name: str, spec: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], n: int
+) -> NumericColumn:
+    data = _part(tensors, f"{name}.values", _NUMERIC_DTYPES, n)
+    if data.dtype == torch.float64 and bool(torch.isinf(data).any()):
+        raise ValueError(f"feature '{name}': numeric values must be finite (NaN marks missing)")
+    return NumericColumn(data, bool(spec["integral"]))
 
 
 def _categorical_part(
@@ -476,12 +854,18 @@ def _categorical_part(
         set(vocab)
     ) != len(vocab):
         raise ValueError(f"feature '{name}': vocabulary must hold distinct str/int values")
-    offsets = _part(tensors, f"{name}.offsets", torch.int64, n + 1)
-    value_ids = _part(tensors, f"{name}.value_ids", torch.int32, -1)
+    dtype = id_dtype(len(vocab))
+    if f"{name}.ids" in tensors:
+        ids = _part(tensors, f"{name}.ids", dtype, n)
+        if len(ids) and (int(ids.min()) < -1 or int(ids.max()) >= len(vocab)):
+            raise ValueError(f"feature '{name}': value ids outside the vocabulary of {len(vocab)}")
+        return CategoricalColumn(vocab, ids, None, bool(spec["multi"]))
+    value_ids = _part(tensors, f"{name}.value_ids", dtype, -1)
+    offsets = _part(tensors, f"{name}.offsets", offsets_dtype(len(value_ids)), n + 1)
     if offsets[0] != 0 or offsets[-1] != len(value_ids) or bool((offsets[1:] < offsets[:-1]).any()):
         raise ValueError(
             f"feature '{name}': offsets are not a valid CSR index into {len(value_ids)} values"
         )
     if len(value_ids) and (int(value_ids.min()) < 0 or int(value_ids.max()) >= len(vocab)):
         raise ValueError(f"feature '{name}': value ids outside the vocabulary of {len(vocab)}")
-    return CategoricalColumn(vocab, offsets, value_ids, bool(spec["multi"]))
+    return CategoricalColumn(vocab, value_ids, offsets, bool(spec["multi"]))

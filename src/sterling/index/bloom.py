@@ -383,8 +383,9 @@ class BloomIndex:
 
         hashed_per_item = torch.zeros(n, dtype=torch.int64)
         for _, name, column in categorical:
-            hashed = term_bits[name][column.value_ids.long()] == _HASHED
-            hashed_per_item += torch.bincount(column.entry_rows[hashed], minlength=n)
+            entry_rows, entry_ids = column.entries()  # computed on the fly, not stored
+            hashed = term_bits[name][entry_ids] == _HASHED
+            hashed_per_item += torch.bincount(entry_rows[hashed], minlength=n)
         width = 0
         if int(hashed_per_item.sum()) > 0:
             sorted_counts = torch.sort(hashed_per_item).values
@@ -400,9 +401,10 @@ class BloomIndex:
                 continue
             column = store.columns[feature.name]
             assert isinstance(column, CategoricalColumn)
-            tb = feature.term_bits[column.value_ids.long()]
+            entry_rows, entry_ids = column.entries()
+            tb = feature.term_bits[entry_ids]
             dedicated = tb >= 0
-            _set_bits(bits, tb[dedicated].long(), inverse[column.entry_rows[dedicated]])
+            _set_bits(bits, tb[dedicated].long(), inverse[entry_rows[dedicated]])
             hashed = torch.nonzero(tb == _HASHED).squeeze(1)
             if len(hashed) == 0:
                 continue
@@ -416,8 +418,8 @@ class BloomIndex:
             step = max(1, _PAIRS_PER_CHUNK // config.num_hashes)
             for start in range(0, len(hashed), step):
                 entries = hashed[start : start + step]
-                rows = inverse[column.entry_rows[entries]]
-                positions = table[column.value_ids[entries].long()]  # [E, k]
+                rows = inverse[entry_rows[entries]]
+                positions = table[entry_ids[entries]]  # [E, k]
                 rows = rows.unsqueeze(1).expand(-1, config.num_hashes)
                 _set_bits(bits, positions.reshape(-1), rows.reshape(-1))
         return BloomIndex(bits, n, features, hashed_base, width, config)
@@ -519,9 +521,8 @@ class BloomIndex:
         term_bits = feature.term_bits.numpy()
         dedicated: list[int] = []
         hashed: list[int] = []
-        for value in values:
-            if value not in feature.lookup and isinstance(value, int):
-                value = str(value)  # as CategoricalColumn.matches: tag:2020 finds "2020"
+        forms = [f for v in values for f in ((v, str(v)) if isinstance(v, int) else (v,))]
+        for value in forms:  # as CategoricalColumn.matches: tag:2020 finds 2020 and "2020"
             vid = feature.lookup.get(value)
             if vid is None:
                 continue
@@ -739,12 +740,8 @@ def _assign_dedicated(
 ) -> dict[str, torch.Tensor]:
     """int32 [V_f] per categorical feature: a dedicated bit row, _HASHED or _ABSENT. The most
     frequent values (ties by feature, then vocabulary id) at or above the threshold get bits."""
-    counts = []
-    for _, _, column in categorical:
-        # items holding each value; a value listed twice on one item counts once
-        v = max(len(column.vocab), 1)
-        pairs = torch.unique(column.entry_rows * v + column.value_ids)
-        counts.append(torch.bincount(pairs % v, minlength=len(column.vocab)))
+    # items holding each value; a value listed twice on one item counts once
+    counts = [column.item_counts() for _, _, column in categorical]
     term_bits = [torch.where(c > 0, _HASHED, _ABSENT).to(torch.int32) for c in counts]
     names = [name for _, name, _ in categorical]
     if not counts or config.dedicated_bits == 0:

@@ -1,20 +1,35 @@
-"""ItemIndex: item embeddings and attributes, searched by inner product under an exact filter.
+"""ItemIndex: the SilverTorch retrieval index behind one small API.
 
-This is the exact (brute-force) index: every passing item is scored, so results are the true
-filtered top-k. State (ids, embeddings, attributes) lives in one immutable object; ``upsert`` and
-``delete`` build a new one and swap the reference under a lock (copy-on-write), and ``search``
-reads the reference once, so a search running beside an update sees the old or the new index,
-never a mix.
+An index is one immutable state, swapped atomically:
+
+- a **main segment** (:class:`~sterling.index.search.Segment`): items in IVF order as int8 codes
+  with per-item scales, the exact attribute store and the Bloom index, searched by the planner of
+  :mod:`sterling.index.search` (probe → partial Bloom → fused int8 scan → exact check → float
+  rescore, widening until k results or the catalogue is exhausted);
+- **tombstones**: packed live-row words over the main segment; a deleted or replaced item's bit is
+  cleared, and the fused scan skips it like a filtered row;
+- a **fresh segment**: items upserted since the last :meth:`ItemIndex.compact`, stored the same
+  way (int8 codes, exact attributes) and searched exactly (every passing fresh item is scored);
+  its top-k merges with the main segment's.
+
+``upsert`` and ``delete`` build the next state (copy-on-write of the small parts: live words,
+fresh items) under a lock and swap the reference; ``search`` reads the reference once, so a search
+running beside an update sees the old or the new version of every item, never a torn one.
+``compact`` folds the fresh items into the main segment (nearest existing centroid; k-means again
+when the catalogue has outgrown its lists) and drops the tombstoned rows.
+
+Scores are inner products with the **stored** vectors (``codes * scale``): "exact" means exact
+with respect to them. No item failing the filter is ever returned, and with ``nprobe >= nlist``
+the result is the exact filtered top-k (up to ties).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,31 +37,18 @@ import numpy as np
 import torch
 
 from sterling.index.attributes import AttributeStore
+from sterling.index.bloom import BloomIndex
+from sterling.index.ivf import nearest
+from sterling.index.quant import Int8Codes, quantize
+from sterling.index.search import IndexConfig, Segment, auto_nlist, pack_rows
 from sterling.ops.filtered_topk import filtered_topk
 from sterling.serving.snapshot import SnapshotError, read_snapshot, write_snapshot
 
+__all__ = ["IndexConfig", "ItemIndex", "SearchResult"]
+
 _SNAPSHOT_FILE = "index"
 _SNAPSHOT_META = "item_index"
-_ATTR_PREFIX = "attr."
-
-
-@dataclass(frozen=True)
-class IndexConfig:
-    """Configuration of an :class:`ItemIndex`.
-
-    Args:
-        block_size (int): items scored at a time during search; memory is O(B * (block_size + k)).
-    """
-
-    block_size: int = 65536
-
-    def __post_init__(self) -> None:
-        if (
-            isinstance(self.block_size, bool)
-            or not isinstance(self.block_size, int)
-            or self.block_size < 1
-        ):
-            raise ValueError(f"block_size must be an int >= 1, got {self.block_size!r}")
+_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -56,40 +58,66 @@ class SearchResult:
     Args:
         ids (torch.Tensor): int64 [B, k], external item ids, -1 where fewer than k items pass.
         scores (torch.Tensor): float32 [B, k], inner products, descending, -inf where ids is -1.
+        explain (list[dict] | None): with ``search(..., explain=True)``: per distinct filter, the
+            estimated selectivity, the plan ("ivf", "scan" or "none"), the lists probed, whether
+            the Bloom plan was exact, and how many queries were widened; plus the fresh segment.
     """
 
     ids: torch.Tensor
     scores: torch.Tensor
+    explain: list[dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
+class _Fresh:
+    """Items upserted since the last compaction: row r is item ``ids[r]``."""
+
+    ids: torch.Tensor  # int64 [F]
+    codes: Int8Codes  # int8 [F, D], float32 [F]
+    attributes: AttributeStore  # F items
+
+    def vectors(self) -> torch.Tensor:
+        return self.codes.codes.float() * self.codes.scales[:, None]
+
+    def keep(self, rows: torch.Tensor) -> _Fresh:
+        return _Fresh(self.ids[rows], self.codes.take(rows), self.attributes.take(rows))
 
 
 @dataclass(frozen=True)
 class _State:
-    """One immutable version of the index: row r is item ``ids[r]``."""
+    """One immutable version of the index."""
 
-    ids: torch.Tensor  # int64 [N]
-    embeddings: torch.Tensor  # float32 [N, D]
-    attributes: AttributeStore  # N items
+    main: Segment
+    alive: torch.Tensor | None  # int64 [ceil(N / 64)] live words over main rows; None: all live
+    fresh: _Fresh
 
     @functools.cached_property
-    def _id_order(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows sorting ``ids``, the sorted ids), computed once per state."""
-        order = torch.argsort(self.ids)
-        return order, self.ids[order]
+    def live_rows(self) -> torch.Tensor:
+        """int64 [M]: the main rows not deleted."""
+        if self.alive is None:
+            return torch.arange(len(self.main))
+        bits = np.unpackbits(self.alive.numpy().view(np.uint8), bitorder="little")[: len(self.main)]
+        return torch.from_numpy(np.flatnonzero(bits))
 
-    def rows_of(self, ids: torch.Tensor) -> torch.Tensor:
-        """int64 [M]: the rows of external ``ids`` (int64 [M]); unknown ids are a ValueError."""
-        order, sorted_ids = self._id_order
-        pos = torch.searchsorted(sorted_ids, ids)
-        inside = pos < len(sorted_ids)
-        found = torch.zeros_like(inside)
-        found[inside] = sorted_ids[pos[inside]] == ids[inside]
-        if not bool(found.all()):
-            raise ValueError(f"unknown ids: {ids[~found][:10].tolist()}")
-        return order[pos]
+    def main_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """int64 [M]: the live main row of each id, -1 where it has none."""
+        rows = _find(self.main.ids, ids)
+        if self.alive is not None and len(rows):
+            safe = rows.clamp(min=0)
+            live = ((self.alive[safe >> 6] >> (safe & 63)) & 1).bool()
+            rows = torch.where(live, rows, -1)
+        return rows
+
+    def fresh_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """int64 [M]: the fresh row of each id, -1 where it has none."""
+        return _find(self.fresh.ids, ids)
+
+    def __len__(self) -> int:
+        return len(self.live_rows) + len(self.fresh.ids)
 
 
 class ItemIndex:
-    """A searchable set of N items with D-dimensional embeddings and attribute dicts.
+    """A searchable set of items with D-dimensional embeddings and attribute dicts.
 
     Build with :meth:`build` or :meth:`load`, not the constructor.
 
@@ -117,10 +145,10 @@ class ItemIndex:
         ids: torch.Tensor | np.ndarray | Sequence[int] | None = None,
         config: IndexConfig = IndexConfig(),
     ) -> ItemIndex:
-        """Builds an index.
+        """Builds an index: k-means lists, int8 codes, attribute store and Bloom index.
 
         Args:
-            embeddings (torch.Tensor | np.ndarray): float [N, D], finite; stored as float32.
+            embeddings (torch.Tensor | np.ndarray): float [N, D], finite.
             attributes (Sequence[Mapping[str, Any]]): N dicts such as
                 ``{"genre": ["Drama", "War"], "year": 1995}`` (see
                 :class:`sterling.index.attributes.AttributeStore`).
@@ -138,24 +166,28 @@ class ItemIndex:
             raise ValueError(f"got {len(ids_)} ids for {n} embeddings")
         _check_unique(ids_)
         _check_attribute_count(attributes, n)
-        return cls(_State(ids_, emb, AttributeStore.build(attributes)), config)
+        store = AttributeStore.build(attributes)
+        main = Segment.build(emb, store, ids_, config)
+        return cls(_State(main, None, _empty_fresh(main)), config)
 
     def __len__(self) -> int:
-        return len(self._state.ids)
+        return len(self._state)
 
     def nbytes(self) -> int:
-        """Bytes held by the index: ids, embeddings and the exact attribute store."""
+        """Bytes held: the main segment (codes, scales, ids, centroids, attribute store, Bloom
+        index), the live-row words and the fresh segment."""
         state = self._state
+        fresh = state.fresh
         return (
-            state.ids.element_size() * state.ids.numel()
-            + state.embeddings.element_size() * state.embeddings.numel()
-            + state.attributes.nbytes()
+            state.main.nbytes()
+            + (0 if state.alive is None else 8 * len(state.alive))
+            + 8 * len(fresh.ids) + fresh.codes.nbytes() + fresh.attributes.nbytes()
         )
 
     @property
     def dim(self) -> int:
         """D, the embedding dimension."""
-        return self._state.embeddings.shape[1]
+        return self._state.main.centroids.shape[1]
 
     @property
     def config(self) -> IndexConfig:
@@ -163,18 +195,28 @@ class ItemIndex:
 
     @property
     def ids(self) -> torch.Tensor:
-        """int64 [N]: the external ids, in row order (a copy)."""
-        return self._state.ids.clone()
+        """int64 [N]: the external ids (main segment in IVF order, then fresh items)."""
+        state = self._state
+        return torch.cat([state.main.ids[state.live_rows], state.fresh.ids])
 
     def attributes_of(self, ids: torch.Tensor | np.ndarray | Sequence[int]) -> list[dict[str, Any]]:
         """The attribute dicts of external ``ids`` (int64 [M]); unknown ids are a ValueError."""
         state = self._state
-        return state.attributes.decode(state.rows_of(_as_ids(ids, "ids")))
+        main, fresh = _locate(state, _as_ids(ids, "ids"))
+        out = []
+        for m, f in zip(main.tolist(), fresh.tolist()):
+            out += state.main.attributes.decode([m]) if m >= 0 else state.fresh.attributes.decode([f])
+        return out
 
     def embeddings_of(self, ids: torch.Tensor | np.ndarray | Sequence[int]) -> torch.Tensor:
-        """float32 [M, D]: the embeddings of external ``ids``; unknown ids are a ValueError."""
+        """float32 [M, D]: the stored (int8, dequantized) embeddings of external ``ids``; unknown
+        ids are a ValueError."""
         state = self._state
-        return state.embeddings[state.rows_of(_as_ids(ids, "ids"))]
+        main, fresh = _locate(state, _as_ids(ids, "ids"))
+        out = state.main.vectors(main.clamp(min=0))
+        if bool((fresh >= 0).any()):
+            out[fresh >= 0] = state.fresh.vectors()[fresh[fresh >= 0]]
+        return out
 
     def search(
         self,
@@ -182,17 +224,18 @@ class ItemIndex:
         k: int = 100,
         filter: str | Sequence[str | None] | None = None,
         nprobe: int | None = None,
+        explain: bool = False,
     ) -> SearchResult:
-        """Exact filtered top-k by inner product.
+        """Filtered top-k by inner product.
 
         Args:
             queries (torch.Tensor | np.ndarray): float [B, D] or [D] (then B = 1).
             k (int): results per query, k >= 1.
             filter (str | Sequence[str | None] | None): one filter expression for every query, a
-                list of B expressions (None for no filter), or None. Identical expressions are
-                evaluated once and their queries searched together.
-            nprobe (int | None): accepted for compatibility with approximate indexes and ignored:
-                this index scores every passing item.
+                list of B expressions (None for no filter), or None.
+            nprobe (int | None): IVF lists probed at least (default ``config.nprobe``); the
+                planner probes more for selective filters, and ``nprobe >= nlist`` is exact.
+            explain (bool): attach the plan of every distinct filter to the result.
 
         Returns:
             SearchResult: ids int64 [B, k] and scores float32 [B, k]; where fewer than k items
@@ -204,36 +247,21 @@ class ItemIndex:
         """
         state = self._state
         q = _as_matrix(queries, "queries", allow_vector=True)
-        if q.shape[1] != state.embeddings.shape[1]:
-            raise ValueError(
-                f"queries have dimension {q.shape[1]}, the index has {state.embeddings.shape[1]}"
-            )
-        if nprobe is not None and (
-            isinstance(nprobe, bool) or not isinstance(nprobe, int) or nprobe < 1
-        ):
+        if q.shape[1] != self.dim:
+            raise ValueError(f"queries have dimension {q.shape[1]}, the index has {self.dim}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an int >= 1, got {k!r}")
+        if nprobe is not None and (isinstance(nprobe, bool) or not isinstance(nprobe, int) or nprobe < 1):
             raise ValueError(f"nprobe must be None or an int >= 1, got {nprobe!r}")
-        b = q.shape[0]
-        parts = [
-            (
-                group,
-                filtered_topk(
-                    q[group],
-                    state.embeddings,
-                    None if expr is None else state.attributes.evaluate_filter(expr),
-                    k,
-                    block=self._config.block_size,
-                ),
-            )
-            for expr, group in _group_by_filter(filter, b).items()
-        ]
-        scores = torch.empty(b, k)  # k was validated by filtered_topk
-        rows = torch.empty(b, k, dtype=torch.int64)
-        for group, (group_scores, group_rows) in parts:
-            scores[group], rows[group] = group_scores, group_rows
-        ids = torch.full_like(rows, -1)
-        found = rows >= 0
-        ids[found] = state.ids[rows[found]]
-        return SearchResult(ids, scores)
+        filters = _filters(filter, q.shape[0])
+        scores, rows, records = state.main.search(q, filters, k, nprobe, state.alive)
+        ids = torch.where(rows >= 0, state.main.ids[rows.clamp(min=0)], -1) if len(state.main) else rows
+        if len(state.fresh.ids):
+            fresh_scores, fresh_ids = _search_fresh(state.fresh, q, filters, k)
+            scores, pick = torch.cat([scores, fresh_scores], 1).topk(k, dim=1)
+            ids = torch.cat([ids, fresh_ids], 1).gather(1, pick)
+            records.append({"fresh_items": len(state.fresh.ids), "plan": "exact"})
+        return SearchResult(ids, scores, records if explain else None)
 
     def upsert(
         self,
@@ -241,7 +269,7 @@ class ItemIndex:
         embeddings: torch.Tensor | np.ndarray,
         attributes: Sequence[Mapping[str, Any]],
     ) -> None:
-        """Inserts items, replacing those whose id already exists.
+        """Inserts items, replacing those whose id already exists; visible to the next search.
 
         Args:
             ids (torch.Tensor | np.ndarray | Sequence[int]): int64 [M], unique.
@@ -255,76 +283,105 @@ class ItemIndex:
             raise ValueError(f"got {len(new_ids)} ids for {emb.shape[0]} embeddings")
         _check_unique(new_ids)
         _check_attribute_count(attributes, len(new_ids))
+        if emb.shape[1] != self.dim:
+            raise ValueError(f"embeddings have dimension {emb.shape[1]}, the index has {self.dim}")
         with self._lock:
             state = self._state
-            if emb.shape[1] != state.embeddings.shape[1]:
-                raise ValueError(
-                    f"embeddings have dimension {emb.shape[1]}, "
-                    f"the index has {state.embeddings.shape[1]}"
-                )
-            keep = torch.nonzero(~torch.isin(state.ids, new_ids)).squeeze(1)
-            self._state = _State(
-                torch.cat([state.ids[keep], new_ids]),
-                torch.cat([state.embeddings[keep], emb]),
-                state.attributes.take(keep).append(attributes),
+            added = quantize(emb)
+            state = _without(state, new_ids)
+            fresh = state.fresh
+            fresh = _Fresh(
+                torch.cat([fresh.ids, new_ids]),
+                Int8Codes(torch.cat([fresh.codes.codes, added.codes]), torch.cat([fresh.codes.scales, added.scales])),
+                fresh.attributes.append(attributes),
             )
+            self._state = replace(state, fresh=fresh)
+            if len(fresh.ids) >= self._config.compact_at:
+                self._state = _compacted(self._state, self._config)
 
     def delete(self, ids: torch.Tensor | np.ndarray | Sequence[int]) -> int:
-        """Removes items by external id; ids not in the index are ignored.
+        """Removes items by external id, visible to the next search; unknown ids are ignored.
 
         Returns:
             int: the number of items removed.
         """
         gone = _as_ids(ids, "ids")
         with self._lock:
-            state = self._state
-            keep = torch.nonzero(~torch.isin(state.ids, gone)).squeeze(1)
-            removed = len(state.ids) - len(keep)
-            if removed:
-                self._state = _State(
-                    state.ids[keep], state.embeddings[keep], state.attributes.take(keep)
-                )
-            return removed
+            before = len(self._state)
+            self._state = _without(self._state, gone)
+            return before - len(self._state)
+
+    def compact(self) -> None:
+        """Folds the fresh items into the main segment and drops deleted rows (searches keep
+        running on the previous state meanwhile)."""
+        with self._lock:
+            self._state = _compacted(self._state, self._config)
 
     def to_snapshot_parts(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """The index as JSON metadata and named tensors, for embedding in a larger snapshot."""
         state = self._state
+        main, fresh = state.main, state.fresh
         meta = {
-            "config": dataclasses.asdict(self._config),
-            "num_items": len(state.ids),
-            "dim": state.embeddings.shape[1],
-            "attributes": state.attributes.meta(),
+            "format": _FORMAT,
+            "config": self._config.to_json(),
+            "num_items": len(main),
+            "num_fresh": len(fresh.ids),
+            "dim": self.dim,
+            "attributes": main.attributes.meta(),
+            "bloom": main.bloom.meta(),
+            "fresh_attributes": fresh.attributes.meta(),
         }
-        tensors = {"ids": state.ids, "embeddings": state.embeddings}
-        tensors.update({_ATTR_PREFIX + k: v for k, v in state.attributes.to_tensors().items()})
+        tensors = {
+            "codes": main.codes.codes, "scales": main.codes.scales, "ids": main.ids,
+            "centroids": main.centroids, "list_offsets": main.list_offsets,
+            "alive": pack_rows(torch.ones(len(main), dtype=torch.bool)) if state.alive is None else state.alive,
+            "fresh.ids": fresh.ids, "fresh.codes": fresh.codes.codes, "fresh.scales": fresh.codes.scales,
+        }
+        tensors.update({f"attr.{k}": v for k, v in main.attributes.to_tensors().items()})
+        tensors.update({f"bloom.{k}": v for k, v in main.bloom.to_tensors().items()})
+        tensors.update({f"fresh_attr.{k}": v for k, v in fresh.attributes.to_tensors().items()})
         return meta, tensors
 
     @classmethod
-    def from_snapshot_parts(
-        cls, meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
-    ) -> ItemIndex:
+    def from_snapshot_parts(cls, meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> ItemIndex:
         """Rebuilds an index from :meth:`to_snapshot_parts`, checking shapes and dtypes."""
         try:
+            if meta["format"] != _FORMAT:
+                raise ValueError(f"unsupported item index format {meta['format']!r} (this build reads {_FORMAT})")
             config = IndexConfig(**meta["config"])
-            n, d = int(meta["num_items"]), int(meta["dim"])
-            ids, emb = tensors["ids"], tensors["embeddings"]
-            attr_meta = meta["attributes"]
+            n, f, d = int(meta["num_items"]), int(meta["num_fresh"]), int(meta["dim"])
+            nlist = tensors["centroids"].shape[0]
+            _check_part(tensors, "codes", torch.int8, (n, d))
+            _check_part(tensors, "scales", torch.float32, (n,))
+            _check_part(tensors, "ids", torch.int64, (n,))
+            _check_part(tensors, "centroids", torch.float32, (nlist, d))
+            _check_part(tensors, "list_offsets", torch.int64, (nlist + 1,))
+            _check_part(tensors, "alive", torch.int64, ((n + 63) // 64,))
+            _check_part(tensors, "fresh.ids", torch.int64, (f,))
+            _check_part(tensors, "fresh.codes", torch.int8, (f, d))
+            _check_part(tensors, "fresh.scales", torch.float32, (f,))
+            offsets = tensors["list_offsets"]
+            if nlist < 1 or int(offsets[0]) != 0 or int(offsets[-1]) != n or bool((offsets.diff() < 0).any()):
+                raise ValueError(f"list_offsets must rise from 0 to {n}")
+            attributes = AttributeStore.from_parts(meta["attributes"], _prefixed(tensors, "attr."))
+            bloom = BloomIndex.from_parts(meta["bloom"], _prefixed(tensors, "bloom."))
+            fresh_attributes = AttributeStore.from_parts(meta["fresh_attributes"], _prefixed(tensors, "fresh_attr."))
         except (KeyError, TypeError) as e:
             raise ValueError(f"item index snapshot parts are malformed: {e!r}") from None
-        if ids.dtype != torch.int64 or ids.shape != (n,):
-            raise ValueError(f"ids should be int64 [{n}], got {ids.dtype} {list(ids.shape)}")
-        if emb.dtype != torch.float32 or emb.shape != (n, d):
-            raise ValueError(
-                f"embeddings should be float32 [{n}, {d}], got {emb.dtype} {list(emb.shape)}"
-            )
-        _check_unique(ids)
-        attributes = AttributeStore.from_parts(
-            attr_meta,
-            {k[len(_ATTR_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_ATTR_PREFIX)},
-        )
-        if len(attributes) != n:
-            raise ValueError(f"attributes hold {len(attributes)} items, embeddings {n}")
-        return cls(_State(ids, emb, attributes), config)
+        if len(attributes) != n or len(bloom) != n or len(fresh_attributes) != f:
+            raise ValueError("attribute store, Bloom index and codes disagree on the number of items")
+        ids = tensors["ids"]
+        fresh_ids = tensors["fresh.ids"]
+        _check_unique(torch.cat([ids, fresh_ids]))
+        main = Segment.from_sorted(Int8Codes(tensors["codes"], tensors["scales"]), ids, tensors["centroids"],
+                                   offsets, attributes, config, bloom)
+        alive = tensors["alive"]
+        full = bool((alive == pack_rows(torch.ones(n, dtype=torch.bool))).all())
+        fresh = _Fresh(fresh_ids, Int8Codes(tensors["fresh.codes"], tensors["fresh.scales"]), fresh_attributes)
+        state = _State(main, None if full else alive, fresh)
+        if not full:  # a deleted main row may not hold an id a fresh item also holds
+            _check_unique(torch.cat([main.ids[state.live_rows], fresh_ids]))
+        return cls(state, config)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Writes the index as a snapshot directory, atomically (``sterling.serving.snapshot``)."""
@@ -337,9 +394,95 @@ class ItemIndex:
         snapshot = read_snapshot(path)
         if _SNAPSHOT_META not in snapshot.meta or _SNAPSHOT_FILE not in snapshot.tensors:
             raise SnapshotError(f"snapshot {path} holds no item index")
-        return cls.from_snapshot_parts(
-            snapshot.meta[_SNAPSHOT_META], snapshot.tensors[_SNAPSHOT_FILE]
-        )
+        return cls.from_snapshot_parts(snapshot.meta[_SNAPSHOT_META], snapshot.tensors[_SNAPSHOT_FILE])
+
+
+def _empty_fresh(main: Segment) -> _Fresh:
+    d = main.centroids.shape[1]
+    none = torch.zeros(0, dtype=torch.int64)
+    return _Fresh(none, Int8Codes(torch.zeros(0, d, dtype=torch.int8), torch.zeros(0)), main.attributes.take(none))
+
+
+def _find(haystack: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """int64 [M]: the position of each of ``ids`` in ``haystack`` (distinct ids), -1 if absent."""
+    if not len(haystack):
+        return torch.full_like(ids, -1)
+    order = torch.argsort(haystack)
+    sorted_ids = haystack[order]
+    pos = torch.searchsorted(sorted_ids, ids).clamp(max=len(sorted_ids) - 1)
+    return torch.where(sorted_ids[pos] == ids, order[pos], -1)
+
+
+def _locate(state: _State, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(main row, fresh row) of each id, -1 where it is not there; unknown ids are a ValueError."""
+    main, fresh = state.main_rows(ids), state.fresh_rows(ids)
+    missing = (main < 0) & (fresh < 0)
+    if bool(missing.any()):
+        raise ValueError(f"unknown ids: {ids[missing][:10].tolist()}")
+    return main, fresh
+
+
+def _without(state: _State, ids: torch.Tensor) -> _State:
+    """The state with ``ids`` removed: main rows tombstoned, fresh rows dropped."""
+    main_rows = state.main_rows(ids)
+    main_rows = main_rows[main_rows >= 0]
+    fresh_hit = torch.isin(state.fresh.ids, ids)
+    if not len(main_rows) and not bool(fresh_hit.any()):
+        return state
+    alive = state.alive
+    if len(main_rows):
+        dead = torch.zeros(len(state.main), dtype=torch.bool)
+        dead[main_rows] = True
+        alive = (pack_rows(torch.ones(len(state.main), dtype=torch.bool)) if alive is None else alive) & ~pack_rows(dead)
+    fresh = state.fresh.keep(torch.nonzero(~fresh_hit).view(-1)) if bool(fresh_hit.any()) else state.fresh
+    return _State(state.main, alive, fresh)
+
+
+def _compacted(state: _State, config: IndexConfig) -> _State:
+    """One main segment holding every live item: live main rows and fresh items, each assigned to
+    its nearest existing centroid (k-means again when the catalogue outgrew the lists)."""
+    main, fresh, live = state.main, state.fresh, state.live_rows
+    if state.alive is None and not len(fresh.ids):
+        return state
+    codes = Int8Codes(torch.cat([main.codes.codes[live], fresh.codes.codes]),
+                      torch.cat([main.codes.scales[live], fresh.codes.scales]))
+    ids = torch.cat([main.ids[live], fresh.ids])
+    attributes = main.attributes.take(live).append(fresh.attributes.decode(range(len(fresh.ids))))
+    vectors = codes.codes.float() * codes.scales[:, None]
+    total = len(ids)
+    if config.nlist is None and auto_nlist(total) >= 2 * main.nlist:
+        return _State(Segment.build(vectors, attributes, ids, config), None, _empty_fresh(main))
+    labels = torch.cat([torch.repeat_interleave(torch.arange(main.nlist), main.list_offsets.diff())[live],
+                        nearest(vectors[len(live):], main.centroids)[0] if len(fresh.ids) else torch.zeros(0, dtype=torch.int64)])
+    order = torch.sort(labels, stable=True).indices
+    offsets = torch.zeros(main.nlist + 1, dtype=torch.int64)
+    torch.cumsum(torch.bincount(labels, minlength=main.nlist), 0, out=offsets[1:])
+    segment = Segment.from_sorted(codes.take(order), ids[order], main.centroids, offsets, attributes.take(order), config)
+    return _State(segment, None, _empty_fresh(segment))
+
+
+def _search_fresh(fresh: _Fresh, q: torch.Tensor, filters: list[str | None], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact filtered top-k over the fresh items: scores float32 [B, k], ids int64 [B, k]."""
+    b = q.shape[0]
+    scores = torch.full((b, k), float("-inf"))
+    rows = torch.full((b, k), -1, dtype=torch.int64)
+    vectors = fresh.vectors()
+    for expr in dict.fromkeys(filters):
+        group = torch.tensor([i for i, f in enumerate(filters) if f == expr])
+        mask = None if expr is None else fresh.attributes.evaluate_filter(expr)
+        scores[group], rows[group] = filtered_topk(q[group], vectors, mask, k)
+    return scores, torch.where(rows >= 0, fresh.ids[rows.clamp(min=0)], -1)
+
+
+def _prefixed(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _check_part(tensors: Mapping[str, torch.Tensor], name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    t = tensors[name]
+    if t.dtype != dtype or tuple(t.shape) != shape:
+        short = str(dtype).removeprefix("torch.")
+        raise ValueError(f"{name} should be {short} {list(shape)}, got {str(t.dtype).removeprefix('torch.')} {list(t.shape)}")
 
 
 def _as_matrix(x: Any, name: str, allow_vector: bool = False) -> torch.Tensor:
@@ -383,20 +526,16 @@ def _check_attribute_count(attributes: Sequence[Mapping[str, Any]], n: int) -> N
         raise ValueError(f"got {len(attributes)} attribute dicts for {n} embeddings")
 
 
-def _group_by_filter(
-    filter: str | Sequence[str | None] | None, b: int
-) -> dict[str | None, torch.Tensor]:
-    """Filter expression -> the query rows (int64) that use it."""
+def _filters(filter: str | Sequence[str | None] | None, b: int) -> list[str | None]:
+    """One filter expression (or None) per query."""
     if filter is None or isinstance(filter, str):
-        return {filter: torch.arange(b)}
+        return [filter] * b
     if not isinstance(filter, Sequence) or len(filter) != b:
         got = f"{len(filter)} filters" if isinstance(filter, Sequence) else type(filter).__name__
         raise ValueError(
             f"filter must be None, a str or a list of {b} str (one per query), got {got}"
         )
-    groups: dict[str | None, list[int]] = {}
     for row, expr in enumerate(filter):
         if expr is not None and not isinstance(expr, str):
             raise ValueError(f"filter {row} must be a str or None, got {type(expr).__name__}")
-        groups.setdefault(expr, []).append(row)
-    return {expr: torch.tensor(rows) for expr, rows in groups.items()}
+    return list(filter)

@@ -2,32 +2,38 @@
 verify → top-k (spec ``silvertorch.md`` §4, Algorithm 1), with a fallback the paper lacks.
 
 A :class:`Segment` holds N items *in IVF order* (items of a cluster are contiguous rows): int8 codes
-with one scale per item, centroids and list offsets, the exact attribute store and the Bloom index
-in the same row order, and a fixed random sample of the attribute rows for selectivity estimates.
-It keeps no float copy of the embeddings: the scores are inner products with the dequantized
-vectors ``codes * scale``, and "exact" below means exact with respect to those stored vectors.
+with one scale per item, the external ids, centroids and list offsets, the exact attribute store
+and the Bloom index in the same row order. It keeps no float copy of the embeddings: scores are
+inner products with the stored vectors ``codes * scale``, and "exact" below means exact with
+respect to those vectors.
 
-Per batch, queries are grouped by filter expression and each group gets a plan:
+**Planner.** Each distinct filter of a batch is parsed, compiled into a Bloom plan and given an
+estimated selectivity ``s`` (the share of a fixed random sample of rows that passes, exactly)
+once, then cached. Its queries probe ``nprobe`` lists, widened up front so that the probed lists
+are expected to hold at least ``min_candidates * k`` passing rows (``s * probes * N / nlist``);
+when that needs half the lists or more, or ``s <= scan_selectivity``, the plan is a **scan**: all
+lists, which the Bloom words make a filter-then-scan (a filtered row costs one bit test). A filter
+whose Bloom plan is constant false returns nothing without a scan.
 
-* **scan** (filter-then-scan): the filter's exact mask from the forward index, the passing rows
-  gathered and scored exactly. Chosen when the estimated share of passing items is at most
-  ``scan_selectivity`` (then a probe would find too few of them, and there are few to score), when
-  ``nprobe >= nlist`` (a full probe *is* a scan), or when the segment has a single list.
-* **ivf**: probe the ``nprobe`` nearest centroids, evaluate the Bloom plan only over the probed
-  clusters' rows (a partial mask ``[B, P, L]``), int8 scan of the surviving rows for the top
-  ``rescore_factor * k`` candidates, rescored with float queries. Unless the Bloom plan is exact,
-  the candidates are then checked against the exact attribute store (Bloom false positives are
-  dropped; NOT never drops a passing row, see :mod:`sterling.index.bloom`).
+**Scan** (:func:`sterling.ops.ivf_scan.ivf_scan`, one fused kernel per batch): for every probed
+cluster, the query's plan program over the cluster's Bloom words only (the partial mask of
+Algorithm 1), ANDed with the live rows, then int8 scores of the surviving rows into a running
+top-``rescore_factor * k``.
 
-**Selective filters never starve the result.** A query whose verified candidates number fewer than
-k is searched again with 4× the probes, and at ``nprobe >= nlist`` by an exact scan, which returns
-every passing row up to k. So no query returns fewer than ``min(k, #passing)`` results.
+**Verify and rescore.** Unless the Bloom plan is exact, the candidates are checked against the
+exact attribute store (Bloom false positives dropped; NOT never drops a passing row, see
+:mod:`sterling.index.bloom`). The survivors are rescored with the float query against the stored
+vectors, and the top k kept.
 
-``explain`` lists, per filter group, the estimate, the plan, the probes and any widening.
+**Selective filters never starve the result.** A query left with fewer than k results is searched
+again with 4× the probes, and at ``nlist`` probes every passing live row is a candidate, so no
+query returns fewer than ``min(k, #passing live rows)`` results; with ``nprobe >= nlist`` the
+result is the exact filtered top-k (up to ties).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,12 +43,14 @@ import torch
 from sterling.index.attributes import AttributeStore
 from sterling.index.bloom import BloomConfig, BloomIndex, BloomPlan
 from sterling.index.filter import FilterNode, parse
-from sterling.index.ivf import IVFLayout
+from sterling.index.ivf import IVFLayout, kmeans
 from sterling.index.quant import Int8Codes, quantize, quantize_queries
-from sterling.ops.filtered_topk import filtered_topk
-from sterling.ops.int8_scan import Kernel, int8_scan
+from sterling.ops.ivf_scan import Kernel, encode, ivf_scan
+from sterling.ops.plan_program import plan_mask
 
-__all__ = ["Segment", "SegmentConfig", "auto_nlist"]
+__all__ = ["IndexConfig", "Segment", "auto_nlist", "pack_rows"]
+
+_PLAN_CACHE_SIZE = 4096
 
 
 def auto_nlist(n: int) -> int:
@@ -50,35 +58,50 @@ def auto_nlist(n: int) -> int:
     return 1 if n < 4096 else 2 ** round(math.log2(math.sqrt(n)))
 
 
+def pack_rows(mask: torch.Tensor) -> torch.Tensor:
+    """int64 [ceil(N / 64)]: bool [N] packed 64 rows per word, row r in bit r % 64 of word r // 64."""
+    n = mask.shape[0]
+    padded = torch.zeros((n + 63) // 64 * 64, dtype=torch.int64)
+    padded[:n] = mask.to(torch.int64)
+    shifts = torch.arange(64, dtype=torch.int64)
+    return (padded.view(-1, 64) << shifts).sum(1)  # distinct bits: sum == OR (bit 63 wraps to sign)
+
+
 @dataclass(frozen=True)
-class SegmentConfig:
-    """How a segment is built and searched.
+class IndexConfig:
+    """How an index (and each of its segments) is built and searched.
 
     Args:
         nlist (int | None): IVF lists; None picks :func:`auto_nlist`.
         nprobe (int): lists probed per query by default.
         scan_selectivity (float): filters estimated to pass at most this share of items are
-            answered by an exact scan of the passing rows.
+            answered by a scan of all lists.
+        min_candidates (float): probe enough lists to expect this many passing rows per result.
         rescore_factor (int): the int8 scan keeps ``rescore_factor * k`` candidates for float
             rescoring and the exact check.
-        sample_size (int): attribute rows sampled for selectivity estimates.
+        sample_size (int): rows sampled for selectivity estimates.
         kmeans_iters (int): Lloyd iterations. seed (int): k-means and sampling seed.
         bloom (BloomConfig): Bloom index sizing.
-        kernel (Kernel): the int8 scan implementation.
+        kernel (Kernel): the filtered int8 scan implementation.
+        compact_at (int): :class:`~sterling.index.item_index.ItemIndex` folds its fresh segment
+            into the main one (:meth:`~sterling.index.item_index.ItemIndex.compact`) once it holds
+            this many items.
     """
 
     nlist: int | None = None
     nprobe: int = 32
-    scan_selectivity: float = 0.02
+    scan_selectivity: float = 0.002
+    min_candidates: float = 16.0
     rescore_factor: int = 2
     sample_size: int = 16384
     kmeans_iters: int = 10
     seed: int = 0
     bloom: BloomConfig = field(default_factory=BloomConfig)
     kernel: Kernel = Kernel.CPU
+    compact_at: int = 65536
 
     def __post_init__(self) -> None:
-        for name in ("nprobe", "rescore_factor", "sample_size", "kmeans_iters"):
+        for name in ("nprobe", "rescore_factor", "sample_size", "kmeans_iters", "compact_at"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -86,6 +109,32 @@ class SegmentConfig:
             raise ValueError(f"nlist must be None or an int >= 1, got {self.nlist!r}")
         if not 0.0 <= self.scan_selectivity <= 1.0:
             raise ValueError(f"scan_selectivity must be in [0, 1], got {self.scan_selectivity!r}")
+        if not (isinstance(self.min_candidates, (int, float)) and self.min_candidates >= 0):
+            raise ValueError(f"min_candidates must be >= 0, got {self.min_candidates!r}")
+        if isinstance(self.bloom, dict):
+            object.__setattr__(self, "bloom", BloomConfig(**self.bloom))
+        object.__setattr__(self, "kernel", Kernel(self.kernel))
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-serialisable fields (``IndexConfig(**config.to_json())`` rebuilds it)."""
+        out = dataclasses.asdict(self)
+        out["kernel"] = self.kernel.value
+        return out
+
+
+@dataclass(frozen=True)
+class _Filter:
+    """One filter expression, compiled for a segment."""
+
+    node: FilterNode
+    plan: BloomPlan
+    share: float  # estimated share of rows passing
+    bloom_share: float  # estimated share of rows the Bloom plan lets through (>= share)
+
+    def candidates_factor(self) -> float:
+        """How many Bloom candidates to keep per verified result: 1 for an exact plan, else the
+        estimated Bloom-to-exact ratio (false positives are dropped after the scan)."""
+        return 1.0 if self.plan.exact else max(1.0, self.bloom_share / max(self.share, 1e-9))
 
 
 @dataclass(frozen=True)
@@ -94,50 +143,61 @@ class Segment:
 
     Attributes:
         codes (Int8Codes): int8 [N, D] codes and float32 [N] scales, in IVF order.
+        ids (torch.Tensor): int64 [N], the external id of every row.
         centroids (torch.Tensor): float32 [nlist, D].
         list_offsets (torch.Tensor): int64 [nlist + 1]; cluster c is rows ``offsets[c]:offsets[c+1]``.
-        order (torch.Tensor): int64 [N]: segment row r holds input item ``order[r]``.
         attributes (AttributeStore): exact attributes, in IVF order.
         bloom (BloomIndex): the Bloom index, in IVF order.
-        sample (AttributeStore): ``sample_size`` random rows of ``attributes``.
-        config (SegmentConfig): how it was built.
+        sample (torch.Tensor): int64 [S], rows whose attributes estimate selectivities.
+        config (IndexConfig): how it was built.
     """
 
     codes: Int8Codes
+    ids: torch.Tensor
     centroids: torch.Tensor
     list_offsets: torch.Tensor
-    order: torch.Tensor
     attributes: AttributeStore
     bloom: BloomIndex
-    sample: AttributeStore
-    config: SegmentConfig
+    sample: torch.Tensor
+    config: IndexConfig
+    _filters: dict[str, _Filter] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
-    def build(cls, embeddings: torch.Tensor, attributes: AttributeStore, config: SegmentConfig = SegmentConfig()) -> "Segment":
-        """Cluster ``embeddings`` (float [N, D]), sort everything by cluster, quantize, index."""
+    def build(
+        cls,
+        embeddings: torch.Tensor,
+        attributes: AttributeStore,
+        ids: torch.Tensor | None = None,
+        config: IndexConfig = IndexConfig(),
+        centroids: torch.Tensor | None = None,
+    ) -> Segment:
+        """Clusters ``embeddings`` (float [N, D]; k-means unless ``centroids`` [nlist, D] are
+        given), sorts everything by cluster, quantizes, indexes. ``ids`` default to arange(N)."""
         n = embeddings.shape[0]
-        if len(attributes) != n:
-            raise ValueError(f"{n} embeddings but {len(attributes)} attribute rows")
-        nlist = min(config.nlist or auto_nlist(n), max(n, 1))
-        if nlist > 1:
-            layout = IVFLayout.build(embeddings, nlist, iters=config.kmeans_iters, seed=config.seed)
-        else:
-            centre = embeddings.mean(0, keepdim=True) if n else torch.zeros(1, embeddings.shape[1])
-            layout = IVFLayout(centre.float(), torch.arange(n), torch.tensor([0, n]))
+        ids = torch.arange(n) if ids is None else ids
+        if len(attributes) != n or len(ids) != n:
+            raise ValueError(f"{n} embeddings, {len(ids)} ids and {len(attributes)} attribute rows")
+        if centroids is None:
+            nlist = min(config.nlist or auto_nlist(n), max(n, 1))
+            if nlist > 1:
+                centroids = kmeans(embeddings, nlist, iters=config.kmeans_iters, seed=config.seed)
+            else:
+                centroids = (embeddings.mean(0, keepdim=True) if n else torch.zeros(1, embeddings.shape[1])).float()
+        layout = IVFLayout.from_centroids(centroids, embeddings) if n else IVFLayout(
+            centroids, torch.zeros(0, dtype=torch.int64), torch.zeros(len(centroids) + 1, dtype=torch.int64))
         order = layout.order
-        sorted_attributes = attributes.take(order)
+        return cls.from_sorted(quantize(embeddings[order].float(), per_item=True), ids[order], layout.centroids,
+                               layout.list_offsets, attributes.take(order), config)
+
+    @classmethod
+    def from_sorted(cls, codes: Int8Codes, ids: torch.Tensor, centroids: torch.Tensor, list_offsets: torch.Tensor,
+                    attributes: AttributeStore, config: IndexConfig, bloom: BloomIndex | None = None) -> Segment:
+        """A segment from parts already in IVF order (builds the Bloom index unless given)."""
+        n = len(codes)
         gen = torch.Generator().manual_seed(config.seed)
-        sample_rows = torch.randperm(n, generator=gen)[: config.sample_size].sort().values
-        return cls(
-            codes=quantize(embeddings[order].float(), per_item=True),
-            centroids=layout.centroids,
-            list_offsets=layout.list_offsets,
-            order=order,
-            attributes=sorted_attributes,
-            bloom=BloomIndex.build(sorted_attributes, config=config.bloom),
-            sample=sorted_attributes.take(sample_rows),
-            config=config,
-        )
+        sample = torch.randperm(n, generator=gen)[: config.sample_size].sort().values
+        return cls(codes, ids, centroids, list_offsets, attributes,
+                   bloom if bloom is not None else BloomIndex.build(attributes, config=config.bloom), sample, config)
 
     def __len__(self) -> int:
         return len(self.codes)
@@ -146,9 +206,29 @@ class Segment:
     def nlist(self) -> int:
         return self.centroids.shape[0]
 
+    def nbytes(self) -> int:
+        """Bytes held: codes, scales, ids, centroids, offsets, attribute store, Bloom index."""
+        return (self.codes.nbytes() + 8 * len(self.ids) + 4 * self.centroids.numel() + 8 * len(self.list_offsets)
+                + self.attributes.nbytes() + self.bloom.nbytes() + 8 * len(self.sample))
+
     def vectors(self, rows: torch.Tensor) -> torch.Tensor:
-        """float32 [M, D]: the stored (dequantized) vectors of segment ``rows``."""
-        return self.codes.codes[rows].float() * self.codes.scales[rows, None]
+        """float32 [*rows.shape, D]: the stored (dequantized) vectors of segment ``rows``."""
+        return self.codes.codes[rows].float() * self.codes.scales[rows].unsqueeze(-1)
+
+    def compiled(self, expr: str) -> _Filter:
+        """``expr`` parsed, compiled to a Bloom plan and its selectivity estimated (cached)."""
+        cached = self._filters.get(expr)
+        if cached is None:
+            node = parse(expr)
+            plan = self.bloom.compile(node, expr)
+            share = bloom_share = 0.0
+            if len(self.sample):
+                share = float(self.attributes.evaluate_rows(node, self.sample, expr).float().mean())
+                bloom_share = share if plan.exact else float(plan_mask(self.bloom.bits, encode([plan]), 0, self.sample).float().mean())
+            if len(self._filters) >= _PLAN_CACHE_SIZE:
+                self._filters.clear()
+            cached = self._filters[expr] = _Filter(node, plan, share, bloom_share)
+        return cached
 
     def search(
         self,
@@ -164,114 +244,94 @@ class Segment:
             queries (torch.Tensor): float32 [B, D].
             filters (list[str | None]): B expressions.
             k (int): results per query.
-            nprobe (int | None): lists probed (default ``config.nprobe``).
-            alive (torch.Tensor | None): bool [N]; rows that are False (deleted) never return.
+            nprobe (int | None): lists probed at least (default ``config.nprobe``).
+            alive (torch.Tensor | None): int64 [ceil(N / 64)] live-row words (:func:`pack_rows`);
+                rows whose bit is clear (deleted) never return.
 
         Returns:
             scores float32 [B, k] descending, segment rows int64 [B, k] (-inf / -1 past the
-            passing rows), and the explain records.
+            passing rows), and one explain record per distinct filter.
         """
-        nprobe = nprobe or self.config.nprobe
+        nprobe = min(nprobe or self.config.nprobe, self.nlist)
         b = queries.shape[0]
         scores = torch.full((b, k), float("-inf"))
         rows = torch.full((b, k), -1, dtype=torch.int64)
-        explain: list[dict[str, Any]] = []
-        groups: dict[str | None, list[int]] = {}
-        for i, expr in enumerate(filters):
-            groups.setdefault(expr, []).append(i)
-        ivf_queries: list[int] = []
-        for expr, members in groups.items():
-            node = None if expr is None else parse(expr)
-            share = 1.0 if node is None else float(self.sample.evaluate(node, expr).float().mean()) if len(self.sample) else 0.0
-            scan = nprobe >= self.nlist or share <= self.config.scan_selectivity
-            explain.append({"filter": expr, "queries": len(members), "estimated_selectivity": share,
-                            "plan": "scan" if scan else "ivf", "nprobe": None if scan else nprobe})
-            if scan:
+        compiled = {expr: None if expr is None else self.compiled(expr) for expr in dict.fromkeys(filters)}
+        probes_of: dict[str | None, int] = {}
+        explain = []
+        for expr, flt in compiled.items():
+            share = 1.0 if flt is None else flt.share
+            constant = None if flt is None else flt.plan.constant
+            probes = 0 if len(self) == 0 or constant is False else self._probes(share, nprobe, k)
+            probes_of[expr] = probes
+            explain.append({
+                "filter": expr, "queries": filters.count(expr), "estimated_selectivity": share,
+                "plan": "none" if probes == 0 else "scan" if probes >= self.nlist else "ivf",
+                "nprobe": probes, "bloom_exact": True if flt is None else flt.plan.exact, "widened_queries": 0,
+            })
+        widened: dict[int, int] = {}
+        current = {i: probes_of[f] for i, f in enumerate(filters) if probes_of[f] > 0}
+        while current:
+            short: list[int] = []
+            for probes in sorted(set(current.values())):
+                members = [i for i, p in current.items() if p == probes]
                 idx = torch.tensor(members)
-                scores[idx], rows[idx] = self._scan(queries[idx], node, expr, k, alive)
-            else:
-                ivf_queries += members
-        if ivf_queries:
-            idx = torch.tensor(ivf_queries)
-            s, r, widened = self._ivf(queries[idx], [filters[i] for i in ivf_queries], k, nprobe, alive)
-            scores[idx], rows[idx] = s, r
-            for record in explain:
-                if record["plan"] == "ivf":
-                    record["widened_queries"] = sum(
-                        1 for j, i in enumerate(ivf_queries) if filters[i] == record["filter"] and widened.get(j)
-                    )
+                s, r = self._search(queries[idx], [filters[i] for i in members], compiled, k, probes, alive)
+                scores[idx], rows[idx] = s, r
+                if probes < self.nlist:
+                    short += [m for m, few in zip(members, ((r >= 0).sum(1) < k).tolist()) if few]
+            for i in short:
+                widened[i] = widened.get(i, 0) + 1
+            current = {i: min(self.nlist, 4 * current[i]) for i in short}
+        for record in explain:
+            record["widened_queries"] = sum(1 for i in widened if filters[i] == record["filter"])
         return scores, rows, explain
 
-    def _scan(self, q: torch.Tensor, node: FilterNode | None, expr: str | None, k: int, alive: torch.Tensor | None):
-        mask = None if node is None else self.attributes.evaluate(node, expr)
-        if alive is not None:
-            mask = alive if mask is None else mask & alive
-        passing = torch.arange(len(self)) if mask is None else torch.nonzero(mask).view(-1)
-        if len(passing) == 0:
-            return torch.full((q.shape[0], k), float("-inf")), torch.full((q.shape[0], k), -1, dtype=torch.int64)
-        s, local = filtered_topk(q, self.vectors(passing), None, k)
-        return s, torch.where(local >= 0, passing[local.clamp(min=0)], -1)
+    def _probes(self, share: float, nprobe: int, k: int) -> int:
+        """Lists to probe for a filter passing ``share`` of the rows (``nlist``: a scan)."""
+        if share <= self.config.scan_selectivity:
+            return self.nlist
+        per_list = share * len(self) / self.nlist
+        needed = math.ceil(self.config.min_candidates * k / per_list)
+        probes = max(nprobe, needed)
+        return self.nlist if 2 * probes >= self.nlist else probes
 
-    def _ivf(self, q: torch.Tensor, filters: list[str | None], k: int, nprobe: int, alive: torch.Tensor | None):
-        """Algorithm 1 for queries [B, D]; returns scores, rows and {query: times widened}."""
+    def _search(self, q: torch.Tensor, filters: list[str | None], compiled: dict[str | None, _Filter | None],
+                k: int, probes: int, alive: torch.Tensor | None, k0: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One fused scan at ``probes`` lists (nlist: all) for ``k0`` candidates, exact check,
+        float rescore, top-k. Queries whose Bloom false positives left fewer than k verified
+        candidates (while more rows may pass) are scanned again for 4× the candidates."""
         b = q.shape[0]
-        plans = {expr: (None if expr is None else self.bloom.compile(parse(expr), expr)) for expr in set(filters)}
-        probes = self._probe(q, nprobe)                                              # [B, P]
-        starts = self.list_offsets[probes]                                           # [B, P]
-        lengths = self.list_offsets[probes + 1] - starts                             # [B, P]
-        width = int(lengths.max()) if lengths.numel() else 0
-        slot = torch.arange(width)                                                   # [L]
-        inside = slot < lengths[..., None]                                           # [B, P, L]
-        slot_rows = (starts[..., None] + slot).clamp(max=max(len(self) - 1, 0))      # [B, P, L]
-        mask = inside.clone()
-        for i, expr in enumerate(filters):
-            plan = plans[expr]
-            if plan is not None:
-                ranges = torch.stack([starts[i], starts[i] + lengths[i]], dim=1)
-                mask[i][inside[i]] = self.bloom.mask(plan, ranges)
-        if alive is not None:
-            mask &= alive[slot_rows]
-        k0 = self.config.rescore_factor * k
+        used = [e for e in dict.fromkeys(filters) if e is not None and compiled[e].plan.constant is not True]
+        slot = {e: i for i, e in enumerate(used)}
+        program = encode([compiled[e].plan for e in used])
+        plan_of = torch.tensor([slot.get(e, -1) for e in filters], dtype=torch.int64)
+        if probes >= self.nlist:
+            probe_ids = torch.arange(self.nlist).expand(b, -1).contiguous()
+        else:
+            probe_ids = torch.topk(q @ self.centroids.T, probes, dim=1).indices
+        factor = max([compiled[e].candidates_factor() for e in dict.fromkeys(filters) if e is not None] + [1.0])
+        k0 = min(k0 or math.ceil(self.config.rescore_factor * k * factor), max(len(self), k))  # never above N
         qc = quantize_queries(q)
-        _, cand = int8_scan(qc.codes, qc.scales, self.codes.codes, self.codes.scales, self.list_offsets,
-                            probes, k0, mask, kernel=self.config.kernel)               # [B, k0]
+        _, cand = ivf_scan(qc.codes, qc.scales, self.codes.codes, self.codes.scales, self.list_offsets, probe_ids,
+                           k0, self.bloom.bits, program, plan_of, alive, kernel=self.config.kernel)   # [B, k0]
         valid = cand >= 0
-        exact = torch.tensor([plans[f] is None or plans[f].exact for f in filters])
-        valid &= self._verify(cand, valid, filters, exact)
-        cand_scores = torch.einsum("bkd,bd->bk", self.vectors(cand.clamp(min=0)), q)
-        cand_scores = cand_scores.masked_fill(~valid, float("-inf"))
+        for expr in dict.fromkeys(filters):
+            if expr is not None and not compiled[expr].plan.exact:
+                members = torch.tensor([i for i, f in enumerate(filters) if f == expr])
+                sub, ok = cand[members], valid[members]
+                passed = self.attributes.evaluate_rows(compiled[expr].node, sub[ok], expr)
+                ok[ok.clone()] = passed
+                valid[members] = ok
+        cand_scores = torch.einsum("bkd,bd->bk", self.vectors(cand.clamp(min=0)), q).masked_fill_(~valid, float("-inf"))
         top = torch.topk(cand_scores, min(k, k0), dim=1)
         scores = torch.full((b, k), float("-inf"))
         rows = torch.full((b, k), -1, dtype=torch.int64)
         scores[:, : top.values.shape[1]] = top.values
         rows[:, : top.values.shape[1]] = torch.where(torch.isfinite(top.values), cand.gather(1, top.indices), -1)
-        short = torch.nonzero((rows >= 0).sum(1) < k).view(-1).tolist()
-        widened: dict[int, int] = {}
-        if short:
-            idx = torch.tensor(short)
-            wider = [filters[i] for i in short]
-            if nprobe * 4 >= self.nlist:
-                for i, expr in zip(short, wider):
-                    s, r = self._scan(q[i : i + 1], None if expr is None else parse(expr), expr, k, alive)
-                    scores[i], rows[i] = s[0], r[0]
-                    widened[i] = 1
-            else:
-                s, r, again = self._ivf(q[idx], wider, k, nprobe * 4, alive)
-                scores[idx], rows[idx] = s, r
-                widened.update({i: 1 + again.get(j, 0) for j, i in enumerate(short)})
-        return scores, rows, widened
-
-    def _probe(self, q: torch.Tensor, nprobe: int) -> torch.Tensor:
-        """int64 [B, P]: the ``nprobe`` centroids of highest inner product with each query."""
-        return torch.topk(q @ self.centroids.T, min(nprobe, self.nlist), dim=1).indices
-
-    def _verify(self, cand: torch.Tensor, valid: torch.Tensor, filters: list[str | None], exact: torch.Tensor) -> torch.Tensor:
-        """bool [B, k0]: candidates that pass their query's filter exactly (Bloom-exact plans and
-        unfiltered queries pass as they are)."""
-        ok = torch.ones_like(valid)
-        for i in torch.nonzero(~exact).view(-1).tolist():
-            rows = cand[i][valid[i]]
-            if len(rows):
-                passed = self.attributes.take(rows).evaluate(parse(filters[i]), filters[i])
-                ok[i][valid[i]] = passed
-        return ok
+        starved = torch.nonzero((valid.sum(1) < k) & (cand[:, -1] >= 0)).view(-1)
+        if len(starved) and k0 < len(self):
+            again = starved.tolist()
+            scores[starved], rows[starved] = self._search(q[starved], [filters[i] for i in again], compiled, k, probes,
+                                                          alive, 4 * k0)
+        return scores, rows

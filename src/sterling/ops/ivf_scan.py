@@ -1,0 +1,115 @@
+"""Filtered int8 IVF scan dispatcher: validates once, then routes to a kernel.
+
+The fused steps 2-4 of SilverTorch's Algorithm 1 (silvertorch.md §3.3, §4): for each query, the
+rows of its probed clusters (items stored cluster-sorted as int8 codes), the Bloom mask evaluated
+**only over those rows** by the query's plan program (:mod:`sterling.ops.plan_program`), the live
+rows (tombstones cleared), int8 scores of the surviving rows, and one global top-k.
+
+Kernels: ``Kernel.REFERENCE`` (:mod:`sterling.ops.reference.ivf_scan`, pure PyTorch, the oracle)
+and ``Kernel.CPU`` (:mod:`sterling.ops.cpu.ivf_scan`, numba, fused, threaded).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sterling.ops.cpu import ivf_scan as cpu
+from sterling.ops.kernel import Kernel, select
+from sterling.ops.plan_program import PlanProgram, encode
+from sterling.ops.reference import ivf_scan as reference
+
+__all__ = ["Kernel", "PlanProgram", "encode", "ivf_scan"]
+
+_KERNELS = {Kernel.REFERENCE: reference.ivf_scan, Kernel.CPU: cpu.ivf_scan}
+
+
+def _desc(t: torch.Tensor) -> str:
+    return f"{t.dtype} {list(t.shape)}"
+
+
+def ivf_scan(
+    query_codes: torch.Tensor,
+    query_scales: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    list_offsets: torch.Tensor,
+    probes: torch.Tensor,
+    k: int,
+    bits: torch.Tensor | None = None,
+    program: PlanProgram | None = None,
+    plan_of: torch.Tensor | None = None,
+    alive: torch.Tensor | None = None,
+    kernel: Kernel = Kernel.CPU,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k rows of each query's probed clusters that pass its Bloom plan, by int8 score.
+
+    Score of sorted row r for query b: ``(float32(dot_int32(query_codes[b], codes[r])) *
+    scales[r]) * query_scales[b]`` in float32: the inner product of the dequantized vectors.
+
+    Args:
+        query_codes (torch.Tensor): int8 [B, D], quantized queries.
+        query_scales (torch.Tensor): float32 [B].
+        codes (torch.Tensor): int8 [N, D], cluster-sorted item codes.
+        scales (torch.Tensor): float32 [N], one scale per item.
+        list_offsets (torch.Tensor): int64 [nlist + 1], cluster c is rows ``[offsets[c], offsets[c+1])``.
+        probes (torch.Tensor): int64 [B, P], distinct clusters per query; -1 marks an unused slot.
+        k (int): results per query, >= 1 (no upper cap).
+        bits (torch.Tensor | None): int64 [R, W], the Bloom bits in the same row order, W =
+            ceil(N / 64), row r in bit ``r % 64`` of word ``r // 64``.
+        program (PlanProgram | None): G plans over ``bits``.
+        plan_of (torch.Tensor | None): int64 [B], the plan of each query, -1 for no filter.
+        alive (torch.Tensor | None): int64 [W], live-row words (a cleared bit: deleted row).
+        kernel (Kernel): the implementation.
+
+    Returns:
+        tuple[torch.Tensor, torch.Tensor]: scores float32 [B, k], descending, and sorted rows
+        int64 [B, k]; where fewer than k rows pass, the tail holds -inf and -1.
+    """
+    b, n = _validate(query_codes, query_scales, codes, scales, list_offsets, probes, k)
+    words = (n + 63) // 64
+    if program is None:
+        program = encode([])
+        plan_of = torch.full((b,), -1, dtype=torch.int64)
+        bits = torch.zeros(0, words, dtype=torch.int64)
+    elif bits is None or plan_of is None:
+        raise ValueError("a program needs bits and plan_of")
+    if bits.dtype != torch.int64 or bits.dim() != 2 or bits.shape[1] != words:
+        raise ValueError(f"bits must be int64 [R, W={words}], got {_desc(bits)}")
+    program.validate(bits.shape[0])
+    if plan_of.dtype != torch.int64 or plan_of.shape != (b,):
+        raise ValueError(f"plan_of must be int64 [B={b}], got {_desc(plan_of)}")
+    if b and (int(plan_of.min()) < -1 or int(plan_of.max()) >= len(program)):
+        raise ValueError(f"plan_of must lie in [-1, {len(program)})")
+    if alive is not None and (alive.dtype != torch.int64 or alive.shape != (words,)):
+        raise ValueError(f"alive must be int64 [W={words}], got {_desc(alive)}")
+    return select("ivf_scan", _KERNELS, kernel)(
+        query_codes, query_scales, codes, scales, list_offsets, probes, k, bits, program, plan_of, alive
+    )
+
+
+def _validate(query_codes, query_scales, codes, scales, list_offsets, probes, k) -> tuple[int, int]:
+    if query_codes.dtype != torch.int8 or query_codes.dim() != 2:
+        raise ValueError(f"query_codes must be int8 [B, D], got {_desc(query_codes)}")
+    if codes.dtype != torch.int8 or codes.dim() != 2 or codes.shape[1] != query_codes.shape[1]:
+        raise ValueError(f"codes must be int8 [N, D={query_codes.shape[1]}], got {_desc(codes)}")
+    b, n = query_codes.shape[0], codes.shape[0]
+    if query_scales.dtype != torch.float32 or query_scales.shape != (b,):
+        raise ValueError(f"query_scales must be float32 [B={b}], got {_desc(query_scales)}")
+    if scales.dtype != torch.float32 or scales.shape != (n,):
+        raise ValueError(f"scales must be float32 [N={n}], got {_desc(scales)}")
+    if list_offsets.dtype != torch.int64 or list_offsets.dim() != 1 or len(list_offsets) < 2:
+        raise ValueError(f"list_offsets must be int64 [nlist + 1], got {_desc(list_offsets)}")
+    if int(list_offsets[0]) != 0 or int(list_offsets[-1]) != n or bool((list_offsets.diff() < 0).any()):
+        raise ValueError(f"list_offsets must rise from 0 to N={n}")
+    nlist = len(list_offsets) - 1
+    if probes.dtype != torch.int64 or probes.dim() != 2 or probes.shape[0] != b:
+        raise ValueError(f"probes must be int64 [B={b}, P], got {_desc(probes)}")
+    if probes.numel():
+        if int(probes.min()) < -1 or int(probes.max()) >= nlist:
+            raise ValueError(f"probes must lie in [-1, nlist={nlist})")
+        srt = probes.sort(dim=1).values
+        if bool(((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any()):
+            raise ValueError("probes must not repeat a cluster within a query")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    return b, n

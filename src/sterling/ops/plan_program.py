@@ -1,0 +1,146 @@
+"""Bloom filter plans as flat integer programs, the form every kernel of the filtered scan reads.
+
+A :class:`~sterling.index.bloom.BloomPlan` is a postfix program over Bloom bit rows. For kernels,
+G plans are concatenated into three tensors (:class:`PlanProgram`):
+
+- ``ops`` int64 [T, 3]: one ``(code, a, b)`` per instruction;
+- ``rows`` int64 [A]: Bloom bit rows read by the leaves;
+- ``starts`` int64 [G + 1]: plan ``g`` is ``ops[starts[g]:starts[g + 1]]``.
+
+Instructions push one word (64 items) each onto a stack:
+
+==========  ===================================================================
+``TRUE``    all ones                      ``FALSE``  all zeros
+``ALL``     AND of bit rows ``rows[a:b]``  ``ANY``    their OR     ``NONE``  NOT of their OR
+``AND``     pops ``a`` words, pushes their AND            ``OR``  the same with OR
+==========  ===================================================================
+
+After a plan's last instruction the stack holds exactly one word: the items that may pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+TRUE, FALSE, ALL, ANY, NONE, AND, OR = range(7)
+_CODES = {"true": TRUE, "false": FALSE, "all": ALL, "any": ANY, "none": NONE, "and": AND, "or": OR}
+
+__all__ = ["ALL", "AND", "ANY", "FALSE", "NONE", "OR", "TRUE", "PlanProgram", "bit_of", "encode", "plan_mask"]
+
+
+class _Plan(Protocol):
+    program: tuple[tuple[str, Any], ...]
+    rows: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PlanProgram:
+    """G filter plans as one flat program (see the module docstring).
+
+    Args:
+        ops (torch.Tensor): int64 [T, 3].
+        rows (torch.Tensor): int64 [A].
+        starts (torch.Tensor): int64 [G + 1].
+        depth (int): the deepest stack any plan needs (>= 1 when G > 0).
+    """
+
+    ops: torch.Tensor
+    rows: torch.Tensor
+    starts: torch.Tensor
+    depth: int
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def validate(self, num_bit_rows: int) -> None:
+        """Raises ValueError unless the program is well formed for ``num_bit_rows`` Bloom rows."""
+        if self.ops.dtype != torch.int64 or self.ops.dim() != 2 or self.ops.shape[1] != 3:
+            raise ValueError(f"program ops must be int64 [T, 3], got {self.ops.dtype} {list(self.ops.shape)}")
+        for name in ("rows", "starts"):
+            t = getattr(self, name)
+            if t.dtype != torch.int64 or t.dim() != 1:
+                raise ValueError(f"program {name} must be int64 [*], got {t.dtype} {list(t.shape)}")
+        if len(self.starts) < 1 or int(self.starts[0]) != 0 or int(self.starts[-1]) != len(self.ops):
+            raise ValueError("program starts must run from 0 to the number of ops")
+        if bool((self.starts.diff() < 1).any()):
+            raise ValueError("every plan needs at least one op")
+        if len(self.rows) and (int(self.rows.min()) < 0 or int(self.rows.max()) >= num_bit_rows):
+            raise ValueError(f"program rows must lie in [0, {num_bit_rows})")
+        bounds = self.starts.tolist()
+        ops = self.ops.tolist()
+        for g in range(len(self)):
+            height = 0
+            for code, a, b in ops[bounds[g] : bounds[g + 1]]:
+                if code in (ALL, ANY, NONE) and not 0 <= a < b <= len(self.rows):
+                    raise ValueError(f"plan {g}: leaf reads rows[{a}:{b}] of {len(self.rows)}")
+                if code in (AND, OR) and not 1 <= a <= height:
+                    raise ValueError(f"plan {g}: combines {a} of {height} stacked words")
+                if not TRUE <= code <= OR:
+                    raise ValueError(f"plan {g}: unknown op code {code}")
+                height = height - a + 1 if code in (AND, OR) else height + 1
+                if height > self.depth:
+                    raise ValueError(f"plan {g} needs a stack deeper than depth={self.depth}")
+            if height != 1:
+                raise ValueError(f"plan {g} leaves {height} words on the stack, not 1")
+
+
+def encode(plans: Sequence[_Plan]) -> PlanProgram:
+    """Concatenates Bloom plans (``program`` of ``(op, arg)`` over local indexes into
+    ``plan.rows``) into one :class:`PlanProgram`."""
+    ops: list[tuple[int, int, int]] = []
+    rows: list[int] = []
+    starts = [0]
+    depth = 1
+    for plan in plans:
+        height = 0
+        for op, arg in plan.program:
+            code = _CODES[op]
+            if code in (ALL, ANY, NONE):
+                ops.append((code, len(rows), len(rows) + len(arg)))
+                rows.extend(plan.rows[i] for i in arg)
+            elif code in (AND, OR):
+                ops.append((code, int(arg), 0))
+            else:
+                ops.append((code, 0, 0))
+            height = height - int(arg) + 1 if code in (AND, OR) else height + 1
+            depth = max(depth, height)
+        starts.append(len(ops))
+    return PlanProgram(
+        torch.tensor(ops, dtype=torch.int64).reshape(-1, 3),
+        torch.tensor(rows, dtype=torch.int64),
+        torch.tensor(starts, dtype=torch.int64),
+        depth,
+    )
+
+
+def bit_of(words: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """bool [M]: bit ``rows & 63`` of ``words[rows >> 6]`` (words int64 [W], rows int64 [M])."""
+    return ((words[rows >> 6] >> (rows & 63)) & 1).bool()
+
+
+def plan_mask(bits: torch.Tensor, program: PlanProgram, plan: int, rows: torch.Tensor) -> torch.Tensor:
+    """bool [M]: plan ``plan`` of ``program`` evaluated on the Bloom ``bits`` (int64 [R, W]) of
+    ``rows`` (int64 [M])."""
+    stack: list[torch.Tensor] = []
+    start, stop = int(program.starts[plan]), int(program.starts[plan + 1])
+    for code, a, b in program.ops[start:stop].tolist():
+        if code in (TRUE, FALSE):
+            stack.append(torch.full(rows.shape, code == TRUE))
+        elif code in (ALL, ANY, NONE):
+            leaves = [bit_of(bits[r], rows) for r in program.rows[a:b].tolist()]
+            acc = leaves[0]
+            for leaf in leaves[1:]:
+                acc = acc & leaf if code == ALL else acc | leaf
+            stack.append(~acc if code == NONE else acc)
+        else:
+            parts, stack = stack[-a:], stack[:-a]
+            acc = parts[0]
+            for part in parts[1:]:
+                acc = acc & part if code == AND else acc | part
+            stack.append(acc)
+    (out,) = stack
+    return out
