@@ -25,6 +25,7 @@ configs = st.builds(
     dedicated_min_freq=st.sampled_from([0.0, 0.05, 0.3]),
     numeric_buckets=st.sampled_from([1, 2, 3, 16]),
     seed=st.integers(0, 3),
+    min_hashed_width=st.sampled_from([1, 64]),
 )
 
 
@@ -95,7 +96,7 @@ def test_naive_not_would_drop_items_but_plan_does_not() -> None:
     # A one-bit hashed region: every hashed term collides with every other, so a plain
     # "NOT of the Bloom test" would drop every item; the plan keeps them (unknown = all ones).
     catalogue = [{"tag": [f"t{i}"]} for i in range(10)] + [{"tag": ["rare"]}]
-    config = BloomConfig(num_hashes=1, bits_per_term=1.0, dedicated_bits=0, width_quantile=0.0)
+    config = BloomConfig(num_hashes=1, bits_per_term=1.0, dedicated_bits=0, width_quantile=0.0, min_hashed_width=1)
     index = BloomIndex.build(AttributeStore.build(catalogue), config=config)
     assert index.layout()["hashed"] == 1
     positive = index.compile("tag:rare")

@@ -29,9 +29,9 @@ def cases(draw):
         nprobe=draw(st.integers(1, 3)),
         scan_selectivity=draw(st.sampled_from([0.0, 0.05, 0.3])),
         min_candidates=draw(st.sampled_from([0.0, 16.0])),
-        rescore_factor=draw(st.integers(1, 3)),
         sample_size=draw(st.sampled_from([4, 64])),
-        bloom=BloomConfig(dedicated_bits=draw(st.sampled_from([0, 2, 64])), bits_per_term=draw(st.sampled_from([1.0, 10.0]))),
+        bloom=BloomConfig(dedicated_bits=draw(st.sampled_from([0, 2, 64])), bits_per_term=draw(st.sampled_from([1.0, 10.0])),
+                           min_hashed_width=draw(st.sampled_from([1, 64]))),
         kernel=draw(st.sampled_from([Kernel.REFERENCE, Kernel.CPU])),
     )
     kinds = schema(catalogue)

@@ -1,5 +1,5 @@
-"""The fused filtered int8 IVF scan: every kernel equals the pure-PyTorch reference, and the
-reference equals a brute force written from the definition."""
+"""The fused filtered int8 IVF scan: every kernel equals a brute force written from the definition
+(scores to float32 rounding, ids up to ties)."""
 
 from __future__ import annotations
 
@@ -68,8 +68,7 @@ def problems(draw):
     plan_of = torch.randint(-1, len(program), (b,), generator=gen)
     alive = pack_rows(torch.rand(n, generator=gen) < 0.8) if draw(st.booleans()) else None
     return dict(
-        query_codes=torch.randint(-127, 128, (b, d), generator=gen, dtype=torch.int8),
-        query_scales=torch.rand(b, generator=gen) + 0.01,
+        queries=torch.randn(b, d, generator=gen),
         codes=torch.randint(-127, 128, (n, d), generator=gen, dtype=torch.int8),
         scales=torch.rand(n, generator=gen) + 0.01,
         list_offsets=offsets,
@@ -85,7 +84,7 @@ def problems(draw):
 def brute_force(p: dict) -> list[dict[int, float]]:
     """Per query: {row: score} of every probed, live row passing its plan (from the definition)."""
     out = []
-    for b in range(p["query_codes"].shape[0]):
+    for b in range(p["queries"].shape[0]):
         found = {}
         for c in p["probes"][b].tolist():
             if c < 0:
@@ -97,20 +96,27 @@ def brute_force(p: dict) -> list[dict[int, float]]:
                     continue
                 if p["alive"] is not None and not bool(bit_of(p["alive"], rows)[0]):
                     continue
-                dot = int((p["codes"][r].int() * p["query_codes"][b].int()).sum())
-                found[r] = float(torch.tensor(float(dot)) * p["scales"][r] * p["query_scales"][b])
+                dot = float(p["codes"][r].double() @ p["queries"][b].double())
+                found[r] = dot * float(p["scales"][r])
         out.append(found)
     return out
 
 
 def check_top_k(scores: torch.Tensor, rows: torch.Tensor, truth: list[dict[int, float]], k: int) -> None:
+    """Count, padding, distinct rows, each row's score, descending order, and no better row left out
+    (float32 rounding aside)."""
     for b, found in enumerate(truth):
         want = sorted(found.values(), reverse=True)[:k]
         count = len(want)
-        assert scores[b, :count].tolist() == want  # bit for bit
         assert torch.isneginf(scores[b, count:]).all() and (rows[b, count:] == -1).all()
         got = rows[b, :count].tolist()
-        assert len(set(got)) == count and all(found[r] == s for r, s in zip(got, want))
+        assert len(set(got)) == count and all(r in found for r in got)
+        tol = 1e-4 * (1 + max((abs(v) for v in found.values()), default=0))
+        for r, s in zip(got, scores[b, :count].tolist()):
+            assert abs(found[r] - s) <= tol
+        assert (scores[b, :count].diff() <= tol).all()
+        if count:
+            assert min(found[r] for r in got) >= want[-1] - 2 * tol
 
 
 @settings(max_examples=60, deadline=None)
@@ -119,7 +125,7 @@ def test_kernels_equal_brute_force(p: dict) -> None:
     truth = brute_force(p)
     for kernel in (Kernel.REFERENCE, Kernel.CPU):
         scores, rows = ivf_scan(**p, kernel=kernel)
-        assert scores.shape == rows.shape == (p["query_codes"].shape[0], p["k"])
+        assert scores.shape == rows.shape == (p["queries"].shape[0], p["k"])
         check_top_k(scores, rows, truth, p["k"])
 
 
@@ -135,8 +141,7 @@ def test_bloom_plans_run_in_the_kernel() -> None:
     program = encode([bloom.compile(e) for e in exprs])
     b = 10
     p = dict(
-        query_codes=torch.randint(-127, 128, (b, d), generator=gen, dtype=torch.int8),
-        query_scales=torch.rand(b, generator=gen) + 0.1,
+        queries=torch.randn(b, d, generator=gen),
         codes=torch.randint(-127, 128, (n, d), generator=gen, dtype=torch.int8),
         scales=torch.rand(n, generator=gen) + 0.1,
         list_offsets=torch.tensor([0, 500, 1200, 1201, 1201, 3000]),
@@ -154,10 +159,10 @@ def test_bloom_plans_run_in_the_kernel() -> None:
 
 def test_large_k_and_empty_inputs() -> None:
     codes = torch.randint(-127, 128, (100, 8), dtype=torch.int8)
-    args = (torch.ones(2, 8, dtype=torch.int8), torch.ones(2), codes, torch.ones(100), torch.tensor([0, 40, 100]))
+    args = (torch.ones(2, 8), codes, torch.ones(100), torch.tensor([0, 40, 100]))
     scores, rows = ivf_scan(*args, torch.tensor([[0, 1], [1, -1]]), 10_000)
     assert (rows[0] >= 0).sum() == 100 and (rows[1] >= 0).sum() == 60
-    scores, rows = ivf_scan(torch.ones(0, 8, dtype=torch.int8), torch.ones(0), codes, torch.ones(100),
+    scores, rows = ivf_scan(torch.ones(0, 8), codes, torch.ones(100),
                             torch.tensor([0, 100]), torch.zeros(0, 1, dtype=torch.int64), 5)
     assert scores.shape == (0, 5)
 
@@ -165,7 +170,8 @@ def test_large_k_and_empty_inputs() -> None:
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(query_codes=torch.ones(2, 8)), "query_codes must be int8"),
+        (dict(queries=torch.ones(2, 8, dtype=torch.float64)), "queries must be float32"),
+        (dict(queries=torch.full((2, 8), float("nan"))), "queries contain NaN"),
         (dict(codes=torch.ones(10, 4, dtype=torch.int8)), "codes must be int8 \\[N, D=8\\]"),
         (dict(scales=torch.ones(1)), "scales must be float32 \\[N=10\\]"),
         (dict(list_offsets=torch.tensor([0, 5])), "list_offsets must rise from 0 to N=10"),
@@ -179,8 +185,7 @@ def test_large_k_and_empty_inputs() -> None:
 )
 def test_validation(change: dict, message: str) -> None:
     p = dict(
-        query_codes=torch.ones(2, 8, dtype=torch.int8), query_scales=torch.ones(2),
-        codes=torch.ones(10, 8, dtype=torch.int8), scales=torch.ones(10), list_offsets=torch.tensor([0, 4, 10]),
+        queries=torch.ones(2, 8), codes=torch.ones(10, 8, dtype=torch.int8), scales=torch.ones(10), list_offsets=torch.tensor([0, 4, 10]),
         probes=torch.tensor([[0, 1], [1, -1]]), k=3, bits=torch.zeros(1, 1, dtype=torch.int64),
         program=PlanProgram(torch.tensor([[ANY, 0, 1]]), torch.tensor([0]), torch.tensor([0, 1]), 1),
         plan_of=torch.tensor([0, -1]), alive=None,

@@ -36,8 +36,13 @@ The three kinds of bit:
   tests the AND of its positions: a superset (a Bloom false positive is a collision).
 
 **Width: global, not per bundle.** The official code sizes each 2,048-item bundle from its largest
-item. We use one width for all items, ``M = ceil(bits_per_term * q)`` where ``q`` is the
-``width_quantile`` (0.99) of the number of hashed terms per item. Reasons: the IVF order groups
+item. We use one width for all items, ``M = max(ceil(bits_per_term * q), min_hashed_width)`` where
+``q`` is the ``width_quantile`` (0.99) of the number of hashed terms per item. The floor (64 bits,
+8 bytes per item) matters when items hold few hashed terms: sized from the term count alone, one
+hashed term per item gives M = 10, whose false-positive rate (about 1% on average, and several
+times that for values whose few positions collide with a frequent value's) is as large as the
+selectivity of the 1% values being hashed, doubling the candidates a search must verify; at 64
+bits it is about 1e-6. Reading a term costs ``num_hashes`` bit rows whatever the width. Reasons: the IVF order groups
 items by embedding, not by term count, so per-bundle maxima sit near the global tail anyway; one
 width means a term has the same positions in every block, so a probed range is a plain slice of
 ``num_hashes`` bit rows (no per-block modulo or gather); sizing from a quantile, not the maximum,
@@ -134,6 +139,7 @@ class BloomConfig:
         num_hashes (int): positions set (and tested) per hashed term, k.
         bits_per_term (float): hashed-region bits per hashed term of a typical item.
         width_quantile (float): the quantile of hashed terms per item the width is sized for.
+        min_hashed_width (int): the hashed region is at least this wide (when anything is hashed).
         dedicated_bits (int): at most this many frequent categorical values get their own bit.
         dedicated_min_freq (float): a value needs at least this fraction of items to get one.
         numeric_buckets (int): at most this many range buckets (bits) per numeric feature.
@@ -143,13 +149,14 @@ class BloomConfig:
     num_hashes: int = 5
     bits_per_term: float = 10.0
     width_quantile: float = 0.99
+    min_hashed_width: int = 64
     dedicated_bits: int = 64
     dedicated_min_freq: float = 0.02
     numeric_buckets: int = 16
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name, low in (("num_hashes", 1), ("dedicated_bits", 0), ("numeric_buckets", 1)):
+        for name, low in (("num_hashes", 1), ("dedicated_bits", 0), ("numeric_buckets", 1), ("min_hashed_width", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
@@ -390,7 +397,7 @@ class BloomIndex:
         if int(hashed_per_item.sum()) > 0:
             sorted_counts = torch.sort(hashed_per_item).values
             q = int(sorted_counts[min(n - 1, math.ceil(config.width_quantile * (n - 1)))])
-            width = max(math.ceil(config.bits_per_term * max(q, 1)), config.num_hashes)
+            width = max(math.ceil(config.bits_per_term * max(q, 1)), config.num_hashes, config.min_hashed_width)
 
         bits = torch.zeros(hashed_base + width, (n + 63) // 64, dtype=torch.int64)
         for feature in features:

@@ -4,8 +4,8 @@ An index is one immutable state, swapped atomically:
 
 - a **main segment** (:class:`~sterling.index.search.Segment`): items in IVF order as int8 codes
   with per-item scales, the exact attribute store and the Bloom index, searched by the planner of
-  :mod:`sterling.index.search` (probe → partial Bloom → fused int8 scan → exact check → float
-  rescore, widening until k results or the catalogue is exhausted);
+  :mod:`sterling.index.search` (probe → partial Bloom → fused int8 scan → exact check, widening
+  until k results or the catalogue is exhausted);
 - **tombstones**: packed live-row words over the main segment; a deleted or replaced item's bit is
   cleared, and the fused scan skips it like a filtered row;
 - a **fresh segment**: items upserted since the last :meth:`ItemIndex.compact`, stored the same

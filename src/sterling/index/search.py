@@ -17,13 +17,15 @@ whose Bloom plan is constant false returns nothing without a scan.
 
 **Scan** (:func:`sterling.ops.ivf_scan.ivf_scan`, one fused kernel per batch): for every probed
 cluster, the query's plan program over the cluster's Bloom words only (the partial mask of
-Algorithm 1), ANDed with the live rows, then int8 scores of the surviving rows into a running
-top-``rescore_factor * k``.
+Algorithm 1), ANDed with the live rows, then the inner products of the float query with the
+surviving rows' int8 codes (times their scales) into a running top-k. The query is not quantized:
+on CPU this costs nothing and leaves no query-quantization error, so no float re-scoring pass is
+needed (the result already ranks by the inner product with the stored vectors).
 
-**Verify and rescore.** Unless the Bloom plan is exact, the candidates are checked against the
-exact attribute store (Bloom false positives dropped; NOT never drops a passing row, see
-:mod:`sterling.index.bloom`). The survivors are rescored with the float query against the stored
-vectors, and the top k kept.
+**Verify.** Unless the Bloom plan is exact, the kernel keeps ``k`` times the estimated ratio of
+Bloom-passing to truly passing rows as candidates, and they are checked against the exact
+attribute store (Bloom false positives dropped; NOT never drops a passing row, see
+:mod:`sterling.index.bloom`); the k best survivors are kept.
 
 **Selective filters never starve the result.** A query left with fewer than k results is searched
 again with 4× the probes, and at ``nlist`` probes every passing live row is a candidate, so no
@@ -38,13 +40,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from sterling.index.attributes import AttributeStore
 from sterling.index.bloom import BloomConfig, BloomIndex, BloomPlan
 from sterling.index.filter import FilterNode, parse
 from sterling.index.ivf import IVFLayout, kmeans
-from sterling.index.quant import Int8Codes, quantize, quantize_queries
+from sterling.index.quant import Int8Codes, quantize
 from sterling.ops.ivf_scan import Kernel, encode, ivf_scan
 from sterling.ops.plan_program import plan_mask
 
@@ -77,8 +80,6 @@ class IndexConfig:
         scan_selectivity (float): filters estimated to pass at most this share of items are
             answered by a scan of all lists.
         min_candidates (float): probe enough lists to expect this many passing rows per result.
-        rescore_factor (int): the int8 scan keeps ``rescore_factor * k`` candidates for float
-            rescoring and the exact check.
         sample_size (int): rows sampled for selectivity estimates.
         kmeans_iters (int): Lloyd iterations. seed (int): k-means and sampling seed.
         bloom (BloomConfig): Bloom index sizing.
@@ -92,7 +93,6 @@ class IndexConfig:
     nprobe: int = 32
     scan_selectivity: float = 0.002
     min_candidates: float = 16.0
-    rescore_factor: int = 2
     sample_size: int = 16384
     kmeans_iters: int = 10
     seed: int = 0
@@ -101,7 +101,7 @@ class IndexConfig:
     compact_at: int = 65536
 
     def __post_init__(self) -> None:
-        for name in ("nprobe", "rescore_factor", "sample_size", "kmeans_iters", "compact_at"):
+        for name in ("nprobe", "sample_size", "kmeans_iters", "compact_at"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -132,9 +132,10 @@ class _Filter:
     bloom_share: float  # estimated share of rows the Bloom plan lets through (>= share)
 
     def candidates_factor(self) -> float:
-        """How many Bloom candidates to keep per verified result: 1 for an exact plan, else the
-        estimated Bloom-to-exact ratio (false positives are dropped after the scan)."""
-        return 1.0 if self.plan.exact else max(1.0, self.bloom_share / max(self.share, 1e-9))
+        """How many Bloom candidates to keep per verified result: 1 for an exact plan, else 1.5x
+        the estimated Bloom-to-exact ratio (false positives are dropped after the scan; the margin
+        absorbs the spread of the estimate, a starved query is scanned again)."""
+        return 1.0 if self.plan.exact else 1.5 * max(1.0, self.bloom_share / max(self.share, 1e-9))
 
 
 @dataclass(frozen=True)
@@ -298,9 +299,9 @@ class Segment:
 
     def _search(self, q: torch.Tensor, filters: list[str | None], compiled: dict[str | None, _Filter | None],
                 k: int, probes: int, alive: torch.Tensor | None, k0: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One fused scan at ``probes`` lists (nlist: all) for ``k0`` candidates, exact check,
-        float rescore, top-k. Queries whose Bloom false positives left fewer than k verified
-        candidates (while more rows may pass) are scanned again for 4× the candidates."""
+        """One fused scan at ``probes`` lists (nlist: all) for ``k0`` candidates, the exact check,
+        top-k. Queries whose Bloom false positives left fewer than k verified candidates (while
+        more rows may pass) are scanned again for 4× the candidates."""
         b = q.shape[0]
         used = [e for e in dict.fromkeys(filters) if e is not None and compiled[e].plan.constant is not True]
         slot = {e: i for i, e in enumerate(used)}
@@ -310,11 +311,13 @@ class Segment:
             probe_ids = torch.arange(self.nlist).expand(b, -1).contiguous()
         else:
             probe_ids = torch.topk(q @ self.centroids.T, probes, dim=1).indices
-        factor = max([compiled[e].candidates_factor() for e in dict.fromkeys(filters) if e is not None] + [1.0])
-        k0 = min(k0 or math.ceil(self.config.rescore_factor * k * factor), max(len(self), k))  # never above N
-        qc = quantize_queries(q)
-        _, cand = ivf_scan(qc.codes, qc.scales, self.codes.codes, self.codes.scales, self.list_offsets, probe_ids,
-                           k0, self.bloom.bits, program, plan_of, alive, kernel=self.config.kernel)   # [B, k0]
+        # one candidate count for the batch: a typical filter's, not the outliers' (a starved query is
+        # scanned again); never above N
+        factor = min(4.0, float(np.quantile([1.0] + [compiled[e].candidates_factor() for e in used], 0.75)))
+        k0 = min(k0 or math.ceil(k * factor), max(len(self), k))
+        scores, cand = ivf_scan(q, self.codes.codes, self.codes.scales, self.list_offsets, probe_ids, k0,
+                                self.bloom.bits, program, plan_of, alive, kernel=self.config.kernel)   # [B, k0]
+        full = cand[:, -1] >= 0  # k0 candidates came back: more rows may pass
         valid = cand >= 0
         for expr in dict.fromkeys(filters):
             if expr is not None and not compiled[expr].plan.exact:
@@ -323,13 +326,13 @@ class Segment:
                 passed = self.attributes.evaluate_rows(compiled[expr].node, sub[ok], expr)
                 ok[ok.clone()] = passed
                 valid[members] = ok
-        cand_scores = torch.einsum("bkd,bd->bk", self.vectors(cand.clamp(min=0)), q).masked_fill_(~valid, float("-inf"))
-        top = torch.topk(cand_scores, min(k, k0), dim=1)
-        scores = torch.full((b, k), float("-inf"))
+        if k0 > k or not bool(valid.all()):  # drop the failed candidates, keep the k best
+            top = torch.topk(scores.masked_fill(~valid, float("-inf")), min(k, k0), dim=1)
+            scores, cand = top.values, torch.where(torch.isfinite(top.values), cand.gather(1, top.indices), -1)
         rows = torch.full((b, k), -1, dtype=torch.int64)
-        scores[:, : top.values.shape[1]] = top.values
-        rows[:, : top.values.shape[1]] = torch.where(torch.isfinite(top.values), cand.gather(1, top.indices), -1)
-        starved = torch.nonzero((valid.sum(1) < k) & (cand[:, -1] >= 0)).view(-1)
+        rows[:, : cand.shape[1]] = cand
+        scores = torch.cat([scores, torch.full((b, k - scores.shape[1]), float("-inf"))], 1)
+        starved = torch.nonzero(full & (valid.sum(1) < k)).view(-1)
         if len(starved) and k0 < len(self):
             again = starved.tolist()
             scores[starved], rows[starved] = self._search(q[starved], [filters[i] for i in again], compiled, k, probes,

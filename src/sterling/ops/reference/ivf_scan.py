@@ -3,9 +3,9 @@
 
 One query at a time, the plainest way: gather the rows of the probed clusters, read each row's
 Bloom bits, run the query's plan program on bool tensors (one element per row), AND the live rows,
-score the survivors by exact int32 dot product and take one top-k. The score of sorted row ``r``
-for query ``b`` is computed as ``(float32(dot_int32(q[b], codes[r])) * scales[r]) * q_scales[b]``
-in float32, the same sequence of float32 operations as every kernel, so scores agree bit for bit.
+score the survivors and take one top-k. The score of sorted row ``r`` for query ``b`` is
+``dot(codes[r], queries[b]) * scales[r]`` in float32: the inner product of the query with the
+stored (dequantized) vector. Kernels may sum in another order, so scores agree to float32 rounding.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ from sterling.ops.plan_program import PlanProgram, bit_of, plan_mask
 
 
 def ivf_scan(
-    query_codes: torch.Tensor,
-    query_scales: torch.Tensor,
+    queries: torch.Tensor,
     codes: torch.Tensor,
     scales: torch.Tensor,
     list_offsets: torch.Tensor,
@@ -29,7 +28,7 @@ def ivf_scan(
     alive: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """See :func:`sterling.ops.ivf_scan.ivf_scan` (inputs assumed valid)."""
-    b = query_codes.shape[0]
+    b = queries.shape[0]
     out_scores = torch.full((b, k), float("-inf"))
     out_rows = torch.full((b, k), -1, dtype=torch.int64)
     for i in range(b):
@@ -42,8 +41,7 @@ def ivf_scan(
         if alive is not None:
             keep &= bit_of(alive, rows)
         rows = rows[keep]
-        dots = (codes[rows].int() * query_codes[i].int()).sum(1)  # exact int32
-        s = (dots.float() * scales[rows]) * query_scales[i]
+        s = (codes[rows].float() @ queries[i]) * scales[rows]
         top = torch.topk(s, min(k, len(rows)))
         out_scores[i, : len(top.values)] = top.values
         out_rows[i, : len(top.values)] = rows[top.indices]
