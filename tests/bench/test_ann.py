@@ -6,12 +6,12 @@ import pytest
 
 from sterling.bench.ann import AnnBenchConfig, format_table, make_catalogue, passing, run
 
-TINY = AnnBenchConfig(n=3000, d=16, k=10, queries=12, batch=4, batch1_queries=3, centres=24, nlist=16,
+TINY = AnnBenchConfig(n=3000, d=16, k=10, queries=12, batch=4, batch1_queries=3, nlist=16,
                       nprobes=(16,), hnsw_efs=(64,))
 
 
 def test_filters_have_their_selectivity():
-    cat = make_catalogue(AnnBenchConfig(n=20000, d=8, queries=50, centres=32))
+    cat = make_catalogue(AnnBenchConfig(n=20000, d=8, queries=50))
     for label, expected in (("50%", 0.5), ("10%", 0.1), ("1%", 0.01)):
         share = np.mean([passing(cat, f).mean() for f in cat.filters[label]])
         assert abs(share - expected) < expected * 0.2
@@ -40,7 +40,7 @@ ML100K = Path("/work/shared/data/ml-100k")
 
 @pytest.mark.skipif(not ML100K.is_dir(), reason="MovieLens 100K not present")
 def test_movielens_rows():
-    cfg = AnnBenchConfig(n=1, d=16, k=10, queries=8, batch=4, batch1_queries=2, centres=4, nlist=4,
+    cfg = AnnBenchConfig(n=1, d=16, k=10, queries=8, batch=4, batch1_queries=2, nlist=4,
                          nprobes=(4,), hnsw_efs=())
     result = run(cfg, modes=("per_query",), log=lambda s: None, movielens=ML100K, synthetic=False)
     movielens = [r for r in result["rows"] if r["dataset"] == "movielens:ml-100k"]

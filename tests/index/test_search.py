@@ -29,6 +29,7 @@ def cases(draw):
         nprobe=draw(st.integers(1, 3)),
         scan_selectivity=draw(st.sampled_from([0.0, 0.05, 0.3])),
         min_candidates=draw(st.sampled_from([0.0, 16.0])),
+        gather_queries=draw(st.sampled_from([1, 64])),
         sample_size=draw(st.sampled_from([4, 64])),
         bloom=BloomConfig(dedicated_bits=draw(st.sampled_from([0, 2, 64])), bits_per_term=draw(st.sampled_from([1.0, 10.0])),
                            min_hashed_width=draw(st.sampled_from([1, 64]))),
@@ -80,7 +81,7 @@ def test_full_probe_equals_brute_force_over_stored_vectors(case):
     kinds = schema(catalogue)
     q = torch.randn(len(filters), 8, generator=torch.Generator().manual_seed(seed + 1))
     scores, rows, explain = seg.search(q, filters, k, nprobe=seg.nlist)
-    assert all(e["plan"] in ("scan", "none") for e in explain)
+    assert all(e["plan"] in ("scan", "gather", "none") for e in explain)
     stored = seg.vectors(torch.arange(len(seg)))
     for i, tree in enumerate(trees):
         ok = passing_rows(seg, catalogue, tree, kinds)

@@ -8,12 +8,17 @@ inner products with the stored vectors ``codes * scale``, and "exact" below mean
 respect to those vectors.
 
 **Planner.** Each distinct filter of a batch is parsed, compiled into a Bloom plan and given an
-estimated selectivity ``s`` (the share of a fixed random sample of rows that passes, exactly)
-once, then cached. Its queries probe ``nprobe`` lists, widened up front so that the probed lists
-are expected to hold at least ``min_candidates * k`` passing rows (``s * probes * N / nlist``);
-when that needs half the lists or more, or ``s <= scan_selectivity``, the plan is a **scan**: all
-lists, which the Bloom words make a filter-then-scan (a filtered row costs one bit test). A filter
-whose Bloom plan is constant false returns nothing without a scan.
+estimated selectivity ``s`` (the share of a fixed random sample of rows that passes, exactly; the
+same sample gives the Bloom pass's share, so the false-positive ratio) once, then cached. Its
+queries probe ``nprobe * s^(-1/3)`` lists: the filtered top-k of an independent filter is the
+unfiltered top-k/s thinned out, which spreads over more lists as s falls (measured on the
+``bench ann`` data: a 10% filter needs about 2x the probes of a 50% one for the same recall, a 1%
+filter about 4x), and at least enough lists to expect ``min_candidates * k`` passing rows. When
+that is half the lists or more, or ``s <= scan_selectivity``, the plan is a **scan** of all lists,
+which the Bloom words make a filter-then-scan (a filtered row costs one bit test); a filter shared
+by ``gather_queries`` or more queries and expected to pass at most ``gather_rows`` rows is
+answered instead by gathering its passing rows once and one matrix product (FAISS's
+pre-filtering). A filter whose Bloom plan is constant false returns nothing without a scan.
 
 **Scan** (:func:`sterling.ops.ivf_scan.ivf_scan`, one fused kernel per batch): for every probed
 cluster, the query's plan program over the cluster's Bloom words only (the partial mask of
@@ -36,6 +41,7 @@ result is the exact filtered top-k (up to ties).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,7 +55,8 @@ from sterling.index.filter import FilterNode, parse
 from sterling.index.ivf import IVFLayout, kmeans
 from sterling.index.quant import Int8Codes, quantize
 from sterling.ops.ivf_scan import Kernel, encode, ivf_scan
-from sterling.ops.plan_program import plan_mask
+from sterling.ops.filtered_topk import filtered_topk
+from sterling.ops.plan_program import bit_of, plan_words
 
 __all__ = ["IndexConfig", "Segment", "auto_nlist", "pack_rows"]
 
@@ -80,6 +87,9 @@ class IndexConfig:
         scan_selectivity (float): filters estimated to pass at most this share of items are
             answered by a scan of all lists.
         min_candidates (float): probe enough lists to expect this many passing rows per result.
+        gather_queries (int), gather_rows (int): a scan-planned filter shared by at least
+            ``gather_queries`` queries and expected to pass at most ``gather_rows`` rows is
+            answered by gathering its passing rows once (pre-filtering) and a matrix product.
         sample_size (int): rows sampled for selectivity estimates.
         kmeans_iters (int): Lloyd iterations. seed (int): k-means and sampling seed.
         bloom (BloomConfig): Bloom index sizing.
@@ -93,6 +103,8 @@ class IndexConfig:
     nprobe: int = 32
     scan_selectivity: float = 0.002
     min_candidates: float = 16.0
+    gather_queries: int = 8
+    gather_rows: int = 131072
     sample_size: int = 16384
     kmeans_iters: int = 10
     seed: int = 0
@@ -101,7 +113,7 @@ class IndexConfig:
     compact_at: int = 65536
 
     def __post_init__(self) -> None:
-        for name in ("nprobe", "sample_size", "kmeans_iters", "compact_at"):
+        for name in ("nprobe", "sample_size", "kmeans_iters", "compact_at", "gather_queries", "gather_rows"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -149,7 +161,8 @@ class Segment:
         list_offsets (torch.Tensor): int64 [nlist + 1]; cluster c is rows ``offsets[c]:offsets[c+1]``.
         attributes (AttributeStore): exact attributes, in IVF order.
         bloom (BloomIndex): the Bloom index, in IVF order.
-        sample (torch.Tensor): int64 [S], rows whose attributes estimate selectivities.
+        sample (torch.Tensor): int64 [S], random Bloom word columns: selectivities are estimated on
+            their rows (whole words, which is what the Bloom pass reads).
         config (IndexConfig): how it was built.
     """
 
@@ -196,7 +209,7 @@ class Segment:
         """A segment from parts already in IVF order (builds the Bloom index unless given)."""
         n = len(codes)
         gen = torch.Generator().manual_seed(config.seed)
-        sample = torch.randperm(n, generator=gen)[: config.sample_size].sort().values
+        sample = torch.randperm((n + 63) // 64, generator=gen)[: -(-config.sample_size // 64)].sort().values
         return cls(codes, ids, centroids, list_offsets, attributes,
                    bloom if bloom is not None else BloomIndex.build(attributes, config=config.bloom), sample, config)
 
@@ -216,6 +229,13 @@ class Segment:
         """float32 [*rows.shape, D]: the stored (dequantized) vectors of segment ``rows``."""
         return self.codes.codes[rows].float() * self.codes.scales[rows].unsqueeze(-1)
 
+    @functools.cached_property
+    def _sample_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of the sampled words (int64) and, per sampled word, the bits of real rows."""
+        rows = (self.sample[:, None] * 64 + torch.arange(64)).view(-1)
+        inside = rows < len(self)
+        return rows[inside], pack_rows(inside)
+
     def compiled(self, expr: str) -> _Filter:
         """``expr`` parsed, compiled to a Bloom plan and its selectivity estimated (cached)."""
         cached = self._filters.get(expr)
@@ -223,9 +243,13 @@ class Segment:
             node = parse(expr)
             plan = self.bloom.compile(node, expr)
             share = bloom_share = 0.0
-            if len(self.sample):
-                share = float(self.attributes.evaluate_rows(node, self.sample, expr).float().mean())
-                bloom_share = share if plan.exact else float(plan_mask(self.bloom.bits, encode([plan]), 0, self.sample).float().mean())
+            if len(self):
+                rows, inside = self._sample_rows
+                share = float(self.attributes.evaluate_rows(node, rows, expr).float().mean())
+                if not plan.exact:
+                    words = plan_words(self.bloom.bits, encode([plan]), 0, self.sample) & inside
+                    bloom_share = int(np.unpackbits(words.numpy().view(np.uint8)).sum()) / len(rows)
+                bloom_share = max(bloom_share, share)
             if len(self._filters) >= _PLAN_CACHE_SIZE:
                 self._filters.clear()
             cached = self._filters[expr] = _Filter(node, plan, share, bloom_share)
@@ -260,14 +284,21 @@ class Segment:
         compiled = {expr: None if expr is None else self.compiled(expr) for expr in dict.fromkeys(filters)}
         probes_of: dict[str | None, int] = {}
         explain = []
+        cfg = self.config
         for expr, flt in compiled.items():
             share = 1.0 if flt is None else flt.share
             constant = None if flt is None else flt.plan.constant
             probes = 0 if len(self) == 0 or constant is False else self._probes(share, nprobe, k)
+            count = filters.count(expr)
+            gather = probes >= self.nlist and count >= cfg.gather_queries and share * len(self) <= cfg.gather_rows
+            if gather:
+                idx = torch.tensor([i for i, f in enumerate(filters) if f == expr])
+                scores[idx], rows[idx] = self._gathered(queries[idx], flt, k, alive)
+                probes = 0
             probes_of[expr] = probes
             explain.append({
-                "filter": expr, "queries": filters.count(expr), "estimated_selectivity": share,
-                "plan": "none" if probes == 0 else "scan" if probes >= self.nlist else "ivf",
+                "filter": expr, "queries": count, "estimated_selectivity": share,
+                "plan": "gather" if gather else "none" if probes == 0 else "scan" if probes >= self.nlist else "ivf",
                 "nprobe": probes, "bloom_exact": True if flt is None else flt.plan.exact, "widened_queries": 0,
             })
         widened: dict[int, int] = {}
@@ -288,13 +319,26 @@ class Segment:
             record["widened_queries"] = sum(1 for i in widened if filters[i] == record["filter"])
         return scores, rows, explain
 
+    def _gathered(self, q: torch.Tensor, flt: _Filter | None, k: int, alive: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-filtering for queries sharing one selective filter: its passing live rows (Bloom
+        candidates, checked exactly) gathered once, dequantized, one blocked matrix product."""
+        passing = torch.arange(len(self)) if flt is None else self.bloom.candidates(flt.plan)
+        if alive is not None:
+            passing = passing[bit_of(alive, passing)]
+        if flt is not None and not flt.plan.exact:
+            passing = passing[self.attributes.evaluate_rows(flt.node, passing)]
+        if not len(passing):
+            return torch.full((q.shape[0], k), float("-inf")), torch.full((q.shape[0], k), -1, dtype=torch.int64)
+        scores, local = filtered_topk(q, self.vectors(passing), None, k)
+        return scores, torch.where(local >= 0, passing[local.clamp(min=0)], -1)
+
     def _probes(self, share: float, nprobe: int, k: int) -> int:
         """Lists to probe for a filter passing ``share`` of the rows (``nlist``: a scan)."""
         if share <= self.config.scan_selectivity:
             return self.nlist
         per_list = share * len(self) / self.nlist
         needed = math.ceil(self.config.min_candidates * k / per_list)
-        probes = max(nprobe, needed)
+        probes = max(math.ceil(nprobe * share ** (-1 / 3)), needed)
         return self.nlist if 2 * probes >= self.nlist else probes
 
     def _search(self, q: torch.Tensor, filters: list[str | None], compiled: dict[str | None, _Filter | None],

@@ -29,7 +29,7 @@ import torch
 TRUE, FALSE, ALL, ANY, NONE, AND, OR = range(7)
 _CODES = {"true": TRUE, "false": FALSE, "all": ALL, "any": ANY, "none": NONE, "and": AND, "or": OR}
 
-__all__ = ["ALL", "AND", "ANY", "FALSE", "NONE", "OR", "TRUE", "PlanProgram", "bit_of", "encode", "plan_mask"]
+__all__ = ["ALL", "AND", "ANY", "FALSE", "NONE", "OR", "TRUE", "PlanProgram", "bit_of", "encode", "plan_mask", "plan_words"]
 
 
 class _Plan(Protocol):
@@ -122,17 +122,19 @@ def bit_of(words: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return ((words[rows >> 6] >> (rows & 63)) & 1).bool()
 
 
-def plan_mask(bits: torch.Tensor, program: PlanProgram, plan: int, rows: torch.Tensor) -> torch.Tensor:
-    """bool [M]: plan ``plan`` of ``program`` evaluated on the Bloom ``bits`` (int64 [R, W]) of
-    ``rows`` (int64 [M])."""
+def plan_words(bits: torch.Tensor, program: PlanProgram, plan: int, cols: torch.Tensor | None = None) -> torch.Tensor:
+    """int64 [W]: plan ``plan`` of ``program`` evaluated word by word on Bloom ``bits`` int64
+    [R, W], or int64 [C] on the word columns ``cols`` (int64 [C]) only."""
     stack: list[torch.Tensor] = []
     start, stop = int(program.starts[plan]), int(program.starts[plan + 1])
+    width = bits.shape[1] if cols is None else len(cols)
     for code, a, b in program.ops[start:stop].tolist():
         if code in (TRUE, FALSE):
-            stack.append(torch.full(rows.shape, code == TRUE))
+            stack.append(torch.full((width,), -1 if code == TRUE else 0, dtype=torch.int64))
         elif code in (ALL, ANY, NONE):
-            leaves = [bit_of(bits[r], rows) for r in program.rows[a:b].tolist()]
-            acc = leaves[0]
+            leaves = bits[program.rows[a:b]]  # [L, W]: only the rows the leaf reads
+            leaves = leaves if cols is None else leaves[:, cols]
+            acc = leaves[0].clone()
             for leaf in leaves[1:]:
                 acc = acc & leaf if code == ALL else acc | leaf
             stack.append(~acc if code == NONE else acc)
@@ -144,3 +146,10 @@ def plan_mask(bits: torch.Tensor, program: PlanProgram, plan: int, rows: torch.T
             stack.append(acc)
     (out,) = stack
     return out
+
+
+def plan_mask(bits: torch.Tensor, program: PlanProgram, plan: int, rows: torch.Tensor) -> torch.Tensor:
+    """bool [M]: plan ``plan`` of ``program`` evaluated on the Bloom ``bits`` (int64 [R, W]) of
+    ``rows`` (int64 [M])."""
+    words = plan_words(bits, program, plan, cols=rows >> 6)  # the word holding each row
+    return ((words >> (rows & 63)) & 1).bool()
