@@ -495,3 +495,11 @@ def test_load_refuses_other_snapshots_and_bad_parts(tmp_path: Path) -> None:
         ItemIndex.from_snapshot_parts(
             meta, {k: v for k, v in tensors.items() if k != "attr.year.values"}
         )
+
+
+def test_k_beyond_the_catalogue_only_pads() -> None:
+    index = ItemIndex.build(torch.randn(5000, 8), [{"a": i % 3} for i in range(5000)])
+    res = index.search(torch.randn(2, 8), k=100_000, filter="a:1")
+    assert res.ids.shape == (2, 100_000)
+    assert (res.ids >= 0).sum(1).tolist() == [1667, 1667]
+    assert torch.isneginf(res.scores[:, 1667:]).all()

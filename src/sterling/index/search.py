@@ -282,6 +282,7 @@ class Segment:
         scores = torch.full((b, k), float("-inf"))
         rows = torch.full((b, k), -1, dtype=torch.int64)
         compiled = {expr: None if expr is None else self.compiled(expr) for expr in dict.fromkeys(filters)}
+        kk = max(1, min(k, len(self)))  # no segment returns more than its rows: k beyond N only pads
         probes_of: dict[str | None, int] = {}
         explain = []
         cfg = self.config
@@ -293,7 +294,7 @@ class Segment:
             gather = probes >= self.nlist and count >= cfg.gather_queries and share * len(self) <= cfg.gather_rows
             if gather:
                 idx = torch.tensor([i for i, f in enumerate(filters) if f == expr])
-                scores[idx], rows[idx] = self._gathered(queries[idx], flt, k, alive)
+                scores[idx, :kk], rows[idx, :kk] = self._gathered(queries[idx], flt, kk, alive)
                 probes = 0
             probes_of[expr] = probes
             explain.append({
@@ -308,10 +309,10 @@ class Segment:
             for probes in sorted(set(current.values())):
                 members = [i for i, p in current.items() if p == probes]
                 idx = torch.tensor(members)
-                s, r = self._search(queries[idx], [filters[i] for i in members], compiled, k, probes, alive)
-                scores[idx], rows[idx] = s, r
+                s, r = self._search(queries[idx], [filters[i] for i in members], compiled, kk, probes, alive)
+                scores[idx, :kk], rows[idx, :kk] = s, r
                 if probes < self.nlist:
-                    short += [m for m, few in zip(members, ((r >= 0).sum(1) < k).tolist()) if few]
+                    short += [m for m, few in zip(members, ((r >= 0).sum(1) < kk).tolist()) if few]
             for i in short:
                 widened[i] = widened.get(i, 0) + 1
             current = {i: min(self.nlist, 4 * current[i]) for i in short}
