@@ -306,12 +306,15 @@ class Segment:
         current = {i: probes_of[f] for i, f in enumerate(filters) if probes_of[f] > 0}
         while current:
             short: list[int] = []
-            for probes in sorted(set(current.values())):
-                members = [i for i, p in current.items() if p == probes]
+            for scan in (False, True):  # one kernel call for all IVF queries, one for all scans
+                members = [i for i, p in current.items() if (p >= self.nlist) == scan]
+                if not members:
+                    continue
                 idx = torch.tensor(members)
-                s, r = self._search(queries[idx], [filters[i] for i in members], compiled, kk, probes, alive)
+                counts = torch.tensor([current[i] for i in members])
+                s, r = self._search(queries[idx], [filters[i] for i in members], compiled, kk, counts, alive)
                 scores[idx, :kk], rows[idx, :kk] = s, r
-                if probes < self.nlist:
+                if not scan:
                     short += [m for m, few in zip(members, ((r >= 0).sum(1) < kk).tolist()) if few]
             for i in short:
                 widened[i] = widened.get(i, 0) + 1
@@ -343,19 +346,22 @@ class Segment:
         return self.nlist if 2 * probes >= self.nlist else probes
 
     def _search(self, q: torch.Tensor, filters: list[str | None], compiled: dict[str | None, _Filter | None],
-                k: int, probes: int, alive: torch.Tensor | None, k0: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One fused scan at ``probes`` lists (nlist: all) for ``k0`` candidates, the exact check,
-        top-k. Queries whose Bloom false positives left fewer than k verified candidates (while
-        more rows may pass) are scanned again for 4× the candidates."""
+                k: int, probes: torch.Tensor, alive: torch.Tensor | None, k0: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One fused scan of each query's ``probes`` (int64 [B]) nearest lists (nlist: all) for
+        ``k0`` candidates, the exact check, top-k. Queries whose Bloom false positives left fewer
+        than k verified candidates (while more rows may pass) are scanned again for 4× the
+        candidates."""
         b = q.shape[0]
         used = [e for e in dict.fromkeys(filters) if e is not None and compiled[e].plan.constant is not True]
         slot = {e: i for i, e in enumerate(used)}
         program = encode([compiled[e].plan for e in used])
         plan_of = torch.tensor([slot.get(e, -1) for e in filters], dtype=torch.int64)
-        if probes >= self.nlist:
-            probe_ids = torch.arange(self.nlist).expand(b, -1).contiguous()
+        widest = int(probes.max())
+        if widest >= self.nlist:
+            probe_ids = torch.arange(self.nlist).expand(b, -1).clone()
         else:
-            probe_ids = torch.topk(q @ self.centroids.T, probes, dim=1).indices
+            probe_ids = torch.topk(q @ self.centroids.T, widest, dim=1).indices
+        probe_ids[torch.arange(probe_ids.shape[1]) >= probes[:, None]] = -1  # each query its own count
         # one candidate count for the batch: a typical filter's, not the outliers' (a starved query is
         # scanned again); never above N
         factor = min(4.0, float(np.quantile([1.0] + [compiled[e].candidates_factor() for e in used], 0.75)))
@@ -380,6 +386,6 @@ class Segment:
         starved = torch.nonzero(full & (valid.sum(1) < k)).view(-1)
         if len(starved) and k0 < len(self):
             again = starved.tolist()
-            scores[starved], rows[starved] = self._search(q[starved], [filters[i] for i in again], compiled, k, probes,
-                                                          alive, 4 * k0)
+            scores[starved], rows[starved] = self._search(q[starved], [filters[i] for i in again], compiled, k,
+                                                          probes[starved], alive, 4 * k0)
         return scores, rows
