@@ -14,7 +14,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sterling import IndexConfig, ItemIndex, SearchResult
-from sterling.index.attributes import AttributeStore
 from sterling.index.bloom import BloomIndex
 from sterling.index.filter import FilterError
 from sterling.serving.snapshot import SnapshotError, write_snapshot

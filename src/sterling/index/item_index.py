@@ -38,10 +38,10 @@ import torch
 
 from sterling.index.attributes import AttributeStore
 from sterling.index.bloom import BloomIndex
-from sterling.index.ivf import nearest
 from sterling.index.quant import Int8Codes, quantize
 from sterling.index.search import IndexConfig, Segment, auto_nlist, pack_rows
 from sterling.ops.filtered_topk import filtered_topk
+from sterling.ops.plan_program import bit_of
 from sterling.serving.snapshot import SnapshotError, read_snapshot, write_snapshot
 
 __all__ = ["IndexConfig", "ItemIndex", "SearchResult"]
@@ -96,16 +96,13 @@ class _State:
         """int64 [M]: the main rows not deleted."""
         if self.alive is None:
             return torch.arange(len(self.main))
-        bits = np.unpackbits(self.alive.numpy().view(np.uint8), bitorder="little")[: len(self.main)]
-        return torch.from_numpy(np.flatnonzero(bits))
+        return torch.nonzero(bit_of(self.alive, torch.arange(len(self.main)))).view(-1)
 
     def main_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """int64 [M]: the live main row of each id, -1 where it has none."""
         rows = _find(self.main.ids, ids)
         if self.alive is not None and len(rows):
-            safe = rows.clamp(min=0)
-            live = ((self.alive[safe >> 6] >> (safe & 63)) & 1).bool()
-            rows = torch.where(live, rows, -1)
+            rows = torch.where(bit_of(self.alive, rows.clamp(min=0)), rows, -1)
         return rows
 
     def fresh_rows(self, ids: torch.Tensor) -> torch.Tensor:
@@ -448,16 +445,9 @@ def _compacted(state: _State, config: IndexConfig) -> _State:
                       torch.cat([main.codes.scales[live], fresh.codes.scales]))
     ids = torch.cat([main.ids[live], fresh.ids])
     attributes = main.attributes.take(live).append(fresh.attributes.decode(range(len(fresh.ids))))
-    vectors = codes.codes.float() * codes.scales[:, None]
-    total = len(ids)
-    if config.nlist is None and auto_nlist(total) >= 2 * main.nlist:
-        return _State(Segment.build(vectors, attributes, ids, config), None, _empty_fresh(main))
-    labels = torch.cat([torch.repeat_interleave(torch.arange(main.nlist), main.list_offsets.diff())[live],
-                        nearest(vectors[len(live):], main.centroids)[0] if len(fresh.ids) else torch.zeros(0, dtype=torch.int64)])
-    order = torch.sort(labels, stable=True).indices
-    offsets = torch.zeros(main.nlist + 1, dtype=torch.int64)
-    torch.cumsum(torch.bincount(labels, minlength=main.nlist), 0, out=offsets[1:])
-    segment = Segment.from_sorted(codes.take(order), ids[order], main.centroids, offsets, attributes.take(order), config)
+    vectors = codes.codes.float() * codes.scales[:, None]  # re-quantizing these gives the same codes
+    recluster = config.nlist is None and auto_nlist(len(ids)) >= 2 * main.nlist
+    segment = Segment.build(vectors, attributes, ids, config, centroids=None if recluster else main.centroids)
     return _State(segment, None, _empty_fresh(segment))
 
 
