@@ -18,9 +18,10 @@ def check_against_brute_force(
     k: int,
     scores: torch.Tensor,
     rows: torch.Tensor,
+    atol: float = 1e-4,
 ) -> None:
-    """Ties aside: the right count, passing distinct rows, exact scores, descending, and no
-    passing item left out that scores above the last one returned."""
+    """Ties aside: the right count, passing distinct rows, exact scores (to ``atol``), descending,
+    and no passing item left out that scores above the last one returned."""
     b, n = queries.shape[0], items.shape[0]
     exact = queries.double() @ items.double().T  # [B, N]
     passing = torch.ones(b, n, dtype=torch.bool) if mask is None else mask.expand(b, n)
@@ -31,12 +32,12 @@ def check_against_brute_force(
         assert (rows[i, count:] == -1).all() and torch.isneginf(scores[i, count:]).all()
         assert (got >= 0).all() and len(set(got.tolist())) == count
         assert passing[i, got].all()
-        torch.testing.assert_close(scores[i, :count].double(), exact[i, got], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(scores[i, :count].double(), exact[i, got], rtol=1e-5, atol=atol)
         assert (scores[i, :count].diff() <= 0).all()
         left = passing[i].clone()
         left[got] = False
         if count and left.any():
-            assert exact[i, left].max() <= exact[i, got].min() + 1e-4
+            assert exact[i, left].max() <= exact[i, got].min() + atol
 
 
 @st.composite

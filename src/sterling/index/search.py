@@ -55,7 +55,7 @@ from sterling.index.filter import FilterNode, parse
 from sterling.index.ivf import IVFLayout, kmeans
 from sterling.index.quant import Int8Codes, quantize
 from sterling.ops.ivf_scan import Kernel, encode, ivf_scan
-from sterling.ops.filtered_topk import filtered_topk
+from sterling.ops.int8_topk import int8_topk
 from sterling.ops.plan_program import bit_of, plan_words
 
 __all__ = ["IndexConfig", "Segment", "auto_nlist", "pack_rows"]
@@ -325,7 +325,7 @@ class Segment:
 
     def _gathered(self, q: torch.Tensor, flt: _Filter | None, k: int, alive: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-filtering for queries sharing one selective filter: its passing live rows (Bloom
-        candidates, checked exactly) gathered once, dequantized, one blocked matrix product."""
+        candidates, checked exactly) scored by one int8 matrix product (:mod:`sterling.ops.int8_topk`)."""
         passing = torch.arange(len(self)) if flt is None else self.bloom.candidates(flt.plan)
         if alive is not None:
             passing = passing[bit_of(alive, passing)]
@@ -333,8 +333,7 @@ class Segment:
             passing = passing[self.attributes.evaluate_rows(flt.node, passing)]
         if not len(passing):
             return torch.full((q.shape[0], k), float("-inf")), torch.full((q.shape[0], k), -1, dtype=torch.int64)
-        scores, local = filtered_topk(q, self.vectors(passing), None, k)
-        return scores, torch.where(local >= 0, passing[local.clamp(min=0)], -1)
+        return int8_topk(q, self.codes.codes, self.codes.row_scales(), passing, k, kernel=self.config.kernel)
 
     def _probes(self, share: float, nprobe: int, k: int) -> int:
         """Lists to probe for a filter passing ``share`` of the rows (``nlist``: a scan)."""

@@ -21,9 +21,6 @@ the order of the float32 sum.
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import numba
 import numpy as np
 import torch
@@ -31,9 +28,9 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from sterling.ops.cpu.threads import run_chunked
 from sterling.ops.plan_program import PlanProgram
 
-_POOL: ThreadPoolExecutor | None = None
 _MIN_QUERIES_PER_THREAD = 4
 
 
@@ -212,13 +209,6 @@ def _scan_chunk(queries, codes, scales, offsets, probes, bits, ops, prow, pstart
             out_r[b, i] = buf_r[b, order[i]]
 
 
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="sterling-ivf-scan")
-    return _POOL
-
-
 def ivf_scan(
     queries: torch.Tensor,
     codes: torch.Tensor,
@@ -246,12 +236,5 @@ def ivf_scan(
         program.starts.contiguous().numpy(), plan_of.contiguous().numpy(), live, alive is not None,
         program.depth, buf_s, buf_r, out_s, out_r,
     )
-    threads = max(1, min(torch.get_num_threads(), b // _MIN_QUERIES_PER_THREAD))
-    if threads == 1:
-        _scan_chunk(*args, 0, b)
-    else:
-        bounds = np.linspace(0, b, threads + 1).astype(np.int64)
-        jobs = [_pool().submit(_scan_chunk, *args, int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
-        for job in jobs:
-            job.result()
+    run_chunked(_scan_chunk, args, b, _MIN_QUERIES_PER_THREAD)
     return torch.from_numpy(out_s), torch.from_numpy(out_r)

@@ -1,0 +1,33 @@
+"""The one thread pool the CPU kernels share: each cuts a batch into one chunk per torch thread
+and runs its compiled (``nogil``) function on the chunks side by side."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="sterling-cpu-op")
+    return _POOL
+
+
+def run_chunked(fn: Callable[..., None], args: tuple, n: int, min_per_thread: int) -> None:
+    """``fn(*args, lo, hi)`` over ``[0, n)`` cut into at most ``torch.get_num_threads()`` chunks of
+    at least ``min_per_thread`` items, on the shared pool (inline when one chunk)."""
+    threads = max(1, min(torch.get_num_threads(), n // min_per_thread))
+    if threads == 1:
+        fn(*args, 0, n)
+        return
+    bounds = np.linspace(0, n, threads + 1).astype(np.int64)
+    jobs = [_pool().submit(fn, *args, int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    for job in jobs:
+        job.result()
