@@ -30,6 +30,7 @@ def cases(draw):
         scan_selectivity=draw(st.sampled_from([0.0, 0.05, 0.3])),
         min_candidates=draw(st.sampled_from([0.0, 16.0])),
         gather_queries=draw(st.sampled_from([1, 64])),
+        gather_cost=draw(st.sampled_from([0.0, 6.0, 1e9])),
         sample_size=draw(st.sampled_from([4, 64])),
         bloom=BloomConfig(dedicated_bits=draw(st.sampled_from([0, 2, 64])), bits_per_term=draw(st.sampled_from([1.0, 10.0])),
                            min_hashed_width=draw(st.sampled_from([1, 64]))),
@@ -100,6 +101,13 @@ def test_plans_follow_selectivity():
     assert plans == {"rare:r": "scan", "common:yes": "ivf", None: "ivf"}
     _, _, explain = seg.search(torch.randn(1, 16), ["common:nope"], k=10)
     assert explain[0]["plan"] == "none"
+    q = torch.randn(8, 16)  # shared by enough queries: gathered instead of scanned, same result
+    scores, gathered, explain = seg.search(q, ["rare:r"] * 8, k=10)
+    assert explain[0]["plan"] == "gather"
+    scanned = Segment.build(clustered(n, 16, 0), AttributeStore.build(attrs),
+                            config=IndexConfig(nlist=32, nprobe=4, gather_queries=9)).search(q, ["rare:r"] * 8, k=10)
+    assert scanned[2][0]["plan"] == "scan" and torch.equal(gathered, scanned[1])
+    torch.testing.assert_close(scores, scanned[0])
     assert (rows >= 0).all()
     assert auto_nlist(1_000_000) == 1024 and auto_nlist(1000) == 1
 
@@ -123,3 +131,5 @@ def test_config_validation():
         IndexConfig(nprobe=0)
     with pytest.raises(ValueError, match="scan_selectivity"):
         IndexConfig(scan_selectivity=2.0)
+    with pytest.raises(ValueError, match="gather_cost must be >= 0, got -1"):
+        IndexConfig(gather_cost=-1)

@@ -15,10 +15,11 @@ unfiltered top-k/s thinned out, which spreads over more lists as s falls (measur
 ``bench ann`` data: a 10% filter needs about 2x the probes of a 50% one for the same recall, a 1%
 filter about 4x), and at least enough lists to expect ``min_candidates * k`` passing rows. When
 that is half the lists or more, or ``s <= scan_selectivity``, the plan is a **scan** of all lists,
-which the Bloom words make a filter-then-scan (a filtered row costs one bit test); a filter shared
+which the Bloom words make a filter-then-scan (a filtered row costs one bit test). A filter shared
 by ``gather_queries`` or more queries and expected to pass at most ``gather_rows`` rows is
-answered instead by gathering its passing rows once and one matrix product (FAISS's
-pre-filtering). A filter whose Bloom plan is constant false returns nothing without a scan.
+answered instead by **gathering** its passing rows once and one int8 matrix product (FAISS's
+pre-filtering, exact; :func:`sterling.ops.int8_topk.int8_topk`) when that is cheaper: a gathered
+row costs about ``gather_cost`` probed rows, so when ``gather_cost * s * nlist <= probes``. A filter whose Bloom plan is constant false returns nothing without a scan.
 
 **Scan** (:func:`sterling.ops.ivf_scan.ivf_scan`, one fused kernel per batch): for every probed
 cluster, the query's plan program over the cluster's Bloom words only (the partial mask of
@@ -87,9 +88,12 @@ class IndexConfig:
         scan_selectivity (float): filters estimated to pass at most this share of items are
             answered by a scan of all lists.
         min_candidates (float): probe enough lists to expect this many passing rows per result.
-        gather_queries (int), gather_rows (int): a scan-planned filter shared by at least
-            ``gather_queries`` queries and expected to pass at most ``gather_rows`` rows is
-            answered by gathering its passing rows once (pre-filtering) and a matrix product.
+        gather_queries (int), gather_rows (int), gather_cost (float): a filter shared by at
+            least ``gather_queries`` queries and expected to pass at most ``gather_rows`` rows is
+            answered by gathering its passing rows once (pre-filtering) and an int8 matrix product
+            when its rows, at ``gather_cost`` probed rows each, cost less than its planned probes
+            (measured at 1M × 64, 256 queries, 2 cores: a gathered row scored by every query
+            costs 5-7x a probed row of the fused scan).
         sample_size (int): rows sampled for selectivity estimates.
         kmeans_iters (int): Lloyd iterations. seed (int): k-means and sampling seed.
         bloom (BloomConfig): Bloom index sizing.
@@ -105,6 +109,7 @@ class IndexConfig:
     min_candidates: float = 16.0
     gather_queries: int = 8
     gather_rows: int = 131072
+    gather_cost: float = 6.0
     sample_size: int = 16384
     kmeans_iters: int = 10
     seed: int = 0
@@ -123,6 +128,8 @@ class IndexConfig:
             raise ValueError(f"scan_selectivity must be in [0, 1], got {self.scan_selectivity!r}")
         if not (isinstance(self.min_candidates, (int, float)) and self.min_candidates >= 0):
             raise ValueError(f"min_candidates must be >= 0, got {self.min_candidates!r}")
+        if not (isinstance(self.gather_cost, (int, float)) and self.gather_cost >= 0):
+            raise ValueError(f"gather_cost must be >= 0, got {self.gather_cost!r}")
         if isinstance(self.bloom, dict):
             object.__setattr__(self, "bloom", BloomConfig(**self.bloom))
         object.__setattr__(self, "kernel", Kernel(self.kernel))
@@ -291,7 +298,8 @@ class Segment:
             constant = None if flt is None else flt.plan.constant
             probes = 0 if len(self) == 0 or constant is False else self._probes(share, nprobe, k)
             count = filters.count(expr)
-            gather = probes >= self.nlist and count >= cfg.gather_queries and share * len(self) <= cfg.gather_rows
+            gather = (count >= cfg.gather_queries and share * len(self) <= cfg.gather_rows
+                      and probes > 0 and cfg.gather_cost * share * self.nlist <= probes)
             if gather:
                 idx = torch.tensor([i for i, f in enumerate(filters) if f == expr])
                 scores[idx, :kk], rows[idx, :kk] = self._gathered(queries[idx], flt, kk, alive)

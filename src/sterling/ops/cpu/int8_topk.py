@@ -30,7 +30,7 @@ from sterling.index.quant import quantize_queries
 from sterling.ops.cpu.ivf_scan import _cttz, _dot
 from sterling.ops.cpu.threads import run_chunked
 
-_MAX_SCORES = 1 << 24  # int32 entries of one chunk's score matrix (64 MiB)
+_MAX_SCORES = 1 << 22  # int32 entries of one chunk's score matrix (16 MiB: stays in cache)
 _MIN_QUERIES_PER_THREAD = 4
 _GROUPS_PER_RESULT = 8
 _SLACK = 1.0 + 2.0**-8  # float32 rounding of the products, on top of the rounding bound
