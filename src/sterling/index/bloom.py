@@ -121,6 +121,7 @@ from sterling.index.filter import (
     as_number,
     parse,
 )
+from sterling.ops.cpu.bits import set_bits
 
 FORMAT_VERSION = 1
 _ABSENT = -2  # term_bits entry: no item holds the value (its term is exactly empty)
@@ -602,7 +603,7 @@ class BloomIndex:
     def candidates(self, plan: BloomPlan, ranges: Ranges | None = None) -> torch.Tensor:
         """int64 [C]: the rows (index order) that may pass, range by range, ascending within."""
         spans = self._spans(ranges)
-        hits = np.flatnonzero(_unpack(self._words(plan, spans)))  # positions in the words
+        hits = set_bits(self._words(plan, spans))  # positions in the words
         return torch.from_numpy(spans.word_index[hits >> 6] * 64 + (hits & 63))
 
     def _words(self, plan: BloomPlan, spans: _Spans) -> torch.Tensor:

@@ -22,18 +22,43 @@ thread pool with the GIL released.
 
 from __future__ import annotations
 
+import threading
+
 import numba
 import numpy as np
 import torch
 
 from sterling.index.quant import quantize_queries
-from sterling.ops.cpu.ivf_scan import _cttz, _dot
+from sterling.ops.cpu.bits import cttz
+from sterling.ops.cpu.ivf_scan import _dot
 from sterling.ops.cpu.threads import run_chunked
 
 _MAX_SCORES = 1 << 22  # int32 entries of one chunk's score matrix (16 MiB: stays in cache)
 _MIN_QUERIES_PER_THREAD = 4
 _GROUPS_PER_RESULT = 8
 _SLACK = 1.0 + 2.0**-8  # float32 rounding of the products, on top of the rounding bound
+_SCRATCH = threading.local()
+
+
+@numba.njit(nogil=True, cache=True)
+def _l1_bound(codes, scales):
+    """``max_r scales[r] * sum_d |codes[r, d]|``: the largest rounding effect of a query step."""
+    top = np.float32(0)
+    for r in range(codes.shape[0]):
+        total = 0
+        for d in range(codes.shape[1]):
+            total += abs(np.int32(codes[r, d]))
+        top = max(top, np.float32(total) * scales[r])
+    return top
+
+
+def _workspace(rows: int, cols: int) -> torch.Tensor:
+    """int32 ``[rows, cols]`` scratch of the calling thread, reused across calls (a fresh matrix
+    per call costs page faults: 0.9 vs 0.5 ms for 256 × 10k)."""
+    buf = getattr(_SCRATCH, "ints", None)
+    if buf is None or buf.numel() < rows * cols:
+        buf = _SCRATCH.ints = torch.empty(rows * cols, dtype=torch.int32)
+    return buf[: rows * cols].view(rows, cols)
 
 
 @numba.njit(nogil=True, cache=True, fastmath=True)
@@ -100,7 +125,7 @@ def _collect(ints, scales, eps, k, groups, counts, lo, hi):
         for w in range(words.shape[0]):
             word = words[w]
             while word != 0:
-                row[count] = w * 8 + (_cttz(word) >> 3)
+                row[count] = w * 8 + (cttz(word) >> 3)
                 count += 1
                 word &= word - np.uint64(1)
         counts[b] = count
@@ -128,15 +153,15 @@ def int8_topk(
     out_s = np.full((b, k), -np.inf, dtype=np.float32)
     out_r = np.full((b, k), -1, dtype=np.int64)
     if m:
-        eps = float((codes.abs().sum(1, dtype=torch.int32) * scales).max()) / 2 * _SLACK
+        codes_np, scales_np, queries_np = codes.contiguous().numpy(), scales.contiguous().numpy(), queries.contiguous().numpy()
+        eps = float(_l1_bound(codes_np, scales_np)) / 2 * _SLACK
         groups = min(m, _GROUPS_PER_RESULT * k)
         quantized = quantize_queries(queries)
-        codes_np, scales_np, queries_np = codes.contiguous().numpy(), scales.contiguous().numpy(), queries.contiguous().numpy()
         rhs = codes.T if codes.shape[1] > 1 else codes.reshape(1, -1)  # torch 2.13 misreads strides (1, 1)
         step = max(1, _MAX_SCORES // m)
         for lo in range(0, b, step):
             hi = min(b, lo + step)
-            ints = torch._int_mm(quantized.codes[lo:hi], rhs).numpy()  # int32 [hi - lo, M]
+            ints = torch._int_mm(quantized.codes[lo:hi], rhs, out=_workspace(hi - lo, m)).numpy()  # int32 [hi - lo, M]
             counts = np.empty(hi - lo, dtype=np.int64)
             run_chunked(_collect, (ints, scales_np, np.float32(eps), k, groups, counts), hi - lo, _MIN_QUERIES_PER_THREAD)
             found = ints[:, : counts.max()]

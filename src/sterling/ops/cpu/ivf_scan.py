@@ -24,25 +24,12 @@ from __future__ import annotations
 import numba
 import numpy as np
 import torch
-from llvmlite import ir
-from numba import types
-from numba.extending import intrinsic
 
+from sterling.ops.cpu.bits import cttz
 from sterling.ops.cpu.threads import run_chunked
 from sterling.ops.plan_program import PlanProgram
 
 _MIN_QUERIES_PER_THREAD = 4
-
-
-@intrinsic
-def _cttz(typingctx, x):
-    """Trailing zero count of a uint64 (LLVM ``cttz``)."""
-    sig = types.uint64(types.uint64)
-
-    def codegen(context, builder, signature, args):
-        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 0))
-
-    return sig, codegen
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
@@ -182,7 +169,7 @@ def _scan_chunk(queries, codes, scales, offsets, probes, bits, ops, prow, pstart
                 if base + 64 > e:
                     word &= (np.uint64(1) << np.uint64(e - base)) - np.uint64(1)
                 while word != 0:
-                    r = base + np.int64(_cttz(word))
+                    r = base + np.int64(cttz(word))
                     word &= word - np.uint64(1)
                     score = _dot(codes, r, q) * scales[r]
                     if score > threshold:
