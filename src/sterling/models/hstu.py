@@ -1,0 +1,175 @@
+"""HSTU: the Hierarchical Sequential Transduction Unit user tower (Zhai et al., ICML'24,
+"Actions Speak Louder than Words"; generative-recommenders' ``HSTUJagged``), over jagged
+sequences with a target-aware mask.
+
+One layer, for the ``L`` tokens of a batch of jagged sequences (width ``D``, ``H`` heads, attention
+width ``a`` and value width ``v`` per head)::
+
+    x̂ = LayerNorm(x)                                       [L, D]
+    u, v, q, k = split(SiLU(x̂ W1 + b1))                    [L, H·v], [L, H·v], [L, H·a], [L, H·a]
+    A = SiLU(q kᵀ / √a + rab(p, t)) / N  ⊙ mask             [B, H, n, n]   (pointwise: no softmax)
+    o = A v                                                 [L, H·v]
+    x ← x + W2 · Dropout(u ⊙ LayerNorm(o))                  [L, D]
+
+``rab`` is the relative attention bias of position and time: a learned weight per relative position
+``p_i - p_j`` plus one per log-bucket of the time gap ``t_i - t_j`` (seconds). ``N`` is a **fixed**
+constant (``HSTUConfig.norm_len``), not the batch's padded length as in the paper's code: with the
+batch maximum, a sequence's output would depend on what else is in its batch, and a request scored
+with its k candidates (ROO) would not equal each impression scored alone (spec ``roo.md`` §5.3).
+
+**Target-aware mask.** The last ``num_targets[b]`` tokens of sequence ``b`` are candidates. History
+tokens attend causally to history only; a candidate attends to the whole history and to itself,
+never to another candidate, and all of a sequence's candidates sit at one position (the history's
+length). So a candidate's output is a function of the history and of that candidate alone.
+
+Projections and norms run on the jagged ``[L, ·]`` values; only the attention pads, to the longest
+sequence of the batch (``[B, H, n, n]``), which is what a dense attention needs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sterling.models import jagged
+
+__all__ = ["HSTU", "HSTUConfig", "target_aware_mask", "token_positions"]
+
+
+@dataclass(frozen=True)
+class HSTUConfig:
+    """Sizes of an HSTU stack.
+
+    Args:
+        dim (int): token width ``D``.
+        num_layers (int): HSTU layers.
+        num_heads (int): heads ``H``.
+        attention_dim (int): query/key width per head ``a``.
+        value_dim (int): value (and gate) width per head ``v``.
+        norm_len (int): the constant ``N`` of the ``1/N`` attention normalisation; also the number
+            of relative-position weights (gaps beyond it share the last).
+        time_buckets (int): log-spaced buckets of the time gap.
+        dropout (float): on the gated attention output.
+    """
+
+    dim: int = 64
+    num_layers: int = 2
+    num_heads: int = 1
+    attention_dim: int = 64
+    value_dim: int = 64
+    norm_len: int = 256
+    time_buckets: int = 64
+    dropout: float = 0.2
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def token_positions(offsets: torch.Tensor, num_targets: torch.Tensor) -> torch.Tensor:
+    """int64 ``[L]``: each token's position in its sequence, candidates all at the history length."""
+    row, col = jagged.row_and_column(offsets)
+    history = jagged.lengths(offsets) - num_targets
+    return torch.minimum(col, history[row])
+
+
+def target_aware_mask(offsets: torch.Tensor, num_targets: torch.Tensor, n: int) -> torch.Tensor:
+    """bool ``[B, n, n]``: ``mask[b, i, j]`` lets token ``i`` of sequence ``b`` attend to token ``j``.
+
+    History (the first ``length - num_targets`` tokens) is causal over history; a candidate sees the
+    whole history and itself; padding sees nothing and is seen by nothing."""
+    lens = jagged.lengths(offsets)[:, None, None]                     # [B, 1, 1]
+    history = lens - num_targets[:, None, None]
+    i = torch.arange(n)[None, :, None]                                 # query index
+    j = torch.arange(n)[None, None, :]                                 # key index
+    inside = (i < lens) & (j < lens)
+    return inside & (((j <= i) & (j < history)) | (i == j))
+
+
+def _time_bucket(gap: torch.Tensor, buckets: int) -> torch.Tensor:
+    """Log-spaced bucket of a time gap in seconds (generative-recommenders' ``log(|Δt|) / 0.301``)."""
+    return (torch.log(gap.abs().clamp(min=1).float()) / 0.301).long().clamp(0, buckets - 1)
+
+
+class RelativeBias(nn.Module):
+    """``rab[b, i, j] = w_pos[p_i - p_j] + w_time[bucket(t_i - t_j)]`` (padded ``[B, n, n]``)."""
+
+    def __init__(self, norm_len: int, time_buckets: int) -> None:
+        super().__init__()
+        self.norm_len, self.time_buckets = norm_len, time_buckets
+        self.position = nn.Parameter(torch.empty(norm_len).normal_(std=0.02))
+        self.time = nn.Parameter(torch.empty(time_buckets).normal_(std=0.02))
+
+    def forward(self, positions: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
+        # positions, timestamps: padded [B, n]
+        gap = (positions[:, :, None] - positions[:, None, :]).clamp(0, self.norm_len - 1)   # [B, n, n]
+        dt = timestamps[:, :, None] - timestamps[:, None, :]                                  # [B, n, n]
+        return self.position[gap] + self.time[_time_bucket(dt, self.time_buckets)]
+
+
+class HSTULayer(nn.Module):
+    """One HSTU layer over jagged tokens (see the module docstring)."""
+
+    def __init__(self, cfg: HSTUConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        h, a, v = cfg.num_heads, cfg.attention_dim, cfg.value_dim
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.uvqk = nn.Linear(cfg.dim, h * (2 * v + 2 * a))
+        self.out_norm = nn.LayerNorm(h * v)
+        self.out = nn.Linear(h * v, cfg.dim)
+        self.bias = RelativeBias(cfg.norm_len, cfg.time_buckets)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor, positions: torch.Tensor,
+                timestamps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        h, a, v = cfg.num_heads, cfg.attention_dim, cfg.value_dim
+        n = mask.shape[-1]
+        u, val, q, k = F.silu(self.uvqk(self.norm(x))).split([h * v, h * v, h * a, h * a], dim=-1)  # [L, ·]
+        qp = jagged.to_padded(q, offsets, n).view(-1, n, h, a)                  # [B, n, H, a]
+        kp = jagged.to_padded(k, offsets, n).view(-1, n, h, a)
+        vp = jagged.to_padded(val, offsets, n).view(-1, n, h, v)                # [B, n, H, v]
+        pos = jagged.to_padded(positions, offsets, n)                           # [B, n]
+        ts = jagged.to_padded(timestamps, offsets, n)
+        scores = torch.einsum("bihd,bjhd->bhij", qp, kp) / math.sqrt(a)         # [B, H, n, n]
+        scores = scores + self.bias(pos, ts)[:, None]
+        attn = F.silu(scores) / cfg.norm_len * mask[:, None]                    # [B, H, n, n]
+        o = torch.einsum("bhij,bjhd->bihd", attn, vp).reshape(-1, n, h * v)     # [B, n, H·v]
+        o = jagged.from_padded(o, offsets)                                      # [L, H·v]
+        return x + self.out(self.dropout(u * self.out_norm(o)))                 # [L, D]
+
+
+class HSTU(nn.Module):
+    """A stack of HSTU layers and a final LayerNorm over jagged token sequences.
+
+    Args:
+        cfg (HSTUConfig): sizes.
+
+    Example::
+
+        enc = HSTU(HSTUConfig(dim=16, attention_dim=8, value_dim=8))
+        offsets = torch.tensor([0, 5, 8])                       # two sequences: 5 and 3 tokens
+        out = enc(torch.randn(8, 16), offsets, torch.arange(8), torch.tensor([2, 1]))   # [8, 16]
+    """
+
+    def __init__(self, cfg: HSTUConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = nn.LayerNorm(cfg.dim)
+
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor, timestamps: torch.Tensor,
+                num_targets: torch.Tensor) -> torch.Tensor:
+        """Encoded tokens ``[L, D]`` of jagged ``x [L, D]`` (offsets ``[B + 1]``, timestamps
+        ``int64 [L]`` in seconds, the last ``num_targets [B]`` tokens of each sequence candidates)."""
+        lens = jagged.lengths(offsets)
+        n = int(lens.max()) if lens.numel() else 0
+        mask = target_aware_mask(offsets, num_targets, n).to(x.dtype)          # [B, n, n]
+        positions = token_positions(offsets, num_targets)                      # [L]
+        for layer in self.layers:
+            x = layer(x, offsets, positions, timestamps, mask)
+        return self.norm(x)
