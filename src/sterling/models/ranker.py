@@ -2,8 +2,10 @@
 two ways of laying out the same computation.
 
 Tokens (``D`` wide): a history event is ``E_item[item] + E_action[action bitmask]``; a candidate is
-``E_item[item] + E_action[TARGET]``, a learned "to be predicted" action, so a candidate carries no
-label information. The user tower (:class:`~sterling.models.hstu.HSTU` or
+``E_item[item] + E_action[TARGET] + E_position[served position]``: a learned "to be predicted"
+action, so a candidate carries no label information, and its own slot in the served list (an
+impression feature known at serving time; position bias is most of what a short training run can
+learn). The user tower (:class:`~sterling.models.hstu.HSTU` or
 :class:`~sterling.models.sasrec.SASRec`) encodes each sequence with the target-aware mask, and the
 multi-task head maps ``out ⊙ E_item[candidate]`` through an MLP to one logit per task.
 
@@ -48,6 +50,7 @@ class RankerConfig:
         norm_len (int): HSTU's constant attention normaliser / position range (history + candidates).
         num_actions (int): action bitmask values embedded (larger values are clamped); one more row
             is the candidates' TARGET action.
+        num_positions (int): served positions embedded (later ones share the last).
         dropout (float): encoder dropout.
     """
 
@@ -59,6 +62,7 @@ class RankerConfig:
     num_heads: int = 1
     norm_len: int = 256
     num_actions: int = 16
+    num_positions: int = 64
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
@@ -98,7 +102,8 @@ class SequenceRanker(nn.Module):
         self.cfg = cfg
         self.items = nn.Embedding(cfg.num_items, cfg.dim)
         self.actions = nn.Embedding(cfg.num_actions + 1, cfg.dim)  # last row: TARGET
-        for table in (self.items, self.actions):
+        self.positions = nn.Embedding(cfg.num_positions, cfg.dim)
+        for table in (self.items, self.actions, self.positions):
             nn.init.normal_(table.weight, std=0.02)
         self.encoder = make_encoder(cfg.encoder, cfg.dim, cfg.num_layers, cfg.num_heads, cfg.norm_len, cfg.dropout)
         self.head = nn.Sequential(nn.Linear(cfg.dim, 2 * cfg.dim), nn.SiLU(), nn.Linear(2 * cfg.dim, len(cfg.tasks)))
@@ -110,7 +115,8 @@ class SequenceRanker(nn.Module):
 
     def candidate_tokens(self, batch: RequestBatch) -> torch.Tensor:
         """``[K, D]``: the impressions as candidate tokens (TARGET action: no labels)."""
-        return self.items(batch.item_rows) + self.actions.weight[self.cfg.num_actions]
+        position = self.positions(batch.positions.clamp(0, self.cfg.num_positions - 1))
+        return self.items(batch.item_rows) + self.actions.weight[self.cfg.num_actions] + position
 
     def forward(self, batch: RequestBatch, mode: str = "roo") -> torch.Tensor:
         """Per-task logits ``[K, T]`` of the batch's impressions, in batch order."""
