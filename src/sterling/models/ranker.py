@@ -7,7 +7,7 @@ action, so a candidate carries no label information, and its own slot in the ser
 impression feature known at serving time; position bias is most of what a short training run can
 learn). The user tower (:class:`~sterling.models.hstu.HSTU` or
 :class:`~sterling.models.sasrec.SASRec`) encodes each sequence with the target-aware mask, and the
-multi-task head maps ``out ⊙ E_item[candidate]`` through an MLP to one logit per task.
+multi-task head maps ``[out ‖ out ⊙ E_item[candidate]]`` through an MLP to one logit per task.
 
 * ``mode="roo"``: one sequence per **request**, ``[history ‖ its k impressions]`` with
   ``num_targets = k``: the history is embedded and encoded once and shared by the k candidates.
@@ -106,7 +106,7 @@ class SequenceRanker(nn.Module):
         for table in (self.items, self.actions, self.positions):
             nn.init.normal_(table.weight, std=0.02)
         self.encoder = make_encoder(cfg.encoder, cfg.dim, cfg.num_layers, cfg.num_heads, cfg.norm_len, cfg.dropout)
-        self.head = nn.Sequential(nn.Linear(cfg.dim, 2 * cfg.dim), nn.SiLU(), nn.Linear(2 * cfg.dim, len(cfg.tasks)))
+        self.head = nn.Sequential(nn.Linear(2 * cfg.dim, 2 * cfg.dim), nn.SiLU(), nn.Linear(2 * cfg.dim, len(cfg.tasks)))
 
     def history_tokens(self, batch: RequestBatch) -> torch.Tensor:
         """``[L, D]``: the batch's history events as tokens."""
@@ -139,4 +139,4 @@ class SequenceRanker(nn.Module):
         tokens, offsets, at = jagged.concat(history, h_offsets, candidates, c_offsets)
         timestamps, _, _ = jagged.concat(h_ts, h_offsets, c_ts, c_offsets)
         out = self.encoder(tokens, offsets, timestamps, num_targets)[at]          # [K, D]
-        return self.head(out * self.items(batch.item_rows))                      # [K, T]
+        return self.head(torch.cat([out, out * self.items(batch.item_rows)], -1))  # [K, T]
