@@ -11,8 +11,9 @@ widens the codes to float32 in registers, which measured as fast as an int8 dot 
 float query leaves no query-quantization error, so the top-k needs no float re-scoring pass: it
 is already the top-k of the inner products with the stored vectors.
 
-Kernels: ``Kernel.REFERENCE`` (:mod:`sterling.ops.reference.ivf_scan`, pure PyTorch, the oracle)
-and ``Kernel.CPU`` (:mod:`sterling.ops.cpu.ivf_scan`, numba, fused, threaded).
+Kernels: ``Kernel.REFERENCE`` (:mod:`sterling.ops.reference.ivf_scan`, pure PyTorch, the oracle),
+``Kernel.CPU`` (:mod:`sterling.ops.cpu.ivf_scan`, numba, fused, threaded) and ``Kernel.TRITON``
+(:mod:`sterling.ops.triton.ivf_scan`, GPU; on CPU tensors under ``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ from sterling.ops.reference import ivf_scan as reference
 
 __all__ = ["Kernel", "PlanProgram", "encode", "ivf_scan"]
 
-_KERNELS = {Kernel.REFERENCE: reference.ivf_scan, Kernel.CPU: cpu.ivf_scan}
+def _triton(*args):
+    from sterling.ops.triton import ivf_scan as gpu  # the [gpu] extra (triton); imported on first use
+
+    return gpu.ivf_scan(*args)
+
+
+_KERNELS = {Kernel.REFERENCE: reference.ivf_scan, Kernel.CPU: cpu.ivf_scan, Kernel.TRITON: _triton}
 
 
 def _desc(t: torch.Tensor) -> str:
@@ -44,7 +51,7 @@ def ivf_scan(
     program: PlanProgram | None = None,
     plan_of: torch.Tensor | None = None,
     alive: torch.Tensor | None = None,
-    kernel: Kernel = Kernel.CPU,
+    kernel: Kernel | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k rows of each query's probed clusters that pass its Bloom plan, by int8 score.
 
@@ -63,7 +70,8 @@ def ivf_scan(
         program (PlanProgram | None): G plans over ``bits``.
         plan_of (torch.Tensor | None): int64 [B], the plan of each query, -1 for no filter.
         alive (torch.Tensor | None): int64 [W], live-row words (a cleared bit: deleted row).
-        kernel (Kernel): the implementation.
+        kernel (Kernel | None): the implementation; None picks by device: ``TRITON`` for CUDA
+            tensors, ``CPU`` otherwise.
 
     Returns:
         tuple[torch.Tensor, torch.Tensor]: scores float32 [B, k], descending, and sorted rows
@@ -71,10 +79,11 @@ def ivf_scan(
     """
     b, n = _validate(queries, codes, scales, list_offsets, probes, k)
     words = (n + 63) // 64
+    device = queries.device
     if program is None:
         program = encode([])
-        plan_of = torch.full((b,), -1, dtype=torch.int64)
-        bits = torch.zeros(0, words, dtype=torch.int64)
+        plan_of = torch.full((b,), -1, dtype=torch.int64, device=device)
+        bits = torch.zeros(0, words, dtype=torch.int64, device=device)
     elif bits is None or plan_of is None:
         raise ValueError("a program needs bits and plan_of")
     if bits.dtype != torch.int64 or bits.dim() != 2 or bits.shape[1] != words:
@@ -86,6 +95,8 @@ def ivf_scan(
         raise ValueError(f"plan_of must lie in [-1, {len(program)})")
     if alive is not None and (alive.dtype != torch.int64 or alive.shape != (words,)):
         raise ValueError(f"alive must be int64 [W={words}], got {_desc(alive)}")
+    if kernel is None:
+        kernel = Kernel.TRITON if queries.is_cuda else Kernel.CPU
     return select("ivf_scan", _KERNELS, kernel)(
         queries, codes, scales, list_offsets, probes, k, bits, program, plan_of, alive
     )
