@@ -13,6 +13,13 @@ from sterling.index.bloom import BloomConfig
 from sterling.index.search import IndexConfig, Segment, auto_nlist, pack_rows
 from sterling.ops.kernel import Kernel
 
+try:  # the Triton scan (on CPU tensors under the interpreter, see tests/conftest.py)
+    import triton  # noqa: F401
+
+    KERNELS = [Kernel.REFERENCE, Kernel.CPU, Kernel.TRITON]
+except ImportError:
+    KERNELS = [Kernel.REFERENCE, Kernel.CPU]
+
 
 def clustered(n: int, d: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
@@ -34,7 +41,7 @@ def cases(draw):
         sample_size=draw(st.sampled_from([4, 64])),
         bloom=BloomConfig(dedicated_bits=draw(st.sampled_from([0, 2, 64])), bits_per_term=draw(st.sampled_from([1.0, 10.0])),
                            min_hashed_width=draw(st.sampled_from([1, 64]))),
-        kernel=draw(st.sampled_from([Kernel.REFERENCE, Kernel.CPU])),
+        kernel=draw(st.sampled_from(KERNELS)),
     )
     kinds = schema(catalogue)
     b = draw(st.integers(1, 5))

@@ -1,16 +1,12 @@
 """The Triton filtered int8 IVF scan against the brute force of ``test_ivf_scan``: on CUDA when
-present, else on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, set here before
-the kernel module is imported)."""
+present, else on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``, set by
+``tests/conftest.py`` before any kernel module is imported)."""
 
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="the Triton kernels need the [gpu] or [dev] extra (triton)")
 
 from hypothesis import given, settings  # noqa: E402

@@ -97,7 +97,10 @@ class IndexConfig:
         sample_size (int): rows sampled for selectivity estimates.
         kmeans_iters (int): Lloyd iterations. seed (int): k-means and sampling seed.
         bloom (BloomConfig): Bloom index sizing.
-        kernel (Kernel): the filtered int8 scan implementation.
+        kernel (Kernel | None): the filtered int8 scan implementation; None (the default) picks
+            by machine: the Triton kernel on the GPU when CUDA is available (the lists' codes,
+            scales and Bloom words are copied to it once), the numba CPU kernel otherwise. Ops
+            without a GPU kernel (the gather plan's ``int8_topk``) run on the CPU.
         compact_at (int): :class:`~sterling.index.item_index.ItemIndex` folds its fresh segment
             into the main one (:meth:`~sterling.index.item_index.ItemIndex.compact`) once it holds
             this many items.
@@ -114,7 +117,7 @@ class IndexConfig:
     kmeans_iters: int = 10
     seed: int = 0
     bloom: BloomConfig = field(default_factory=BloomConfig)
-    kernel: Kernel = Kernel.CPU
+    kernel: Kernel | None = None
     compact_at: int = 65536
 
     def __post_init__(self) -> None:
@@ -132,12 +135,13 @@ class IndexConfig:
             raise ValueError(f"gather_cost must be >= 0, got {self.gather_cost!r}")
         if isinstance(self.bloom, dict):
             object.__setattr__(self, "bloom", BloomConfig(**self.bloom))
-        object.__setattr__(self, "kernel", Kernel(self.kernel))
+        if self.kernel is not None:
+            object.__setattr__(self, "kernel", Kernel(self.kernel))
 
     def to_json(self) -> dict[str, Any]:
         """JSON-serialisable fields (``IndexConfig(**config.to_json())`` rebuilds it)."""
         out = dataclasses.asdict(self)
-        out["kernel"] = self.kernel.value
+        out["kernel"] = None if self.kernel is None else self.kernel.value
         return out
 
 
@@ -243,6 +247,22 @@ class Segment:
         inside = rows < len(self)
         return rows[inside], pack_rows(inside)
 
+    @functools.cached_property
+    def _scan_kernel(self) -> Kernel:
+        """The IVF scan kernel: the configured one, else Triton where CUDA is available, else CPU."""
+        if self.config.kernel is not None:
+            return self.config.kernel
+        return Kernel.TRITON if torch.cuda.is_available() else Kernel.CPU
+
+    @functools.cached_property
+    def _scan_arrays(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """codes, scales, list offsets and Bloom bits on the scan kernel's device (copied once to
+        the GPU for the Triton kernel when CUDA is available)."""
+        arrays = (self.codes.codes, self.codes.scales, self.list_offsets, self.bloom.bits)
+        if self._scan_kernel is Kernel.TRITON and torch.cuda.is_available():
+            return tuple(a.cuda() for a in arrays)
+        return arrays
+
     def compiled(self, expr: str) -> _Filter:
         """``expr`` parsed, compiled to a Bloom plan and its selectivity estimated (cached)."""
         cached = self._filters.get(expr)
@@ -341,7 +361,8 @@ class Segment:
             passing = passing[self.attributes.evaluate_rows(flt.node, passing)]
         if not len(passing):
             return torch.full((q.shape[0], k), float("-inf")), torch.full((q.shape[0], k), -1, dtype=torch.int64)
-        return int8_topk(q, self.codes.codes, self.codes.row_scales(), passing, k, kernel=self.config.kernel)
+        kernel = Kernel.CPU if self._scan_kernel is Kernel.TRITON else self._scan_kernel
+        return int8_topk(q, self.codes.codes, self.codes.row_scales(), passing, k, kernel=kernel)
 
     def _probes(self, share: float, nprobe: int, k: int) -> int:
         """Lists to probe for a filter passing ``share`` of the rows (``nlist``: a scan)."""
@@ -373,8 +394,12 @@ class Segment:
         # scanned again); never above N
         factor = min(4.0, float(np.quantile([1.0] + [compiled[e].candidates_factor() for e in used], 0.75)))
         k0 = min(k0 or math.ceil(k * factor), max(len(self), k))
-        scores, cand = ivf_scan(q, self.codes.codes, self.codes.scales, self.list_offsets, probe_ids, k0,
-                                self.bloom.bits, program, plan_of, alive, kernel=self.config.kernel)   # [B, k0]
+        codes, scales, offsets, bits = self._scan_arrays
+        dev = codes.device
+        scores, cand = ivf_scan(q.to(dev), codes, scales, offsets, probe_ids.to(dev), k0, bits, program,
+                                plan_of.to(dev), None if alive is None else alive.to(dev),
+                                kernel=self._scan_kernel)                                   # [B, k0]
+        scores, cand = scores.cpu(), cand.cpu()
         full = cand[:, -1] >= 0  # k0 candidates came back: more rows may pass
         valid = cand >= 0
         for expr in dict.fromkeys(filters):
