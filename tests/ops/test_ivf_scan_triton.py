@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("triton", reason="the Triton kernels need the [gpu] or [dev] extra (triton)")
+triton = pytest.importorskip("triton", reason="the Triton kernels need the [gpu] or [dev] extra (triton)")
 
 from hypothesis import given, settings  # noqa: E402
 
@@ -62,3 +62,23 @@ def test_k_beyond_the_probed_rows_pads():
              probes=torch.tensor([[0, 1], [1, -1]]), k=10_000, bits=None, program=None, plan_of=None, alive=None)
     scores, rows = run_triton(p)
     assert (rows[0] >= 0).sum() == 100 and (rows[1] >= 0).sum() == 60 and scores.shape == (2, 10_000)
+
+
+@pytest.mark.parametrize("has_alive", [True, False])
+def test_kernel_compiles_for_hopper(has_alive: bool) -> None:
+    """The interpreter runs Python the compiler rejects (``and`` on tensors, loop-carried types):
+    compile the kernel to PTX for sm_90 (H100/H200) too; ptxas ships with triton, no GPU needed."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    from sterling.ops.triton import ivf_scan as module
+
+    kernel = module._scan_kernel
+    jit = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)  # under TRITON_INTERPRET
+    pointers = dict(queries="*fp32", codes="*i8", scales="*fp32", list_offsets="*i64", probes="*i64", bits="*i64",
+                    ops="*i64", leaf_rows="*i64", starts="*i64", plan_of="*i64", alive="*i64", out="*fp32")
+    constants = dict(HAS_ALIVE=has_alive, DEPTH=4, BLOCK=64, D_BLOCK=128)
+    signature = {**pointers, "P": "i32", "W": "i32", "D": "i32", "max_list": "i32", **{c: "constexpr" for c in constants}}
+    compiled = triton.compile(ASTSource(fn=jit, signature=signature, constexprs=constants), target=GPUTarget("cuda", 90, 32))
+    assert ".entry _scan_kernel" in compiled.asm["ptx"]

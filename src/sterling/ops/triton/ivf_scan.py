@@ -56,7 +56,7 @@ def _scan_kernel(
             keep = inside
             if plan >= 0:
                 stack = tl.zeros([DEPTH, BLOCK], dtype=tl.int64)
-                sp = 0
+                sp = t0 * 0  # int64, like the op arguments it is updated with
                 for t in range(t0, t1):
                     code = tl.load(ops + 3 * t)
                     a = tl.load(ops + 3 * t + 1)
@@ -64,7 +64,7 @@ def _scan_kernel(
                     value = tl.zeros([BLOCK], dtype=tl.int64)
                     if code == 0:  # TRUE
                         value = value - 1
-                    elif code >= 2 and code <= 4:  # ALL / ANY / NONE over leaf rows [a, c)
+                    elif (code >= 2) & (code <= 4):  # ALL / ANY / NONE over leaf rows [a, c)
                         acc = tl.load(bits + tl.load(leaf_rows + a) * W + word, mask=inside, other=0)
                         for j in range(a + 1, c):
                             w = tl.load(bits + tl.load(leaf_rows + j) * W + word, mask=inside, other=0)
