@@ -8,6 +8,7 @@ Sub-commands::
     sterling data convert SRC OUT                   request rows ⇄ impression rows (lossless, streaming)
     sterling data stats DIR [--json]                sizes of both formats
     sterling train --data DIR --out CKPT            two-tower on request batches, held-out recall
+    sterling train --model hstu|sasrec --data DIR   next-item retrieval, leave-last-out HR@k / NDCG@k
     sterling publish --checkpoint CKPT --data DIR --out SNAP
     sterling query --snapshot SNAP --user ID [--filter EXPR] [-k 10] [--json]
     sterling bench ann [--quick] [--json PATH] [--plot PATH]   filtered search vs FAISS / hnswlib
@@ -65,18 +66,58 @@ def _cmd_stats(args: argparse.Namespace) -> None:
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
 
 
+RETRIEVAL_MODELS = ("hstu", "sasrec")
+_RETRIEVAL_ONLY = ("max_len", "layers", "lr", "dropout", "eval_every")
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
+    if args.model in RETRIEVAL_MODELS:
+        _train_retrieval(args)
+        return
+    given = [f"--{name.replace('_', '-')}" for name in _RETRIEVAL_ONLY if getattr(args, name) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only with --model hstu or sasrec")
+    if args.out is None:
+        raise ValueError("--out (the checkpoint directory) is required with --model two-tower")
     from sterling.train.loop import TrainConfig, train
 
-    cfg = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, dim=args.dim, seed=args.seed)
-    log = (lambda s: print(s, file=sys.stderr)) if args.json else print
+    cfg = TrainConfig(epochs=5 if args.epochs is None else args.epochs, max_steps=args.max_steps,
+                      dim=64 if args.dim is None else args.dim, seed=args.seed)
+    log = (lambda s: print(s, file=sys.stderr)) if args.json == "-" else print
     report = train(Path(args.data), Path(args.out), cfg, log=log)
+    result = {"checkpoint": str(report.checkpoint), "steps": report.steps, "train_s": report.train_s,
+              "impressions_per_s": report.impressions_per_s, "metrics": report.metrics}
+    if args.json == "-":
+        print(json.dumps(result, indent=2))
+        return
     if args.json:
-        print(json.dumps({"checkpoint": str(report.checkpoint), "steps": report.steps,
-                          "train_s": report.train_s, "impressions_per_s": report.impressions_per_s,
-                          "metrics": report.metrics}, indent=2))
-    else:
-        print(f"checkpoint: {report.checkpoint}")
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"checkpoint: {report.checkpoint}")
+
+
+def _train_retrieval(args: argparse.Namespace) -> None:
+    from sterling.train.retrieval import RetrievalConfig, train_retrieval
+
+    if args.out is not None:
+        raise ValueError("--out: a retrieval run writes no checkpoint (use --json PATH for the report)")
+    given = {"epochs": args.epochs, "dim": args.dim, "max_len": args.max_len, "num_layers": args.layers,
+             "lr": args.lr, "dropout": args.dropout, "eval_every": args.eval_every}
+    cfg = RetrievalConfig(encoder=args.model, seed=args.seed, max_steps=args.max_steps,
+                          **{k: v for k, v in given.items() if v is not None})
+    to_stdout = args.json == "-"
+    log = (lambda s: print(s, file=sys.stderr)) if to_stdout else print
+    path = Path(args.json) if args.json and not to_stdout else None
+    report = train_retrieval(Path(args.data), cfg, log=log, json_path=path)
+    if to_stdout:
+        print(json.dumps(report.to_json(), indent=2))
+        return
+    names = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr")
+    print(f"{args.model} on {args.data}: {report.num_users:,} users, {report.num_items:,} items, "
+          f"{report.epochs:g} epochs, {report.steps} steps, {report.train_s:.0f}s")
+    print(f"  {'':<16}" + "".join(f"{n.upper():>9}" for n in names))
+    for label, metrics in (("valid", report.valid), ("test", report.test), ("popular (test)", report.popular_test)):
+        print(f"  {label:<16}" + "".join(f"{metrics[n]:>9.4f}" for n in names))
 
 
 def _cmd_publish(args: argparse.Namespace) -> None:
@@ -173,6 +214,18 @@ def _cmd_bench_ann(args: argparse.Namespace) -> None:
     cli(args)
 
 
+def _bench_roo_arguments(p: argparse.ArgumentParser) -> None:
+    from sterling.bench.roo import add_arguments
+
+    add_arguments(p)
+
+
+def _cmd_bench_roo(args: argparse.Namespace) -> None:
+    from sterling.bench.roo import cli
+
+    cli(args)
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from sterling.demo import run_demo
 
@@ -210,14 +263,28 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_cmd_stats)
 
-    t = sub.add_parser("train", help="train the two-tower model on request batches")
-    t.add_argument("--data", required=True, help="request-format dataset directory")
-    t.add_argument("--out", required=True, help="checkpoint directory")
-    t.add_argument("--epochs", type=int, default=5)
-    t.add_argument("--max-steps", type=int)
-    t.add_argument("--dim", type=int, default=64)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--json", action="store_true")
+    t = sub.add_parser(
+        "train", help="train the two-tower model, or an HSTU / SASRec next-item retriever",
+        description="--model two-tower (default): the two-tower model on request batches, held-out recall, a "
+        "checkpoint in --out. --model hstu|sasrec: a next-item retriever on the users' timelines, leave-last-out "
+        "split, full-corpus HR@10/NDCG@10/HR@50/NDCG@50 (sterling.train.retrieval).",
+    )
+    t.add_argument("--model", choices=("two-tower", *RETRIEVAL_MODELS), default="two-tower")
+    t.add_argument("--data", required=True, metavar="DIR", help="request-format dataset directory")
+    t.add_argument("--out", metavar="DIR", help="checkpoint directory (two-tower, required there)")
+    t.add_argument("--epochs", type=int, metavar="N",
+                   help="passes over the training data (default: 5 two-tower, 20 retrieval)")
+    t.add_argument("--max-steps", type=int, metavar="N", help="stop after this many steps (smoke runs)")
+    t.add_argument("--dim", type=int, metavar="D", help="embedding width (default: 64 two-tower, 50 retrieval)")
+    t.add_argument("--seed", type=int, default=0, metavar="N")
+    t.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                   help="the report as JSON: on stdout (logs to stderr), or written to PATH")
+    r = t.add_argument_group("retrieval options (--model hstu|sasrec; defaults: GR's ML-1M set-up)")
+    r.add_argument("--max-len", type=int, metavar="N", help="most recent events per sequence (200)")
+    r.add_argument("--layers", type=int, metavar="N", help="encoder layers (2)")
+    r.add_argument("--lr", type=float, help="Adam learning rate (1e-3)")
+    r.add_argument("--dropout", type=float, metavar="P", help="input and encoder dropout (0.2)")
+    r.add_argument("--eval-every", type=int, metavar="N", help="validate every N epochs (0: at the end only)")
     t.set_defaults(func=_cmd_train)
 
     pub = sub.add_parser("publish", help="checkpoint + items → one snapshot")
@@ -231,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     ann = bsub.add_parser("ann", help="filtered top-k: sterling vs FAISS (flat, IVF-SQ8, pre-filter) and hnswlib")
     _bench_ann_arguments(ann)
     ann.set_defaults(func=_cmd_bench_ann)
+    roo = bsub.add_parser("roo", help="ROO vs impression-level training of one HSTU ranker: speed, memory, NE, storage")
+    _bench_roo_arguments(roo)
+    roo.set_defaults(func=_cmd_bench_roo)
 
     q = sub.add_parser("query", help="filtered top-k for one user from a published snapshot")
     q.add_argument("--snapshot", required=True)
