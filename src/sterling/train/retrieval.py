@@ -1,0 +1,475 @@
+"""Retrieval training of the sequential user towers (HSTU, SASRec): next-item prediction over whole
+user timelines, the research setting of generative-recommenders (HSTU paper §4.1.1, spec
+``roo.md`` §7.2).
+
+**Model** (:class:`SequenceRetriever`). One item-id embedding table ``E [N, D]``. A user's timeline
+(item rows, oldest first, at most ``max_len`` events) becomes tokens ``√D · E[item]`` (dropout);
+the user tower (:func:`~sterling.models.ranker.make_encoder`: HSTU or SASRec, ``num_targets = 0``,
+so the mask is plain causal) encodes them, and the output at every position, L2-normalised, is a
+query for the **next** item. Items are scored by the inner product with their L2-normalised
+embeddings (cosine), divided by ``temperature`` in the loss. The same table embeds the inputs and
+the outputs, as in GR. HSTU's relative time bias reads the gaps between the events' timestamps (a
+query's time is its own event's; GR uses the next event's). Batches are jagged (values + offsets);
+only the encoder's attention pads, to the longest sequence of the batch.
+
+**Split: leave-last-out**, the same for both towers. For a user with ``n >= 3`` events ``e_0 …
+e_{n-1}``:
+
+* train: the sequence ``e_0 … e_{n-3}`` (the last ``max_len`` of it): every position but the
+  last predicts the next event;
+* validation: target ``e_{n-2}``, history ``e_0 … e_{n-3}``;
+* test: target ``e_{n-1}``, history ``e_0 … e_{n-2}`` (so it holds the validation item, which the
+  model never trained on).
+
+Events are in timeline order (MovieLens: by timestamp, then item id). Histories are truncated to
+their most recent ``max_len`` events. Neither target, nor anything after
+it, is in the training data or in its own history. Users with fewer than three events are not
+evaluated; they train on their whole timeline (when it has two events or more). GR trains on all
+but the last event (``ignore_last_n = 1``) and has no validation set; holding out two events costs
+each user one training target and keeps validation clean of the test target.
+
+**Loss: sampled softmax.** Every trained position ``p`` (query ``q_p``, target ``t_p``) is scored
+against one candidate set shared by the batch: the batch's distinct target items (in-batch
+positives) plus ``num_negatives`` uniform random items, **de-duplicated**, so each item is one
+column and a random draw equal to ``t_p`` *is* the positive column rather than a negative. Logits
+``q_p · ê_c / temperature``; the loss is the cross-entropy of the positive column, averaged over
+positions. **Same-user negatives are masked**: a candidate that is any item of the anchor's own
+sequence in the batch (other than ``t_p`` itself) is removed from ``p``'s softmax, so a user's other
+targets (past or future) are never pushed down as negatives. No logQ correction: the candidates are
+de-duplicated, so a frequent item is one column, not many (its chance of being a candidate still
+grows with its popularity, but a batch of 128 MovieLens users covers most of the catalogue: about
+1,290 of ML-100K's 1,682 items, 2,480 of the ML-1M subset's 3,883, so the softmax is close to a
+full one). GR samples 128 uniform negatives per position and masks only those equal to the positive.
+
+**Evaluation: full corpus.** The query at the last position of the history scores every item of
+the catalogue (no sampling); the target's rank is the number of items scoring strictly higher
+(:func:`~sterling.train.metrics.target_ranks`). History items are **not** excluded from the
+ranking, as in GR. HR@10, NDCG@10, HR@50, NDCG@50 and MRR for validation and test, computed
+``eval_chunk`` users at a time; a most-popular baseline (train-target counts) beside them.
+
+Example::
+
+    report = train_retrieval(Path("runs/ml-1m-subset"), RetrievalConfig(encoder="hstu", epochs=20))
+    print(report.test["hr@10"], report.test["ndcg@10"])
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sterling.data.batch import ItemCatalog, UserTimelines
+from sterling.data.items import read_items
+from sterling.data.schema import DatasetPaths
+from sterling.models import jagged
+from sterling.models.ranker import make_encoder
+from sterling.train.metrics import hit_rate, ndcg, target_ranks
+
+__all__ = [
+    "EvalSet",
+    "LeaveLastOut",
+    "RetrievalConfig",
+    "RetrievalReport",
+    "SequenceRetriever",
+    "Sequences",
+    "batch_loss",
+    "evaluate_ranks",
+    "leave_last_out",
+    "load_timelines",
+    "popularity_ranks",
+    "ranking_metrics",
+    "sampled_softmax_loss",
+    "train_retrieval",
+]
+
+ENCODERS = ("hstu", "sasrec")
+CUTOFFS = (10, 50)
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """One retrieval training run (defaults: GR's ML-1M configuration, spec ``roo.md`` §7.2).
+
+    Args:
+        encoder (str): user tower, ``"hstu"`` or ``"sasrec"``.
+        dim (int): item embedding and token width ``D`` (50).
+        num_layers (int): encoder layers / blocks (2).
+        num_heads (int): attention heads (1).
+        max_len (int): most recent events per sequence, in training and evaluation (200).
+        dropout (float): on the input tokens and inside the encoder (0.2).
+        epochs (int): passes over the training sequences.
+        batch_size (int): sequences (users) per step (128).
+        lr (float): Adam learning rate (1e-3; betas 0.9, 0.98 as GR; no weight decay).
+        num_negatives (int): uniform random items added to the batch's candidates (128).
+        temperature (float): softmax temperature of the cosine logits (0.05).
+        eval_every (int): validate every this many epochs (0: only after training).
+        eval_chunk (int): users per evaluation chunk (bounds the ``[chunk, N]`` score matrix).
+        seed (int): seed of the parameters, the shuffling and the negatives.
+        max_steps (int | None): stop after this many steps (smoke runs).
+    """
+
+    encoder: str = "hstu"
+    dim: int = 50
+    num_layers: int = 2
+    num_heads: int = 1
+    max_len: int = 200
+    dropout: float = 0.2
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-3
+    num_negatives: int = 128
+    temperature: float = 0.05
+    eval_every: int = 0
+    eval_chunk: int = 256
+    seed: int = 0
+    max_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        if min(self.dim, self.num_layers, self.num_heads, self.max_len, self.batch_size, self.eval_chunk) < 1:
+            raise ValueError("dim, num_layers, num_heads, max_len, batch_size and eval_chunk must be positive")
+        if self.max_len < 2:
+            raise ValueError("max_len must be at least 2 (an input and its next item)")
+        if self.num_negatives < 0 or self.epochs < 0 or self.eval_every < 0 or self.temperature <= 0:
+            raise ValueError("num_negatives, epochs and eval_every must be >= 0 and temperature > 0")
+
+
+# ---------------------------------------------------------------------------------------- split
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """Jagged event sequences: ``items``, ``ts`` int64 ``[L]`` (oldest first within a row),
+    ``offsets`` int64 ``[B + 1]``, ``users`` int64 ``[B]`` (the timeline row of each sequence)."""
+
+    items: torch.Tensor
+    ts: torch.Tensor
+    offsets: torch.Tensor
+    users: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.users.numel())
+
+    def rows(self, rows: torch.Tensor) -> "Sequences":
+        """The sequences ``rows [M]``, in that order."""
+        index, offsets = jagged.gather_rows(self.offsets, rows)
+        return Sequences(self.items[index], self.ts[index], offsets, self.users[rows])
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """Histories and the next item of each: ``targets`` int64 ``[B]``."""
+
+    history: Sequences
+    targets: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.history)
+
+
+@dataclass(frozen=True)
+class LeaveLastOut:
+    """The leave-last-out split of the module docstring."""
+
+    train: Sequences
+    valid: EvalSet
+    test: EvalSet
+
+
+def _ranges(offsets: np.ndarray, items: np.ndarray, ts: np.ndarray, users: np.ndarray,
+            start: np.ndarray, end: np.ndarray) -> Sequences:
+    """The event ranges ``[start[i], end[i])`` as jagged sequences."""
+    lens = end - start
+    out_offsets = np.zeros(len(lens) + 1, dtype=np.int64)
+    np.cumsum(lens, out=out_offsets[1:])
+    index = np.repeat(start - out_offsets[:-1], lens) + np.arange(out_offsets[-1])
+    t = torch.from_numpy
+    return Sequences(t(items[index].copy()), t(ts[index].copy()), t(out_offsets), t(users.copy()))
+
+
+def leave_last_out(offsets: np.ndarray, items: np.ndarray, ts: np.ndarray, max_len: int) -> LeaveLastOut:
+    """Split timelines (``offsets [U + 1]``, ``items``, ``ts`` ``[E]``, oldest first per user) into
+    training sequences and validation / test histories with their targets (module docstring)."""
+    offsets, items, ts = (np.asarray(a, dtype=np.int64) for a in (offsets, items, ts))
+    first, stop = offsets[:-1], offsets[1:]
+    evaluated = (stop - first) >= 3
+    train_end = np.where(evaluated, stop - 2, stop)
+    train_start = np.maximum(first, train_end - max_len)
+    keep = (train_end - train_start) >= 2
+    rows = np.arange(len(first), dtype=np.int64)
+    train = _ranges(offsets, items, ts, rows[keep], train_start[keep], train_end[keep])
+
+    def held_out(target: np.ndarray) -> EvalSet:
+        u = rows[evaluated]
+        at = target[evaluated]
+        history = _ranges(offsets, items, ts, u, np.maximum(first[evaluated], at - max_len), at)
+        return EvalSet(history, torch.from_numpy(items[at].copy()))
+
+    return LeaveLastOut(train, held_out(stop - 2), held_out(stop - 1))
+
+
+# ---------------------------------------------------------------------------------------- model
+
+
+class SequenceRetriever(nn.Module):
+    """Item-id embeddings and a sequential user tower; every position's output is a next-item query.
+
+    Args:
+        num_items (int): rows of the item table (the catalogue).
+        cfg (RetrievalConfig): sizes.
+
+    Example::
+
+        model = SequenceRetriever(1000, RetrievalConfig(encoder="sasrec", dim=16))
+        q = model(items, ts, offsets)            # [L, 16], unit norm
+        scores = q @ model.item_vectors().T      # [L, 1000]
+    """
+
+    def __init__(self, num_items: int, cfg: RetrievalConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_items = num_items
+        self.item_table = nn.Embedding(num_items, cfg.dim)
+        nn.init.normal_(self.item_table.weight, std=0.02)
+        self.input_dropout = nn.Dropout(cfg.dropout)
+        # max_len + 1: SASRec's recencies run 1..max_len, HSTU's relative positions 0..max_len-1.
+        self.encoder = make_encoder(cfg.encoder, cfg.dim, cfg.num_layers, cfg.num_heads, cfg.max_len + 1, cfg.dropout)
+
+    def item_vectors(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """L2-normalised item embeddings ``[n, D]`` of ``rows`` (default: the whole catalogue)."""
+        weight = self.item_table.weight if rows is None else self.item_table(rows)
+        return F.normalize(weight, dim=-1)
+
+    def forward(self, items: torch.Tensor, ts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Unit-norm queries ``[L, D]``: position ``i`` of a sequence encodes its events ``<= i``."""
+        x = self.input_dropout(self.item_table(items) * math.sqrt(self.cfg.dim))
+        num_targets = torch.zeros(offsets.numel() - 1, dtype=torch.int64)
+        return F.normalize(self.encoder(x, offsets, ts, num_targets), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------- loss
+
+
+def sampled_softmax_loss(
+    queries: torch.Tensor,
+    targets: torch.Tensor,
+    owner: torch.Tensor,
+    seq_items: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    negatives: torch.Tensor,
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    temperature: float,
+) -> torch.Tensor:
+    """Sampled softmax over in-batch targets + shared random negatives, same-user items masked.
+
+    Args:
+        queries (torch.Tensor): float ``[P, D]`` unit-norm queries of the trained positions.
+        targets (torch.Tensor): int64 ``[P]`` the next item of each position.
+        owner (torch.Tensor): int64 ``[P]`` the batch sequence (row of ``seq_offsets``) of each position.
+        seq_items (torch.Tensor): int64 ``[L]`` the batch's sequences, offsets ``seq_offsets [B + 1]``.
+        negatives (torch.Tensor): int64 ``[M]`` random items shared by the batch.
+        embed (Callable): item rows ``[C]`` → unit-norm vectors ``[C, D]``.
+        temperature (float): logits are cosine / temperature.
+
+    Returns:
+        torch.Tensor: the mean cross-entropy (a scalar).
+    """
+    p = targets.numel()
+    candidates, inverse = torch.unique(torch.cat([targets, negatives]), return_inverse=True)  # sorted [C]
+    positive = inverse[:p]                                                                   # [P]
+    logits = (queries / temperature) @ embed(candidates).T                                   # [P, C]
+    # member[b, c]: candidate c is an item of batch sequence b
+    row, _ = jagged.row_and_column(seq_offsets)
+    at = torch.searchsorted(candidates, seq_items).clamp(max=candidates.numel() - 1)
+    hit = candidates[at] == seq_items
+    member = torch.zeros(seq_offsets.numel() - 1, candidates.numel(), dtype=torch.bool)
+    member[row[hit], at[hit]] = True
+    mask = member[owner]                                                                     # [P, C]
+    mask[torch.arange(p), positive] = False
+    return F.cross_entropy(logits.masked_fill(mask, float("-inf")), positive)
+
+
+def _trained_positions(offsets: torch.Tensor) -> torch.Tensor:
+    """int64 ``[P]``: every token of a jagged batch that has a next token in its sequence."""
+    has_next = torch.ones(int(offsets[-1]), dtype=torch.bool)
+    lens = jagged.lengths(offsets)
+    has_next[(offsets[1:] - 1)[lens > 0]] = False
+    return torch.nonzero(has_next).squeeze(1)
+
+
+def batch_loss(model: SequenceRetriever, batch: Sequences, negatives: torch.Tensor) -> torch.Tensor:
+    """The loss of one batch of training sequences (every position with a next item is trained)."""
+    queries = model(batch.items, batch.ts, batch.offsets)                                    # [L, D]
+    anchor = _trained_positions(batch.offsets)                                               # [P]
+    owner, _ = jagged.row_and_column(batch.offsets)
+    return sampled_softmax_loss(queries[anchor], batch.items[anchor + 1], owner[anchor], batch.items,
+                                batch.offsets, negatives, model.item_vectors, model.cfg.temperature)
+
+
+# ----------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate_ranks(model: SequenceRetriever, data: EvalSet, chunk: int = 256) -> torch.Tensor:
+    """int64 ``[B]``: the full-corpus rank of each target (items scoring strictly higher), the query
+    being the output at the history's last position; ``chunk`` users at a time."""
+    was_training = model.training
+    model.eval()
+    items = model.item_vectors()                                                             # [N, D]
+    ranks = []
+    for s in range(0, len(data), chunk):
+        rows = torch.arange(s, min(s + chunk, len(data)))
+        h = data.history.rows(rows)
+        queries = model(h.items, h.ts, h.offsets)[h.offsets[1:] - 1]                         # [b, D]
+        ranks.append(target_ranks(queries @ items.T, data.targets[rows]))
+    model.train(was_training)
+    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.int64)
+
+
+def ranking_metrics(ranks: torch.Tensor, cutoffs: tuple[int, ...] = CUTOFFS) -> dict[str, float]:
+    """HR@k and NDCG@k per cutoff and MRR of 0-based ranks ``[B]``."""
+    out = {}
+    for k in cutoffs:
+        out[f"hr@{k}"] = hit_rate(ranks, k)
+        out[f"ndcg@{k}"] = ndcg(ranks, k)
+    out["mrr"] = float((1.0 / (ranks.double() + 1)).mean()) if ranks.numel() else float("nan")
+    return out
+
+
+def popularity_ranks(train: Sequences, data: EvalSet, num_items: int) -> torch.Tensor:
+    """Ranks ``[B]`` under the most-popular baseline: items ordered by their count as a training
+    target (ties broken by item row), the same list for every user."""
+    anchor = _trained_positions(train.offsets)
+    counts = torch.bincount(train.items[anchor + 1], minlength=num_items).double()
+    score = counts - torch.arange(num_items, dtype=torch.float64) / (2 * num_items)         # unique scores
+    order = torch.argsort(score, descending=True)
+    position = torch.empty(num_items, dtype=torch.int64)
+    position[order] = torch.arange(num_items)
+    return position[data.targets]
+
+
+# ------------------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class RetrievalReport:
+    """What a run produced.
+
+    Attributes:
+        config (RetrievalConfig): the run's configuration. data_dir (str): the dataset.
+        num_items (int): catalogue size (every item is ranked). num_users (int): evaluated users.
+        train_events (int): tokens of the training sequences (one epoch).
+        steps (int), epochs (float): optimiser steps and passes done.
+        train_s (float): wall time of the training loop (periodic validation included).
+        valid, test (dict): HR@k, NDCG@k, MRR after the last step (keys ``hr@10`` … ``mrr``).
+        popular_test (dict): the same for the most-popular baseline on the test targets.
+        curve (list[dict]): per epoch: epoch, steps, mean loss, elapsed seconds, and ``valid``
+            metrics every ``eval_every`` epochs.
+    """
+
+    config: RetrievalConfig
+    data_dir: str
+    num_items: int
+    num_users: int
+    train_events: int
+    steps: int
+    epochs: float
+    train_s: float
+    valid: dict[str, float]
+    test: dict[str, float]
+    popular_test: dict[str, float]
+    curve: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "config": asdict(self.config)}
+
+    def write_json(self, path: Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
+
+def load_timelines(data_dir: Path) -> tuple[UserTimelines, int]:
+    """The users table of a request-format dataset and the catalogue size."""
+    paths = DatasetPaths(Path(data_dir))
+    item_ids, _, _ = read_items(paths.items)
+    catalog = ItemCatalog(item_ids)
+    return UserTimelines.read(paths.users, catalog), len(catalog)
+
+
+def train_retrieval(
+    data_dir: Path,
+    cfg: RetrievalConfig = RetrievalConfig(),
+    log: Callable[[str], None] = print,
+    json_path: Path | None = None,
+) -> RetrievalReport:
+    """Train a :class:`SequenceRetriever` on the timelines of ``data_dir`` (sterling's request
+    format: ``users.parquet`` + ``items.parquet``) and evaluate it on the leave-last-out targets."""
+    torch.manual_seed(cfg.seed)
+    timelines, num_items = load_timelines(Path(data_dir))
+    split = leave_last_out(timelines.offsets, timelines.item_rows, timelines.ts, cfg.max_len)
+    model = SequenceRetriever(num_items, cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train = split.train
+    if len(train) == 0:
+        raise ValueError(f"{data_dir}: no user has two events to train on")
+    log(f"retrieval ({cfg.encoder}): {num_items:,} items, {len(train):,} training sequences "
+        f"({int(train.offsets[-1]):,} events), {len(split.test):,} evaluated users")
+
+    steps, curve, t0 = 0, [], time.perf_counter()
+    epochs_done = 0.0
+    per_epoch = math.ceil(len(train) / cfg.batch_size)
+    done = cfg.max_steps is not None and cfg.max_steps <= 0
+    for epoch in range(cfg.epochs):
+        if done:
+            break
+        model.train()
+        order = torch.randperm(len(train), generator=gen)
+        total = 0.0
+        for i, s in enumerate(range(0, len(train), cfg.batch_size)):
+            batch = train.rows(order[s : s + cfg.batch_size])
+            negatives = torch.randint(num_items, (cfg.num_negatives,), generator=gen)
+            loss = batch_loss(model, batch, negatives)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps, total = steps + 1, total + loss.item()
+            if cfg.max_steps is not None and steps >= cfg.max_steps:
+                done = True
+                break
+        epochs_done = epoch + (i + 1) / per_epoch
+        elapsed = time.perf_counter() - t0
+        point = {"epoch": round(epochs_done, 3), "steps": steps, "loss": total / (i + 1), "train_s": elapsed}
+        if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs and not done:
+            point["valid"] = ranking_metrics(evaluate_ranks(model, split.valid, cfg.eval_chunk))
+        curve.append(point)
+        valid = point.get("valid", {})
+        valid_txt = "".join(f", valid {k.upper()} {valid[k]:.4f}" for k in ("hr@10", "ndcg@10") if k in valid)
+        log(f"  epoch {epoch + 1}/{cfg.epochs}: loss {point['loss']:.4f}, {steps} steps, {elapsed:.1f}s{valid_txt}")
+    train_s = time.perf_counter() - t0
+
+    valid = ranking_metrics(evaluate_ranks(model, split.valid, cfg.eval_chunk))
+    test = ranking_metrics(evaluate_ranks(model, split.test, cfg.eval_chunk))
+    popular = ranking_metrics(popularity_ranks(train, split.test, num_items))
+    report = RetrievalReport(
+        config=cfg, data_dir=str(Path(data_dir).resolve()), num_items=num_items, num_users=len(split.test),
+        train_events=int(train.offsets[-1]), steps=steps, epochs=round(epochs_done, 3), train_s=train_s,
+        valid=valid, test=test, popular_test=popular, curve=curve,
+    )
+    for name, metrics in (("valid", valid), ("test", test), ("popular (test)", popular)):
+        log(f"  {name}: " + ", ".join(f"{k.upper()} {v:.4f}" for k, v in metrics.items()))
+    if json_path is not None:
+        log(f"  wrote {report.write_json(json_path)}")
+    return report
