@@ -69,4 +69,9 @@ def int8_topk(
         raise ValueError(f"rows must lie in [0, {codes.shape[0]})")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
-    return select("int8_topk", _KERNELS, kernel)(queries, codes, scales, rows, k)
+    if rows is not None:  # the kernels score a contiguous block: gather it once, map back once
+        codes, scales = codes.index_select(0, rows), scales.index_select(0, rows)
+    scores, local = select("int8_topk", _KERNELS, kernel)(queries, codes, scales, k)
+    if rows is None or not len(rows):
+        return scores, local
+    return scores, torch.where(local >= 0, rows[local.clamp(min=0)], -1)

@@ -109,10 +109,15 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
+def _summed_bce(model: SequenceRanker, batch: RequestBatch, mode: str) -> torch.Tensor:
+    """BCE summed over the batch's impressions and tasks (a scalar)."""
+    return F.binary_cross_entropy_with_logits(model(batch, mode), batch.labels, reduction="sum")
+
+
 def ranking_loss(model: SequenceRanker, batch: RequestBatch, mode: str) -> torch.Tensor:
-    """BCE per task averaged over the batch's impressions, summed over tasks (a scalar)."""
-    logits = model(batch, mode)                                                         # [K, T]
-    return F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none").mean(0).sum()
+    """BCE per task averaged over the batch's impressions, summed over tasks (a scalar): the
+    objective :func:`accumulate_gradient` backpropagates in micro-batches."""
+    return _summed_bce(model, batch, mode) / batch.num_impressions
 
 
 def encoder_tokens(batch: RequestBatch, mode: str) -> torch.Tensor:
@@ -131,9 +136,7 @@ def accumulate_gradient(model: SequenceRanker, batch: RequestBatch, mode: str, m
         tokens += cost[hi - 1]
         if hi < batch.num_requests and tokens + cost[hi] <= micro_tokens:
             continue
-        part = batch.requests(lo, hi)
-        logits = model(part, mode)                                                      # [k, T]
-        loss = F.binary_cross_entropy_with_logits(logits, part.labels, reduction="none").sum() / batch.num_impressions
+        loss = _summed_bce(model, batch.requests(lo, hi), mode) / batch.num_impressions
         loss.backward()
         total, lo, tokens = total + loss.item(), hi, 0
     return total

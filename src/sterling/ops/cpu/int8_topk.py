@@ -143,12 +143,9 @@ def int8_topk(
     queries: torch.Tensor,
     codes: torch.Tensor,
     scales: torch.Tensor,
-    rows: torch.Tensor | None,
     k: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """See :func:`sterling.ops.int8_topk.int8_topk` (inputs assumed valid)."""
-    if rows is not None:
-        codes, scales = codes.index_select(0, rows), scales.index_select(0, rows)
+    """See :func:`sterling.ops.int8_topk.int8_topk` (every row scored; inputs assumed valid)."""
     b, m = queries.shape[0], codes.shape[0]
     out_s = np.full((b, k), -np.inf, dtype=np.float32)
     out_r = np.full((b, k), -1, dtype=np.int64)
@@ -172,7 +169,4 @@ def int8_topk(
             out_s[lo:hi, : order.shape[1]] = np.take_along_axis(exact, order, 1)
             out_r[lo:hi, : order.shape[1]] = np.take_along_axis(found, order, 1)
     out_r[np.isneginf(out_s)] = -1
-    found = torch.from_numpy(out_r)
-    if rows is not None and m:
-        found = torch.where(found >= 0, rows[found.clamp(min=0)], -1)
-    return torch.from_numpy(out_s), found
+    return torch.from_numpy(out_s), torch.from_numpy(out_r)

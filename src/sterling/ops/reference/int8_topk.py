@@ -15,12 +15,7 @@ def int8_topk(
     queries: torch.Tensor,
     codes: torch.Tensor,
     scales: torch.Tensor,
-    rows: torch.Tensor | None,
     k: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """See :func:`sterling.ops.int8_topk.int8_topk` (inputs assumed valid)."""
-    if rows is not None:
-        codes, scales = codes[rows], scales[rows]
-    scores, local = filtered_topk(queries, codes.float() * scales.unsqueeze(1), None, k)
-    found = local if rows is None or not len(rows) else rows[local.clamp(min=0)]
-    return scores, torch.where(local >= 0, found, -1)
+    """See :func:`sterling.ops.int8_topk.int8_topk` (every row scored; inputs assumed valid)."""
+    return filtered_topk(queries, codes.float() * scales.unsqueeze(1), None, k)
