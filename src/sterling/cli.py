@@ -7,11 +7,13 @@ Sub-commands::
     sterling data movielens SRC --out DIR           MovieLens (100K / 1M / latest-small) → request rows
     sterling data convert SRC OUT                   request rows ⇄ impression rows (lossless, streaming)
     sterling data stats DIR [--json]                sizes of both formats
-    sterling train --data DIR --out CKPT            two-tower on request batches, held-out recall
+    sterling train --data DIR --out CKPT            two-tower + OverArch on request batches, held-out recall
     sterling train --model hstu|sasrec --data DIR   next-item retrieval, leave-last-out HR@k / NDCG@k
-    sterling publish --checkpoint CKPT --data DIR --out SNAP
+    sterling publish --checkpoint CKPT --data DIR --out SNAP [--value FORMULA] [--export]
     sterling query --snapshot SNAP --user ID [--filter EXPR] [-k 10] [--json]
     sterling bench ann [--quick] [--json PATH] [--plot PATH]   filtered search vs FAISS / hnswlib
+    sterling bench roo [--quick] [--json PATH]      ROO vs impression-level training
+    sterling bench retrieval [--quick] [--json PATH]   recall@K / QPS: exact, int8+Bloom, +OverArch, +VM
 
 Errors in the input (a malformed filter, a corrupt snapshot, a missing file) print one line naming
 the problem and exit with status 2.
@@ -125,7 +127,9 @@ def _cmd_publish(args: argparse.Namespace) -> None:
     from sterling.serving.publish import publish
 
     t0 = time.perf_counter()
-    out = publish(Path(args.checkpoint), DatasetPaths(Path(args.data)).items, Path(args.out))
+    out = publish(Path(args.checkpoint), DatasetPaths(Path(args.data)).items, Path(args.out), k0=args.k0,
+                  nprobe=args.nprobe, value_formula=args.value, use_overarch=not args.no_overarch,
+                  export=args.export)
     print(f"published {out} in {time.perf_counter() - t0:.1f}s")
 
 
@@ -148,9 +152,9 @@ def _user_history(data_dir: Path, user: int, max_len: int) -> tuple[np.ndarray, 
 
 
 def _cmd_query(args: argparse.Namespace) -> None:
-    from sterling.serving.publish import Recommender
+    from sterling.serving.publish import load_model
 
-    rec = Recommender.load(Path(args.snapshot))
+    rec = load_model(Path(args.snapshot))
     print(format_recommendations(rec, args.user, args.history, args.filter, args.k, args.data, args.json))
 
 
@@ -164,8 +168,10 @@ def format_recommendations(
         items = np.array([int(x) for x in history.split(",") if x.strip()], dtype=np.int64)
         actions = None
     else:
-        items, actions, features = _user_history(data_dir, user, rec.model.cfg.max_history)
-    res = rec.recommend(items, filter=filter, k=k, actions=actions, features=features)
+        items, actions, features = _user_history(data_dir, user, rec.config.max_history)
+    k = min(k, rec.config.k0)
+    res = rec.recommend(items.tolist(), filter=filter, k=k, actions=None if actions is None else actions.tolist(),
+                        features=features)
     ids = [i for i in res.ids[0].tolist() if i >= 0]
     scores = res.scores[0, : len(ids)].tolist()
     attrs = rec.index.attributes_of(ids) if ids else []
@@ -222,6 +228,18 @@ def _bench_roo_arguments(p: argparse.ArgumentParser) -> None:
 
 def _cmd_bench_roo(args: argparse.Namespace) -> None:
     from sterling.bench.roo import cli
+
+    cli(args)
+
+
+def _bench_retrieval_arguments(p: argparse.ArgumentParser) -> None:
+    from sterling.bench.retrieval import add_arguments
+
+    add_arguments(p)
+
+
+def _cmd_bench_retrieval(args: argparse.Namespace) -> None:
+    from sterling.bench.retrieval import cli
 
     cli(args)
 
@@ -291,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--checkpoint", required=True)
     pub.add_argument("--data", required=True, help="dataset directory holding items.parquet")
     pub.add_argument("--out", required=True)
+    pub.add_argument("--k0", type=int, default=1000, help="ANN candidates per task query handed to OverArch")
+    pub.add_argument("--nprobe", type=int, help="IVF lists probed (default: the index's)")
+    pub.add_argument("--value", metavar="FORMULA",
+                     help="Value Model over the task probabilities, e.g. 'click + 0.5*like^0.5' (default: primary task)")
+    pub.add_argument("--no-overarch", action="store_true", help="rank the ANN candidates by inner product")
+    pub.add_argument("--export", action="store_true", help="also write program.pt2, the torch.export forward")
     pub.set_defaults(func=_cmd_publish)
 
     b = sub.add_parser("bench", help="benchmarks against the named peers, JSON out")
@@ -301,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     roo = bsub.add_parser("roo", help="ROO vs impression-level training of one HSTU ranker: speed, memory, NE, storage")
     _bench_roo_arguments(roo)
     roo.set_defaults(func=_cmd_bench_roo)
+    ret = bsub.add_parser("retrieval", help="the quality table: exact, int8 + Bloom, + OverArch, + Value Model")
+    _bench_retrieval_arguments(ret)
+    ret.set_defaults(func=_cmd_bench_retrieval)
 
     q = sub.add_parser("query", help="filtered top-k for one user from a published snapshot")
     q.add_argument("--snapshot", required=True)

@@ -1,7 +1,7 @@
 """``sterling demo``: the whole flow on the built-in synthetic default.
 
-synthetic request logs → storage in both formats → two-tower training on request batches →
-publish one snapshot → filtered queries for a few users.
+synthetic request logs → storage in both formats → two-tower + OverArch training on request
+batches → publish one snapshot (index, embedding cache, OverArch, Value Model) → filtered queries.
 """
 
 from __future__ import annotations
@@ -19,10 +19,13 @@ from sterling.cli import format_recommendations
 from sterling.data.schema import DatasetPaths
 from sterling.data.stats import dataset_stats, format_stats
 from sterling.data.synth import SynthConfig, generate
-from sterling.serving.publish import Recommender, publish
+from sterling.serving.publish import load_model, publish
 from sterling.train.loop import TrainConfig, train
 
-__all__ = ["DEMO_FILTERS", "run_demo"]
+__all__ = ["DEMO_FILTERS", "DEMO_VALUE", "run_demo"]
+
+#: The demo's Value Model: clicks first, likes and shares as bonuses.
+DEMO_VALUE = "click + 0.5*like^0.5 + 0.25*share"
 
 #: Filters the demo shows: a broad one, a multi-valued IN with NOT, a numeric range, and an
 #: unknown value (matches nothing, by design).
@@ -50,13 +53,15 @@ def run_demo(workdir: Path, quick: bool = False) -> None:
     data = generate(synth, workdir / "data")
     _step(2, "storage: request rows vs impression rows (zstd Parquet)", t_start)
     print(_indent(format_stats(dataset_stats(data))))
-    _step(3, "training the two-tower model on request batches (user tower once per request)", t_start)
+    _step(3, "training the two-tower model, then its OverArch, on request batches (user tower once per request)",
+          t_start)
     report = train(data, workdir / "checkpoint", train_cfg, log=lambda s: print(_indent(s)))
-    _step(4, "publishing one snapshot (item embeddings + attribute index + user tower)", t_start)
-    snapshot = publish(report.checkpoint, DatasetPaths(data).items, workdir / "snapshot")
+    _step(4, "publishing one model: user tower + int8 IVF / Bloom index + embedding cache + OverArch + Value Model",
+          t_start)
+    snapshot = publish(report.checkpoint, DatasetPaths(data).items, workdir / "snapshot", value_formula=DEMO_VALUE)
     print(_indent(f"{snapshot}"))
     _step(5, "filtered queries", t_start)
-    rec = Recommender.load(snapshot)
+    rec = load_model(snapshot)
     users = pq.read_table(DatasetPaths(data).users, columns=["user_id"]).column("user_id").to_pylist()
     for user, flt in zip([users[0], users[len(users) // 2], users[-1]] * 2, DEMO_FILTERS):
         print(_indent(format_recommendations(rec, user, None, flt, 5, str(data), False)))

@@ -33,25 +33,25 @@ def brute_force_check(
     assert res.ids.shape == res.scores.shape == (len(queries), k)
     assert res.ids.dtype == torch.int64 and res.scores.dtype == torch.float32
     for b, query in enumerate(queries):
-        exact = {
+        scores = {
             i: float(emb.double() @ query.double())
             for i, (emb, attrs) in items.items()
             if passes[b](attrs)
         }
-        count = min(k, len(exact))
+        count = min(k, len(scores))
         got = res.ids[b, :count].tolist()
         assert (res.ids[b, count:] == -1).all() and torch.isneginf(res.scores[b, count:]).all()
-        assert len(set(got)) == count and all(i in exact for i in got)
+        assert len(set(got)) == count and all(i in scores for i in got)
         torch.testing.assert_close(
             res.scores[b, :count].double(),
-            torch.tensor([exact[i] for i in got], dtype=torch.float64),
+            torch.tensor([scores[i] for i in got], dtype=torch.float64),
             rtol=1e-5,
             atol=1e-4,
         )
         assert (res.scores[b, :count].diff() <= 0).all()
-        rest = [s for i, s in exact.items() if i not in set(got)]
+        rest = [s for i, s in scores.items() if i not in set(got)]
         if exact and count and rest:
-            assert max(rest) <= min(exact[i] for i in got) + 1e-4
+            assert max(rest) <= min(scores[i] for i in got) + 1e-4
 
 
 @st.composite

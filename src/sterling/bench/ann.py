@@ -128,21 +128,23 @@ def movielens_catalogue(src: Path, cfg: AnnBenchConfig, log=print) -> Catalogue:
 
     from sterling.data.movielens import load_movielens
     from sterling.data.schema import TIMELINE_ITEM_ID, DatasetPaths
-    from sterling.serving.publish import Recommender, publish
+    from sterling.serving.publish import load_model, publish
     from sterling.train.loop import TrainConfig, train
 
     rng = np.random.default_rng(cfg.seed)
     with tempfile.TemporaryDirectory() as tmp:
         data = load_movielens(src, Path(tmp) / "data")
-        report = train(data, Path(tmp) / "checkpoint", TrainConfig(epochs=1), log=lambda _: None)
-        rec = Recommender.load(publish(report.checkpoint, DatasetPaths(data).items, Path(tmp) / "snapshot"))
+        report = train(data, Path(tmp) / "checkpoint", TrainConfig(epochs=1, overarch=None), log=lambda _: None)
+        rec = load_model(publish(report.checkpoint, DatasetPaths(data).items, Path(tmp) / "snapshot"))
         timelines = pq.read_table(DatasetPaths(data).users, columns=[TIMELINE_ITEM_ID]).column(0).to_pylist()
     ids = rec.index.ids
     x = rec.index.embeddings_of(ids).numpy()
     attributes = rec.index.attributes_of(ids)
     store = AttributeStore.build(attributes)
     users = rng.choice(len(timelines), cfg.queries, replace=len(timelines) < cfg.queries)
-    q = np.concatenate([rec.user_embedding(timelines[u]).numpy() for u in users]).astype(np.float32)
+    with torch.no_grad():
+        _, queries = rec.encode(rec.inputs([timelines[u] for u in users]))
+    q = queries[:, rec.config.primary].numpy().astype(np.float32)
     genres = sorted({g for a in attributes for g in a.get("genre", [])})
     years = sorted({a["year"] for a in attributes if "year" in a})
     candidates = [f'genre:"{g}"' for g in genres] + [f'NOT genre:"{g}"' for g in genres]

@@ -18,6 +18,11 @@ running beside an update sees the old or the new version of every item, never a 
 ``compact`` folds the fresh items into the main segment (nearest existing centroid; k-means again
 when the catalogue has outgrown its lists) and drops the tombstoned rows.
 
+For an exported model, ``plan`` does the host half of a search over a compacted index (probe
+counts, the rows each query may return) and ``executor_tensors`` hands over the index's tensors:
+:func:`sterling.ops.reference.masked_ivf_topk.masked_ivf_topk` then returns what ``search`` returns,
+with tensor ops only.
+
 Scores are inner products with the **stored** vectors (``codes * scale``): "exact" means exact
 with respect to them. No item failing the filter is ever returned, and with ``nprobe >= nlist``
 the result is the exact filtered top-k (up to ties).
@@ -44,7 +49,7 @@ from sterling.ops.filtered_topk import filtered_topk
 from sterling.ops.plan_program import bit_of
 from sterling.serving.snapshot import SnapshotError, read_snapshot, write_snapshot
 
-__all__ = ["IndexConfig", "ItemIndex", "SearchResult"]
+__all__ = ["IndexConfig", "ItemIndex", "QueryPlan", "SearchResult"]
 
 _SNAPSHOT_FILE = "index"
 _SNAPSHOT_META = "item_index"
@@ -66,6 +71,24 @@ class SearchResult:
     ids: torch.Tensor
     scores: torch.Tensor
     explain: list[dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
+class QueryPlan:
+    """The host-side half of a search of B queries (:meth:`ItemIndex.plan`): what the tensor-only
+    executor :func:`sterling.ops.reference.masked_ivf_topk.masked_ivf_topk` needs per query.
+
+    Args:
+        probes (torch.Tensor): int64 [B], the IVF lists each query probes first (before the 4×
+            widening of a query short of results): ``nlist`` for a scan or a gathered filter, 0
+            where nothing can pass.
+        allowed (torch.Tensor): int64 [B, W], W = ceil(N / 64) over the main segment's rows: row r
+            (bit ``r % 64`` of word ``r // 64``) is set iff it passes the query's filter exactly
+            and is not deleted.
+    """
+
+    probes: torch.Tensor
+    allowed: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -246,10 +269,7 @@ class ItemIndex:
         q = _as_matrix(queries, "queries", allow_vector=True)
         if q.shape[1] != self.dim:
             raise ValueError(f"queries have dimension {q.shape[1]}, the index has {self.dim}")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be an int >= 1, got {k!r}")
-        if nprobe is not None and (isinstance(nprobe, bool) or not isinstance(nprobe, int) or nprobe < 1):
-            raise ValueError(f"nprobe must be None or an int >= 1, got {nprobe!r}")
+        _check_k_nprobe(k, nprobe)
         filters = _filters(filter, q.shape[0])
         scores, rows, records = state.main.search(q, filters, k, nprobe, state.alive)
         ids = torch.where(rows >= 0, state.main.ids[rows.clamp(min=0)], -1) if len(state.main) else rows
@@ -259,6 +279,63 @@ class ItemIndex:
             ids = torch.cat([ids, fresh_ids], 1).gather(1, pick)
             records.append({"fresh_items": len(state.fresh.ids), "plan": "exact"})
         return SearchResult(ids, scores, records if explain else None)
+
+    def plan(
+        self,
+        k: int,
+        filter: str | Sequence[str | None] | None = None,
+        nprobe: int | None = None,
+        batch: int | None = None,
+    ) -> QueryPlan:
+        """The plan of a search, for the tensor-only executor: what :meth:`search` decides on the
+        host (probe counts, the rows each filter lets through) without the queries.
+
+        ``masked_ivf_topk(queries, **tensors, probes=plan.probes, allowed=plan.allowed, k=k)``
+        with ``tensors`` from :meth:`executor_tensors` (``ids`` popped) returns the rows of
+        ``search(queries, k, filter, nprobe)``: the same ids (``ids[rows]``, -1 kept) and scores
+        up to float32 rounding (ties aside). The plan and the tensors describe the index as it is
+        now: take both before an update, and plan on a compacted index (see Raises).
+
+        Args:
+            k (int): results per query, k >= 1.
+            filter (str | Sequence[str | None] | None): as in :meth:`search`.
+            nprobe (int | None): as in :meth:`search`.
+            batch (int | None): B, the number of queries; default the length of a ``filter``
+                list, else 1.
+
+        Returns:
+            QueryPlan: probes int64 [B] and allowed int64 [B, ceil(N / 64)]; each distinct
+            filter's rows are computed once and cached on the index's segment.
+
+        Raises:
+            FilterError: a malformed filter or an unknown feature, with its position.
+            ValueError: a bad k, filter, nprobe or batch, or fresh items not yet compacted (the
+                executor covers the main segment only: :meth:`compact` first).
+        """
+        state = self._state
+        _check_k_nprobe(k, nprobe)
+        if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 0):
+            raise ValueError(f"batch must be None or an int >= 0, got {batch!r}")
+        if batch is None:
+            batch = len(filter) if isinstance(filter, Sequence) and not isinstance(filter, str) else 1
+        filters = _filters(filter, batch)
+        if len(state.fresh.ids):
+            raise ValueError(f"the index holds {len(state.fresh.ids)} fresh items, which the executor does not "
+                             "search: compact() first")
+        main = state.main
+        probes = main.plan_probes(filters, k, nprobe)
+        allowed = torch.empty(batch, (len(main) + 63) // 64, dtype=torch.int64)
+        for expr in dict.fromkeys(filters):
+            allowed[[i for i, f in enumerate(filters) if f == expr]] = main.filter_words(expr)
+        if state.alive is not None:
+            allowed &= state.alive
+        return QueryPlan(probes, allowed)
+
+    def executor_tensors(self) -> dict[str, torch.Tensor]:
+        """The static inputs of the tensor-only search over the main segment
+        (:meth:`~sterling.index.search.Segment.executor_tensors`): ``centroids``, ``row_list``,
+        ``codes``, ``scales`` and ``ids`` (the external id of every row)."""
+        return self._state.main.executor_tensors()
 
     def upsert(
         self,
@@ -476,8 +553,9 @@ def _check_part(tensors: Mapping[str, torch.Tensor], name: str, dtype: torch.dty
 
 
 def _as_matrix(x: Any, name: str, allow_vector: bool = False) -> torch.Tensor:
-    """float32 [M, D], an owned copy of ``x``, checked to be floating point and finite."""
-    t = torch.as_tensor(x)
+    """float32 [M, D], an owned copy of ``x`` (detached: search is not differentiable), checked to
+    be floating point and finite."""
+    t = torch.as_tensor(x).detach()
     if not t.is_floating_point():
         raise ValueError(f"{name} must be floating point, got {t.dtype}")
     if allow_vector and t.dim() == 1:
@@ -514,6 +592,13 @@ def _check_attribute_count(attributes: Sequence[Mapping[str, Any]], n: int) -> N
         raise ValueError(f"attributes must be a list of {n} dicts, got {type(attributes).__name__}")
     if len(attributes) != n:
         raise ValueError(f"got {len(attributes)} attribute dicts for {n} embeddings")
+
+
+def _check_k_nprobe(k: Any, nprobe: Any) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if nprobe is not None and (isinstance(nprobe, bool) or not isinstance(nprobe, int) or nprobe < 1):
+        raise ValueError(f"nprobe must be None or an int >= 1, got {nprobe!r}")
 
 
 def _filters(filter: str | Sequence[str | None] | None, b: int) -> list[str | None]:

@@ -37,6 +37,14 @@ attribute store (Bloom false positives dropped; NOT never drops a passing row, s
 again with 4× the probes, and at ``nlist`` probes every passing live row is a candidate, so no
 query returns fewer than ``min(k, #passing live rows)`` results; with ``nprobe >= nlist`` the
 result is the exact filtered top-k (up to ties).
+
+**Plan, then execute.** :meth:`Segment.plan_probes` is the planner alone: each query's first probe
+count, a gathered filter counting as a scan of all lists (both are exact). With the rows each
+filter passes (:meth:`Segment.filter_words`) and the segment's tensors
+(:meth:`Segment.executor_tensors`), it drives
+:func:`sterling.ops.reference.masked_ivf_topk.masked_ivf_topk`, the same search (probes, widening,
+exact top-k) as static-shape tensor ops that ``torch.export`` traces
+(:meth:`sterling.index.item_index.ItemIndex.plan`).
 """
 
 from __future__ import annotations
@@ -62,6 +70,7 @@ from sterling.ops.plan_program import bit_of, plan_words
 __all__ = ["IndexConfig", "Segment", "auto_nlist", "pack_rows"]
 
 _PLAN_CACHE_SIZE = 4096
+_WORDS_CACHE_SIZE = 256  # filter_words entries: N / 8 bytes each (32 MiB at a million rows)
 
 
 def auto_nlist(n: int) -> int:
@@ -162,6 +171,17 @@ class _Filter:
 
 
 @dataclass(frozen=True)
+class _Plan:
+    """How the queries sharing one filter are answered."""
+
+    filter: _Filter | None  # None: no filter
+    share: float  # estimated share of rows passing
+    queries: int  # queries of the batch with this filter
+    probes: int  # lists the scan probes first (nlist: all); 0: no scan (nothing passes, or gathered)
+    gather: bool  # answered by gathering the passing rows (exact, as a scan of all lists)
+
+
+@dataclass(frozen=True)
 class Segment:
     """N items in IVF order, searchable with filters.
 
@@ -186,6 +206,7 @@ class Segment:
     sample: torch.Tensor
     config: IndexConfig
     _filters: dict[str, _Filter] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _words: dict[str | None, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def build(
@@ -240,6 +261,16 @@ class Segment:
         """float32 [*rows.shape, D]: the stored (dequantized) vectors of segment ``rows``."""
         return self.codes.codes[rows].float() * self.codes.scales[rows].unsqueeze(-1)
 
+    def executor_tensors(self) -> dict[str, torch.Tensor]:
+        """The static inputs of the tensor-only search
+        (:func:`sterling.ops.reference.masked_ivf_topk.masked_ivf_topk`): its keyword arguments
+        ``centroids`` float32 [nlist, D], ``row_list`` int64 [N] (the list of every row),
+        ``codes`` int8 [N, D] and ``scales`` float32 [N], and ``ids`` int64 [N], the external id of
+        every row (pop it before the call; it maps the returned rows to ids)."""
+        row_list = torch.repeat_interleave(torch.arange(self.nlist), self.list_offsets.diff())
+        return {"centroids": self.centroids, "row_list": row_list, "codes": self.codes.codes,
+                "scales": self.codes.scales, "ids": self.ids}
+
     @functools.cached_property
     def _sample_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows of the sampled words (int64) and, per sampled word, the bits of real rows."""
@@ -282,6 +313,41 @@ class Segment:
             cached = self._filters[expr] = _Filter(node, plan, share, bloom_share)
         return cached
 
+    def filter_words(self, expr: str | None) -> torch.Tensor:
+        """int64 [ceil(N / 64)]: the rows passing ``expr`` exactly (None: every row), packed as
+        :func:`pack_rows` does (Bloom candidates, checked exactly; cached, do not modify)."""
+        words = self._words.get(expr)
+        if words is None:
+            mask = torch.zeros(len(self), dtype=torch.bool)
+            mask[self._passing(None if expr is None else self.compiled(expr), None)] = True
+            if len(self._words) >= _WORDS_CACHE_SIZE:
+                self._words.clear()
+            words = self._words[expr] = pack_rows(mask)
+        return words
+
+    def plan_probes(self, filters: list[str | None], k: int, nprobe: int | None = None) -> torch.Tensor:
+        """int64 [B]: the lists :meth:`search` probes first for each query (before widening), one
+        filter expression (or None) each: ``nlist`` for a scan or a gathered filter (both exact
+        over every list), 0 where nothing can pass (a constant-false filter, an empty segment)."""
+        plans = self._plan(filters, k, nprobe)
+        return torch.tensor([self.nlist if plans[f].gather else plans[f].probes for f in filters], dtype=torch.int64)
+
+    def _plan(self, filters: list[str | None], k: int, nprobe: int | None) -> dict[str | None, _Plan]:
+        """The plan of every distinct filter of a batch (the planner of the module docstring)."""
+        nprobe = min(nprobe or self.config.nprobe, self.nlist)
+        cfg = self.config
+        plans = {}
+        for expr in dict.fromkeys(filters):
+            flt = None if expr is None else self.compiled(expr)
+            share = 1.0 if flt is None else flt.share
+            constant = None if flt is None else flt.plan.constant
+            probes = 0 if len(self) == 0 or constant is False else self._probes(share, nprobe, k)
+            count = filters.count(expr)
+            gather = (count >= cfg.gather_queries and share * len(self) <= cfg.gather_rows
+                      and probes > 0 and cfg.gather_cost * share * self.nlist <= probes)
+            plans[expr] = _Plan(flt, share, count, 0 if gather else probes, gather)
+        return plans
+
     def search(
         self,
         queries: torch.Tensor,
@@ -304,34 +370,25 @@ class Segment:
             scores float32 [B, k] descending, segment rows int64 [B, k] (-inf / -1 past the
             passing rows), and one explain record per distinct filter.
         """
-        nprobe = min(nprobe or self.config.nprobe, self.nlist)
         b = queries.shape[0]
         scores = torch.full((b, k), float("-inf"))
         rows = torch.full((b, k), -1, dtype=torch.int64)
-        compiled = {expr: None if expr is None else self.compiled(expr) for expr in dict.fromkeys(filters)}
+        plans = self._plan(filters, k, nprobe)
+        compiled = {expr: plan.filter for expr, plan in plans.items()}
         kk = max(1, min(k, len(self)))  # no segment returns more than its rows: k beyond N only pads
-        probes_of: dict[str | None, int] = {}
         explain = []
-        cfg = self.config
-        for expr, flt in compiled.items():
-            share = 1.0 if flt is None else flt.share
-            constant = None if flt is None else flt.plan.constant
-            probes = 0 if len(self) == 0 or constant is False else self._probes(share, nprobe, k)
-            count = filters.count(expr)
-            gather = (count >= cfg.gather_queries and share * len(self) <= cfg.gather_rows
-                      and probes > 0 and cfg.gather_cost * share * self.nlist <= probes)
+        for expr, plan in plans.items():
+            flt, probes, gather = plan.filter, plan.probes, plan.gather
             if gather:
                 idx = torch.tensor([i for i, f in enumerate(filters) if f == expr])
                 scores[idx, :kk], rows[idx, :kk] = self._gathered(queries[idx], flt, kk, alive)
-                probes = 0
-            probes_of[expr] = probes
             explain.append({
-                "filter": expr, "queries": count, "estimated_selectivity": share,
+                "filter": expr, "queries": plan.queries, "estimated_selectivity": plan.share,
                 "plan": "gather" if gather else "none" if probes == 0 else "scan" if probes >= self.nlist else "ivf",
                 "nprobe": probes, "bloom_exact": True if flt is None else flt.plan.exact, "widened_queries": 0,
             })
         widened: dict[int, int] = {}
-        current = {i: probes_of[f] for i, f in enumerate(filters) if probes_of[f] > 0}
+        current = {i: plans[f].probes for i, f in enumerate(filters) if plans[f].probes > 0}
         while current:
             short: list[int] = []
             for scan in (False, True):  # one kernel call for all IVF queries, one for all scans
@@ -354,15 +411,21 @@ class Segment:
     def _gathered(self, q: torch.Tensor, flt: _Filter | None, k: int, alive: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-filtering for queries sharing one selective filter: its passing live rows (Bloom
         candidates, checked exactly) scored by one int8 matrix product (:mod:`sterling.ops.int8_topk`)."""
+        passing = self._passing(flt, alive)
+        if not len(passing):
+            return torch.full((q.shape[0], k), float("-inf")), torch.full((q.shape[0], k), -1, dtype=torch.int64)
+        kernel = Kernel.CPU if self._scan_kernel is Kernel.TRITON else self._scan_kernel
+        return int8_topk(q, self.codes.codes, self.codes.row_scales(), passing, k, kernel=kernel)
+
+    def _passing(self, flt: _Filter | None, alive: torch.Tensor | None) -> torch.Tensor:
+        """int64 [M], ascending: the live rows (all if ``alive`` is None) passing ``flt`` exactly:
+        its Bloom candidates, checked against the attribute store unless the plan is exact."""
         passing = torch.arange(len(self)) if flt is None else self.bloom.candidates(flt.plan)
         if alive is not None:
             passing = passing[bit_of(alive, passing)]
         if flt is not None and not flt.plan.exact:
             passing = passing[self.attributes.evaluate_rows(flt.node, passing)]
-        if not len(passing):
-            return torch.full((q.shape[0], k), float("-inf")), torch.full((q.shape[0], k), -1, dtype=torch.int64)
-        kernel = Kernel.CPU if self._scan_kernel is Kernel.TRITON else self._scan_kernel
-        return int8_topk(q, self.codes.codes, self.codes.row_scales(), passing, k, kernel=kernel)
+        return passing
 
     def _probes(self, share: float, nprobe: int, k: int) -> int:
         """Lists to probe for a filter passing ``share`` of the rows (``nlist``: a scan)."""

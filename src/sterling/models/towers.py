@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ItemTerms", "TwoTower", "TwoTowerConfig"]
+__all__ = ["ItemTerms", "TaskQueries", "TwoTower", "TwoTowerConfig", "UserTower"]
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,8 @@ class UserTower(nn.Module):
 
     The history is read through the *item tower's outputs* (at serving time: the item embeddings
     the index already caches), each event shifted by its action and position-from-the-end
-    embeddings, mean pooled per request with ``segment_reduce`` (no padding). An MLP over the pool
+    embeddings, mean pooled per request with ``index_add`` (no padding, no data-dependent shapes:
+    the tower exports with ``torch.export``). An MLP over the pool
     and the request's context and user features adds a residual, so a user starts out near the
     items they engaged with and learns how to depart from them.
     """
@@ -153,19 +154,36 @@ class UserTower(nn.Module):
     ) -> torch.Tensor:
         cfg = self.cfg
         lengths = history_offsets[1:] - history_offsets[:-1]                       # [R]
-        owner = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)    # [L]
-        from_end = (history_offsets[owner + 1] - 1 - torch.arange(owner.numel())).clamp(max=cfg.max_history - 1)
+        position = torch.arange(history_vectors.shape[0])                          # [L]
+        owner = torch.searchsorted(history_offsets, position, right=True) - 1      # [L]
+        from_end = (history_offsets[owner + 1] - 1 - position).clamp(max=cfg.max_history - 1)
         e = (
             history_vectors
             + self.actions(history_actions.clamp(0, cfg.num_actions - 1))
             + self.recency(from_end)
         )                                                                           # [L, D]
-        pooled = torch.segment_reduce(e, "mean", lengths=lengths, unsafe=True)      # [R, D]
-        pooled = torch.nan_to_num(pooled)                                           # empty history → 0
+        summed = e.new_zeros(lengths.shape[0], e.shape[1]).index_add_(0, owner, e)
+        pooled = summed / lengths.clamp(min=1)[:, None].to(e.dtype)                 # [R, D]; empty history → 0
         parts = [pooled] + [
             self.features[n](features[n] % cfg.hash_buckets) for n in cfg.context_features + cfg.user_features
         ]
         return F.normalize(pooled + self.mlp(torch.cat(parts, dim=-1)), dim=-1)    # [R, D]
+
+
+class TaskQueries(nn.Module):
+    """user embeddings ``[R, D]`` → one retrieval query per task ``[R, T, D]``: the shared user
+    tower plus a task-specific dense layer (a residual, zero at initialisation), so one index of
+    shared item embeddings serves every task (SilverTorch §5.2)."""
+
+    def __init__(self, dim: int, num_tasks: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, num_tasks * dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, users: torch.Tensor) -> torch.Tensor:
+        r, d = users.shape
+        return F.normalize(users[:, None, :] + self.proj(users).view(r, -1, d), dim=-1)
 
 
 class TwoTower(nn.Module):
@@ -190,6 +208,7 @@ class TwoTower(nn.Module):
         self.task_heads = nn.Sequential(
             nn.Linear(3 * cfg.dim, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, len(cfg.tasks))
         )
+        self.query_heads = TaskQueries(cfg.dim, len(cfg.tasks))
 
     def encode_items(self, rows: torch.Tensor, item_terms: ItemTerms) -> torch.Tensor:
         """Item embeddings ``[M, D]`` of item ``rows [M]``."""
@@ -208,6 +227,10 @@ class TwoTower(nn.Module):
         r = history_offsets.numel() - 1
         feats = {n: features.get(n, torch.zeros(r, dtype=torch.int64)) for n in self.user_tower.features}
         return self.user_tower(history_vectors, history_actions, history_offsets, feats)
+
+    def task_queries(self, users: torch.Tensor) -> torch.Tensor:
+        """One retrieval query per task ``[R, T, D]`` from user embeddings ``[R, D]``."""
+        return self.query_heads(users)
 
     def task_logits(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Per-task logits ``[M, T]`` of paired ``users [M, D]`` and ``items [M, D]``: an MLP over

@@ -1,123 +1,144 @@
-"""Publish a trained checkpoint as one snapshot, and load it back to answer queries.
+"""Publish a trained checkpoint as one snapshot, and load it back as a :class:`RetrievalModel`.
 
-A published snapshot holds, in one directory with one manifest (see :mod:`sterling.serving.snapshot`):
+The publish flow of SilverTorch §1.4, on a laptop:
 
-* ``index.safetensors``: the item index (item embeddings from the item tower, external ids, the
-  exact attribute forward index; vocabulary in the manifest);
-* ``model.safetensors``: the model weights (the user tower answers queries).
+1. load the checkpoint (two-tower model, optional OverArch);
+2. **embedding evaluator**: the item tower encodes every item;
+3. **index builder**: int8 codes + IVF (k-means) + Bloom index + exact attributes, in one item order;
+4. **embedding cache**: per item, in the index's order, the item embedding (rounded to fp16 / bf16,
+   what the user tower reads for histories) and OverArch's item-side state (computed once here;
+   ranking gathers it instead of re-running the item tower);
+5. **composer**: user tower + task queries + OverArch + Value Model formula + index + cache;
+6. the snapshot: ``index.safetensors``, ``cache.safetensors``, ``model.safetensors`` and a manifest
+   naming every config; optionally (``export=True``) ``program.pt2``, the ``torch.export`` program of
+   the whole forward (:mod:`sterling.serving.export`).
 
-:class:`Recommender` loads it (checksums verified, no pickle) and turns a user's history into
-filtered top-k items. The user tower reads the history through the item embeddings the index
-caches, so a query never re-runs the item tower.
+Loading verifies every checksum and parses only safetensors (no pickle).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from sterling.data.batch import ItemCatalog
 from sterling.data.items import read_items
-from sterling.index.item_index import IndexConfig, ItemIndex, SearchResult
-from sterling.models.towers import ItemTerms, TwoTower, TwoTowerConfig
+from sterling.index.item_index import IndexConfig, ItemIndex
+from sterling.models.overarch import OverArch, OverArchConfig, make_overarch
+from sterling.models.towers import ItemTerms, TaskQueries, TwoTowerConfig, UserTower
+from sterling.models.value_model import ValueModel
+from sterling.serving.model import RetrievalModel, ServingConfig
 from sterling.serving.snapshot import read_snapshot, write_snapshot
 from sterling.train.loop import encode_catalog, load_checkpoint
 
-__all__ = ["Recommender", "publish"]
+__all__ = ["cache_rows", "load_model", "publish"]
 
-_MODEL_FILE = "model"
-_INDEX_FILE = "index"
+_KIND = "retrieval_model"
 
 
-def publish(checkpoint: Path, items_path: Path, out_dir: Path, config: IndexConfig = IndexConfig()) -> Path:
-    """Encode every item of ``items_path`` with the checkpoint's item tower, build the index and
-    write the snapshot to ``out_dir``.
+def publish(
+    checkpoint: Path,
+    items_path: Path,
+    out_dir: Path,
+    index_config: IndexConfig = IndexConfig(),
+    k0: int = 1000,
+    nprobe: int | None = None,
+    value_formula: str | None = None,
+    use_overarch: bool = True,
+    export: bool = False,
+) -> Path:
+    """Compose and write the served model of ``checkpoint`` over the items of ``items_path``.
 
-    The items table must list the catalogue the model was trained on, in the same order.
+    Args:
+        checkpoint (Path): a training checkpoint (:func:`sterling.train.loop.train`).
+        items_path (Path): the catalogue the model was trained on (same items, same order).
+        out_dir (Path): the snapshot directory (replaced if it holds a snapshot).
+        index_config (IndexConfig): how the index is built and searched.
+        k0 (int): candidates per task query handed to OverArch.
+        nprobe (int | None): lists probed (None: the index's default).
+        value_formula (str | None): the Value Model over the task probabilities; a bad formula
+            fails here, never at query time.
+        use_overarch (bool): compose the checkpoint's OverArch (if it has one).
+        export (bool): also write the ``torch.export`` program of the forward.
     """
     ckpt = load_checkpoint(checkpoint)
+    cfg = ckpt.model.cfg
+    if value_formula is not None:
+        ValueModel(value_formula, cfg.tasks)  # FormulaError now, not at query time
     item_ids, attributes, _ = read_items(Path(items_path))
     if not np.array_equal(item_ids, ckpt.item_ids):
         raise ValueError(
             f"{items_path} lists {len(item_ids):,} items that differ from the {len(ckpt.item_ids):,} "
             "items the checkpoint was trained on; publish with the training data's items.parquet"
         )
-    terms = ItemTerms.build(attributes, vocab=ckpt.term_vocab)
-    embeddings = encode_catalog(ckpt.model, terms, len(item_ids))
-    index = ItemIndex.build(embeddings, attributes, ids=item_ids, config=config)
+    overarch = ckpt.overarch if use_overarch else None
+    cache_dtype = getattr(torch, (ckpt.meta["train"].get("overarch") or {}).get("cache_dtype", "float16"))
+    vectors = encode_catalog(ckpt.model, ItemTerms.build(attributes, vocab=ckpt.term_vocab), len(item_ids))
+    index = ItemIndex.build(vectors, attributes, ids=item_ids, config=index_config)
+    segment_ids = index.executor_tensors()["ids"].numpy()
+    cache = cache_rows(vectors[ItemCatalog(item_ids).rows(segment_ids)], overarch, cache_dtype)
+    serving = ServingConfig(tasks=cfg.tasks, features=cfg.context_features + cfg.user_features, k0=k0,
+                            nprobe=nprobe, value_formula=value_formula, max_history=cfg.max_history)
     index_meta, index_tensors = index.to_snapshot_parts()
-    model_tensors = {k: v.detach().contiguous() for k, v in ckpt.model.state_dict().items()}
+    weights = {f"user_tower.{k}": v for k, v in ckpt.model.user_tower.state_dict().items()}
+    weights |= {f"task_queries.{k}": v for k, v in ckpt.model.query_heads.state_dict().items()}
+    if overarch is not None:
+        weights |= {f"overarch.{k}": v for k, v in overarch.state_dict().items()}
     meta = {
-        "kind": "retrieval",
+        "kind": _KIND,
+        "serving": serving.to_json(),
+        "towers": cfg.to_json(),
+        "overarch": None if overarch is None else overarch.cfg.to_json(),
         "index": index_meta,
-        "model": ckpt.meta["model"],
         "source": {"data_dir": ckpt.meta.get("data_dir"), "metrics": ckpt.meta.get("metrics", {})},
     }
-    return write_snapshot(Path(out_dir), {_INDEX_FILE: index_tensors, _MODEL_FILE: model_tensors}, meta)
+    files = {"index": index_tensors, "cache": {"state": cache},
+             "model": {k: v.detach().contiguous() for k, v in weights.items()}}
+    if not export:
+        return write_snapshot(Path(out_dir), files, meta)
+    from sterling.serving.export import export_program
+
+    model = _compose(meta, files["model"], index, cache)
+    return write_snapshot(Path(out_dir), files, meta, blobs={"program.pt2": export_program(model)})
 
 
-class Recommender:
-    """A loaded published snapshot: user tower + item index.
+def cache_rows(vectors: torch.Tensor, overarch: OverArch | None, dtype: torch.dtype) -> torch.Tensor:
+    """The embedding cache of items ``vectors`` (item tower outputs ``float [M, D]``) as ``dtype
+    [M, S]``: OverArch's item state of the embeddings rounded to ``dtype`` (its first ``D`` columns
+    are those embeddings; without an OverArch, ``S = D``). Ranking gathers these rows instead of
+    re-running the item tower."""
+    rounded = vectors.to(dtype).float()
+    with torch.no_grad():
+        state = rounded if overarch is None else overarch.item_state(rounded)
+    return state.to(dtype)
 
-    Args:
-        model (TwoTower): the trained model (its user tower is used).
-        index (ItemIndex): the item index.
-        meta (dict): the snapshot's metadata.
 
-    Example::
+def load_model(path: Path, **overrides) -> RetrievalModel:
+    """Load a published snapshot as a :class:`RetrievalModel` (checksums verified, no pickle).
 
-        rec = Recommender.load("runs/demo/snapshot")
-        res = rec.recommend([12, 7, 31], filter="language:en AND year >= 2000", k=10)
+    ``overrides`` replace :class:`ServingConfig` fields (e.g. ``k0``, ``nprobe``, ``value_formula``).
     """
+    snap = read_snapshot(Path(path))
+    if snap.meta.get("kind") != _KIND:
+        raise ValueError(f"{path} is a snapshot of kind {snap.meta.get('kind')!r}, not a published model")
+    index = ItemIndex.from_snapshot_parts(snap.meta["index"], snap.tensors["index"])
+    meta = dict(snap.meta)
+    meta["serving"] = replace(ServingConfig.from_json(meta["serving"]), **overrides).to_json()
+    model = _compose(meta, snap.tensors["model"], index, snap.tensors["cache"]["state"])
+    model.meta = snap.meta
+    return model
 
-    def __init__(self, model: TwoTower, index: ItemIndex, meta: dict) -> None:
-        self.model = model
-        self.index = index
-        self.meta = meta
 
-    @classmethod
-    def load(cls, path: Path) -> "Recommender":
-        snap = read_snapshot(Path(path))
-        if snap.meta.get("kind") != "retrieval":
-            raise ValueError(f"{path} is a snapshot of kind {snap.meta.get('kind')!r}, not a published model")
-        model = TwoTower(TwoTowerConfig.from_json(snap.meta["model"]))
-        model.load_state_dict(snap.tensors[_MODEL_FILE])
-        model.eval()
-        index = ItemIndex.from_snapshot_parts(snap.meta["index"], snap.tensors[_INDEX_FILE])
-        return cls(model, index, snap.meta)
-
-    @torch.no_grad()
-    def user_embedding(
-        self,
-        history: list[int] | np.ndarray,
-        actions: list[int] | np.ndarray | None = None,
-        features: dict[str, int] | None = None,
-    ) -> torch.Tensor:
-        """Embedding ``[1, D]`` of one user from the item ids of their history (oldest first), the
-        action bitmask of each event (default 1) and encoded context / user features."""
-        history = np.asarray(history, dtype=np.int64)
-        acts = np.ones(len(history), dtype=np.int64) if actions is None else np.asarray(actions, dtype=np.int64)
-        if acts.shape != history.shape:
-            raise ValueError(f"{len(history)} history items but {len(acts)} actions")
-        history, acts = history[-self.model.cfg.max_history :], acts[-self.model.cfg.max_history :]
-        vectors = self.index.embeddings_of(history) if len(history) else torch.zeros(0, self.index.dim)
-        known = set(self.model.cfg.context_features + self.model.cfg.user_features)
-        unknown = sorted(set(features or {}) - known)
-        if unknown:
-            raise ValueError(f"unknown features {unknown}; the model takes {sorted(known)}")
-        feats = {n: torch.tensor([int(v)]) for n, v in (features or {}).items()}
-        return self.model.encode_users(
-            torch.as_tensor(vectors, dtype=torch.float32), torch.from_numpy(acts), torch.tensor([0, len(history)]), feats
-        )
-
-    def recommend(
-        self,
-        history: list[int] | np.ndarray,
-        filter: str | None = None,
-        k: int = 10,
-        actions: list[int] | np.ndarray | None = None,
-        features: dict[str, int] | None = None,
-    ) -> SearchResult:
-        """Top-``k`` items for one user under ``filter`` (ids ``[1, k]``, scores ``[1, k]``)."""
-        return self.index.search(self.user_embedding(history, actions, features), k=k, filter=filter)
+def _compose(meta: dict, weights: dict[str, torch.Tensor], index: ItemIndex, cache: torch.Tensor) -> RetrievalModel:
+    """The :class:`RetrievalModel` of a snapshot's parts."""
+    towers = TwoTowerConfig.from_json(meta["towers"])
+    user_tower, task_queries = UserTower(towers), TaskQueries(towers.dim, len(towers.tasks))
+    overarch = None if meta["overarch"] is None else make_overarch(OverArchConfig(**meta["overarch"]))
+    for prefix, module in (("user_tower.", user_tower), ("task_queries.", task_queries), ("overarch.", overarch)):
+        if module is not None:
+            module.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+    model = RetrievalModel(user_tower, task_queries, index, cache, overarch, ServingConfig.from_json(meta["serving"]))
+    return model.eval()

@@ -73,6 +73,7 @@ def write_snapshot(
     path: str | os.PathLike[str],
     tensor_files: Mapping[str, Mapping[str, torch.Tensor]],
     meta: Mapping[str, Any],
+    blobs: Mapping[str, bytes] | None = None,
 ) -> Path:
     """Writes a snapshot atomically, replacing an existing snapshot at ``path`` if there is one.
 
@@ -81,6 +82,8 @@ def write_snapshot(
         tensor_files (Mapping[str, Mapping[str, torch.Tensor]]): file stem -> tensors; the stem
             is a plain name (letters, digits, ``_ . -``) and becomes ``<stem>.safetensors``.
         meta (Mapping[str, Any]): JSON-serialisable metadata (vocabularies, configs).
+        blobs (Mapping[str, bytes] | None): other files by name (e.g. an exported program),
+            checksummed like the tensors but never parsed by :func:`read_snapshot`.
 
     Returns:
         Path: the snapshot directory.
@@ -99,6 +102,12 @@ def write_snapshot(
                     f"snapshot file {stem!r} needs str names and tensors, "
                     f"got {name!r}: {type(tensor).__name__}"
                 )
+    blobs = dict(blobs or {})
+    for name, data in blobs.items():
+        if not isinstance(name, str) or not _NAME.fullmatch(name) or name.endswith(SUFFIX) or name == MANIFEST:
+            raise ValueError(f"snapshot blob name {name!r} must match {_NAME.pattern}, not be a tensor file or the manifest")
+        if not isinstance(data, bytes):
+            raise ValueError(f"snapshot blob {name!r} must be bytes, got {type(data).__name__}")
     try:
         meta_json = json.loads(json.dumps(meta, allow_nan=False))
     except (TypeError, ValueError) as e:
@@ -116,6 +125,10 @@ def write_snapshot(
             )
             _fsync(file)
             files[file.name] = {"sha256": _sha256(file.read_bytes()), "bytes": file.stat().st_size}
+        for name, data in blobs.items():
+            (tmp / name).write_bytes(data)
+            _fsync(tmp / name)
+            files[name] = {"sha256": _sha256(data), "bytes": len(data)}
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -158,7 +171,7 @@ def read_snapshot(path: str | os.PathLike[str]) -> Snapshot:
 def _verify(path: Path, load: bool) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
     manifest = _read_manifest(path)
     listed = manifest["files"]
-    for file in sorted(p.name for p in path.glob(f"*{SUFFIX}")):
+    for file in sorted(p.name for p in path.iterdir() if p.name != MANIFEST):
         if file not in listed:
             raise SnapshotError(
                 f"unlisted file {file} in snapshot {path}; the snapshot was modified"
@@ -180,7 +193,7 @@ def _verify(path: Path, load: bool) -> tuple[dict[str, Any], dict[str, dict[str,
                 f"checksum mismatch for {name}: manifest sha256 {entry['sha256'][:12]}..., "
                 f"file sha256 {digest[:12]}...; the snapshot is corrupt or was modified"
             )
-        if load:
+        if load and name.endswith(SUFFIX):
             try:
                 tensors[name[: -len(SUFFIX)]] = safetensors.torch.load(data)
             except Exception as e:  # safetensors raises its own error types for a bad header
@@ -209,7 +222,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     if not isinstance(manifest.get("meta"), dict) or not isinstance(manifest.get("files"), dict):
         raise SnapshotError(f"{MANIFEST} of snapshot {path} needs objects 'meta' and 'files'")
     for name, entry in manifest["files"].items():
-        if not (_NAME.fullmatch(name) and name.endswith(SUFFIX)):
+        if not (isinstance(name, str) and _NAME.fullmatch(name) and name != MANIFEST):
             raise SnapshotError(
                 f"{MANIFEST} of snapshot {path} lists an invalid file name {name!r}"
             )

@@ -22,10 +22,12 @@ from sterling.data.batch import ItemCatalog, RequestBatch, RequestReader
 from sterling.data.items import read_items
 from sterling.data.schema import DatasetPaths, read_roles
 from sterling.index.item_index import ItemIndex
+from sterling.models.overarch import OverArch, OverArchConfig, make_overarch
 from sterling.models.towers import ItemTerms, TwoTower, TwoTowerConfig
 from sterling.serving.snapshot import read_snapshot, write_snapshot
 from sterling.train.losses import two_tower_loss
 from sterling.train.metrics import auc, recall_at_k
+from sterling.train.overarch import OverArchTrainConfig, train_overarch
 
 __all__ = ["Checkpoint", "TrainConfig", "TrainReport", "holdout_requests", "load_checkpoint", "train"]
 
@@ -46,6 +48,8 @@ class TrainConfig:
         eval_ks (tuple[int, ...]): recall cut-offs.
         max_steps (int | None): stop after this many steps (for smoke runs).
         seed (int): seed of parameters and negatives.
+        overarch (OverArchTrainConfig | None): the second stage, an OverArch over the frozen towers
+            (None: no OverArch; serving ranks by inner product).
     """
 
     epochs: int = 5
@@ -59,6 +63,7 @@ class TrainConfig:
     eval_ks: tuple[int, ...] = (10, 50)
     max_steps: int | None = None
     seed: int = 0
+    overarch: OverArchTrainConfig | None = field(default_factory=OverArchTrainConfig)
 
 
 @dataclass(frozen=True)
@@ -74,9 +79,11 @@ class TrainReport:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A trained model, the item ids of its catalogue (row order) and the run's metadata."""
+    """A trained model, its OverArch (if one was trained), the item ids of its catalogue (row
+    order) and the run's metadata."""
 
     model: TwoTower
+    overarch: OverArch | None
     item_ids: np.ndarray
     meta: dict
 
@@ -128,7 +135,7 @@ def train(
     for epoch in range(cfg.epochs):
         total, n = 0.0, 0
         for batch in reader.batches(exclude=holdout):
-            loss = two_tower_loss(model, batch, item_terms, cfg.num_negatives, frequency, retrieval_task, gen)
+            loss = two_tower_loss(model, batch, item_terms, cfg.num_negatives, frequency, gen)
             opt.zero_grad(set_to_none=True)
             loss.total.backward()
             opt.step()
@@ -153,10 +160,16 @@ def train(
         "item_terms": list(item_terms.vocab),
         "data_dir": str(Path(data_dir).resolve()),
         "metrics": metrics,
+        "overarch": None,
     }
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tensors["catalog.item_ids"] = torch.from_numpy(np.ascontiguousarray(item_ids))
-    path = write_snapshot(Path(out_dir), {"model": tensors}, meta)
+    files = {"model": {k: v.detach().contiguous() for k, v in model.state_dict().items()}}
+    files["model"]["catalog.item_ids"] = torch.from_numpy(np.ascontiguousarray(item_ids))
+    if cfg.overarch is not None:
+        vectors = encode_catalog(model, item_terms, len(catalog))
+        arch = train_overarch(model, reader, vectors, holdout, cfg.overarch, retrieval_task, log)
+        meta["overarch"] = arch.cfg.to_json()
+        files["overarch"] = {k: v.detach().contiguous() for k, v in arch.state_dict().items()}
+    path = write_snapshot(Path(out_dir), files, meta)
     return TrainReport(path, steps, train_s, seen / max(train_s, 1e-9), metrics)
 
 
@@ -212,7 +225,7 @@ def evaluate(
     retrieved, relevant, scores, labels = [], [], [], []
     for batch in reader.batches(only=holdout):
         users = encode_requests(model, batch, vectors)
-        retrieved.append(index.search(users, k=kmax).ids)
+        retrieved.append(index.search(model.task_queries(users)[:, retrieval_task], k=kmax).ids)
         req = batch.impression_to_request()
         scores.append(model.task_logits(users[req], vectors[batch.item_rows]))
         labels.append(batch.labels)
@@ -243,4 +256,9 @@ def load_checkpoint(path: Path) -> Checkpoint:
     model = TwoTower(TwoTowerConfig.from_json(snap.meta["model"]))
     model.load_state_dict(tensors)
     model.eval()
-    return Checkpoint(model, item_ids, snap.meta)
+    arch = None
+    if snap.meta.get("overarch") is not None:
+        arch = make_overarch(OverArchConfig(**snap.meta["overarch"]))
+        arch.load_state_dict(snap.tensors["overarch"])
+        arch.eval()
+    return Checkpoint(model, arch, item_ids, snap.meta)

@@ -1,11 +1,13 @@
 """Losses of the two-tower model on a :class:`~sterling.data.batch.RequestBatch`.
 
-* **Retrieval**: sampled softmax. Each engaged impression (positive label of the retrieval task) is
-  a target among the candidate set = the batch's distinct impressed items (in-batch negatives) plus
-  uniform random items; candidates that the *same user* engaged with elsewhere in the batch are
+* **Retrieval**, per task: sampled softmax. The user tower's per-task query
+  (:meth:`~sterling.models.towers.TwoTower.task_queries`) scores the candidates; each impression
+  with a positive label of that task is a target among the candidate set = the batch's distinct
+  impressed items (in-batch negatives) plus uniform random items; candidates that the *same user* engaged with elsewhere in the batch are
   masked, so a user's other positives are never pushed down as negatives. Logits are corrected by
   the log of each candidate's expected count in the candidate set (logQ correction, Yi et al. 2019),
-  so popular items are not under-scored for being frequent in-batch negatives.
+  so popular items are not under-scored for being frequent in-batch negatives. The tasks' losses
+  are averaged.
 * **Multi-task**: binary cross-entropy per task on every impression (``T`` heads).
 
 The user tower runs once per request and its output is shared by all the request's impressions.
@@ -31,7 +33,7 @@ class TwoTowerLoss:
     total: torch.Tensor
     retrieval: torch.Tensor
     tasks: torch.Tensor
-    positives: int
+    positives: int  # retrieval targets, all tasks
 
 
 def two_tower_loss(
@@ -40,7 +42,6 @@ def two_tower_loss(
     item_terms: ItemTerms,
     num_negatives: int,
     item_frequency: torch.Tensor,
-    retrieval_task: int = 0,
     generator: torch.Generator | None = None,
 ) -> TwoTowerLoss:
     """Sampled-softmax retrieval loss plus per-task BCE.
@@ -51,7 +52,6 @@ def two_tower_loss(
         item_terms (ItemTerms): attribute terms of the whole catalogue.
         num_negatives (int): uniform random items added to the in-batch candidates.
         item_frequency (torch.Tensor): float ``[N]``, each item's share of all impressions (sums to 1).
-        retrieval_task (int): index of the label whose positives are retrieval targets.
         generator (torch.Generator | None): for the uniform negatives.
     """
     cfg = model.cfg
@@ -72,19 +72,21 @@ def two_tower_loss(
     logits = model.task_logits(users[request], items[impression_items])                # [K, T]
     task_loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
 
-    positive = batch.labels[:, retrieval_task] > 0                                     # [K]
-    n_pos = int(positive.sum())
-    if n_pos == 0:
-        retrieval = torch.zeros((), dtype=task_loss.dtype)
-    else:
-        target = impression_items[positive]                                            # [P]
-        expected = k * item_frequency[candidates] + n / cfg.num_items
-        scores = users[request[positive]] @ items.T / cfg.temperature - expected.log()  # [P, C]
-        _, user_slot = torch.unique(batch.user_ids, return_inverse=True)               # [R]
+    queries = model.task_queries(users)                                                # [R, T, D]
+    _, user_slot = torch.unique(batch.user_ids, return_inverse=True)                   # [R]
+    expected = (k * item_frequency[candidates] + n / cfg.num_items).log()              # [C] logQ
+    per_task, n_pos = [], 0
+    for t in range(len(cfg.tasks)):
+        positive = batch.labels[:, t] > 0                                              # [K]
+        if not bool(positive.any()):
+            continue
+        target, owner = impression_items[positive], request[positive]                  # [P], [P]
+        scores = queries[owner, t] @ items.T / cfg.temperature - expected              # [P, C]
         engaged = torch.zeros(int(user_slot.max()) + 1, items.shape[0], dtype=torch.bool)
-        pos_user = user_slot[request[positive]]                                        # [P]
-        engaged[pos_user, target] = True
-        other = engaged[pos_user]                                                      # [P, C]
-        other[torch.arange(n_pos), target] = False
-        retrieval = F.cross_entropy(scores.masked_fill(other, float("-inf")), target)
+        engaged[user_slot[owner], target] = True
+        other = engaged[user_slot[owner]]                                              # [P, C]
+        other[torch.arange(len(target)), target] = False
+        per_task.append(F.cross_entropy(scores.masked_fill(other, float("-inf")), target, reduction="sum"))
+        n_pos += len(target)
+    retrieval = torch.stack(per_task).sum() / n_pos if per_task else torch.zeros((), dtype=task_loss.dtype)
     return TwoTowerLoss(total=retrieval + task_loss, retrieval=retrieval, tasks=task_loss, positives=n_pos)

@@ -1,0 +1,197 @@
+"""``sterling bench retrieval``: the quality table of SilverTorch's Table 3, in kind.
+
+On each dataset: train the two-tower model and its OverArch (``sterling train`` defaults), publish,
+and answer every held-out request (each user's last) over the whole catalogue, four ways:
+
+* ``exact``: the primary task's query against the float item embeddings, brute force;
+* ``int8_bloom``: the served model without OverArch: the index (int8 IVF + Bloom, exact filter check)
+  ranked by inner product with the stored int8 vectors;
+* ``overarch``: + OverArch over the merged per-task candidates, ranked by the primary task;
+* ``overarch_vm``: + the Value Model over the task probabilities.
+
+Recall@K counts the held-out request's engaged items (positives of the primary task) in the top K;
+QPS is requests answered per second at the given batch size (model only, inputs prepared).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sterling.bench.ann import DEFAULT_MOVIELENS, machine
+from sterling.data.batch import ItemCatalog, RequestBatch, RequestReader
+from sterling.data.items import read_items
+from sterling.data.movielens import load_movielens
+from sterling.data.schema import DatasetPaths
+from sterling.data.synth import SynthConfig, generate
+from sterling.models.towers import ItemTerms
+from sterling.serving.model import RetrievalModel, UserInputs
+from sterling.serving.publish import load_model, publish
+from sterling.train.loop import TrainConfig, encode_catalog, holdout_requests, load_checkpoint, train
+from sterling.train.metrics import recall_at_k
+
+__all__ = ["RetrievalBenchConfig", "ROWS", "run"]
+
+ROWS = ("exact", "int8_bloom", "overarch", "overarch_vm")
+KS = (20, 100, 200, 500)
+
+
+@dataclass(frozen=True)
+class RetrievalBenchConfig:
+    """One benchmark run.
+
+    Args:
+        synth (SynthConfig): the synthetic dataset.
+        train (TrainConfig): two-tower + OverArch training.
+        k0 (int): candidates per task query.
+        nprobe (int | None): lists probed (None: the index default).
+        value_formula (str | None): the Value Model of the last row (None: a default over the tasks).
+        batch (int): requests per forward.
+        seed (int): seed.
+    """
+
+    synth: SynthConfig = SynthConfig()
+    train: TrainConfig = TrainConfig()
+    k0: int = 1000
+    nprobe: int | None = None
+    value_formula: str | None = None
+    batch: int = 64
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> RetrievalBenchConfig:
+        from sterling.train.overarch import OverArchTrainConfig
+
+        return cls(synth=replace(SynthConfig(), num_users=300, num_items=1000),
+                   train=TrainConfig(epochs=1, overarch=OverArchTrainConfig(epochs=1)), k0=600, batch=32)
+
+
+def default_formula(tasks: tuple[str, ...]) -> str:
+    """Weights halving per task after the first: ``click + 0.5*like + 0.25*share``."""
+    return " + ".join(name if i == 0 else f"{0.5 ** i:g}*{name}" for i, name in enumerate(tasks))
+
+
+def user_inputs(model: RetrievalModel, batch: RequestBatch, item_ids: np.ndarray) -> UserInputs:
+    """The :class:`UserInputs` of a training batch's requests (catalogue rows → segment rows)."""
+    feats = {**batch.context, **batch.user_features}
+    columns = [feats.get(n, torch.zeros(batch.num_requests, dtype=torch.int64)) for n in model.config.features]
+    features = torch.stack(columns, 1) if columns else torch.zeros(batch.num_requests, 0, dtype=torch.int64)
+    return UserInputs(model.rows_of(torch.from_numpy(item_ids[batch.history_items.numpy()])),
+                      batch.history_actions, batch.history_offsets, features)
+
+
+def _held_out(data_dir: Path, model: RetrievalModel, item_ids: np.ndarray, max_history: int, primary: int,
+              batch: int) -> tuple[list[UserInputs], list[set[int]]]:
+    """The held-out requests in batches of ``batch``, and each one's engaged item ids."""
+    reader = RequestReader(data_dir, ItemCatalog(item_ids), max_history, token_budget=10**9)
+    inputs, relevant = [], []
+    for full in reader.batches(only=holdout_requests(DatasetPaths(data_dir).requests)):
+        for lo in range(0, full.num_requests, batch):
+            part = full.requests(lo, min(lo + batch, full.num_requests))
+            inputs.append(user_inputs(model, part, item_ids))
+            owner = part.impression_to_request().numpy()
+            engaged = part.labels[:, primary].numpy() > 0
+            ids = item_ids[part.item_rows.numpy()]
+            relevant += [set(ids[engaged & (owner == r)].tolist()) for r in range(part.num_requests)]
+    return inputs, relevant
+
+
+def _timed(answer, inputs: list[UserInputs]) -> tuple[torch.Tensor, float]:
+    """Every batch answered (ids ``[H, 500]``) and the requests per second (best of two passes)."""
+    best, out = float("inf"), None
+    for _ in range(2):
+        t0 = time.perf_counter()
+        out = [answer(x) for x in inputs]
+        best = min(best, time.perf_counter() - t0)
+    return torch.cat(out), sum(x.batch_size for x in inputs) / best
+
+
+def _dataset_rows(data_dir: Path, name: str, cfg: RetrievalBenchConfig, work: Path, log) -> list[dict]:
+    report = train(data_dir, work / "checkpoint", cfg.train, log=lambda s: log(f"  {s}"))
+    snapshot = publish(report.checkpoint, DatasetPaths(data_dir).items, work / "snapshot", k0=cfg.k0,
+                       nprobe=cfg.nprobe)
+    model = load_model(snapshot)
+    tasks = model.config.tasks
+    formula = cfg.value_formula or default_formula(tasks)
+    ckpt = load_checkpoint(report.checkpoint)
+    item_ids, attributes, _ = read_items(DatasetPaths(data_dir).items)
+    vectors = encode_catalog(ckpt.model, ItemTerms.build(attributes, vocab=ckpt.term_vocab), len(item_ids))
+    primary = model.config.primary
+    inputs, relevant = _held_out(data_dir, model, item_ids, model.config.max_history, primary, cfg.batch)
+    kmax = max(KS)
+    variants = {
+        "int8_bloom": load_model(snapshot, use_overarch=False),
+        "overarch": load_model(snapshot, value_formula=None),
+        "overarch_vm": load_model(snapshot, value_formula=formula),
+    }
+
+    def exact(x: UserInputs) -> torch.Tensor:
+        with torch.no_grad():
+            _, queries = model.encode(x)
+            top = torch.topk(queries[:, primary] @ vectors.T, min(kmax, len(item_ids)), dim=1).indices
+        return torch.from_numpy(item_ids)[top]
+
+    answers = {"exact": exact}
+    answers |= {row: (lambda x, m=m: m(x, k=kmax).ids) for row, m in variants.items()}
+    rows = []
+    for row in ROWS:
+        ranked, qps = _timed(answers[row], inputs)
+        out = {"row": row, "dataset": name, "requests": len(relevant), "qps": qps,
+               "value_formula": formula if row == "overarch_vm" else None}
+        out |= {f"recall@{k}": recall_at_k(ranked, relevant, k) for k in KS}
+        log(f"  {name:<14} {row:<12} " + "  ".join(f"R@{k} {out[f'recall@{k}']:.4f}" for k in KS) + f"  {qps:,.0f} QPS")
+        rows.append(out)
+    return rows
+
+
+def run(cfg: RetrievalBenchConfig, movielens: Path | None = None, log=print) -> dict:
+    """Every row on the synthetic default (and on ``movielens`` when given)."""
+    torch.manual_seed(cfg.seed)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="sterling-bench-retrieval-") as tmp:
+        work = Path(tmp)
+        log(f"synthetic default: {cfg.synth.num_users:,} users, {cfg.synth.num_items:,} items")
+        data = generate(cfg.synth, work / "synth" / "data")
+        rows += _dataset_rows(data, "synthetic", cfg, work / "synth", log)
+        if movielens is not None:
+            log(f"MovieLens: {movielens}")
+            data = load_movielens(movielens, work / "movielens" / "data")
+            rows += _dataset_rows(data, movielens.name, cfg, work / "movielens", log)
+    return {"machine": machine(), "config": asdict(cfg), "rows": rows}
+
+
+def format_table(result: dict) -> str:
+    head = f"{'dataset':<14} {'row':<12} " + " ".join(f"{'R@' + str(k):>8}" for k in KS) + f" {'QPS':>9}"
+    lines = [head, "-" * len(head)]
+    for r in result["rows"]:
+        lines.append(f"{r['dataset']:<14} {r['row']:<12} " + " ".join(f"{r[f'recall@{k}']:>8.4f}" for k in KS)
+                     + f" {r['qps']:>9,.0f}")
+    return "\n".join(lines)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--quick", action="store_true", help="a small synthetic run (smoke test)")
+    p.add_argument("--movielens", default=str(DEFAULT_MOVIELENS.parent / "ml-100k"), metavar="DIR",
+                   help="MovieLens directory ('none' to skip; default: %(default)s when present)")
+    p.add_argument("--json", metavar="PATH", help="write the result as JSON")
+
+
+def cli(args) -> int:
+    cfg = RetrievalBenchConfig.quick() if args.quick else RetrievalBenchConfig()
+    ml = None if args.movielens in (None, "none") or args.quick else Path(args.movielens)
+    if ml is not None and not ml.is_dir():
+        print(f"MovieLens data not found at {ml}; synthetic only")
+        ml = None
+    result = run(cfg, ml)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,83 @@
+"""The served model as a ``torch.export`` program: the forward without sterling's model code.
+
+:meth:`RetrievalModel.execute` (user tower → task queries → probe → exact filter mask → int8 scores →
+top-K0 with widening → merge → OverArch → Value Model → top-K0) is traced once into an
+``ExportedProgram`` whose constants hold the index and the embedding cache. Its inputs are plain
+tensors (``B`` requests, ``L`` history events in all, both dynamic; ``T`` tasks, ``W`` = ⌈N/64⌉)::
+
+    history_rows     int64 [L]      segment rows of the history items (RetrievalModel.inputs)
+    history_actions  int64 [L]
+    history_offsets  int64 [B + 1]
+    features         int64 [B, F]
+    probes           int64 [B·T]    from RetrievalModel.plan (the host-side filter planner)
+    allowed          int64 [B·T, W]
+
+and its outputs ids int64 ``[B, K0]``, scores ``[B, K0]`` and task scores ``[B, K0, T]``: the top K0
+(take the first k). The program runs the portable reference search (dense masked scoring over the
+catalogue), so it answers like the eager model but without its fused kernels.
+
+``program.pt2`` in a snapshot is this program saved with ``torch.export.save``.
+"""
+
+from __future__ import annotations
+
+import io
+
+import torch
+from torch import nn
+
+from sterling.serving.model import RetrievalModel, UserInputs
+
+__all__ = ["export_program", "load_program", "run_program"]
+
+
+class _Forward(nn.Module):
+    """:meth:`RetrievalModel.execute` with tensor arguments only."""
+
+    def __init__(self, model: RetrievalModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, history_rows, history_actions, history_offsets, features, probes, allowed):
+        inputs = UserInputs(history_rows, history_actions, history_offsets, features)
+        out = self.model.execute(inputs, probes, allowed, self.model.config.k0)
+        return out.ids, out.scores, out.task_scores
+
+
+def _example(model: RetrievalModel) -> tuple[torch.Tensor, ...]:
+    """Example inputs: 2 requests, 3 + 2 history events, no filter."""
+    inputs = UserInputs(
+        history_rows=torch.tensor([0, 1, 2, 0, 1]) % max(len(model.ids), 1),
+        history_actions=torch.ones(5, dtype=torch.int64),
+        history_offsets=torch.tensor([0, 3, 5]),
+        features=torch.zeros(2, len(model.config.features), dtype=torch.int64),
+    )
+    plan = model.plan(2, None)
+    return (inputs.history_rows, inputs.history_actions, inputs.history_offsets, inputs.features,
+            plan.probes, plan.allowed)
+
+
+def export_program(model: RetrievalModel) -> bytes:
+    """``torch.export`` the whole forward of ``model`` and serialise it (``.pt2`` bytes)."""
+    requests, events = torch.export.Dim("requests", min=1), torch.export.Dim("events", min=1)
+    queries = requests * len(model.config.tasks)
+    dynamic = ({0: events}, {0: events}, {0: requests + 1}, {0: requests}, {0: queries}, {0: queries})
+    with torch.no_grad():
+        program = torch.export.export(_Forward(model.eval()), _example(model), dynamic_shapes=dynamic)
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return buffer.getvalue()
+
+
+def load_program(data: bytes) -> torch.export.ExportedProgram:
+    """The program of :func:`export_program` (``.pt2`` bytes, e.g. a snapshot's ``program.pt2``)."""
+    return torch.export.load(io.BytesIO(data))
+
+
+def run_program(program: torch.export.ExportedProgram, inputs: UserInputs, probes: torch.Tensor,
+                allowed: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run an exported program: ids ``[B, k]``, scores ``[B, k]``, task scores ``[B, k, T]``."""
+    with torch.no_grad():
+        ids, scores, task_scores = program.module()(inputs.history_rows, inputs.history_actions,
+                                                    inputs.history_offsets, inputs.features, probes, allowed)
+    return ids[:, :k], scores[:, :k], task_scores[:, :k]

@@ -1,0 +1,357 @@
+"""RetrievalModel: the index as a layer of one served model (SilverTorch §1).
+
+One forward pass, top to bottom::
+
+    history ids, actions, features                    (B requests, L history events in all)
+      → cached item embeddings of the history          [L, D]    the embedding cache, no item tower
+      → user tower                                     [B, D]
+      → one query per task                             [B, T, D]
+      → SilverTorch index, all B·T queries one batch    [B, T, K0] probe → partial Bloom → int8 scan
+                                                                  → exact check → top-K0 (widening)
+      → merge each request's T lists, drop duplicates  [B, M]    M = T·K0 slots
+      → OverArch over the cached item state            [B, M, T] per-task logits
+      → Value Model over the task probabilities        [B, M]
+      → top-k                                          [B, k]    ids, scores, per-task scores
+
+Without an OverArch, the per-task scores are the queries' inner products with the index's stored
+vectors, and the ranking score is the primary task's: the model is then exact filtered top-k by
+inner product when the index probes every list.
+
+The search is the only step with host-side decisions (parsing the filter, planning the probes).
+:meth:`RetrievalModel.plan` makes them; :meth:`RetrievalModel.execute` runs everything else,
+including the search, in tensor ops with static shapes (``torch.export``-able, see
+:mod:`sterling.serving.export`). The eager :meth:`forward` runs the index's fused kernels instead and
+returns the same results.
+
+Candidates are addressed by *segment rows* (the index's IVF order); the embedding cache is stored in
+that order. The model serves a compacted index (no fresh items).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from sterling.index.item_index import ItemIndex
+from sterling.models.overarch import OverArch
+from sterling.models.towers import TaskQueries, UserTower
+from sterling.models.value_model import ValueModel
+from sterling.ops.reference.masked_ivf_topk import masked_ivf_topk
+
+__all__ = ["Retrieved", "RetrievalModel", "ServingConfig", "UserInputs"]
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """How the composed model answers.
+
+    Args:
+        tasks (tuple[str, ...]): task names ``T``, in the order of the task queries and scores.
+        features (tuple[str, ...]): the user tower's context + user features, in order.
+        k0 (int): candidates each task query takes from the index.
+        nprobe (int | None): lists probed (None: the index's default).
+        primary_task (str): the ranking score when there is no Value Model.
+        value_formula (str | None): the Value Model's formula over the task probabilities.
+        max_history (int): most recent history events read.
+        use_overarch (bool): re-score with the OverArch (when the model has one); False ranks the
+            index's candidates by inner product.
+    """
+
+    tasks: tuple[str, ...]
+    features: tuple[str, ...] = ()
+    k0: int = 1000
+    nprobe: int | None = None
+    primary_task: str | None = None
+    value_formula: str | None = None
+    max_history: int = 100
+    use_overarch: bool = True
+
+    def __post_init__(self) -> None:
+        if self.k0 < 1:
+            raise ValueError(f"k0 must be >= 1, got {self.k0}")
+        if self.primary_task is not None and self.primary_task not in self.tasks:
+            raise ValueError(f"primary task {self.primary_task!r} is not one of the tasks {list(self.tasks)}")
+
+    @property
+    def primary(self) -> int:
+        return 0 if self.primary_task is None else self.tasks.index(self.primary_task)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> ServingConfig:
+        return cls(**{**d, "tasks": tuple(d["tasks"]), "features": tuple(d["features"])})
+
+
+@dataclass(frozen=True)
+class UserInputs:
+    """A batch of ``B`` requests' user side, as the model reads it.
+
+    Attributes:
+        history_rows (torch.Tensor): int64 ``[L]``, segment rows of the history items, oldest first.
+        history_actions (torch.Tensor): int64 ``[L]`` action bitmasks.
+        history_offsets (torch.Tensor): int64 ``[B + 1]``.
+        features (torch.Tensor): int64 ``[B, F]`` encoded features, in ``ServingConfig.features`` order.
+    """
+
+    history_rows: torch.Tensor
+    history_actions: torch.Tensor
+    history_offsets: torch.Tensor
+    features: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.history_offsets.shape[0] - 1
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    """The answer for ``B`` requests.
+
+    Attributes:
+        ids (torch.Tensor): int64 ``[B, k]`` external item ids, -1 past the passing items.
+        scores (torch.Tensor): float32 ``[B, k]`` ranking scores (Value Model, or the primary task's),
+            descending, -inf where ids is -1.
+        task_scores (torch.Tensor): float32 ``[B, k, T]``: OverArch probabilities per task (inner
+            products without an OverArch).
+    """
+
+    ids: torch.Tensor
+    scores: torch.Tensor
+    task_scores: torch.Tensor
+
+
+class RetrievalModel(nn.Module):
+    """User tower, task queries, the item index, OverArch, Value Model and the embedding cache.
+
+    Args:
+        user_tower (UserTower): history (through the cached embeddings) + features → ``[B, D]``.
+        task_queries (TaskQueries): ``[B, D]`` → ``[B, T, D]``.
+        index (ItemIndex): the compacted item index (int8 IVF + Bloom + exact attributes).
+        cache (torch.Tensor): float16 / bfloat16 ``[N, S]`` in segment order: the item tower's output
+            (first ``D`` columns; the history reads it) followed by OverArch's cached item state.
+        overarch (OverArch | None): the re-scorer (None: rank by inner product).
+        config (ServingConfig): how it answers.
+    """
+
+    def __init__(
+        self,
+        user_tower: UserTower,
+        task_queries: TaskQueries,
+        index: ItemIndex,
+        cache: torch.Tensor,
+        overarch: OverArch | None,
+        config: ServingConfig,
+    ) -> None:
+        super().__init__()
+        tensors = index.executor_tensors()
+        n, d = tensors["codes"].shape
+        if cache.shape[0] != n or cache.shape[1] < d:
+            raise ValueError(f"the cache holds {tuple(cache.shape)} for an index of {n} items of dimension {d}")
+        self.user_tower = user_tower
+        self.task_queries = task_queries
+        self.overarch = overarch if config.use_overarch else None
+        self.value_model = None if config.value_formula is None else ValueModel(config.value_formula, config.tasks)
+        self.config = config
+        self.index = index
+        for name, value in tensors.items():
+            self.register_buffer(name, value, persistent=False)
+        order = torch.argsort(tensors["ids"])
+        self.register_buffer("sorted_ids", tensors["ids"][order], persistent=False)
+        self.register_buffer("row_of_sorted", order, persistent=False)
+        self.register_buffer("cache", cache, persistent=False)
+        self.meta: dict = {}  # the snapshot's metadata, when loaded from one
+
+    @property
+    def dim(self) -> int:
+        return self.codes.shape[1]
+
+    # ---- host side: ids → rows, filters → plan -------------------------------------------------
+
+    def _lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The segment row of each external id ``int64 [...]`` (-1 where unknown) and bool found."""
+        if len(self.sorted_ids) == 0:
+            return torch.full_like(ids, -1), torch.zeros_like(ids, dtype=torch.bool)
+        pos = torch.searchsorted(self.sorted_ids, ids).clamp(max=len(self.sorted_ids) - 1)
+        found = self.sorted_ids[pos] == ids
+        return torch.where(found, self.row_of_sorted[pos], -1), found
+
+    def rows_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """int64 ``[...]``: the segment row of each external id; a ValueError names unknown ids."""
+        ids = torch.as_tensor(ids, dtype=torch.int64)
+        rows, found = self._lookup(ids)
+        if not bool(found.all()):
+            raise ValueError(f"unknown item ids {ids[~found].unique()[:10].tolist()} (not in the index)")
+        return rows
+
+    def inputs(
+        self,
+        histories: Sequence[Sequence[int]],
+        actions: Sequence[Sequence[int]] | None = None,
+        features: Sequence[Mapping[str, int]] | None = None,
+    ) -> UserInputs:
+        """The :class:`UserInputs` of ``B`` requests: each a history of external item ids (oldest
+        first; the latest ``max_history`` are read), their action bitmasks (default 1) and encoded
+        features by name (missing ones are 0; unknown names are an error)."""
+        b, keep = len(histories), self.config.max_history
+        actions = [[1] * len(h) for h in histories] if actions is None else actions
+        features = [{}] * b if features is None else features
+        if len(actions) != b or len(features) != b:
+            raise ValueError(f"{b} histories, {len(actions)} action lists and {len(features)} feature dicts")
+        rows, acts, lengths = [], [], []
+        for h, a in zip(histories, actions):
+            if len(h) != len(a):
+                raise ValueError(f"a history of {len(h)} items has {len(a)} actions")
+            rows += list(h[len(h) - keep:] if len(h) > keep else h)
+            acts += list(a[len(a) - keep:] if len(a) > keep else a)
+            lengths.append(min(len(h), keep))
+        known = self.config.features
+        for f in features:
+            unknown = sorted(set(f) - set(known))
+            if unknown:
+                raise ValueError(f"unknown features {unknown}; the model takes {list(known)}")
+        offsets = torch.zeros(b + 1, dtype=torch.int64)
+        torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0, out=offsets[1:])
+        return UserInputs(
+            history_rows=self.rows_of(torch.tensor(rows, dtype=torch.int64)),
+            history_actions=torch.tensor(acts, dtype=torch.int64).view(-1),
+            history_offsets=offsets,
+            features=torch.tensor([[int(f.get(n, 0)) for n in known] for f in features],
+                                  dtype=torch.int64).view(b, len(known)),
+        )
+
+    def plan(self, batch_size: int, filter: str | Sequence[str | None] | None, k0: int | None = None):
+        """The index's host-side plan for ``B`` requests (one filter each, or one for all): per
+        task query, the lists to probe and the rows the filter allows (exact, live)."""
+        filters = _per_query(filter, batch_size, len(self.config.tasks))
+        return self.index.plan(k0 or self.config.k0, filters, self.config.nprobe)
+
+    # ---- the model ---------------------------------------------------------------------------
+
+    def _history(self, inputs: UserInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The history's cached embeddings, padded ``[B, max_history, D]``, and its mask."""
+        vectors = self.cache[inputs.history_rows, : self.dim].float()
+        return _padded(vectors, inputs.history_offsets, self.config.max_history)
+
+    def encode(self, inputs: UserInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """User embeddings ``[B, D]`` and task queries ``[B, T, D]``."""
+        d = self.dim
+        history = self.cache[inputs.history_rows, :d].float()                        # [L, D]
+        feats = {n: inputs.features[:, i] for i, n in enumerate(self.config.features)}
+        users = self.user_tower(history, inputs.history_actions, inputs.history_offsets, feats)
+        return users, self.task_queries(users)
+
+    def score(self, inputs: UserInputs, users: torch.Tensor, queries: torch.Tensor, rows: torch.Tensor,
+              k: int) -> Retrieved:
+        """Rank the per-task candidate rows ``[B, T, K0]`` (-1: none) of ``B`` requests: merge,
+        drop duplicates, score (OverArch or inner products), Value Model, top-``k``."""
+        b, t, k0 = rows.shape
+        merged, _ = rows.view(b, t * k0).sort(dim=1)                                   # [B, M]
+        repeat = torch.zeros_like(merged, dtype=torch.bool)
+        repeat[:, 1:] = merged[:, 1:] == merged[:, :-1]
+        valid = (merged >= 0) & ~repeat                                                # [B, M]
+        safe = merged.clamp(min=0)
+        if self.overarch is None:
+            vectors = self.codes[safe].float() * self.scales[safe][..., None]          # [B, M, D]
+            task_scores = torch.einsum("btd,bmd->bmt", queries, vectors)               # [B, M, T]
+        else:
+            history, mask = self._history(inputs)
+            logits = self.overarch(users, queries, history, mask, self.cache[safe].float())
+            task_scores = torch.sigmoid(logits)                                        # [B, M, T]
+        if self.value_model is None:
+            value = task_scores[..., self.config.primary]
+        else:
+            value = self.value_model(task_scores)                                      # [B, M]
+        value = torch.where(valid, value, float("-inf"))
+        kk = min(k, value.shape[1])
+        top = torch.topk(value, kk, dim=1)                                             # [B, kk]
+        found = torch.isfinite(top.values)
+        picked = merged.gather(1, top.indices)
+        ids = torch.where(found, self.ids[picked.clamp(min=0)], -1)
+        scores = top.values
+        per_task = task_scores.gather(1, top.indices[..., None].expand(-1, -1, t))
+        if kk < k:
+            ids = torch.cat([ids, ids.new_full((b, k - kk), -1)], 1)
+            scores = torch.cat([scores, scores.new_full((b, k - kk), float("-inf"))], 1)
+            per_task = torch.cat([per_task, per_task.new_zeros(b, k - kk, t)], 1)
+        return Retrieved(ids, scores, torch.where(torch.isfinite(scores)[..., None], per_task, 0.0))
+
+    def execute(self, inputs: UserInputs, probes: torch.Tensor, allowed: torch.Tensor, k: int) -> Retrieved:
+        """The whole forward in tensor ops (the exported program): ``probes`` int64 ``[B·T]`` and
+        ``allowed`` int64 ``[B·T, W]`` come from :meth:`plan`."""
+        users, queries = self.encode(inputs)
+        b, t, d = queries.shape
+        _, rows = masked_ivf_topk(queries.reshape(b * t, d), self.centroids, self.row_list, self.codes,
+                                  self.scales, probes, allowed, self.config.k0)
+        return self.score(inputs, users, queries, rows.view(b, t, -1), k)
+
+    @torch.no_grad()
+    def forward(self, inputs: UserInputs, filter: str | Sequence[str | None] | None = None, k: int = 100) -> Retrieved:
+        """Top-``k`` for ``B`` requests under their filters (one string for all, or B), with the
+        index's fused kernels."""
+        _check_k(k, self.config.k0)
+        users, queries = self.encode(inputs)
+        b, t, d = queries.shape
+        filters = _per_query(filter, b, t)
+        found = self.index.search(queries.reshape(b * t, d), k=self.config.k0, filter=filters,
+                                  nprobe=self.config.nprobe).ids                          # [B·T, K0]
+        rows, _ = self._lookup(found)                                                     # -1 stays -1
+        return self.score(inputs, users, queries, rows.view(b, t, -1), k)
+
+    def recommend(
+        self,
+        history: Sequence[int],
+        filter: str | None = None,
+        k: int = 10,
+        actions: Sequence[int] | None = None,
+        features: Mapping[str, int] | None = None,
+    ) -> Retrieved:
+        """Top-``k`` for one user from the item ids of their history (oldest first)."""
+        inputs = self.inputs([list(history)], None if actions is None else [list(actions)], [dict(features or {})])
+        return self(inputs, filter=filter, k=k)
+
+    @torch.no_grad()
+    def rank(self, inputs: UserInputs, item_ids: torch.Tensor) -> torch.Tensor:
+        """Per-task scores ``[B, M, T]`` of given items ``int64 [B, M]`` (the ranking entry point):
+        the candidates' item state is gathered from the cache, the item tower never runs."""
+        users, queries = self.encode(inputs)
+        rows = self.rows_of(item_ids)
+        if self.overarch is None:
+            vectors = self.codes[rows].float() * self.scales[rows][..., None]
+            return torch.einsum("btd,bmd->bmt", queries, vectors)
+        history, mask = self._history(inputs)
+        return torch.sigmoid(self.overarch(users, queries, history, mask, self.cache[rows].float()))
+
+
+def _padded(values: torch.Tensor, offsets: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jagged ``values [L, D]`` → zero-padded ``[B, width, D]`` holding each row's latest ``width``
+    values, and its mask bool ``[B, width]``; no host syncs (exportable)."""
+    b, total = offsets.shape[0] - 1, values.shape[0]
+    position = torch.arange(total)
+    owner = torch.searchsorted(offsets, position, right=True) - 1
+    from_end = offsets[owner + 1] - 1 - position
+    column = torch.where(from_end < width, width - 1 - from_end, width)  # older values go to a spare column
+    padded = values.new_zeros(b, width + 1, values.shape[1])
+    padded[owner, column] = values
+    mask = torch.zeros(b, width + 1, dtype=torch.bool)
+    mask[owner, column] = True
+    return padded[:, :width], mask[:, :width]
+
+
+def _per_query(filter: str | Sequence[str | None] | None, b: int, t: int) -> list[str | None]:
+    """One filter per task query (request-major): each request's filter repeated for its T queries."""
+    if filter is None or isinstance(filter, str):
+        return [filter] * (b * t)
+    filters = list(filter)
+    if len(filters) != b:
+        raise ValueError(f"{len(filters)} filters for {b} requests")
+    return [f for f in filters for _ in range(t)]
+
+
+def _check_k(k: int, k0: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= k0:
+        raise ValueError(f"k must be an int in [1, k0 = {k0}], got {k!r}")
