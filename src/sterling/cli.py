@@ -129,7 +129,7 @@ def _cmd_publish(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     out = publish(Path(args.checkpoint), DatasetPaths(Path(args.data)).items, Path(args.out), k0=args.k0,
                   nprobe=args.nprobe, value_formula=args.value, use_overarch=not args.no_overarch,
-                  export=args.export)
+                  export=args.export, aot=args.aot)
     print(f"published {out} in {time.perf_counter() - t0:.1f}s")
 
 
@@ -315,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Value Model over the task probabilities, e.g. 'click + 0.5*like^0.5' (default: primary task)")
     pub.add_argument("--no-overarch", action="store_true", help="rank the ANN candidates by inner product")
     pub.add_argument("--export", action="store_true", help="also write program.pt2, the torch.export forward")
+    pub.add_argument("--aot", action="store_true",
+                     help="also write program.aoti.pt2, the forward compiled by AOTInductor (needs a C++ compiler)")
     pub.set_defaults(func=_cmd_publish)
 
     b = sub.add_parser("bench", help="benchmarks against the named peers, JSON out")

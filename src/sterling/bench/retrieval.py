@@ -11,6 +11,10 @@ and answer every held-out request (each user's last) over the whole catalogue, f
 
 Recall@K counts the held-out request's engaged items (positives of the primary task) in the top K;
 QPS is requests answered per second at the given batch size (model only, inputs prepared).
+
+Ranking with the embedding cache: the same held-out requests each rank ``rank_candidates`` items
+with :meth:`RetrievalModel.rank` (item state gathered from the cache) and by recomputing it (item
+tower → rounding → OverArch item state), reporting both rates and whether the scores are identical.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from sterling.data.schema import DatasetPaths
 from sterling.data.synth import SynthConfig, generate
 from sterling.models.towers import ItemTerms
 from sterling.serving.model import RetrievalModel, UserInputs
-from sterling.serving.publish import load_model, publish
+from sterling.serving.publish import cache_rows, load_model, publish
 from sterling.train.loop import TrainConfig, encode_catalog, holdout_requests, load_checkpoint, train
 from sterling.train.metrics import recall_at_k
 
@@ -53,6 +57,7 @@ class RetrievalBenchConfig:
         nprobe (int | None): lists probed (None: the index default).
         value_formula (str | None): the Value Model of the last row (None: a default over the tasks).
         batch (int): requests per forward.
+        rank_candidates (int): items each request ranks in the cached-vs-recomputed comparison.
         seed (int): seed.
     """
 
@@ -62,6 +67,7 @@ class RetrievalBenchConfig:
     nprobe: int | None = None
     value_formula: str | None = None
     batch: int = 64
+    rank_candidates: int = 500
     seed: int = 0
 
     @classmethod
@@ -147,23 +153,59 @@ def _dataset_rows(data_dir: Path, name: str, cfg: RetrievalBenchConfig, work: Pa
         out |= {f"recall@{k}": recall_at_k(ranked, relevant, k) for k in KS}
         log(f"  {name:<14} {row:<12} " + "  ".join(f"R@{k} {out[f'recall@{k}']:.4f}" for k in KS) + f"  {qps:,.0f} QPS")
         rows.append(out)
-    return rows
+    ranking = _ranking(model, ckpt, ItemTerms.build(attributes, vocab=ckpt.term_vocab), inputs, cfg, name)
+    log(f"  {name:<14} ranking {cfg.rank_candidates} items/request: cache {ranking['cached_qps']:,.0f} vs recompute "
+        f"{ranking['recompute_qps']:,.0f} requests/s ({ranking['speedup']:.1f}x), identical scores: {ranking['identical']}")
+    return rows, ranking
+
+
+def _ranking(model: RetrievalModel, ckpt, item_terms: ItemTerms, inputs: list[UserInputs],
+             cfg: RetrievalBenchConfig, name: str) -> dict:
+    """The ranking entry point with the cache against recomputing the item side per request."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n = len(model.ids)
+    item_ids = [model.ids[torch.randint(n, (x.batch_size, cfg.rank_candidates), generator=gen)] for x in inputs]
+    catalog = ItemCatalog(ckpt.item_ids)
+
+    def recomputed(x: UserInputs, ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            users, queries = model.encode(x)
+            rows = torch.from_numpy(catalog.rows(ids.reshape(-1).numpy()))
+            state = cache_rows(ckpt.model.encode_items(rows, item_terms), model.overarch, model.cache.dtype)
+            history, mask = model.history(x)
+            logits = model.overarch(users, queries, history, mask, state.float().view(*ids.shape, -1))
+        return torch.sigmoid(logits)
+
+    timings, scores = {}, {}
+    for label, fn in (("cached", model.rank), ("recompute", recomputed)):
+        best = float("inf")
+        for _ in range(2):
+            t0 = time.perf_counter()
+            out = [fn(x, ids) for x, ids in zip(inputs, item_ids)]
+            best = min(best, time.perf_counter() - t0)
+        timings[label], scores[label] = sum(x.batch_size for x in inputs) / best, torch.cat(out)
+    diff = float((scores["cached"] - scores["recompute"]).abs().max())
+    return {"dataset": name, "candidates_per_request": cfg.rank_candidates, "cached_qps": timings["cached"],
+            "recompute_qps": timings["recompute"], "speedup": timings["cached"] / timings["recompute"],
+            "identical": bool(torch.equal(scores["cached"], scores["recompute"])), "max_abs_diff": diff}
 
 
 def run(cfg: RetrievalBenchConfig, movielens: Path | None = None, log=print) -> dict:
     """Every row on the synthetic default (and on ``movielens`` when given)."""
     torch.manual_seed(cfg.seed)
-    rows = []
+    rows, ranking = [], []
     with tempfile.TemporaryDirectory(prefix="sterling-bench-retrieval-") as tmp:
         work = Path(tmp)
         log(f"synthetic default: {cfg.synth.num_users:,} users, {cfg.synth.num_items:,} items")
-        data = generate(cfg.synth, work / "synth" / "data")
-        rows += _dataset_rows(data, "synthetic", cfg, work / "synth", log)
+        datasets = [("synthetic", generate(cfg.synth, work / "synthetic" / "data"))]
         if movielens is not None:
             log(f"MovieLens: {movielens}")
-            data = load_movielens(movielens, work / "movielens" / "data")
-            rows += _dataset_rows(data, movielens.name, cfg, work / "movielens", log)
-    return {"machine": machine(), "config": asdict(cfg), "rows": rows}
+            datasets.append((movielens.name, load_movielens(movielens, work / movielens.name / "data")))
+        for name, data in datasets:
+            found, ranked = _dataset_rows(data, name, cfg, work / name, log)
+            rows += found
+            ranking.append(ranked)
+    return {"machine": machine(), "config": asdict(cfg), "rows": rows, "ranking": ranking}
 
 
 def format_table(result: dict) -> str:
@@ -172,6 +214,10 @@ def format_table(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"{r['dataset']:<14} {r['row']:<12} " + " ".join(f"{r[f'recall@{k}']:>8.4f}" for k in KS)
                      + f" {r['qps']:>9,.0f}")
+    lines += ["", f"{'dataset':<14} {'ranking: cached':>16} {'recomputed':>11} {'speed-up':>9} identical"]
+    for r in result["ranking"]:
+        lines.append(f"{r['dataset']:<14} {r['cached_qps']:>16,.0f} {r['recompute_qps']:>11,.0f} "
+                     f"{r['speedup']:>8.1f}x {r['identical']}")
     return "\n".join(lines)
 
 

@@ -16,19 +16,26 @@ and its outputs ids int64 ``[B, K0]``, scores ``[B, K0]`` and task scores ``[B, 
 (take the first k). The program runs the portable reference search (dense masked scoring over the
 catalogue), so it answers like the eager model but without its fused kernels.
 
-``program.pt2`` in a snapshot is this program saved with ``torch.export.save``.
+``program.pt2`` in a snapshot is this program saved with ``torch.export.save``; ``program.aoti.pt2``
+(``publish(..., aot=True)``, where a C++ compiler is present) is the same program compiled ahead of
+time by AOTInductor into a package that runs without Python model code
+(``torch._inductor.aoti_load_package``; :func:`load_package`).
 """
 
 from __future__ import annotations
 
 import io
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from sterling.serving.model import RetrievalModel, UserInputs
 
-__all__ = ["export_program", "load_program", "run_program"]
+__all__ = ["aot_package", "export_program", "load_package", "load_program", "run_program"]
 
 
 class _Forward(nn.Module):
@@ -81,3 +88,23 @@ def run_program(program: torch.export.ExportedProgram, inputs: UserInputs, probe
         ids, scores, task_scores = program.module()(inputs.history_rows, inputs.history_actions,
                                                     inputs.history_offsets, inputs.features, probes, allowed)
     return ids[:, :k], scores[:, :k], task_scores[:, :k]
+
+
+def aot_package(program: bytes) -> bytes:
+    """AOTInductor-compile the program of :func:`export_program` into a ``.pt2`` package (bytes).
+
+    Raises:
+        RuntimeError: no C++ compiler (``$CXX``, else ``g++``) is on the PATH.
+    """
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"AOTInductor needs a C++ compiler; {compiler!r} is not on the PATH (set CXX)")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = torch._inductor.aoti_compile_and_package(load_program(program), package_path=str(Path(tmp) / "model.pt2"))
+        return Path(path).read_bytes()
+
+
+def load_package(path: str | os.PathLike[str]):
+    """The compiled model of an AOTInductor package (e.g. a snapshot's ``program.aoti.pt2``),
+    called with the same tensors as the exported program."""
+    return torch._inductor.aoti_load_package(str(path))

@@ -232,7 +232,7 @@ class RetrievalModel(nn.Module):
 
     # ---- the model ---------------------------------------------------------------------------
 
-    def _history(self, inputs: UserInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def history(self, inputs: UserInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """The history's cached embeddings, padded ``[B, max_history, D]``, and its mask."""
         vectors = self.cache[inputs.history_rows, : self.dim].float()
         return _padded(vectors, inputs.history_offsets, self.config.max_history)
@@ -259,7 +259,7 @@ class RetrievalModel(nn.Module):
             vectors = self.codes[safe].float() * self.scales[safe][..., None]          # [B, M, D]
             task_scores = torch.einsum("btd,bmd->bmt", queries, vectors)               # [B, M, T]
         else:
-            history, mask = self._history(inputs)
+            history, mask = self.history(inputs)
             logits = self.overarch(users, queries, history, mask, self.cache[safe].float())
             task_scores = torch.sigmoid(logits)                                        # [B, M, T]
         if self.value_model is None:
@@ -323,7 +323,7 @@ class RetrievalModel(nn.Module):
         if self.overarch is None:
             vectors = self.codes[rows].float() * self.scales[rows][..., None]
             return torch.einsum("btd,bmd->bmt", queries, vectors)
-        history, mask = self._history(inputs)
+        history, mask = self.history(inputs)
         return torch.sigmoid(self.overarch(users, queries, history, mask, self.cache[rows].float()))
 
 

@@ -11,7 +11,8 @@ The publish flow of SilverTorch §1.4, on a laptop:
 5. **composer**: user tower + task queries + OverArch + Value Model formula + index + cache;
 6. the snapshot: ``index.safetensors``, ``cache.safetensors``, ``model.safetensors`` and a manifest
    naming every config; optionally (``export=True``) ``program.pt2``, the ``torch.export`` program of
-   the whole forward (:mod:`sterling.serving.export`).
+   the whole forward, and (``aot=True``) ``program.aoti.pt2``, its AOTInductor package
+   (:mod:`sterling.serving.export`).
 
 Loading verifies every checksum and parses only safetensors (no pickle).
 """
@@ -49,6 +50,7 @@ def publish(
     value_formula: str | None = None,
     use_overarch: bool = True,
     export: bool = False,
+    aot: bool = False,
 ) -> Path:
     """Compose and write the served model of ``checkpoint`` over the items of ``items_path``.
 
@@ -63,6 +65,7 @@ def publish(
             fails here, never at query time.
         use_overarch (bool): compose the checkpoint's OverArch (if it has one).
         export (bool): also write the ``torch.export`` program of the forward.
+        aot (bool): also write its AOTInductor package (implies ``export``; needs a C++ compiler).
     """
     ckpt = load_checkpoint(checkpoint)
     cfg = ckpt.model.cfg
@@ -97,12 +100,13 @@ def publish(
     }
     files = {"index": index_tensors, "cache": {"state": cache},
              "model": {k: v.detach().contiguous() for k, v in weights.items()}}
-    if not export:
+    if not (export or aot):
         return write_snapshot(Path(out_dir), files, meta)
-    from sterling.serving.export import export_program
+    from sterling.serving.export import aot_package, export_program
 
-    model = _compose(meta, files["model"], index, cache)
-    return write_snapshot(Path(out_dir), files, meta, blobs={"program.pt2": export_program(model)})
+    program = export_program(_compose(meta, files["model"], index, cache))
+    blobs = {"program.pt2": program} | ({"program.aoti.pt2": aot_package(program)} if aot else {})
+    return write_snapshot(Path(out_dir), files, meta, blobs=blobs)
 
 
 def cache_rows(vectors: torch.Tensor, overarch: OverArch | None, dtype: torch.dtype) -> torch.Tensor:
