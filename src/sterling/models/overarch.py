@@ -155,8 +155,8 @@ class MoLOverArch(OverArch):
         """``[B, P, C]`` normalised user-side components."""
         p, c, d = self.cfg.components, self.cfg.component_dim, self.cfg.dim
         att = torch.einsum("pd,bld->bpl", self.interest_queries, history) * d**0.5     # [B, P-1, L]
-        att = att.masked_fill(~history_mask[:, None, :], _MASKED).softmax(-1)
-        interests = att @ history                                                      # [B, P-1, D]; empty history → 0
+        att = torch.where(history_mask[:, None, :], att, _MASKED).softmax(-1)
+        interests = torch.einsum("bpl,bld->bpd", att, history)                        # [B, P-1, D]; empty history → 0
         sources = torch.cat([user[:, None, :], interests], dim=1)                      # [B, P, D]
         proj = self.user_proj.weight.view(p, c, d)                                     # component i reads source i
         bias = self.user_proj.bias.view(p, c)
@@ -167,7 +167,7 @@ class MoLOverArch(OverArch):
         target-aware component: the interest nearest the candidate, whichever it is)."""
         temperature = self.log_history_temperature.exp()
         sim = torch.einsum("bmd,bld->bml", emb, history) * temperature                 # [B, M, L]
-        sim = sim.masked_fill(~history_mask[:, None, :], _MASKED)
+        sim = torch.where(history_mask[:, None, :], sim, _MASKED)
         soft_max = torch.logsumexp(sim, dim=-1) / temperature
         return torch.where(history_mask.any(-1, keepdim=True), soft_max, 0.0)
 

@@ -153,7 +153,8 @@ class UserTower(nn.Module):
         features: dict[str, torch.Tensor],
     ) -> torch.Tensor:
         cfg = self.cfg
-        lengths = history_offsets[1:] - history_offsets[:-1]                       # [R]
+        starts = torch.arange(history_offsets.shape[0] - 1)                        # gathers, not slices: no
+        lengths = history_offsets[starts + 1] - history_offsets[starts]            # [R]  size-1 guards in export
         position = torch.arange(history_vectors.shape[0])                          # [L]
         owner = torch.searchsorted(history_offsets, position, right=True) - 1      # [L]
         from_end = (history_offsets[owner + 1] - 1 - position).clamp(max=cfg.max_history - 1)

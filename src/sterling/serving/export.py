@@ -13,7 +13,8 @@ tensors (``B`` requests, ``L`` history events in all, both dynamic; ``T`` tasks,
     allowed          int64 [B·T, W]
 
 and its outputs ids int64 ``[B, K0]``, scores ``[B, K0]`` and task scores ``[B, K0, T]``: the top K0
-(take the first k). The program runs the portable reference search (dense masked scoring over the
+(take the first k). ``B >= 2``: export specialises a dimension of size 1, so :func:`run_program`
+answers a single request beside an empty one. The program runs the portable reference search (dense masked scoring over the
 catalogue), so it answers like the eager model but without its fused kernels.
 
 ``program.pt2`` in a snapshot is this program saved with ``torch.export.save``; ``program.aoti.pt2``
@@ -66,7 +67,7 @@ def _example(model: RetrievalModel) -> tuple[torch.Tensor, ...]:
 
 def export_program(model: RetrievalModel) -> bytes:
     """``torch.export`` the whole forward of ``model`` and serialise it (``.pt2`` bytes)."""
-    requests, events = torch.export.Dim("requests", min=1), torch.export.Dim("events", min=1)
+    requests, events = torch.export.Dim("requests", min=2), torch.export.Dim("events", min=0)
     queries = requests * len(model.config.tasks)
     dynamic = ({0: events}, {0: events}, {0: requests + 1}, {0: requests}, {0: queries}, {0: queries})
     with torch.no_grad():
@@ -81,13 +82,24 @@ def load_program(data: bytes) -> torch.export.ExportedProgram:
     return torch.export.load(io.BytesIO(data))
 
 
-def run_program(program: torch.export.ExportedProgram, inputs: UserInputs, probes: torch.Tensor,
-                allowed: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run an exported program: ids ``[B, k]``, scores ``[B, k]``, task scores ``[B, k, T]``."""
+def run_program(program, inputs: UserInputs, probes: torch.Tensor, allowed: torch.Tensor,
+                k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run an exported program (or its AOTInductor package): ids ``[B, k]``, scores ``[B, k]``,
+    task scores ``[B, k, T]``. The program is traced for batches of two or more requests (export
+    specialises a dimension of size 1); a single request is answered beside an empty padding
+    request that probes nothing, whose answer is dropped."""
+    b = inputs.batch_size
+    args = (inputs.history_rows, inputs.history_actions, inputs.history_offsets, inputs.features, probes, allowed)
+    if b == 1:
+        args = (inputs.history_rows, inputs.history_actions,
+                torch.cat([inputs.history_offsets, inputs.history_offsets[-1:]]),
+                torch.cat([inputs.features, torch.zeros_like(inputs.features)]),
+                torch.cat([probes, torch.zeros_like(probes)]),
+                torch.cat([allowed, torch.zeros_like(allowed)]))
+    call = program.module() if isinstance(program, torch.export.ExportedProgram) else program
     with torch.no_grad():
-        ids, scores, task_scores = program.module()(inputs.history_rows, inputs.history_actions,
-                                                    inputs.history_offsets, inputs.features, probes, allowed)
-    return ids[:, :k], scores[:, :k], task_scores[:, :k]
+        ids, scores, task_scores = call(*args)
+    return ids[:b, :k], scores[:b, :k], task_scores[:b, :k]
 
 
 def aot_package(program: bytes) -> bytes:

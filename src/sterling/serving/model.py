@@ -251,8 +251,7 @@ class RetrievalModel(nn.Module):
         drop duplicates, score (OverArch or inner products), Value Model, top-``k``."""
         b, t, k0 = rows.shape
         merged, _ = rows.view(b, t * k0).sort(dim=1)                                   # [B, M]
-        repeat = torch.zeros_like(merged, dtype=torch.bool)
-        repeat[:, 1:] = merged[:, 1:] == merged[:, :-1]
+        repeat = torch.cat([torch.zeros_like(merged[:, :1], dtype=torch.bool), merged[:, 1:] == merged[:, :-1]], 1)
         valid = (merged >= 0) & ~repeat                                                # [B, M]
         safe = merged.clamp(min=0)
         if self.overarch is None:
@@ -335,11 +334,10 @@ def _padded(values: torch.Tensor, offsets: torch.Tensor, width: int) -> tuple[to
     owner = torch.searchsorted(offsets, position, right=True) - 1
     from_end = offsets[owner + 1] - 1 - position
     column = torch.where(from_end < width, width - 1 - from_end, width)  # older values go to a spare column
-    padded = values.new_zeros(b, width + 1, values.shape[1])
-    padded[owner, column] = values
-    mask = torch.zeros(b, width + 1, dtype=torch.bool)
-    mask[owner, column] = True
-    return padded[:, :width], mask[:, :width]
+    slot = owner * (width + 1) + column                       # flat slots: index_add exports without size guards
+    padded = values.new_zeros(b * (width + 1), values.shape[1]).index_add_(0, slot, values)
+    mask = torch.zeros(b * (width + 1)).index_add_(0, slot, torch.ones_like(slot, dtype=torch.float32)) > 0
+    return padded.view(b, width + 1, -1)[:, :width], mask.view(b, width + 1)[:, :width]
 
 
 def _per_query(filter: str | Sequence[str | None] | None, b: int, t: int) -> list[str | None]:
