@@ -90,3 +90,10 @@ def test_a_bad_formula_fails_at_publish_before_anything_is_written(published, tm
     with pytest.raises(FormulaError, match="unknown task 'clik'"):
         publishing.publish(ckpt, data / "items.parquet", tmp_path / "snap", value_formula="0.7*clik + like")
     assert not (tmp_path / "snap").exists()
+
+
+def test_load_model_overrides_are_checked(published):
+    _, _, _, snap = published
+    with pytest.raises(ValueError, match="cannot override \\['kk0'\\]"):
+        publishing.load_model(snap, kk0=5)
+    assert publishing.load_model(snap, k0=7, nprobe=1).config.k0 == 7

@@ -207,3 +207,54 @@ def test_empty_and_long_histories():
     assert model.rows_of(torch.tensor(ids[38:50])).tolist() == inputs.history_rows.tolist()
     out = model(inputs, k=5)
     assert torch.isfinite(out.scores).all() and (out.ids >= 0).all()
+
+
+def test_non_finite_value_model_scores_keep_their_items():
+    """A formula may give NaN or ±inf; every candidate still fills a slot, ranked NaN last."""
+    model, attrs, ids = compose("mlp", k0=20, nprobe=NLIST, formula="log(click - 0.5)", seed=3)
+    inputs = model.inputs([model.ids[:5].tolist()])
+    out = model(inputs, k=8)
+    assert (out.ids >= 0).all()  # 600 passing items: all 8 slots hold one
+    scores = out.scores[0]
+    finite = torch.isfinite(scores) | torch.isneginf(scores)
+    nan = torch.isnan(scores)
+    assert bool((finite | nan).all())
+    assert not bool((nan[:-1] & ~nan[1:]).any())  # NaN only after every number
+    numbers = scores[~nan]
+    assert (numbers.diff() <= 0).all()
+    torch.testing.assert_close(scores, torch.log(out.task_scores[0, :, 0] - 0.5), equal_nan=True)
+
+
+def test_an_index_with_fresh_items_or_changed_since_is_refused():
+    model, _, _ = compose(None, k0=20)
+    inputs = model.inputs([[int(model.ids[0])]])
+    model.index.upsert(torch.tensor([10**9]), torch.randn(1, D), [{"genre": ["drama"], "year": 2000}])
+    for call in (lambda: model(inputs, k=5), lambda: model.plan(1, None),
+                 lambda: model.rank(inputs, model.ids[:3][None])):
+        with pytest.raises(ValueError, match="index changed"):
+            call()
+    with pytest.raises(ValueError, match="1 fresh items"):
+        RetrievalModel(model.user_tower, model.task_queries, model.index, model.cache, None, model.config)
+
+
+def test_rank_and_inputs_check_types_and_shapes():
+    model, _, _ = compose("mol", k0=20)
+    inputs = model.inputs([[int(model.ids[0])], []])
+    assert model.rank(inputs, model.ids[:6].view(2, 3)).shape == (2, 3, len(TASKS))
+    for bad in (model.ids[:3], model.ids[:6].view(3, 2), model.ids[:6].view(2, 3).float()):
+        with pytest.raises(ValueError, match="item_ids must be integer"):
+            model.rank(inputs, bad)
+    with pytest.raises(ValueError, match="history item ids must be 64-bit integers, got 1.5"):
+        model.inputs([[1.5]])
+    with pytest.raises(ValueError, match="features must be 64-bit integers"):
+        model.inputs([[]], features=[{"surface": 2.7}])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"nprobe": 0}, "nprobe must be None or an int >= 1"), ({"k0": 0}, "k0 must be an int >= 1"),
+    ({"max_history": 0}, "max_history"), ({"tasks": ()}, "tasks must be"), ({"tasks": ("a", "a")}, "tasks must be"),
+    ({"value_formula": "clik + 1"}, "unknown task 'clik'"),
+])
+def test_serving_config_is_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ServingConfig(**{"tasks": TASKS, **kwargs})

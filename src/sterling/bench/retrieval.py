@@ -118,7 +118,7 @@ def _timed(answer, inputs: list[UserInputs]) -> tuple[torch.Tensor, float]:
     return torch.cat(out), sum(x.batch_size for x in inputs) / best
 
 
-def _dataset_rows(data_dir: Path, name: str, cfg: RetrievalBenchConfig, work: Path, log) -> list[dict]:
+def _dataset_rows(data_dir: Path, name: str, cfg: RetrievalBenchConfig, work: Path, log) -> tuple[list[dict], dict]:
     report = train(data_dir, work / "checkpoint", cfg.train, log=lambda s: log(f"  {s}"))
     snapshot = publish(report.checkpoint, DatasetPaths(data_dir).items, work / "snapshot", k0=cfg.k0,
                        nprobe=cfg.nprobe)

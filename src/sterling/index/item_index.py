@@ -214,6 +214,17 @@ class ItemIndex:
         return self._config
 
     @property
+    def version(self) -> object:
+        """An opaque token of the current state: unequal (``is not``) after any upsert, delete or
+        compaction. Holders of copies of the index's tensors check it to know they are current."""
+        return self._state
+
+    @property
+    def fresh_items(self) -> int:
+        """Items upserted since the last compaction (searched exactly, beside the IVF lists)."""
+        return len(self._state.fresh.ids)
+
+    @property
     def ids(self) -> torch.Tensor:
         """int64 [N]: the external ids (main segment in IVF order, then fresh items)."""
         state = self._state

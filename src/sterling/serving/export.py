@@ -36,7 +36,7 @@ from torch import nn
 
 from sterling.serving.model import RetrievalModel, UserInputs
 
-__all__ = ["aot_package", "export_program", "load_package", "load_program", "run_program"]
+__all__ = ["aot_package", "check_compiler", "export_program", "load_package", "load_program", "run_program"]
 
 
 class _Forward(nn.Module):
@@ -102,15 +102,20 @@ def run_program(program, inputs: UserInputs, probes: torch.Tensor, allowed: torc
     return ids[:b, :k], scores[:b, :k], task_scores[:b, :k]
 
 
+def check_compiler() -> None:
+    """Raise ValueError unless a C++ compiler (``$CXX``, else ``g++``) is on the PATH."""
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        raise ValueError(f"AOTInductor needs a C++ compiler; {compiler!r} is not on the PATH (set CXX)")
+
+
 def aot_package(program: bytes) -> bytes:
     """AOTInductor-compile the program of :func:`export_program` into a ``.pt2`` package (bytes).
 
     Raises:
-        RuntimeError: no C++ compiler (``$CXX``, else ``g++``) is on the PATH.
+        ValueError: no C++ compiler (:func:`check_compiler`).
     """
-    compiler = os.environ.get("CXX", "g++")
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"AOTInductor needs a C++ compiler; {compiler!r} is not on the PATH (set CXX)")
+    check_compiler()
     with tempfile.TemporaryDirectory() as tmp:
         path = torch._inductor.aoti_compile_and_package(load_program(program), package_path=str(Path(tmp) / "model.pt2"))
         return Path(path).read_bytes()

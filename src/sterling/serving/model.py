@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,6 +41,8 @@ from sterling.models.overarch import OverArch
 from sterling.models.towers import TaskQueries, UserTower
 from sterling.models.value_model import ValueModel
 from sterling.ops.reference.masked_ivf_topk import masked_ivf_topk
+
+_BIG = 3.0e38  # the ranking key of +inf (and -_BIG of NaN and -inf): finite, inside float32
 
 __all__ = ["Retrieved", "RetrievalModel", "ServingConfig", "UserInputs"]
 
@@ -70,8 +73,17 @@ class ServingConfig:
     use_overarch: bool = True
 
     def __post_init__(self) -> None:
-        if self.k0 < 1:
-            raise ValueError(f"k0 must be >= 1, got {self.k0}")
+        if isinstance(self.tasks, str) or not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks must be a non-empty tuple of distinct names, got {self.tasks!r}")
+        for name in ("k0", "max_history"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.nprobe is not None and (isinstance(self.nprobe, bool) or not isinstance(self.nprobe, int)
+                                        or self.nprobe < 1):
+            raise ValueError(f"nprobe must be None or an int >= 1, got {self.nprobe!r}")
+        if self.value_formula is not None:
+            ValueModel(self.value_formula, self.tasks)  # a FormulaError here, never at query time
         if self.primary_task is not None and self.primary_task not in self.tasks:
             raise ValueError(f"primary task {self.primary_task!r} is not one of the tasks {list(self.tasks)}")
 
@@ -148,16 +160,25 @@ class RetrievalModel(nn.Module):
         config: ServingConfig,
     ) -> None:
         super().__init__()
+        if index.fresh_items:
+            raise ValueError(f"the index holds {index.fresh_items} fresh items the model's cache does not cover: "
+                             "compact() it and publish again")
         tensors = index.executor_tensors()
         n, d = tensors["codes"].shape
-        if cache.shape[0] != n or cache.shape[1] < d:
-            raise ValueError(f"the cache holds {tuple(cache.shape)} for an index of {n} items of dimension {d}")
+        width = d if overarch is None or not config.use_overarch else overarch.state_dim
+        if cache.shape[0] != n or cache.shape[1] < width or (overarch is not None and cache.shape[1] != overarch.state_dim):
+            raise ValueError(f"the cache holds {tuple(cache.shape)} for an index of {n} items and an item state of "
+                             f"width {width}")
+        if task_queries.proj.out_features != len(config.tasks) * d:
+            raise ValueError(f"the task queries give {task_queries.proj.out_features // d} queries for the "
+                             f"{len(config.tasks)} tasks {list(config.tasks)}")
         self.user_tower = user_tower
         self.task_queries = task_queries
         self.overarch = overarch if config.use_overarch else None
         self.value_model = None if config.value_formula is None else ValueModel(config.value_formula, config.tasks)
         self.config = config
         self.index = index
+        self._version = index.version
         for name, value in tensors.items():
             self.register_buffer(name, value, persistent=False)
         order = torch.argsort(tensors["ids"])
@@ -217,18 +238,23 @@ class RetrievalModel(nn.Module):
         offsets = torch.zeros(b + 1, dtype=torch.int64)
         torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0, out=offsets[1:])
         return UserInputs(
-            history_rows=self.rows_of(torch.tensor(rows, dtype=torch.int64)),
-            history_actions=torch.tensor(acts, dtype=torch.int64).view(-1),
+            history_rows=self.rows_of(_int_tensor(rows, "history item ids")),
+            history_actions=_int_tensor(acts, "actions"),
             history_offsets=offsets,
-            features=torch.tensor([[int(f.get(n, 0)) for n in known] for f in features],
-                                  dtype=torch.int64).view(b, len(known)),
+            features=_int_tensor([f.get(n, 0) for f in features for n in known], "features").view(b, len(known)),
         )
 
-    def plan(self, batch_size: int, filter: str | Sequence[str | None] | None, k0: int | None = None):
+    def plan(self, batch_size: int, filter: str | Sequence[str | None] | None):
         """The index's host-side plan for ``B`` requests (one filter each, or one for all): per
         task query, the lists to probe and the rows the filter allows (exact, live)."""
+        self._check_current()
         filters = _per_query(filter, batch_size, len(self.config.tasks))
-        return self.index.plan(k0 or self.config.k0, filters, self.config.nprobe)
+        return self.index.plan(self.config.k0, filters, self.config.nprobe)
+
+    def _check_current(self) -> None:
+        if self.index.version is not self._version:
+            raise ValueError("the index changed (upsert, delete or compact) since the model was composed from it; "
+                             "its cached embeddings and tensors are stale: publish and load the model again")
 
     # ---- the model ---------------------------------------------------------------------------
 
@@ -253,31 +279,36 @@ class RetrievalModel(nn.Module):
         merged, _ = rows.view(b, t * k0).sort(dim=1)                                   # [B, M]
         repeat = torch.cat([torch.zeros_like(merged[:, :1], dtype=torch.bool), merged[:, 1:] == merged[:, :-1]], 1)
         valid = (merged >= 0) & ~repeat                                                # [B, M]
-        safe = merged.clamp(min=0)
-        if self.overarch is None:
-            vectors = self.codes[safe].float() * self.scales[safe][..., None]          # [B, M, D]
-            task_scores = torch.einsum("btd,bmd->bmt", queries, vectors)               # [B, M, T]
-        else:
-            history, mask = self.history(inputs)
-            logits = self.overarch(users, queries, history, mask, self.cache[safe].float())
-            task_scores = torch.sigmoid(logits)                                        # [B, M, T]
+        task_scores = self._task_scores(inputs, users, queries, merged.clamp(min=0))      # [B, M, T]
         if self.value_model is None:
             value = task_scores[..., self.config.primary]
         else:
             value = self.value_model(task_scores)                                      # [B, M]
-        value = torch.where(valid, value, float("-inf"))
+        # rank on a finite key (a formula may give NaN or ±inf: NaN last, ±inf at the ends), so a
+        # slot is empty only when it holds no candidate; the reported score is the value itself
+        finite = value.nan_to_num(nan=-_BIG, posinf=_BIG, neginf=-_BIG)
         kk = min(k, value.shape[1])
-        top = torch.topk(value, kk, dim=1)                                             # [B, kk]
-        found = torch.isfinite(top.values)
-        picked = merged.gather(1, top.indices)
-        ids = torch.where(found, self.ids[picked.clamp(min=0)], -1)
-        scores = top.values
-        per_task = task_scores.gather(1, top.indices[..., None].expand(-1, -1, t))
+        top = torch.topk(torch.where(valid, finite, float("-inf")), kk, dim=1)         # [B, kk]
+        found = valid.gather(1, top.indices)
+        ids = torch.where(found, self.ids[merged.gather(1, top.indices).clamp(min=0)], -1)
+        scores = torch.where(found, value.gather(1, top.indices), float("-inf"))
+        per_task = torch.where(found[..., None], task_scores.gather(1, top.indices[..., None].expand(-1, -1, t)), 0.0)
         if kk < k:
             ids = torch.cat([ids, ids.new_full((b, k - kk), -1)], 1)
             scores = torch.cat([scores, scores.new_full((b, k - kk), float("-inf"))], 1)
             per_task = torch.cat([per_task, per_task.new_zeros(b, k - kk, t)], 1)
-        return Retrieved(ids, scores, torch.where(torch.isfinite(scores)[..., None], per_task, 0.0))
+        return Retrieved(ids, scores, per_task)
+
+    def _task_scores(self, inputs: UserInputs, users: torch.Tensor, queries: torch.Tensor,
+                     rows: torch.Tensor) -> torch.Tensor:
+        """Per-task scores ``[B, M, T]`` of segment ``rows [B, M]``: OverArch's probabilities over the
+        cached item state, or (without an OverArch) the task queries' inner products with the
+        index's stored vectors."""
+        if self.overarch is None:
+            vectors = self.codes[rows].float() * self.scales[rows][..., None]          # [B, M, D]
+            return torch.einsum("btd,bmd->bmt", queries, vectors)
+        history, mask = self.history(inputs)
+        return torch.sigmoid(self.overarch(users, queries, history, mask, self.cache[rows].float()))
 
     def execute(self, inputs: UserInputs, probes: torch.Tensor, allowed: torch.Tensor, k: int) -> Retrieved:
         """The whole forward in tensor ops (the exported program): ``probes`` int64 ``[B·T]`` and
@@ -293,6 +324,7 @@ class RetrievalModel(nn.Module):
         """Top-``k`` for ``B`` requests under their filters (one string for all, or B), with the
         index's fused kernels."""
         _check_k(k, self.config.k0)
+        self._check_current()
         users, queries = self.encode(inputs)
         b, t, d = queries.shape
         filters = _per_query(filter, b, t)
@@ -316,14 +348,15 @@ class RetrievalModel(nn.Module):
     @torch.no_grad()
     def rank(self, inputs: UserInputs, item_ids: torch.Tensor) -> torch.Tensor:
         """Per-task scores ``[B, M, T]`` of given items ``int64 [B, M]`` (the ranking entry point):
-        the candidates' item state is gathered from the cache, the item tower never runs."""
+        OverArch's probabilities over the candidates' item state gathered from the cache (the item
+        tower never runs), or without an OverArch the task queries' inner products."""
+        item_ids = torch.as_tensor(item_ids)
+        if item_ids.is_floating_point() or item_ids.dim() != 2 or item_ids.shape[0] != inputs.batch_size:
+            raise ValueError(f"item_ids must be integer [B = {inputs.batch_size}, M], got {item_ids.dtype} "
+                             f"{list(item_ids.shape)}")
+        self._check_current()
         users, queries = self.encode(inputs)
-        rows = self.rows_of(item_ids)
-        if self.overarch is None:
-            vectors = self.codes[rows].float() * self.scales[rows][..., None]
-            return torch.einsum("btd,bmd->bmt", queries, vectors)
-        history, mask = self.history(inputs)
-        return torch.sigmoid(self.overarch(users, queries, history, mask, self.cache[rows].float()))
+        return self._task_scores(inputs, users, queries, self.rows_of(item_ids.to(torch.int64)))
 
 
 def _padded(values: torch.Tensor, offsets: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -338,6 +371,14 @@ def _padded(values: torch.Tensor, offsets: torch.Tensor, width: int) -> tuple[to
     padded = values.new_zeros(b * (width + 1), values.shape[1]).index_add_(0, slot, values)
     mask = torch.zeros(b * (width + 1)).index_add_(0, slot, torch.ones_like(slot, dtype=torch.float32)) > 0
     return padded.view(b, width + 1, -1)[:, :width], mask.view(b, width + 1)[:, :width]
+
+
+def _int_tensor(values: list, what: str) -> torch.Tensor:
+    """int64 ``[len(values)]``; a ValueError names the first value that is not an integer."""
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not -(2**63) <= int(v) < 2**63:
+            raise ValueError(f"{what} must be 64-bit integers, got {v!r}")
+    return torch.tensor([int(v) for v in values], dtype=torch.int64)
 
 
 def _per_query(filter: str | Sequence[str | None] | None, b: int, t: int) -> list[str | None]:

@@ -30,9 +30,9 @@ from sterling.data.items import read_items
 from sterling.index.item_index import IndexConfig, ItemIndex
 from sterling.models.overarch import OverArch, OverArchConfig, make_overarch
 from sterling.models.towers import ItemTerms, TaskQueries, TwoTowerConfig, UserTower
-from sterling.models.value_model import ValueModel
+from sterling.serving.export import aot_package, check_compiler, export_program
 from sterling.serving.model import RetrievalModel, ServingConfig
-from sterling.serving.snapshot import read_snapshot, write_snapshot
+from sterling.serving.snapshot import SnapshotError, read_snapshot, write_snapshot
 from sterling.train.loop import encode_catalog, load_checkpoint
 
 __all__ = ["cache_rows", "load_model", "publish"]
@@ -67,10 +67,14 @@ def publish(
         export (bool): also write the ``torch.export`` program of the forward.
         aot (bool): also write its AOTInductor package (implies ``export``; needs a C++ compiler).
     """
+    if aot:
+        check_compiler()  # before the work, not after it
     ckpt = load_checkpoint(checkpoint)
     cfg = ckpt.model.cfg
-    if value_formula is not None:
-        ValueModel(value_formula, cfg.tasks)  # FormulaError now, not at query time
+    primary = ckpt.meta["train"].get("retrieval_task")  # the task training retrieved for
+    serving = ServingConfig(tasks=cfg.tasks, features=cfg.context_features + cfg.user_features, k0=k0,
+                            nprobe=nprobe, primary_task=primary, value_formula=value_formula,
+                            max_history=cfg.max_history)  # bad settings and formulas fail here
     item_ids, attributes, _ = read_items(Path(items_path))
     if not np.array_equal(item_ids, ckpt.item_ids):
         raise ValueError(
@@ -83,8 +87,6 @@ def publish(
     index = ItemIndex.build(vectors, attributes, ids=item_ids, config=index_config)
     segment_ids = index.executor_tensors()["ids"].numpy()
     cache = cache_rows(vectors[ItemCatalog(item_ids).rows(segment_ids)], overarch, cache_dtype)
-    serving = ServingConfig(tasks=cfg.tasks, features=cfg.context_features + cfg.user_features, k0=k0,
-                            nprobe=nprobe, value_formula=value_formula, max_history=cfg.max_history)
     index_meta, index_tensors = index.to_snapshot_parts()
     weights = {f"user_tower.{k}": v for k, v in ckpt.model.user_tower.state_dict().items()}
     weights |= {f"task_queries.{k}": v for k, v in ckpt.model.query_heads.state_dict().items()}
@@ -102,8 +104,6 @@ def publish(
              "model": {k: v.detach().contiguous() for k, v in weights.items()}}
     if not (export or aot):
         return write_snapshot(Path(out_dir), files, meta)
-    from sterling.serving.export import aot_package, export_program
-
     program = export_program(_compose(meta, files["model"], index, cache))
     blobs = {"program.pt2": program} | ({"program.aoti.pt2": aot_package(program)} if aot else {})
     return write_snapshot(Path(out_dir), files, meta, blobs=blobs)
@@ -120,17 +120,34 @@ def cache_rows(vectors: torch.Tensor, overarch: OverArch | None, dtype: torch.dt
     return state.to(dtype)
 
 
+#: The :class:`ServingConfig` fields a loaded model may change (the rest describe the weights).
+OVERRIDABLE = ("k0", "nprobe", "primary_task", "value_formula", "use_overarch")
+
+
 def load_model(path: Path, **overrides) -> RetrievalModel:
     """Load a published snapshot as a :class:`RetrievalModel` (checksums verified, no pickle).
 
-    ``overrides`` replace :class:`ServingConfig` fields (e.g. ``k0``, ``nprobe``, ``value_formula``).
+    ``overrides`` replace the :data:`OVERRIDABLE` :class:`ServingConfig` fields (e.g. ``k0``,
+    ``nprobe``, ``value_formula``, ``use_overarch``).
     """
+    unknown = sorted(set(overrides) - set(OVERRIDABLE))
+    if unknown:
+        raise ValueError(f"cannot override {unknown}; a loaded model may change {list(OVERRIDABLE)}")
     snap = read_snapshot(Path(path))
     if snap.meta.get("kind") != _KIND:
         raise ValueError(f"{path} is a snapshot of kind {snap.meta.get('kind')!r}, not a published model")
+    missing = sorted({"index", "cache", "model"} - set(snap.tensors)) + sorted(
+        {"serving", "towers", "overarch", "index"} - set(snap.meta))
+    if "cache" in snap.tensors and "state" not in snap.tensors["cache"]:
+        missing.append("cache.state")
+    if missing:
+        raise SnapshotError(f"snapshot {path} lacks {missing}; it was not written by sterling publish")
+    try:
+        serving = replace(ServingConfig.from_json(snap.meta["serving"]), **overrides)
+    except TypeError as e:
+        raise SnapshotError(f"snapshot {path} has a malformed serving config: {e}") from None
     index = ItemIndex.from_snapshot_parts(snap.meta["index"], snap.tensors["index"])
-    meta = dict(snap.meta)
-    meta["serving"] = replace(ServingConfig.from_json(meta["serving"]), **overrides).to_json()
+    meta = {**snap.meta, "serving": serving.to_json()}
     model = _compose(meta, snap.tensors["model"], index, snap.tensors["cache"]["state"])
     model.meta = snap.meta
     return model

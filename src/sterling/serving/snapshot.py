@@ -10,7 +10,7 @@ Layout::
 
 Writing is atomic: everything goes into a temporary directory beside the target, is fsynced, and
 is renamed into place (an existing snapshot is first renamed aside, then removed). Reading checks
-every listed file's size and sha256 and refuses unlisted tensor files, so a truncated, tampered or
+every listed file's size and sha256 and refuses any unlisted file, so a truncated, tampered or
 half-copied snapshot is never loaded; tensors are parsed by safetensors, which executes no code.
 
 Example::

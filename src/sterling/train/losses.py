@@ -6,8 +6,9 @@
   impressed items (in-batch negatives) plus uniform random items; candidates that the *same user* engaged with elsewhere in the batch are
   masked, so a user's other positives are never pushed down as negatives. Logits are corrected by
   the log of each candidate's expected count in the candidate set (logQ correction, Yi et al. 2019),
-  so popular items are not under-scored for being frequent in-batch negatives. The tasks' losses
-  are averaged.
+  so popular items are not under-scored for being frequent in-batch negatives. The loss is the
+  mean over the positives of all tasks (weighting tasks equally instead let the few like / share
+  positives swamp the clicks: docs/benchmarks.md).
 * **Multi-task**: binary cross-entropy per task on every impression (``T`` heads).
 
 The user tower runs once per request and its output is shared by all the request's impressions.
