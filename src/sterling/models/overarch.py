@@ -155,7 +155,7 @@ class MoLOverArch(OverArch):
         """``[B, P, C]`` normalised user-side components."""
         p, c, d = self.cfg.components, self.cfg.component_dim, self.cfg.dim
         att = torch.einsum("pd,bld->bpl", self.interest_queries, history) * d**0.5     # [B, P-1, L]
-        att = torch.where(history_mask[:, None, :], att, _MASKED).softmax(-1)
+        att = torch.where(history_mask[:, None, :], att, _MASKED).softmax(-1) * history_mask[:, None, :]  # empty → 0
         interests = torch.einsum("bpl,bld->bpd", att, history)                        # [B, P-1, D]; empty history → 0
         sources = torch.cat([user[:, None, :], interests], dim=1)                      # [B, P, D]
         proj = self.user_proj.weight.view(p, c, d)                                     # component i reads source i
