@@ -158,20 +158,47 @@ def test_execute_answers_like_forward(seed, kind, nprobe):
     torch.testing.assert_close(tensor_only.task_scores, eager.task_scores, rtol=1e-5, atol=1e-5)
 
 
-def test_rank_from_the_cache_equals_recomputing_the_item_side():
-    model, _, ids = compose("mol", seed=2)
+@pytest.mark.parametrize("kind", ["mlp", "mol"])
+def test_rank_from_the_cache_equals_recomputing_the_item_side(kind):
+    """rank gathers the cached item state; recomputing it from the item embeddings (rounded to the
+    cache dtype, the state rounded again) gives identical scores."""
+    model, _, ids = compose(kind, seed=2)
     emb, _, _, _ = world(2)
     inputs = requests(model, random.Random(1), 2)
-    items = model.ids[torch.randint(N, (2, 7), generator=torch.Generator().manual_seed(0))]
+    gen = torch.Generator().manual_seed(0)
+    catalogue_rows = torch.randint(N, (2, 7), generator=gen)                 # positions in the catalogue order
+    items = ids[catalogue_rows]                                               # external ids
     cached = model.rank(inputs, items)                                        # [2, 7, T]
-    position = {int(i): r for r, i in enumerate(ids.tolist())}
-    vectors = emb[[position[int(i)] for i in items.reshape(-1)]]
     with torch.no_grad():
-        state = cache_rows(vectors, model.overarch, torch.float16).float().view(2, 7, -1)
+        state = model.overarch.item_state(emb.to(torch.float16).float()).to(torch.float16).float()  # [N, S]
         users, queries = model.encode(inputs)
         history, mask = model.history(inputs)
-        want = torch.sigmoid(model.overarch(users, queries, history, mask, state))
-    assert cached.shape == (2, 7, len(TASKS)) and torch.equal(cached, want)
+        want = torch.sigmoid(model.overarch(users, queries, history, mask, state[catalogue_rows]))
+    assert cached.shape == (2, 7, len(TASKS)) and cached.dtype == torch.float32
+    assert torch.equal(cached, want)
+    # the user side reads the history through the cache too: the fp16-rounded embeddings
+    history_positions = [int((ids == i).nonzero()) for i in model.ids[inputs.history_rows]]
+    with torch.no_grad():
+        plain_users = model.user_tower(emb.to(torch.float16).float()[history_positions], inputs.history_actions,
+                                       inputs.history_offsets, {"surface": inputs.features[:, 0]})
+    torch.testing.assert_close(users, plain_users, rtol=0, atol=1e-6)
+
+
+def test_rank_without_overarch_is_the_inner_product_with_the_stored_vectors():
+    model, _, ids = compose(None, seed=4)
+    inputs = requests(model, random.Random(3), 3)
+    items = ids[torch.randint(N, (3, 5), generator=torch.Generator().manual_seed(1))]
+    got = model.rank(inputs, items)                                           # [3, 5, T]
+    tensors = model.index.executor_tensors()
+    row = {int(i): r for r, i in enumerate(tensors["ids"].tolist())}
+    stored = tensors["codes"].float() * tensors["scales"][:, None]
+    with torch.no_grad():
+        _, queries = model.encode(inputs)
+    for b in range(3):
+        vectors = stored[[row[int(i)] for i in items[b]]]                      # [5, D]
+        torch.testing.assert_close(got[b], vectors @ queries[b].T, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown item ids \\[5\\]"):
+        model.rank(inputs, torch.tensor([[int(ids[0])], [int(ids[1])], [5]]))
 
 
 def test_bad_input_is_refused_with_a_clear_error():
@@ -258,3 +285,215 @@ def test_rank_and_inputs_check_types_and_shapes():
 def test_serving_config_is_checked(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ServingConfig(**{"tasks": TASKS, **kwargs})
+
+
+# ---- random filters with a plain-Python predicate ------------------------------------------------
+
+
+def random_filter(rng: random.Random, depth: int = 0):
+    """A random filter over ``genre`` / ``year`` and its plain evaluation ``attrs -> bool``."""
+    kind = rng.choice(["genre", "in", "ge", "lt", "eq", "and", "or", "not"] if depth < 2 else ["genre", "ge", "lt", "eq"])
+    if kind == "genre":
+        g = rng.choice(GENRES + ("nothing",))
+        return f"genre:{g}", lambda a: g in a["genre"]
+    if kind == "in":
+        gs = rng.sample(GENRES, 2)
+        return f"genre IN ({gs[0]}, {gs[1]})", lambda a: bool(set(gs) & set(a["genre"]))
+    y = rng.randint(1978, 2022)
+    if kind == "ge":
+        return f"year >= {y}", lambda a: a["year"] >= y
+    if kind == "lt":
+        return f"year < {y}", lambda a: a["year"] < y
+    if kind == "eq":
+        return f"year = {y}", lambda a: a["year"] == y
+    if kind == "not":
+        text, f = random_filter(rng, depth + 1)
+        return f"NOT ({text})", lambda a: not f(a)
+    (lt, lf), (rt, rf) = random_filter(rng, depth + 1), random_filter(rng, depth + 1)
+    if kind == "and":
+        return f"({lt}) AND ({rt})", lambda a: lf(a) and rf(a)
+    return f"({lt}) OR ({rt})", lambda a: lf(a) or rf(a)
+
+
+_COMPOSED: dict = {}  # composed models shared by hypothesis examples (composition is deterministic)
+
+
+def composed(key, **kwargs):
+    """``compose(**kwargs)[:3]``, built once per key."""
+    if key not in _COMPOSED:
+        _COMPOSED[key] = compose(**kwargs)[:3]
+    return _COMPOSED[key]
+
+
+def exact_top(model: RetrievalModel, query: torch.Tensor, ok: torch.Tensor, k: int) -> tuple[list[int], torch.Tensor]:
+    """External ids and scores of the exact top-k passing items by inner product with the index's
+    stored vectors (from ``executor_tensors``, independent of the model's buffers)."""
+    tensors = model.index.executor_tensors()
+    stored = tensors["codes"].float() * tensors["scales"][:, None]
+    s = (stored @ query).masked_fill(~ok, float("-inf"))
+    top = torch.topk(s, min(k, len(s)))
+    count = min(k, int(ok.sum()))
+    return tensors["ids"][top.indices[:count]].tolist(), top.values[:count]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**20), b=st.integers(1, 4), k=st.integers(1, 50),
+       nprobe=st.sampled_from([NLIST, NLIST + 3, 100]), shared=st.booleans())
+def test_exact_filtered_top_k_under_random_filters(seed, b, k, nprobe, shared):
+    """Random filter trees (one for all requests, or one each), nprobe >= nlist: the exact filtered
+    top-k of the primary task's query, padded with -1 / -inf."""
+    model, attrs, ids = composed(("exact", nprobe), kind=None, k0=50, nprobe=nprobe, seed=7)
+    attrs_of = dict(zip(ids.tolist(), attrs))
+    rng = random.Random(seed)
+    drawn = [random_filter(rng) for _ in range(1 if shared else b)]
+    inputs = requests(model, rng, b)
+    out = model(inputs, filter=drawn[0][0] if shared else [t for t, _ in drawn], k=k)
+    assert out.ids.shape == (b, k) and out.scores.shape == (b, k) and out.task_scores.shape == (b, k, len(TASKS))
+    with torch.no_grad():
+        _, queries = model.encode(inputs)
+    segment_ids = model.index.executor_tensors()["ids"]
+    for r in range(b):
+        predicate = drawn[0 if shared else r][1]
+        ok = torch.tensor([predicate(attrs_of[int(i)]) for i in segment_ids])
+        want_ids, want_scores = exact_top(model, queries[r, model.config.primary], ok, k)
+        count = len(want_ids)
+        assert out.ids[r, :count].tolist() == want_ids
+        torch.testing.assert_close(out.scores[r, :count], want_scores, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.task_scores[r, :count, model.config.primary], want_scores, rtol=1e-5, atol=1e-5)
+        assert (out.ids[r, count:] == -1).all() and torch.isneginf(out.scores[r, count:]).all()
+        assert (out.task_scores[r, count:] == 0).all()
+
+
+def test_k0_beyond_the_catalogue_pads_the_tail():
+    """k0 > N: every passing item is returned once, the rest is -1 / -inf, exact order."""
+    model, attrs, ids = compose(None, k0=N + 50, nprobe=NLIST)
+    attrs_of = dict(zip(ids.tolist(), attrs))
+    inputs = requests(model, random.Random(11), 2)
+    out = model(inputs, filter=[None, "year < 1990"], k=N + 20)
+    with torch.no_grad():
+        _, queries = model.encode(inputs)
+    segment_ids = model.index.executor_tensors()["ids"]
+    for r, flt in enumerate([None, "year < 1990"]):
+        ok = torch.tensor([passes(attrs_of[int(i)], flt) if flt is None else attrs_of[int(i)]["year"] < 1990
+                           for i in segment_ids])
+        want_ids, want_scores = exact_top(model, queries[r, 0], ok, N + 20)
+        assert out.ids[r, : len(want_ids)].tolist() == want_ids
+        assert (out.ids[r, len(want_ids):] == -1).all() and torch.isneginf(out.scores[r, len(want_ids):]).all()
+    assert (out.ids[0] >= 0).sum() == N and len(set(out.ids[0].tolist())) == N + 1  # N items and -1
+
+
+@pytest.mark.parametrize("kind", [None, "mlp", "mol"])
+def test_the_value_model_ranks_by_its_formula_of_the_task_scores(kind):
+    k0, k = 25, 15
+    formula = "click + 0.5*like"
+    model, attrs, ids = compose(kind, k0=k0, nprobe=NLIST, formula=formula, seed=6)
+    attrs_of = dict(zip(ids.tolist(), attrs))
+    filters = [None, "NOT genre:comedy", "genre:war AND year >= 2005"]
+    inputs = requests(model, random.Random(2), len(filters))
+    out = model(inputs, filter=filters, k=k)
+    valid = out.ids >= 0
+    click, like = out.task_scores[..., 0], out.task_scores[..., 1]
+    torch.testing.assert_close(out.scores[valid], (click + 0.5 * like)[valid], rtol=1e-5, atol=1e-6)
+    for r in range(len(filters)):
+        s = out.scores[r][valid[r]]
+        assert (s.diff() <= 0).all()
+    if kind is None:  # the formula over the exact candidate set's inner products
+        with torch.no_grad():
+            _, queries = model.encode(inputs)
+        for r, flt in enumerate(filters):
+            rows = torch.tensor(exact_candidates(model, queries[r], flt, attrs_of, k0), dtype=torch.int64)
+            stored = model.codes[rows].float() * model.scales[rows][:, None]
+            per_task = stored @ queries[r].T                                      # [M, T]
+            value = per_task[:, 0] + 0.5 * per_task[:, 1]
+            top = torch.topk(value, min(k, len(rows)))
+            assert out.ids[r, : len(top.values)].tolist() == model.ids[rows[top.indices]].tolist()
+            torch.testing.assert_close(out.scores[r, : len(top.values)], top.values, rtol=1e-5, atol=1e-5)
+    else:  # the task scores are probabilities
+        assert ((out.task_scores[valid] > 0) & (out.task_scores[valid] < 1)).all()
+
+
+@pytest.mark.parametrize("kind", [None, "mol"])
+def test_an_item_retrieved_by_several_task_queries_appears_once(kind):
+    """With the task heads at their initial zero residual every task query is the user embedding:
+    the T lists are the same K0 items, merged to K0 distinct candidates."""
+    k0 = 30
+    model, attrs, ids = compose(kind, k0=k0, nprobe=NLIST, seed=8)
+    torch.nn.init.zeros_(model.task_queries.proj.weight)
+    torch.nn.init.zeros_(model.task_queries.proj.bias)
+    attrs_of = dict(zip(ids.tolist(), attrs))
+    filters = ["genre:drama", None]
+    inputs = requests(model, random.Random(4), 2)
+    with torch.no_grad():
+        _, queries = model.encode(inputs)
+    assert torch.equal(queries[:, 0], queries[:, 1]) and torch.equal(queries[:, 0], queries[:, 2])
+    out = model(inputs, filter=filters, k=k0)
+    plan = model.plan(2, filters)
+    with torch.no_grad():
+        tensor_only = model.execute(inputs, plan.probes, plan.allowed, k0)
+    segment_ids = model.index.executor_tensors()["ids"]
+    for r, flt in enumerate(filters):
+        ok = torch.tensor([passes(attrs_of[int(i)], flt) for i in segment_ids])
+        want_ids, _ = exact_top(model, queries[r, 0], ok, k0)
+        got = out.ids[r].tolist()
+        assert len(set(got)) == k0 and -1 not in got                           # k0 distinct items fill k0 slots
+        assert set(got) == set(want_ids)
+        assert tensor_only.ids[r].tolist() == got
+        if kind is None:
+            assert got == want_ids
+
+
+def test_history_holds_the_latest_events_of_each_request():
+    model, _, _ = compose("mol", k0=20)                                       # max_history = 12
+    rng = random.Random(9)
+    all_ids = model.ids.tolist()
+    histories = [rng.sample(all_ids, n) for n in (0, 1, 12, 13, 30, 5)]
+    inputs = model.inputs(histories)
+    history, mask = model.history(inputs)
+    assert history.shape == (6, 12, D) and mask.shape == (6, 12)
+    for r, h in enumerate(histories):
+        latest = h[-12:]
+        assert int(mask[r].sum()) == len(latest)
+        assert (history[r][~mask[r]] == 0).all()
+        rows = model.rows_of(torch.tensor(latest, dtype=torch.int64))
+        want = model.cache[rows, :D].float()
+        assert torch.equal(history[r][mask[r]], want)                          # oldest first
+    with pytest.raises(ValueError, match="2 histories, 1 action lists"):
+        model.inputs([[], []], actions=[[]])
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**20), kind=st.sampled_from([None, "mlp", "mol"]), nprobe=st.sampled_from([1, 3]),
+       shared=st.booleans())
+def test_execute_answers_like_forward_under_random_filters(seed, kind, nprobe, shared):
+    """The tensor-only path (plan + execute) against the eager fused path, nprobe < nlist, random
+    filter trees (one string for all requests or one each), histories possibly empty."""
+    model, _, _ = composed(("execute", kind, nprobe), kind=kind, k0=20, nprobe=nprobe, seed=5)
+    rng = random.Random(seed)
+    b = rng.randint(1, 4)
+    flt = random_filter(rng)[0] if shared else [random_filter(rng)[0] if rng.random() < 0.8 else None for _ in range(b)]
+    inputs = requests(model, rng, b)
+    k = rng.randint(1, 20)
+    eager = model(inputs, filter=flt, k=k)
+    plan = model.plan(b, flt)
+    assert plan.probes.shape == (b * len(TASKS),) and plan.allowed.shape == (b * len(TASKS), (N + 63) // 64)
+    with torch.no_grad():
+        tensor_only = model.execute(inputs, plan.probes, plan.allowed, k)
+    assert torch.equal(tensor_only.ids, eager.ids)
+    torch.testing.assert_close(tensor_only.scores, eager.scores, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tensor_only.task_scores, eager.task_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_more_bad_input():
+    model, _, ids = compose(None, k0=20)
+    inputs = model.inputs([[int(model.ids[0])], []])
+    with pytest.raises(ValueError, match="1 filters for 2 requests"):
+        model.plan(2, ["genre:drama"])
+    with pytest.raises(ValueError, match="1 filters for 2 requests"):
+        model(inputs, filter=["genre:drama"], k=3)
+    with pytest.raises(FilterError) as err:
+        model(inputs, filter=["genre:drama", "year >= "], k=3)
+    assert err.value.position == len("year >= ")
+    with pytest.raises(ValueError, match="unknown item ids \\[1, 2\\]"):
+        model.inputs([[2, int(model.ids[0]), 1]])
+    with pytest.raises(ValueError, match="k must be an int"):
+        model(inputs, k=None)
