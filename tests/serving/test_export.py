@@ -23,6 +23,7 @@ except ImportError as e:  # pragma: no cover - a torch build without torch.expor
 from sterling.serving.export import load_program, run_program  # noqa: E402
 
 FORMULA = "click + 0.5*like^0.5 + 0.25*share"
+INDEX = publishing.IndexConfig(nlist=8, min_candidates=1.0)  # the index order is not the catalogue order; 2 of 8 lists probed
 CASES = [  # (history picks, filters): batch sizes 1 and 3, different history lengths, per-request filters
     ([[0, 3, 5, 7]], None),
     ([[]], "language:en"),
@@ -38,7 +39,8 @@ def published(tmp_path_factory):
     ckpt = train(data, root / "ckpt", TrainConfig(epochs=1, max_steps=6, dim=16, hidden=32,
                                                   overarch=OverArchTrainConfig(epochs=1, max_steps=4)),
                  log=lambda s: None).checkpoint
-    snap = publishing.publish(ckpt, data / "items.parquet", root / "snap", k0=60, value_formula=FORMULA, export=True)
+    snap = publishing.publish(ckpt, data / "items.parquet", root / "snap", index_config=INDEX, k0=60, nprobe=2,
+                              value_formula=FORMULA, export=True)
     return root, data, ckpt, snap
 
 
@@ -152,7 +154,7 @@ def test_the_snapshot_holds_the_program_only_when_exported(published, tmp_path):
     _, data, ckpt, snap = published
     manifest = read_snapshot(snap).manifest
     assert "program.pt2" in manifest["files"]
-    plain = publishing.publish(ckpt, data / "items.parquet", tmp_path / "plain", k0=60)
+    plain = publishing.publish(ckpt, data / "items.parquet", tmp_path / "plain", index_config=INDEX, k0=60, nprobe=2)
     assert not (plain / "program.pt2").exists()
     assert "program.pt2" not in read_snapshot(plain).manifest["files"]
     a, b = publishing.load_model(plain), publishing.load_model(snap)
@@ -205,6 +207,7 @@ def test_the_published_cache_and_weights_are_the_checkpoints(published):
     vectors = encode_catalog(ckpt.model, ItemTerms.build(attributes, vocab=ckpt.term_vocab), len(item_ids))
     position = {int(i): r for r, i in enumerate(item_ids.tolist())}
     rows = [position[int(i)] for i in model.ids]                              # segment order → catalogue rows
+    assert rows != sorted(rows) and model.centroids.shape[0] == 8 and model.config.nprobe == 2
     with torch.no_grad():
         want = ckpt.overarch.item_state(vectors[rows].to(torch.float16).float()).to(torch.float16)
     assert model.cache.dtype == torch.float16 and torch.equal(model.cache, want)
@@ -217,3 +220,10 @@ def test_the_published_cache_and_weights_are_the_checkpoints(published):
     for name, value in ckpt.overarch.state_dict().items():
         assert torch.equal(model.overarch.state_dict()[name], value)
     assert model.config.primary_task == ckpt.meta["train"]["retrieval_task"]  # None: the first task
+
+
+def test_the_published_index_probes_part_of_the_lists(published):
+    _, _, _, snap = published
+    model = publishing.load_model(snap)
+    plan = model.plan(3, [None, "language:en", None])
+    assert (plan.probes < 8).all() and (plan.probes >= 2).all()

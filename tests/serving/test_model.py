@@ -26,7 +26,7 @@ FILTERS = [None, "genre:drama", "genre:war AND year >= 2005", "NOT genre:comedy"
            "year = 1990", "genre:nothing"]
 
 
-def world(seed: int = 0):
+def world(seed: int = 0, config: IndexConfig | None = None):
     """A random catalogue with attributes, its index and float embeddings (segment order too)."""
     gen = torch.Generator().manual_seed(seed)
     centres = torch.randn(10, D, generator=gen)
@@ -35,12 +35,13 @@ def world(seed: int = 0):
     rng = random.Random(seed)
     attrs = [{"genre": rng.sample(GENRES, rng.randint(1, 2)), "year": rng.randint(1980, 2020)} for _ in range(N)]
     ids = torch.randperm(10 * N, generator=gen)[:N] + 7
-    index = ItemIndex.build(emb, attrs, ids=ids, config=IndexConfig(nlist=NLIST, nprobe=2))
+    index = ItemIndex.build(emb, attrs, ids=ids, config=config or IndexConfig(nlist=NLIST, nprobe=2))
     return emb, attrs, ids, index
 
 
-def compose(kind: str | None, k0: int = 40, nprobe: int | None = None, formula: str | None = None, seed: int = 0):
-    emb, attrs, ids, index = world(seed)
+def compose(kind: str | None, k0: int = 40, nprobe: int | None = None, formula: str | None = None, seed: int = 0,
+            config: IndexConfig | None = None):
+    emb, attrs, ids, index = world(seed, config)
     torch.manual_seed(seed)
     towers = TwoTowerConfig(num_items=N, num_terms=1, tasks=TASKS, context_features=("surface",), dim=D, hidden=16,
                             max_history=12)
@@ -447,7 +448,9 @@ def test_history_holds_the_latest_events_of_each_request():
     rng = random.Random(9)
     all_ids = model.ids.tolist()
     histories = [rng.sample(all_ids, n) for n in (0, 1, 12, 13, 30, 5)]
-    inputs = model.inputs(histories)
+    actions = [[rng.randint(0, 9) for _ in h] for h in histories]
+    inputs = model.inputs(histories, actions)
+    assert inputs.history_actions.tolist() == [x for a in actions for x in a[-12:]]  # the latest events' actions
     history, mask = model.history(inputs)
     assert history.shape == (6, 12, D) and mask.shape == (6, 12)
     for r, h in enumerate(histories):
@@ -461,13 +464,32 @@ def test_history_holds_the_latest_events_of_each_request():
         model.inputs([[], []], actions=[[]])
 
 
+# 16 lists of ~37 items and a planner asking for few candidates: nprobe 1 or 3 probes 1 or 3 lists
+# (widened only where a filter leaves fewer than k0 items in them), so the search is approximate
+PARTIAL = IndexConfig(nlist=16, nprobe=1, min_candidates=1.0)
+
+
+def test_the_partial_probing_index_is_approximate():
+    """The index of the next test really probes fewer than all lists, and misses exact results."""
+    model, attrs, ids = compose(None, k0=20, nprobe=1, seed=5, config=PARTIAL)
+    plan = model.plan(8, None)
+    assert (plan.probes < 16).all()
+    inputs = requests(model, random.Random(0), 8)
+    out = model(inputs, k=20)
+    with torch.no_grad():
+        _, queries = model.encode(inputs)
+    ok = torch.ones(N, dtype=torch.bool)
+    misses = sum(set(out.ids[r].tolist()) != set(exact_top(model, queries[r, 0], ok, 20)[0]) for r in range(8))
+    assert misses > 0
+
+
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**20), kind=st.sampled_from([None, "mlp", "mol"]), nprobe=st.sampled_from([1, 3]),
        shared=st.booleans())
 def test_execute_answers_like_forward_under_random_filters(seed, kind, nprobe, shared):
     """The tensor-only path (plan + execute) against the eager fused path, nprobe < nlist, random
     filter trees (one string for all requests or one each), histories possibly empty."""
-    model, _, _ = composed(("execute", kind, nprobe), kind=kind, k0=20, nprobe=nprobe, seed=5)
+    model, _, _ = composed(("execute", kind, nprobe), kind=kind, k0=20, nprobe=nprobe, seed=5, config=PARTIAL)
     rng = random.Random(seed)
     b = rng.randint(1, 4)
     flt = random_filter(rng)[0] if shared else [random_filter(rng)[0] if rng.random() < 0.8 else None for _ in range(b)]
