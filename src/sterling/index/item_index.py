@@ -291,6 +291,16 @@ class ItemIndex:
             records.append({"fresh_items": len(state.fresh.ids), "plan": "exact"})
         return SearchResult(ids, scores, records if explain else None)
 
+    def check_filter(self, expr: str) -> None:
+        """Parses ``expr`` and compiles it over the index's features (cached, as a search would).
+
+        Raises:
+            FilterError: a malformed filter or an unknown feature, with its position.
+        """
+        if not isinstance(expr, str):
+            raise ValueError(f"a filter must be a str, got {type(expr).__name__}")
+        self._state.main.compiled(expr)
+
     def plan(
         self,
         k: int,

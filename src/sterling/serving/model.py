@@ -24,13 +24,17 @@ including the search, in tensor ops with static shapes (``torch.export``-able, s
 returns the same results.
 
 Candidates are addressed by *segment rows* (the index's IVF order); the embedding cache is stored in
-that order. The model serves a compacted index (no fresh items).
+that order. The model is composed over a compacted index (no fresh items); its :meth:`upsert`,
+:meth:`delete` and :meth:`compact` then change the index and the model's rows together (live items:
+rows past the snapshot's, :mod:`sterling.serving.fresh`). The exported program serves the snapshot.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -41,10 +45,11 @@ from sterling.models.overarch import OverArch
 from sterling.models.towers import TaskQueries, UserTower
 from sterling.models.value_model import ValueModel
 from sterling.ops.reference.masked_ivf_topk import masked_ivf_topk
+from sterling.serving.fresh import FreshRows, gather_rows, item_cache_rows
 
 _BIG = 3.0e38  # the ranking key of +inf (and -_BIG of NaN and -inf): finite, inside float32
 
-__all__ = ["Retrieved", "RetrievalModel", "ServingConfig", "UserInputs"]
+__all__ = ["Retrieved", "RetrievalModel", "ServingConfig", "Trace", "UserInputs"]
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,24 @@ class Retrieved:
     task_scores: torch.Tensor
 
 
+@dataclass
+class Trace:
+    """What one forward spent, for metrics: seconds per stage (``user_tower``, ``filter``, ``ann``,
+    ``overarch``, ``value_model``) and the candidates each request kept after the filter and the
+    merge (int64 ``[B]``)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    candidates: torch.Tensor | None = None
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
 class RetrievalModel(nn.Module):
     """User tower, task queries, the item index, OverArch, Value Model and the embedding cache.
 
@@ -178,14 +201,21 @@ class RetrievalModel(nn.Module):
         self.value_model = None if config.value_formula is None else ValueModel(config.value_formula, config.tasks)
         self.config = config
         self.index = index
-        self._version = index.version
+        self._item_state = None if overarch is None else overarch.item_state  # of upserted items' cache rows
+        self._value_models: dict[str, ValueModel] = {}
+        self._set_main(tensors, cache)
+        self.meta: dict = {}  # the snapshot's metadata, when loaded from one
+
+    def _set_main(self, tensors: dict[str, torch.Tensor], cache: torch.Tensor) -> None:
+        """The main segment's buffers (the index's executor tensors) and its cache rows; no fresh rows."""
         for name, value in tensors.items():
             self.register_buffer(name, value, persistent=False)
         order = torch.argsort(tensors["ids"])
         self.register_buffer("sorted_ids", tensors["ids"][order], persistent=False)
         self.register_buffer("row_of_sorted", order, persistent=False)
         self.register_buffer("cache", cache, persistent=False)
-        self.meta: dict = {}  # the snapshot's metadata, when loaded from one
+        self.fresh = FreshRows.empty(tensors["codes"].shape[1], cache)
+        self._version = self.index.version
 
     @property
     def dim(self) -> int:
@@ -194,12 +224,25 @@ class RetrievalModel(nn.Module):
     # ---- host side: ids → rows, filters → plan -------------------------------------------------
 
     def _lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The segment row of each external id ``int64 [...]`` (-1 where unknown) and bool found."""
+        """The row of each external id ``int64 [...]`` (-1 where unknown: its newest fresh row, else
+        its segment row) and bool found."""
         if len(self.sorted_ids) == 0:
-            return torch.full_like(ids, -1), torch.zeros_like(ids, dtype=torch.bool)
-        pos = torch.searchsorted(self.sorted_ids, ids).clamp(max=len(self.sorted_ids) - 1)
-        found = self.sorted_ids[pos] == ids
-        return torch.where(found, self.row_of_sorted[pos], -1), found
+            rows, found = torch.full_like(ids, -1), torch.zeros_like(ids, dtype=torch.bool)
+        else:
+            pos = torch.searchsorted(self.sorted_ids, ids).clamp(max=len(self.sorted_ids) - 1)
+            found = self.sorted_ids[pos] == ids
+            rows = torch.where(found, self.row_of_sorted[pos], -1)
+        fresh = self.fresh
+        if len(fresh):
+            fresh_rows, fresh_found = fresh.lookup(ids)
+            rows = torch.where(fresh_found, len(self.ids) + fresh_rows, rows)
+            found = found | fresh_found
+        return rows, found
+
+    def _cache(self, rows: torch.Tensor, width: int | None = None) -> torch.Tensor:
+        """float32 ``[..., S]`` (or its first ``width`` columns): the cache rows of ``rows [...]``."""
+        cache, fresh = (self.cache, self.fresh.cache) if width is None else (self.cache[:, :width], self.fresh.cache[:, :width])
+        return gather_rows(cache, fresh, rows).float()
 
     def rows_of(self, ids: torch.Tensor) -> torch.Tensor:
         """int64 ``[...]``: the segment row of each external id; a ValueError names unknown ids."""
@@ -208,6 +251,11 @@ class RetrievalModel(nn.Module):
         if not bool(found.all()):
             raise ValueError(f"unknown item ids {ids[~found].unique()[:10].tolist()} (not in the index)")
         return rows
+
+    def check_filter(self, expr: str) -> None:
+        """Parse and compile ``expr`` over the index's features (cached): a FilterError names the
+        position of a malformed filter or an unknown feature."""
+        self.index.check_filter(expr)
 
     def inputs(
         self,
@@ -260,55 +308,72 @@ class RetrievalModel(nn.Module):
 
     def history(self, inputs: UserInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """The history's cached embeddings, padded ``[B, max_history, D]``, and its mask."""
-        vectors = self.cache[inputs.history_rows, : self.dim].float()
+        vectors = self._cache(inputs.history_rows, self.dim)
         return _padded(vectors, inputs.history_offsets, self.config.max_history)
 
     def encode(self, inputs: UserInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """User embeddings ``[B, D]`` and task queries ``[B, T, D]``."""
         d = self.dim
-        history = self.cache[inputs.history_rows, :d].float()                        # [L, D]
+        history = self._cache(inputs.history_rows, d)                                # [L, D]
         feats = {n: inputs.features[:, i] for i, n in enumerate(self.config.features)}
         users = self.user_tower(history, inputs.history_actions, inputs.history_offsets, feats)
         return users, self.task_queries(users)
 
     def score(self, inputs: UserInputs, users: torch.Tensor, queries: torch.Tensor, rows: torch.Tensor,
-              k: int) -> Retrieved:
+              k: int, value: str | None = None, trace: Trace | None = None) -> Retrieved:
         """Rank the per-task candidate rows ``[B, T, K0]`` (-1: none) of ``B`` requests: merge,
-        drop duplicates, score (OverArch or inner products), Value Model, top-``k``."""
+        drop duplicates, score (OverArch or inner products), Value Model (``value``: a formula
+        in place of the configured one), top-``k``."""
+        trace = trace or Trace()
         b, t, k0 = rows.shape
         merged, _ = rows.view(b, t * k0).sort(dim=1)                                   # [B, M]
         repeat = torch.cat([torch.zeros_like(merged[:, :1], dtype=torch.bool), merged[:, 1:] == merged[:, :-1]], 1)
         valid = (merged >= 0) & ~repeat                                                # [B, M]
-        task_scores = self._task_scores(inputs, users, queries, merged.clamp(min=0))      # [B, M, T]
-        if self.value_model is None:
-            value = task_scores[..., self.config.primary]
-        else:
-            value = self.value_model(task_scores)                                      # [B, M]
-        # rank on a finite key (a formula may give NaN or ±inf: NaN last, ±inf at the ends), so a
-        # slot is empty only when it holds no candidate; the reported score is the value itself
-        finite = value.nan_to_num(nan=-_BIG, posinf=_BIG, neginf=-_BIG)
-        kk = min(k, value.shape[1])
-        top = torch.topk(torch.where(valid, finite, float("-inf")), kk, dim=1)         # [B, kk]
-        found = valid.gather(1, top.indices)
-        ids = torch.where(found, self.ids[merged.gather(1, top.indices).clamp(min=0)], -1)
-        scores = torch.where(found, value.gather(1, top.indices), float("-inf"))
-        per_task = torch.where(found[..., None], task_scores.gather(1, top.indices[..., None].expand(-1, -1, t)), 0.0)
+        with trace.stage("overarch"):
+            task_scores = self._task_scores(inputs, users, queries, merged.clamp(min=0))  # [B, M, T]
+        with trace.stage("value_model"):
+            value_model = self.value_model if value is None else self._value_model(value)
+            if value_model is None:
+                value_scores = task_scores[..., self.config.primary]
+            else:
+                value_scores = value_model(task_scores)                                # [B, M]
+            # rank on a finite key (a formula may give NaN or ±inf: NaN last, ±inf at the ends), so a
+            # slot is empty only when it holds no candidate; the reported score is the value itself
+            finite = value_scores.nan_to_num(nan=-_BIG, posinf=_BIG, neginf=-_BIG)
+            kk = min(k, value_scores.shape[1])
+            top = torch.topk(torch.where(valid, finite, float("-inf")), kk, dim=1)     # [B, kk]
+            found = valid.gather(1, top.indices)
+            picked = merged.gather(1, top.indices).clamp(min=0)
+            ids = torch.where(found, gather_rows(self.ids, self.fresh.ids, picked), -1)
+            scores = torch.where(found, value_scores.gather(1, top.indices), float("-inf"))
+            per_task = torch.where(found[..., None], task_scores.gather(1, top.indices[..., None].expand(-1, -1, t)), 0.0)
+        trace.candidates = valid.sum(1)
         if kk < k:
             ids = torch.cat([ids, ids.new_full((b, k - kk), -1)], 1)
             scores = torch.cat([scores, scores.new_full((b, k - kk), float("-inf"))], 1)
             per_task = torch.cat([per_task, per_task.new_zeros(b, k - kk, t)], 1)
         return Retrieved(ids, scores, per_task)
 
+    def _value_model(self, formula: str) -> ValueModel:
+        """The compiled Value Model of ``formula`` (cached; a FormulaError names a bad one)."""
+        model = self._value_models.get(formula)
+        if model is None:
+            if len(self._value_models) >= 64:
+                self._value_models.clear()
+            model = self._value_models[formula] = ValueModel(formula, self.config.tasks)
+        return model
+
     def _task_scores(self, inputs: UserInputs, users: torch.Tensor, queries: torch.Tensor,
                      rows: torch.Tensor) -> torch.Tensor:
-        """Per-task scores ``[B, M, T]`` of segment ``rows [B, M]``: OverArch's probabilities over the
+        """Per-task scores ``[B, M, T]`` of rows ``[B, M]``: OverArch's probabilities over the
         cached item state, or (without an OverArch) the task queries' inner products with the
         index's stored vectors."""
         if self.overarch is None:
-            vectors = self.codes[rows].float() * self.scales[rows][..., None]          # [B, M, D]
+            codes = gather_rows(self.codes, self.fresh.codes, rows).float()
+            vectors = codes * gather_rows(self.scales, self.fresh.scales, rows)[..., None]  # [B, M, D]
             return torch.einsum("btd,bmd->bmt", queries, vectors)
         history, mask = self.history(inputs)
-        return torch.sigmoid(self.overarch(users, queries, history, mask, self.cache[rows].float()))
+        return torch.sigmoid(self.overarch(users, queries, history, mask, self._cache(rows)))
 
     def execute(self, inputs: UserInputs, probes: torch.Tensor, allowed: torch.Tensor, k: int) -> Retrieved:
         """The whole forward in tensor ops (the exported program): ``probes`` int64 ``[B·T]`` and
@@ -320,18 +385,26 @@ class RetrievalModel(nn.Module):
         return self.score(inputs, users, queries, rows.view(b, t, -1), k)
 
     @torch.no_grad()
-    def forward(self, inputs: UserInputs, filter: str | Sequence[str | None] | None = None, k: int = 100) -> Retrieved:
+    def forward(self, inputs: UserInputs, filter: str | Sequence[str | None] | None = None, k: int = 100,
+                value: str | None = None, trace: Trace | None = None) -> Retrieved:
         """Top-``k`` for ``B`` requests under their filters (one string for all, or B), with the
-        index's fused kernels."""
+        index's fused kernels; ``value`` replaces the configured Value Model formula; ``trace``
+        collects the time per stage."""
         _check_k(k, self.config.k0)
         self._check_current()
-        users, queries = self.encode(inputs)
+        trace = trace or Trace()
+        with trace.stage("user_tower"):
+            users, queries = self.encode(inputs)
         b, t, d = queries.shape
-        filters = _per_query(filter, b, t)
-        found = self.index.search(queries.reshape(b * t, d), k=self.config.k0, filter=filters,
-                                  nprobe=self.config.nprobe).ids                          # [B·T, K0]
-        rows, _ = self._lookup(found)                                                     # -1 stays -1
-        return self.score(inputs, users, queries, rows.view(b, t, -1), k)
+        with trace.stage("filter"):
+            filters = _per_query(filter, b, t)
+            for expr in set(filters) - {None}:
+                self.check_filter(expr)
+        with trace.stage("ann"):
+            found = self.index.search(queries.reshape(b * t, d), k=self.config.k0, filter=filters,
+                                      nprobe=self.config.nprobe).ids                      # [B·T, K0]
+            rows, _ = self._lookup(found)                                                 # -1 stays -1
+        return self.score(inputs, users, queries, rows.view(b, t, -1), k, value, trace)
 
     def recommend(
         self,
@@ -357,6 +430,56 @@ class RetrievalModel(nn.Module):
         self._check_current()
         users, queries = self.encode(inputs)
         return self._task_scores(inputs, users, queries, self.rows_of(item_ids.to(torch.int64)))
+
+    # ---- live items --------------------------------------------------------------------------
+
+    def upsert(self, ids: torch.Tensor | Sequence[int], embeddings: torch.Tensor,
+               attributes: Sequence[Mapping]) -> None:
+        """Insert or replace items (``ids int64 [M]``, distinct; item-tower ``embeddings float [M, D]``;
+        attribute dicts) in the index and the model's rows; visible to the next forward. A bad
+        argument is a ValueError and changes nothing."""
+        self._check_current()
+        self.index.upsert(ids, embeddings, attributes)           # validates everything first
+        ids = torch.as_tensor(ids, dtype=torch.int64)
+        vectors = torch.as_tensor(embeddings, dtype=torch.float32)
+        if len(ids) and self.index.fresh_items == 0:            # the index compacted itself
+            self._relayout(extra=(ids, vectors))
+            return
+        cache = item_cache_rows(vectors, self._item_state, self.cache.dtype)
+        self.fresh = self.fresh.added(ids, vectors, cache)
+        self._version = self.index.version
+
+    def delete(self, ids: torch.Tensor | Sequence[int]) -> int:
+        """Remove items from search (their rows stay, for the histories that name them); returns
+        how many were live."""
+        self._check_current()
+        removed = self.index.delete(ids)
+        self._version = self.index.version
+        return removed
+
+    def compact(self) -> None:
+        """Fold the fresh rows into the main segment (the index's :meth:`~ItemIndex.compact`) and
+        lay the model's buffers and cache out in its new order; deleted items leave the model."""
+        self._check_current()
+        self.index.compact()
+        self._relayout()
+
+    def _relayout(self, extra: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Buffers and cache for the index's (compacted) main segment; each item's cache row is
+        its current one, or for ``extra`` (ids, embeddings) just upserted, computed now."""
+        tensors = self.index.executor_tensors()
+        rows, found = self._lookup(tensors["ids"])
+        cache = gather_rows(self.cache, self.fresh.cache, rows.clamp(min=0))
+        if extra is not None:
+            new_ids, vectors = extra
+            pos = torch.searchsorted(new_ids.sort().values, tensors["ids"]).clamp(max=len(new_ids) - 1)
+            is_new = new_ids.sort().values[pos] == tensors["ids"]
+            order = new_ids.argsort()
+            cache[is_new] = item_cache_rows(vectors[order[pos[is_new]]], self._item_state, self.cache.dtype)
+            found = found | is_new
+        if not bool(found.all()):
+            raise RuntimeError("the compacted index holds items the model has no cache rows for")
+        self._set_main(tensors, cache)
 
 
 def _padded(values: torch.Tensor, offsets: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
