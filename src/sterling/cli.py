@@ -11,6 +11,7 @@ Sub-commands::
     sterling train --model hstu|sasrec --data DIR   next-item retrieval, leave-last-out HR@k / NDCG@k
     sterling publish --checkpoint CKPT --data DIR --out SNAP [--value FORMULA] [--export]
     sterling query --snapshot SNAP --user ID [--filter EXPR] [-k 10] [--json]
+    sterling serve --snapshot SNAP [--port 8000] [--users PATH]   HTTP server (token in $STERLING_TOKEN)
     sterling bench ann [--quick] [--json PATH] [--plot PATH]   filtered search vs FAISS / hnswlib
     sterling bench roo [--quick] [--json PATH]      ROO vs impression-level training
     sterling bench retrieval [--quick] [--json PATH]   recall@K / QPS: exact, int8+Bloom, +OverArch, +VM
@@ -192,6 +193,32 @@ def format_recommendations(
     return "\n".join(lines)
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
+    from sterling.serving.batcher import BatcherConfig
+    from sterling.serving.server import ServerConfig, serve
+    from sterling.serving.service import Limits
+
+    formulas = []
+    for named in args.value or []:
+        name, sep, formula = named.partition("=")
+        if not sep or not name.strip() or not formula.strip():
+            raise ValueError(f"--value takes NAME=FORMULA, got {named!r}")
+        formulas.append((name.strip(), formula.strip()))
+    users = args.users
+    if users is None and args.data is not None:
+        users = Path(args.data) / "users.parquet"
+    config = ServerConfig(
+        snapshot=Path(args.snapshot), token=os.environ.get(args.token_env) or None, allow_no_auth=args.insecure_no_auth,
+        users=None if users is None else Path(users), value_formulas=tuple(formulas),
+        batcher=BatcherConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue),
+        limits=Limits(max_k=args.max_k),
+    )
+    print(f"sterling: serving {args.snapshot} on http://{args.host}:{args.port} (docs at /docs)", file=sys.stderr)
+    serve(config, host=args.host, port=args.port)
+
+
 def _titles(items_path: Path, ids: list[int]) -> dict[int, str]:
     """Titles of ``ids`` from a dataset's items.parquet, when it is at hand and has a title column."""
     import pyarrow.compute as pc
@@ -330,6 +357,24 @@ def build_parser() -> argparse.ArgumentParser:
     ret = bsub.add_parser("retrieval", help="the quality table: exact, int8 + Bloom, + OverArch, + Value Model")
     _bench_retrieval_arguments(ret)
     ret.set_defaults(func=_cmd_bench_retrieval)
+
+    sv = sub.add_parser("serve", help="the published model over HTTP: retrieve, rank, live items, metrics")
+    sv.add_argument("--snapshot", required=True)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--users", help="users.parquet, so requests may name a user_id")
+    sv.add_argument("--data", help="dataset directory whose users.parquet to use (instead of --users)")
+    sv.add_argument("--value", action="append", metavar="NAME=FORMULA",
+                    help="a named Value Model formula requests may pick (repeatable)")
+    sv.add_argument("--max-batch", type=int, default=32, help="most requests in one forward (1: no batching)")
+    sv.add_argument("--max-wait-ms", type=float, default=2.0, help="longest a request waits for its batch to fill")
+    sv.add_argument("--max-queue", type=int, default=4096, help="waiting requests beyond which the server answers 503")
+    sv.add_argument("--max-k", type=int, help="most results per request (default: the snapshot's k0)")
+    sv.add_argument("--token-env", default="STERLING_TOKEN",
+                    help="environment variable holding the bearer token of the write endpoints")
+    sv.add_argument("--insecure-no-auth", action="store_true",
+                    help="run the write endpoints (items, admin) without a token: local use only")
+    sv.set_defaults(func=_cmd_serve)
 
     q = sub.add_parser("query", help="filtered top-k for one user from a published snapshot")
     q.add_argument("--snapshot", required=True)

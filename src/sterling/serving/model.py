@@ -332,11 +332,7 @@ class RetrievalModel(nn.Module):
         with trace.stage("overarch"):
             task_scores = self._task_scores(inputs, users, queries, merged.clamp(min=0))  # [B, M, T]
         with trace.stage("value_model"):
-            value_model = self.value_model if value is None else self._value_model(value)
-            if value_model is None:
-                value_scores = task_scores[..., self.config.primary]
-            else:
-                value_scores = value_model(task_scores)                                # [B, M]
+            value_scores = self.value_of(task_scores, value)                           # [B, M]
             # rank on a finite key (a formula may give NaN or ±inf: NaN last, ±inf at the ends), so a
             # slot is empty only when it holds no candidate; the reported score is the value itself
             finite = value_scores.nan_to_num(nan=-_BIG, posinf=_BIG, neginf=-_BIG)
@@ -354,14 +350,16 @@ class RetrievalModel(nn.Module):
             per_task = torch.cat([per_task, per_task.new_zeros(b, k - kk, t)], 1)
         return Retrieved(ids, scores, per_task)
 
-    def _value_model(self, formula: str) -> ValueModel:
-        """The compiled Value Model of ``formula`` (cached; a FormulaError names a bad one)."""
-        model = self._value_models.get(formula)
-        if model is None:
+    def value_of(self, task_scores: torch.Tensor, value: str | None = None) -> torch.Tensor:
+        """Ranking scores ``[...]`` of per-task scores ``[..., T]``: the Value Model of ``value`` (a
+        formula; None: the configured one), or the primary task's score without one."""
+        if value is None:
+            model = self.value_model
+        elif (model := self._value_models.get(value)) is None:
             if len(self._value_models) >= 64:
                 self._value_models.clear()
-            model = self._value_models[formula] = ValueModel(formula, self.config.tasks)
-        return model
+            model = self._value_models[value] = ValueModel(value, self.config.tasks)  # a FormulaError names a bad one
+        return task_scores[..., self.config.primary] if model is None else model(task_scores)
 
     def _task_scores(self, inputs: UserInputs, users: torch.Tensor, queries: torch.Tensor,
                      rows: torch.Tensor) -> torch.Tensor:

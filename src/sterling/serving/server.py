@@ -1,0 +1,311 @@
+"""``sterling serve``: the published model over HTTP (FastAPI + uvicorn, the ``[serve]`` extra).
+
+Endpoints (OpenAPI at ``/docs`` and ``/openapi.json``):
+
+- ``POST /v1/retrieve``: a user (``user_id`` from the user store and/or ``history`` of item ids,
+  ``features``), ``filter``, ``k``, optional ``tasks`` and ``value`` (a named Value Model) →
+  ids, scores, per-task scores, the snapshot version and the time per stage;
+- ``POST /v1/rank``: a user and ``item_ids`` → per-task and value scores from the cached item state;
+- ``POST /v1/items``: upsert (id, embedding, attributes) and delete items, live (bearer token);
+- ``POST /v1/admin/reload``: swap in a snapshot (bearer token);
+- ``GET /v1/snapshot``, ``GET /healthz``, ``GET /readyz``, ``GET /metrics`` (Prometheus).
+
+Every malformed request is answered 4xx with a JSON body ``{"error": {"code", "message", ...}}``:
+bad JSON, wrong types, unknown fields, NaN / inf, out-of-range ``k``, oversized bodies or lists,
+unknown users, items, features, tasks or formulas, and filter syntax errors (with the position).
+An unexpected failure is a 500 with the same body, never a stack trace, and the server keeps going.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sterling.index.filter import FilterError
+from sterling.models.value_model import FormulaError
+from sterling.serving.batcher import BatcherConfig, Overloaded
+from sterling.serving.service import Limits, ReloadInProgress, Service, Update
+from sterling.serving.snapshot import SnapshotError
+from sterling.serving.users import UnknownUser
+
+__all__ = ["BackgroundServer", "ServerConfig", "create_app", "serve"]
+
+log = logging.getLogger("sterling.serve")
+
+Id = Annotated[int, Field(strict=True, ge=-(2**63), lt=2**63)]
+Number = StrictFloat | StrictInt
+AttributeValue = StrictStr | StrictInt | StrictFloat | list[StrictStr | StrictInt]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How ``sterling serve`` runs.
+
+    Args:
+        snapshot (Path): the published snapshot to serve.
+        token (str | None): the bearer token the write endpoints (items, admin) require.
+        allow_no_auth (bool): run the write endpoints without a token (local use only); without
+            it, a server with no token refuses to start.
+        users (Path | None): a ``users.parquet`` for requests that name a user.
+        value_formulas (tuple[tuple[str, str], ...]): named Value Model formulas (name, formula).
+        batcher (BatcherConfig): micro-batching.
+        limits (Limits): request size limits.
+    """
+
+    snapshot: Path
+    token: str | None = None
+    allow_no_auth: bool = False
+    users: Path | None = None
+    value_formulas: tuple[tuple[str, str], ...] = ()
+    batcher: BatcherConfig = field(default_factory=BatcherConfig)
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        if not self.token and not self.allow_no_auth:
+            raise ValueError("the write endpoints (items, admin) need a bearer token: set STERLING_TOKEN "
+                             "(or --token-env NAME), or pass --insecure-no-auth for local use")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class UserPart(_Strict):
+    user_id: Id | None = Field(None, description="a user of the server's user store")
+    history: list[Id] | None = Field(None, description="item ids the user interacted with, oldest first "
+                                                       "(after the stored history, if user_id is given)")
+    actions: list[StrictInt] | None = Field(None, description="action bitmask per history item (default 1)")
+    features: dict[str, StrictInt | StrictStr] = Field(default_factory=dict, description="context and user features")
+    tasks: list[StrictStr] | None = Field(None, description="the tasks whose scores to return (default all)")
+    value: StrictStr | None = Field(None, description="a named Value Model formula (default the snapshot's)")
+
+
+class RetrieveRequest(UserPart):
+    filter: StrictStr | None = Field(None, description="filter expression, e.g. 'genre:Drama AND year >= 1990'")
+    k: StrictInt = Field(10, description="results wanted")
+
+
+class RankRequest(UserPart):
+    item_ids: list[Id] = Field(description="the items to score")
+
+
+class ItemIn(_Strict):
+    id: Id
+    embedding: list[Number] = Field(description="the item tower's embedding, D floats")
+    attributes: dict[str, AttributeValue] = Field(default_factory=dict)
+
+
+class ItemsRequest(_Strict):
+    upsert: list[ItemIn] = Field(default_factory=list)
+    delete: list[Id] = Field(default_factory=list)
+
+
+class ReloadRequest(_Strict):
+    path: StrictStr | None = Field(None, description="the snapshot directory (default: the current one)")
+
+
+def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, **extra}}, status_code=status)
+
+
+def _user(service: Service, req: UserPart, **asks: Any):
+    return service.query(req.user_id, req.history, req.actions, req.features,
+                         tasks=None if req.tasks is None else tuple(req.tasks), value=req.value, **asks)
+
+
+def create_app(config: ServerConfig) -> FastAPI:
+    """The FastAPI app serving ``config.snapshot`` (loaded, verified and warmed here)."""
+    service = Service(config.snapshot, config.users, dict(config.value_formulas), config.batcher, config.limits)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        service.close()
+
+    app = FastAPI(title="sterling", version="1", description="Index-as-model retrieval: one served model.",
+                  lifespan=lifespan)
+    app.state.service = service
+    bearer = HTTPBearer(auto_error=False)
+
+    def authorized(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if config.token is None:
+            return
+        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), config.token.encode()):
+            raise StarletteHTTPException(401, "a valid bearer token is required")
+
+    @app.middleware("http")
+    async def account(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        endpoint, start = request.url.path, time.perf_counter()
+        size = request.headers.get("content-length")
+        if size is not None and (not size.isdigit() or int(size) > config.limits.max_body_bytes):
+            response: Response = _error(413, "too_large", f"the body exceeds {config.limits.max_body_bytes} bytes")
+        else:
+            try:
+                response = await call_next(request)
+            except Exception:  # noqa: BLE001 - the last line of defence: answer, log, keep serving
+                log.exception("unexpected error on %s", endpoint)
+                response = _error(500, "internal", "an unexpected error; the server logged it and keeps serving")
+        known = endpoint if endpoint in _ENDPOINTS else "other"
+        service.metrics.requests.labels(endpoint=known, status=str(response.status_code)).inc()
+        service.metrics.latency.labels(endpoint=known).observe(time.perf_counter() - start)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        problems = [{"where": ".".join(str(p) for p in err.get("loc", ())), "problem": err.get("msg", "")}
+                    for err in e.errors()]
+        first = problems[0] if problems else {"where": "body", "problem": "invalid"}
+        return _error(422, "invalid_request", f"{first['where']}: {first['problem']}", problems=problems)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        response = _error(e.status_code, {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}.get(
+            e.status_code, "http_error"), str(e.detail))
+        if e.status_code == 401:
+            response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+
+    @app.exception_handler(FilterError)
+    async def bad_filter(_: Request, e: FilterError) -> JSONResponse:
+        return _error(400, "bad_filter", f"{e.problem} at position {e.position}", position=e.position,
+                      filter=e.expr)
+
+    @app.exception_handler(UnknownUser)
+    async def unknown_user(_: Request, e: UnknownUser) -> JSONResponse:
+        return _error(404, "unknown_user", f"user {e.args[0]} is not in the user store")
+
+    @app.exception_handler(FormulaError)
+    async def bad_formula(_: Request, e: FormulaError) -> JSONResponse:
+        return _error(400, "bad_formula", str(e))
+
+    @app.exception_handler(SnapshotError)
+    async def bad_snapshot(_: Request, e: SnapshotError) -> JSONResponse:
+        return _error(422, "snapshot_refused", str(e))
+
+    @app.exception_handler(ValueError)
+    async def bad_value(_: Request, e: ValueError) -> JSONResponse:
+        return _error(400, "bad_request", str(e))
+
+    @app.exception_handler(LookupError)
+    async def missing(_: Request, e: LookupError) -> JSONResponse:
+        return _error(400, "bad_request", str(e.args[0]) if e.args else "not found")
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(_: Request, e: Overloaded) -> JSONResponse:
+        return _error(503, "overloaded", str(e))
+
+    @app.exception_handler(ReloadInProgress)
+    async def conflict(_: Request, e: ReloadInProgress) -> JSONResponse:
+        return _error(409, "conflict", str(e))
+
+    @app.post("/v1/retrieve", summary="Top-k items for a user under a filter")
+    async def retrieve(req: RetrieveRequest) -> dict:
+        start = time.perf_counter()
+        out = await service.retrieve(_user(service, req, filter=req.filter, k=req.k))
+        out["timing_ms"]["total"] = 1e3 * (time.perf_counter() - start)
+        return out
+
+    @app.post("/v1/rank", summary="Per-task and value scores of given items for a user")
+    async def rank(req: RankRequest) -> dict:
+        return await service.rank(_user(service, req, items=list(req.item_ids)))
+
+    @app.post("/v1/items", summary="Upsert and delete items, live", dependencies=[Depends(authorized)])
+    async def items(req: ItemsRequest) -> dict:
+        dims = {len(i.embedding) for i in req.upsert}
+        if len(dims) > 1:
+            raise ValueError(f"the embeddings have different lengths {sorted(dims)}")
+        embeddings = torch.tensor([i.embedding for i in req.upsert], dtype=torch.float32).view(len(req.upsert),
+                                                                                                 dims.pop() if dims else 0)
+        update = Update([i.id for i in req.upsert], embeddings, [dict(i.attributes) for i in req.upsert],
+                        list(req.delete))
+        return await service.update(update)
+
+    @app.post("/v1/admin/reload", summary="Swap in a snapshot (verified and warmed first)",
+              dependencies=[Depends(authorized)])
+    async def reload(req: ReloadRequest | None = None) -> dict:
+        info = await service.reload(None if req is None or req.path is None else Path(req.path))
+        return {"path": info.path, "version": info.version, "created_at": info.created_at}
+
+    @app.get("/v1/snapshot", summary="The snapshot served")
+    async def snapshot() -> dict:
+        return service.describe()
+
+    @app.get("/healthz", summary="The process is up")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="A model is loaded and warm")
+    async def readyz() -> JSONResponse:
+        ready = service.ready
+        return JSONResponse({"ready": ready, "version": service.info.version}, status_code=200 if ready else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics() -> Response:
+        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+_ENDPOINTS = {"/v1/retrieve", "/v1/rank", "/v1/items", "/v1/admin/reload", "/v1/snapshot", "/healthz", "/readyz",
+              "/metrics"}
+
+
+def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the server until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False)
+
+
+class BackgroundServer:
+    """The server on a thread of this process, on ``host`` and a free port (tests, notebooks)::
+
+        with BackgroundServer(ServerConfig(snapshot, token="t")) as server:
+            urllib.request.urlopen(server.url + "/healthz")
+    """
+
+    def __init__(self, config: ServerConfig, host: str = "127.0.0.1", port: int = 0) -> None:
+        import uvicorn
+
+        self.app = create_app(config)
+        self._server = uvicorn.Server(uvicorn.Config(self.app, host=host, port=port, log_level="warning",
+                                                     access_log=False))
+        self._thread = threading.Thread(target=self._server.run, name="sterling-server", daemon=True)
+        self.host = host
+        self.port = port
+
+    @property
+    def service(self) -> Service:
+        return self.app.state.service
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> BackgroundServer:
+        self._thread.start()
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        self.port = self._server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.should_exit = True
+        self._thread.join()

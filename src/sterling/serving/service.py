@@ -1,0 +1,319 @@
+"""The serving state behind the HTTP API: the current model, its snapshot, live updates and swaps.
+
+Every use of the model runs on the micro-batcher's one thread (:mod:`sterling.serving.batcher`):
+retrieve and rank requests in batches, item updates and the final step of a swap alone and in
+arrival order. So an acknowledged update is in every later answer, and a swap lands between two
+batches: requests in flight finish on the old model.
+
+A swap (:meth:`Service.reload`) loads the new snapshot on another thread (checksums verified),
+applies the live updates acknowledged so far, answers a warm-up request, and only then hands the
+model thread a short step that applies the updates acknowledged meanwhile and switches. A snapshot
+that fails any of this is refused and the old model keeps serving. Updates are kept (the
+*update log*) and applied to every snapshot swapped in, so none is lost by a swap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sterling.serving.batcher import BatcherConfig, MicroBatcher
+from sterling.serving.metrics import STAGES, ServingMetrics
+from sterling.serving.model import RetrievalModel, Trace
+from sterling.serving.publish import load_model
+from sterling.serving.snapshot import MANIFEST, SnapshotError
+from sterling.serving.users import UserStore, encode_feature
+
+__all__ = ["Limits", "Query", "ReloadInProgress", "Service", "SnapshotInfo", "Update"]
+
+
+class ReloadInProgress(RuntimeError):
+    """A reload was asked for while another one runs."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request size limits (a request beyond one is refused with a 4xx).
+
+    Args:
+        max_k (int | None): most results per request (None: the model's ``k0``).
+        max_history (int): most history events a request may carry.
+        max_filter_chars (int): longest filter expression.
+        max_rank_items (int): most items one rank request scores.
+        max_update_items (int): most items one update upserts or deletes.
+        max_body_bytes (int): largest request body.
+    """
+
+    max_k: int | None = None
+    max_history: int = 10_000
+    max_filter_chars: int = 2_000
+    max_rank_items: int = 1_000
+    max_update_items: int = 10_000
+    max_body_bytes: int = 16 << 20
+
+
+@dataclass(frozen=True)
+class Query:
+    """One request's user side and what it asks for (checked against the limits, not yet the model)."""
+
+    history: list[int]
+    actions: list[int]
+    features: dict[str, int]
+    filter: str | None = None
+    k: int = 10
+    items: list[int] | None = None  # rank: the items to score
+    tasks: tuple[str, ...] | None = None
+    value: str | None = None  # a Value Model *name*
+
+
+@dataclass(frozen=True)
+class Update:
+    """One acknowledged item update: upserts (ids, embeddings, attributes) and deletes."""
+
+    ids: list[int]
+    embeddings: torch.Tensor  # float32 [M, D]
+    attributes: list[dict]
+    deletes: list[int]
+
+    def apply(self, model: RetrievalModel) -> int:
+        """Upserts, then deletes; returns the number deleted."""
+        if self.ids:
+            model.upsert(self.ids, self.embeddings, self.attributes)
+        return model.delete(self.deletes) if self.deletes else 0
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """The snapshot served: its path, version (sha256 of its manifest, 16 hex) and creation time."""
+
+    path: str
+    version: str
+    created_at: str
+    loaded_at: float = field(default_factory=time.time)
+
+
+class Service:
+    """The model, the batcher and the bookkeeping of one server.
+
+    Args:
+        snapshot (Path): the snapshot to serve first.
+        users (Path | None): a ``users.parquet`` to look requests' users up in.
+        value_formulas (Mapping[str, str]): named Value Model formulas requests may pick;
+            ``"default"`` is the snapshot's own.
+        batcher (BatcherConfig): micro-batching.
+        limits (Limits): request size limits.
+    """
+
+    def __init__(self, snapshot: Path, users: Path | None = None, value_formulas: Mapping[str, str] = {},
+                 batcher: BatcherConfig = BatcherConfig(), limits: Limits = Limits()) -> None:
+        self.metrics = ServingMetrics()
+        self.limits = limits
+        self.users = None if users is None else UserStore.read(Path(users))
+        self.formulas = dict(value_formulas)
+        self.model, self.info = self._load(Path(snapshot), [])
+        self.ready = True
+        self._log: list[Update] = []
+        self._reloading = threading.Lock()
+        self.batcher = MicroBatcher(self._run_batch, batcher)
+        self._publish_state()
+
+    # ---- request handling (event loop side) ----------------------------------------------------
+
+    def query(self, user_id: int | None, history: Sequence[int] | None, actions: Sequence[int] | None,
+              features: Mapping[str, int | str], **asks: Any) -> Query:
+        """A request's :class:`Query`: the stored user's history and features (if ``user_id``),
+        then the request's own events and features; a ValueError names what is out of bounds."""
+        events, acts, feats = [], [], {}
+        if user_id is not None:
+            if self.users is None:
+                raise LookupError("this server has no user store (start it with --users): send the history")
+            events, acts, feats = self.users.get(user_id, self.model.config.max_history)
+        history = list(history or [])
+        if actions is not None and len(actions) != len(history):
+            raise ValueError(f"{len(history)} history items but {len(actions)} actions")
+        events, acts = events + history, acts + (list(actions) if actions is not None else [1] * len(history))
+        if len(events) > self.limits.max_history:
+            raise ValueError(f"a history of {len(events)} events is longer than the limit {self.limits.max_history}")
+        feats |= {name: encode_feature(v) for name, v in features.items()}
+        query = Query(events, acts, feats, **asks)
+        self._check(query)
+        return query
+
+    def _check(self, q: Query) -> None:
+        model = self.model
+        max_k = self.limits.max_k or model.config.k0
+        if not 1 <= q.k <= min(max_k, model.config.k0):
+            raise ValueError(f"k must be in [1, {min(max_k, model.config.k0)}], got {q.k}")
+        if q.filter is not None:
+            if len(q.filter) > self.limits.max_filter_chars:
+                raise ValueError(f"the filter has {len(q.filter)} characters, more than the limit "
+                                 f"{self.limits.max_filter_chars}")
+            model.check_filter(q.filter)
+        unknown = sorted(set(q.tasks or ()) - set(model.config.tasks))
+        if unknown:
+            raise ValueError(f"unknown tasks {unknown}; the model scores {list(model.config.tasks)}")
+        if q.value is not None and q.value != "default" and q.value not in self.formulas:
+            raise ValueError(f"unknown value formula {q.value!r}; this server has {['default', *self.formulas]}")
+        if q.items is not None and not 1 <= len(q.items) <= self.limits.max_rank_items:
+            raise ValueError(f"rank takes 1 to {self.limits.max_rank_items} items, got {len(q.items)}")
+
+    async def retrieve(self, query: Query) -> dict:
+        return await self.batcher.submit(("retrieve", query.value), query)
+
+    async def rank(self, query: Query) -> dict:
+        return await self.batcher.submit(("rank", query.value), query)
+
+    async def update(self, update: Update) -> dict:
+        """Apply an update on the model thread; it is in every answer after this returns."""
+        if len(update.ids) + len(update.deletes) > self.limits.max_update_items:
+            raise ValueError(f"an update of {len(update.ids) + len(update.deletes)} items is larger than the limit "
+                             f"{self.limits.max_update_items}")
+
+        def apply() -> dict:
+            deleted = update.apply(self.model)  # a bad update raises before changing anything
+            self._log.append(update)
+            self.metrics.updates.labels(op="upsert").inc(len(update.ids))
+            self.metrics.updates.labels(op="delete").inc(deleted)
+            self._publish_state()
+            return {"upserted": len(update.ids), "deleted": deleted, "items": len(self.model.index),
+                    "fresh_items": self.model.index.fresh_items}
+
+        return await self.batcher.call(apply)
+
+    async def reload(self, path: Path | None) -> SnapshotInfo:
+        """Swap in the snapshot at ``path`` (default: the current path again), or refuse it."""
+        if not self._reloading.acquire(blocking=False):
+            raise ReloadInProgress("a reload is already in progress")
+        try:
+            path = Path(path or self.info.path)
+            seen = len(self._log)
+            try:
+                model, info = await asyncio.to_thread(self._load, path, self._log[:seen])
+            except (SnapshotError, ValueError, OSError) as e:
+                self.metrics.reloads.labels(result="refused").inc()
+                raise SnapshotError(f"snapshot {path} refused, the old one keeps serving: {e}") from None
+
+            def switch() -> SnapshotInfo:
+                for update in self._log[seen:]:  # acknowledged while the new model was loading
+                    update.apply(model)
+                self.model, self.info = model, info
+                self._publish_state()
+                return info
+
+            info = await self.batcher.call(switch)
+            self.metrics.reloads.labels(result="swapped").inc()
+            return info
+        finally:
+            self._reloading.release()
+
+    def describe(self) -> dict:
+        """What ``GET /v1/snapshot`` answers."""
+        model, info = self.model, self.info
+        return {
+            "path": info.path, "version": info.version, "created_at": info.created_at, "loaded_at": info.loaded_at,
+            "items": len(model.index), "fresh_items": model.index.fresh_items, "dim": model.dim,
+            "tasks": list(model.config.tasks), "features": list(model.config.features),
+            "serving": model.config.to_json(), "value_formulas": {"default": model.config.value_formula, **self.formulas},
+            "overarch": model.overarch is not None, "updates_applied": len(self._log),
+            "users": 0 if self.users is None else len(self.users),
+        }
+
+    def close(self) -> None:
+        self.batcher.close()
+
+    # ---- the model thread --------------------------------------------------------------------
+
+    def _load(self, path: Path, updates: Sequence[Update]) -> tuple[RetrievalModel, SnapshotInfo]:
+        """Load (checksums verified), apply ``updates``, warm up; any failure is an exception."""
+        manifest = (path / MANIFEST).read_bytes() if (path / MANIFEST).is_file() else b""
+        model = load_model(path)
+        for formula in self.formulas.values():
+            model.value_of(torch.zeros(1, len(model.config.tasks)), formula)  # a FormulaError names a bad one
+        for update in updates:
+            update.apply(model)
+        model.recommend([], k=min(10, model.config.k0))  # warm-up: the first query compiles plans and kernels
+        created = json.loads(manifest).get("created_at", "") if manifest else ""
+        return model, SnapshotInfo(str(path), hashlib.sha256(manifest).hexdigest()[:16], str(created))
+
+    def _publish_state(self) -> None:
+        self.metrics.served(self.info.version, self.info.path, len(self.model.index), self.model.index.fresh_items)
+
+    def _formula(self, name: str | None) -> str | None:
+        return None if name in (None, "default") else self.formulas[name]
+
+    def _run_batch(self, key: tuple[str, str | None], queries: Sequence[Query], waited: Sequence[float]) -> list:
+        """Answer a batch on the model thread: one result dict (or exception) per query."""
+        kind, value = key
+        model, version = self.model, self.info.version
+        self.metrics.batch_size.observe(len(queries))
+        for w in waited:
+            self.metrics.stage.labels(stage="queue").observe(w)
+        try:
+            return self._answer(model, kind, self._formula(value), queries, waited, version)
+        except ValueError:
+            if len(queries) == 1:
+                raise
+        return [_outcome(lambda q=q, w=w: self._answer(model, kind, self._formula(value), [q], [w], version)[0])
+                for q, w in zip(queries, waited)]  # one bad request must not fail the others
+
+    def _answer(self, model: RetrievalModel, kind: str, formula: str | None, queries: Sequence[Query],
+                waited: Sequence[float], version: str) -> list[dict]:
+        inputs = model.inputs([q.history for q in queries], [q.actions for q in queries],
+                              [q.features for q in queries])
+        tasks = model.config.tasks
+        if kind == "rank":
+            out = []
+            for b, q in enumerate(queries):
+                one = model.inputs([q.history], [q.actions], [q.features]) if len(queries) > 1 else inputs
+                scores = model.rank(one, torch.tensor([q.items]))[0]                     # [M, T]
+                value = model.value_of(scores, formula)
+                out.append({"item_ids": q.items, "scores": _floats(value),
+                            "task_scores": _per_task(scores, tasks, q.tasks), "snapshot": version,
+                            "timing_ms": {"queue": 1e3 * waited[b]}})
+            return out
+        trace = Trace()
+        result = model(inputs, filter=[q.filter for q in queries], k=max(q.k for q in queries), value=formula,
+                       trace=trace)
+        for stage in STAGES[1:]:
+            self.metrics.stage.labels(stage=stage).observe(trace.seconds.get(stage, 0.0))
+        for c in trace.candidates.tolist():
+            self.metrics.candidates.observe(c)
+        stages = {s: 1e3 * t for s, t in trace.seconds.items()}
+        out = []
+        for b, q in enumerate(queries):
+            found = int((result.ids[b, : q.k] >= 0).sum())
+            out.append({
+                "ids": result.ids[b, :found].tolist(),
+                "scores": _floats(result.scores[b, :found]),
+                "task_scores": _per_task(result.task_scores[b, :found], tasks, q.tasks),
+                "snapshot": version,
+                "timing_ms": {"queue": 1e3 * waited[b], **stages, "batch_size": len(queries)},
+            })
+        return out
+
+
+def _per_task(scores: torch.Tensor, tasks: Sequence[str], wanted: Sequence[str] | None) -> dict[str, list[float]]:
+    """``scores [M, T]`` as {task: [M]}, for the ``wanted`` tasks (default all)."""
+    return {t: _floats(scores[:, tasks.index(t)]) for t in (wanted or tasks)}
+
+
+def _floats(values: torch.Tensor) -> list[float | None]:
+    """JSON numbers; a non-finite score (a Value Model formula may give one) is null."""
+    return [v if math.isfinite(v) else None for v in values.tolist()]
+
+
+def _outcome(fn):
+    try:
+        return fn()
+    except ValueError as e:
+        return e
