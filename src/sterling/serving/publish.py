@@ -14,13 +14,18 @@ The publish flow of SilverTorch §1.4, on a laptop:
    the whole forward, and (``aot=True``) ``program.aoti.pt2``, its AOTInductor package
    (:mod:`sterling.serving.export`).
 
+Steps 3-6 are :func:`write_model_snapshot`, which takes the towers and item embeddings themselves
+(e.g. the untrained synthetic model of :mod:`sterling.bench.serve_snapshot`).
+
 Loading verifies every checksum and parses only safetensors (no pickle).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,11 +36,12 @@ from sterling.index.item_index import IndexConfig, ItemIndex
 from sterling.models.overarch import OverArch, OverArchConfig, make_overarch
 from sterling.models.towers import ItemTerms, TaskQueries, TwoTowerConfig, UserTower
 from sterling.serving.export import aot_package, check_compiler, export_program
+from sterling.serving.fresh import item_cache_rows
 from sterling.serving.model import RetrievalModel, ServingConfig
 from sterling.serving.snapshot import SnapshotError, read_snapshot, write_snapshot
 from sterling.train.loop import encode_catalog, load_checkpoint
 
-__all__ = ["cache_rows", "load_model", "publish"]
+__all__ = ["cache_rows", "load_model", "publish", "write_model_snapshot"]
 
 _KIND = "retrieval_model"
 
@@ -84,21 +90,65 @@ def publish(
     overarch = ckpt.overarch if use_overarch else None
     cache_dtype = getattr(torch, (ckpt.meta["train"].get("overarch") or {}).get("cache_dtype", "float16"))
     vectors = encode_catalog(ckpt.model, ItemTerms.build(attributes, vocab=ckpt.term_vocab), len(item_ids))
+    return write_model_snapshot(
+        Path(out_dir), cfg, ckpt.model.user_tower, ckpt.model.query_heads, overarch, item_ids, attributes, vectors,
+        serving, index_config, cache_dtype, export=export, aot=aot,
+        source={"data_dir": ckpt.meta.get("data_dir"), "metrics": ckpt.meta.get("metrics", {})},
+    )
+
+
+def write_model_snapshot(
+    out_dir: Path,
+    towers: TwoTowerConfig,
+    user_tower: UserTower,
+    task_queries: TaskQueries,
+    overarch: OverArch | None,
+    item_ids: np.ndarray,
+    attributes: Sequence[Mapping[str, Any]],
+    vectors: torch.Tensor,
+    serving: ServingConfig,
+    index_config: IndexConfig = IndexConfig(),
+    cache_dtype: torch.dtype = torch.float16,
+    export: bool = False,
+    aot: bool = False,
+    source: dict | None = None,
+) -> Path:
+    """Write the served model of given towers over a catalogue's item embeddings: the index
+    builder, the embedding cache and the composer of :func:`publish`, without a checkpoint.
+
+    Args:
+        out_dir (Path): the snapshot directory (replaced if it holds a snapshot).
+        towers (TwoTowerConfig): the sizes ``user_tower`` and ``task_queries`` were built with.
+        user_tower (UserTower): history + features → ``[B, D]``.
+        task_queries (TaskQueries): ``[B, D]`` → ``[B, T, D]``, ``T = len(towers.tasks)``.
+        overarch (OverArch | None): the re-scorer (None: rank by inner product).
+        item_ids (np.ndarray): int64 ``[N]`` unique external ids.
+        attributes (Sequence[Mapping[str, Any]]): ``N`` attribute dicts, in ``item_ids`` order.
+        vectors (torch.Tensor): float ``[N, D]`` item tower outputs, in ``item_ids`` order.
+        serving (ServingConfig): how the model answers.
+        index_config (IndexConfig): how the index is built and searched.
+        cache_dtype (torch.dtype): float16 or bfloat16, the embedding cache's dtype.
+        export (bool): also write the ``torch.export`` program of the forward.
+        aot (bool): also write its AOTInductor package (implies ``export``; needs a C++ compiler).
+        source (dict | None): where the model came from (JSON), kept in the manifest.
+    """
+    if aot:
+        check_compiler()  # before the work, not after it
     index = ItemIndex.build(vectors, attributes, ids=item_ids, config=index_config)
     segment_ids = index.executor_tensors()["ids"].numpy()
     cache = cache_rows(vectors[ItemCatalog(item_ids).rows(segment_ids)], overarch, cache_dtype)
     index_meta, index_tensors = index.to_snapshot_parts()
-    weights = {f"user_tower.{k}": v for k, v in ckpt.model.user_tower.state_dict().items()}
-    weights |= {f"task_queries.{k}": v for k, v in ckpt.model.query_heads.state_dict().items()}
+    weights = {f"user_tower.{k}": v for k, v in user_tower.state_dict().items()}
+    weights |= {f"task_queries.{k}": v for k, v in task_queries.state_dict().items()}
     if overarch is not None:
         weights |= {f"overarch.{k}": v for k, v in overarch.state_dict().items()}
     meta = {
         "kind": _KIND,
         "serving": serving.to_json(),
-        "towers": cfg.to_json(),
+        "towers": towers.to_json(),
         "overarch": None if overarch is None else overarch.cfg.to_json(),
         "index": index_meta,
-        "source": {"data_dir": ckpt.meta.get("data_dir"), "metrics": ckpt.meta.get("metrics", {})},
+        "source": source or {},
     }
     files = {"index": index_tensors, "cache": {"state": cache},
              "model": {k: v.detach().contiguous() for k, v in weights.items()}}
@@ -114,10 +164,7 @@ def cache_rows(vectors: torch.Tensor, overarch: OverArch | None, dtype: torch.dt
     [M, S]``: OverArch's item state of the embeddings rounded to ``dtype`` (its first ``D`` columns
     are those embeddings; without an OverArch, ``S = D``). Ranking gathers these rows instead of
     re-running the item tower."""
-    rounded = vectors.to(dtype).float()
-    with torch.no_grad():
-        state = rounded if overarch is None else overarch.item_state(rounded)
-    return state.to(dtype)
+    return item_cache_rows(vectors, None if overarch is None else overarch.item_state, dtype)
 
 
 #: The :class:`ServingConfig` fields a loaded model may change (the rest describe the weights).
