@@ -15,6 +15,7 @@ Sub-commands::
     sterling bench ann [--quick] [--json PATH] [--plot PATH]   filtered search vs FAISS / hnswlib
     sterling bench roo [--quick] [--json PATH]      ROO vs impression-level training
     sterling bench retrieval [--quick] [--json PATH]   recall@K / QPS: exact, int8+Bloom, +OverArch, +VM
+    sterling bench serve [--quick] [--json PATH]    the HTTP server under load: batched, unbatched, swap + updates
 
 Errors in the input (a malformed filter, a corrupt snapshot, a missing file) print one line naming
 the problem and exit with status 2.
@@ -271,6 +272,18 @@ def _cmd_bench_retrieval(args: argparse.Namespace) -> None:
     cli(args)
 
 
+def _bench_serve_arguments(p: argparse.ArgumentParser) -> None:
+    from sterling.bench.serve import add_arguments
+
+    add_arguments(p)
+
+
+def _cmd_bench_serve(args: argparse.Namespace) -> None:
+    from sterling.bench.serve import cli
+
+    cli(args)
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from sterling.demo import run_demo
 
@@ -357,6 +370,10 @@ def build_parser() -> argparse.ArgumentParser:
     ret = bsub.add_parser("retrieval", help="the quality table: exact, int8 + Bloom, + OverArch, + Value Model")
     _bench_retrieval_arguments(ret)
     ret.set_defaults(func=_cmd_bench_retrieval)
+    srv = bsub.add_parser("serve", help="the HTTP server under load: max QPS at a P99 budget, batched vs not, "
+                                        "swap + live updates")
+    _bench_serve_arguments(srv)
+    srv.set_defaults(func=_cmd_bench_serve)
 
     sv = sub.add_parser("serve", help="the published model over HTTP: retrieve, rank, live items, metrics")
     sv.add_argument("--snapshot", required=True)

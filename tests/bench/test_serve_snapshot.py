@@ -14,6 +14,7 @@ from sterling.data.synth import CATEGORIES, LANGUAGES, REGIONS
 from sterling.index.filter import And, Compare, In, Not, Or, Term, parse
 from sterling.models.overarch import MoLOverArch
 from sterling.serving.publish import load_model
+from sterling.serving.snapshot import read_snapshot
 
 N = 3_000
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "=": operator.eq, "!=": operator.ne}
@@ -56,7 +57,7 @@ def test_the_snapshot_is_a_published_model_of_the_demo_towers(model):
     assert model.config.features == ("surface", "hour", "age_bucket", "country")
     assert isinstance(model.overarch, MoLOverArch) and model.value_model is not None
     assert model.meta["towers"]["num_items"] == N and model.meta["source"] == {"synthetic": {"num_items": N, "dim": 64,
-                                                                                              "seed": 3}}
+                                                                                              "seed": 3, "model_seed": None}}
 
 
 def test_the_attributes_use_the_synthetic_vocabulary(catalogue):
@@ -117,3 +118,11 @@ def test_the_build_is_deterministic_by_seed(tmp_path):
         return {"files": manifest["files"], "meta": manifest["meta"]}
 
     assert build(7, "a") == build(7, "b") != build(8, "c")
+
+
+def test_a_model_seed_changes_the_weights_not_the_catalogue(tmp_path):
+    a = read_snapshot(build_serving_snapshot(tmp_path / "a", num_items=500, seed=7))
+    b = read_snapshot(build_serving_snapshot(tmp_path / "b", num_items=500, seed=7, model_seed=9))
+    assert torch.equal(a.tensors["index"]["ids"], b.tensors["index"]["ids"])
+    assert a.meta["index"] == b.meta["index"]
+    assert not torch.equal(a.tensors["model"]["task_queries.proj.weight"], b.tensors["model"]["task_queries.proj.weight"])

@@ -59,6 +59,7 @@ def build_serving_snapshot(
     num_items: int = 1_000_000,
     dim: int = 64,
     seed: int = 0,
+    model_seed: int | None = None,
     overarch: str | None = "mol",
     k0: int = 200,
     nprobe: int = 32,
@@ -73,7 +74,9 @@ def build_serving_snapshot(
         out_dir (str | Path): the snapshot directory (replaced if it holds a snapshot).
         num_items (int): catalogue size ``N``.
         dim (int): embedding width ``D``.
-        seed (int): seed of the catalogue and the weights.
+        seed (int): seed of the catalogue (and of the weights, unless ``model_seed`` is given).
+        model_seed (int | None): seed of the weights alone: another model over the same catalogue,
+            as a retrained model's snapshot would be.
         overarch (str | None): OverArch kind ("mol" or "mlp"); None ranks by inner product.
         k0 (int): candidates per task query (the largest ``k`` a request may ask for).
         nprobe (int): IVF lists each task query probes at least.
@@ -90,14 +93,14 @@ def build_serving_snapshot(
     serving = ServingConfig(tasks=towers.tasks, features=towers.context_features + towers.user_features, k0=k0,
                             nprobe=nprobe, value_formula=value_formula, max_history=towers.max_history)
     with torch.random.fork_rng():
-        torch.manual_seed(seed)
+        torch.manual_seed(seed if model_seed is None else model_seed)
         user_tower, task_queries = UserTower(towers), TaskQueries(dim, len(towers.tasks))
         with torch.no_grad():  # a user near their history, tasks a little apart: like trained towers
             user_tower.mlp[-1].weight.mul_(0.1)
             task_queries.proj.weight.normal_(std=0.05)
         arch = None if overarch is None else make_overarch(
             OverArchConfig(kind=overarch, dim=dim, num_tasks=len(towers.tasks))).eval()
-    source = {"synthetic": {"num_items": num_items, "dim": dim, "seed": seed}}
+    source = {"synthetic": {"num_items": num_items, "dim": dim, "seed": seed, "model_seed": model_seed}}
     return write_model_snapshot(Path(out_dir), towers, user_tower, task_queries, arch, ids, attributes,
                                 torch.from_numpy(vectors), serving, index_config, source=source)
 
