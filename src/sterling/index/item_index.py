@@ -123,7 +123,7 @@ class _State:
 
     def main_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """int64 [M]: the live main row of each id, -1 where it has none."""
-        rows = _find(self.main.ids, ids)
+        rows = self.main.rows_of(ids)
         if self.alive is not None and len(rows):
             rows = torch.where(bit_of(self.alive, rows.clamp(min=0)), rows, -1)
         return rows
@@ -383,7 +383,7 @@ class ItemIndex:
         with self._lock:
             state = self._state
             added = quantize(emb)
-            state = _without(state, new_ids)
+            state, _ = _without(state, new_ids)
             fresh = state.fresh
             fresh = _Fresh(
                 torch.cat([fresh.ids, new_ids]),
@@ -402,9 +402,8 @@ class ItemIndex:
         """
         gone = _as_ids(ids, "ids")
         with self._lock:
-            before = len(self._state)
-            self._state = _without(self._state, gone)
-            return before - len(self._state)
+            self._state, removed = _without(self._state, gone)
+            return removed
 
     def compact(self) -> None:
         """Folds the fresh items into the main segment and drops deleted rows (searches keep
@@ -517,20 +516,22 @@ def _locate(state: _State, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return main, fresh
 
 
-def _without(state: _State, ids: torch.Tensor) -> _State:
-    """The state with ``ids`` removed: main rows tombstoned, fresh rows dropped."""
+def _without(state: _State, ids: torch.Tensor) -> tuple[_State, int]:
+    """The state with ``ids`` removed (main rows tombstoned, fresh rows dropped) and how many live
+    items that removed."""
     main_rows = state.main_rows(ids)
-    main_rows = main_rows[main_rows >= 0]
+    main_rows = main_rows[main_rows >= 0].unique()
     fresh_hit = torch.isin(state.fresh.ids, ids)
-    if not len(main_rows) and not bool(fresh_hit.any()):
-        return state
+    removed = len(main_rows) + int(fresh_hit.sum())
+    if not removed:
+        return state, 0
     alive = state.alive
     if len(main_rows):
         dead = torch.zeros(len(state.main), dtype=torch.bool)
         dead[main_rows] = True
         alive = (pack_rows(torch.ones(len(state.main), dtype=torch.bool)) if alive is None else alive) & ~pack_rows(dead)
     fresh = state.fresh.keep(torch.nonzero(~fresh_hit).view(-1)) if bool(fresh_hit.any()) else state.fresh
-    return _State(state.main, alive, fresh)
+    return _State(state.main, alive, fresh), removed
 
 
 def _compacted(state: _State, config: IndexConfig) -> _State:

@@ -272,6 +272,20 @@ class Segment:
                 "scales": self.codes.scales, "ids": self.ids}
 
     @functools.cached_property
+    def id_order(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ids ascending (int64 [N]) and the row of each (int64 [N]), sorted once."""
+        order = torch.argsort(self.ids)
+        return self.ids[order], order
+
+    def rows_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """int64 [M]: the row of each of ``ids`` (int64 [M]), -1 where absent."""
+        if not len(self.ids):
+            return torch.full_like(ids, -1)
+        sorted_ids, order = self.id_order
+        pos = torch.searchsorted(sorted_ids, ids).clamp(max=len(sorted_ids) - 1)
+        return torch.where(sorted_ids[pos] == ids, order[pos], -1)
+
+    @functools.cached_property
     def _sample_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The rows of the sampled words (int64) and, per sampled word, the bits of real rows."""
         rows = (self.sample[:, None] * 64 + torch.arange(64)).view(-1)

@@ -91,6 +91,22 @@ class Update:
             model.upsert(self.ids, self.embeddings, self.attributes)
         return model.delete(self.deletes) if self.deletes else 0
 
+    @staticmethod
+    def merged(updates: Sequence[Update]) -> Update:
+        """One update with the effect of ``updates`` applied in order: each id's last operation."""
+        last: dict[int, tuple[torch.Tensor, dict] | None] = {}  # id → (embedding, attributes), None: deleted
+        for u in updates:
+            for i, e, a in zip(u.ids, u.embeddings, u.attributes):
+                last.pop(i, None)
+                last[i] = (e, a)
+            for i in u.deletes:
+                last.pop(i, None)
+                last[i] = None
+        ids = [i for i, v in last.items() if v is not None]
+        dim = updates[0].embeddings.shape[1] if updates else 0
+        vectors = torch.stack([last[i][0] for i in ids]) if ids else torch.zeros(0, dim)
+        return Update(ids, vectors, [last[i][1] for i in ids], [i for i, v in last.items() if v is None])
+
 
 @dataclass(frozen=True)
 class SnapshotInfo:
@@ -204,8 +220,8 @@ class Service:
                 raise SnapshotError(f"snapshot {path} refused, the old one keeps serving: {e}") from None
 
             def switch() -> SnapshotInfo:
-                for update in self._log[seen:]:  # acknowledged while the new model was loading
-                    update.apply(model)
+                if len(self._log) > seen:  # acknowledged while the new model was loading
+                    Update.merged(self._log[seen:]).apply(model)
                 self.model, self.info = model, info
                 self._publish_state()
                 return info
@@ -239,8 +255,8 @@ class Service:
         model = load_model(path)
         for formula in self.formulas.values():
             model.value_of(torch.zeros(1, len(model.config.tasks)), formula)  # a FormulaError names a bad one
-        for update in updates:
-            update.apply(model)
+        if updates:
+            Update.merged(updates).apply(model)
         model.recommend([], k=min(10, model.config.k0))  # warm-up: the first query compiles plans and kernels
         created = json.loads(manifest).get("created_at", "") if manifest else ""
         return model, SnapshotInfo(str(path), hashlib.sha256(manifest).hexdigest()[:16], str(created))
