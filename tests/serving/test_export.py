@@ -227,3 +227,14 @@ def test_the_published_index_probes_part_of_the_lists(published):
     model = publishing.load_model(snap)
     plan = model.plan(3, [None, "language:en", None])
     assert (plan.probes < 8).all() and (plan.probes >= 2).all()
+
+
+def test_run_program_checks_k(published):
+    _, _, _, snap = published
+    loaded = publishing.load_model(snap)
+    program = load_program((snap / "program.pt2").read_bytes())
+    inputs = loaded.inputs([[int(loaded.ids[0])], []])
+    plan = loaded.plan(2, None)
+    for k, message in ((0, "k must be an int >= 1"), (True, "k must be an int >= 1"), (61, "more than the program's 60")):
+        with pytest.raises(ValueError, match=message):
+            run_program(program, inputs, plan.probes, plan.allowed, k)

@@ -137,3 +137,11 @@ def test_a_value_formula_per_call():
     torch.testing.assert_close(by_like.scores, by_like.task_scores[..., 1])
     assert (by_like.scores.diff() <= 0).all()
     torch.testing.assert_close(model(inputs, k=10).scores, model(inputs, k=10).task_scores[..., 0])
+
+
+@pytest.mark.parametrize("kind", [None, "mol"])
+def test_an_empty_batch_is_answered_empty(kind):
+    model, _, _ = compose(kind, k0=20)
+    out = model(model.inputs([]), k=5)
+    assert out.ids.shape == (0, 5) and out.scores.shape == (0, 5) and out.task_scores.shape == (0, 5, len(TASKS))
+    assert model.rank(model.inputs([]), torch.zeros(0, 3, dtype=torch.int64)).shape == (0, 3, len(TASKS))

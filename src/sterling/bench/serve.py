@@ -79,10 +79,10 @@ class ServeBenchConfig:
     """
 
     num_items: int = 1_000_000
-    rates: tuple[float, ...] = (25, 50, 100, 150, 200, 300, 400, 600, 800)
+    rates: tuple[float, ...] = (25, 50, 75, 100, 125, 150, 175, 200, 250, 300, 400, 500, 600)
     step_seconds: float = 8.0
     p99_budget_ms: float = 50.0
-    max_batch: int = 32
+    max_batch: int = 8
     max_wait_ms: float = 2.0
     swap_seconds: float = 24.0
     swap_share: float = 0.5

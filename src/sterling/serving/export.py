@@ -89,6 +89,8 @@ def run_program(program, inputs: UserInputs, probes: torch.Tensor, allowed: torc
     specialises a dimension of size 1); a single request is answered beside an empty padding
     request that probes nothing, whose answer is dropped."""
     b = inputs.batch_size
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
     args = (inputs.history_rows, inputs.history_actions, inputs.history_offsets, inputs.features, probes, allowed)
     if b == 1:
         args = (inputs.history_rows, inputs.history_actions,
@@ -99,6 +101,8 @@ def run_program(program, inputs: UserInputs, probes: torch.Tensor, allowed: torc
     call = program.module() if isinstance(program, torch.export.ExportedProgram) else program
     with torch.no_grad():
         ids, scores, task_scores = call(*args)
+    if k > ids.shape[1]:
+        raise ValueError(f"k = {k} is more than the program's {ids.shape[1]} results (k0 at publish)")
     return ids[:b, :k], scores[:b, :k], task_scores[:b, :k]
 
 

@@ -390,6 +390,8 @@ class RetrievalModel(nn.Module):
         collects the time per stage."""
         _check_k(k, self.config.k0)
         self._check_current()
+        if inputs.batch_size == 0:
+            return Retrieved(torch.zeros(0, k, dtype=torch.int64), torch.zeros(0, k), torch.zeros(0, k, len(self.config.tasks)))
         trace = trace or Trace()
         with trace.stage("user_tower"):
             users, queries = self.encode(inputs)
@@ -426,8 +428,11 @@ class RetrievalModel(nn.Module):
             raise ValueError(f"item_ids must be integer [B = {inputs.batch_size}, M], got {item_ids.dtype} "
                              f"{list(item_ids.shape)}")
         self._check_current()
+        rows = self.rows_of(item_ids.to(torch.int64))
+        if inputs.batch_size == 0:
+            return torch.zeros(0, item_ids.shape[1], len(self.config.tasks))
         users, queries = self.encode(inputs)
-        return self._task_scores(inputs, users, queries, self.rows_of(item_ids.to(torch.int64)))
+        return self._task_scores(inputs, users, queries, rows)
 
     # ---- live items --------------------------------------------------------------------------
 
