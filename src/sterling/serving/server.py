@@ -119,6 +119,43 @@ class ReloadRequest(_Strict):
     path: StrictStr | None = Field(None, description="the snapshot directory (default: the current one)")
 
 
+class BodyTooLarge(Exception):
+    """A request body beyond ``Limits.max_body_bytes`` (also when sent without a Content-Length)."""
+
+
+class _BodyLimit:
+    """ASGI middleware counting the body bytes as they arrive: past the limit, reading the body
+    fails before the rest is read, the app's answer is dropped and the client gets a 413."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        received, too_large = 0, False
+
+        async def limited() -> dict:
+            nonlocal received, too_large
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                too_large = True
+                raise BodyTooLarge(f"the body exceeds {self.limit} bytes")
+            return message
+
+        async def unless_too_large(message: dict) -> None:
+            if not too_large:
+                await send(message)
+
+        try:
+            await self.app(scope, limited, unless_too_large)
+        except BodyTooLarge:
+            pass
+        if too_large:
+            await _error(413, "too_large", f"the body exceeds {self.limit} bytes")(scope, receive, send)
+
+
 def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message, **extra}}, status_code=status)
 
@@ -147,6 +184,8 @@ def create_app(config: ServerConfig) -> FastAPI:
             return
         if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), config.token.encode()):
             raise StarletteHTTPException(401, "a valid bearer token is required")
+
+    app.add_middleware(_BodyLimit, limit=config.limits.max_body_bytes)
 
     @app.middleware("http")
     async def account(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

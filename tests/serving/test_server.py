@@ -1,0 +1,390 @@
+"""`sterling serve` over a real socket on 127.0.0.1: every endpoint, every bad input, auth, hot swap
+under concurrent requests and the visibility of live updates."""
+
+import asyncio
+import json
+import shutil
+import urllib.request
+from dataclasses import replace
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+aiohttp = pytest.importorskip("aiohttp")
+
+from sterling.bench.serve_snapshot import build_serving_snapshot  # noqa: E402
+from sterling.data.synth import SynthConfig, generate  # noqa: E402
+from sterling.serving.batcher import BatcherConfig  # noqa: E402
+from sterling.serving.publish import load_model  # noqa: E402
+from sterling.serving.server import BackgroundServer, ServerConfig  # noqa: E402
+from sterling.serving.service import Limits  # noqa: E402
+from sterling.serving.users import UserStore  # noqa: E402
+
+TOKEN = "s3cret"
+N = 3_000
+FORMULAS = (("engagement", "like + share"), ("clicks", "click"))
+
+
+@pytest.fixture(scope="module")
+def snapshots(tmp_path_factory):
+    """Two models over one catalogue (A, B), and a users table whose timelines name its items."""
+    root = tmp_path_factory.mktemp("server")
+    a = build_serving_snapshot(root / "a", num_items=N, seed=5, k0=100, nprobe=8)
+    b = build_serving_snapshot(root / "b", num_items=N, seed=5, model_seed=6, k0=100, nprobe=8)
+    data = generate(replace(SynthConfig(), num_users=30, num_items=200, seed=2), root / "data")
+    return root, a, b, data / "users.parquet"
+
+
+@pytest.fixture(scope="module")
+def server(snapshots):
+    _, a, _, _ = snapshots
+    config = ServerConfig(a, token=TOKEN, value_formulas=FORMULAS,
+                          batcher=BatcherConfig(max_batch=8, max_wait_ms=5),
+                          limits=Limits(max_k=50, max_history=300, max_filter_chars=200, max_rank_items=40,
+                                        max_update_items=5, max_body_bytes=200_000))
+    with BackgroundServer(config) as s:
+        yield s
+
+
+def call(server, path, body=None, token=None, raw: bytes | None = None, method=None):
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
+    request = urllib.request.Request(server.url + path, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            text = r.read()
+            return r.status, (json.loads(text) if "json" in r.headers.get("content-type", "") else text.decode()), r.headers
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), e.headers
+
+
+def history(server, n=5, offset=0):
+    return server.service.model.ids[offset:offset + n].tolist()
+
+
+# ---- the endpoints -------------------------------------------------------------------------------
+
+
+def test_retrieve_answers_what_the_model_answers(server):
+    model = server.service.model
+    for flt, k, value in ((None, 10, None), ("language:en", 20, None), ("year >= 2000 AND NOT kids:1", 5, "engagement"),
+                          ("category:music OR tags IN (music-live)", 50, "clicks")):
+        body = {"history": history(server, 7), "features": {"surface": "home", "hour": 3}, "filter": flt, "k": k}
+        if value:
+            body["value"] = value
+        status, out, _ = call(server, "/v1/retrieve", body)
+        assert status == 200, out
+        inputs = model.inputs([body["history"]], features=[{"surface": __import__("zlib").crc32(b"home"), "hour": 3}])
+        formula = dict(FORMULAS).get(value)
+        want = model(inputs, filter=[flt], k=k, value=formula)
+        found = int((want.ids[0] >= 0).sum())
+        assert out["ids"] == want.ids[0, :found].tolist() and len(out["ids"]) == min(k, found)
+        torch.testing.assert_close(torch.tensor(out["scores"]), want.scores[0, :found])
+        assert set(out["task_scores"]) == {"click", "like", "share"}
+        torch.testing.assert_close(torch.tensor(out["task_scores"]["like"]), want.task_scores[0, :found, 1])
+        if flt == "language:en":
+            assert all(a["language"] == "en" for a in model.index.attributes_of(out["ids"]))
+        assert out["snapshot"] == server.service.info.version
+        assert {"queue", "user_tower", "filter", "ann", "overarch", "value_model", "total"} <= set(out["timing_ms"])
+
+
+def test_retrieve_returns_only_the_asked_tasks(server):
+    status, out, _ = call(server, "/v1/retrieve", {"history": history(server), "k": 3, "tasks": ["share"]})
+    assert status == 200 and list(out["task_scores"]) == ["share"] and len(out["task_scores"]["share"]) == 3
+
+
+def test_rank_scores_the_given_items_from_the_cache(server):
+    model = server.service.model
+    items = history(server, 6, offset=100)
+    status, out, _ = call(server, "/v1/rank", {"history": history(server, 4), "item_ids": items, "value": "engagement"})
+    assert status == 200, out
+    inputs = model.inputs([history(server, 4)])
+    scores = model.rank(inputs, torch.tensor([items]))[0]
+    torch.testing.assert_close(torch.tensor(out["task_scores"]["click"]), scores[:, 0])
+    torch.testing.assert_close(torch.tensor(out["scores"]), scores[:, 1] + scores[:, 2])
+    assert out["item_ids"] == items
+
+
+def test_snapshot_health_ready_docs(server):
+    status, info, _ = call(server, "/v1/snapshot")
+    assert status == 200 and info["version"] == server.service.info.version and info["items"] >= N - 10
+    assert info["tasks"] == ["click", "like", "share"] and info["value_formulas"]["engagement"] == "like + share"
+    assert call(server, "/healthz")[:2] == (200, {"status": "ok"})
+    status, ready, _ = call(server, "/readyz")
+    assert status == 200 and ready["ready"] is True
+    status, spec, _ = call(server, "/openapi.json")
+    assert status == 200 and {"/v1/retrieve", "/v1/rank", "/v1/items", "/v1/admin/reload"} <= set(spec["paths"])
+    assert call(server, "/docs")[0] == 200
+
+
+def test_metrics_count_requests_stages_batches_and_the_index(server):
+    call(server, "/v1/retrieve", {"history": history(server), "filter": "language:en", "k": 5})
+    call(server, "/v1/retrieve", {"history": [-5], "k": 5})
+    status, text, _ = call(server, "/metrics")
+    assert status == 200
+    assert 'sterling_requests_total{endpoint="/v1/retrieve",status="200"}' in text
+    assert 'sterling_requests_total{endpoint="/v1/retrieve",status="400"}' in text
+    for stage in ("queue", "user_tower", "filter", "ann", "overarch", "value_model"):
+        assert f'sterling_stage_latency_seconds_count{{stage="{stage}"}}' in text
+    assert "sterling_batch_size_count" in text and "sterling_candidates_after_filter_count" in text
+    assert f'sterling_snapshot_info{{path="{server.service.info.path}",version="{server.service.info.version}"}} 1.0' in text
+    items = [line for line in text.splitlines() if line.startswith("sterling_index_items ")]
+    assert items and float(items[0].split()[1]) == len(server.service.model.index)
+
+
+def test_users_by_id(snapshots, tmp_path):
+    _, a, _, users_path = snapshots
+    store = UserStore.read(users_path)
+    model = load_model(a)
+    # the users' timelines name items of the synthetic dataset: give the store this catalogue's ids instead
+    ids = model.ids.tolist()
+    store_items = [ids[i % len(ids)] for i in range(len(store.items))]
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(users_path)
+    flat = iter(store_items)
+    column = [[next(flat) for _ in row] for row in table.column("timeline_item_id").to_pylist()]
+    idx = table.schema.get_field_index("timeline_item_id")
+    table = table.set_column(idx, table.schema.field(idx), [column])
+    pq.write_table(table, tmp_path / "users.parquet")
+    with BackgroundServer(ServerConfig(a, allow_no_auth=True, users=tmp_path / "users.parquet")) as s:
+        user = int(store.user_ids[3])
+        status, out, _ = call(s, "/v1/retrieve", {"user_id": user, "k": 5})
+        assert status == 200, out
+        events, actions, features = UserStore.read(tmp_path / "users.parquet").get(user, model.config.max_history)
+        want = model(model.inputs([events], [actions], [features]), k=5)
+        assert out["ids"] == want.ids[0][want.ids[0] >= 0].tolist()
+        status, both, _ = call(s, "/v1/retrieve", {"user_id": user, "history": ids[:2], "k": 5})
+        want = model(model.inputs([events + ids[:2]], [actions + [1, 1]], [features]), k=5)
+        assert status == 200 and both["ids"] == want.ids[0][want.ids[0] >= 0].tolist()
+        status, err, _ = call(s, "/v1/retrieve", {"user_id": 10**12})
+        assert status == 404 and err["error"]["code"] == "unknown_user"
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+
+BAD = [
+    # (path, body or raw bytes, status, code, words in the message)
+    ("/v1/retrieve", b'{"history": [1, 2', 422, "invalid_request", "JSON"),
+    ("/v1/retrieve", b"[1, 2]", 422, "invalid_request", ""),
+    ("/v1/retrieve", {"history": [], "k": "10"}, 422, "invalid_request", "k"),
+    ("/v1/retrieve", {"history": [1.5]}, 422, "invalid_request", "history"),
+    ("/v1/retrieve", {"history": [True]}, 422, "invalid_request", "history"),
+    ("/v1/retrieve", {"history": [], "colour": "red"}, 422, "invalid_request", "colour"),
+    ("/v1/retrieve", b'{"history": [], "k": NaN}', 422, "invalid_request", "k"),
+    ("/v1/retrieve", {"history": [], "k": 0}, 400, "bad_request", "k must be in [1, 50]"),
+    ("/v1/retrieve", {"history": [], "k": -3}, 400, "bad_request", "k must be"),
+    ("/v1/retrieve", {"history": [], "k": 51}, 400, "bad_request", "k must be in [1, 50]"),
+    ("/v1/retrieve", {"history": [], "k": 2**70}, 400, "bad_request", "k must be"),
+    ("/v1/retrieve", {"history": [7] * 301}, 400, "bad_request", "longer than the limit 300"),
+    ("/v1/retrieve", {"history": [], "filter": "language:en OR " * 20}, 400, "bad_request", "limit 200"),
+    ("/v1/retrieve", {"history": [], "filter": "language:en AND (year > 3"}, 400, "bad_filter", "position"),
+    ("/v1/retrieve", {"history": [], "filter": "colour:red"}, 400, "bad_filter", "colour"),
+    ("/v1/retrieve", {"history": [], "features": {"weather": 1}}, 400, "bad_request", "weather"),
+    ("/v1/retrieve", {"history": [], "features": {"hour": 1.5}}, 422, "invalid_request", "hour"),
+    ("/v1/retrieve", {"history": [123456789012]}, 400, "bad_request", "unknown item ids [123456789012]"),
+    ("/v1/retrieve", {"history": [2**64]}, 422, "invalid_request", "history"),
+    ("/v1/retrieve", {"history": [], "tasks": ["purchase"]}, 400, "bad_request", "purchase"),
+    ("/v1/retrieve", {"history": [], "value": "profit"}, 400, "bad_request", "profit"),
+    ("/v1/retrieve", {"history": [1, 2], "actions": [1]}, 400, "bad_request", "2 history items but 1 actions"),
+    ("/v1/retrieve", {"user_id": 3}, 400, "bad_request", "user store"),
+    ("/v1/rank", {"history": [], "item_ids": [123456789012]}, 400, "bad_request", "unknown item ids"),
+    ("/v1/rank", {"history": [], "item_ids": []}, 400, "bad_request", "1 to 40"),
+    ("/v1/rank", {"history": [], "item_ids": list(range(41))}, 400, "bad_request", "1 to 40"),
+    ("/v1/rank", {"history": []}, 422, "invalid_request", "item_ids"),
+    ("/v1/retrieve", {"history": list(range(60_000))}, 413, "too_large", "bytes"),
+    ("/v1/nothing", {}, 404, "not_found", ""),
+]
+
+
+@pytest.mark.parametrize("path, body, status, code, words", BAD)
+def test_bad_input_is_a_4xx_with_a_json_error(server, path, body, status, code, words):
+    got, out, _ = call(server, path, **({"raw": body} if isinstance(body, bytes) else {"body": body}))
+    assert got == status, out
+    assert out["error"]["code"] == code and words in out["error"]["message"]
+    assert "Traceback" not in json.dumps(out)
+    if code == "bad_filter" and "position" in words:
+        assert out["error"]["position"] == len("language:en AND ")  # the unclosed parenthesis
+
+
+BAD_UPDATES = [
+    ({"upsert": [{"id": 1, "embedding": [0.1] * 63, "attributes": {}}]}, 400, "dimension"),
+    ({"upsert": [{"id": 5, "embedding": [0.1] * 64}, {"id": 5, "embedding": [0.2] * 64}]}, 400, "5"),
+    ({"upsert": [{"id": 1, "embedding": [0.1] * 64, "attributes": {"colour": "red"}}]}, 400, "colour"),
+    ({"upsert": [{"id": 1, "embedding": [0.1] * 64}, {"id": 2, "embedding": [0.1] * 65}]}, 400, "different lengths"),
+    ({"delete": list(range(6))}, 400, "limit 5"),
+    ({"upsert": [{"id": 1, "embedding": ["a"] * 64}]}, 422, "embedding"),
+    ({"remove": [1]}, 422, "remove"),
+]
+
+
+@pytest.mark.parametrize("body, status, words", BAD_UPDATES)
+def test_bad_updates_are_refused_and_change_nothing(server, body, status, words):
+    before = (len(server.service.model.index), server.service.model.index.fresh_items)
+    got, out, _ = call(server, "/v1/items", body, token=TOKEN)
+    assert got == status and words in out["error"]["message"], out
+    assert (len(server.service.model.index), server.service.model.index.fresh_items) == before
+
+
+def test_a_body_without_a_length_is_limited_too(server):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/retrieve HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        chunk = b'{"history": [' + b"1, " * 10_000
+        try:
+            for _ in range(20):  # 600 kB in all, never announced
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                chunk = b"1, " * 10_000
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and stopped reading
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            part = sock.recv(65536)
+            if not part:
+                break
+            answer += part
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), head
+    assert b'"too_large"' in body
+    assert call(server, "/healthz")[0] == 200
+
+
+def test_nan_and_infinity_in_an_embedding_are_refused(server):
+    for literal in ("NaN", "Infinity", "-Infinity"):
+        raw = ('{"upsert": [{"id": 9, "embedding": [' + ", ".join(["0.1"] * 63 + [literal]) + "]}]}").encode()
+        status, out, _ = call(server, "/v1/items", raw=raw, token=TOKEN)
+        assert status == 422 and out["error"]["code"] == "invalid_request", out
+
+
+def test_a_corrupt_or_missing_snapshot_is_refused_and_the_old_one_keeps_serving(server, tmp_path, snapshots):
+    _, a, _, _ = snapshots
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(a, corrupt)
+    cache = corrupt / "cache.safetensors"
+    data = bytearray(cache.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    cache.write_bytes(bytes(data))
+    version = server.service.info.version
+    for path in (corrupt, tmp_path / "nowhere"):
+        status, out, _ = call(server, "/v1/admin/reload", {"path": str(path)}, token=TOKEN)
+        assert status == 422 and out["error"]["code"] == "snapshot_refused", out
+        assert "old one keeps serving" in out["error"]["message"]
+        assert server.service.info.version == version
+        assert call(server, "/v1/retrieve", {"history": history(server), "k": 3})[0] == 200
+    assert call(server, "/healthz")[0] == 200
+
+
+# ---- auth ----------------------------------------------------------------------------------------
+
+
+def test_write_endpoints_need_the_token(server, snapshots):
+    _, a, _, _ = snapshots
+    body = {"delete": [123]}
+    for token in (None, "wrong", TOKEN + "x"):
+        status, out, headers = call(server, "/v1/items", body, token=token)
+        assert status == 401 and out["error"]["code"] == "unauthorized" and headers["WWW-Authenticate"] == "Bearer"
+        assert call(server, "/v1/admin/reload", {"path": str(a)}, token=token)[0] == 401
+    assert call(server, "/v1/items", body, token=TOKEN)[0] == 200
+    assert call(server, "/v1/snapshot")[0] == 200 and call(server, "/v1/retrieve", {"history": [], "k": 1})[0] == 200
+
+
+def test_a_server_without_a_token_refuses_to_start_unless_told_to(snapshots):
+    _, a, _, _ = snapshots
+    with pytest.raises(ValueError, match="bearer token"):
+        ServerConfig(a)
+    with BackgroundServer(ServerConfig(a, allow_no_auth=True)) as s:
+        assert call(s, "/v1/items", {"delete": [1]})[0] == 200
+
+
+# ---- hot swap and live updates under load ---------------------------------------------------------
+
+
+async def _retrieve_many(url: str, bodies: list[dict], concurrency: int) -> list[tuple[int, dict]]:
+    gate = asyncio.Semaphore(concurrency)
+    async with aiohttp.ClientSession() as session:
+        async def one(body):
+            async with gate, session.post(url + "/v1/retrieve", json=body) as r:
+                return r.status, await r.json()
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+
+def test_hot_swap_under_concurrent_requests_fails_no_request(server, snapshots):
+    _, a, b, _ = snapshots
+    versions = {}
+    for path in (a, b):
+        with open(path / "manifest.json", "rb") as f:
+            versions[path] = __import__("hashlib").sha256(f.read()).hexdigest()[:16]
+
+    async def scenario():
+        bodies = [{"history": history(server, 3 + i % 5, offset=i), "filter": [None, "language:en"][i % 2], "k": 10}
+                  for i in range(300)]
+        load = asyncio.create_task(_retrieve_many(server.url, bodies, 16))
+        loop = asyncio.get_running_loop()
+        swaps = []
+        for path in (b, a, b):
+            await asyncio.sleep(0.1)
+            swaps.append(await loop.run_in_executor(None, lambda p=path: call(server, "/v1/admin/reload",
+                                                                                {"path": str(p)}, token=TOKEN)))
+        return await load, swaps
+
+    answers, swaps = asyncio.run(scenario())
+    assert [s[0] for s in swaps] == [200, 200, 200]
+    assert all(status == 200 for status, _ in answers), [a for a in answers if a[0] != 200][:3]
+    assert {out["snapshot"] for _, out in answers} <= set(versions.values())
+    assert server.service.info.version == versions[b] == call(server, "/v1/snapshot")[1]["version"]
+    call(server, "/v1/admin/reload", {"path": str(a)}, token=TOKEN)
+
+
+def test_acknowledged_updates_are_visible_under_load_and_across_a_swap(server, snapshots):
+    _, a, b, _ = snapshots
+    base = 10**13
+
+    def upsert(i):
+        vector = torch.nn.functional.normalize(torch.randn(64), dim=0).tolist()
+        body = {"upsert": [{"id": base + i, "embedding": vector,
+                            "attributes": {"category": "music", "creator": 7 * 10**8 + i, "year": 2001}}]}
+        return call(server, "/v1/items", body, token=TOKEN)[0]
+
+    async def scenario():
+        bodies = [{"history": history(server, 5, offset=i), "k": 10} for i in range(200)]
+        load = asyncio.create_task(_retrieve_many(server.url, bodies, 8))
+        loop = asyncio.get_running_loop()
+        acked, deleted = [], []
+        for i in range(24):
+            if await loop.run_in_executor(None, upsert, i) == 200:
+                acked.append(i)
+            if i == 8:
+                await loop.run_in_executor(None, lambda: call(server, "/v1/admin/reload", {"path": str(b)}, token=TOKEN))
+            if i % 4 == 3:
+                victim = acked.pop(0)
+                status = (await loop.run_in_executor(None, lambda v=victim: call(
+                    server, "/v1/items", {"delete": [base + v]}, token=TOKEN)))[0]
+                (deleted if status == 200 else acked).append(victim)
+        return await load, acked, deleted
+
+    answers, acked, deleted = asyncio.run(scenario())
+    assert all(status == 200 for status, _ in answers)
+    assert len(acked) == 18 and len(deleted) == 6
+    for i in acked + deleted:
+        status, out, _ = call(server, "/v1/retrieve", {"history": [], "filter": f"creator:{7 * 10**8 + i}", "k": 5})
+        assert status == 200 and out["ids"] == ([base + i] if i in acked else []), (i, out)
+    status, info, _ = call(server, "/v1/snapshot")
+    assert info["path"] == str(b) and info["fresh_items"] >= len(acked)
+    call(server, "/v1/admin/reload", {"path": str(a)}, token=TOKEN)
+    for i in acked[:3]:  # still there after swapping back: the update log is applied to every snapshot
+        assert call(server, "/v1/retrieve", {"history": [], "filter": f"creator:{7 * 10**8 + i}", "k": 5})[1]["ids"] == [base + i]
+
+
+def test_concurrent_requests_are_batched_and_a_bad_one_fails_alone(server):
+    bodies = [{"history": history(server, 4, offset=i), "k": 5} for i in range(40)]
+    bodies[7]["history"] = [123456789012]
+    bodies[21]["history"] = [123456789012]
+    answers = asyncio.run(_retrieve_many(server.url, bodies, 40))
+    assert [s for s, _ in answers].count(400) == 2 and answers[7][0] == answers[21][0] == 400
+    assert "unknown item ids" in answers[7][1]["error"]["message"]
+    sizes = [out["timing_ms"]["batch_size"] for status, out in answers if status == 200]
+    assert max(sizes) > 1 and max(sizes) <= 8
