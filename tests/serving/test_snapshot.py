@@ -9,13 +9,17 @@ import pickle
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sterling.serving.snapshot import (
     FORMAT,
     FORMAT_VERSION,
     Snapshot,
     SnapshotError,
+    parse_safetensors,
     read_snapshot,
     verify_snapshot,
     write_snapshot,
@@ -235,3 +239,59 @@ def test_loading_never_unpickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         monkeypatch.setattr(pickle, name, forbidden)
     monkeypatch.setattr(torch, "load", forbidden)
     assert_same_tensors(read_snapshot(path).tensors, TENSORS)
+
+
+# ---- the in-place safetensors reader --------------------------------------------------------------
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+          torch.int8, torch.uint8, torch.bool]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(DTYPES), st.lists(st.integers(0, 5), min_size=0, max_size=3)),
+                min_size=0, max_size=6), st.integers(0, 2**31))
+def test_parse_safetensors_equals_the_library(spec, seed) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i, (dtype, shape) in enumerate(spec):
+        values = torch.randint(-100, 100, shape, generator=gen)
+        tensors[f"t{i}"] = (values > 0) if dtype == torch.bool else values.to(dtype)
+    data = safetensors.torch.save(tensors, metadata={"who": "test"})
+    want, got = safetensors.torch.load(data), parse_safetensors(data)
+    assert set(got) == set(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name])
+
+
+def _file(header: dict, payload: bytes = b"") -> bytes:
+    raw = json.dumps(header).encode()
+    return len(raw).to_bytes(8, "little") + raw + payload
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "shorter than"),
+    (b"\xff" * 8, "header of"),
+    ((5).to_bytes(8, "little") + b"{nope", "not JSON"),
+    (_file([1, 2]), "not a JSON object"),
+    (_file({"a": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), "bad entry"),
+    (_file({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4), r"4 bytes for \[2\]"),
+    (_file({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 4), "byte range"),
+    (_file({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4), "bad shape"),
+    (_file({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+            "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8), "overlap"),
+    (_file({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 12), "cover 4 of the 12"),
+    (_file({"a": {"dtype": "F32", "shape": [1]}}, b"\0" * 4), "bad entry"),
+])
+def test_parse_safetensors_refuses_malformed_files(data, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_safetensors(data)
+
+
+def test_an_unaligned_tensor_is_copied_not_viewed() -> None:
+    header = {"a": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+              "b": {"dtype": "F32", "shape": [2], "data_offsets": [3, 11]}}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)  # the data starts aligned; b starts 3 bytes in
+    data = len(raw).to_bytes(8, "little") + raw + bytes([1, 2, 3]) + torch.tensor([1.5, -2.0]).numpy().tobytes()
+    out = parse_safetensors(data)
+    assert out["a"].tolist() == [1, 2, 3] and out["b"].tolist() == [1.5, -2.0]
