@@ -41,6 +41,7 @@ _SPECIALS = "():,&|!<>=\"'"
 _INT = re.compile(r"-?\d+")
 _NUMBER = re.compile(r"-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 _KEYWORDS = {"AND": "&", "OR": "|", "NOT": "!"}
+MAX_DEPTH = 64  # NOTs and parentheses nested (deeper is a FilterError, not a RecursionError)
 
 
 class FilterError(ValueError):
@@ -199,6 +200,7 @@ class _Parser:
         self.expr = expr
         self.tokens = _tokenize(expr)
         self.i = 0
+        self.depth = 0  # NOTs and parentheses open around the current token
 
     def peek(self) -> _Token:
         return self.tokens[self.i]
@@ -246,10 +248,18 @@ class _Parser:
         return children[0] if len(children) == 1 else And(tuple(children))
 
     def parse_unary(self) -> FilterNode:
-        if self.at_operator("!"):
+        token = self.peek()
+        negated = self.at_operator("!")
+        if not negated and token.kind != "(":
+            return self.parse_primary()
+        if self.depth >= MAX_DEPTH:
+            raise self.fail(f"the filter nests deeper than {MAX_DEPTH} levels of NOT and parentheses", token.pos)
+        self.depth += 1
+        if negated:
             self.advance()
-            return Not(self.parse_unary())
-        return self.parse_primary()
+        node = Not(self.parse_unary()) if negated else self.parse_primary()
+        self.depth -= 1
+        return node
 
     def parse_primary(self) -> FilterNode:
         token = self.advance()
