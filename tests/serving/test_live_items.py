@@ -2,6 +2,7 @@
 composed afresh over the updated catalogue."""
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -145,3 +146,16 @@ def test_an_empty_batch_is_answered_empty(kind):
     out = model(model.inputs([]), k=5)
     assert out.ids.shape == (0, 5) and out.scores.shape == (0, 5) and out.task_scores.shape == (0, 5, len(TASKS))
     assert model.rank(model.inputs([]), torch.zeros(0, 3, dtype=torch.int64)).shape == (0, 3, len(TASKS))
+
+
+def test_the_parts_must_fit_together():
+    model, _, _ = compose("mol", k0=20)
+    parts = (model.user_tower, model.task_queries, model.index, model.cache, model.overarch)
+    config = model.config
+    for changes, message in (({"features": ("weather",)}, "not the user tower's"),
+                             ({"max_history": 13}, "at most 12 events"),
+                             ({"tasks": ("a", "b")}, "OverArch scores 3 tasks")):
+        with pytest.raises(ValueError, match=message):
+            RetrievalModel(*parts, replace(config, **changes))
+    with pytest.raises(ValueError, match="features must be a tuple"):
+        replace(config, features="surface")

@@ -80,6 +80,8 @@ class ServingConfig:
     def __post_init__(self) -> None:
         if isinstance(self.tasks, str) or not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks must be a non-empty tuple of distinct names, got {self.tasks!r}")
+        if isinstance(self.features, str) or len(set(self.features)) != len(self.features):
+            raise ValueError(f"features must be a tuple of distinct names, got {self.features!r}")
         for name in ("k0", "max_history"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -192,6 +194,15 @@ class RetrievalModel(nn.Module):
         if cache.shape[0] != n or cache.shape[1] < width or (overarch is not None and cache.shape[1] != overarch.state_dim):
             raise ValueError(f"the cache holds {tuple(cache.shape)} for an index of {n} items and an item state of "
                              f"width {width}")
+        tower = user_tower.cfg
+        if tuple(config.features) != tower.context_features + tower.user_features:
+            raise ValueError(f"the serving features {list(config.features)} are not the user tower's "
+                             f"{list(tower.context_features + tower.user_features)}")
+        if config.max_history > tower.max_history or tower.dim != d:
+            raise ValueError(f"the user tower reads at most {tower.max_history} events of width {tower.dim}; the "
+                             f"model was asked for {config.max_history} over an index of width {d}")
+        if overarch is not None and overarch.cfg.num_tasks != len(config.tasks):
+            raise ValueError(f"the OverArch scores {overarch.cfg.num_tasks} tasks, the model serves {len(config.tasks)}")
         if task_queries.proj.out_features != len(config.tasks) * d:
             raise ValueError(f"the task queries give {task_queries.proj.out_features // d} queries for the "
                              f"{len(config.tasks)} tasks {list(config.tasks)}")
