@@ -11,7 +11,7 @@ import torch
 
 from sterling.bench.serve_snapshot import TAGS, build_serving_snapshot, request_mix
 from sterling.data.synth import CATEGORIES, LANGUAGES, REGIONS
-from sterling.index.filter import And, Compare, In, Not, Or, Term, parse
+from sterling.index.filter import And, Compare, Not, Or, Term, parse
 from sterling.models.overarch import MoLOverArch
 from sterling.serving.publish import load_model
 from sterling.serving.snapshot import read_snapshot

@@ -26,7 +26,6 @@ distinct filter; that is the price a FAISS user pays for them, and the table sho
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -39,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sterling.bench.report import write_json
 from sterling.index.attributes import AttributeStore
 from sterling.index.item_index import IndexConfig, ItemIndex
 
@@ -431,8 +431,7 @@ def cli(args) -> int:
     result = run(cfg, modes, movielens=None if movielens is None or str(movielens) == "none" else movielens,
                  systems=systems)
     print(format_table(result))
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(result, indent=2))
+    write_json(args.json_path, result)
     if args.plot:
         plot(result, Path(args.plot))
     return 0

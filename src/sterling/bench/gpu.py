@@ -25,10 +25,10 @@ import argparse
 import json
 import math
 import time
-from pathlib import Path
 
 import torch
 
+from sterling.bench.report import write_json
 from sterling.ops.plan_program import ANY, PlanProgram
 from sterling.ops.triton.ivf_scan import ivf_scan as triton_scan
 
@@ -188,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
     result = run(a.n, a.d, a.nlist, a.selectivity, ints(a.batches), ints(a.ks), ints(a.nprobes), a.device, a.repeats,
                  tuple(a.systems.split(",")))
-    if a.json_path:
-        Path(a.json_path).write_text(json.dumps(result, indent=2))
+    write_json(a.json_path, result)
     return 0
 
 

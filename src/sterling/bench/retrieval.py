@@ -19,7 +19,6 @@ tower → rounding → OverArch item state), reporting both rates and whether th
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from sterling.bench.ann import DEFAULT_MOVIELENS, machine
+from sterling.bench.report import write_json
 from sterling.data.batch import ItemCatalog, RequestBatch, RequestReader
 from sterling.data.items import read_items
 from sterling.data.movielens import load_movielens
@@ -236,8 +236,5 @@ def cli(args) -> int:
         ml = None
     result = run(cfg, ml)
     print(format_table(result))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_json(args.json, result)
     return 0

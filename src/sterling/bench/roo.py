@@ -22,13 +22,13 @@ histories of 200-400 events, the regime of the issue), and MovieLens pseudo-requ
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from sterling.bench.ann import DEFAULT_MOVIELENS, machine
+from sterling.bench.report import write_json
 from sterling.data.movielens import load_movielens
 from sterling.data.stats import dataset_stats
 from sterling.data.synth import SynthConfig, generate
@@ -185,6 +185,5 @@ def cli(args) -> int:
         movielens = DEFAULT_MOVIELENS
     result = run(bench, None if movielens is None or str(movielens) == "none" else movielens)
     print(format_table(result))
-    if args.json_path:
-        Path(args.json_path).write_text(json.dumps(result, indent=2))
+    write_json(args.json_path, result)
     return 0

@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from sterling.bench.ann import machine
+from sterling.bench.report import write_json
 from sterling.bench.serve_snapshot import build_serving_snapshot, request_mix
 
 __all__ = ["ServeBenchConfig", "format_table", "run"]
@@ -372,8 +373,5 @@ def cli(args) -> int:
         cfg = ServeBenchConfig(**{**asdict(cfg), "snapshot_dir": Path(args.snapshots)})
     result = run(cfg)
     print(format_table(result))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_json(args.json, result)
     return 0
