@@ -119,8 +119,13 @@ def test_a_failing_batch_fails_its_callers_and_the_worker_goes_on():
 
     results, later = run(go())
     batcher.close()
-    failed = [r for r in results if isinstance(r, RuntimeError)]
-    assert failed and all(str(r) == "the whole batch failed" for r in failed)
+    failing = next(payloads for _, payloads, _ in rec.batches if 3 in payloads)
+    assert len(failing) > 1  # the error reaches every caller of the batch, and only them
+    for i, r in enumerate(results):
+        if i in failing:
+            assert isinstance(r, RuntimeError) and str(r) == "the whole batch failed"
+        else:
+            assert r[1] == 10 * i
     assert later[1] == 420
 
 
@@ -134,6 +139,60 @@ def test_a_per_request_error_reaches_only_its_caller():
     one, bad, two = run(go())
     batcher.close()
     assert one[1] == 10 and two[1] == 20 and isinstance(bad, ValueError) and str(bad) == "bad bad"
+
+
+def test_a_failing_control_call_reaches_its_caller_and_the_worker_goes_on():
+    batcher = MicroBatcher(Recorder(), BatcherConfig(max_batch=4, max_wait_ms=5))
+
+    def boom():
+        raise KeyError("gone")
+
+    async def go():
+        with pytest.raises(KeyError, match="gone"):
+            await batcher.call(boom)
+        return await batcher.call(lambda: "after"), await batcher.submit("k", 1)
+
+    assert run(go()) == ("after", ("k", 10, 0))
+    batcher.close()
+
+
+def test_a_control_call_is_not_overtaken_by_later_requests_of_a_forming_batch():
+    rec = Recorder()
+    batcher = MicroBatcher(rec, BatcherConfig(max_batch=8, max_wait_ms=100))
+    order = []
+
+    def mark():
+        order.append("call")
+        rec.state += 1
+
+    async def go():
+        first = asyncio.ensure_future(batcher.submit("k", 0))   # opens a batch that waits up to 100 ms
+        await asyncio.sleep(0.01)
+        call = asyncio.ensure_future(batcher.call(mark))
+        await asyncio.sleep(0)
+        later = asyncio.ensure_future(batcher.submit("k", 1))  # same key, queued after the call
+        return await asyncio.gather(first, call, later)
+
+    first, _, later = run(go())
+    batcher.close()
+    assert first[2] == 0 and later[2] == 1 and order == ["call"]
+    assert [b[1] for b in rec.batches] == [[0], [1]]
+
+
+def test_close_answers_the_waiting_requests_and_then_refuses():
+    rec = Recorder(delay=0.01)
+    batcher = MicroBatcher(rec, BatcherConfig(max_batch=2, max_wait_ms=5))
+
+    async def go():
+        waiting = [asyncio.ensure_future(batcher.submit("k", i)) for i in range(6)]
+        await asyncio.sleep(0)
+        await asyncio.get_running_loop().run_in_executor(None, batcher.close)
+        out = await asyncio.gather(*waiting)
+        with pytest.raises(Overloaded, match="shutting down"):
+            await batcher.submit("k", 9)
+        return out
+
+    assert [o[1] for o in run(go())] == [10 * i for i in range(6)]
 
 
 def test_a_full_queue_is_refused_at_once():

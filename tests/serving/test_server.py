@@ -4,6 +4,8 @@ under concurrent requests and the visibility of live updates."""
 import asyncio
 import json
 import shutil
+import threading
+import time
 import urllib.request
 from dataclasses import replace
 
@@ -106,6 +108,40 @@ def test_rank_scores_the_given_items_from_the_cache(server):
     assert out["item_ids"] == items
 
 
+def test_items_upserted_are_found_deleted_are_gone_and_counted(server):
+    service = server.service
+    items, fresh = len(service.model.index), service.model.index.fresh_items
+    creator = 9 * 10**8  # no catalogue item has it
+    new = [{"id": 5 * 10**12 + j, "embedding": torch.nn.functional.normalize(torch.ones(64) + j, dim=0).tolist(),
+            "attributes": {"category": "music", "creator": creator + j, "year": 2001}} for j in range(2)]
+    new.append({"id": -7, "embedding": [0.125] * 64, "attributes": {"creator": creator + 2}})  # negative ids are items
+    status, out, _ = call(server, "/v1/items", {"upsert": new}, token=TOKEN)
+    assert status == 200 and out == {"upserted": 3, "deleted": 0, "items": items + 3, "fresh_items": fresh + 3}, out
+    for j, item in enumerate(new):
+        status, out, _ = call(server, "/v1/retrieve", {"history": history(server), "filter": f"creator:{creator + j}",
+                                                       "k": 10})
+        assert status == 200 and out["ids"] == [item["id"]], out
+        assert service.model.index.attributes_of([item["id"]])[0]["creator"] == creator + j
+    status, out, _ = call(server, "/v1/rank", {"history": history(server), "item_ids": [new[0]["id"], -7]})
+    assert status == 200 and out["item_ids"] == [new[0]["id"], -7] and len(out["scores"]) == 2
+    # a history may name an upserted item
+    assert call(server, "/v1/retrieve", {"history": [new[1]["id"]], "k": 3})[0] == 200
+
+    gone = new[0]["id"]
+    status, out, _ = call(server, "/v1/items", {"delete": [gone, 4 * 10**12]}, token=TOKEN)  # an unknown id is ignored
+    assert status == 200 and out["upserted"] == 0 and out["deleted"] == 1 and out["items"] == items + 2, out
+    flt = f"creator:{creator} OR creator:{creator + 1} OR creator:{creator + 2}"
+    status, out, _ = call(server, "/v1/retrieve", {"history": history(server), "filter": flt, "k": 10})
+    assert status == 200 and sorted(out["ids"]) == sorted([new[1]["id"], -7]), out
+    for wide in (None, "category:music"):
+        body = {"history": history(server), "filter": wide, "k": 50}
+        assert gone not in call(server, "/v1/retrieve", body)[1]["ids"]
+    status, out, _ = call(server, "/v1/items", {"delete": [new[1]["id"], -7]}, token=TOKEN)
+    assert status == 200 and out["deleted"] == 2 and out["items"] == items
+    assert call(server, "/v1/retrieve", {"history": [], "filter": flt, "k": 10})[1]["ids"] == []
+    assert call(server, "/v1/snapshot")[1]["items"] == items
+
+
 def test_snapshot_health_ready_docs(server):
     status, info, _ = call(server, "/v1/snapshot")
     assert status == 200 and info["version"] == server.service.info.version and info["items"] >= N - 10
@@ -160,6 +196,14 @@ def test_users_by_id(snapshots, tmp_path):
         assert status == 200 and both["ids"] == want.ids[0][want.ids[0] >= 0].tolist()
         status, err, _ = call(s, "/v1/retrieve", {"user_id": 10**12})
         assert status == 404 and err["error"]["code"] == "unknown_user"
+    # the history limit bounds the events a request carries, not the user's stored timeline
+    assert len(events) > 2
+    with BackgroundServer(ServerConfig(a, allow_no_auth=True, users=tmp_path / "users.parquet",
+                                       limits=Limits(max_history=2))) as s:
+        status, out, _ = call(s, "/v1/retrieve", {"user_id": user, "history": ids[:2], "k": 5})
+        assert status == 200 and out["ids"] == both["ids"], out
+        status, err, _ = call(s, "/v1/retrieve", {"user_id": user, "history": ids[:3], "k": 5})
+        assert status == 400 and "a history of 3 events is longer than the limit 2" in err["error"]["message"]
 
 
 # ---- bad input -------------------------------------------------------------------------------
@@ -184,6 +228,17 @@ BAD = [
     ("/v1/retrieve", {"history": [], "filter": "colour:red"}, 400, "bad_filter", "colour"),
     ("/v1/retrieve", {"history": [], "features": {"weather": 1}}, 400, "bad_request", "weather"),
     ("/v1/retrieve", {"history": [], "features": {"hour": 1.5}}, 422, "invalid_request", "hour"),
+    ("/v1/retrieve", {"history": [], "features": {"hour": 2**63}}, 422, "invalid_request", "hour"),
+    ("/v1/retrieve", {"history": [], "features": {"hour": -(2**63) - 1}}, 422, "invalid_request", "hour"),
+    ("/v1/retrieve", b'{"history": [], "filter": ', 422, "invalid_request", "JSON"),
+    ("/v1/retrieve", b"\xff\xfe", 422, "invalid_request", "JSON"),
+    ("/v1/retrieve", b"null", 422, "invalid_request", ""),
+    ("/v1/retrieve", {"history": [], "actions": [2**63]}, 400, "bad_request", "actions"),
+    ("/v1/retrieve", {"history": [], "k": True}, 422, "invalid_request", "k"),
+    ("/v1/rank", {"history": [], "item_ids": [True]}, 422, "invalid_request", "item_ids"),
+    ("/v1/rank", {"history": [], "item_ids": [1.0]}, 422, "invalid_request", "item_ids"),
+    ("/v1/rank", {"history": [], "item_ids": [1], "tasks": ["purchase"]}, 400, "bad_request", "purchase"),
+    ("/v1/rank", {"history": [], "item_ids": [1], "value": "profit"}, 400, "bad_request", "profit"),
     ("/v1/retrieve", {"history": [123456789012]}, 400, "bad_request", "unknown item ids [123456789012]"),
     ("/v1/retrieve", {"history": [2**64]}, 422, "invalid_request", "history"),
     ("/v1/retrieve", {"history": [], "tasks": ["purchase"]}, 400, "bad_request", "purchase"),
@@ -217,6 +272,11 @@ BAD_UPDATES = [
     ({"delete": list(range(6))}, 400, "limit 5"),
     ({"upsert": [{"id": 1, "embedding": ["a"] * 64}]}, 422, "embedding"),
     ({"remove": [1]}, 422, "remove"),
+    ({"upsert": [{"id": 1, "embedding": [10**400] + [0.1] * 63}]}, 422, "embedding"),  # no float holds it
+    ({"upsert": [{"id": 1, "embedding": [1e39] + [0.1] * 63}]}, 400, "NaN or inf"),   # inf as float32
+    ({"upsert": [{"id": -1, "embedding": [0.1] * 64}]}, 400, "reserved"),             # -1 pads results
+    ({"upsert": [{"id": 1, "embedding": [0.1] * 64, "attributes": {"year": "old"}}]}, 400, "year"),
+    ({"upsert": [{"id": 1, "embedding": [0.1] * 64, "vector": [1]}]}, 422, "vector"),
 ]
 
 
@@ -278,6 +338,29 @@ def test_a_corrupt_or_missing_snapshot_is_refused_and_the_old_one_keeps_serving(
     assert call(server, "/healthz")[0] == 200
 
 
+def test_a_deeply_nested_filter_is_a_400_not_a_crash(snapshots):
+    _, a, _, _ = snapshots
+    with BackgroundServer(ServerConfig(a, allow_no_auth=True)) as s:  # the default limit: 2000 characters
+        deep = "(" * 900 + "language:en" + ")" * 900
+        status, out, _ = call(s, "/v1/retrieve", {"history": [], "filter": deep, "k": 3})
+        assert status == 400 and out["error"]["code"] == "bad_filter" and "nests deeper" in out["error"]["message"], out
+        assert 0 < out["error"]["position"] <= 900
+        status, out, _ = call(s, "/v1/retrieve", {"history": [], "filter": "(" * 20 + "language:en" + ")" * 20, "k": 3})
+        assert status == 200 and out["ids"], out
+
+
+def test_after_all_the_bad_input_the_server_answers_and_never_answered_500(server):
+    assert call(server, "/healthz")[:2] == (200, {"status": "ok"})
+    status, out, _ = call(server, "/v1/retrieve", {"history": history(server), "k": 3})
+    assert status == 200 and len(out["ids"]) == 3
+    text = call(server, "/metrics")[1]
+    counts = {line.split("{")[1].split("}")[0]: float(line.split()[-1]) for line in text.splitlines()
+              if line.startswith("sterling_requests_total{")}
+    assert any('status="400"' in k for k in counts) and any('status="422"' in k for k in counts)
+    assert any('status="413"' in k for k in counts)
+    assert not [k for k in counts if 'status="5' in k], counts
+
+
 # ---- auth ----------------------------------------------------------------------------------------
 
 
@@ -318,25 +401,64 @@ def test_hot_swap_under_concurrent_requests_fails_no_request(server, snapshots):
     for path in (a, b):
         with open(path / "manifest.json", "rb") as f:
             versions[path] = __import__("hashlib").sha256(f.read()).hexdigest()[:16]
+    assert versions[a] != versions[b] and server.service.info.version == versions[a]
 
     async def scenario():
-        bodies = [{"history": history(server, 3 + i % 5, offset=i), "filter": [None, "language:en"][i % 2], "k": 10}
-                  for i in range(300)]
-        load = asyncio.create_task(_retrieve_many(server.url, bodies, 16))
+        # 16 clients fire retrieves until the swaps are done (and at least 300 in all), each answer
+        # stamped with when its request was sent and answered; the swaps A → B → A → B run meanwhile
+        answers, done = [], asyncio.Event()
+
+        async def client(session, c):
+            i = c
+            while not done.is_set() or len(answers) < 300:
+                body = {"history": history(server, 3 + i % 5, offset=i % 500), "filter": [None, "language:en"][i % 2],
+                        "k": 10}
+                sent = time.monotonic()
+                async with session.post(server.url + "/v1/retrieve", json=body) as r:
+                    out = await r.json()
+                answers.append((sent, time.monotonic(), r.status, out))
+                i += 16
+
+        async def answered_since(t: float, n: int = 16) -> None:
+            """Until n requests sent after t are answered (the next swap waits for them, not a clock)."""
+            deadline = time.monotonic() + 60
+            while sum(sent > t for sent, *_ in answers) < n:
+                assert time.monotonic() < deadline, "the server stopped answering"
+                await asyncio.sleep(0.005)
+
         loop = asyncio.get_running_loop()
-        swaps = []
-        for path in (b, a, b):
-            await asyncio.sleep(0.1)
-            swaps.append(await loop.run_in_executor(None, lambda p=path: call(server, "/v1/admin/reload",
-                                                                                {"path": str(p)}, token=TOKEN)))
-        return await load, swaps
+        swaps = []  # (path, started, acknowledged, status)
+        async with aiohttp.ClientSession() as session:
+            load = asyncio.gather(*(client(session, c) for c in range(16)))
+            await answered_since(time.monotonic())
+            for path in (b, a, b):
+                started = time.monotonic()
+                status = (await loop.run_in_executor(None, lambda p=path: call(server, "/v1/admin/reload",
+                                                                                 {"path": str(p)}, token=TOKEN)))[0]
+                swaps.append((path, started, time.monotonic(), status))
+                await answered_since(swaps[-1][2])
+            done.set()
+            await load
+        return answers, swaps
 
     answers, swaps = asyncio.run(scenario())
-    assert [s[0] for s in swaps] == [200, 200, 200]
-    assert all(status == 200 for status, _ in answers), [a for a in answers if a[0] != 200][:3]
-    assert {out["snapshot"] for _, out in answers} <= set(versions.values())
+    assert [s[3] for s in swaps] == [200, 200, 200]
+    assert len(answers) >= 300
+    assert all(status == 200 for *_, status, _ in answers), [a for a in answers if a[2] != 200][:3]
+    assert {out["snapshot"] for *_, out in answers} <= set(versions.values())
+    # a request sent after a swap was acknowledged and answered before the next one began was
+    # answered by that swap's model (the first window: A, before any swap); each window holds >= 16
+    windows = [(a, float("-inf"))] + [(path, acked) for path, _, acked, _ in swaps]
+    starts = [started for _, started, _, _ in swaps] + [float("inf")]
+    for (path, since), until in zip(windows, starts):
+        between = [out["snapshot"] for sent, received, _, out in answers if since < sent and received < until]
+        assert len(between) >= 16 and set(between) == {versions[path]}, (path, set(between))
     assert server.service.info.version == versions[b] == call(server, "/v1/snapshot")[1]["version"]
+    text = call(server, "/metrics")[1]
+    assert f'sterling_snapshot_info{{path="{b}",version="{versions[b]}"}} 1.0' in text
+    assert 'sterling_reloads_total{result="swapped"}' in text
     call(server, "/v1/admin/reload", {"path": str(a)}, token=TOKEN)
+    assert call(server, "/v1/snapshot")[1]["version"] == versions[a]
 
 
 def test_acknowledged_updates_are_visible_under_load_and_across_a_swap(server, snapshots):
@@ -388,3 +510,67 @@ def test_concurrent_requests_are_batched_and_a_bad_one_fails_alone(server):
     assert "unknown item ids" in answers[7][1]["error"]["message"]
     sizes = [out["timing_ms"]["batch_size"] for status, out in answers if status == 200]
     assert max(sizes) > 1 and max(sizes) <= 8
+
+
+def test_a_batch_of_good_and_bad_requests_answers_each_on_its_own(snapshots):
+    """max_batch 8, max_wait_ms 20: with the model thread held until 40 requests wait, they run as
+    five batches of 8; the bad ones (an unknown history item, an unknown feature) fail alone."""
+    _, a, _, _ = snapshots
+    with BackgroundServer(ServerConfig(a, allow_no_auth=True, batcher=BatcherConfig(max_batch=8, max_wait_ms=20))) as s:
+        batcher = s.service.batcher
+        run_batch, opened, batches = batcher._run_batch, threading.Event(), []
+
+        def gated(key, queries, waited):
+            if not opened.is_set():  # the opener's batch holds the model thread until the rest are queued
+                opened.set()
+                deadline = time.monotonic() + 30
+                while len(batcher) < 40 and time.monotonic() < deadline:
+                    time.sleep(0.002)
+            batches.append([(q.history, dict(q.features)) for q in queries])
+            return run_batch(key, queries, waited)
+
+        batcher._run_batch = gated
+        ids = s.service.model.ids.tolist()
+        bodies = [{"history": ids[i:i + 4], "k": 5} for i in range(40)]
+        bodies[5]["history"] = [123456789012]
+        bodies[22]["features"] = {"weather": 1}
+
+        async def scenario():
+            async with aiohttp.ClientSession() as session:
+                async def one(body):
+                    async with session.post(s.url + "/v1/retrieve", json=body) as r:
+                        return r.status, await r.json()
+
+                opener = asyncio.ensure_future(one({"history": ids[:2], "k": 5}))
+                while not opened.is_set():
+                    await asyncio.sleep(0.002)
+                rest = asyncio.gather(*(one(b) for b in bodies))
+                return await opener, await rest
+
+        try:
+            (status, _), answers = asyncio.run(scenario())
+        finally:
+            batcher._run_batch = run_batch
+        assert status == 200
+        assert [len(b) for b in batches] == [1, 8, 8, 8, 8, 8]
+        bad = {5, 22}
+        assert [i for i, (code, _) in enumerate(answers) if code != 200] == sorted(bad)
+        assert answers[5][0] == 400 and "unknown item ids [123456789012]" in answers[5][1]["error"]["message"]
+        assert answers[22][0] == 400 and "weather" in answers[22][1]["error"]["message"]
+        mixed = [b for b in batches if ([123456789012], {}) in b or any("weather" in f for _, f in b)]
+        assert len(mixed) in (1, 2) and all(len(b) == 8 for b in mixed)  # the bad ones shared batches with good ones
+        # each answer is the model's for its batch (a mixed batch's good requests are answered one by one)
+        model, got = s.service.model, {tuple(b["history"]): out for b, (_, out) in zip(bodies, answers)}
+        for batch in batches[1:]:
+            good = [(h, f) for h, f in batch if h != [123456789012] and "weather" not in f]
+            runs = [good] if len(good) == len(batch) else [[g] for g in good]
+            for run in runs:
+                want = model(model.inputs([h for h, _ in run], None, [f for _, f in run]), k=5).ids
+                for (h, _), row in zip(run, want):
+                    assert got[tuple(h)]["ids"] == row[row != -1].tolist()
+                    assert got[tuple(h)]["timing_ms"]["batch_size"] == len(run)
+        assert sum(out["timing_ms"]["batch_size"] == 8 for code, out in answers if code == 200) >= 24
+        text = call(s, "/metrics")[1]
+        buckets = {line.split('le="')[1].split('"')[0]: float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith("sterling_batch_size_bucket")}
+        assert buckets["1.0"] >= 1 and buckets["8.0"] - buckets["4.0"] >= 5  # the histogram saw the batches of 8

@@ -48,7 +48,8 @@ __all__ = ["BackgroundServer", "ServerConfig", "create_app", "serve"]
 log = logging.getLogger("sterling.serve")
 
 Id = Annotated[int, Field(strict=True, ge=-(2**63), lt=2**63)]
-Number = StrictFloat | StrictInt
+Int64 = Id  # an integer a 64-bit tensor holds (a larger one is a 422, not an overflow inside the server)
+Number = StrictFloat | Int64
 AttributeValue = StrictStr | StrictInt | StrictFloat | list[StrictStr | StrictInt]
 
 
@@ -90,7 +91,7 @@ class UserPart(_Strict):
     history: list[Id] | None = Field(None, description="item ids the user interacted with, oldest first "
                                                        "(after the stored history, if user_id is given)")
     actions: list[StrictInt] | None = Field(None, description="action bitmask per history item (default 1)")
-    features: dict[str, StrictInt | StrictStr] = Field(default_factory=dict, description="context and user features")
+    features: dict[str, Int64 | StrictStr] = Field(default_factory=dict, description="context and user features")
     tasks: list[StrictStr] | None = Field(None, description="the tasks whose scores to return (default all)")
     value: StrictStr | None = Field(None, description="a named Value Model formula (default the snapshot's)")
 

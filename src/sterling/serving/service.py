@@ -155,11 +155,11 @@ class Service:
                 raise LookupError("this server has no user store (start it with --users): send the history")
             events, acts, feats = self.users.get(user_id, self.model.config.max_history)
         history = list(history or [])
+        if len(history) > self.limits.max_history:  # the request's own events: the stored ones are bounded
+            raise ValueError(f"a history of {len(history)} events is longer than the limit {self.limits.max_history}")
         if actions is not None and len(actions) != len(history):
             raise ValueError(f"{len(history)} history items but {len(actions)} actions")
         events, acts = events + history, acts + (list(actions) if actions is not None else [1] * len(history))
-        if len(events) > self.limits.max_history:
-            raise ValueError(f"a history of {len(events)} events is longer than the limit {self.limits.max_history}")
         feats |= {name: encode_feature(v) for name, v in features.items()}
         query = Query(events, acts, feats, **asks)
         self._check(query)
@@ -194,6 +194,8 @@ class Service:
         if len(update.ids) + len(update.deletes) > self.limits.max_update_items:
             raise ValueError(f"an update of {len(update.ids) + len(update.deletes)} items is larger than the limit "
                              f"{self.limits.max_update_items}")
+        if -1 in update.ids:
+            raise ValueError("item id -1 is reserved: it marks an empty slot of a result")
 
         def apply() -> dict:
             deleted = update.apply(self.model)  # a bad update raises before changing anything
@@ -307,7 +309,7 @@ class Service:
         stages = {s: 1e3 * t for s, t in trace.seconds.items()}
         out = []
         for b, q in enumerate(queries):
-            found = int((result.ids[b, : q.k] >= 0).sum())
+            found = int((result.ids[b, : q.k] != -1).sum())  # -1 pads; other negative ids are items
             out.append({
                 "ids": result.ids[b, :found].tolist(),
                 "scores": _floats(result.scores[b, :found]),
