@@ -61,6 +61,7 @@ def indexes(draw: st.DrawFn, anchored: bool = False):
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
     embeddings = torch.randn(n, d, generator=gen)
     ids = torch.randperm(4 * n + 1, generator=gen)[:n] - n  # unique, some negative
+    ids = torch.where(ids == -1, 3 * n + 1, ids)  # -1 marks an empty result slot; 3n + 1 is never drawn
     config = IndexConfig(
         nlist=draw(st.integers(1, 4)),
         nprobe=draw(st.integers(1, 4)),
@@ -116,7 +117,7 @@ def test_updates_equal_fresh_build(data: st.DataObject, index: tuple) -> None:
     model = {int(i): (embeddings[r], catalogue[r]) for r, i in enumerate(ids)}
     anchors = {int(ids[0]), int(ids[1])}  # never touched: features keep their kinds
     for _ in range(data.draw(st.integers(1, 4))):
-        pool = st.integers(-len(model) - 5, 4 * len(model) + 5).filter(lambda i: i not in anchors)
+        pool = st.integers(-len(model) - 5, 4 * len(model) + 5).filter(lambda i: i not in anchors and i != -1)
         if data.draw(st.booleans()):
             new_ids = data.draw(st.lists(pool, unique=True, max_size=10))
             attrs = [data.draw(item_attributes()) for _ in new_ids]
@@ -360,6 +361,8 @@ def test_failed_upsert_leaves_index_unchanged() -> None:
             ValueError,
             "got 0 attribute dicts for 1 embeddings",
         ),
+        (lambda: small_index().upsert([-1], torch.randn(1, 2), [{}]), ValueError, "item id -1 is reserved"),
+        (lambda: ItemIndex.build(torch.randn(2, 2), [{}] * 2, ids=[3, -1]), ValueError, "item id -1 is reserved"),
         (lambda: small_index().attributes_of([10, 77]), ValueError, r"unknown ids: \[77\]"),
         (lambda: small_index().embeddings_of([5]), ValueError, r"unknown ids: \[5\]"),
         (

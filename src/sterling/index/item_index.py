@@ -181,7 +181,7 @@ class ItemIndex:
         """
         emb = _as_matrix(embeddings, "embeddings")
         n = emb.shape[0]
-        ids_ = torch.arange(n) if ids is None else _as_ids(ids, "ids")
+        ids_ = torch.arange(n) if ids is None else _item_ids(ids)
         if len(ids_) != n:
             raise ValueError(f"got {len(ids_)} ids for {n} embeddings")
         _check_unique(ids_)
@@ -372,7 +372,7 @@ class ItemIndex:
             attributes (Sequence[Mapping[str, Any]]): M dicts over the index's features; values
                 new to a vocabulary extend it, an unknown feature is a ValueError.
         """
-        new_ids = _as_ids(ids, "ids")
+        new_ids = _item_ids(ids)
         emb = _as_matrix(embeddings, "embeddings")
         if len(new_ids) != emb.shape[0]:
             raise ValueError(f"got {len(new_ids)} ids for {emb.shape[0]} embeddings")
@@ -590,6 +590,14 @@ def _as_matrix(x: Any, name: str, allow_vector: bool = False) -> torch.Tensor:
     if bool(bad.any()):
         raise ValueError(f"{name} contain NaN or inf (row {int(bad.nonzero()[0])})")
     return t
+
+
+def _item_ids(x: Any) -> torch.Tensor:
+    """int64 [M] ids of items to store; -1 is refused: results use it for an empty slot."""
+    ids = _as_ids(x, "ids")
+    if bool((ids == -1).any()):
+        raise ValueError("item id -1 is reserved: search results use it for an empty slot")
+    return ids
 
 
 def _as_ids(x: Any, name: str) -> torch.Tensor:

@@ -194,8 +194,6 @@ class Service:
         if len(update.ids) + len(update.deletes) > self.limits.max_update_items:
             raise ValueError(f"an update of {len(update.ids) + len(update.deletes)} items is larger than the limit "
                              f"{self.limits.max_update_items}")
-        if -1 in update.ids:
-            raise ValueError("item id -1 is reserved: it marks an empty slot of a result")
 
         def apply() -> dict:
             deleted = update.apply(self.model)  # a bad update raises before changing anything
