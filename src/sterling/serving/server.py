@@ -161,6 +161,24 @@ def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message, **extra}}, status_code=status)
 
 
+#: Errors answered with their message: (exception class, HTTP status, error code). The most specific
+#: class wins (FilterError and SnapshotError are ValueErrors).
+_ERRORS = (
+    (FormulaError, 400, "bad_formula"),
+    (SnapshotError, 422, "snapshot_refused"),
+    (ValueError, 400, "bad_request"),
+    (Overloaded, 503, "overloaded"),
+    (ReloadInProgress, 409, "conflict"),
+)
+
+
+def _answer_with(status: int, code: str) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+    async def handle(_: Request, e: Exception) -> JSONResponse:
+        return _error(status, code, str(e))
+
+    return handle
+
+
 def _user(service: Service, req: UserPart, **asks: Any):
     return service.query(req.user_id, req.history, req.actions, req.features,
                          tasks=None if req.tasks is None else tuple(req.tasks), value=req.value, **asks)
@@ -229,29 +247,12 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def unknown_user(_: Request, e: UnknownUser) -> JSONResponse:
         return _error(404, "unknown_user", f"user {e.args[0]} is not in the user store")
 
-    @app.exception_handler(FormulaError)
-    async def bad_formula(_: Request, e: FormulaError) -> JSONResponse:
-        return _error(400, "bad_formula", str(e))
-
-    @app.exception_handler(SnapshotError)
-    async def bad_snapshot(_: Request, e: SnapshotError) -> JSONResponse:
-        return _error(422, "snapshot_refused", str(e))
-
-    @app.exception_handler(ValueError)
-    async def bad_value(_: Request, e: ValueError) -> JSONResponse:
-        return _error(400, "bad_request", str(e))
-
     @app.exception_handler(LookupError)
     async def missing(_: Request, e: LookupError) -> JSONResponse:
         return _error(400, "bad_request", str(e.args[0]) if e.args else "not found")
 
-    @app.exception_handler(Overloaded)
-    async def overloaded(_: Request, e: Overloaded) -> JSONResponse:
-        return _error(503, "overloaded", str(e))
-
-    @app.exception_handler(ReloadInProgress)
-    async def conflict(_: Request, e: ReloadInProgress) -> JSONResponse:
-        return _error(409, "conflict", str(e))
+    for error, status, code in _ERRORS:
+        app.add_exception_handler(error, _answer_with(status, code))
 
     @app.post("/v1/retrieve", summary="Top-k items for a user under a filter")
     async def retrieve(req: RetrieveRequest) -> dict:
