@@ -44,3 +44,21 @@ def test_the_merged_log_has_the_effect_of_the_updates_in_order(seed):
 def test_an_empty_log_merges_to_nothing():
     merged = Update.merged([])
     assert merged.ids == [] and merged.deletes == [] and merged.embeddings.shape[0] == 0
+
+
+def test_a_swapped_out_model_is_freed(tmp_path):
+    import asyncio
+    import weakref
+
+    from sterling.bench.serve_snapshot import build_serving_snapshot
+    from sterling.serving.service import Service
+
+    a = build_serving_snapshot(tmp_path / "a", num_items=500, seed=1, k0=50)
+    b = build_serving_snapshot(tmp_path / "b", num_items=500, seed=1, model_seed=2, k0=50)
+    service = Service(a)
+    try:
+        old = weakref.ref(service.model)
+        asyncio.run(service.reload(b))
+        assert old() is None  # no reference cycle keeps it (the server freezes the GC's view of live objects)
+    finally:
+        service.close()

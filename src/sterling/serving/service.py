@@ -15,6 +15,7 @@ that fails any of this is refused and the old model keeps serving. Updates are k
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import json
 import math
@@ -142,6 +143,7 @@ class Service:
         self._reloading = threading.Lock()
         self.batcher = MicroBatcher(self._run_batch, batcher)
         self._publish_state()
+        gc.freeze()  # the model's objects live as long as it serves: keep them out of every GC pass
 
     # ---- request handling (event loop side) ----------------------------------------------------
 
@@ -224,6 +226,7 @@ class Service:
                     Update.merged(self._log[seen:]).apply(model)
                 self.model, self.info = model, info
                 self._publish_state()
+                gc.freeze()
                 return info
 
             info = await self.batcher.call(switch)
