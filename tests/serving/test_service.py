@@ -1,4 +1,5 @@
-"""The hot swap's update log: applying the merged log equals applying every update in order."""
+"""The service behind the server: the hot swap's update log (applying it merged equals applying every
+update in order) and the swapped-out model being freed."""
 
 import random
 
