@@ -63,3 +63,45 @@ def test_a_swapped_out_model_is_freed(tmp_path):
         assert old() is None  # no reference cycle keeps it (the server freezes the GC's view of live objects)
     finally:
         service.close()
+
+
+def test_the_update_log_stays_bounded_and_survives_swaps(tmp_path, monkeypatch):
+    import asyncio
+
+    from sterling.bench.serve_snapshot import build_serving_snapshot
+    from sterling.serving import service as service_module
+    from sterling.serving.service import Service
+
+    monkeypatch.setattr(service_module, "_MERGE_LOG_AT", 4)
+    a = build_serving_snapshot(tmp_path / "a", num_items=500, seed=1, k0=50)
+    b = build_serving_snapshot(tmp_path / "b", num_items=500, seed=1, model_seed=2, k0=50)
+    service = Service(a)
+    rng = random.Random(0)
+    live: dict[int, int] = {}
+
+    async def scenario():
+        for step in range(30):
+            item = 10**9 + rng.randrange(8)  # few ids, many updates each
+            if rng.random() < 0.3 and item in live:
+                await service.update(Update([], torch.zeros(0, 64), [], [item]))
+                del live[item]
+            else:
+                live[item] = 5000 + step
+                vector = torch.nn.functional.normalize(torch.randn(1, 64), dim=1)
+                await service.update(Update([item], vector, [{"creator": live[item]}], []))
+            assert len(service._log) < 4 + 1
+            if step in (10, 20):
+                await service.reload(b if step == 10 else a)
+
+    try:
+        asyncio.run(scenario())
+        model = service.model
+        for item in range(10**9, 10**9 + 8):
+            if item in live:
+                got = model.recommend([], filter=f"creator:{live[item]}", k=5).ids[0].tolist()
+                assert got[0] == item and got[1:] == [-1] * 4
+        found = model.index.ids.tolist()
+        assert {i for i in found if i >= 10**9} == set(live)
+        assert service.describe()["updates_applied"] == 30
+    finally:
+        service.close()

@@ -9,7 +9,8 @@ A swap (:meth:`Service.reload`) loads the new snapshot on another thread (checks
 applies the live updates acknowledged so far, answers a warm-up request, and only then hands the
 model thread a short step that applies the updates acknowledged meanwhile and switches. A snapshot
 that fails any of this is refused and the old model keeps serving. Updates are kept (the
-*update log*) and applied to every snapshot swapped in, so none is lost by a swap.
+*update log*, merged into each id's last operation whenever it reaches 1,024 updates, so it holds
+at most one entry per item touched) and applied to every snapshot swapped in: none is lost by a swap.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from sterling.serving.snapshot import MANIFEST, SnapshotError
 from sterling.serving.users import UserStore, encode_feature
 
 __all__ = ["Limits", "Query", "ReloadInProgress", "Service", "SnapshotInfo", "Update"]
+
+_MERGE_LOG_AT = 1024  # updates in the log before it is merged into one (each id's last operation)
 
 
 class ReloadInProgress(RuntimeError):
@@ -139,7 +142,8 @@ class Service:
         self.formulas = dict(value_formulas)
         self.model, self.info = self._load(Path(snapshot), [])
         self.ready = True
-        self._log: list[Update] = []
+        self._log: list[Update] = []  # read and written on the model thread only
+        self._updates = 0
         self._reloading = threading.Lock()
         self.batcher = MicroBatcher(self._run_batch, batcher)
         self._publish_state()
@@ -200,6 +204,9 @@ class Service:
         def apply() -> dict:
             deleted = update.apply(self.model)  # a bad update raises before changing anything
             self._log.append(update)
+            self._updates += 1
+            if len(self._log) >= _MERGE_LOG_AT and not self._reloading.locked():
+                self._log = [Update.merged(self._log)]  # bounded by the distinct items touched
             self.metrics.updates.labels(op="upsert").inc(len(update.ids))
             self.metrics.updates.labels(op="delete").inc(deleted)
             self._publish_state()
@@ -214,9 +221,10 @@ class Service:
             raise ReloadInProgress("a reload is already in progress")
         try:
             path = Path(path or self.info.path)
-            seen = len(self._log)
+            pending = await self.batcher.call(lambda: list(self._log))  # not merged again until the swap ends
+            seen = len(pending)
             try:
-                model, info = await asyncio.to_thread(self._load, path, self._log[:seen])
+                model, info = await asyncio.to_thread(self._load, path, pending)
             except (SnapshotError, ValueError, OSError) as e:
                 self.metrics.reloads.labels(result="refused").inc()
                 raise SnapshotError(f"snapshot {path} refused, the old one keeps serving: {e}") from None
@@ -243,7 +251,7 @@ class Service:
             "items": len(model.index), "fresh_items": model.index.fresh_items, "dim": model.dim,
             "tasks": list(model.config.tasks), "features": list(model.config.features),
             "serving": model.config.to_json(), "value_formulas": {"default": model.config.value_formula, **self.formulas},
-            "overarch": model.overarch is not None, "updates_applied": len(self._log),
+            "overarch": model.overarch is not None, "updates_applied": self._updates,
             "users": 0 if self.users is None else len(self.users),
         }
 
