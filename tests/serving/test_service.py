@@ -49,6 +49,7 @@ def test_an_empty_log_merges_to_nothing():
 
 def test_a_swapped_out_model_is_freed(tmp_path):
     import asyncio
+    import gc
     import weakref
 
     from sterling.bench.serve_snapshot import build_serving_snapshot
@@ -56,13 +57,14 @@ def test_a_swapped_out_model_is_freed(tmp_path):
 
     a = build_serving_snapshot(tmp_path / "a", num_items=500, seed=1, k0=50)
     b = build_serving_snapshot(tmp_path / "b", num_items=500, seed=1, model_seed=2, k0=50)
-    service = Service(a)
+    service = Service(a, freeze_gc=True)
     try:
         old = weakref.ref(service.model)
         asyncio.run(service.reload(b))
-        assert old() is None  # no reference cycle keeps it (the server freezes the GC's view of live objects)
+        assert old() is None  # no reference cycle keeps it: the frozen GC would never collect one
     finally:
         service.close()
+        gc.unfreeze()
 
 
 def test_the_update_log_stays_bounded_and_survives_swaps(tmp_path, monkeypatch):

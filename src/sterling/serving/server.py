@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -66,6 +66,8 @@ class ServerConfig:
         value_formulas (tuple[tuple[str, str], ...]): named Value Model formulas (name, formula).
         batcher (BatcherConfig): micro-batching.
         limits (Limits): request size limits.
+        freeze_gc (bool): freeze the GC's view of each loaded model (a server process of its own;
+            :func:`serve` sets it).
     """
 
     snapshot: Path
@@ -75,6 +77,7 @@ class ServerConfig:
     value_formulas: tuple[tuple[str, str], ...] = ()
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
     limits: Limits = field(default_factory=Limits)
+    freeze_gc: bool = False
 
     def __post_init__(self) -> None:
         if not self.token and not self.allow_no_auth:
@@ -186,7 +189,8 @@ def _user(service: Service, req: UserPart, **asks: Any):
 
 def create_app(config: ServerConfig) -> FastAPI:
     """The FastAPI app serving ``config.snapshot`` (loaded, verified and warmed here)."""
-    service = Service(config.snapshot, config.users, dict(config.value_formulas), config.batcher, config.limits)
+    service = Service(config.snapshot, config.users, dict(config.value_formulas), config.batcher, config.limits,
+                      freeze_gc=config.freeze_gc)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -310,7 +314,7 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> No
     """Run the server until interrupted."""
     import uvicorn
 
-    uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(create_app(replace(config, freeze_gc=True)), host=host, port=port, log_level="warning", access_log=False)
 
 
 class BackgroundServer:

@@ -132,10 +132,13 @@ class Service:
             ``"default"`` is the snapshot's own.
         batcher (BatcherConfig): micro-batching.
         limits (Limits): request size limits.
+        freeze_gc (bool): ``gc.freeze()`` once a model serves, so the cyclic GC never walks its
+            objects again (a full pass over a 1M-item model's 285k objects pauses 120 ms); for a
+            process of its own (``sterling serve``), since it freezes everything alive.
     """
 
     def __init__(self, snapshot: Path, users: Path | None = None, value_formulas: Mapping[str, str] = {},
-                 batcher: BatcherConfig = BatcherConfig(), limits: Limits = Limits()) -> None:
+                 batcher: BatcherConfig = BatcherConfig(), limits: Limits = Limits(), freeze_gc: bool = False) -> None:
         self.metrics = ServingMetrics()
         self.limits = limits
         self.users = None if users is None else UserStore.read(Path(users))
@@ -147,7 +150,9 @@ class Service:
         self._reloading = threading.Lock()
         self.batcher = MicroBatcher(self._run_batch, batcher)
         self._publish_state()
-        gc.freeze()  # the model's objects live as long as it serves: keep them out of every GC pass
+        self._freeze_gc = freeze_gc
+        if freeze_gc:
+            gc.freeze()  # the model's objects live as long as it serves: keep them out of every GC pass
 
     # ---- request handling (event loop side) ----------------------------------------------------
 
@@ -234,7 +239,8 @@ class Service:
                     Update.merged(self._log[seen:]).apply(model)
                 self.model, self.info = model, info
                 self._publish_state()
-                gc.freeze()
+                if self._freeze_gc:
+                    gc.freeze()
                 return info
 
             info = await self.batcher.call(switch)
