@@ -1,5 +1,6 @@
 """Roles metadata, schema builders and validation, DatasetPaths (sterling.data.schema)."""
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -12,6 +13,7 @@ from sterling.data.schema import (
     SchemaError,
     impressions_schema,
     items_table,
+    list_array,
     read_roles,
     read_table,
     requests_schema,
@@ -168,3 +170,11 @@ def test_dataset_paths(tmp_path):
     paths.path("impressions").touch()
     with pytest.raises(DataError, match="both"):
         paths.format
+
+
+def test_list_array_takes_values_arrow_splits_into_chunks():
+    values = np.array(["music-live", "gaming-daily"])[np.arange(3_000_000) % 2]  # pa.array gives 2 chunks
+    offsets = np.arange(0, 3_000_001, 3)
+    out = list_array(offsets, values)
+    assert len(out) == 1_000_000 and out[0].as_py() == ["music-live", "gaming-daily", "music-live"]
+    assert out[-1].as_py() == ["gaming-daily", "music-live", "gaming-daily"]

@@ -393,6 +393,8 @@ def _types(columns: Mapping[str, Any]) -> dict[str, pa.DataType]:
 def list_array(offsets: np.ndarray, values: Any) -> pa.ListArray:
     """A canonical ListArray from int offsets [n + 1] and flat values (Arrow or array-like)."""
     values = _array(values, None)
+    if isinstance(values, pa.ChunkedArray):  # pa.array splits a large numpy string array into chunks
+        values = values.combine_chunks()
     return pa.ListArray.from_arrays(pa.array(np.asarray(offsets), pa.int32()), values, type=list_of(values.type))
 
 
