@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--data", help="dataset directory whose users.parquet to use (instead of --users)")
     sv.add_argument("--value", action="append", metavar="NAME=FORMULA",
                     help="a named Value Model formula requests may pick (repeatable)")
-    sv.add_argument("--max-batch", type=int, default=32, help="most requests in one forward (1: no batching)")
+    sv.add_argument("--max-batch", type=int, default=8, help="most requests in one forward (1: no batching)")
     sv.add_argument("--max-wait-ms", type=float, default=2.0, help="longest a request waits for its batch to fill")
     sv.add_argument("--max-queue", type=int, default=4096, help="waiting requests beyond which the server answers 503")
     sv.add_argument("--max-k", type=int, help="most results per request (default: the snapshot's k0)")

@@ -41,7 +41,7 @@ class BatcherConfig:
         max_queue (int): most requests waiting; beyond it requests are refused (503).
     """
 
-    max_batch: int = 32
+    max_batch: int = 8
     max_wait_ms: float = 2.0
     max_queue: int = 4096
 
