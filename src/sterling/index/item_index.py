@@ -44,7 +44,7 @@ import torch
 from sterling.index.attributes import AttributeStore
 from sterling.index.bloom import BloomIndex
 from sterling.index.quant import Int8Codes, quantize
-from sterling.index.search import IndexConfig, Segment, auto_nlist, pack_rows
+from sterling.index.search import IndexConfig, Segment, auto_nlist, find_sorted, pack_rows
 from sterling.ops.filtered_topk import filtered_topk
 from sterling.ops.plan_program import bit_of
 from sterling.serving.snapshot import SnapshotError, read_snapshot, write_snapshot
@@ -499,12 +499,8 @@ def _empty_fresh(main: Segment) -> _Fresh:
 
 def _find(haystack: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """int64 [M]: the position of each of ``ids`` in ``haystack`` (distinct ids), -1 if absent."""
-    if not len(haystack):
-        return torch.full_like(ids, -1)
     order = torch.argsort(haystack)
-    sorted_ids = haystack[order]
-    pos = torch.searchsorted(sorted_ids, ids).clamp(max=len(sorted_ids) - 1)
-    return torch.where(sorted_ids[pos] == ids, order[pos], -1)
+    return find_sorted(haystack[order], order, ids)[0]
 
 
 def _locate(state: _State, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

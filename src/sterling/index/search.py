@@ -181,6 +181,16 @@ class _Plan:
     gather: bool  # answered by gathering the passing rows (exact, as a scan of all lists)
 
 
+def find_sorted(sorted_ids: torch.Tensor, values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``values[i]`` where ``sorted_ids[i] == id`` for each of ``ids`` (int64 [...]), -1 where the
+    id is absent, and bool [...] found; ``sorted_ids`` int64 [N] ascending, ``values`` int64 [N]."""
+    if not len(sorted_ids):
+        return torch.full_like(ids, -1), torch.zeros_like(ids, dtype=torch.bool)
+    pos = torch.searchsorted(sorted_ids, ids).clamp(max=len(sorted_ids) - 1)
+    found = sorted_ids[pos] == ids
+    return torch.where(found, values[pos], -1), found
+
+
 @dataclass(frozen=True)
 class Segment:
     """N items in IVF order, searchable with filters.
@@ -279,11 +289,7 @@ class Segment:
 
     def rows_of(self, ids: torch.Tensor) -> torch.Tensor:
         """int64 [M]: the row of each of ``ids`` (int64 [M]), -1 where absent."""
-        if not len(self.ids):
-            return torch.full_like(ids, -1)
-        sorted_ids, order = self.id_order
-        pos = torch.searchsorted(sorted_ids, ids).clamp(max=len(sorted_ids) - 1)
-        return torch.where(sorted_ids[pos] == ids, order[pos], -1)
+        return find_sorted(*self.id_order, ids)[0]
 
     @functools.cached_property
     def _sample_rows(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from sterling.index.quant import quantize
+from sterling.index.search import find_sorted
 
 __all__ = ["FreshRows", "gather_rows", "item_cache_rows"]
 
@@ -68,11 +69,7 @@ class FreshRows:
 
     def lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The newest fresh row ``r`` of each id ``int64 [...]`` (-1 where none) and bool found."""
-        if len(self.sorted_ids) == 0:
-            return torch.full_like(ids, -1), torch.zeros_like(ids, dtype=torch.bool)
-        pos = torch.searchsorted(self.sorted_ids, ids).clamp(max=len(self.sorted_ids) - 1)
-        found = self.sorted_ids[pos] == ids
-        return torch.where(found, self.newest_row[pos], -1), found
+        return find_sorted(self.sorted_ids, self.newest_row, ids)
 
 
 def gather_rows(main: torch.Tensor, fresh: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

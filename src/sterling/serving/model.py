@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from sterling.index.item_index import ItemIndex
+from sterling.index.search import find_sorted
 from sterling.models.overarch import OverArch
 from sterling.models.towers import TaskQueries, UserTower
 from sterling.models.value_model import ValueModel
@@ -237,12 +238,7 @@ class RetrievalModel(nn.Module):
     def _lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The row of each external id ``int64 [...]`` (-1 where unknown: its newest fresh row, else
         its segment row) and bool found."""
-        if len(self.sorted_ids) == 0:
-            rows, found = torch.full_like(ids, -1), torch.zeros_like(ids, dtype=torch.bool)
-        else:
-            pos = torch.searchsorted(self.sorted_ids, ids).clamp(max=len(self.sorted_ids) - 1)
-            found = self.sorted_ids[pos] == ids
-            rows = torch.where(found, self.row_of_sorted[pos], -1)
+        rows, found = find_sorted(self.sorted_ids, self.row_of_sorted, ids)
         fresh = self.fresh
         if len(fresh):
             fresh_rows, fresh_found = fresh.lookup(ids)
@@ -456,12 +452,10 @@ class RetrievalModel(nn.Module):
         self.index.upsert(ids, embeddings, attributes)           # validates everything first
         ids = torch.as_tensor(ids, dtype=torch.int64)
         vectors = torch.as_tensor(embeddings, dtype=torch.float32)
-        if len(ids) and self.index.fresh_items == 0:            # the index compacted itself
-            self._relayout(extra=(ids, vectors))
-            return
-        cache = item_cache_rows(vectors, self._item_state, self.cache.dtype)
-        self.fresh = self.fresh.added(ids, vectors, cache)
+        self.fresh = self.fresh.added(ids, vectors, item_cache_rows(vectors, self._item_state, self.cache.dtype))
         self._version = self.index.version
+        if len(ids) and self.index.fresh_items == 0:            # the index compacted itself
+            self._relayout()
 
     def delete(self, ids: torch.Tensor | Sequence[int]) -> int:
         """Remove items from search (their rows stay, for the histories that name them); returns
@@ -478,19 +472,12 @@ class RetrievalModel(nn.Module):
         self.index.compact()
         self._relayout()
 
-    def _relayout(self, extra: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """Buffers and cache for the index's (compacted) main segment; each item's cache row is
-        its current one, or for ``extra`` (ids, embeddings) just upserted, computed now."""
+    def _relayout(self) -> None:
+        """Buffers and cache for the index's (compacted) main segment, each item's cache row its
+        current one (main or fresh); the fresh rows are folded in."""
         tensors = self.index.executor_tensors()
         rows, found = self._lookup(tensors["ids"])
         cache = gather_rows(self.cache, self.fresh.cache, rows.clamp(min=0))
-        if extra is not None:
-            new_ids, vectors = extra
-            pos = torch.searchsorted(new_ids.sort().values, tensors["ids"]).clamp(max=len(new_ids) - 1)
-            is_new = new_ids.sort().values[pos] == tensors["ids"]
-            order = new_ids.argsort()
-            cache[is_new] = item_cache_rows(vectors[order[pos[is_new]]], self._item_state, self.cache.dtype)
-            found = found | is_new
         if not bool(found.all()):
             raise RuntimeError("the compacted index holds items the model has no cache rows for")
         self._set_main(tensors, cache)
