@@ -236,6 +236,13 @@ def test_config_is_checked(kwargs):
         BatcherConfig(**kwargs)
 
 
+def test_alive_until_closed():
+    batcher = MicroBatcher(Recorder())
+    assert batcher.alive
+    batcher.close()
+    assert not batcher.alive
+
+
 def test_none_is_not_a_request_key():
     batcher = MicroBatcher(Recorder())
     with pytest.raises(ValueError, match="key"):

@@ -381,6 +381,10 @@ def test_a_server_without_a_token_refuses_to_start_unless_told_to(snapshots):
         ServerConfig(a)
     with BackgroundServer(ServerConfig(a, allow_no_auth=True)) as s:
         assert call(s, "/v1/items", {"delete": [1]})[0] == 200
+        s.service.batcher.close()  # the model thread stops: the server is no longer ready
+        status, out, _ = call(s, "/readyz")
+        assert status == 503 and out["ready"] is False
+        assert call(s, "/healthz")[0] == 200
 
 
 # ---- hot swap and live updates under load ---------------------------------------------------------

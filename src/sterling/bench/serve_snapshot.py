@@ -38,16 +38,15 @@ import torch
 
 from sterling.bench.ann import structured
 from sterling.data.synth import CATEGORIES, LANGUAGE_SHARES, LANGUAGES, REGIONS, ROLES, TAG_SUFFIXES
+from sterling.demo import DEMO_VALUE
 from sterling.index.item_index import IndexConfig
 from sterling.models.overarch import OverArchConfig, make_overarch
 from sterling.models.towers import TaskQueries, TwoTowerConfig, UserTower
 from sterling.serving.model import RetrievalModel, ServingConfig
 from sterling.serving.publish import load_model, write_model_snapshot
 
-__all__ = ["SERVE_VALUE", "build_serving_snapshot", "request_mix"]
+__all__ = ["build_serving_snapshot", "request_mix"]
 
-#: The Value Model of the synthetic demo (:data:`sterling.demo.DEMO_VALUE`).
-SERVE_VALUE = "click + 0.5*like^0.5 + 0.25*share"
 
 TAGS = tuple(f"{c}-{s}" for c in CATEGORIES for s in TAG_SUFFIXES)
 _KIDS_CATEGORIES = ("music", "gaming", "comedy", "pets", "art", "diy", "education")
@@ -63,7 +62,7 @@ def build_serving_snapshot(
     overarch: str | None = "mol",
     k0: int = 200,
     nprobe: int = 32,
-    value_formula: str | None = SERVE_VALUE,
+    value_formula: str | None = DEMO_VALUE,
     index_config: IndexConfig = IndexConfig(),
 ) -> Path:
     """Write a served model over ``num_items`` synthetic items to ``out_dir`` (see the module doc).

@@ -89,6 +89,11 @@ class MicroBatcher:
         """Requests waiting."""
         return len(self._jobs)
 
+    @property
+    def alive(self) -> bool:
+        """Whether requests are being answered: not closed, and the worker thread running."""
+        return not self._closed and self._worker.is_alive()
+
     async def submit(self, key: Hashable, payload: Any) -> Any:
         """The result of ``payload`` answered in a batch of requests with the same ``key``."""
         if key is None:

@@ -209,20 +209,17 @@ def create_app(config: ServerConfig) -> FastAPI:
             raise StarletteHTTPException(401, "a valid bearer token is required")
 
     app.add_middleware(_BodyLimit, limit=config.limits.max_body_bytes)
+    paths: set[str] = set()  # the routes' paths, metric labels (filled once the routes are declared)
 
     @app.middleware("http")
     async def account(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         endpoint, start = request.url.path, time.perf_counter()
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > config.limits.max_body_bytes):
-            response: Response = _error(413, "too_large", f"the body exceeds {config.limits.max_body_bytes} bytes")
-        else:
-            try:
-                response = await call_next(request)
-            except Exception:  # noqa: BLE001 - the last line of defence: answer, log, keep serving
-                log.exception("unexpected error on %s", endpoint)
-                response = _error(500, "internal", "an unexpected error; the server logged it and keeps serving")
-        known = endpoint if endpoint in _ENDPOINTS else "other"
+        try:
+            response = await call_next(request)
+        except Exception:  # noqa: BLE001 - the last line of defence: answer, log, keep serving
+            log.exception("unexpected error on %s", endpoint)
+            response = _error(500, "internal", "an unexpected error; the server logged it and keeps serving")
+        known = endpoint if endpoint in paths else "other"
         service.metrics.requests.labels(endpoint=known, status=str(response.status_code)).inc()
         service.metrics.latency.labels(endpoint=known).observe(time.perf_counter() - start)
         return response
@@ -294,20 +291,17 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="A model is loaded and warm")
+    @app.get("/readyz", summary="A model is loaded and warm, and its thread answers")
     async def readyz() -> JSONResponse:
-        ready = service.ready
+        ready = service.batcher.alive
         return JSONResponse({"ready": ready, "version": service.info.version}, status_code=200 if ready else 503)
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def metrics() -> Response:
         return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    paths.update(route.path for route in app.routes)
     return app
-
-
-_ENDPOINTS = {"/v1/retrieve", "/v1/rank", "/v1/items", "/v1/admin/reload", "/v1/snapshot", "/healthz", "/readyz",
-              "/metrics"}
 
 
 def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> None:

@@ -144,7 +144,6 @@ class Service:
         self.users = None if users is None else UserStore.read(Path(users))
         self.formulas = dict(value_formulas)
         self.model, self.info = self._load(Path(snapshot), [])
-        self.ready = True
         self._log: list[Update] = []  # read and written on the model thread only
         self._updates = 0
         self._reloading = threading.Lock()
@@ -301,19 +300,19 @@ class Service:
 
     def _answer(self, model: RetrievalModel, kind: str, formula: str | None, queries: Sequence[Query],
                 waited: Sequence[float], version: str) -> list[dict]:
-        inputs = model.inputs([q.history for q in queries], [q.actions for q in queries],
-                              [q.features for q in queries])
         tasks = model.config.tasks
-        if kind == "rank":
+        if kind == "rank":  # requests rank different numbers of items: one call each
             out = []
             for b, q in enumerate(queries):
-                one = model.inputs([q.history], [q.actions], [q.features]) if len(queries) > 1 else inputs
-                scores = model.rank(one, torch.tensor([q.items]))[0]                     # [M, T]
+                scores = model.rank(model.inputs([q.history], [q.actions], [q.features]),
+                                    torch.tensor([q.items]))[0]                          # [M, T]
                 value = model.value_of(scores, formula)
                 out.append({"item_ids": q.items, "scores": _floats(value),
                             "task_scores": _per_task(scores, tasks, q.tasks), "snapshot": version,
                             "timing_ms": {"queue": 1e3 * waited[b]}})
             return out
+        inputs = model.inputs([q.history for q in queries], [q.actions for q in queries],
+                              [q.features for q in queries])
         trace = Trace()
         result = model(inputs, filter=[q.filter for q in queries], k=max(q.k for q in queries), value=formula,
                        trace=trace)
