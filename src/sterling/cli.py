@@ -5,7 +5,7 @@ Sub-commands::
     sterling demo                                   synth → train → publish → filtered queries
     sterling data synth --out DIR                   synthetic request-level logs
     sterling data movielens SRC --out DIR           MovieLens (100K / 1M / latest-small) → request rows
-    sterling data convert SRC OUT                   request rows ⇄ impression rows (lossless, streaming)
+    sterling data convert SRC OUT [--order time]    request rows ⇄ impression rows (lossless, streaming)
     sterling data stats DIR [--json]                sizes of both formats
     sterling train --data DIR --out CKPT            two-tower + OverArch on request batches, held-out recall
     sterling train --model hstu|sasrec --data DIR   next-item retrieval, leave-last-out HR@k / NDCG@k
@@ -58,8 +58,10 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     from sterling.data.schema import DatasetPaths
 
     src = DatasetPaths(Path(args.src))
-    convert = requests_to_impressions if src.format == "requests" else impressions_to_requests
-    convert(Path(args.src), Path(args.out))
+    if src.format == "requests":
+        requests_to_impressions(Path(args.src), Path(args.out), order=args.order)
+    else:
+        impressions_to_requests(Path(args.src), Path(args.out))
     print(f"converted {src.format} rows in {args.src} → {args.out}")
 
 
@@ -315,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = dsub.add_parser("convert", help="request format ⇄ impression format (direction from SRC)")
     c.add_argument("src")
     c.add_argument("out")
+    c.add_argument("--order", choices=("user", "time"), default="user",
+                   help="row order of written impression rows: by (user_id, ts) or by ts, as logged "
+                        "(impression rows in any order are read)")
     c.set_defaults(func=_cmd_convert)
     st = dsub.add_parser("stats", help="rows, impressions and bytes per impression in both formats")
     st.add_argument("dir")

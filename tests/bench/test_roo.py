@@ -26,4 +26,7 @@ def test_rows_summary_and_table():
     summary = result["summary"]["synthetic"]
     assert summary["speedup"] == roo["impressions_per_s"] / imp["impressions_per_s"]
     assert summary["storage_ratio"] == imp["bytes_per_impression"] / roo["bytes_per_impression"] > 1
+    per = result["storage"]["synthetic"]["bytes_per_impression"]
+    assert imp["bytes_per_impression"] == per["impressions_time_order"] and roo["bytes_per_impression"] == per["requests_format"]
+    assert summary["storage_ratio_user_order"] == per["impressions_user_order"] / per["requests_format"]
     assert "ROO" in format_table(result)

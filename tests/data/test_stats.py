@@ -21,8 +21,11 @@ def test_request_format_is_smaller(synth):
     stats = dataset_stats(synth)
     per = stats["bytes_per_impression"]
     assert stats["format"] == "requests"
-    assert per["requests_format"] < per["impressions_format"]
-    assert stats["ratio"] == pytest.approx(stats["bytes"]["impressions_format"] / stats["bytes"]["requests_format"])
+    assert per["requests_format"] < per["impressions_user_order"] < per["impressions_time_order"]
+    for order in ("time", "user"):
+        name = f"impressions_{order}_order"
+        assert stats["ratio"][order] == pytest.approx(stats["bytes"][name] / stats["bytes"]["requests_format"])
+        assert per[name] == pytest.approx(stats["bytes"][name] / stats["impressions"])
     assert per["requests_format"] == pytest.approx(stats["bytes"]["requests_format"] / stats["impressions"])
     assert stats["bytes"]["items"] == (synth / "items.parquet").stat().st_size
 
@@ -48,7 +51,9 @@ def test_numbers_match_the_files(synth, tmp_path):
     assert other["format"] == "impressions"
     for key in ("requests", "impressions", "users", "impressions_per_request", "history_length"):
         assert other[key] == stats[key]
-    assert other["bytes"]["impressions_format"] == stats["bytes"]["impressions_format"]
+    for order in ("time", "user"):  # both written from the same request rows
+        assert other["bytes"][f"impressions_{order}_order"] == stats["bytes"][f"impressions_{order}_order"]
+    assert other["bytes"]["impressions_user_order"] == (impressions / "impressions.parquet").stat().st_size
 
 
 def test_stats_are_plain_json(synth):
@@ -58,5 +63,6 @@ def test_stats_are_plain_json(synth):
 
 def test_format_stats_is_a_table(synth):
     text = format_stats(dataset_stats(synth))
-    assert "B/impression" in text and "impression/request" in text
+    assert "B/impression" in text and f"{dataset_stats(synth)['ratio']['time']:.2f}x the request format" in text
+    assert "impression format, time order" in text and "impression format, user order" in text
     assert len(text.splitlines()) == 10

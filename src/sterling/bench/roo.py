@@ -13,7 +13,10 @@ arm's own peak) on the same held-out split:
   arm's wall-clock time (so about as many passes as fit), to see whether the compute buys quality.
 
 Storage: the zstd Parquet bytes per impression of both formats of the same data
-(:func:`sterling.data.stats.dataset_stats`: request format = requests + users tables).
+(:func:`sterling.data.stats.dataset_stats`: request format = requests + users tables). A row's
+``bytes_per_impression`` is its format's: the impression arm's is the impression log in time order
+(as a server writes it); ``bytes_per_impression_user_order`` is the same rows sorted by user, which
+lets zstd find a user's repeated histories (spec ``roo.md`` §2.4's "physical" de-duplication).
 
 Data: the synthetic default (:mod:`sterling.data.synth` with requests of 20-50 impressions and
 histories of 200-400 events, the regime of the issue), and MovieLens pseudo-requests
@@ -104,12 +107,14 @@ def _arms(data_dir: Path, dataset: str, bench: RooBenchConfig, impressions: int,
     rows = []
     for arm in ARMS:
         r = reports[arm]
-        fmt = "impressions_format" if arm == "impression" else "requests_format"
+        fmt = "impressions_time_order" if arm == "impression" else "requests_format"
         rows.append({
             "arm": arm, "dataset": dataset,
             "impressions_per_request": r["mean_impressions_per_request"], "history_len": r["mean_history_len"],
             "impressions_per_s": r["impressions_per_s"], "peak_rss_mb": r["peak_rss_mb"],
             "bytes_per_impression": storage["bytes_per_impression"][fmt],
+            **({"bytes_per_impression_user_order": storage["bytes_per_impression"]["impressions_user_order"]}
+               if arm == "impression" else {}),
             "auc": r["auc"], "ne": r["ne"], "gauc": r["gauc"],
             "train_s": r["train_s"], "impressions": r["impressions"], "steps": r["steps"],
             "model": {k: r["config"][k] for k in ("encoder", "dim", "num_layers", "max_history")},
@@ -128,6 +133,7 @@ def _summary(rows: list[dict]) -> dict:
             "speedup": roo["impressions_per_s"] / imp["impressions_per_s"],
             "ne_relative_gap": {t: abs(roo["ne"][t] - imp["ne"][t]) / imp["ne"][t] for t in imp["ne"]},
             "storage_ratio": imp["bytes_per_impression"] / roo["bytes_per_impression"],
+            "storage_ratio_user_order": imp["bytes_per_impression_user_order"] / roo["bytes_per_impression"],
             "scaled_ne_change": {t: arm["roo_scaled"]["ne"][t] / imp["ne"][t] - 1 for t in imp["ne"]},
         }
     return out
@@ -149,8 +155,10 @@ def run(bench: RooBenchConfig, movielens: Path | None = None, log=print) -> dict
         for dataset, path, impressions in sources:
             storage[dataset] = dataset_stats(path)
             per = storage[dataset]["bytes_per_impression"]
+            ratio = storage[dataset]["ratio"]
             log(f"{dataset:<14} storage: request format {per['requests_format']:.1f} B/impression, impression format "
-                f"{per['impressions_format']:.1f} B/impression ({storage[dataset]['ratio']:.1f}x)")
+                f"{per['impressions_time_order']:.1f} B/impression in time order ({ratio['time']:.1f}x), "
+                f"{per['impressions_user_order']:.1f} sorted by user ({ratio['user']:.1f}x)")
             rows += _arms(path, dataset, bench, impressions, storage[dataset], log)
     return {"machine": machine(), "config": asdict(bench), "rows": rows, "storage": storage, "summary": _summary(rows)}
 
@@ -164,7 +172,8 @@ def format_table(result: dict) -> str:
                      f"{r['impressions_per_s']:>9,.0f} {r['peak_rss_mb']:>9,.0f} {r['bytes_per_impression']:>8.1f}  {ne}")
     for dataset, s in result["summary"].items():
         gaps = ", ".join(f"{t} {100 * g:.2f}%" for t, g in s["ne_relative_gap"].items())
-        lines.append(f"{dataset}: ROO {s['speedup']:.1f}x impression mode; NE gap {gaps}; storage {s['storage_ratio']:.1f}x smaller")
+        lines.append(f"{dataset}: ROO {s['speedup']:.1f}x impression mode; NE gap {gaps}; storage {s['storage_ratio']:.1f}x smaller "
+                     f"({s['storage_ratio_user_order']:.1f}x against impression rows sorted by user)")
     return "\n".join(lines)
 
 

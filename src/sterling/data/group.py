@@ -5,7 +5,12 @@ writes each user's timeline once; ``requests_to_impressions`` merge-joins reques
 (both sorted by user_id) and explodes them back, attaching the history (timeline events with
 ts < request ts) to every impression. Both read Parquet record batches and write row groups as they go:
 memory holds one batch plus the rows of one user (impression side) or of the users of one batch
-(request side), never a whole file. Every ordering or consistency problem that would make the
+(request side), never a whole file.
+
+Impression rows come in one of two orders (``IMPRESSION_ORDERS``): ``"user"``, the canonical
+(user_id, ts, request_id, position), which the grouping reads, and ``"time"``, (ts, user_id,
+request_id, position), a log as a server writes it, the requests of all users interleaved. A log in
+any other order is first sorted to the user order in bounded memory (:mod:`sterling.data.sort`). Every ordering or consistency problem that would make the
 conversion lossy raises :class:`~sterling.data.schema.DataError` naming the file, row, request and
 user; the round trip impressions → requests → impressions reproduces the original table exactly.
 """
@@ -13,6 +18,7 @@ user; the round trip impressions → requests → impressions reproduces the ori
 from __future__ import annotations
 
 import shutil
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
@@ -49,9 +55,11 @@ from sterling.data.schema import (
     validate_requests,
     validate_users,
 )
+from sterling.data.sort import first_unsorted, sort_parquet
 
 REQUEST_BATCH_ROWS = 1024
 IMPRESSION_BATCH_ROWS = 8192
+IMPRESSION_ORDERS = {"user": (USER_ID, TS, REQUEST_ID, POSITION), "time": (TS, USER_ID, REQUEST_ID, POSITION)}
 
 
 def _column(table: pa.Table, name: str) -> pa.Array:
@@ -305,37 +313,56 @@ def _prepare_output(src: DatasetPaths, out_dir: str | Path) -> DatasetPaths:
     return out
 
 
-def requests_to_impressions(src_dir: str | Path, out_dir: str | Path, batch_rows: int = REQUEST_BATCH_ROWS) -> Path:
+def requests_to_impressions(src_dir: str | Path, out_dir: str | Path, batch_rows: int = REQUEST_BATCH_ROWS,
+                            order: str = "user") -> Path:
     """Write the impression-format dataset of a request-format one; returns ``out_dir``.
 
     Streams ``batch_rows`` requests at a time. Every request needs at least one impression.
+    ``order`` is a key of ``IMPRESSION_ORDERS``: ``"user"`` streams straight out; ``"time"`` writes
+    the user order to a temporary file and sorts it (:func:`sterling.data.sort.sort_parquet`).
     """
+    if order not in IMPRESSION_ORDERS:
+        raise ValueError(f"order must be one of {sorted(IMPRESSION_ORDERS)}, not {order!r}")
     src = DatasetPaths(src_dir)
     roles, request_schema, user_schema = request_dataset_roles(src)
     out = _prepare_output(src, out_dir)
     schema = impressions_schema(roles, {**column_types(request_schema), **column_types(user_schema)})
-    with open_writer(out.path("impressions"), schema) as writer:
-        for batch in join_users(src.root, batch_rows):
-            writer.write_table(_explode(batch, roles, schema, str(src.requests)))
+    with tempfile.TemporaryDirectory(dir=out.root, prefix=".group-") as tmp:
+        path = out.path("impressions") if order == "user" else Path(tmp) / "user-order.parquet"
+        with open_writer(path, schema) as writer:
+            for batch in join_users(src.root, batch_rows):
+                writer.write_table(_explode(batch, roles, schema, str(src.requests)))
+        if order != "user":
+            sort_parquet(path, out.path("impressions"), IMPRESSION_ORDERS[order])
     return out.root
 
 
 def impressions_to_requests(src_dir: str | Path, out_dir: str | Path, batch_rows: int = IMPRESSION_BATCH_ROWS) -> Path:
     """Write the request-format dataset of an impression-format one; returns ``out_dir``.
 
-    Reads ``batch_rows`` impression rows at a time and carries the rows of the last, possibly
-    incomplete, user into the next batch. Validates: the rows of a request are contiguous and in
-    (user_id, ts, request_id) order, a user's rows are contiguous, ts is constant per request and
-    non-decreasing per user, context is constant per request, user features constant per user, the
+    Impression rows in any order are accepted: a file not in the user order (``IMPRESSION_ORDERS``)
+    is first sorted to it, in bounded memory, into a temporary file (error messages then count rows
+    in that order). Reads ``batch_rows`` impression rows at a time and carries the rows of the last,
+    possibly incomplete, user into the next batch. Validates: a request id appears once per user, ts
+    is constant per request, context is constant per request, user features constant per user, the
     history is identical on all rows of a request, sorted, strictly before the request's ts, and each
     request's history is the part before its ts of the next request's history of the same user.
     """
     src = DatasetPaths(src_dir)
-    pf = pq.ParquetFile(src.impressions)
-    roles, schema = validate_impressions(pf.schema_arrow, str(src.impressions))
+    roles, schema = validate_impressions(pq.read_schema(src.impressions), str(src.impressions))
     out = _prepare_output(src, out_dir)
-    types = column_types(schema)
-    grouper = _Grouper(roles, str(src.impressions))
+    with tempfile.TemporaryDirectory(dir=out.root, prefix=".group-") as tmp:
+        path, where = src.impressions, str(src.impressions)
+        if first_unsorted(path, IMPRESSION_ORDERS["user"]) is not None:
+            path = sort_parquet(path, Path(tmp) / "user-order.parquet", IMPRESSION_ORDERS["user"])
+            where += " (rows counted in (user_id, ts, request_id, position) order)"
+        _group(pq.ParquetFile(path), schema, _Grouper(roles, where), out, batch_rows)
+    return out.root
+
+
+def _group(pf: pq.ParquetFile, schema: pa.Schema, grouper: "_Grouper", out: DatasetPaths, batch_rows: int) -> None:
+    """Group the impression rows of ``pf`` (in user order) into out's requests and users files."""
+    types, roles = column_types(schema), grouper.roles
     with (
         open_writer(out.path("requests"), requests_schema(roles, types)) as request_writer,
         open_writer(out.path("users"), users_schema(roles, types)) as user_writer,
@@ -350,7 +377,6 @@ def impressions_to_requests(src_dir: str | Path, out_dir: str | Path, batch_rows
             carry = chunk.slice(split)
         if carry.num_rows:
             grouper.write(carry.combine_chunks(), request_writer, user_writer)
-    return out.root
 
 
 def _differs(values: pa.Array, reference: pa.Array) -> np.ndarray:
@@ -377,6 +403,7 @@ class _Grouper:
         starts = np.flatnonzero(first)  # [R] first row of each request
         request_of_row = np.cumsum(first) - 1
         _check_request_order(users[starts], ts[starts], request_ids[starts], self.row0 + starts, self.previous, where)
+        self._check_unique_requests(users[starts], ts[starts], request_ids[starts])
         user_first = np.concatenate([[True], users[1:] != users[:-1]])
         user_starts = np.flatnonzero(user_first)
         for name in (TS, *roles.context):
@@ -400,6 +427,17 @@ class _Grouper:
         user_writer.write_table(users_table(roles, user_columns, np.concatenate([[0], np.cumsum(lengths)]), events))
         self.previous = (users[-1], ts[-1], request_ids[-1])
         self.row0 += chunk.num_rows
+
+    def _check_unique_requests(self, users: np.ndarray, ts: np.ndarray, request_ids: np.ndarray) -> None:
+        """Each (user, request id) once: rows of one request at two ts values come out as two groups."""
+        key = np.lexsort((request_ids, users))
+        same = np.flatnonzero((np.diff(users[key]) == 0) & (np.diff(request_ids[key]) == 0))
+        if len(same):
+            a, b = key[same[0]], key[same[0] + 1]
+            raise DataError(
+                f"{self.where}: request {request_ids[a]} of user {users[a]} has rows at ts {ts[a]} and ts {ts[b]}; "
+                f"column 'ts' must be constant per request"
+            )
 
     def _check_constant(self, chunk, name, reference_rows, users, request_ids, unit: str) -> None:
         values = _column(chunk, name)

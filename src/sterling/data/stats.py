@@ -5,6 +5,12 @@ directory (streaming, :mod:`sterling.data.group`), and reports per-request count
 Parquet bytes per impression of each format. The request format counts requests.parquet plus
 users.parquet; items.parquet is the same in both formats and is reported on its own.
 
+The impression format is measured in both row orders (``IMPRESSION_ORDERS``, spec ``roo.md`` §7.4
+"sorted vs unsorted"): ``time``, a log as a server writes it (the rows of a request together,
+requests of all users interleaved), and ``user``, sorted by (user_id, ts, request_id, position).
+The user order puts a user's copies of the history next to each other, where zstd finds them: it is
+the "physical" de-duplication of spec §2.4, done by sorting instead of by the format.
+
 Example::
 
     from sterling.data.stats import dataset_stats, format_stats
@@ -19,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 
-from sterling.data.group import impressions_to_requests, join_users, requests_to_impressions
+from sterling.data.group import IMPRESSION_ORDERS, impressions_to_requests, join_users, requests_to_impressions
 from sterling.data.schema import IMPRESSIONS, USER_ID, DatasetPaths
 
 
@@ -42,19 +48,20 @@ def dataset_stats(path: str | Path) -> dict:
 
     Returns a dict: ``format``; ``requests``, ``impressions`` and ``users`` (users with a request);
     ``impressions_per_request`` and ``history_length`` (timeline events before the request's ts, per
-    request) as {mean, p50, p90, max}; ``bytes`` of each format and of items.parquet;
-    ``bytes_per_impression`` of each format; ``ratio`` = impression-format bytes / request-format bytes.
+    request) as {mean, p50, p90, max}; ``bytes`` and ``bytes_per_impression`` of the request format
+    (``requests_format``), of the impression format in each row order (``impressions_time_order``,
+    ``impressions_user_order``) and (``bytes`` only) of items.parquet; ``ratio``: {order:
+    impression-format bytes in that order / request-format bytes}.
     """
     paths = DatasetPaths(path)
     fmt = paths.format
     with tempfile.TemporaryDirectory() as tmp:
-        if fmt == "requests":
-            request_paths, impression_paths = paths, DatasetPaths(requests_to_impressions(paths.root, tmp))
-        else:
-            request_paths, impression_paths = DatasetPaths(impressions_to_requests(paths.root, tmp)), paths
+        request_paths = paths if fmt == "requests" else DatasetPaths(impressions_to_requests(paths.root, Path(tmp) / "requests"))
         per_request, history, users = _counts(request_paths.root)
-        request_bytes = request_paths.requests.stat().st_size + request_paths.users.stat().st_size
-        impression_bytes = impression_paths.impressions.stat().st_size
+        size = {"requests_format": request_paths.requests.stat().st_size + request_paths.users.stat().st_size}
+        for order in IMPRESSION_ORDERS:
+            out = DatasetPaths(requests_to_impressions(request_paths.root, Path(tmp) / order, order=order))
+            size[f"impressions_{order}_order"] = out.impressions.stat().st_size
     total = int(per_request.sum())
     return {
         "format": fmt,
@@ -63,12 +70,9 @@ def dataset_stats(path: str | Path) -> dict:
         "users": int(users),
         "impressions_per_request": _summary(per_request),
         "history_length": _summary(history),
-        "bytes": {"requests_format": request_bytes, "impressions_format": impression_bytes, "items": paths.items.stat().st_size},
-        "bytes_per_impression": {
-            "requests_format": request_bytes / max(total, 1),
-            "impressions_format": impression_bytes / max(total, 1),
-        },
-        "ratio": impression_bytes / max(request_bytes, 1),
+        "bytes": {**size, "items": paths.items.stat().st_size},
+        "bytes_per_impression": {name: value / max(total, 1) for name, value in size.items()},
+        "ratio": {order: size[f"impressions_{order}_order"] / max(size["requests_format"], 1) for order in IMPRESSION_ORDERS},
     }
 
 
@@ -83,6 +87,10 @@ def format_stats(stats: dict) -> str:
     """A readable table of :func:`dataset_stats` output."""
     ipr, hist = stats["impressions_per_request"], stats["history_length"]
     size, per = stats["bytes"], stats["bytes_per_impression"]
+
+    def cost(name: str) -> str:
+        return f"{size[name]:,} B  ({per[name]:.1f} B/impression)"
+
     rows = [
         ("source format", stats["format"]),
         ("requests", f"{stats['requests']:,}"),
@@ -90,10 +98,10 @@ def format_stats(stats: dict) -> str:
         ("users", f"{stats['users']:,}"),
         ("impressions/request", f"mean {ipr['mean']:.1f}  p50 {ipr['p50']:.0f}  p90 {ipr['p90']:.0f}  max {ipr['max']}"),
         ("history at request", f"mean {hist['mean']:.1f}  p50 {hist['p50']:.0f}  p90 {hist['p90']:.0f}  max {hist['max']}"),
-        ("request format", f"{size['requests_format']:,} B  ({per['requests_format']:.1f} B/impression)"),
-        ("impression format", f"{size['impressions_format']:,} B  ({per['impressions_format']:.1f} B/impression)"),
+        ("request format", cost("requests_format")),
+        *((f"impression format, {order} order", f"{cost(f'impressions_{order}_order')}  {stats['ratio'][order]:.2f}x the request format")
+          for order in IMPRESSION_ORDERS),
         ("items.parquet", f"{size['items']:,} B"),
-        ("impression/request", f"{stats['ratio']:.2f}x"),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
