@@ -7,7 +7,7 @@ Sub-commands::
     sterling data movielens SRC --out DIR           MovieLens (100K / 1M / latest-small) → request rows
     sterling data convert SRC OUT [--order time]    request rows ⇄ impression rows (lossless, streaming)
     sterling data stats DIR [--json]                sizes of both formats
-    sterling train --data DIR --out CKPT            two-tower + OverArch on request batches, held-out recall
+    sterling train --data DIR --out CKPT [--nproc N]   two-tower + OverArch on request batches (DDP), held-out recall
     sterling train --model hstu|sasrec --data DIR   next-item retrieval, leave-last-out HR@k / NDCG@k
     sterling publish --checkpoint CKPT --data DIR --out SNAP [--value FORMULA] [--export]
     sterling query --snapshot SNAP --user ID [--filter EXPR] [-k 10] [--json]
@@ -89,8 +89,13 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
     cfg = TrainConfig(epochs=5 if args.epochs is None else args.epochs, max_steps=args.max_steps,
                       dim=64 if args.dim is None else args.dim, seed=args.seed)
-    log = (lambda s: print(s, file=sys.stderr)) if args.json == "-" else print
-    report = train(Path(args.data), Path(args.out), cfg, log=log)
+    log = _log_to_stderr if args.json == "-" else print
+    if args.nproc != 1:
+        from sterling.train.distributed import train_distributed
+
+        report = train_distributed(Path(args.data), Path(args.out), cfg, args.nproc, log=log)
+    else:
+        report = train(Path(args.data), Path(args.out), cfg, log=log)
     result = {"checkpoint": str(report.checkpoint), "steps": report.steps, "train_s": report.train_s,
               "impressions_per_s": report.impressions_per_s, "metrics": report.metrics}
     if args.json == "-":
@@ -102,11 +107,17 @@ def _cmd_train(args: argparse.Namespace) -> None:
     print(f"checkpoint: {report.checkpoint}")
 
 
+def _log_to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def _train_retrieval(args: argparse.Namespace) -> None:
     from sterling.train.retrieval import RetrievalConfig, train_retrieval
 
     if args.out is not None:
         raise ValueError("--out: a retrieval run writes no checkpoint (use --json PATH for the report)")
+    if args.nproc != 1:
+        raise ValueError("--nproc: data-parallel training is for --model two-tower")
     given = {"epochs": args.epochs, "dim": args.dim, "max_len": args.max_len, "num_layers": args.layers,
              "lr": args.lr, "dropout": args.dropout, "eval_every": args.eval_every}
     cfg = RetrievalConfig(encoder=args.model, seed=args.seed, max_steps=args.max_steps,
@@ -340,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps", type=int, metavar="N", help="stop after this many steps (smoke runs)")
     t.add_argument("--dim", type=int, metavar="D", help="embedding width (default: 64 two-tower, 50 retrieval)")
     t.add_argument("--seed", type=int, default=0, metavar="N")
+    t.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="data-parallel processes (torch.distributed DDP: gloo on CPU, nccl on GPU); each takes its "
+                        "share of every batch's requests (two-tower)")
     t.add_argument("--json", nargs="?", const="-", metavar="PATH",
                    help="the report as JSON: on stdout (logs to stderr), or written to PATH")
     r = t.add_argument_group("retrieval options (--model hstu|sasrec; defaults: GR's ML-1M set-up)")

@@ -178,13 +178,14 @@ class TaskQueries(nn.Module):
 
     def __init__(self, dim: int, num_tasks: int) -> None:
         super().__init__()
+        self.num_tasks = num_tasks
         self.proj = nn.Linear(dim, num_tasks * dim)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, users: torch.Tensor) -> torch.Tensor:
         r, d = users.shape
-        return F.normalize(users[:, None, :] + self.proj(users).view(r, -1, d), dim=-1)
+        return F.normalize(users[:, None, :] + self.proj(users).view(r, self.num_tasks, d), dim=-1)  # R may be 0
 
 
 class TwoTower(nn.Module):

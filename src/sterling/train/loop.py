@@ -17,6 +17,8 @@ from typing import Callable
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from sterling.data.batch import ItemCatalog, RequestBatch, RequestReader
 from sterling.data.items import read_items
@@ -25,7 +27,8 @@ from sterling.index.item_index import ItemIndex
 from sterling.models.overarch import OverArch, OverArchConfig, make_overarch
 from sterling.models.towers import ItemTerms, TwoTower, TwoTowerConfig
 from sterling.serving.snapshot import read_snapshot, write_snapshot
-from sterling.train.losses import two_tower_loss
+from sterling.train.distributed import shard_bounds
+from sterling.train.losses import TwoTowerObjective
 from sterling.train.metrics import auc, recall_at_k
 from sterling.train.overarch import OverArchTrainConfig, train_overarch
 
@@ -109,7 +112,12 @@ def train(
     data_dir: Path, out_dir: Path, cfg: TrainConfig = TrainConfig(), log: Callable[[str], None] = print
 ) -> TrainReport:
     """Train on ``data_dir`` (request format), evaluate on the held-out requests, write a checkpoint
-    to ``out_dir``."""
+    to ``out_dir``. Inside a torch.distributed process group (:func:`sterling.train.distributed.
+    train_distributed`) each rank trains on its share of every batch's requests, and rank 0 alone
+    evaluates, trains the OverArch stage and writes the checkpoint."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if rank != 0:
+        log = _silent
     torch.manual_seed(cfg.seed)
     paths = DatasetPaths(Path(data_dir))
     item_ids, attributes, _ = read_items(paths.items)
@@ -129,25 +137,31 @@ def train(
     log(f"train: {len(catalog):,} items, tasks {', '.join(tasks)}, {len(holdout):,} held-out requests")
 
     frequency, engagements = item_counts(reader, holdout, len(catalog), retrieval_task)
+    step = TwoTowerObjective(model)
+    if world > 1:  # each rank computes its share of every batch's requests (sterling.train.distributed)
+        step = DistributedDataParallel(step)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
     gen = torch.Generator().manual_seed(cfg.seed)
     steps, seen, t0 = 0, 0, time.perf_counter()
     for epoch in range(cfg.epochs):
-        total, n = 0.0, 0
+        total, n = torch.zeros(()), 0
         for batch in reader.batches(exclude=holdout):
-            loss = two_tower_loss(model, batch, item_terms, cfg.num_negatives, frequency, gen)
             opt.zero_grad(set_to_none=True)
-            loss.total.backward()
+            loss = backward_step(step, batch, item_terms, cfg.num_negatives, frequency, gen)
             opt.step()
-            steps, seen, n, total = steps + 1, seen + batch.num_impressions, n + 1, total + loss.total.item()
+            steps, seen, n, total = steps + 1, seen + batch.num_impressions, n + 1, total + loss
             if cfg.max_steps is not None and steps >= cfg.max_steps:
                 break
+        if world > 1:
+            dist.all_reduce(total)
         elapsed = time.perf_counter() - t0
-        log(f"  epoch {epoch + 1}/{cfg.epochs}: loss {total / max(n, 1):.4f}, {steps} steps, "
+        log(f"  epoch {epoch + 1}/{cfg.epochs}: loss {float(total) / max(n, 1):.4f}, {steps} steps, "
             f"{seen / elapsed:,.0f} impressions/s, {elapsed:.1f}s")
         if cfg.max_steps is not None and steps >= cfg.max_steps:
             break
     train_s = time.perf_counter() - t0
+    if rank != 0:  # rank 0 evaluates, trains the OverArch stage and writes the checkpoint
+        return TrainReport(Path(out_dir), steps, train_s, seen / max(train_s, 1e-9))
 
     model.eval()
     metrics = evaluate(model, reader, holdout, catalog, attributes, item_terms, cfg.eval_ks, retrieval_task, engagements)
@@ -171,6 +185,25 @@ def train(
         files["overarch"] = {k: v.detach().contiguous() for k, v in arch.state_dict().items()}
     path = write_snapshot(Path(out_dir), files, meta)
     return TrainReport(path, steps, train_s, seen / max(train_s, 1e-9), metrics)
+
+
+def backward_step(objective: TwoTowerObjective | DistributedDataParallel, batch: RequestBatch, item_terms: ItemTerms,
+                  num_negatives: int, frequency: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Forward and backward of one batch; returns this rank's part of the loss (a scalar).
+
+    In a process group, ``objective`` is DDP-wrapped and this rank computes its share of the
+    batch's requests (:func:`~sterling.train.distributed.shard_bounds`); DDP averages the ranks'
+    gradients, so each rank back-propagates ``world ×`` its part and the gradient left in the
+    parameters is the whole batch's."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    tokens = (batch.history_offsets.diff() + batch.impression_offsets.diff()).numpy()
+    loss, _, _ = objective(batch, item_terms, num_negatives, frequency, generator, shard_bounds(tokens, rank, world))
+    (loss * world).backward()
+    return loss.detach()
+
+
+def _silent(message: str) -> None:
+    """The log of ranks other than 0."""
 
 
 def item_counts(

@@ -104,9 +104,17 @@ class RankingReport:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, MiB."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+    """Peak resident memory of this process so far, MiB.
+
+    On Linux this is VmHWM, the high-water mark of the process's own address space: ``ru_maxrss``
+    also keeps the size of the parent a spawned process was forked from (it survives ``exec``).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def _summed_bce(model: SequenceRanker, batch: RequestBatch, mode: str) -> torch.Tensor:
