@@ -356,11 +356,11 @@ def impressions_to_requests(src_dir: str | Path, out_dir: str | Path, batch_rows
         if first_unsorted(path, IMPRESSION_ORDERS["user"]) is not None:
             path = sort_parquet(path, Path(tmp) / "user-order.parquet", IMPRESSION_ORDERS["user"])
             where += " (rows counted in (user_id, ts, request_id, position) order)"
-        _group(pq.ParquetFile(path), schema, _Grouper(roles, where), out, batch_rows)
+        _group(pq.ParquetFile(path), schema, RequestGrouper(roles, where), out, batch_rows)
     return out.root
 
 
-def _group(pf: pq.ParquetFile, schema: pa.Schema, grouper: "_Grouper", out: DatasetPaths, batch_rows: int) -> None:
+def _group(pf: pq.ParquetFile, schema: pa.Schema, grouper: "RequestGrouper", out: DatasetPaths, batch_rows: int) -> None:
     """Group the impression rows of ``pf`` (in user order) into out's requests and users files."""
     types, roles = column_types(schema), grouper.roles
     with (
@@ -387,8 +387,9 @@ def _differs(values: pa.Array, reference: pa.Array) -> np.ndarray:
     return ~same.to_numpy(zero_copy_only=False)
 
 
-class _Grouper:
-    """Validates and groups chunks of impression rows that hold whole users."""
+class RequestGrouper:
+    """Validates and groups chunks of impression rows that hold whole users, in user order
+    (``IMPRESSION_ORDERS["user"]``), chunk after chunk (it checks the order across chunks)."""
 
     def __init__(self, roles: Roles, where: str) -> None:
         self.roles, self.where = roles, where
@@ -396,6 +397,12 @@ class _Grouper:
         self.row0 = 0
 
     def write(self, chunk: pa.Table, request_writer: pq.ParquetWriter, user_writer: pq.ParquetWriter) -> None:
+        requests, users = self.group(chunk)
+        request_writer.write_table(requests)
+        user_writer.write_table(users)
+
+    def group(self, chunk: pa.Table) -> tuple[pa.Table, pa.Table]:
+        """The request rows and the user rows of ``chunk`` (whole users, in user order), validated."""
         roles, where = self.roles, self.where
         users, ts, request_ids = (_numpy(chunk, name, where) for name in (USER_ID, TS, REQUEST_ID))
         _numpy(chunk, ITEM_ID, where)
@@ -419,14 +426,14 @@ class _Grouper:
 
         request_columns = {name: _column(chunk, name).take(starts) for name in (REQUEST_ID, USER_ID, TS, *roles.context)}
         offsets = np.concatenate([starts, [chunk.num_rows]])
-        request_writer.write_table(requests_table(roles, request_columns, offsets, columns))
         last_rows = starts[np.concatenate([np.flatnonzero(np.diff(users[starts])), [len(starts) - 1]])]
         user_columns = {name: _column(chunk, name).take(last_rows) for name in (USER_ID, *roles.user)}
         lengths = np.diff(histories[0][0])[last_rows]
         events = {part: values[_ranges(offsets_[last_rows], lengths)] for part, (offsets_, values) in zip(EVENT_PARTS, histories)}
-        user_writer.write_table(users_table(roles, user_columns, np.concatenate([[0], np.cumsum(lengths)]), events))
         self.previous = (users[-1], ts[-1], request_ids[-1])
         self.row0 += chunk.num_rows
+        return (requests_table(roles, request_columns, offsets, columns),
+                users_table(roles, user_columns, np.concatenate([[0], np.cumsum(lengths)]), events))
 
     def _check_unique_requests(self, users: np.ndarray, ts: np.ndarray, request_ids: np.ndarray) -> None:
         """Each (user, request id) once: rows of one request at two ts values come out as two groups."""

@@ -411,6 +411,24 @@ class ItemIndex:
         with self._lock:
             self._state = _compacted(self._state, self._config)
 
+    def shard(self, keep: torch.Tensor) -> ItemIndex:
+        """The index of the items where ``keep`` (bool ``[N]`` over :attr:`ids`) is true, for an
+        item-sharded deployment: the same centroids, each item in the same list with the same int8
+        code, so a shard's search is the whole index's restricted to its items (with every list
+        probed, the shards' merged top-k is the whole index's). Needs a compacted index."""
+        state = self._state
+        if state.alive is not None or len(state.fresh.ids):
+            raise ValueError("shard a compacted index (no fresh or deleted items): compact() it first")
+        main = state.main
+        keep = torch.as_tensor(keep, dtype=torch.bool)
+        if keep.shape != (len(main),):
+            raise ValueError(f"keep must be bool [{len(main)}], got {list(keep.shape)}")
+        rows = torch.nonzero(keep).view(-1)                             # ascending: IVF order kept
+        offsets = torch.searchsorted(rows, main.list_offsets)           # kept rows before each list start
+        segment = Segment.from_sorted(Int8Codes(main.codes.codes[rows], main.codes.scales[rows]), main.ids[rows],
+                                      main.centroids, offsets, main.attributes.take(rows), self._config)
+        return ItemIndex(_State(segment, None, _empty_fresh(segment)), self._config)
+
     def to_snapshot_parts(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """The index as JSON metadata and named tensors, for embedding in a larger snapshot."""
         state = self._state

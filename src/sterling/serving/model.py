@@ -32,9 +32,9 @@ rows past the snapshot's, :mod:`sterling.serving.fresh`). The exported program s
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ from sterling.serving.fresh import FreshRows, gather_rows, item_cache_rows
 
 _BIG = 3.0e38  # the ranking key of +inf (and -_BIG of NaN and -inf): finite, inside float32
 
-__all__ = ["Retrieved", "RetrievalModel", "ServingConfig", "Trace", "UserInputs"]
+__all__ = ["Retrieved", "RetrievalModel", "ServingConfig", "Trace", "UserInputs", "check_k", "parse_inputs", "per_query"]
 
 
 @dataclass(frozen=True)
@@ -116,12 +116,16 @@ class UserInputs:
         history_actions (torch.Tensor): int64 ``[L]`` action bitmasks.
         history_offsets (torch.Tensor): int64 ``[B + 1]``.
         features (torch.Tensor): int64 ``[B, F]`` encoded features, in ``ServingConfig.features`` order.
+        history_vectors (torch.Tensor | None): float32 ``[L, D]``, the history's cached embeddings
+            when they come from elsewhere (the shards of :mod:`sterling.serving.shards`); then
+            ``history_rows`` is not read.
     """
 
     history_rows: torch.Tensor
     history_actions: torch.Tensor
     history_offsets: torch.Tensor
     features: torch.Tensor
+    history_vectors: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -235,7 +239,7 @@ class RetrievalModel(nn.Module):
 
     # ---- host side: ids → rows, filters → plan -------------------------------------------------
 
-    def _lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The row of each external id ``int64 [...]`` (-1 where unknown: its newest fresh row, else
         its segment row) and bool found."""
         rows, found = find_sorted(self.sorted_ids, self.row_of_sorted, ids)
@@ -251,10 +255,22 @@ class RetrievalModel(nn.Module):
         cache, fresh = (self.cache, self.fresh.cache) if width is None else (self.cache[:, :width], self.fresh.cache[:, :width])
         return gather_rows(cache, fresh, rows).float()
 
+    def history_vectors(self, rows: torch.Tensor) -> torch.Tensor:
+        """float32 ``[..., D]``: the cached embeddings of ``rows`` (what the user tower reads)."""
+        return self._cache(rows, self.dim)
+
+    def candidate_state(self, rows: torch.Tensor) -> torch.Tensor:
+        """float32 ``[..., S]``: what scoring reads of candidate ``rows``: the cached OverArch item
+        state, or without an OverArch the index's stored vectors (``S = D``)."""
+        if self.overarch is None:
+            codes = gather_rows(self.codes, self.fresh.codes, rows).float()
+            return codes * gather_rows(self.scales, self.fresh.scales, rows)[..., None]
+        return self._cache(rows)
+
     def rows_of(self, ids: torch.Tensor) -> torch.Tensor:
         """int64 ``[...]``: the segment row of each external id; a ValueError names unknown ids."""
         ids = torch.as_tensor(ids, dtype=torch.int64)
-        rows, found = self._lookup(ids)
+        rows, found = self.lookup(ids)
         if not bool(found.all()):
             raise ValueError(f"unknown item ids {ids[~found].unique()[:10].tolist()} (not in the index)")
         return rows
@@ -273,37 +289,14 @@ class RetrievalModel(nn.Module):
         """The :class:`UserInputs` of ``B`` requests: each a history of external item ids (oldest
         first; the latest ``max_history`` are read), their action bitmasks (default 1) and encoded
         features by name (missing ones are 0; unknown names are an error)."""
-        b, keep = len(histories), self.config.max_history
-        actions = [[1] * len(h) for h in histories] if actions is None else actions
-        features = [{}] * b if features is None else features
-        if len(actions) != b or len(features) != b:
-            raise ValueError(f"{b} histories, {len(actions)} action lists and {len(features)} feature dicts")
-        rows, acts, lengths = [], [], []
-        for h, a in zip(histories, actions):
-            if len(h) != len(a):
-                raise ValueError(f"a history of {len(h)} items has {len(a)} actions")
-            rows += list(h[len(h) - keep:] if len(h) > keep else h)
-            acts += list(a[len(a) - keep:] if len(a) > keep else a)
-            lengths.append(min(len(h), keep))
-        known = self.config.features
-        for f in features:
-            unknown = sorted(set(f) - set(known))
-            if unknown:
-                raise ValueError(f"unknown features {unknown}; the model takes {list(known)}")
-        offsets = torch.zeros(b + 1, dtype=torch.int64)
-        torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0, out=offsets[1:])
-        return UserInputs(
-            history_rows=self.rows_of(_int_tensor(rows, "history item ids")),
-            history_actions=_int_tensor(acts, "actions"),
-            history_offsets=offsets,
-            features=_int_tensor([f.get(n, 0) for f in features for n in known], "features").view(b, len(known)),
-        )
+        ids, inputs = parse_inputs(self.config, histories, actions, features)
+        return replace(inputs, history_rows=self.rows_of(ids))
 
     def plan(self, batch_size: int, filter: str | Sequence[str | None] | None):
         """The index's host-side plan for ``B`` requests (one filter each, or one for all): per
         task query, the lists to probe and the rows the filter allows (exact, live)."""
         self._check_current()
-        filters = _per_query(filter, batch_size, len(self.config.tasks))
+        filters = per_query(filter, batch_size, len(self.config.tasks))
         return self.index.plan(self.config.k0, filters, self.config.nprobe)
 
     def _check_current(self) -> None:
@@ -313,15 +306,19 @@ class RetrievalModel(nn.Module):
 
     # ---- the model ---------------------------------------------------------------------------
 
+    def _history_of(self, inputs: UserInputs) -> torch.Tensor:
+        """float32 ``[L, D]``: the history's cached embeddings (given, or read from the cache)."""
+        if inputs.history_vectors is not None:
+            return inputs.history_vectors
+        return self.history_vectors(inputs.history_rows)
+
     def history(self, inputs: UserInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """The history's cached embeddings, padded ``[B, max_history, D]``, and its mask."""
-        vectors = self._cache(inputs.history_rows, self.dim)
-        return _padded(vectors, inputs.history_offsets, self.config.max_history)
+        return _padded(self._history_of(inputs), inputs.history_offsets, self.config.max_history)
 
     def encode(self, inputs: UserInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """User embeddings ``[B, D]`` and task queries ``[B, T, D]``."""
-        d = self.dim
-        history = self._cache(inputs.history_rows, d)                                # [L, D]
+        history = self._history_of(inputs)                                           # [L, D]
         feats = {n: inputs.features[:, i] for i, n in enumerate(self.config.features)}
         users = self.user_tower(history, inputs.history_actions, inputs.history_offsets, feats)
         return users, self.task_queries(users)
@@ -331,13 +328,32 @@ class RetrievalModel(nn.Module):
         """Rank the per-task candidate rows ``[B, T, K0]`` (-1: none) of ``B`` requests: merge,
         drop duplicates, score (OverArch or inner products), Value Model (``value``: a formula
         in place of the configured one), top-``k``."""
+        return self._rank(inputs, users, queries, rows, lambda merged, _: self.candidate_state(merged.clamp(min=0)),
+                          lambda picked: gather_rows(self.ids, self.fresh.ids, picked), k, value, trace)
+
+    def score_candidates(self, inputs: UserInputs, users: torch.Tensor, queries: torch.Tensor, ids: torch.Tensor,
+                         state: torch.Tensor, k: int, value: str | None = None, trace: Trace | None = None) -> Retrieved:
+        """:meth:`score` of candidates given by external ``ids`` ``[B, T, K0]`` (-1: none) and
+        their item state ``[B, T, K0, S]`` (:meth:`candidate_state`), e.g. merged from shards."""
+        b, t, k0 = ids.shape
+        flat = state.reshape(b, t * k0, state.shape[-1])
+        return self._rank(inputs, users, queries, ids,
+                          lambda _, order: flat.gather(1, order[..., None].expand(-1, -1, flat.shape[2])),
+                          lambda picked: picked, k, value, trace)
+
+    def _rank(self, inputs: UserInputs, users: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor,
+              state_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+              id_of: Callable[[torch.Tensor], torch.Tensor], k: int, value: str | None, trace: Trace | None) -> Retrieved:
+        """The ranking of candidate ``keys`` ``[B, T, K0]`` (segment rows or ids, -1: none):
+        ``state_of(merged keys [B, M], their slots in the T·K0 lists [B, M])`` gives their item
+        state, ``id_of(picked keys)`` their external ids."""
         trace = trace or Trace()
-        b, t, k0 = rows.shape
-        merged, _ = rows.view(b, t * k0).sort(dim=1)                                   # [B, M]
+        b, t, k0 = keys.shape
+        merged, order = keys.view(b, t * k0).sort(dim=1)                               # [B, M]
         repeat = torch.cat([torch.zeros_like(merged[:, :1], dtype=torch.bool), merged[:, 1:] == merged[:, :-1]], 1)
         valid = (merged >= 0) & ~repeat                                                # [B, M]
         with trace.stage("overarch"):
-            task_scores = self._task_scores(inputs, users, queries, merged.clamp(min=0))  # [B, M, T]
+            task_scores = self._task_scores(inputs, users, queries, state_of(merged, order))  # [B, M, T]
         with trace.stage("value_model"):
             value_scores = self.value_of(task_scores, value)                           # [B, M]
             # rank on a finite key (a formula may give NaN or ±inf: NaN last, ±inf at the ends), so a
@@ -347,7 +363,7 @@ class RetrievalModel(nn.Module):
             top = torch.topk(torch.where(valid, finite, float("-inf")), kk, dim=1)     # [B, kk]
             found = valid.gather(1, top.indices)
             picked = merged.gather(1, top.indices).clamp(min=0)
-            ids = torch.where(found, gather_rows(self.ids, self.fresh.ids, picked), -1)
+            ids = torch.where(found, id_of(picked), -1)
             scores = torch.where(found, value_scores.gather(1, top.indices), float("-inf"))
             per_task = torch.where(found[..., None], task_scores.gather(1, top.indices[..., None].expand(-1, -1, t)), 0.0)
         trace.candidates = valid.sum(1)
@@ -369,16 +385,14 @@ class RetrievalModel(nn.Module):
         return task_scores[..., self.config.primary] if model is None else model(task_scores)
 
     def _task_scores(self, inputs: UserInputs, users: torch.Tensor, queries: torch.Tensor,
-                     rows: torch.Tensor) -> torch.Tensor:
-        """Per-task scores ``[B, M, T]`` of rows ``[B, M]``: OverArch's probabilities over the
-        cached item state, or (without an OverArch) the task queries' inner products with the
-        index's stored vectors."""
+                     state: torch.Tensor) -> torch.Tensor:
+        """Per-task scores ``[B, M, T]`` of candidates with item ``state`` ``[B, M, S]``
+        (:meth:`candidate_state`): OverArch's probabilities, or (without an OverArch) the task
+        queries' inner products with the index's stored vectors."""
         if self.overarch is None:
-            codes = gather_rows(self.codes, self.fresh.codes, rows).float()
-            vectors = codes * gather_rows(self.scales, self.fresh.scales, rows)[..., None]  # [B, M, D]
-            return torch.einsum("btd,bmd->bmt", queries, vectors)
+            return torch.einsum("btd,bmd->bmt", queries, state)
         history, mask = self.history(inputs)
-        return torch.sigmoid(self.overarch(users, queries, history, mask, self._cache(rows)))
+        return torch.sigmoid(self.overarch(users, queries, history, mask, state))
 
     def execute(self, inputs: UserInputs, probes: torch.Tensor, allowed: torch.Tensor, k: int) -> Retrieved:
         """The whole forward in tensor ops (the exported program): ``probes`` int64 ``[B·T]`` and
@@ -395,23 +409,27 @@ class RetrievalModel(nn.Module):
         """Top-``k`` for ``B`` requests under their filters (one string for all, or B), with the
         index's fused kernels; ``value`` replaces the configured Value Model formula; ``trace``
         collects the time per stage."""
-        _check_k(k, self.config.k0)
+        check_k(k, self.config.k0)
         self._check_current()
         if inputs.batch_size == 0:
-            return Retrieved(torch.zeros(0, k, dtype=torch.int64), torch.zeros(0, k), torch.zeros(0, k, len(self.config.tasks)))
+            return self.empty_answer(k)
         trace = trace or Trace()
         with trace.stage("user_tower"):
             users, queries = self.encode(inputs)
         b, t, d = queries.shape
         with trace.stage("filter"):
-            filters = _per_query(filter, b, t)
+            filters = per_query(filter, b, t)
             for expr in set(filters) - {None}:
                 self.check_filter(expr)
         with trace.stage("ann"):
             found = self.index.search(queries.reshape(b * t, d), k=self.config.k0, filter=filters,
                                       nprobe=self.config.nprobe).ids                      # [B·T, K0]
-            rows, _ = self._lookup(found)                                                 # -1 stays -1
+            rows, _ = self.lookup(found)                                                 # -1 stays -1
         return self.score(inputs, users, queries, rows.view(b, t, -1), k, value, trace)
+
+    def empty_answer(self, k: int) -> Retrieved:
+        """The answer to no requests: ``[0, k]`` ids and scores, ``[0, k, T]`` task scores."""
+        return Retrieved(torch.zeros(0, k, dtype=torch.int64), torch.zeros(0, k), torch.zeros(0, k, len(self.config.tasks)))
 
     def recommend(
         self,
@@ -439,7 +457,7 @@ class RetrievalModel(nn.Module):
         if inputs.batch_size == 0:
             return torch.zeros(0, item_ids.shape[1], len(self.config.tasks))
         users, queries = self.encode(inputs)
-        return self._task_scores(inputs, users, queries, rows)
+        return self._task_scores(inputs, users, queries, self.candidate_state(rows))
 
     # ---- live items --------------------------------------------------------------------------
 
@@ -476,7 +494,7 @@ class RetrievalModel(nn.Module):
         """Buffers and cache for the index's (compacted) main segment, each item's cache row its
         current one (main or fresh); the fresh rows are folded in."""
         tensors = self.index.executor_tensors()
-        rows, found = self._lookup(tensors["ids"])
+        rows, found = self.lookup(tensors["ids"])
         cache = gather_rows(self.cache, self.fresh.cache, rows.clamp(min=0))
         if not bool(found.all()):
             raise RuntimeError("the compacted index holds items the model has no cache rows for")
@@ -505,7 +523,41 @@ def _int_tensor(values: list, what: str) -> torch.Tensor:
     return torch.tensor([int(v) for v in values], dtype=torch.int64)
 
 
-def _per_query(filter: str | Sequence[str | None] | None, b: int, t: int) -> list[str | None]:
+def parse_inputs(config: ServingConfig, histories: Sequence[Sequence[int]],
+                 actions: Sequence[Sequence[int]] | None = None,
+                 features: Sequence[Mapping[str, int]] | None = None) -> tuple[torch.Tensor, UserInputs]:
+    """The history item ids ``int64 [L]`` of ``B`` requests (the latest ``max_history`` each) and
+    their :class:`UserInputs` with ``history_rows`` still -1: checks the lengths, the integers and
+    the feature names (see :meth:`RetrievalModel.inputs`)."""
+    b, keep = len(histories), config.max_history
+    actions = [[1] * len(h) for h in histories] if actions is None else actions
+    features = [{}] * b if features is None else features
+    if len(actions) != b or len(features) != b:
+        raise ValueError(f"{b} histories, {len(actions)} action lists and {len(features)} feature dicts")
+    ids, acts, lengths = [], [], []
+    for h, a in zip(histories, actions):
+        if len(h) != len(a):
+            raise ValueError(f"a history of {len(h)} items has {len(a)} actions")
+        ids += list(h[len(h) - keep:] if len(h) > keep else h)
+        acts += list(a[len(a) - keep:] if len(a) > keep else a)
+        lengths.append(min(len(h), keep))
+    known = config.features
+    for f in features:
+        unknown = sorted(set(f) - set(known))
+        if unknown:
+            raise ValueError(f"unknown features {unknown}; the model takes {list(known)}")
+    offsets = torch.zeros(b + 1, dtype=torch.int64)
+    torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0, out=offsets[1:])
+    ids = _int_tensor(ids, "history item ids")
+    return ids, UserInputs(
+        history_rows=torch.full_like(ids, -1),
+        history_actions=_int_tensor(acts, "actions"),
+        history_offsets=offsets,
+        features=_int_tensor([f.get(n, 0) for f in features for n in known], "features").view(b, len(known)),
+    )
+
+
+def per_query(filter: str | Sequence[str | None] | None, b: int, t: int) -> list[str | None]:
     """One filter per task query (request-major): each request's filter repeated for its T queries."""
     if filter is None or isinstance(filter, str):
         return [filter] * (b * t)
@@ -515,6 +567,6 @@ def _per_query(filter: str | Sequence[str | None] | None, b: int, t: int) -> lis
     return [f for f in filters for _ in range(t)]
 
 
-def _check_k(k: int, k0: int) -> None:
+def check_k(k: int, k0: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= k0:
         raise ValueError(f"k must be an int in [1, k0 = {k0}], got {k!r}")
