@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)" $(TORCH_PIP_ARGS)
-	$(BIN)/pip install -q -e ".[dev,bench,serve]"
+	$(BIN)/pip install -q -e ".[dev,bench,serve,ray]"
 	touch $(STAMP)
 
 install: $(STAMP)

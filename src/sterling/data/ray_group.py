@@ -57,7 +57,7 @@ def _parquet_files(src: Path) -> list[Path]:
 
 
 def _nested(table: pa.Table) -> pa.StructArray:
-    return pa.StructArray.from_arrays(table.columns, names=table.column_names) if table.num_columns else pa.array([{}] * table.num_rows)
+    return table.to_struct_array().combine_chunks()
 
 
 def _group_user(rows: pa.Table, roles: Roles, schema: pa.Schema, where: str) -> pa.Table:

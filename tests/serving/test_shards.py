@@ -1,0 +1,80 @@
+"""Item-sharded serving (sterling.serving.shards) against the single-process model: with every list
+probed, the shards' merged answer is the model's, for random histories and filters."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sterling.bench.serve_snapshot import build_serving_snapshot
+from sterling.index.search import IndexConfig
+from sterling.serving.publish import load_model
+from sterling.serving.shards import Candidates, ShardedModel, merge_topk, shard_of, shard_paths, split_snapshot
+from sterling.serving.snapshot import SnapshotError
+
+N, NLIST = 2_000, 16
+FILTERS = [None, "category:music", "year >= 2015", "NOT language:en AND kids:0",
+           "tags IN (music-live, gaming-live) OR year < 1990", "category:no-such-category"]
+
+
+@pytest.fixture(scope="module", params=["mol", None], ids=["overarch", "inner-product"])
+def models(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    snapshot = build_serving_snapshot(root / "one", num_items=N, seed=3, overarch=request.param, k0=40,
+                                      nprobe=NLIST, index_config=IndexConfig(nlist=NLIST))
+    sharded = split_snapshot(snapshot, root / "sharded", shards=3)
+    return load_model(snapshot), ShardedModel.local(sharded), sharded
+
+
+def test_the_shards_partition_the_items(models):
+    single, sharded, path = models
+    paths = shard_paths(path)
+    shard_ids = [load_model(p).index.ids for p in paths]
+    assert len(paths) == 3 and all(len(ids) > N // 4 for ids in shard_ids)
+    assert torch.equal(torch.cat(shard_ids).sort().values, single.index.ids.sort().values)
+    for s, ids in enumerate(shard_ids):
+        assert bool((shard_of(ids, 3) == s).all())
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31), batch=st.integers(1, 4), k=st.integers(1, 40), which=st.integers(0, 10_000))
+def test_sharded_answers_equal_the_single_model(models, seed, batch, k, which):
+    single, sharded, _ = models
+    rng = np.random.default_rng(seed)
+    ids = single.index.ids.numpy()
+    histories = [rng.choice(ids, int(rng.integers(0, 30))).tolist() for _ in range(batch)]
+    features = [{"surface": int(rng.integers(0, 4)), "hour": int(rng.integers(0, 24))} for _ in range(batch)]
+    filters = [FILTERS[(which + i) % len(FILTERS)] for i in range(batch)]
+    want = single(single.inputs(histories, None, features), filter=filters, k=k)
+    got = sharded(sharded.inputs(histories, None, features), filter=filters, k=k)
+    assert torch.equal(got.ids, want.ids)
+    torch.testing.assert_close(got.scores, want.scores, rtol=1e-5, atol=1e-6, equal_nan=True)  # like^0.5 of a negative
+    torch.testing.assert_close(got.task_scores, want.task_scores, rtol=1e-5, atol=1e-6)
+
+
+def test_merge_topk_is_the_top_of_the_union():
+    gen = torch.Generator().manual_seed(0)
+    parts = []
+    for s in range(3):
+        scores = torch.randn(5, 7, generator=gen).sort(dim=1, descending=True).values
+        ids = torch.randint(0, 1000, (5, 7), generator=gen) * 3 + s
+        scores[0, 4:], ids[0, 4:] = float("-inf"), -1       # a shard short of candidates
+        parts.append(Candidates(ids, scores, torch.stack([ids.float(), scores], -1)))
+    merged = merge_topk(parts, 7)
+    for q in range(5):
+        pool = sorted(((float(p.scores[q, j]), int(p.ids[q, j])) for p in parts for j in range(7)), key=lambda x: -x[0])[:7]
+        assert merged.scores[q].tolist() == [s for s, _ in pool] and merged.ids[q].tolist() == [i for _, i in pool]
+    assert torch.equal(merged.state[..., 0], merged.ids.float())  # each candidate keeps its own state
+
+
+def test_bad_sharded_snapshots(models, tmp_path):
+    single, sharded, path = models
+    with pytest.raises(SnapshotError, match="not a sharded snapshot"):
+        ShardedModel.local(tmp_path)
+    with pytest.raises(ValueError, match="unknown item ids \\[-5\\]"):
+        sharded.inputs([[-5]])
+    with pytest.raises(ValueError, match="k must be an int in \\[1, k0 = 40\\]"):
+        sharded(sharded.inputs([[]]), k=41)
+    with pytest.raises(ValueError, match="shards must be at least 1"):
+        split_snapshot(path / "shard-0", tmp_path / "x", shards=0)
