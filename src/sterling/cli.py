@@ -11,11 +11,12 @@ Sub-commands::
     sterling train --model hstu|sasrec --data DIR   next-item retrieval, leave-last-out HR@k / NDCG@k
     sterling publish --checkpoint CKPT --data DIR --out SNAP [--value FORMULA] [--export]
     sterling query --snapshot SNAP --user ID [--filter EXPR] [-k 10] [--json]
-    sterling serve --snapshot SNAP [--port 8000] [--users PATH]   HTTP server (token in $STERLING_TOKEN)
+    sterling serve --snapshot SNAP [--port 8000] [--users PATH] [--engine ray --shards N --replicas R]   HTTP server
     sterling bench ann [--quick] [--json PATH] [--plot PATH]   filtered search vs FAISS / hnswlib
     sterling bench roo [--quick] [--json PATH]      ROO vs impression-level training
     sterling bench retrieval [--quick] [--json PATH]   recall@K / QPS: exact, int8+Bloom, +OverArch, +VM
     sterling bench serve [--quick] [--json PATH]    the HTTP server under load: batched, unbatched, swap + updates
+    sterling bench shards [--quick] [--json PATH]   Ray Serve item shards (1 vs 2) beside the single-process server
 
 Errors in the input (a malformed filter, a corrupt snapshot, a missing file) print one line naming
 the problem and exit with status 2.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -142,9 +144,17 @@ def _cmd_publish(args: argparse.Namespace) -> None:
     from sterling.serving.publish import publish
 
     t0 = time.perf_counter()
-    out = publish(Path(args.checkpoint), DatasetPaths(Path(args.data)).items, Path(args.out), k0=args.k0,
-                  nprobe=args.nprobe, value_formula=args.value, use_overarch=not args.no_overarch,
-                  export=args.export, aot=args.aot)
+    if args.shards is not None and (args.export or args.aot):
+        raise ValueError("--shards: a sharded snapshot holds no exported program (drop --export / --aot)")
+    with tempfile.TemporaryDirectory(prefix="sterling-publish-") as tmp:
+        whole = Path(args.out) if args.shards is None else Path(tmp) / "whole"
+        out = publish(Path(args.checkpoint), DatasetPaths(Path(args.data)).items, whole, k0=args.k0,
+                      nprobe=args.nprobe, value_formula=args.value, use_overarch=not args.no_overarch,
+                      export=args.export, aot=args.aot)
+        if args.shards is not None:
+            from sterling.serving.shards import split_snapshot
+
+            out = split_snapshot(whole, Path(args.out), args.shards)
     print(f"published {out} in {time.perf_counter() - t0:.1f}s")
 
 
@@ -229,8 +239,35 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         batcher=BatcherConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue),
         limits=Limits(max_k=args.max_k),
     )
+    if args.engine == "ray":
+        _serve_ray(config, args)
+        return
+    if args.shards is not None or args.replicas is not None:
+        raise ValueError("--shards and --replicas: only with --engine ray")
     print(f"sterling: serving {args.snapshot} on http://{args.host}:{args.port} (docs at /docs)", file=sys.stderr)
     serve(config, host=args.host, port=args.port)
+
+
+def _serve_ray(config, args: argparse.Namespace) -> None:
+    """``serve --engine ray``: a sharded snapshot as is, a whole one split into ``--shards`` first."""
+    from dataclasses import replace
+
+    from sterling.serving.ray_app import run
+    from sterling.serving.shards import SHARDS_FILE, shard_paths, split_snapshot
+
+    snapshot = Path(args.snapshot)
+    with tempfile.TemporaryDirectory(prefix="sterling-shards-") as tmp:
+        if (snapshot / SHARDS_FILE).is_file():
+            count = len(shard_paths(snapshot))
+            if args.shards not in (None, count):
+                raise ValueError(f"{snapshot} holds {count} shards, not --shards {args.shards}")
+        else:
+            count = args.shards or 1
+            snapshot = split_snapshot(snapshot, Path(tmp), count)
+        replicas = args.replicas or 1
+        print(f"sterling: serving {args.snapshot} as {count} shard(s) × {replicas} replica(s) on Ray Serve, "
+              f"http://{args.host}:{args.port} (docs at /docs)", file=sys.stderr)
+        run(replace(config, snapshot=snapshot), host=args.host, port=args.port, replicas=replicas)
 
 
 def _titles(items_path: Path, ids: list[int]) -> dict[int, str]:
@@ -293,6 +330,12 @@ def _bench_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 def _cmd_bench_serve(args: argparse.Namespace) -> None:
     from sterling.bench.serve import cli
+
+    cli(args)
+
+
+def _cmd_bench_shards(args: argparse.Namespace) -> None:
+    from sterling.bench.shards import cli
 
     cli(args)
 
@@ -376,6 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--export", action="store_true", help="also write program.pt2, the torch.export forward")
     pub.add_argument("--aot", action="store_true",
                      help="also write program.aoti.pt2, the forward compiled by AOTInductor (needs a C++ compiler)")
+    pub.add_argument("--shards", type=int, metavar="N",
+                     help="write N item shards (shard-0 … shard-N-1 + shards.json) for sterling serve --engine ray")
     pub.set_defaults(func=_cmd_publish)
 
     b = sub.add_parser("bench", help="benchmarks against the named peers, JSON out")
@@ -393,6 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
                                         "swap + live updates")
     _bench_serve_arguments(srv)
     srv.set_defaults(func=_cmd_bench_serve)
+    sh = bsub.add_parser("shards", help="item-sharded serving on Ray Serve, 1 vs 2 shards, beside one process")
+    sh.add_argument("--quick", action="store_true", help="20,000 items and short steps (a few minutes)")
+    sh.add_argument("--items", type=int, help="catalogue size (default 1,000,000)")
+    sh.add_argument("--snapshots", help="directory to build the snapshot in and reuse it from")
+    sh.add_argument("--json", help="write the rows and the summary here")
+    sh.set_defaults(func=_cmd_bench_shards)
 
     sv = sub.add_parser("serve", help="the published model over HTTP: retrieve, rank, live items, metrics")
     sv.add_argument("--snapshot", required=True)
@@ -410,6 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="environment variable holding the bearer token of the write endpoints")
     sv.add_argument("--insecure-no-auth", action="store_true",
                     help="run the write endpoints (items, admin) without a token: local use only")
+    sv.add_argument("--engine", choices=("uvicorn", "ray"), default="uvicorn",
+                    help="one process (uvicorn), or item shards on Ray Serve ([ray] extra)")
+    sv.add_argument("--shards", type=int, metavar="N", help="item shards (--engine ray; default: the snapshot's, or 1)")
+    sv.add_argument("--replicas", type=int, metavar="R", help="replicas per shard (--engine ray; default 1)")
     sv.set_defaults(func=_cmd_serve)
 
     q = sub.add_parser("query", help="filtered top-k for one user from a published snapshot")

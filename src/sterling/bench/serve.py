@@ -121,22 +121,24 @@ class Step:
                    errors, len(latencies) + errors)
 
 
-class _Server:
-    """``sterling serve`` in a child process on a free port of 127.0.0.1."""
+class ServerProcess:
+    """``sterling serve`` in a child process on a free port of 127.0.0.1 (``extra``: more arguments,
+    e.g. ``--engine ray --shards 2``); a context manager that waits until it is ready."""
 
-    def __init__(self, snapshot: Path, max_batch: int, max_wait_ms: float, log_path: Path) -> None:
+    def __init__(self, snapshot: Path, max_batch: int, max_wait_ms: float, log_path: Path,
+                 extra: tuple[str, ...] = ()) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "sterling", "serve", "--snapshot", str(snapshot), "--port", str(self.port),
-               "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--max-queue", "100000"]
+               "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--max-queue", "100000", *extra]
         self.log_path = log_path
         with open(log_path, "w") as log:
             self.proc = subprocess.Popen(cmd, env={**os.environ, "STERLING_TOKEN": _TOKEN}, stdout=subprocess.DEVNULL,
                                          stderr=log)
 
-    def __enter__(self) -> _Server:
+    def __enter__(self) -> ServerProcess:
         deadline = time.time() + 600
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -193,7 +195,7 @@ async def _load(session, url: str, mix: list[dict], rate: float, seconds: float,
     return latencies, errors
 
 
-async def _ladder(url: str, mode: str, mix: list[dict], cfg: ServeBenchConfig, log) -> list[Step]:
+async def ladder(url: str, mode: str, mix: list[dict], cfg: ServeBenchConfig, log) -> list[Step]:
     import aiohttp
 
     steps = []
@@ -307,17 +309,17 @@ def run(cfg: ServeBenchConfig, log=print) -> dict:
         rows: list[Step] = []
         best: dict[str, float] = {}
         for mode, batch in (("batched", cfg.max_batch), ("unbatched", 1)):
-            with _Server(snapshots[0], batch, cfg.max_wait_ms, root / f"server-{mode}.log") as server:
-                steps = asyncio.run(_ladder(server.url, mode, mix, cfg, log))
+            with ServerProcess(snapshots[0], batch, cfg.max_wait_ms, root / f"server-{mode}.log") as server:
+                steps = asyncio.run(ladder(server.url, mode, mix, cfg, log))
             rows += steps
-            best[mode] = _best(steps, cfg.p99_budget_ms)
+            best[mode] = best_qps(steps, cfg.p99_budget_ms)
         rate = max(cfg.rates[0], cfg.swap_share * best["batched"])
-        with _Server(snapshots[0], cfg.max_batch, cfg.max_wait_ms, root / "server-swap.log") as server:
+        with ServerProcess(snapshots[0], cfg.max_batch, cfg.max_wait_ms, root / "server-swap.log") as server:
             dim = json.loads(urllib.request.urlopen(server.url + "/v1/snapshot").read())["dim"]
             swap_step, swap = asyncio.run(_swap_and_update(server.url, (snapshots[0], snapshots[1]), mix, rate, dim,
                                                            cfg, log))
         rows.append(swap_step)
-        best["swap_and_update"] = _best([swap_step], cfg.p99_budget_ms)
+        best["swap_and_update"] = best_qps([swap_step], cfg.p99_budget_ms)
     return {
         "machine": machine() | {"client": "aiohttp open loop, same machine as the server"},
         "config": {k: v for k, v in asdict(cfg).items() if k != "snapshot_dir"},
@@ -332,7 +334,7 @@ def run(cfg: ServeBenchConfig, log=print) -> dict:
     }
 
 
-def _best(steps: list[Step], budget_ms: float) -> float:
+def best_qps(steps: list[Step], budget_ms: float) -> float:
     ok = [s.achieved_qps for s in steps if s.p99_ms <= budget_ms and s.errors == 0]
     return max(ok, default=0.0)
 

@@ -68,6 +68,8 @@ class ServerConfig:
         limits (Limits): request size limits.
         freeze_gc (bool): freeze the GC's view of each loaded model (a server process of its own;
             :func:`serve` sets it).
+        loader (Callable | None): loads a snapshot path as the served model (``Service``'s
+            ``loader``; the Ray Serve ingress sets it).
     """
 
     snapshot: Path
@@ -78,6 +80,7 @@ class ServerConfig:
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
     limits: Limits = field(default_factory=Limits)
     freeze_gc: bool = False
+    loader: Callable[[Path], Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.token and not self.allow_no_auth:
@@ -190,7 +193,7 @@ def _user(service: Service, req: UserPart, **asks: Any):
 def create_app(config: ServerConfig) -> FastAPI:
     """The FastAPI app serving ``config.snapshot`` (loaded, verified and warmed here)."""
     service = Service(config.snapshot, config.users, dict(config.value_formulas), config.batcher, config.limits,
-                      freeze_gc=config.freeze_gc)
+                      freeze_gc=config.freeze_gc, loader=config.loader)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -22,7 +22,7 @@ import json
 import math
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from sterling.serving.batcher import BatcherConfig, MicroBatcher
 from sterling.serving.metrics import STAGES, ServingMetrics
 from sterling.serving.model import RetrievalModel, Trace
 from sterling.serving.publish import load_model
+from sterling.serving.shards import SHARDS_FILE
 from sterling.serving.snapshot import MANIFEST, SnapshotError
 from sterling.serving.users import UserStore, encode_feature
 
@@ -135,11 +136,16 @@ class Service:
         freeze_gc (bool): ``gc.freeze()`` once a model serves, so the cyclic GC never walks its
             objects again (a full pass over a 1M-item model's 285k objects pauses 120 ms); for a
             process of its own (``sterling serve``), since it freezes everything alive.
+        loader (Callable[[Path], RetrievalModel] | None): loads a snapshot path as the served
+            model (default :func:`load_model`; the Ray Serve ingress passes one that builds a
+            :class:`~sterling.serving.shards.ShardedModel` over its shard deployments).
     """
 
     def __init__(self, snapshot: Path, users: Path | None = None, value_formulas: Mapping[str, str] = {},
-                 batcher: BatcherConfig = BatcherConfig(), limits: Limits = Limits(), freeze_gc: bool = False) -> None:
+                 batcher: BatcherConfig = BatcherConfig(), limits: Limits = Limits(), freeze_gc: bool = False,
+                 loader: Callable[[Path], RetrievalModel] | None = None) -> None:
         self.metrics = ServingMetrics()
+        self._loader = loader or load_model
         self.limits = limits
         self.users = None if users is None else UserStore.read(Path(users))
         self.formulas = dict(value_formulas)
@@ -267,8 +273,9 @@ class Service:
 
     def _load(self, path: Path, updates: Sequence[Update]) -> tuple[RetrievalModel, SnapshotInfo]:
         """Load (checksums verified), apply ``updates``, warm up; any failure is an exception."""
-        manifest = (path / MANIFEST).read_bytes() if (path / MANIFEST).is_file() else b""
-        model = load_model(path)
+        described_by = next((path / name for name in (MANIFEST, SHARDS_FILE) if (path / name).is_file()), None)
+        manifest = described_by.read_bytes() if described_by is not None else b""
+        model = self._loader(path)
         for formula in self.formulas.values():
             model.value_of(torch.zeros(1, len(model.config.tasks)), formula)  # a FormulaError names a bad one
         if updates:

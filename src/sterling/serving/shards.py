@@ -24,6 +24,7 @@ selectivity estimate) and the two may differ, usually by the sharded one probing
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -33,7 +34,7 @@ import torch
 
 from sterling.serving.model import RetrievalModel, Retrieved, Trace, UserInputs, check_k, parse_inputs, per_query
 from sterling.serving.publish import load_model
-from sterling.serving.snapshot import SnapshotError, read_snapshot, write_snapshot
+from sterling.serving.snapshot import MANIFEST, SnapshotError, read_snapshot, write_snapshot
 
 __all__ = ["Candidates", "ShardedModel", "merge_topk", "shard_of", "split_snapshot"]
 
@@ -70,7 +71,9 @@ def split_snapshot(src: Path, out: Path, shards: int) -> Path:
         meta = {**snap.meta, "index": index_meta, "shard": {"index": s, "shards": shards, "source": str(src)}}
         files = {"index": index_tensors, "cache": {"state": cache[keep].contiguous()}, "model": snap.tensors["model"]}
         write_snapshot(out / f"shard-{s}", files, meta)
-    (out / SHARDS_FILE).write_text(json.dumps({"shards": shards, "rule": "item_id mod shards"}) + "\n")
+    manifests = [hashlib.sha256((out / f"shard-{s}" / MANIFEST).read_bytes()).hexdigest() for s in range(shards)]
+    (out / SHARDS_FILE).write_text(json.dumps({"shards": shards, "rule": "item_id mod shards",
+                                               "manifests_sha256": manifests}) + "\n")
     return out
 
 
@@ -125,8 +128,42 @@ class ShardSearcher:
         rows, _ = model.lookup(found.ids)
         return Candidates(found.ids, found.scores, model.candidate_state(rows.clamp(min=0)))
 
-    def check_filter(self, expr: str) -> None:
-        self.model.check_filter(expr)
+    @torch.no_grad()
+    def states(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """bool ``[M]`` (the shard holds the id) and float32 ``[M, S]`` item states (0 elsewhere)."""
+        rows, found = self.model.lookup(torch.as_tensor(ids, dtype=torch.int64))
+        return found, self.model.candidate_state(rows.clamp(min=0)) * found[:, None]
+
+    def size(self) -> tuple[int, int]:
+        """Live items and fresh (upserted, not yet compacted) items."""
+        return len(self.model.index), self.model.index.fresh_items
+
+    def upsert(self, ids: torch.Tensor, embeddings: torch.Tensor, attributes: list[dict]) -> None:
+        self.model.upsert(ids, embeddings, attributes)
+
+    def delete(self, ids: torch.Tensor) -> int:
+        return self.model.delete(ids)
+
+
+@dataclass(frozen=True)
+class _Done:
+    """A local shard call's result, shaped like a Ray Serve response (``.result()``)."""
+
+    value: object
+
+    def result(self) -> object:
+        return self.value
+
+
+@dataclass(frozen=True)
+class ShardedIndexSize:
+    """What the server reports of a sharded index: ``len()`` and ``fresh_items`` over the shards."""
+
+    items: int
+    fresh_items: int
+
+    def __len__(self) -> int:
+        return self.items
 
 
 class ShardedModel:
@@ -135,13 +172,16 @@ class ShardedModel:
     Args:
         head (RetrievalModel): a shard's model, whose weights and config the ingress uses (its
             index and cache are not read).
-        shards (Sequence[Callable]): per shard, ``call(method, *args)`` → the result of
-            ``ShardSearcher.<method>(*args)`` (a local call, or a Ray Serve handle's).
+        shards (Sequence[Callable]): per shard, ``call(method, *args)`` → a pending result whose
+            ``.result()`` is ``ShardSearcher.<method>(*args)`` (a local call, or a Ray Serve
+            handle's response): all shards are called before any result is awaited.
+        updates (str | None): why live item updates are refused (None: they are applied).
     """
 
-    def __init__(self, head: RetrievalModel, shards: Sequence[Callable]) -> None:
-        self.head, self.shards, self.config = head, list(shards), head.config
-        self.meta = head.meta
+    def __init__(self, head: RetrievalModel, shards: Sequence[Callable], updates: str | None = None) -> None:
+        self.head, self.shards, self.config, self._no_updates = head, list(shards), head.config, updates
+        self.meta, self.overarch, self.dim = head.meta, head.overarch, head.dim
+        self._refresh_size()
 
     @classmethod
     def local(cls, path: Path) -> ShardedModel:
@@ -150,19 +190,33 @@ class ShardedModel:
         return cls(searchers[0].model, [_local_call(s) for s in searchers])
 
     def _fan_out(self, method: str, *args) -> list:
-        return [call(method, *args) for call in self.shards]
+        pending = [call(method, *args) for call in self.shards]
+        return [p.result() for p in pending]
+
+    def _gather(self, method: str, ids: torch.Tensor) -> torch.Tensor:
+        """Per id, the value its shard answers ``method`` with (``embeddings`` or ``states``)."""
+        parts = self._fan_out(method, ids)
+        found = torch.stack([f for f, _ in parts]).any(0)
+        if not bool(found.all()):
+            raise ValueError(f"unknown item ids {ids[~found].unique()[:10].tolist()} (not in the index)")
+        return torch.stack([v for _, v in parts]).sum(0)  # each id is found on one shard, zeros elsewhere
+
+    def _refresh_size(self) -> None:
+        sizes = self._fan_out("size")
+        self.index = ShardedIndexSize(sum(n for n, _ in sizes), sum(f for _, f in sizes))
 
     def check_filter(self, expr: str) -> None:
-        self.shards[0]("check_filter", expr)
+        """A FilterError names a malformed filter (checked here: every shard's index knows the
+        same features, :meth:`ItemIndex.shard`)."""
+        self.head.check_filter(expr)
+
+    def value_of(self, task_scores: torch.Tensor, value: str | None = None) -> torch.Tensor:
+        return self.head.value_of(task_scores, value)
 
     def inputs(self, histories: Sequence[Sequence[int]], actions=None, features=None) -> UserInputs:
         """:meth:`RetrievalModel.inputs`, with the history's embeddings gathered from the shards."""
         ids, inputs = parse_inputs(self.config, histories, actions, features)
-        parts = self._fan_out("embeddings", ids)
-        found = torch.stack([f for f, _ in parts]).any(0)
-        if not bool(found.all()):
-            raise ValueError(f"unknown item ids {ids[~found].unique()[:10].tolist()} (not in the index)")
-        return replace(inputs, history_vectors=torch.stack([v for _, v in parts]).sum(0))
+        return replace(inputs, history_vectors=self._gather("embeddings", ids))
 
     @torch.no_grad()
     def forward(self, inputs: UserInputs, filter: str | Sequence[str | None] | None = None, k: int = 100,
@@ -187,8 +241,52 @@ class ShardedModel:
 
     __call__ = forward
 
+    def recommend(self, history: Sequence[int], filter: str | None = None, k: int = 10) -> Retrieved:
+        return self(self.inputs([list(history)]), filter=filter, k=k)
+
+    @torch.no_grad()
+    def rank(self, inputs: UserInputs, item_ids: torch.Tensor) -> torch.Tensor:
+        """:meth:`RetrievalModel.rank`: per-task scores ``[B, M, T]`` of given items ``[B, M]``."""
+        item_ids = torch.as_tensor(item_ids)
+        if item_ids.is_floating_point() or item_ids.dim() != 2 or item_ids.shape[0] != inputs.batch_size:
+            raise ValueError(f"item_ids must be integer [B = {inputs.batch_size}, M], got {item_ids.dtype} "
+                             f"{list(item_ids.shape)}")
+        state = self._gather("states", item_ids.to(torch.int64).reshape(-1))
+        if inputs.batch_size == 0:
+            return torch.zeros(0, item_ids.shape[1], len(self.config.tasks))
+        users, queries = self.head.encode(inputs)
+        return self.head._task_scores(inputs, users, queries, state.view(*item_ids.shape, -1))
+
+    def _check_updates(self) -> None:
+        if self._no_updates:
+            raise ValueError(self._no_updates)
+
+    def upsert(self, ids: torch.Tensor | Sequence[int], embeddings: torch.Tensor, attributes: Sequence[dict]) -> None:
+        """Each item to its shard (``shard_of``), where the shard's model adds it."""
+        self._check_updates()
+        ids = torch.as_tensor(ids, dtype=torch.int64)
+        owner = shard_of(ids, len(self.shards))
+        pending = []
+        for s, call in enumerate(self.shards):
+            mine = torch.nonzero(owner == s).view(-1)
+            if len(mine):
+                pending.append(call("upsert", ids[mine], embeddings[mine], [attributes[i] for i in mine.tolist()]))
+        for p in pending:
+            p.result()
+        self._refresh_size()
+
+    def delete(self, ids: torch.Tensor | Sequence[int]) -> int:
+        """Delete ``ids`` on their shards; returns how many live items went."""
+        self._check_updates()
+        ids = torch.as_tensor(ids, dtype=torch.int64)
+        owner = shard_of(ids, len(self.shards))
+        pending = [call("delete", ids[owner == s]) for s, call in enumerate(self.shards)]
+        removed = sum(p.result() for p in pending)
+        self._refresh_size()
+        return removed
+
 
 def _local_call(searcher: ShardSearcher) -> Callable:
-    def call(method: str, *args):
-        return getattr(searcher, method)(*args)
+    def call(method: str, *args) -> _Done:
+        return _Done(getattr(searcher, method)(*args))
     return call
