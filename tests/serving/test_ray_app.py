@@ -3,8 +3,10 @@ server on the same snapshot: the same ids and scores for random queries and filt
 same HTTP API. Runs with the [ray] extra; ray.init(num_cpus=2)."""
 
 import json
+import shutil
 import socket
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ serve = pytest.importorskip("ray.serve", reason="the [ray] extra is not installe
 
 from sterling.bench.serve_snapshot import build_serving_snapshot  # noqa: E402
 from sterling.index.search import IndexConfig  # noqa: E402
+from sterling.serving.publish import load_model  # noqa: E402
 from sterling.serving.ray_app import build_app  # noqa: E402
 from sterling.serving.server import BackgroundServer, ServerConfig  # noqa: E402
 from sterling.serving.shards import split_snapshot  # noqa: E402
@@ -56,6 +59,9 @@ def servers(tmp_path_factory):
     snapshot = build_serving_snapshot(root / "one", num_items=N, seed=3, k0=40, nprobe=NLIST,
                                       index_config=IndexConfig(nlist=NLIST))
     sharded = split_snapshot(snapshot, root / "sharded", shards=2)
+    other = build_serving_snapshot(root / "other", num_items=N, seed=3, model_seed=4, k0=40, nprobe=NLIST,
+                                   index_config=IndexConfig(nlist=NLIST))  # other weights, same items
+    split_snapshot(other, root / "other-sharded", shards=2)
     port = _free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -79,13 +85,13 @@ def test_sharded_app_answers_like_the_single_server(servers):
         a, b = call(single, "/v1/retrieve", body), call(sharded, "/v1/retrieve", body)
         assert a[0] == b[0] == 200, (a, b)
         assert b[1]["ids"] == a[1]["ids"], body
-        torch.testing.assert_close(torch.tensor(b[1]["scores"]), torch.tensor(a[1]["scores"]), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.tensor(b[1]["scores"]), torch.tensor(a[1]["scores"]), rtol=0, atol=0)
         for task, scores in a[1]["task_scores"].items():
-            torch.testing.assert_close(torch.tensor(b[1]["task_scores"][task]), torch.tensor(scores), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(torch.tensor(b[1]["task_scores"][task]), torch.tensor(scores), rtol=0, atol=0)
     rank = {"history": ids[:5].tolist(), "item_ids": ids[100:110].tolist()}
     a, b = call(single, "/v1/rank", rank), call(sharded, "/v1/rank", rank)
     assert a[0] == b[0] == 200
-    torch.testing.assert_close(torch.tensor(b[1]["scores"]), torch.tensor(a[1]["scores"]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(b[1]["scores"]), torch.tensor(a[1]["scores"]), rtol=0, atol=0)
 
 
 def test_sharded_app_speaks_the_same_api(servers):
@@ -97,8 +103,30 @@ def test_sharded_app_speaks_the_same_api(servers):
     status, out = call(sharded, "/v1/retrieve", {"history": [-7], "k": 5})
     assert status == 400 and "unknown item ids [-7]" in out["error"]["message"]
     assert call(sharded, "/v1/items", {"delete": [1]})[0] == 401
-    status, out = call(sharded, "/v1/admin/reload", {}, token=TOKEN)
-    assert status == 422 and "not supported with --engine ray" in out["error"]["message"]
+
+
+def test_hot_reload_across_the_shards(servers, tmp_path):
+    single, sharded = servers
+    root = Path(single.service.info.path).parent
+    body = {"history": single.service.model.ids[:6].tolist(), "filter": "year >= 2000", "k": 20}
+    before = call(sharded, "/v1/retrieve", body)[1]
+    other = load_model(root / "other")
+    want = other(other.inputs([body["history"]]), filter="year >= 2000", k=20)
+    status, info = call(sharded, "/v1/admin/reload", {"path": str(root / "other-sharded")}, token=TOKEN)
+    assert status == 200, info
+    after = call(sharded, "/v1/retrieve", body)[1]
+    assert after["snapshot"] == info["version"] != before["snapshot"]
+    assert after["ids"] == want.ids[0].tolist() != before["ids"]   # the other model's answer, from its shards
+    broken = tmp_path / "broken"
+    shutil.copytree(root / "sharded", broken)
+    described = json.loads((broken / "shards.json").read_text())
+    described["manifests_sha256"][1] = "0" * 64
+    (broken / "shards.json").write_text(json.dumps(described))
+    status, out = call(sharded, "/v1/admin/reload", {"path": str(broken)}, token=TOKEN)
+    assert status == 422 and "the shards are not one snapshot" in out["error"]["message"]
+    assert call(sharded, "/v1/retrieve", body)[1]["ids"] == after["ids"]   # the old one keeps serving
+    status, info = call(sharded, "/v1/admin/reload", {"path": str(root / "sharded")}, token=TOKEN)
+    assert status == 200 and call(sharded, "/v1/retrieve", body)[1]["ids"] == before["ids"]
 
 
 def test_updates_reach_their_shard(servers):

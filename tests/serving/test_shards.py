@@ -1,6 +1,8 @@
 """Item-sharded serving (sterling.serving.shards) against the single-process model: with every list
 probed, the shards' merged answer is the model's, for random histories and filters."""
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -49,8 +51,8 @@ def test_sharded_answers_equal_the_single_model(models, seed, batch, k, which):
     want = single(single.inputs(histories, None, features), filter=filters, k=k)
     got = sharded(sharded.inputs(histories, None, features), filter=filters, k=k)
     assert torch.equal(got.ids, want.ids)
-    torch.testing.assert_close(got.scores, want.scores, rtol=1e-5, atol=1e-6, equal_nan=True)  # like^0.5 of a negative
-    torch.testing.assert_close(got.task_scores, want.task_scores, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.scores, want.scores, rtol=0, atol=0, equal_nan=True)  # exact; NaN: like^0.5 of a negative
+    torch.testing.assert_close(got.task_scores, want.task_scores, rtol=0, atol=0)
 
 
 def test_merge_topk_is_the_top_of_the_union():
@@ -72,6 +74,13 @@ def test_bad_sharded_snapshots(models, tmp_path):
     single, sharded, path = models
     with pytest.raises(SnapshotError, match="not a sharded snapshot"):
         ShardedModel.local(tmp_path)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(path, mixed)
+    shutil.rmtree(mixed / "shard-1")
+    split_snapshot(path / "shard-0", tmp_path / "other", shards=2)
+    shutil.copytree(tmp_path / "other" / "shard-1", mixed / "shard-1")   # a shard of another split
+    with pytest.raises(SnapshotError, match="the shards are not one snapshot"):
+        ShardedModel.local(mixed)
     with pytest.raises(ValueError, match="unknown item ids \\[-5\\]"):
         sharded.inputs([[-5]])
     with pytest.raises(ValueError, match="k must be an int in \\[1, k0 = 40\\]"):

@@ -13,9 +13,12 @@ The ingress calls the shards from its model thread through deployment handles (a
 then the results), so a request's shard searches run in parallel. Every deployment asks Ray for no
 CPU of its own: the tensors' thread pools share the machine's cores.
 
-Limits: ``POST /v1/admin/reload`` answers 422 (restart the app on the new snapshot; a swap across
-shards needs a two-phase switch that is not built yet), and ``POST /v1/items`` needs ``--replicas
-1`` (an update goes to one replica of its shard).
+Hot reload (``POST /v1/admin/reload`` with another sharded snapshot of as many shards): the
+ingress loads the new shard-0 weights, and every shard call names the shard snapshot it is for, so
+the warm-up query has each shard load its new part beside the old one (a replica keeps two); the
+ingress then switches between two batches, as the single-process server does, with the live updates
+acknowledged meanwhile replayed onto the new shards. Limit: ``POST /v1/items`` needs ``--replicas 1``
+(an update goes to one replica of its shard; replicas of a shard would diverge).
 
 Example::
 
@@ -27,11 +30,12 @@ Example::
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
 
 from sterling.serving.server import ServerConfig, create_app
-from sterling.serving.shards import ShardedModel, ShardSearcher, shard_paths
+from sterling.serving.shards import ShardedModel, ShardSearcher, shard_digests, shard_paths
 
 __all__ = ["build_app", "run"]
 
@@ -42,30 +46,43 @@ def _deployments():
 
     @serve.deployment(ray_actor_options={"num_cpus": 0})
     class ShardDeployment:
-        def __init__(self, path: str) -> None:
-            self.searcher = ShardSearcher.load(Path(path))
+        """One shard; a call names the shard snapshot it is for, loaded on first use (the current
+        one and the one a reload brings in are kept, so a swap never waits on a load twice)."""
 
-        def call(self, method: str, *args):
-            return getattr(self.searcher, method)(*args)
+        def __init__(self, path: str, digest: str) -> None:
+            self.searchers: OrderedDict[tuple[str, str], ShardSearcher] = OrderedDict()
+            self._searcher(path, digest)
+
+        def _searcher(self, path: str, digest: str) -> ShardSearcher:
+            key = (path, digest)
+            if key not in self.searchers:
+                self.searchers[key] = ShardSearcher.load(Path(path), digest)
+                while len(self.searchers) > 2:
+                    self.searchers.popitem(last=False)
+            self.searchers.move_to_end(key)
+            return self.searchers[key]
+
+        def call(self, path: str, digest: str, method: str, *args):
+            return getattr(self._searcher(path, digest), method)(*args)
 
     @serve.deployment(ray_actor_options={"num_cpus": 0})
     @serve.ingress()
     class Ingress:
         async def __init__(self, config: ServerConfig, shards: list, replicas: int) -> None:
-            self.config, self.shards, self.replicas, self.loads = config, shards, replicas, 0
+            self.config, self.shards, self.replicas = config, shards, replicas
             # off the event loop: loading waits on the shards, which Serve forbids on the loop
             self._app = await asyncio.to_thread(create_app, replace(config, loader=self._load))
 
         def _load(self, path: Path) -> ShardedModel:
-            self.loads += 1
-            if self.loads > 1:
-                raise ValueError("a reload is not supported with --engine ray: restart the app on the new snapshot")
-            paths = shard_paths(path)
+            """The model of the sharded snapshot ``path``: its shard-0 weights here, and the shard
+            deployments asked for ``path``'s shards (which they load on first use)."""
+            paths, digests = shard_paths(path), shard_digests(path)
             if len(paths) != len(self.shards):
                 raise ValueError(f"{path} has {len(paths)} shards, the app runs {len(self.shards)}")
             refuse = None if self.replicas == 1 else (
                 "live item updates need --replicas 1 with --engine ray (an update reaches one replica of its shard)")
-            return ShardedModel(ShardSearcher.load(paths[0]).model, [_caller(h) for h in self.shards], refuse)
+            return ShardedModel(ShardSearcher.load(paths[0], digests[0]).model,
+                                [_caller(h, p, d) for h, p, d in zip(self.shards, paths, digests)], refuse)
 
         def __serve_build_asgi_app__(self):
             return self._app
@@ -73,9 +90,9 @@ def _deployments():
     return ShardDeployment, Ingress
 
 
-def _caller(handle):
+def _caller(handle, path: Path, digest: str):
     def call(method: str, *args):
-        return handle.call.remote(method, *args)
+        return handle.call.remote(str(path), digest, method, *args)
     return call
 
 
@@ -85,8 +102,8 @@ def build_app(config: ServerConfig, replicas: int = 1):
     if replicas < 1:
         raise ValueError(f"replicas must be at least 1, not {replicas}")
     ShardDeployment, Ingress = _deployments()
-    shards = [ShardDeployment.options(name=f"shard-{s}", num_replicas=replicas).bind(str(p))
-              for s, p in enumerate(shard_paths(config.snapshot))]
+    shards = [ShardDeployment.options(name=f"shard-{s}", num_replicas=replicas).bind(str(p), d)
+              for s, (p, d) in enumerate(zip(shard_paths(config.snapshot), shard_digests(config.snapshot)))]
     return Ingress.options(name="ingress").bind(config, shards, replicas)
 
 

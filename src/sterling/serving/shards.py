@@ -36,7 +36,7 @@ from sterling.serving.model import RetrievalModel, Retrieved, Trace, UserInputs,
 from sterling.serving.publish import load_model
 from sterling.serving.snapshot import MANIFEST, SnapshotError, read_snapshot, write_snapshot
 
-__all__ = ["Candidates", "ShardedModel", "merge_topk", "shard_of", "split_snapshot"]
+__all__ = ["Candidates", "ShardSearcher", "ShardedModel", "merge_topk", "shard_digests", "shard_of", "shard_paths", "split_snapshot"]
 
 SHARDS_FILE = "shards.json"
 
@@ -46,13 +46,25 @@ def shard_of(ids: torch.Tensor, shards: int) -> torch.Tensor:
     return torch.remainder(torch.as_tensor(ids, dtype=torch.int64), shards)
 
 
-def shard_paths(path: Path) -> list[Path]:
-    """The shard snapshot directories of a sharded snapshot (``shards.json`` names how many)."""
+def _shards_file(path: Path) -> dict:
     try:
-        count = json.loads((Path(path) / SHARDS_FILE).read_text())["shards"]
+        described = json.loads((Path(path) / SHARDS_FILE).read_text())
+        count, manifests = int(described["shards"]), described["manifests_sha256"]
+        if count < 1 or len(manifests) != count:
+            raise ValueError(f"{count} shards and {len(manifests)} manifest digests")
+        return described
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SnapshotError(f"{path}: not a sharded snapshot ({SHARDS_FILE}: {e})") from None
-    return [Path(path) / f"shard-{s}" for s in range(int(count))]
+
+
+def shard_paths(path: Path) -> list[Path]:
+    """The shard snapshot directories of a sharded snapshot (``shards.json`` names how many)."""
+    return [Path(path) / f"shard-{s}" for s in range(_shards_file(path)["shards"])]
+
+
+def shard_digests(path: Path) -> list[str]:
+    """The sha256 of each shard's manifest, as ``shards.json`` records them."""
+    return list(_shards_file(path)["manifests_sha256"])
 
 
 def split_snapshot(src: Path, out: Path, shards: int) -> Path:
@@ -111,7 +123,14 @@ class ShardSearcher:
         self.model = model
 
     @classmethod
-    def load(cls, path: Path) -> ShardSearcher:
+    def load(cls, path: Path, digest: str | None = None) -> ShardSearcher:
+        """The shard snapshot at ``path`` (checksums verified); ``digest``: the sha256 its
+        manifest must have (``shards.json``'s), so a shard swapped under a sharded snapshot is refused."""
+        if digest is not None:
+            found = hashlib.sha256((Path(path) / MANIFEST).read_bytes()).hexdigest()
+            if found != digest:
+                raise SnapshotError(f"{path}: its manifest's sha256 {found[:16]}… is not the {digest[:16]}… of "
+                                    f"{SHARDS_FILE}; the shards are not one snapshot")
         return cls(load_model(Path(path)))
 
     @torch.no_grad()
@@ -186,7 +205,7 @@ class ShardedModel:
     @classmethod
     def local(cls, path: Path) -> ShardedModel:
         """All shards of the sharded snapshot ``path`` in this process (tests, one machine)."""
-        searchers = [ShardSearcher.load(p) for p in shard_paths(path)]
+        searchers = [ShardSearcher.load(p, d) for p, d in zip(shard_paths(path), shard_digests(path))]
         return cls(searchers[0].model, [_local_call(s) for s in searchers])
 
     def _fan_out(self, method: str, *args) -> list:
