@@ -2,6 +2,7 @@
 converter's output on the same rows. Runs with the [ray] extra; ray.init(num_cpus=2) on 127.0.0.1."""
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -54,14 +55,9 @@ def test_ray_grouping_reports_bad_rows(cluster, log, tmp_path):
     click[3] = 2
     bad = tmp_path / "bad"
     bad.mkdir()
-    write_table(table.set_column(table.schema.get_field_index("click"), "click", pa_array(click)), bad / "p.parquet")
+    write_table(table.set_column(table.schema.get_field_index("click"), "click", pa.array(click, pa.int8())),
+                bad / "p.parquet")
     with pytest.raises(DataError, match="label 'click' is 2; labels are 0/1"):
         ray_impressions_to_requests(bad, items, tmp_path / "out")
     with pytest.raises(DataError, match="no Parquet files"):
         ray_impressions_to_requests(tmp_path / "empty-dir-that-does-not-exist", items, tmp_path / "out2")
-
-
-def pa_array(values):
-    import pyarrow as pa
-
-    return pa.array(values, pa.int8())

@@ -87,3 +87,30 @@ def test_bad_sharded_snapshots(models, tmp_path):
         sharded(sharded.inputs([[]]), k=41)
     with pytest.raises(ValueError, match="shards must be at least 1"):
         split_snapshot(path / "shard-0", tmp_path / "x", shards=0)
+
+
+@pytest.mark.parametrize("merge_at", [2, 4096])
+def test_updates_through_the_shards_answer_like_the_single_model(tmp_path, monkeypatch, merge_at):
+    from sterling.serving.shards import HistoryTable
+
+    monkeypatch.setattr(HistoryTable, "MERGE_AT", merge_at)
+    snapshot = build_serving_snapshot(tmp_path / "one", num_items=800, seed=4, k0=30, nprobe=8,
+                                      index_config=IndexConfig(nlist=8))
+    single, sharded = load_model(snapshot), ShardedModel.local(split_snapshot(snapshot, tmp_path / "s", shards=3))
+    existing = single.index.ids[:2].tolist()
+    gen = torch.Generator().manual_seed(1)
+    for step in range(3):
+        ids = torch.tensor([10**9 + step, 10**9 + step + 1, existing[step % 2]])  # new, new again, overwrite
+        vectors = torch.nn.functional.normalize(torch.randn(3, single.dim, generator=gen), dim=1)
+        attributes = [{"category": "fresh", "year": 2030}] * 3
+        for model in (single, sharded):
+            model.upsert(ids, vectors, attributes)
+    assert single.delete([existing[0], 10**9]) == sharded.delete([existing[0], 10**9]) == 2
+    assert len(sharded.index) == len(single.index) and sharded.index.fresh_items == single.index.fresh_items
+    history = [10**9 + 2, existing[1], existing[0], 10**9 + 1] + single.index.ids[5:9].tolist()
+    for flt in (None, "category:fresh", "year >= 2030"):
+        want = single(single.inputs([history]), filter=flt, k=20)
+        got = sharded(sharded.inputs([history]), filter=flt, k=20)
+        assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
+    item_ids = torch.tensor([[10**9 + 2, existing[1], 10**9 + 1]])
+    assert torch.equal(sharded.rank(sharded.inputs([history]), item_ids), single.rank(single.inputs([history]), item_ids))

@@ -19,8 +19,9 @@ from sterling.train.distributed import run_ranks, train_distributed
 from sterling.train.loop import TrainConfig, backward_step, train
 from sterling.train.losses import TwoTowerObjective
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = [pytest.mark.distributed,
+              pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                 reason="torch.distributed with gloo is not available")]
 
 
 @pytest.fixture(scope="module")

@@ -264,7 +264,7 @@ async def _swap_and_update(url: str, snapshots: tuple[Path, Path], mix: list[dic
                   "versions_seen": len(versions), "update_failures": failures[:5]}
 
 
-def _recall(snapshot: Path, mix: list[dict], n: int) -> dict:
+def index_recall(snapshot: Path, mix: list[dict], n: int) -> dict:
     """The served index's recall@k0 of the mix's task queries against exact filtered top-k0."""
     from sterling.serving.publish import load_model
 
@@ -302,7 +302,7 @@ def run(cfg: ServeBenchConfig, log=print) -> dict:
         mix = request_mix(snapshots[0], cfg.mix_size, seed=cfg.seed)
         mix = [{"history": r["history"], "filter": r["filter"], "k": r["k"]} for r in mix]
         random.Random(cfg.seed).shuffle(mix)
-        recall = _recall(snapshots[0], mix, cfg.recall_requests)
+        recall = index_recall(snapshots[0], mix, cfg.recall_requests)
         log(f"served index recall@{recall['k0']} = {recall['recall_at_k0']:.3f} (nprobe {recall['nprobe']} of "
             f"{recall['nlist']})")
         log(f"{'mode':<16} {'offered':>8} {'achieved':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")

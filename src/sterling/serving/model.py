@@ -353,7 +353,7 @@ class RetrievalModel(nn.Module):
         repeat = torch.cat([torch.zeros_like(merged[:, :1], dtype=torch.bool), merged[:, 1:] == merged[:, :-1]], 1)
         valid = (merged >= 0) & ~repeat                                                # [B, M]
         with trace.stage("overarch"):
-            task_scores = self._task_scores(inputs, users, queries, state_of(merged, order))  # [B, M, T]
+            task_scores = self.task_scores_of(inputs, users, queries, state_of(merged, order))  # [B, M, T]
         with trace.stage("value_model"):
             value_scores = self.value_of(task_scores, value)                           # [B, M]
             # rank on a finite key (a formula may give NaN or ±inf: NaN last, ±inf at the ends), so a
@@ -384,7 +384,7 @@ class RetrievalModel(nn.Module):
             model = self._value_models[value] = ValueModel(value, self.config.tasks)  # a FormulaError names a bad one
         return task_scores[..., self.config.primary] if model is None else model(task_scores)
 
-    def _task_scores(self, inputs: UserInputs, users: torch.Tensor, queries: torch.Tensor,
+    def task_scores_of(self, inputs: UserInputs, users: torch.Tensor, queries: torch.Tensor,
                      state: torch.Tensor) -> torch.Tensor:
         """Per-task scores ``[B, M, T]`` of candidates with item ``state`` ``[B, M, S]``
         (:meth:`candidate_state`): OverArch's probabilities, or (without an OverArch) the task
@@ -457,7 +457,7 @@ class RetrievalModel(nn.Module):
         if inputs.batch_size == 0:
             return torch.zeros(0, item_ids.shape[1], len(self.config.tasks))
         users, queries = self.encode(inputs)
-        return self._task_scores(inputs, users, queries, self.candidate_state(rows))
+        return self.task_scores_of(inputs, users, queries, self.candidate_state(rows))
 
     # ---- live items --------------------------------------------------------------------------
 

@@ -10,13 +10,16 @@ loads as an ordinary :class:`~sterling.serving.model.RetrievalModel`.
 One query, fanned out (:class:`ShardedModel`; the shards are local models or Ray Serve
 deployments, :mod:`sterling.serving.ray_app`)::
 
-    history item ids         → every shard: the cached embeddings of those it holds    [L, D]
+    history item ids → the ingress's copy of every item's cached embedding            [L, D]
     user tower + task queries (once, at the ingress)                                  [B, T, D]
     every shard: filtered top-K0 per task query, with each candidate's item state      [B·T, K0] per shard
     merge_topk: the global top-K0 per task query                                      [B·T, K0]
     OverArch + Value Model + top-k over the merged candidates (the single model's code)
 
-Each shard returns K0 candidates that pass the filter (its own widening), so a selective filter
+The ingress gathers the first ``D`` cache columns of every shard once at load (:class:`HistoryTable`,
+fp16, ``N × D``: 128 MB at a million items of width 64) and keeps them current through upserts, so
+a request costs one round trip to the shards, not two. Each shard returns K0 candidates that pass
+the filter (its own widening), so a selective filter
 cannot starve the merge. With every list probed the result is the single-process model's exactly
 (``tests/serving/test_shards.py``); with fewer probes each shard plans its own (from its own
 selectivity estimate) and the two may differ, usually by the sharded one probing more.
@@ -26,12 +29,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from sterling.index.search import find_sorted
+from sterling.serving.fresh import gather_rows
 from sterling.serving.model import RetrievalModel, Retrieved, Trace, UserInputs, check_k, parse_inputs, per_query
 from sterling.serving.publish import load_model
 from sterling.serving.snapshot import MANIFEST, SnapshotError, read_snapshot, write_snapshot
@@ -134,10 +139,13 @@ class ShardSearcher:
         return cls(load_model(Path(path)))
 
     @torch.no_grad()
-    def embeddings(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """bool ``[L]`` (the shard holds the id) and float32 ``[L, D]`` cached embeddings (0 elsewhere)."""
-        rows, found = self.model.lookup(torch.as_tensor(ids, dtype=torch.int64))
-        return found, self.model.history_vectors(rows.clamp(min=0)) * found[:, None]
+    def history_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every item's external id ``int64 [n]`` (distinct) and the cached embedding a history
+        reads for it (its newest row; cache dtype ``[n, D]``)."""
+        model = self.model
+        ids = torch.unique(torch.cat([model.ids, model.fresh.ids]))
+        rows, _ = model.lookup(ids)
+        return ids, gather_rows(model.cache[:, :model.dim], model.fresh.cache[:, :model.dim], rows)
 
     @torch.no_grad()
     def search(self, queries: torch.Tensor, filters: list[str | None]) -> Candidates:
@@ -174,6 +182,53 @@ class _Done:
         return self.value
 
 
+class HistoryTable:
+    """The cached embeddings of every item, by external id, at the ingress (what histories read):
+    the shards' rows at load, sorted by id, and the rows upserted since, beside them (a few
+    thousand at most before they are merged in, so an upsert does not re-sort a million rows).
+
+    Args:
+        ids (torch.Tensor): int64 ``[N]`` unique ids.
+        vectors (torch.Tensor): ``[N, D]`` (the cache's dtype) their embeddings.
+    """
+
+    MERGE_AT = 4096
+
+    def __init__(self, ids: torch.Tensor, vectors: torch.Tensor) -> None:
+        self.main = _sorted_rows(ids, vectors)
+        self.fresh = _sorted_rows(ids[:0], vectors[:0])
+
+    def vectors_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """float32 ``[L, D]`` of ``ids`` ``[L]`` (an upserted row over the loaded one); a
+        ValueError names unknown ids."""
+        (main_ids, main_vectors), (fresh_ids, fresh_vectors) = self.main, self.fresh
+        rows, found = find_sorted(main_ids, torch.arange(len(main_ids)), ids)
+        fresh_rows, fresh_found = find_sorted(fresh_ids, torch.arange(len(fresh_ids)), ids)
+        if not bool((found | fresh_found).all()):
+            raise ValueError(f"unknown item ids {ids[~(found | fresh_found)].unique()[:10].tolist()} (not in the index)")
+        out = main_vectors[rows.clamp(min=0)].float()
+        if not len(fresh_ids):
+            return out
+        return torch.where(fresh_found[:, None], fresh_vectors[fresh_rows.clamp(min=0)].float(), out)
+
+    def upsert(self, ids: torch.Tensor, embeddings: torch.Tensor) -> None:
+        """Set (or add) the rows of ``ids``, as a shard's cache stores them (rounded to its dtype)."""
+        fresh_ids, fresh_vectors = self.fresh
+        keep = ~torch.isin(fresh_ids, ids)
+        self.fresh = _sorted_rows(torch.cat([fresh_ids[keep], ids]),
+                                  torch.cat([fresh_vectors[keep], embeddings.to(fresh_vectors.dtype)]))
+        if len(self.fresh[0]) >= self.MERGE_AT:
+            (main_ids, main_vectors), (fresh_ids, fresh_vectors) = self.main, self.fresh
+            keep = ~torch.isin(main_ids, fresh_ids)
+            self.main = _sorted_rows(torch.cat([main_ids[keep], fresh_ids]), torch.cat([main_vectors[keep], fresh_vectors]))
+            self.fresh = _sorted_rows(fresh_ids[:0], fresh_vectors[:0])
+
+
+def _sorted_rows(ids: torch.Tensor, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    order = torch.argsort(ids)
+    return ids[order], vectors[order]
+
+
 @dataclass(frozen=True)
 class ShardedIndexSize:
     """What the server reports of a sharded index: ``len()`` and ``fresh_items`` over the shards."""
@@ -200,6 +255,8 @@ class ShardedModel:
     def __init__(self, head: RetrievalModel, shards: Sequence[Callable], updates: str | None = None) -> None:
         self.head, self.shards, self.config, self._no_updates = head, list(shards), head.config, updates
         self.meta, self.overarch, self.dim = head.meta, head.overarch, head.dim
+        tables = self._fan_out("history_table")
+        self.history = HistoryTable(torch.cat([i for i, _ in tables]), torch.cat([v for _, v in tables]))
         self._refresh_size()
 
     @classmethod
@@ -212,9 +269,9 @@ class ShardedModel:
         pending = [call(method, *args) for call in self.shards]
         return [p.result() for p in pending]
 
-    def _gather(self, method: str, ids: torch.Tensor) -> torch.Tensor:
-        """Per id, the value its shard answers ``method`` with (``embeddings`` or ``states``)."""
-        parts = self._fan_out(method, ids)
+    def _states(self, ids: torch.Tensor) -> torch.Tensor:
+        """float32 ``[M, S]``: the item state of ``ids`` ``[M]``, each from its shard."""
+        parts = self._fan_out("states", ids)
         found = torch.stack([f for f, _ in parts]).any(0)
         if not bool(found.all()):
             raise ValueError(f"unknown item ids {ids[~found].unique()[:10].tolist()} (not in the index)")
@@ -235,7 +292,7 @@ class ShardedModel:
     def inputs(self, histories: Sequence[Sequence[int]], actions=None, features=None) -> UserInputs:
         """:meth:`RetrievalModel.inputs`, with the history's embeddings gathered from the shards."""
         ids, inputs = parse_inputs(self.config, histories, actions, features)
-        return replace(inputs, history_vectors=self._gather("embeddings", ids))
+        return replace(inputs, history_vectors=self.history.vectors_of(ids))
 
     @torch.no_grad()
     def forward(self, inputs: UserInputs, filter: str | Sequence[str | None] | None = None, k: int = 100,
@@ -260,8 +317,11 @@ class ShardedModel:
 
     __call__ = forward
 
-    def recommend(self, history: Sequence[int], filter: str | None = None, k: int = 10) -> Retrieved:
-        return self(self.inputs([list(history)]), filter=filter, k=k)
+    def recommend(self, history: Sequence[int], filter: str | None = None, k: int = 10,
+                  actions: Sequence[int] | None = None, features: Mapping[str, int] | None = None) -> Retrieved:
+        """:meth:`RetrievalModel.recommend`: top-``k`` for one user's history of item ids."""
+        inputs = self.inputs([list(history)], None if actions is None else [list(actions)], [dict(features or {})])
+        return self(inputs, filter=filter, k=k)
 
     @torch.no_grad()
     def rank(self, inputs: UserInputs, item_ids: torch.Tensor) -> torch.Tensor:
@@ -270,11 +330,11 @@ class ShardedModel:
         if item_ids.is_floating_point() or item_ids.dim() != 2 or item_ids.shape[0] != inputs.batch_size:
             raise ValueError(f"item_ids must be integer [B = {inputs.batch_size}, M], got {item_ids.dtype} "
                              f"{list(item_ids.shape)}")
-        state = self._gather("states", item_ids.to(torch.int64).reshape(-1))
+        state = self._states(item_ids.to(torch.int64).reshape(-1))
         if inputs.batch_size == 0:
             return torch.zeros(0, item_ids.shape[1], len(self.config.tasks))
         users, queries = self.head.encode(inputs)
-        return self.head._task_scores(inputs, users, queries, state.view(*item_ids.shape, -1))
+        return self.head.task_scores_of(inputs, users, queries, state.view(*item_ids.shape, -1))
 
     def _check_updates(self) -> None:
         if self._no_updates:
@@ -292,6 +352,7 @@ class ShardedModel:
                 pending.append(call("upsert", ids[mine], embeddings[mine], [attributes[i] for i in mine.tolist()]))
         for p in pending:
             p.result()
+        self.history.upsert(ids, torch.as_tensor(embeddings)[:, :self.dim])
         self._refresh_size()
 
     def delete(self, ids: torch.Tensor | Sequence[int]) -> int:
