@@ -17,8 +17,10 @@ Hot reload (``POST /v1/admin/reload`` with another sharded snapshot of as many s
 ingress loads the new shard-0 weights, and every shard call names the shard snapshot it is for, so
 the warm-up query has each shard load its new part beside the old one (a replica keeps two); the
 ingress then switches between two batches, as the single-process server does, with the live updates
-acknowledged meanwhile replayed onto the new shards. Limit: ``POST /v1/items`` needs ``--replicas 1``
-(an update goes to one replica of its shard; replicas of a shard would diverge).
+acknowledged meanwhile replayed onto the new shards. With ``--replicas`` above 1 the warm-up reaches
+one replica of each shard; the others load the new part on their first call (a slow request each).
+Limit: ``POST /v1/items`` needs ``--replicas 1`` (an update goes to one replica of its shard;
+replicas of a shard would diverge).
 
 Example::
 
