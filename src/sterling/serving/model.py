@@ -328,8 +328,11 @@ class RetrievalModel(nn.Module):
         """Rank the per-task candidate rows ``[B, T, K0]`` (-1: none) of ``B`` requests: merge,
         drop duplicates, score (OverArch or inner products), Value Model (``value``: a formula
         in place of the configured one), top-``k``."""
-        return self._rank(inputs, users, queries, rows, lambda merged, _: self.candidate_state(merged.clamp(min=0)),
-                          lambda picked: gather_rows(self.ids, self.fresh.ids, picked), k, value, trace)
+        b, t, k0 = rows.shape
+        ids = torch.where(rows >= 0, gather_rows(self.ids, self.fresh.ids, rows.clamp(min=0)), -1)
+        flat = rows.view(b, t * k0)
+        return self._rank(inputs, users, queries, ids,
+                          lambda order: self.candidate_state(flat.gather(1, order).clamp(min=0)), k, value, trace)
 
     def score_candidates(self, inputs: UserInputs, users: torch.Tensor, queries: torch.Tensor, ids: torch.Tensor,
                          state: torch.Tensor, k: int, value: str | None = None, trace: Trace | None = None) -> Retrieved:
@@ -338,22 +341,20 @@ class RetrievalModel(nn.Module):
         b, t, k0 = ids.shape
         flat = state.reshape(b, t * k0, state.shape[-1])
         return self._rank(inputs, users, queries, ids,
-                          lambda _, order: flat.gather(1, order[..., None].expand(-1, -1, flat.shape[2])),
-                          lambda picked: picked, k, value, trace)
+                          lambda order: flat.gather(1, order[..., None].expand(-1, -1, flat.shape[2])), k, value, trace)
 
-    def _rank(self, inputs: UserInputs, users: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor,
-              state_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-              id_of: Callable[[torch.Tensor], torch.Tensor], k: int, value: str | None, trace: Trace | None) -> Retrieved:
-        """The ranking of candidate ``keys`` ``[B, T, K0]`` (segment rows or ids, -1: none):
-        ``state_of(merged keys [B, M], their slots in the T·K0 lists [B, M])`` gives their item
-        state, ``id_of(picked keys)`` their external ids."""
+    def _rank(self, inputs: UserInputs, users: torch.Tensor, queries: torch.Tensor, ids: torch.Tensor,
+              state_of: Callable[[torch.Tensor], torch.Tensor], k: int, value: str | None, trace: Trace | None) -> Retrieved:
+        """The ranking of candidate ``ids`` ``[B, T, K0]`` (-1: none): merged in id order (so the
+        same candidates meet OverArch in the same order however they were found, from one index
+        or from shards), ``state_of(slots [B, M] in the T·K0 lists)`` giving their item state."""
         trace = trace or Trace()
-        b, t, k0 = keys.shape
-        merged, order = keys.view(b, t * k0).sort(dim=1)                               # [B, M]
+        b, t, k0 = ids.shape
+        merged, order = ids.view(b, t * k0).sort(dim=1)                                # [B, M]
         repeat = torch.cat([torch.zeros_like(merged[:, :1], dtype=torch.bool), merged[:, 1:] == merged[:, :-1]], 1)
-        valid = (merged >= 0) & ~repeat                                                # [B, M]
+        valid = (merged != -1) & ~repeat                        # [B, M]; -1 marks an empty slot (never an item id)
         with trace.stage("overarch"):
-            task_scores = self.task_scores_of(inputs, users, queries, state_of(merged, order))  # [B, M, T]
+            task_scores = self.task_scores_of(inputs, users, queries, state_of(order))   # [B, M, T]
         with trace.stage("value_model"):
             value_scores = self.value_of(task_scores, value)                           # [B, M]
             # rank on a finite key (a formula may give NaN or ±inf: NaN last, ±inf at the ends), so a
@@ -362,16 +363,15 @@ class RetrievalModel(nn.Module):
             kk = min(k, value_scores.shape[1])
             top = torch.topk(torch.where(valid, finite, float("-inf")), kk, dim=1)     # [B, kk]
             found = valid.gather(1, top.indices)
-            picked = merged.gather(1, top.indices).clamp(min=0)
-            ids = torch.where(found, id_of(picked), -1)
+            picked = torch.where(found, merged.gather(1, top.indices), -1)
             scores = torch.where(found, value_scores.gather(1, top.indices), float("-inf"))
             per_task = torch.where(found[..., None], task_scores.gather(1, top.indices[..., None].expand(-1, -1, t)), 0.0)
         trace.candidates = valid.sum(1)
         if kk < k:
-            ids = torch.cat([ids, ids.new_full((b, k - kk), -1)], 1)
+            picked = torch.cat([picked, picked.new_full((b, k - kk), -1)], 1)
             scores = torch.cat([scores, scores.new_full((b, k - kk), float("-inf"))], 1)
             per_task = torch.cat([per_task, per_task.new_zeros(b, k - kk, t)], 1)
-        return Retrieved(ids, scores, per_task)
+        return Retrieved(picked, scores, per_task)
 
     def value_of(self, task_scores: torch.Tensor, value: str | None = None) -> torch.Tensor:
         """Ranking scores ``[...]`` of per-task scores ``[..., T]``: the Value Model of ``value`` (a
