@@ -74,3 +74,16 @@ def test_bad_calls(tmp_path):
         sort_parquet(src, src, ("b",))
     with pytest.raises(ValueError, match="at least one key"):
         sort_parquet(src, tmp_path / "o.parquet", ())
+
+
+def test_the_budget_counts_repeated_lists_at_their_size_in_memory(tmp_path):
+    """Dictionary encoding makes repeated lists small on disk; the buckets are sized for memory."""
+    from sterling.data.sort import _memory_size
+
+    rows = 4000
+    history = pa.array([list(range(200))] * rows, pa.list_(pa.int64()))  # one list, repeated
+    src = write_table(pa.table({"a": np.arange(rows)[::-1].copy(), "h": history}), tmp_path / "t.parquet")
+    pf = pq.ParquetFile(src)
+    encoded = sum(pf.metadata.row_group(i).total_byte_size for i in range(pf.metadata.num_row_groups))
+    in_memory = pq.read_table(src).nbytes
+    assert encoded < in_memory / 3 and _memory_size(pf) >= in_memory

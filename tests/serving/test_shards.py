@@ -114,3 +114,30 @@ def test_updates_through_the_shards_answer_like_the_single_model(tmp_path, monke
         assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
     item_ids = torch.tensor([[10**9 + 2, existing[1], 10**9 + 1]])
     assert torch.equal(sharded.rank(sharded.inputs([history]), item_ids), single.rank(single.inputs([history]), item_ids))
+
+
+def test_a_shard_without_items_answers_nothing(tmp_path):
+    snapshot = build_serving_snapshot(tmp_path / "one", num_items=40, seed=6, k0=10, nprobe=2,
+                                      index_config=IndexConfig(nlist=2))
+    single = load_model(snapshot)
+    sharded = ShardedModel.local(split_snapshot(snapshot, tmp_path / "s", shards=200))  # most shards hold no item
+    history = single.index.ids[:3].tolist()
+    want = single(single.inputs([history]), k=10)
+    got = sharded(sharded.inputs([history]), k=10)
+    assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
+    item_ids = torch.tensor([history])
+    assert torch.equal(sharded.rank(sharded.inputs([history]), item_ids), single.rank(single.inputs([history]), item_ids))
+
+
+def test_a_bad_upsert_changes_no_shard(models):
+    _, sharded, _ = models
+    before = (len(sharded.index), sharded.index.fresh_items)
+    vectors = torch.zeros(3, sharded.dim)
+    for ids, emb, attrs, message in (
+        ([2, 1, 1], vectors, [{}] * 3, "distinct"),
+        ([2, 3], vectors[:1], [{}] * 2, "embeddings \\[M, 64\\]"),
+        ([2, 3, 4], vectors.fill_(float("nan")), [{}] * 3, "finite"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            sharded.upsert(ids, emb, attrs)
+    assert (len(sharded.index), sharded.index.fresh_items) == before

@@ -12,7 +12,9 @@ Impression rows come in one of two orders (``IMPRESSION_ORDERS``): ``"user"``, t
 request_id, position), a log as a server writes it, the requests of all users interleaved. A log in
 any other order is first sorted to the user order in bounded memory (:mod:`sterling.data.sort`). Every ordering or consistency problem that would make the
 conversion lossy raises :class:`~sterling.data.schema.DataError` naming the file, row, request and
-user; the round trip impressions → requests → impressions reproduces the original table exactly.
+user; the round trip impressions → requests → impressions reproduces the original table exactly
+when its rows are in the canonical user order (a request's rows by position; other orders come back
+in that order).
 """
 
 from __future__ import annotations

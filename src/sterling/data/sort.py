@@ -47,7 +47,7 @@ def _key_arrays(table: pa.Table | pa.RecordBatch, keys: Sequence[str], where: st
         column = table.column(name)
         if column.null_count:
             raise DataError(f"{where}: column {name!r} has {column.null_count} null values; sort keys cannot be null")
-        arrays.append(column.to_numpy())
+        arrays.append(column.to_numpy(zero_copy_only=False))
     return arrays
 
 
@@ -76,6 +76,18 @@ def first_unsorted(path: str | Path, keys: Sequence[str], batch_rows: int = SCAN
     return None
 
 
+def _memory_size(pf: pq.ParquetFile) -> float:
+    """Bytes the rows take in memory while a bucket is sorted: the metadata's sizes (after
+    dictionary encoding, far below Arrow's for repeated lists) scaled by the first row group's
+    Arrow size over its metadata size, doubled for the sorted copy."""
+    meta = pf.metadata
+    if not meta.num_row_groups:
+        return 0.0
+    encoded = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    first = meta.row_group(0).total_byte_size
+    return 2.0 * encoded * max(1.0, pf.read_row_group(0).nbytes / max(first, 1))
+
+
 def _boundaries(pf: pq.ParquetFile, key: str, buckets: int, batch_rows: int, where: str) -> np.ndarray:
     """Sorted unique upper edges of ``buckets`` ranges of ``key``, from a strided sample of the column."""
     step = max(1, pf.metadata.num_rows // SAMPLE_SIZE)
@@ -88,8 +100,8 @@ def sort_parquet(src: str | Path, dst: str | Path, keys: Sequence[str], memory_b
                  batch_rows: int = SCAN_ROWS) -> Path:
     """Write the rows of ``src`` to ``dst`` stably sorted by ``keys`` (ascending); returns ``dst``.
 
-    Holds about ``memory_bytes`` of uncompressed rows at a time (one bucket), plus ``batch_rows``
-    rows while splitting. Key columns must be non-null numbers. ``dst`` is written with the same
+    Holds about ``memory_bytes`` at a time (one bucket and its sorted copy, sized from the first
+    row group), plus ``batch_rows`` rows while splitting. Key columns must be non-null numbers. ``dst`` is written with the same
     schema and sterling's writer settings; ``src`` and ``dst`` must differ.
     """
     src, dst = Path(src), Path(dst)
@@ -102,8 +114,7 @@ def sort_parquet(src: str | Path, dst: str | Path, keys: Sequence[str], memory_b
     missing = [k for k in keys if k not in schema.names]
     if missing:
         raise DataError(f"{src}: no column {missing[0]!r} to sort by")
-    size = sum(pf.metadata.row_group(i).total_byte_size for i in range(pf.metadata.num_row_groups))
-    buckets = max(1, math.ceil(size / memory_bytes))
+    buckets = max(1, math.ceil(_memory_size(pf) / memory_bytes))
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".sort-") as tmp:
         sorted_path = Path(tmp) / "sorted.parquet"
         with open_writer(sorted_path, schema) as out:

@@ -32,6 +32,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
@@ -53,16 +54,21 @@ def _deployments():
 
         def __init__(self, path: str, digest: str) -> None:
             self.searchers: OrderedDict[tuple[str, str], ShardSearcher] = OrderedDict()
+            self.lock = threading.Lock()  # Serve runs sync methods on a thread pool
             self._searcher(path, digest)
 
         def _searcher(self, path: str, digest: str) -> ShardSearcher:
             key = (path, digest)
-            if key not in self.searchers:
-                self.searchers[key] = ShardSearcher.load(Path(path), digest)
+            with self.lock:
+                searcher = self.searchers.get(key)
+            if searcher is None:  # loaded outside the lock: calls for the serving snapshot go on meanwhile
+                searcher = ShardSearcher.load(Path(path), digest)
+            with self.lock:
+                searcher = self.searchers.setdefault(key, searcher)
+                self.searchers.move_to_end(key)
                 while len(self.searchers) > 2:
                     self.searchers.popitem(last=False)
-            self.searchers.move_to_end(key)
-            return self.searchers[key]
+                return searcher
 
         def call(self, path: str, digest: str, method: str, *args):
             return getattr(self._searcher(path, digest), method)(*args)

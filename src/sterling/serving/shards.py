@@ -152,14 +152,23 @@ class ShardSearcher:
         """This shard's filtered top-K0 of the task queries ``[Q, D]``, with their item state."""
         model = self.model
         found = model.index.search(queries, k=model.config.k0, filter=filters, nprobe=model.config.nprobe)
-        rows, _ = model.lookup(found.ids)
-        return Candidates(found.ids, found.scores, model.candidate_state(rows.clamp(min=0)))
+        rows, present = model.lookup(found.ids)
+        return Candidates(found.ids, found.scores, self._state_of(rows, present))
 
     @torch.no_grad()
     def states(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """bool ``[M]`` (the shard holds the id) and float32 ``[M, S]`` item states (0 elsewhere)."""
         rows, found = self.model.lookup(torch.as_tensor(ids, dtype=torch.int64))
-        return found, self.model.candidate_state(rows.clamp(min=0)) * found[:, None]
+        return found, self._state_of(rows, found)
+
+    def _state_of(self, rows: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
+        """float32 ``[..., S]``: the item state of ``rows`` where ``found``, 0 elsewhere (a shard
+        may hold no item at all)."""
+        model = self.model
+        width = model.dim if model.overarch is None else model.cache.shape[1]
+        out = torch.zeros(*rows.shape, width)
+        out[found] = model.candidate_state(rows[found])
+        return out
 
     def size(self) -> tuple[int, int]:
         """Live items and fresh (upserted, not yet compacted) items."""
@@ -341,9 +350,19 @@ class ShardedModel:
             raise ValueError(self._no_updates)
 
     def upsert(self, ids: torch.Tensor | Sequence[int], embeddings: torch.Tensor, attributes: Sequence[dict]) -> None:
-        """Each item to its shard (``shard_of``), where the shard's model adds it."""
+        """Each item to its shard (``shard_of``), where the shard's model adds it. The arguments'
+        shapes, ids and values are checked here first, so a bad one changes no shard (a shard may
+        still refuse an attribute its store cannot hold, after the others took theirs)."""
         self._check_updates()
         ids = torch.as_tensor(ids, dtype=torch.int64)
+        embeddings = torch.as_tensor(embeddings, dtype=torch.float32)
+        if ids.dim() != 1 or embeddings.shape != (len(ids), self.dim) or len(attributes) != len(ids):
+            raise ValueError(f"upsert takes ids [M], embeddings [M, {self.dim}] and M attribute dicts; got "
+                             f"{list(ids.shape)}, {list(embeddings.shape)} and {len(attributes)}")
+        if len(ids.unique()) != len(ids) or bool((ids == -1).any()):
+            raise ValueError("upserted ids must be distinct and not -1 (which marks an empty slot)")
+        if not bool(torch.isfinite(embeddings).all()):
+            raise ValueError("upserted embeddings must be finite")
         owner = shard_of(ids, len(self.shards))
         pending = []
         for s, call in enumerate(self.shards):
