@@ -50,7 +50,7 @@ from sterling.serving.fresh import FreshRows, gather_rows, item_cache_rows
 
 _BIG = 3.0e38  # the ranking key of +inf (and -_BIG of NaN and -inf): finite, inside float32
 
-__all__ = ["Retrieved", "RetrievalModel", "ServingConfig", "Trace", "UserInputs", "check_k", "parse_inputs", "per_query"]
+__all__ = ["Candidates", "Retrieved", "RetrievalModel", "ServingConfig", "Trace", "UserInputs", "check_k", "parse_inputs", "per_query"]
 
 
 @dataclass(frozen=True)
@@ -147,6 +147,22 @@ class Retrieved:
     ids: torch.Tensor
     scores: torch.Tensor
     task_scores: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The filtered top-K0 of ``Q`` task queries, from one index, one shard or merged shards.
+
+    Args:
+        ids (torch.Tensor): int64 ``[Q, K0]``, -1 where fewer pass.
+        scores (torch.Tensor): float32 ``[Q, K0]``, descending, -inf where ids is -1.
+        state (torch.Tensor): float32 ``[Q, K0, S]``, each candidate's item state
+            (:meth:`RetrievalModel.candidate_state`; 0 where ids is -1).
+    """
+
+    ids: torch.Tensor
+    scores: torch.Tensor
+    state: torch.Tensor
 
 
 @dataclass
@@ -266,6 +282,14 @@ class RetrievalModel(nn.Module):
             codes = gather_rows(self.codes, self.fresh.codes, rows).float()
             return codes * gather_rows(self.scales, self.fresh.scales, rows)[..., None]
         return self._cache(rows)
+
+    def states_of(self, rows: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
+        """float32 ``[..., S]``: :meth:`candidate_state` of ``rows`` where ``found``, 0 elsewhere
+        (safe on an index holding no item)."""
+        width = self.dim if self.overarch is None else self.cache.shape[1]
+        out = torch.zeros(*rows.shape, width)
+        out[found] = self.candidate_state(rows[found])
+        return out
 
     def rows_of(self, ids: torch.Tensor) -> torch.Tensor:
         """int64 ``[...]``: the segment row of each external id; a ValueError names unknown ids."""
@@ -409,8 +433,23 @@ class RetrievalModel(nn.Module):
         """Top-``k`` for ``B`` requests under their filters (one string for all, or B), with the
         index's fused kernels; ``value`` replaces the configured Value Model formula; ``trace``
         collects the time per stage."""
-        check_k(k, self.config.k0)
         self._check_current()
+        return self.retrieve(inputs, self.search_candidates, filter, k, value, trace)
+
+    @torch.no_grad()
+    def search_candidates(self, queries: torch.Tensor, filters: list[str | None]) -> Candidates:
+        """The index's filtered top-K0 of task queries ``[Q, D]`` (one filter each), with their item state."""
+        found = self.index.search(queries, k=self.config.k0, filter=filters, nprobe=self.config.nprobe)
+        rows, present = self.lookup(found.ids)
+        return Candidates(found.ids, found.scores, self.states_of(rows, present))
+
+    @torch.no_grad()
+    def retrieve(self, inputs: UserInputs, search: Callable[[torch.Tensor, list[str | None]], Candidates],
+                 filter: str | Sequence[str | None] | None = None, k: int = 100, value: str | None = None,
+                 trace: Trace | None = None) -> Retrieved:
+        """:meth:`forward` with the candidates from ``search(queries [B·T, D], filters)``: this
+        model's index, or the merged shards of :class:`sterling.serving.shards.ShardedModel`."""
+        check_k(k, self.config.k0)
         if inputs.batch_size == 0:
             return self.empty_answer(k)
         trace = trace or Trace()
@@ -422,10 +461,10 @@ class RetrievalModel(nn.Module):
             for expr in set(filters) - {None}:
                 self.check_filter(expr)
         with trace.stage("ann"):
-            found = self.index.search(queries.reshape(b * t, d), k=self.config.k0, filter=filters,
-                                      nprobe=self.config.nprobe).ids                      # [B·T, K0]
-            rows, _ = self.lookup(found)                                                 # -1 stays -1
-        return self.score(inputs, users, queries, rows.view(b, t, -1), k, value, trace)
+            found = search(queries.reshape(b * t, d), filters)                          # [B·T, K0]
+        k0 = found.ids.shape[1]
+        return self.score_candidates(inputs, users, queries, found.ids.view(b, t, k0),
+                                     found.state.view(b, t, k0, -1), k, value, trace)
 
     def empty_answer(self, k: int) -> Retrieved:
         """The answer to no requests: ``[0, k]`` ids and scores, ``[0, k, T]`` task scores."""

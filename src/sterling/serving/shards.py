@@ -37,7 +37,7 @@ import torch
 
 from sterling.index.search import find_sorted
 from sterling.serving.fresh import gather_rows
-from sterling.serving.model import RetrievalModel, Retrieved, Trace, UserInputs, check_k, parse_inputs, per_query
+from sterling.serving.model import Candidates, RetrievalModel, Retrieved, Trace, UserInputs, parse_inputs
 from sterling.serving.publish import load_model
 from sterling.serving.snapshot import MANIFEST, SnapshotError, read_snapshot, write_snapshot
 
@@ -94,22 +94,6 @@ def split_snapshot(src: Path, out: Path, shards: int) -> Path:
     return out
 
 
-@dataclass(frozen=True)
-class Candidates:
-    """A shard's (or the merged) top-K0 of ``Q`` task queries.
-
-    Args:
-        ids (torch.Tensor): int64 ``[Q, K0]``, -1 where fewer pass.
-        scores (torch.Tensor): float32 ``[Q, K0]``, descending, -inf where ids is -1.
-        state (torch.Tensor): float32 ``[Q, K0, S]``, each candidate's item state (what the
-            model's OverArch, or without one its inner products, read).
-    """
-
-    ids: torch.Tensor
-    scores: torch.Tensor
-    state: torch.Tensor
-
-
 def merge_topk(parts: Sequence[Candidates], k: int) -> Candidates:
     """The top-``k`` of each query over the shards' candidates, by score (ties: shard order, then
     rank within the shard). Pure: the shards' lists in, the merged list out."""
@@ -147,28 +131,15 @@ class ShardSearcher:
         rows, _ = model.lookup(ids)
         return ids, gather_rows(model.cache[:, :model.dim], model.fresh.cache[:, :model.dim], rows)
 
-    @torch.no_grad()
     def search(self, queries: torch.Tensor, filters: list[str | None]) -> Candidates:
         """This shard's filtered top-K0 of the task queries ``[Q, D]``, with their item state."""
-        model = self.model
-        found = model.index.search(queries, k=model.config.k0, filter=filters, nprobe=model.config.nprobe)
-        rows, present = model.lookup(found.ids)
-        return Candidates(found.ids, found.scores, self._state_of(rows, present))
+        return self.model.search_candidates(queries, filters)
 
     @torch.no_grad()
     def states(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """bool ``[M]`` (the shard holds the id) and float32 ``[M, S]`` item states (0 elsewhere)."""
         rows, found = self.model.lookup(torch.as_tensor(ids, dtype=torch.int64))
-        return found, self._state_of(rows, found)
-
-    def _state_of(self, rows: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
-        """float32 ``[..., S]``: the item state of ``rows`` where ``found``, 0 elsewhere (a shard
-        may hold no item at all)."""
-        model = self.model
-        width = model.dim if model.overarch is None else model.cache.shape[1]
-        out = torch.zeros(*rows.shape, width)
-        out[found] = model.candidate_state(rows[found])
-        return out
+        return found, self.model.states_of(rows, found)
 
     def size(self) -> tuple[int, int]:
         """Live items and fresh (upserted, not yet compacted) items."""
@@ -303,26 +274,13 @@ class ShardedModel:
         ids, inputs = parse_inputs(self.config, histories, actions, features)
         return replace(inputs, history_vectors=self.history.vectors_of(ids))
 
-    @torch.no_grad()
     def forward(self, inputs: UserInputs, filter: str | Sequence[str | None] | None = None, k: int = 100,
                 value: str | None = None, trace: Trace | None = None) -> Retrieved:
         """:meth:`RetrievalModel.forward` over the shards: the same answer with every list probed."""
-        head = self.head
-        check_k(k, self.config.k0)
-        if inputs.batch_size == 0:
-            return head.empty_answer(k)
-        trace = trace or Trace()
-        with trace.stage("user_tower"):
-            users, queries = head.encode(inputs)
-        b, t, d = queries.shape
-        with trace.stage("filter"):
-            filters = per_query(filter, b, t)
-            for expr in set(filters) - {None}:
-                self.check_filter(expr)
-        with trace.stage("ann"):
-            merged = merge_topk(self._fan_out("search", queries.reshape(b * t, d), filters), self.config.k0)
-        return head.score_candidates(inputs, users, queries, merged.ids.view(b, t, -1),
-                                     merged.state.view(b, t, merged.ids.shape[1], -1), k, value, trace)
+        return self.head.retrieve(inputs, self._search, filter, k, value, trace)
+
+    def _search(self, queries: torch.Tensor, filters: list[str | None]) -> Candidates:
+        return merge_topk(self._fan_out("search", queries, filters), self.config.k0)
 
     __call__ = forward
 

@@ -30,7 +30,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["run_ranks", "shard_bounds", "train_distributed"]
+__all__ = ["rank_and_world", "run_ranks", "shard_bounds", "train_distributed"]
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size: (0, 1) outside a process group."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def shard_bounds(batch_tokens: np.ndarray, rank: int, world: int) -> tuple[int, int]:

@@ -27,7 +27,7 @@ from sterling.index.item_index import ItemIndex
 from sterling.models.overarch import OverArch, OverArchConfig, make_overarch
 from sterling.models.towers import ItemTerms, TwoTower, TwoTowerConfig
 from sterling.serving.snapshot import read_snapshot, write_snapshot
-from sterling.train.distributed import shard_bounds
+from sterling.train.distributed import rank_and_world, shard_bounds
 from sterling.train.losses import TwoTowerObjective
 from sterling.train.metrics import auc, recall_at_k
 from sterling.train.overarch import OverArchTrainConfig, train_overarch
@@ -115,7 +115,7 @@ def train(
     to ``out_dir``. Inside a torch.distributed process group (:func:`sterling.train.distributed.
     train_distributed`) each rank trains on its share of every batch's requests, and rank 0 alone
     evaluates, trains the OverArch stage and writes the checkpoint."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = rank_and_world()
     if rank != 0:
         log = _silent
     torch.manual_seed(cfg.seed)
@@ -195,7 +195,7 @@ def backward_step(objective: TwoTowerObjective | DistributedDataParallel, batch:
     batch's requests (:func:`~sterling.train.distributed.shard_bounds`); DDP averages the ranks'
     gradients, so each rank back-propagates ``world ×`` its part and the gradient left in the
     parameters is the whole batch's."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = rank_and_world()
     tokens = (batch.history_offsets.diff() + batch.impression_offsets.diff()).numpy()
     loss, _, _ = objective(batch, item_terms, num_negatives, frequency, generator, shard_bounds(tokens, rank, world))
     (loss * world).backward()
