@@ -1,7 +1,6 @@
 """End to end: synthetic data → train → publish → query, through the API and the CLI."""
 
 import json
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -44,8 +43,11 @@ def test_published_model_honours_filters(flow):
         res = rec.recommend(history, filter=flt, k=20)
         got = [i for i in res.ids[0].tolist() if i >= 0]
         assert all(rec.index.attributes_of([i])[0] == by_id[i] for i in got)
-        passing = [i for i in plain.index.search(queries[:, plain.config.primary], k=len(ids), filter=flt).ids[0].tolist()
-                   if i >= 0]
+        passing = [
+            i
+            for i in plain.index.search(queries[:, plain.config.primary], k=len(ids), filter=flt).ids[0].tolist()
+            if i >= 0
+        ]
         assert set(got) <= set(passing) and len(got) == min(20, len(passing))  # OverArch reorders them
         want = passing[:20]
         assert [i for i in plain.recommend(history, filter=flt, k=20).ids[0].tolist() if i >= 0] == want

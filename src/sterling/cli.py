@@ -89,8 +89,12 @@ def _cmd_train(args: argparse.Namespace) -> None:
         raise ValueError("--out (the checkpoint directory) is required with --model two-tower")
     from sterling.train.loop import TrainConfig, train
 
-    cfg = TrainConfig(epochs=5 if args.epochs is None else args.epochs, max_steps=args.max_steps,
-                      dim=64 if args.dim is None else args.dim, seed=args.seed)
+    cfg = TrainConfig(
+        epochs=5 if args.epochs is None else args.epochs,
+        max_steps=args.max_steps,
+        dim=64 if args.dim is None else args.dim,
+        seed=args.seed,
+    )
     log = _log_to_stderr if args.json == "-" else print
     if args.nproc != 1:
         from sterling.train.distributed import train_distributed
@@ -98,8 +102,13 @@ def _cmd_train(args: argparse.Namespace) -> None:
         report = train_distributed(Path(args.data), Path(args.out), cfg, args.nproc, log=log)
     else:
         report = train(Path(args.data), Path(args.out), cfg, log=log)
-    result = {"checkpoint": str(report.checkpoint), "steps": report.steps, "train_s": report.train_s,
-              "impressions_per_s": report.impressions_per_s, "metrics": report.metrics}
+    result = {
+        "checkpoint": str(report.checkpoint),
+        "steps": report.steps,
+        "train_s": report.train_s,
+        "impressions_per_s": report.impressions_per_s,
+        "metrics": report.metrics,
+    }
     if args.json == "-":
         print(json.dumps(result, indent=2))
         return
@@ -120,10 +129,21 @@ def _train_retrieval(args: argparse.Namespace) -> None:
         raise ValueError("--out: a retrieval run writes no checkpoint (use --json PATH for the report)")
     if args.nproc != 1:
         raise ValueError("--nproc: data-parallel training is for --model two-tower")
-    given = {"epochs": args.epochs, "dim": args.dim, "max_len": args.max_len, "num_layers": args.layers,
-             "lr": args.lr, "dropout": args.dropout, "eval_every": args.eval_every}
-    cfg = RetrievalConfig(encoder=args.model, seed=args.seed, max_steps=args.max_steps,
-                          **{k: v for k, v in given.items() if v is not None})
+    given = {
+        "epochs": args.epochs,
+        "dim": args.dim,
+        "max_len": args.max_len,
+        "num_layers": args.layers,
+        "lr": args.lr,
+        "dropout": args.dropout,
+        "eval_every": args.eval_every,
+    }
+    cfg = RetrievalConfig(
+        encoder=args.model,
+        seed=args.seed,
+        max_steps=args.max_steps,
+        **{k: v for k, v in given.items() if v is not None},
+    )
     to_stdout = args.json == "-"
     log = (lambda s: print(s, file=sys.stderr)) if to_stdout else print
     path = Path(args.json) if args.json and not to_stdout else None
@@ -132,8 +152,10 @@ def _train_retrieval(args: argparse.Namespace) -> None:
         print(json.dumps(report.to_json(), indent=2))
         return
     names = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr")
-    print(f"{args.model} on {args.data}: {report.num_users:,} users, {report.num_items:,} items, "
-          f"{report.epochs:g} epochs, {report.steps} steps, {report.train_s:.0f}s")
+    print(
+        f"{args.model} on {args.data}: {report.num_users:,} users, {report.num_items:,} items, "
+        f"{report.epochs:g} epochs, {report.steps} steps, {report.train_s:.0f}s"
+    )
     print(f"  {'':<16}" + "".join(f"{n.upper():>9}" for n in names))
     for label, metrics in (("valid", report.valid), ("test", report.test), ("popular (test)", report.popular_test)):
         print(f"  {label:<16}" + "".join(f"{metrics[n]:>9.4f}" for n in names))
@@ -148,9 +170,17 @@ def _cmd_publish(args: argparse.Namespace) -> None:
         raise ValueError("--shards: a sharded snapshot holds no exported program (drop --export / --aot)")
     with tempfile.TemporaryDirectory(prefix="sterling-publish-") as tmp:
         whole = Path(args.out) if args.shards is None else Path(tmp) / "whole"
-        out = publish(Path(args.checkpoint), DatasetPaths(Path(args.data)).items, whole, k0=args.k0,
-                      nprobe=args.nprobe, value_formula=args.value, use_overarch=not args.no_overarch,
-                      export=args.export, aot=args.aot)
+        out = publish(
+            Path(args.checkpoint),
+            DatasetPaths(Path(args.data)).items,
+            whole,
+            k0=args.k0,
+            nprobe=args.nprobe,
+            value_formula=args.value,
+            use_overarch=not args.no_overarch,
+            export=args.export,
+            aot=args.aot,
+        )
         if args.shards is not None:
             from sterling.serving.shards import split_snapshot
 
@@ -195,17 +225,25 @@ def format_recommendations(
     else:
         items, actions, features = _user_history(data_dir, user, rec.config.max_history)
     k = min(k, rec.config.k0)
-    res = rec.recommend(items.tolist(), filter=filter, k=k, actions=None if actions is None else actions.tolist(),
-                        features=features)
+    res = rec.recommend(
+        items.tolist(), filter=filter, k=k, actions=None if actions is None else actions.tolist(), features=features
+    )
     ids = [i for i in res.ids[0].tolist() if i >= 0]
     scores = res.scores[0, : len(ids)].tolist()
     attrs = rec.index.attributes_of(ids) if ids else []
     titles = _titles(data_dir / "items.parquet", ids)
     if as_json:
-        return json.dumps({"user": user, "filter": filter, "k": k, "results": [
-            {"id": i, "score": s, "attributes": a, **({"title": titles[i]} if i in titles else {})}
-            for i, s, a in zip(ids, scores, attrs)
-        ]})
+        return json.dumps(
+            {
+                "user": user,
+                "filter": filter,
+                "k": k,
+                "results": [
+                    {"id": i, "score": s, "attributes": a, **({"title": titles[i]} if i in titles else {})}
+                    for i, s, a in zip(ids, scores, attrs)
+                ],
+            }
+        )
     head = f"user {user}" if user is not None else f"history of {len(items)} items"
     lines = [f"{head} · filter: {filter or '(none)'} · {len(ids)} of k={k}"]
     if not ids:
@@ -234,8 +272,11 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     if users is None and args.data is not None:
         users = Path(args.data) / "users.parquet"
     config = ServerConfig(
-        snapshot=Path(args.snapshot), token=os.environ.get(args.token_env) or None, allow_no_auth=args.insecure_no_auth,
-        users=None if users is None else Path(users), value_formulas=tuple(formulas),
+        snapshot=Path(args.snapshot),
+        token=os.environ.get(args.token_env) or None,
+        allow_no_auth=args.insecure_no_auth,
+        users=None if users is None else Path(users),
+        value_formulas=tuple(formulas),
         batcher=BatcherConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue),
         limits=Limits(max_k=args.max_k),
     )
@@ -265,8 +306,11 @@ def _serve_ray(config, args: argparse.Namespace) -> None:
             count = args.shards or 1
             snapshot = split_snapshot(snapshot, Path(tmp), count)
         replicas = args.replicas or 1
-        print(f"sterling: serving {args.snapshot} as {count} shard(s) × {replicas} replica(s) on Ray Serve, "
-              f"http://{args.host}:{args.port} (docs at /docs)", file=sys.stderr)
+        print(
+            f"sterling: serving {args.snapshot} as {count} shard(s) × {replicas} replica(s) on Ray Serve, "
+            f"http://{args.host}:{args.port} (docs at /docs)",
+            file=sys.stderr,
+        )
         run(replace(config, snapshot=snapshot), host=args.host, port=args.port, replicas=replicas)
 
 
@@ -371,9 +415,13 @@ def build_parser() -> argparse.ArgumentParser:
     c = dsub.add_parser("convert", help="request format ⇄ impression format (direction from SRC)")
     c.add_argument("src")
     c.add_argument("out")
-    c.add_argument("--order", choices=("user", "time"), default="user",
-                   help="row order of written impression rows: by (user_id, ts) or by ts, as logged "
-                        "(impression rows in any order are read)")
+    c.add_argument(
+        "--order",
+        choices=("user", "time"),
+        default="user",
+        help="row order of written impression rows: by (user_id, ts) or by ts, as logged "
+        "(impression rows in any order are read)",
+    )
     c.set_defaults(func=_cmd_convert)
     st = dsub.add_parser("stats", help="rows, impressions and bytes per impression in both formats")
     st.add_argument("dir")
@@ -381,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=_cmd_stats)
 
     t = sub.add_parser(
-        "train", help="train the two-tower model, or an HSTU / SASRec next-item retriever",
+        "train",
+        help="train the two-tower model, or an HSTU / SASRec next-item retriever",
         description="--model two-tower (default): the two-tower model on request batches, held-out recall, a "
         "checkpoint in --out. --model hstu|sasrec: a next-item retriever on the users' timelines, leave-last-out "
         "split, full-corpus HR@10/NDCG@10/HR@50/NDCG@50 (sterling.train.retrieval).",
@@ -389,16 +438,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", choices=("two-tower", *RETRIEVAL_MODELS), default="two-tower")
     t.add_argument("--data", required=True, metavar="DIR", help="request-format dataset directory")
     t.add_argument("--out", metavar="DIR", help="checkpoint directory (two-tower, required there)")
-    t.add_argument("--epochs", type=int, metavar="N",
-                   help="passes over the training data (default: 5 two-tower, 20 retrieval)")
+    t.add_argument(
+        "--epochs", type=int, metavar="N", help="passes over the training data (default: 5 two-tower, 20 retrieval)"
+    )
     t.add_argument("--max-steps", type=int, metavar="N", help="stop after this many steps (smoke runs)")
     t.add_argument("--dim", type=int, metavar="D", help="embedding width (default: 64 two-tower, 50 retrieval)")
     t.add_argument("--seed", type=int, default=0, metavar="N")
-    t.add_argument("--nproc", type=int, default=1, metavar="N",
-                   help="data-parallel processes (torch.distributed DDP: gloo on CPU, nccl on GPU); each takes its "
-                        "share of every batch's requests (two-tower)")
-    t.add_argument("--json", nargs="?", const="-", metavar="PATH",
-                   help="the report as JSON: on stdout (logs to stderr), or written to PATH")
+    t.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="data-parallel processes (torch.distributed DDP: gloo on CPU, nccl on GPU); each takes its "
+        "share of every batch's requests (two-tower)",
+    )
+    t.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        metavar="PATH",
+        help="the report as JSON: on stdout (logs to stderr), or written to PATH",
+    )
     r = t.add_argument_group("retrieval options (--model hstu|sasrec; defaults: GR's ML-1M set-up)")
     r.add_argument("--max-len", type=int, metavar="N", help="most recent events per sequence (200)")
     r.add_argument("--layers", type=int, metavar="N", help="encoder layers (2)")
@@ -413,14 +473,24 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--out", required=True)
     pub.add_argument("--k0", type=int, default=1000, help="ANN candidates per task query handed to OverArch")
     pub.add_argument("--nprobe", type=int, help="IVF lists probed (default: the index's)")
-    pub.add_argument("--value", metavar="FORMULA",
-                     help="Value Model over the task probabilities, e.g. 'click + 0.5*like^0.5' (default: primary task)")
+    pub.add_argument(
+        "--value",
+        metavar="FORMULA",
+        help="Value Model over the task probabilities, e.g. 'click + 0.5*like^0.5' (default: primary task)",
+    )
     pub.add_argument("--no-overarch", action="store_true", help="rank the ANN candidates by inner product")
     pub.add_argument("--export", action="store_true", help="also write program.pt2, the torch.export forward")
-    pub.add_argument("--aot", action="store_true",
-                     help="also write program.aoti.pt2, the forward compiled by AOTInductor (needs a C++ compiler)")
-    pub.add_argument("--shards", type=int, metavar="N",
-                     help="write N item shards (shard-0 … shard-N-1 + shards.json) for sterling serve --engine ray")
+    pub.add_argument(
+        "--aot",
+        action="store_true",
+        help="also write program.aoti.pt2, the forward compiled by AOTInductor (needs a C++ compiler)",
+    )
+    pub.add_argument(
+        "--shards",
+        type=int,
+        metavar="N",
+        help="write N item shards (shard-0 … shard-N-1 + shards.json) for sterling serve --engine ray",
+    )
     pub.set_defaults(func=_cmd_publish)
 
     b = sub.add_parser("bench", help="benchmarks against the named peers, JSON out")
@@ -434,8 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
     ret = bsub.add_parser("retrieval", help="the quality table: exact, int8 + Bloom, + OverArch, + Value Model")
     _bench_retrieval_arguments(ret)
     ret.set_defaults(func=_cmd_bench_retrieval)
-    srv = bsub.add_parser("serve", help="the HTTP server under load: max QPS at a P99 budget, batched vs not, "
-                                        "swap + live updates")
+    srv = bsub.add_parser(
+        "serve", help="the HTTP server under load: max QPS at a P99 budget, batched vs not, swap + live updates"
+    )
     _bench_serve_arguments(srv)
     srv.set_defaults(func=_cmd_bench_serve)
     sh = bsub.add_parser("shards", help="item-sharded serving on Ray Serve, 1 vs 2 shards, beside one process")
@@ -451,18 +522,32 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--users", help="users.parquet, so requests may name a user_id")
     sv.add_argument("--data", help="dataset directory whose users.parquet to use (instead of --users)")
-    sv.add_argument("--value", action="append", metavar="NAME=FORMULA",
-                    help="a named Value Model formula requests may pick (repeatable)")
+    sv.add_argument(
+        "--value",
+        action="append",
+        metavar="NAME=FORMULA",
+        help="a named Value Model formula requests may pick (repeatable)",
+    )
     sv.add_argument("--max-batch", type=int, default=8, help="most requests in one forward (1: no batching)")
     sv.add_argument("--max-wait-ms", type=float, default=2.0, help="longest a request waits for its batch to fill")
     sv.add_argument("--max-queue", type=int, default=4096, help="waiting requests beyond which the server answers 503")
     sv.add_argument("--max-k", type=int, help="most results per request (default: the snapshot's k0)")
-    sv.add_argument("--token-env", default="STERLING_TOKEN",
-                    help="environment variable holding the bearer token of the write endpoints")
-    sv.add_argument("--insecure-no-auth", action="store_true",
-                    help="run the write endpoints (items, admin) without a token: local use only")
-    sv.add_argument("--engine", choices=("uvicorn", "ray"), default="uvicorn",
-                    help="one process (uvicorn), or item shards on Ray Serve ([ray] extra)")
+    sv.add_argument(
+        "--token-env",
+        default="STERLING_TOKEN",
+        help="environment variable holding the bearer token of the write endpoints",
+    )
+    sv.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="run the write endpoints (items, admin) without a token: local use only",
+    )
+    sv.add_argument(
+        "--engine",
+        choices=("uvicorn", "ray"),
+        default="uvicorn",
+        help="one process (uvicorn), or item shards on Ray Serve ([ray] extra)",
+    )
     sv.add_argument("--shards", type=int, metavar="N", help="item shards (--engine ray; default: the snapshot's, or 1)")
     sv.add_argument("--replicas", type=int, metavar="R", help="replicas per shard (--engine ray; default 1)")
     sv.set_defaults(func=_cmd_serve)

@@ -53,11 +53,15 @@ def run_demo(workdir: Path, quick: bool = False) -> None:
     data = generate(synth, workdir / "data")
     _step(2, "storage: request rows vs impression rows (zstd Parquet)", t_start)
     print(_indent(format_stats(dataset_stats(data))))
-    _step(3, "training the two-tower model, then its OverArch, on request batches (user tower once per request)",
-          t_start)
+    _step(
+        3, "training the two-tower model, then its OverArch, on request batches (user tower once per request)", t_start
+    )
     report = train(data, workdir / "checkpoint", train_cfg, log=lambda s: print(_indent(s)))
-    _step(4, "publishing one model: user tower + int8 IVF / Bloom index + embedding cache + OverArch + Value Model",
-          t_start)
+    _step(
+        4,
+        "publishing one model: user tower + int8 IVF / Bloom index + embedding cache + OverArch + Value Model",
+        t_start,
+    )
     snapshot = publish(report.checkpoint, DatasetPaths(data).items, workdir / "snapshot", value_formula=DEMO_VALUE)
     print(_indent(f"{snapshot}"))
     _step(5, "filtered queries", t_start)
@@ -66,8 +70,10 @@ def run_demo(workdir: Path, quick: bool = False) -> None:
     for user, flt in zip([users[0], users[len(users) // 2], users[-1]] * 2, DEMO_FILTERS):
         print(_indent(format_recommendations(rec, user, None, flt, 5, str(data), False)))
         print()
-    print(f"demo finished in {time.perf_counter() - t_start:.0f}s; try:\n"
-          f"  {_sterling_command()} query --snapshot {snapshot} --user {users[0]} --filter 'language:en' -k 10")
+    print(
+        f"demo finished in {time.perf_counter() - t_start:.0f}s; try:\n"
+        f"  {_sterling_command()} query --snapshot {snapshot} --user {users[0]} --filter 'language:en' -k 10"
+    )
 
 
 def _sterling_command() -> str:

@@ -6,8 +6,9 @@ import pytest
 
 from sterling.bench.ann import AnnBenchConfig, format_table, make_catalogue, passing, run
 
-TINY = AnnBenchConfig(n=3000, d=16, k=10, queries=12, batch=4, batch1_queries=3, nlist=16,
-                      nprobes=(16,), hnsw_efs=(64,))
+TINY = AnnBenchConfig(
+    n=3000, d=16, k=10, queries=12, batch=4, batch1_queries=3, nlist=16, nprobes=(16,), hnsw_efs=(64,)
+)
 
 
 def test_filters_have_their_selectivity():
@@ -21,7 +22,19 @@ def test_filters_have_their_selectivity():
 def test_rows_and_exact_systems_recall():
     result = run(TINY, modes=("per_query", "shared"), log=lambda s: None)
     rows = result["rows"]
-    keys = {"dataset", "system", "config", "selectivity", "filter_mode", "batch", "k", "recall", "qps", "build_s", "bytes_per_item"}
+    keys = {
+        "dataset",
+        "system",
+        "config",
+        "selectivity",
+        "filter_mode",
+        "batch",
+        "k",
+        "recall",
+        "qps",
+        "build_s",
+        "bytes_per_item",
+    }
     assert rows and all(keys <= set(r) for r in rows)
     assert {r["filter_mode"] for r in rows} == {"per_query", "shared"}
     assert {r["selectivity"] for r in rows} == {"50%", "10%", "1%"}
@@ -40,8 +53,7 @@ ML100K = Path("/work/shared/data/ml-100k")
 
 @pytest.mark.skipif(not ML100K.is_dir(), reason="MovieLens 100K not present")
 def test_movielens_rows():
-    cfg = AnnBenchConfig(n=1, d=16, k=10, queries=8, batch=4, batch1_queries=2, nlist=4,
-                         nprobes=(4,), hnsw_efs=())
+    cfg = AnnBenchConfig(n=1, d=16, k=10, queries=8, batch=4, batch1_queries=2, nlist=4, nprobes=(4,), hnsw_efs=())
     result = run(cfg, modes=("per_query",), log=lambda s: None, movielens=ML100K, synthetic=False)
     movielens = [r for r in result["rows"] if r["dataset"] == "movielens:ml-100k"]
     assert {r["selectivity"] for r in movielens} >= {"50%", "10%"}

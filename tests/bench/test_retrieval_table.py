@@ -11,7 +11,9 @@ from sterling.train.overarch import OverArchTrainConfig
 TINY = RetrievalBenchConfig(
     synth=replace(SynthConfig(), num_users=50, num_items=300, requests_per_user=(2, 4), seed=4),
     train=TrainConfig(epochs=1, dim=16, hidden=32, overarch=OverArchTrainConfig(epochs=1, hidden=32)),
-    k0=500, batch=16, rank_candidates=20,
+    k0=500,
+    batch=16,
+    rank_candidates=20,
 )
 
 

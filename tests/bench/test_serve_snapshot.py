@@ -56,8 +56,9 @@ def test_the_snapshot_is_a_published_model_of_the_demo_towers(model):
     assert model.config.tasks == ("click", "like", "share") and model.config.k0 == 200 and model.config.nprobe == 32
     assert model.config.features == ("surface", "hour", "age_bucket", "country")
     assert isinstance(model.overarch, MoLOverArch) and model.value_model is not None
-    assert model.meta["towers"]["num_items"] == N and model.meta["source"] == {"synthetic": {"num_items": N, "dim": 64,
-                                                                                              "seed": 3, "model_seed": None}}
+    assert model.meta["towers"]["num_items"] == N and model.meta["source"] == {
+        "synthetic": {"num_items": N, "dim": 64, "seed": 3, "model_seed": None}
+    }
 
 
 def test_the_attributes_use_the_synthetic_vocabulary(catalogue):
@@ -92,8 +93,9 @@ def test_the_request_mix_is_answerable(model, catalogue, snapshot):
         assert r["k"] in (10, 20, 50, 100)
     model.inputs([r["history"] for r in requests])  # every history id is in the index
     model.plan(len(requests), [r["filter"] for r in requests])  # every filter parses over the index's features
-    kinds = Counter("none" if r["filter"] is None else r["filter"].split(":")[0].split()[0].strip("(")
-                    for r in requests)
+    kinds = Counter(
+        "none" if r["filter"] is None else r["filter"].split(":")[0].split()[0].strip("(") for r in requests
+    )
     assert {"none", "category", "tags", "year", "language", "creator"} == set(kinds)
     assert 0.22 < kinds["none"] / len(requests) < 0.38 and kinds["creator"] < 0.04 * len(requests)
     assert request_mix(snapshot, 500, seed=1) == requests != request_mix(model, 500, seed=2)
@@ -113,8 +115,9 @@ def test_recommendations_pass_their_filters(model, catalogue):
 
 def test_the_build_is_deterministic_by_seed(tmp_path):
     def build(seed: int, name: str) -> dict:
-        manifest = json.loads((build_serving_snapshot(tmp_path / name, num_items=500, seed=seed)
-                               / "manifest.json").read_text())
+        manifest = json.loads(
+            (build_serving_snapshot(tmp_path / name, num_items=500, seed=seed) / "manifest.json").read_text()
+        )
         return {"files": manifest["files"], "meta": manifest["meta"]}
 
     assert build(7, "a") == build(7, "b") != build(8, "c")
@@ -125,4 +128,6 @@ def test_a_model_seed_changes_the_weights_not_the_catalogue(tmp_path):
     b = read_snapshot(build_serving_snapshot(tmp_path / "b", num_items=500, seed=7, model_seed=9))
     assert torch.equal(a.tensors["index"]["ids"], b.tensors["index"]["ids"])
     assert a.meta["index"] == b.meta["index"]
-    assert not torch.equal(a.tensors["model"]["task_queries.proj.weight"], b.tensors["model"]["task_queries.proj.weight"])
+    assert not torch.equal(
+        a.tensors["model"]["task_queries.proj.weight"], b.tensors["model"]["task_queries.proj.weight"]
+    )

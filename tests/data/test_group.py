@@ -87,7 +87,9 @@ def test_impression_rows_follow_the_contract(synth, impressions):
 def test_join_users_history_lengths(synth):
     users = {r["user_id"]: r["timeline_ts"] for r in _read(synth / "users.parquet").to_pylist()}
     for batch in join_users(synth, batch_rows=5):
-        for user, ts, length in zip(batch.requests.column("user_id").to_pylist(), batch.requests.column("ts").to_pylist(), batch.history_length):
+        for user, ts, length in zip(
+            batch.requests.column("user_id").to_pylist(), batch.requests.column("ts").to_pylist(), batch.history_length
+        ):
             assert length == sum(t < ts for t in users[user])
 
 
@@ -141,9 +143,17 @@ def test_hand_made_rows_group_as_expected(tmp_path):
     assert [r["request_id"] for r in requests] == [10, 11, 12]
     assert [i["item_id"] for i in requests[1]["impressions"]] == [7, 8]
     users = _read(out / "users.parquet").to_pylist()
-    assert users[0] == {"user_id": 1, "country": "US", "timeline_item_id": [3, 5], "timeline_action": [1, 1], "timeline_ts": [40, 120]}
+    assert users[0] == {
+        "user_id": 1,
+        "country": "US",
+        "timeline_item_id": [3, 5],
+        "timeline_action": [1, 1],
+        "timeline_ts": [40, 120],
+    }
     assert users[1]["timeline_item_id"] == []
-    _assert_identical(src / "impressions.parquet", requests_to_impressions(out, tmp_path / "back") / "impressions.parquet")
+    _assert_identical(
+        src / "impressions.parquet", requests_to_impressions(out, tmp_path / "back") / "impressions.parquet"
+    )
 
 
 @pytest.mark.parametrize(
@@ -184,16 +194,42 @@ def test_unknown_order(synth, tmp_path):
 @pytest.mark.parametrize(
     "rows, message",
     [
-        (_edit(1, ts=250), "request 10 of user 1 has rows at ts 100 and ts 250; column 'ts' must be constant per request"),
-        (_edit(1, surface="search"), "request 10 of user 1: column 'surface' is 'search' at row 1 but 'home' at row 0; it must be constant per request"),
+        (
+            _edit(1, ts=250),
+            "request 10 of user 1 has rows at ts 100 and ts 250; column 'ts' must be constant per request",
+        ),
+        (
+            _edit(1, surface="search"),
+            "request 10 of user 1: column 'surface' is 'search' at row 1 but 'home' at row 0; it must be constant per request",
+        ),
         (_edit(1, ts=101), "request 10 of user 1: column 'ts' is 101"),
-        (_edit(2, country="DE"), "user 1: column 'country' is 'DE' at row 2 but 'US' at row 0; it must be constant per user"),
+        (
+            _edit(2, country="DE"),
+            "user 1: column 'country' is 'DE' at row 2 but 'US' at row 0; it must be constant per user",
+        ),
         (_edit(1, history=[(4, 1, 40)]), "row 1: request 10 of user 1 has a different history than its row 0"),
-        (_edit(0, history=[(3, 1, 40), (4, 1, 100)]) [:1] + _edit(1, history=[(3, 1, 40), (4, 1, 100)])[1:2] + BASE[2:], "leakage"),
-        ([BASE[0], BASE[1], *(tuple(_edit(i, history=[(5, 1, 120), (3, 1, 40)])[i]) for i in (2, 3)), BASE[4]], "not sorted by \\(ts, item_id\\)"),
-        ([*(tuple(_edit(i, history=[(4, 1, 40)])[i]) for i in (0, 1)), *BASE[2:]], "the history of request 10 \\(ts 100\\) is not the part before ts 100 of the next request 11"),
-        ([*(tuple(_edit(i, history=[])[i]) for i in (0, 1)), *BASE[2:]], "the history of request 10 .* is not the part before"),
-        ([*BASE[:2], *(tuple(_edit(i, history=[])[i]) for i in (2, 3)), BASE[4]], "request 11 has a shorter history than the earlier request 10"),
+        (
+            _edit(0, history=[(3, 1, 40), (4, 1, 100)])[:1]
+            + _edit(1, history=[(3, 1, 40), (4, 1, 100)])[1:2]
+            + BASE[2:],
+            "leakage",
+        ),
+        (
+            [BASE[0], BASE[1], *(tuple(_edit(i, history=[(5, 1, 120), (3, 1, 40)])[i]) for i in (2, 3)), BASE[4]],
+            "not sorted by \\(ts, item_id\\)",
+        ),
+        (
+            [*(tuple(_edit(i, history=[(4, 1, 40)])[i]) for i in (0, 1)), *BASE[2:]],
+            "the history of request 10 \\(ts 100\\) is not the part before ts 100 of the next request 11",
+        ),
+        (
+            [*(tuple(_edit(i, history=[])[i]) for i in (0, 1)), *BASE[2:]],
+            "the history of request 10 .* is not the part before",
+        ),
+        (
+            [*BASE[:2], *(tuple(_edit(i, history=[])[i]) for i in (2, 3)), BASE[4]],
+            "request 11 has a shorter history than the earlier request 10",
+        ),
         (_edit(3, click=2), "row 3: label 'click' is 2; labels are 0/1"),
         (_edit(4, user_id=None), "column 'user_id' has 1 null values"),
     ],
@@ -229,13 +265,25 @@ GOOD_USERS = [(1, "US", [(3, 1, 40), (5, 1, 120)]), (2, "FR", [])]
 @pytest.mark.parametrize(
     "requests, users, message",
     [
-        ([(10, 1, 100, "home", [(5, 0)]), (11, 3, 100, "home", [(6, 0)])], GOOD_USERS, "request 11 has user 3, who has no row in"),
+        (
+            [(10, 1, 100, "home", [(5, 0)]), (11, 3, 100, "home", [(6, 0)])],
+            GOOD_USERS,
+            "request 11 has user 3, who has no row in",
+        ),
         ([(10, 1, 100, "home", [(5, 0)]), (11, 1, 50, "home", [(6, 0)])], GOOD_USERS, "ts decreases for user 1"),
         ([(10, 2, 100, "home", [(5, 0)]), (11, 1, 50, "home", [(6, 0)])], GOOD_USERS, "user 1 follows user 2"),
         ([(10, 1, 100, "home", [])], GOOD_USERS, "request 10 has no impressions"),
-        ([(10, 1, 100, "home", [(5, 3), (6, 0)])], GOOD_USERS, "request 10, impression 0: label 'click' is 3; labels are 0/1"),
+        (
+            [(10, 1, 100, "home", [(5, 3), (6, 0)])],
+            GOOD_USERS,
+            "request 10, impression 0: label 'click' is 3; labels are 0/1",
+        ),
         ([(10, 1, 100, "home", [(5, 0)])], [(1, "US", [(5, 1, 120), (3, 1, 40)])], "timeline of user 1 is not sorted"),
-        ([(10, 1, 100, "home", [(5, 0)])], [GOOD_USERS[1], GOOD_USERS[0]], "user 1 after user 2; users must be unique and sorted"),
+        (
+            [(10, 1, 100, "home", [(5, 0)])],
+            [GOOD_USERS[1], GOOD_USERS[0]],
+            "user 1 after user 2; users must be unique and sorted",
+        ),
     ],
 )
 def test_requests_to_impressions_rejects(tmp_path, requests, users, message):

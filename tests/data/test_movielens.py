@@ -48,7 +48,9 @@ def _write_1m(root: Path) -> Path:
 
 def _write_latest(root: Path) -> Path:
     root.mkdir()
-    (root / "ratings.csv").write_bytes(b"userId,movieId,rating,timestamp\r\n1,7,4.5,100\r\n1,9,3.5,100\r\n2,9,5.0,7\r\n")
+    (root / "ratings.csv").write_bytes(
+        b"userId,movieId,rating,timestamp\r\n1,7,4.5,100\r\n1,9,3.5,100\r\n2,9,5.0,7\r\n"
+    )
     (root / "movies.csv").write_bytes(
         b'movieId,title,genres\r\n7,"American President, The (1995)",Comedy|Drama|Romance\r\n'
         b"9,Babylon 5,(no genres listed)\r\n11,Heat (1995),Action\r\n"
@@ -93,9 +95,18 @@ def test_latest_fixture(tmp_path):
         {"item_id": 7, "position": 0, "like": 1, "love": 0, "rating": 4.5},
         {"item_id": 9, "position": 1, "like": 0, "love": 0, "rating": 3.5},
     ]
-    assert pq.read_schema(out / "users.parquet").names == ["user_id", "timeline_item_id", "timeline_action", "timeline_ts"]
+    assert pq.read_schema(out / "users.parquet").names == [
+        "user_id",
+        "timeline_item_id",
+        "timeline_action",
+        "timeline_ts",
+    ]
     _, attributes, display = read_items(out)
-    assert attributes == [{"genre": ["Comedy", "Drama", "Romance"], "year": 1995}, {"genre": []}, {"genre": ["Action"], "year": 1995}]
+    assert attributes == [
+        {"genre": ["Comedy", "Drama", "Romance"], "year": 1995},
+        {"genre": []},
+        {"genre": ["Action"], "year": 1995},
+    ]
     assert display["title"][0] == "American President, The (1995)"
 
 

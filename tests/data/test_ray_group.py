@@ -29,8 +29,10 @@ def cluster():
 def log(tmp_path_factory):
     """An impression log in time order, split into 4 Parquet files, and the single-process grouping."""
     root = tmp_path_factory.mktemp("log")
-    synth = generate(SynthConfig(num_users=50, num_items=300, requests_per_user=(1, 6), history_length=(0, 30), seed=8),
-                     root / "synth")
+    synth = generate(
+        SynthConfig(num_users=50, num_items=300, requests_per_user=(1, 6), history_length=(0, 30), seed=8),
+        root / "synth",
+    )
     served = requests_to_impressions(synth, root / "served", order="time")
     table = pq.read_table(served / "impressions.parquet")
     parts = root / "parts"
@@ -55,8 +57,9 @@ def test_ray_grouping_reports_bad_rows(cluster, log, tmp_path):
     click[3] = 2
     bad = tmp_path / "bad"
     bad.mkdir()
-    write_table(table.set_column(table.schema.get_field_index("click"), "click", pa.array(click, pa.int8())),
-                bad / "p.parquet")
+    write_table(
+        table.set_column(table.schema.get_field_index("click"), "click", pa.array(click, pa.int8())), bad / "p.parquet"
+    )
     with pytest.raises(DataError, match="label 'click' is 2; labels are 0/1"):
         ray_impressions_to_requests(bad, items, tmp_path / "out")
     with pytest.raises(DataError, match="no Parquet files"):

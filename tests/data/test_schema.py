@@ -49,7 +49,13 @@ def _large(t: pa.DataType) -> pa.DataType:
 
 def _tiny_requests() -> pa.Table:
     columns = {"request_id": [1, 2], "user_id": [7, 7], "ts": [10, 20], "surface": ["home", "search"]}
-    impressions = {"item_id": [3, 4, 5], "position": [0, 1, 0], "click": [1, 0, 0], "like": [1, 0, 0], "score": [0.5, 0.25, 1.0]}
+    impressions = {
+        "item_id": [3, 4, 5],
+        "position": [0, 1, 0],
+        "click": [1, 0, 0],
+        "like": [1, 0, 0],
+        "score": [0.5, 0.25, 1.0],
+    }
     return requests_table(ROLES, columns, [0, 2, 3], impressions)
 
 
@@ -158,18 +164,20 @@ def test_label_must_be_int8():
 def test_dataset_paths(tmp_path):
     paths = DatasetPaths(tmp_path)
     with pytest.raises(DatasetFileMissing, match="no requests.parquet"):
-        paths.format
+        _ = paths.format
     with pytest.raises(DatasetFileMissing, match="no items.parquet"):
-        paths.items
-    write_table(items_table(ROLES, {"item_id": [1], "genre": [["a"]], "year": [2000], "title": ["t"]}), paths.path("items"))
+        _ = paths.items
+    write_table(
+        items_table(ROLES, {"item_id": [1], "genre": [["a"]], "year": [2000], "title": ["t"]}), paths.path("items")
+    )
     write_table(_tiny_requests(), paths.path("requests"))
     with pytest.raises(DatasetFileMissing, match="no users.parquet.*requests.parquet"):
-        paths.format
+        _ = paths.format
     paths.path("users").touch()
     assert paths.format == "requests" and paths.items == tmp_path / "items.parquet"
     paths.path("impressions").touch()
     with pytest.raises(DataError, match="both"):
-        paths.format
+        _ = paths.format
 
 
 def test_list_array_takes_values_arrow_splits_into_chunks():

@@ -14,19 +14,27 @@ from sterling.data.sort import first_unsorted, sort_parquet
 def _table(rng, rows: int, distinct: int) -> pa.Table:
     """Two int keys with many ties, a float, and a list column (row i holds i, to check stability)."""
     lengths = rng.integers(0, 6, rows)
-    return pa.table({
-        "a": rng.integers(0, distinct, rows),
-        "b": rng.integers(-3, 3, rows).astype(np.int16),
-        "x": rng.normal(size=rows).astype(np.float32),
-        "row": pa.ListArray.from_arrays(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32),
-                                        np.repeat(np.arange(rows), lengths)),
-        "i": np.arange(rows),
-    })
+    return pa.table(
+        {
+            "a": rng.integers(0, distinct, rows),
+            "b": rng.integers(-3, 3, rows).astype(np.int16),
+            "x": rng.normal(size=rows).astype(np.float32),
+            "row": pa.ListArray.from_arrays(
+                np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32), np.repeat(np.arange(rows), lengths)
+            ),
+            "i": np.arange(rows),
+        }
+    )
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**31), rows=st.integers(1, 3000), distinct=st.integers(1, 400),
-       memory=st.sampled_from([1, 2_000, 20_000, 1 << 30]), two_keys=st.booleans())
+@given(
+    seed=st.integers(0, 2**31),
+    rows=st.integers(1, 3000),
+    distinct=st.integers(1, 400),
+    memory=st.sampled_from([1, 2_000, 20_000, 1 << 30]),
+    two_keys=st.booleans(),
+)
 def test_external_sort_is_the_stable_sort(tmp_path_factory, seed, rows, distinct, memory, two_keys):
     tmp = tmp_path_factory.mktemp("sort")
     table = _table(np.random.default_rng(seed), rows, distinct)
@@ -46,13 +54,18 @@ def _first_unsorted_reference(table: pa.Table, keys) -> int | None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**31), rows=st.integers(0, 600), distinct=st.integers(1, 5), batch=st.integers(1, 50),
-       presorted=st.booleans())
+@given(
+    seed=st.integers(0, 2**31),
+    rows=st.integers(0, 600),
+    distinct=st.integers(1, 5),
+    batch=st.integers(1, 50),
+    presorted=st.booleans(),
+)
 def test_first_unsorted_matches_a_row_by_row_scan(tmp_path_factory, seed, rows, distinct, batch, presorted):
     table = _table(np.random.default_rng(seed), rows, distinct)
     if presorted and rows:
         table = table.sort_by([("a", "ascending"), ("b", "ascending")])
-        table = table.take(np.r_[0:rows // 2, rows - 1, rows // 2:rows - 1]) if rows > 3 and seed % 2 else table
+        table = table.take(np.r_[0 : rows // 2, rows - 1, rows // 2 : rows - 1]) if rows > 3 and seed % 2 else table
     path = write_table(table, tmp_path_factory.mktemp("check") / "t.parquet", row_group_rows=97)
     assert first_unsorted(path, ("a", "b"), batch_rows=batch) == _first_unsorted_reference(table, ("a", "b"))
 
@@ -64,7 +77,9 @@ def test_bad_calls(tmp_path):
         first_unsorted(src, ("a",))
     with pytest.raises(DataError, match="column 'a' has 1 null values"):
         sort_parquet(src, tmp_path / "o.parquet", ("a",), memory_bytes=1)
-    nulls_later = write_table(pa.table({"a": [1, 2, 3], "b": pa.array([1, None, 3], pa.int64())}), tmp_path / "n.parquet")
+    nulls_later = write_table(
+        pa.table({"a": [1, 2, 3], "b": pa.array([1, None, 3], pa.int64())}), tmp_path / "n.parquet"
+    )
     with pytest.raises(DataError, match="column 'b' has 1 null values"):
         sort_parquet(nulls_later, tmp_path / "o.parquet", ("a", "b"), memory_bytes=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["n.parquet", "t.parquet"]  # nothing half-written

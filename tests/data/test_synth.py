@@ -41,7 +41,9 @@ def test_files_follow_the_contract(data):
     assert roles.labels == ("click", "like", "share") and roles.context == ("surface", "hour")
     ids, attributes, display = read_items(data)
     assert len(ids) == SMALL.num_items and len(display["title"]) == SMALL.num_items
-    assert all(a["category"] in CATEGORIES and 1 <= len(a["region"]) <= 3 and 1 <= len(a["tags"]) <= 4 for a in attributes)
+    assert all(
+        a["category"] in CATEGORIES and 1 <= len(a["region"]) <= 3 and 1 <= len(a["tags"]) <= 4 for a in attributes
+    )
     assert all(1960 <= a["year"] <= 2025 and isinstance(a["creator"], int) for a in attributes)
     own_tag = np.mean([any(t.startswith(a["category"] + "-") for t in a["tags"]) for a in attributes])
     assert own_tag > 0.8  # tags follow the category
@@ -65,7 +67,9 @@ def test_timeline_sorted_and_history_never_leaks(data):
     timelines = {r["user_id"]: np.array(r["timeline_ts"]) for r in users.to_pylist()}
     grew, pairs, previous = 0, 0, None
     for batch in join_users(data, batch_rows=64):
-        for user, ts, length in zip(batch.requests.column("user_id").to_pylist(), batch.requests.column("ts").to_pylist(), batch.history_length):
+        for user, ts, length in zip(
+            batch.requests.column("user_id").to_pylist(), batch.requests.column("ts").to_pylist(), batch.history_length
+        ):
             history = timelines[user][:length]
             assert (history < ts).all() and (timelines[user][length:] >= ts).all()
             if previous is not None and previous[0] == user:

@@ -45,11 +45,7 @@ def item_attributes(draw: st.DrawFn) -> dict[str, Any]:
     """One item: multi-valued ``genre``, scalar str/int ``tag``, int ``year``, float ``score``;
     any of them may be absent, None or (for genre) an empty list."""
     values = {
-        "genre": draw(
-            st.one_of(
-                _missing(), st.just([]), st.lists(st.sampled_from(GENRES), min_size=1, max_size=3)
-            )
-        ),
+        "genre": draw(st.one_of(_missing(), st.just([]), st.lists(st.sampled_from(GENRES), min_size=1, max_size=3))),
         "tag": draw(st.one_of(_missing(), st.sampled_from(TAGS))),
         "year": draw(st.one_of(_missing(), st.sampled_from(YEARS))),
         "score": draw(st.one_of(_missing(), st.sampled_from(SCORES))),
@@ -63,14 +59,10 @@ ANCHORS = [
 ]
 
 
-def catalogues(
-    max_size: int = 120, anchored: bool = False
-) -> st.SearchStrategy[list[dict[str, Any]]]:
+def catalogues(max_size: int = 120, anchored: bool = False) -> st.SearchStrategy[list[dict[str, Any]]]:
     """Lists of attribute dicts; ``anchored`` ones start with :data:`ANCHORS`, so every feature
     exists with a fixed kind whatever the other items hold."""
-    items = st.integers(0, max_size).flatmap(
-        lambda n: st.lists(item_attributes(), min_size=n, max_size=n)
-    )
+    items = st.integers(0, max_size).flatmap(lambda n: st.lists(item_attributes(), min_size=n, max_size=n))
     return items.map(lambda rest: [dict(a) for a in ANCHORS] + rest) if anchored else items
 
 
@@ -139,9 +131,7 @@ _OPS = {
 
 
 @st.composite
-def filter_trees(
-    draw: st.DrawFn, kinds: dict[str, tuple[str, set[Any]]], max_leaves: int = 6
-) -> FilterNode:
+def filter_trees(draw: st.DrawFn, kinds: dict[str, tuple[str, set[Any]]], max_leaves: int = 6) -> FilterNode:
     """Random filter trees over the features of ``kinds``, in the parser's normal form (And/Or
     with at least two children). Values mix present ones, their int forms and unknown ones."""
     names = sorted(kinds)
@@ -195,9 +185,7 @@ def _render(node: FilterNode, rnd: random.Random) -> str:
         parts = []
         for child in node.children:
             text = _render(child, rnd)
-            needs = isinstance(child, (And, Or)) and not (
-                isinstance(node, Or) and isinstance(child, And)
-            )
+            needs = isinstance(child, (And, Or)) and not (isinstance(node, Or) and isinstance(child, And))
             parts.append(f"({text})" if needs or rnd.random() < 0.1 else text)
         joiner = rnd.choice([f" {word} ", f" {word.lower()} ", f" {symbol} ", symbol])
         return joiner.join(parts)

@@ -61,9 +61,7 @@ def test_decode_round_trip(catalogue: list[dict]) -> None:
 
 @settings(max_examples=30, deadline=None)
 @given(data=st.data(), catalogue=catalogues(anchored=True), more=catalogues(max_size=20))
-def test_take_append_equals_build(
-    data: st.DataObject, catalogue: list[dict], more: list[dict]
-) -> None:
+def test_take_append_equals_build(data: st.DataObject, catalogue: list[dict], more: list[dict]) -> None:
     rows = data.draw(st.lists(st.integers(0, len(catalogue) - 1), unique=True))
     rows = sorted(set(rows) | {0, 1})  # keep the anchors, so every feature keeps its kind
     store = AttributeStore.build(catalogue).take(torch.tensor(rows)).append(more)
@@ -169,13 +167,9 @@ def test_build_validation(rows: object, message: str) -> None:
 
 def test_append_validation_and_growth() -> None:
     store = AttributeStore.build([{"genre": "Drama", "year": 1995}])
-    with pytest.raises(
-        ValueError, match="item 1: unknown feature 'x'; known features: genre, year"
-    ):
+    with pytest.raises(ValueError, match="item 1: unknown feature 'x'; known features: genre, year"):
         store.append([{"genre": "War"}, {"x": 1}])
-    with pytest.raises(
-        ValueError, match="item 0, feature 'year': the feature is numeric, got list"
-    ):
+    with pytest.raises(ValueError, match="item 0, feature 'year': the feature is numeric, got list"):
         store.append([{"year": [1995]}])
     with pytest.raises(ValueError, match="feature 'year': the feature is numeric, got str 'abc'"):
         store.append([{"year": "abc"}])
@@ -226,17 +220,11 @@ def test_from_parts_validation() -> None:
     with pytest.raises(ValueError, match=r"'g.value_ids' should be torch.int8 \[\*\], got .*int32"):
         AttributeStore.from_parts(meta, {**tensors, "g.value_ids": tensors["g.value_ids"].int()})
     with pytest.raises(ValueError, match="offsets are not a valid CSR index"):
-        AttributeStore.from_parts(
-            meta, {**tensors, "g.offsets": torch.tensor([0, 3, 2], dtype=torch.int32)}
-        )
+        AttributeStore.from_parts(meta, {**tensors, "g.offsets": torch.tensor([0, 3, 2], dtype=torch.int32)})
     with pytest.raises(ValueError, match="value ids outside the vocabulary of 3"):
-        AttributeStore.from_parts(
-            meta, {**tensors, "g.value_ids": torch.tensor([0, 1, 3], dtype=torch.int8)}
-        )
+        AttributeStore.from_parts(meta, {**tensors, "g.value_ids": torch.tensor([0, 1, 3], dtype=torch.int8)})
     with pytest.raises(ValueError, match="numeric values must be finite"):
-        AttributeStore.from_parts(
-            meta, {**tensors, "y.values": torch.tensor([1.0, math.inf], dtype=torch.float64)}
-        )
+        AttributeStore.from_parts(meta, {**tensors, "y.values": torch.tensor([1.0, math.inf], dtype=torch.float64)})
     bad_vocab = json.loads(json.dumps(meta))
     bad_vocab["features"][0]["vocab"] = ["a", "a", "c"]
     with pytest.raises(ValueError, match="vocabulary must hold distinct str/int values"):
@@ -268,9 +256,7 @@ def round_trip(store: AttributeStore) -> AttributeStore:
     meta = json.loads(json.dumps(store.meta()))
     back = AttributeStore.from_parts(meta, store.to_tensors())
     assert back.decode(range(len(store))) == store.decode(range(len(store)))
-    assert {k: v.dtype for k, v in back.to_tensors().items()} == {
-        k: v.dtype for k, v in store.to_tensors().items()
-    }
+    assert {k: v.dtype for k, v in back.to_tensors().items()} == {k: v.dtype for k, v in store.to_tensors().items()}
     return back
 
 
@@ -435,9 +421,7 @@ def test_numeric_storage_is_exact(values: list, dtype: torch.dtype) -> None:
     ]
     present_values = [float(v) for v in values if v is not None]
     numbers = {
-        b + d
-        for b in present_values + [0.0, -128.0, 127.0, 2.0**31, -(2.0**31)]
-        for d in (-1.0, -0.5, 0.0, 0.5, 1.0)
+        b + d for b in present_values + [0.0, -128.0, 127.0, 2.0**31, -(2.0**31)] for d in (-1.0, -0.5, 0.0, 0.5, 1.0)
     } | {math.inf, -math.inf, 1e20, -1e20}
     back = round_trip(store)
     for number in sorted(numbers):
@@ -466,16 +450,12 @@ def test_numeric_storage_on_append() -> None:
 
 @settings(max_examples=40, deadline=None)
 @given(data=st.data(), catalogue=catalogues())
-def test_evaluate_rows_equals_take_then_evaluate(
-    data: st.DataObject, catalogue: list[dict]
-) -> None:
+def test_evaluate_rows_equals_take_then_evaluate(data: st.DataObject, catalogue: list[dict]) -> None:
     kinds = schema(catalogue)
     store = AttributeStore.build(catalogue)
     if not kinds or not catalogue:
         return
-    rows = torch.tensor(
-        data.draw(st.lists(st.integers(0, len(catalogue) - 1), max_size=60)), dtype=torch.int64
-    )
+    rows = torch.tensor(data.draw(st.lists(st.integers(0, len(catalogue) - 1), max_size=60)), dtype=torch.int64)
     for _ in range(3):
         tree = data.draw(filter_trees(kinds))
         got = store.evaluate_rows(tree, rows)

@@ -227,9 +227,7 @@ def test_empty_catalogue_and_items_without_attributes() -> None:
 
 @settings(max_examples=15, deadline=None)
 @given(data=st.data(), catalogue=catalogues(max_size=100), config=configs)
-def test_snapshot_round_trip(
-    data: st.DataObject, catalogue: list[dict], config: BloomConfig
-) -> None:
+def test_snapshot_round_trip(data: st.DataObject, catalogue: list[dict], config: BloomConfig) -> None:
     store = AttributeStore.build(catalogue)
     index = BloomIndex.build(store, config=config)
     meta = json.loads(json.dumps(index.meta()))

@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sterling.index.filter import (
+    MAX_DEPTH,
     And,
     Compare,
-    MAX_DEPTH,
     FilterError,
     In,
     Not,
@@ -173,10 +173,12 @@ def test_nesting_is_bounded_with_a_filter_error() -> None:
     deep_ok = "(" * MAX_DEPTH + "a:a" + ")" * MAX_DEPTH
     assert parse(deep_ok) == Term("a", "a")
     assert parse("NOT " * MAX_DEPTH + "a:a") is not None
-    for expr, position in (("(" * (MAX_DEPTH + 1) + "a:a" + ")" * (MAX_DEPTH + 1), MAX_DEPTH),
-                           ("NOT " * 5000 + "a:a", 4 * MAX_DEPTH),
-                           ("(" * 3000 + "a:a" + ")" * 3000, MAX_DEPTH),
-                           ("NOT (" * 40 + "a:a" + ")" * 40, 5 * 32)):
+    for expr, position in (
+        ("(" * (MAX_DEPTH + 1) + "a:a" + ")" * (MAX_DEPTH + 1), MAX_DEPTH),
+        ("NOT " * 5000 + "a:a", 4 * MAX_DEPTH),
+        ("(" * 3000 + "a:a" + ")" * 3000, MAX_DEPTH),
+        ("NOT (" * 40 + "a:a" + ")" * 40, 5 * 32),
+    ):
         with pytest.raises(FilterError, match=f"nests deeper than {MAX_DEPTH}") as e:
             parse(expr)
         assert e.value.position == position

@@ -33,11 +33,7 @@ def brute_force_check(
     assert res.ids.shape == res.scores.shape == (len(queries), k)
     assert res.ids.dtype == torch.int64 and res.scores.dtype == torch.float32
     for b, query in enumerate(queries):
-        scores = {
-            i: float(emb.double() @ query.double())
-            for i, (emb, attrs) in items.items()
-            if passes[b](attrs)
-        }
+        scores = {i: float(emb.double() @ query.double()) for i, (emb, attrs) in items.items() if passes[b](attrs)}
         count = min(k, len(scores))
         got = res.ids[b, :count].tolist()
         assert (res.ids[b, count:] == -1).all() and torch.isneginf(res.scores[b, count:]).all()
@@ -91,9 +87,7 @@ def test_filtered_search_matches_brute_force(data: st.DataObject, index: tuple) 
     b = data.draw(st.integers(1, 4))
     queries = torch.randn(b, embeddings.shape[1], generator=gen)
     k = data.draw(st.integers(1, len(catalogue) + 5))
-    trees = [
-        data.draw(st.one_of(st.none(), filter_trees(kinds))) if kinds else None for _ in range(b)
-    ]
+    trees = [data.draw(st.one_of(st.none(), filter_trees(kinds))) if kinds else None for _ in range(b)]
     rnd = data.draw(st.randoms(use_true_random=False))
     texts = [None if t is None else render(t, rnd) for t in trees]
     if data.draw(st.booleans()):  # one filter for the batch
@@ -101,9 +95,7 @@ def test_filtered_search_matches_brute_force(data: st.DataObject, index: tuple) 
     elif b > 1 and data.draw(st.booleans()):  # repeated filters in one batch
         texts[-1], trees[-1] = texts[0], trees[0]
     items = stored(built, {int(i): catalogue[r] for r, i in enumerate(ids)})
-    passes = [
-        (lambda a: True) if t is None else (lambda a, t=t: oracle(t, a, kinds)) for t in trees
-    ]
+    passes = [(lambda a: True) if t is None else (lambda a, t=t: oracle(t, a, kinds)) for t in trees]
     brute_force_check(exact_search(built, queries, k, texts), queries, k, items, passes)
     brute_force_check(built.search(queries, k=k, filter=texts), queries, k, items, passes, exact=False)
 
@@ -154,8 +146,14 @@ def test_updates_equal_fresh_build(data: st.DataObject, index: tuple) -> None:
         torch.testing.assert_close(got.scores, want.scores)
         items = stored(live, {i: a for i, (_, a) in model.items()})
         brute_force_check(got, queries, k, items, [lambda a, t=tree: oracle(t, a, kinds)] * 3)
-        brute_force_check(live.search(queries, k=k, filter=text), queries, k, items,
-                          [lambda a, t=tree: oracle(t, a, kinds)] * 3, exact=False)
+        brute_force_check(
+            live.search(queries, k=k, filter=text),
+            queries,
+            k,
+            items,
+            [lambda a, t=tree: oracle(t, a, kinds)] * 3,
+            exact=False,
+        )
 
 
 def small_index(**kwargs) -> ItemIndex:
@@ -171,18 +169,12 @@ def small_index(**kwargs) -> ItemIndex:
 
 def test_small_example() -> None:
     index = small_index()
-    res = index.search(
-        torch.tensor([1.0, 0.5]), k=3, filter="NOT genre:Comedy AND (year >= 1990 OR lang:en)"
-    )
+    res = index.search(torch.tensor([1.0, 0.5]), k=3, filter="NOT genre:Comedy AND (year >= 1990 OR lang:en)")
     assert res.ids.tolist() == [[10, 13, -1]]
     assert res.scores[0, :2].tolist() == [1.0, -1.0] and res.scores[0, 2] == float("-inf")
-    res = index.search(
-        torch.tensor([[1.0, 0.5], [0.1, 1.0]]), k=2, filter=['genre:"(no genres listed)"', None]
-    )
+    res = index.search(torch.tensor([[1.0, 0.5], [0.1, 1.0]]), k=2, filter=['genre:"(no genres listed)"', None])
     assert res.ids.tolist() == [[12, -1], [12, 11]]
-    assert index.search(torch.tensor([1.0, 0.5]), k=2, filter="genre:Horror").ids.tolist() == [
-        [-1, -1]
-    ]
+    assert index.search(torch.tensor([1.0, 0.5]), k=2, filter="genre:Horror").ids.tolist() == [[-1, -1]]
     assert index.search(torch.tensor([1.0, 0.5]), k=1, nprobe=4).ids.tolist() == [[12]]
     assert len(index) == 4 and index.dim == 2 and index.ids.tolist() == [10, 11, 12, 13]
     assert index.attributes_of([13, 11]) == [
@@ -205,9 +197,7 @@ def test_numpy_inputs_and_copies() -> None:
 def test_identical_filters_compiled_once(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
     original = BloomIndex.compile
-    monkeypatch.setattr(
-        BloomIndex, "compile", lambda self, node, e=None: calls.append(e) or original(self, node, e)
-    )
+    monkeypatch.setattr(BloomIndex, "compile", lambda self, node, e=None: calls.append(e) or original(self, node, e))
     index = small_index()
     for _ in range(2):
         index.search(torch.randn(5, 2), k=2, filter=["year > 1", "genre:War", "year > 1", None, "genre:War"])
@@ -216,15 +206,11 @@ def test_identical_filters_compiled_once(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_upsert_replaces_and_appends() -> None:
     index = small_index()
-    index.upsert(
-        [11, 20], torch.tensor([[5.0, 5.0], [0.0, 2.0]]), [{"genre": "Noir"}, {"year": 1999}]
-    )
+    index.upsert([11, 20], torch.tensor([[5.0, 5.0], [0.0, 2.0]]), [{"genre": "Noir"}, {"year": 1999}])
     assert len(index) == 5
     assert index.attributes_of([11, 20]) == [{"genre": ["Noir"]}, {"year": 1999}]
     assert index.search(torch.tensor([1.0, 1.0]), k=1, filter="genre:Noir").ids.tolist() == [[11]]
-    assert index.search(torch.tensor([1.0, 1.0]), k=5, filter="genre:Comedy").ids.tolist() == [
-        [-1] * 5
-    ]
+    assert index.search(torch.tensor([1.0, 1.0]), k=5, filter="genre:Comedy").ids.tolist() == [[-1] * 5]
     assert index.delete([11, 11, 12, 999]) == 2
     assert sorted(index.ids.tolist()) == [10, 13, 20]
     assert index.delete([999]) == 0
@@ -436,9 +422,7 @@ def test_concurrent_search_never_sees_a_torn_state() -> None:
             if not torch.equal(res.scores[1, second], res.ids[1, second].float()):
                 errors.append("scores of one state paired with ids of another")
 
-    threads = [threading.Thread(target=writer)] + [
-        threading.Thread(target=reader) for _ in range(3)
-    ]
+    threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader) for _ in range(3)]
     for t in threads:
         t.start()
     for t in threads:
@@ -491,12 +475,8 @@ def test_load_refuses_other_snapshots_and_bad_parts(tmp_path: Path) -> None:
         ItemIndex.from_snapshot_parts(meta, {**tensors, "ids": torch.tensor([10, 10, 11, 12])})
     with pytest.raises(ValueError, match="snapshot parts are malformed"):
         ItemIndex.from_snapshot_parts({**meta, "config": {"nlist": 3, "colour": 1}}, tensors)
-    with pytest.raises(
-        ValueError, match="attribute tensor 'attr.year.values'|'year.values' is missing"
-    ):
-        ItemIndex.from_snapshot_parts(
-            meta, {k: v for k, v in tensors.items() if k != "attr.year.values"}
-        )
+    with pytest.raises(ValueError, match="attribute tensor 'attr.year.values'|'year.values' is missing"):
+        ItemIndex.from_snapshot_parts(meta, {k: v for k, v in tensors.items() if k != "attr.year.values"})
 
 
 def test_k_beyond_the_catalogue_only_pads() -> None:

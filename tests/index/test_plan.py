@@ -156,10 +156,18 @@ def small_index() -> ItemIndex:
 @pytest.mark.parametrize(
     "k, filter, nprobe",
     [
-        (0, None, None), (True, None, None), (2.0, None, None),
-        (2, None, 0), (2, None, True), (2, None, 1.5),
-        (2, ["year:1"], None), (2, ["year:1", 3], None), (2, 5, None),
-        (2, ["year:1", "genre:"], None), (2, ["year:1", "colour:red"], None), (2, "genre < 3", None),
+        (0, None, None),
+        (True, None, None),
+        (2.0, None, None),
+        (2, None, 0),
+        (2, None, True),
+        (2, None, 1.5),
+        (2, ["year:1"], None),
+        (2, ["year:1", 3], None),
+        (2, 5, None),
+        (2, ["year:1", "genre:"], None),
+        (2, ["year:1", "colour:red"], None),
+        (2, "genre < 3", None),
         (2, ["genre:Drama year:1995", None], None),
     ],
 )

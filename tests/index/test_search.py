@@ -39,8 +39,11 @@ def cases(draw):
         gather_queries=draw(st.sampled_from([1, 64])),
         gather_cost=draw(st.sampled_from([0.0, 6.0, 1e9])),
         sample_size=draw(st.sampled_from([4, 64])),
-        bloom=BloomConfig(dedicated_bits=draw(st.sampled_from([0, 2, 64])), bits_per_term=draw(st.sampled_from([1.0, 10.0])),
-                           min_hashed_width=draw(st.sampled_from([1, 64]))),
+        bloom=BloomConfig(
+            dedicated_bits=draw(st.sampled_from([0, 2, 64])),
+            bits_per_term=draw(st.sampled_from([1.0, 10.0])),
+            min_hashed_width=draw(st.sampled_from([1, 64])),
+        ),
         kernel=draw(st.sampled_from(KERNELS)),
     )
     kinds = schema(catalogue)
@@ -111,8 +114,9 @@ def test_plans_follow_selectivity():
     q = torch.randn(8, 16)  # shared by enough queries: gathered instead of scanned, same result
     scores, gathered, explain = seg.search(q, ["rare:r"] * 8, k=10)
     assert explain[0]["plan"] == "gather"
-    scanned = Segment.build(clustered(n, 16, 0), AttributeStore.build(attrs),
-                            config=IndexConfig(nlist=32, nprobe=4, gather_queries=9)).search(q, ["rare:r"] * 8, k=10)
+    scanned = Segment.build(
+        clustered(n, 16, 0), AttributeStore.build(attrs), config=IndexConfig(nlist=32, nprobe=4, gather_queries=9)
+    ).search(q, ["rare:r"] * 8, k=10)
     assert scanned[2][0]["plan"] == "scan" and torch.equal(gathered, scanned[1])
     torch.testing.assert_close(scores, scanned[0])
     assert (rows >= 0).all()

@@ -9,8 +9,10 @@ from sterling.models.sasrec import SASRec, SASRecConfig
 
 def encoders():
     torch.manual_seed(0)
-    return [HSTU(HSTUConfig(dim=8, num_heads=2, attention_dim=4, value_dim=4, norm_len=32, dropout=0.0)).eval(),
-            SASRec(SASRecConfig(dim=8, num_heads=2, max_len=32, dropout=0.0)).eval()]
+    return [
+        HSTU(HSTUConfig(dim=8, num_heads=2, attention_dim=4, value_dim=4, norm_len=32, dropout=0.0)).eval(),
+        SASRec(SASRecConfig(dim=8, num_heads=2, max_len=32, dropout=0.0)).eval(),
+    ]
 
 
 def test_mask_and_positions():
@@ -32,10 +34,10 @@ def test_history_never_sees_candidates_and_batching_changes_nothing(index):
     y = x.clone()
     y[4:6] += 1.0  # the candidates of sequence 0
     again = enc(y, offsets, ts, targets)
-    torch.testing.assert_close(again[:4], out[:4])        # its history is untouched
-    torch.testing.assert_close(again[6:], out[6:])        # so is the other sequence
+    torch.testing.assert_close(again[:4], out[:4])  # its history is untouched
+    torch.testing.assert_close(again[6:], out[6:])  # so is the other sequence
     alone = enc(x[6:], torch.tensor([0, 3]), ts[6:], targets[1:])
-    torch.testing.assert_close(alone, out[6:], rtol=1e-5, atol=1e-6)   # no padding effect
+    torch.testing.assert_close(alone, out[6:], rtol=1e-5, atol=1e-6)  # no padding effect
 
 
 def test_sasrec_heads_must_divide_dim():

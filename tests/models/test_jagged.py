@@ -18,8 +18,8 @@ def test_concat_padding_and_gather_match_lists(shape, data):
     a, b = torch.arange(sum(a_len)) * 10, -1 - torch.arange(sum(b_len))
     a_off, b_off = offsets_of(a_len), offsets_of(b_len)
     out, off, b_at = jagged.concat(a, a_off, b, b_off)
-    rows = [a[a_off[r]:a_off[r + 1]].tolist() + b[b_off[r]:b_off[r + 1]].tolist() for r in range(len(shape))]
-    assert [out[off[r]:off[r + 1]].tolist() for r in range(len(shape))] == rows
+    rows = [a[a_off[r] : a_off[r + 1]].tolist() + b[b_off[r] : b_off[r + 1]].tolist() for r in range(len(shape))]
+    assert [out[off[r] : off[r + 1]].tolist() for r in range(len(shape))] == rows
     assert torch.equal(out[b_at], b)
     padded = jagged.to_padded(out.view(-1, 1), off)
     assert padded.shape[:2] == (len(shape), max(len(r) for r in rows))
@@ -27,4 +27,4 @@ def test_concat_padding_and_gather_match_lists(shape, data):
     picks = data.draw(st.lists(st.integers(0, len(shape) - 1), max_size=8))
     index, new_off = jagged.gather_rows(off, torch.tensor(picks, dtype=torch.int64))
     got = out[index]
-    assert [got[new_off[i]:new_off[i + 1]].tolist() for i in range(len(picks))] == [rows[p] for p in picks]
+    assert [got[new_off[i] : new_off[i + 1]].tolist() for i in range(len(picks))] == [rows[p] for p in picks]

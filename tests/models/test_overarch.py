@@ -77,7 +77,7 @@ def plain_mol(arch, user, queries, history, mask, items):
     out = torch.zeros(items.shape[0], items.shape[1], T)
     temperature = float(arch.log_history_temperature.exp())
     for b in range(items.shape[0]):
-        valid = history[b][mask[b]]                                           # [l, D]
+        valid = history[b][mask[b]]  # [l, D]
         sources = [user[b]]
         for i in range(p - 1):
             if len(valid):
@@ -87,13 +87,13 @@ def plain_mol(arch, user, queries, history, mask, items):
                 sources.append(torch.zeros(D))
         user_comps = []
         for i, src in enumerate(sources):
-            w = arch.user_proj.weight[i * c:(i + 1) * c]
-            user_comps.append(torch.nn.functional.normalize(w @ src + arch.user_proj.bias[i * c:(i + 1) * c], dim=0))
+            w = arch.user_proj.weight[i * c : (i + 1) * c]
+            user_comps.append(torch.nn.functional.normalize(w @ src + arch.user_proj.bias[i * c : (i + 1) * c], dim=0))
         for m in range(items.shape[1]):
             emb, comps = items[b, m, :D], items[b, m, D:].view(p, c)
             logits = [float(user_comps[i] @ comps[i]) for i in range(p)]
             logits.append(float(torch.logsumexp(valid @ emb * temperature, 0) / temperature) if len(valid) else 0.0)
-            dots = queries[b] @ emb                                           # [T]
+            dots = queries[b] @ emb  # [T]
             gate = arch.gate(plain_pair(user[b], dots, emb)).view(T, p + 1).softmax(-1)
             for t in range(T):
                 mixed = float(gate[t] @ torch.tensor(logits))
@@ -108,9 +108,13 @@ def test_mol_equals_a_plain_per_pair_computation():
     user, queries, history, mask, items = inputs(2)
     state = arch.item_state(items)
     comps = state[..., D:].unflatten(-1, (3, 4))
-    torch.testing.assert_close(comps.norm(dim=-1), torch.ones(B, M, 3))      # unit item components
-    torch.testing.assert_close(arch(user, queries, history, mask, state),
-                               plain_mol(arch, user, queries, history, mask, state), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(comps.norm(dim=-1), torch.ones(B, M, 3))  # unit item components
+    torch.testing.assert_close(
+        arch(user, queries, history, mask, state),
+        plain_mol(arch, user, queries, history, mask, state),
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 @torch.no_grad()
@@ -133,7 +137,7 @@ def test_nearest_history_is_the_soft_maximum_over_the_unmasked_history():
     torch.manual_seed(5)
     arch = make_overarch(OverArchConfig(kind="mol", dim=D, num_tasks=T, hidden=8, components=2, component_dim=4))
     _, _, history, mask, items = inputs(4)
-    near = arch.nearest_history(items, history, mask)                         # [B, M]
+    near = arch.nearest_history(items, history, mask)  # [B, M]
     assert near.shape == (B, M)
     temperature = float(arch.log_history_temperature.exp())
     for b in range(B):
@@ -142,7 +146,11 @@ def test_nearest_history_is_the_soft_maximum_over_the_unmasked_history():
             if len(valid):
                 sims = valid @ items[b, m]
                 want = torch.logsumexp(sims * temperature, 0) / temperature
-                assert float(sims.max()) - 1e-5 <= float(want) <= float(sims.max()) + np.log(len(valid)) / temperature + 1e-5
+                assert (
+                    float(sims.max()) - 1e-5
+                    <= float(want)
+                    <= float(sims.max()) + np.log(len(valid)) / temperature + 1e-5
+                )
             else:
                 want = torch.tensor(0.0)
             torch.testing.assert_close(near[b, m], want, rtol=1e-5, atol=1e-5)
@@ -150,8 +158,9 @@ def test_nearest_history_is_the_soft_maximum_over_the_unmasked_history():
     scrambled = history.clone()
     scrambled[~mask] = torch.randn(int((~mask).sum()), D) * 50
     torch.testing.assert_close(arch.nearest_history(items, scrambled, mask), near)
-    torch.testing.assert_close(arch.user_components(torch.zeros(B, D), scrambled, mask),
-                               arch.user_components(torch.zeros(B, D), history, mask))
+    torch.testing.assert_close(
+        arch.user_components(torch.zeros(B, D), scrambled, mask), arch.user_components(torch.zeros(B, D), history, mask)
+    )
 
 
 @pytest.mark.parametrize("kind", ["mlp", "mol"])
@@ -161,18 +170,37 @@ def test_an_all_empty_history_gives_finite_outputs(kind):
     arch = make_overarch(OverArchConfig(kind=kind, dim=D, num_tasks=T, hidden=8, components=3, component_dim=4))
     user, queries, history, mask, items = inputs(5)
     for width in (L, 0):  # padded to L, or no history columns at all
-        out = arch(user, queries, history[:, :width] * 0, torch.zeros(B, width, dtype=torch.bool), arch.item_state(items))
+        out = arch(
+            user, queries, history[:, :width] * 0, torch.zeros(B, width, dtype=torch.bool), arch.item_state(items)
+        )
         assert out.shape == (B, M, T) and torch.isfinite(out).all()
         if kind == "mol":
-            torch.testing.assert_close(out, plain_mol(arch, user, queries, history[:, :width], torch.zeros(B, width, dtype=torch.bool),
-                                                      arch.item_state(items)), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(
+                out,
+                plain_mol(
+                    arch,
+                    user,
+                    queries,
+                    history[:, :width],
+                    torch.zeros(B, width, dtype=torch.bool),
+                    arch.item_state(items),
+                ),
+                rtol=1e-4,
+                atol=1e-4,
+            )
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"kind": "MoL"}, "'mlp' or 'mol'"), ({"kind": "mol", "components": 0}, "components >= 2"),
-    ({"dim": 0}, "dim must be >= 1"), ({"num_tasks": 0}, "num_tasks"), ({"hidden": 0}, "hidden"),
-    ({"component_dim": 0}, "component_dim"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"kind": "MoL"}, "'mlp' or 'mol'"),
+        ({"kind": "mol", "components": 0}, "components >= 2"),
+        ({"dim": 0}, "dim must be >= 1"),
+        ({"num_tasks": 0}, "num_tasks"),
+        ({"hidden": 0}, "hidden"),
+        ({"component_dim": 0}, "component_dim"),
+    ],
+)
 def test_config_rejects(kwargs, message):
     with pytest.raises(ValueError, match=message):
         OverArchConfig(**kwargs)

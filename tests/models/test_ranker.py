@@ -30,21 +30,37 @@ def random_batch(gen: torch.Generator, history_lengths: list[int], impressions: 
     owner = torch.repeat_interleave(torch.arange(r), h)
     history_ts = ts[owner] - torch.randint(1, 5_000, (int(h.sum()),), generator=gen)
     return RequestBatch(
-        request_ids=torch.arange(r), user_ids=torch.arange(r), ts=ts, context={}, user_features={},
+        request_ids=torch.arange(r),
+        user_ids=torch.arange(r),
+        ts=ts,
+        context={},
+        user_features={},
         history_items=torch.randint(0, NUM_ITEMS, (int(h.sum()),), generator=gen),
         history_actions=torch.randint(0, 8, (int(h.sum()),), generator=gen),
-        history_ts=history_ts, history_offsets=h_off,
+        history_ts=history_ts,
+        history_offsets=h_off,
         item_rows=torch.randint(0, NUM_ITEMS, (int(k.sum()),), generator=gen),
         positions=torch.cat([torch.arange(n) for n in impressions]),
         labels=(torch.rand(int(k.sum()), len(TASKS), generator=gen) < 0.3).float(),
-        impression_features={}, impression_offsets=k_off,
+        impression_features={},
+        impression_offsets=k_off,
     )
 
 
 def make_model(encoder: str, dropout: float = 0.0, layers: int = 2) -> SequenceRanker:
     torch.manual_seed(0)
-    return SequenceRanker(RankerConfig(num_items=NUM_ITEMS, tasks=TASKS, encoder=encoder, dim=16, num_layers=layers,
-                                       num_heads=2, norm_len=64, dropout=dropout))
+    return SequenceRanker(
+        RankerConfig(
+            num_items=NUM_ITEMS,
+            tasks=TASKS,
+            encoder=encoder,
+            dim=16,
+            num_layers=layers,
+            num_heads=2,
+            norm_len=64,
+            dropout=dropout,
+        )
+    )
 
 
 def per_impression_loss(model: SequenceRanker, batch: RequestBatch, mode: str) -> torch.Tensor:
@@ -80,11 +96,22 @@ def test_a_request_scores_the_same_alone_and_in_a_batch(encoder: str) -> None:
     model = make_model(encoder).eval()
     together = model(batch)
     alone = random_batch(gen, [12], [5])
-    alone = RequestBatch(**{**batch.__dict__, "request_ids": batch.request_ids[2:], "user_ids": batch.user_ids[2:],
-                            "ts": batch.ts[2:], "history_items": batch.history_items[7:], "history_actions": batch.history_actions[7:],
-                            "history_ts": batch.history_ts[7:], "history_offsets": torch.tensor([0, 12]),
-                            "item_rows": batch.item_rows[5:], "positions": batch.positions[5:], "labels": batch.labels[5:],
-                            "impression_offsets": torch.tensor([0, 5])})
+    alone = RequestBatch(
+        **{
+            **batch.__dict__,
+            "request_ids": batch.request_ids[2:],
+            "user_ids": batch.user_ids[2:],
+            "ts": batch.ts[2:],
+            "history_items": batch.history_items[7:],
+            "history_actions": batch.history_actions[7:],
+            "history_ts": batch.history_ts[7:],
+            "history_offsets": torch.tensor([0, 12]),
+            "item_rows": batch.item_rows[5:],
+            "positions": batch.positions[5:],
+            "labels": batch.labels[5:],
+            "impression_offsets": torch.tensor([0, 5]),
+        }
+    )
     torch.testing.assert_close(model(alone), together[5:], rtol=1e-5, atol=1e-5)
 
 

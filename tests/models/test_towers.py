@@ -6,8 +6,17 @@ from sterling.models.towers import ItemTerms, TwoTower, TwoTowerConfig
 
 
 def make_model(**kw):
-    cfg = TwoTowerConfig(num_items=50, num_terms=7, tasks=("click", "like"), context_features=("surface",),
-                         user_features=("age",), dim=16, hidden=24, max_history=8, **kw)
+    cfg = TwoTowerConfig(
+        num_items=50,
+        num_terms=7,
+        tasks=("click", "like"),
+        context_features=("surface",),
+        user_features=("age",),
+        dim=16,
+        hidden=24,
+        max_history=8,
+        **kw,
+    )
     torch.manual_seed(0)
     return TwoTower(cfg).eval()
 
@@ -29,15 +38,25 @@ def test_user_tower_batched_equals_one_request_at_a_time(lengths, rnd):
     table = torch.randn(50, 16)
     hist = [[rnd.randrange(50) for _ in range(n)] for n in lengths]
     acts = [[rnd.randrange(4) for _ in range(n)] for n in lengths]
-    feats = {"surface": torch.tensor([rnd.randrange(100) for _ in lengths]),
-             "age": torch.tensor([rnd.randrange(100) for _ in lengths])}
+    feats = {
+        "surface": torch.tensor([rnd.randrange(100) for _ in lengths]),
+        "age": torch.tensor([rnd.randrange(100) for _ in lengths]),
+    }
     offsets = torch.tensor([0] + list(torch.cumsum(torch.tensor(lengths), 0).tolist()))
     with torch.no_grad():
-        batched = model.encode_users(table[torch.tensor(sum(hist, []), dtype=torch.int64)],
-                                     torch.tensor(sum(acts, []), dtype=torch.int64), offsets, feats)
+        batched = model.encode_users(
+            table[torch.tensor(sum(hist, []), dtype=torch.int64)],
+            torch.tensor(sum(acts, []), dtype=torch.int64),
+            offsets,
+            feats,
+        )
         for r, n in enumerate(lengths):
-            alone = model.encode_users(table[torch.tensor(hist[r], dtype=torch.int64)], torch.tensor(acts[r], dtype=torch.int64),
-                                       torch.tensor([0, n]), {k: v[r : r + 1] for k, v in feats.items()})
+            alone = model.encode_users(
+                table[torch.tensor(hist[r], dtype=torch.int64)],
+                torch.tensor(acts[r], dtype=torch.int64),
+                torch.tensor([0, n]),
+                {k: v[r : r + 1] for k, v in feats.items()},
+            )
             torch.testing.assert_close(batched[r : r + 1], alone, rtol=1e-5, atol=1e-6)
     assert torch.isfinite(batched).all()
     torch.testing.assert_close(batched.norm(dim=-1), torch.ones(len(lengths)))

@@ -65,8 +65,16 @@ def ref_clamp(x, lo, hi, last_on_tie=False):
 
 
 REFERENCE = {
-    "add": lambda a, b: a + b, "sub": lambda a, b: a - b, "mul": lambda a, b: a * b, "div": ref_div,
-    "pow": ref_pow, "neg": lambda a: -a, "log": ref_log, "exp": ref_exp, "sqrt": ref_sqrt, "abs": abs,
+    "add": lambda a, b: a + b,
+    "sub": lambda a, b: a - b,
+    "mul": lambda a, b: a * b,
+    "div": ref_div,
+    "pow": ref_pow,
+    "neg": lambda a: -a,
+    "log": ref_log,
+    "exp": ref_exp,
+    "sqrt": ref_sqrt,
+    "abs": abs,
     "sigmoid": lambda a: ref_div(1.0, 1.0 + ref_exp(-a)),
 }
 TIE_BREAKING = {"min": ref_min, "max": ref_max, "clamp": ref_clamp}
@@ -144,8 +152,9 @@ def extend(children):
         st.tuples(st.sampled_from(["add", "sub", "mul", "div", "pow"]), children, children),
         st.tuples(st.sampled_from(["neg", "log", "exp", "sqrt", "abs", "sigmoid"]), children),
         st.tuples(st.just("clamp"), children, children, children),
-        st.builds(lambda op, args: (op, *args), st.sampled_from(["min", "max"]),
-                  st.lists(children, min_size=2, max_size=4)),
+        st.builds(
+            lambda op, args: (op, *args), st.sampled_from(["min", "max"]), st.lists(children, min_size=2, max_size=4)
+        ),
     )
 
 
@@ -174,12 +183,31 @@ def test_matches_plain_python_reference(tree, rnd, seed):
 # ---- known values -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("formula, expected", [
-    ("2^3^2", 512.0), ("2**3**2", 512.0), ("(2^3)^2", 64.0), ("-2^2", -4.0), ("(-2)^2", 4.0),
-    ("2*3+4", 10.0), ("2*(3+4)", 14.0), ("8/2/2", 2.0), ("1-2-3", -4.0), ("2^-1", 0.5),
-    ("--3", 3.0), ("+3", 3.0), ("2*-3", -6.0), ("1e-3", 0.001), (".5", 0.5), ("3.", 3.0),
-    ("1E+2", 100.0), ("min(3, 1, 2)", 1.0), ("max(3, 1, 2)", 3.0), ("clamp(5, 0, 1)", 1.0),
-])
+@pytest.mark.parametrize(
+    "formula, expected",
+    [
+        ("2^3^2", 512.0),
+        ("2**3**2", 512.0),
+        ("(2^3)^2", 64.0),
+        ("-2^2", -4.0),
+        ("(-2)^2", 4.0),
+        ("2*3+4", 10.0),
+        ("2*(3+4)", 14.0),
+        ("8/2/2", 2.0),
+        ("1-2-3", -4.0),
+        ("2^-1", 0.5),
+        ("--3", 3.0),
+        ("+3", 3.0),
+        ("2*-3", -6.0),
+        ("1e-3", 0.001),
+        (".5", 0.5),
+        ("3.", 3.0),
+        ("1E+2", 100.0),
+        ("min(3, 1, 2)", 1.0),
+        ("max(3, 1, 2)", 3.0),
+        ("clamp(5, 0, 1)", 1.0),
+    ],
+)
 def test_precedence_associativity_and_numbers(formula, expected):
     """Constant formulas fold to one value, returned once per row."""
     out = ValueModel(formula, TASKS)(torch.rand(4, 3))
@@ -187,15 +215,26 @@ def test_precedence_associativity_and_numbers(formula, expected):
     assert torch.equal(out, torch.full((4,), expected))
 
 
-@pytest.mark.parametrize("formula, expected", [
-    ("-click^2", -9.0), ("click ** 2", 9.0), ("click^like^2", 81.0), ("-click*like", -6.0),
-    ("click - like - share", -3.0), ("click / like / share", 0.375), ("2^-click", 0.125),
-    ("0.5*click + 2*like^0.5 + share", 1.5 + 2 * math.sqrt(2) + 4),
-    ("clamp(click, 0.01, 1) * (1 + log(1 + share))", 1 + math.log(5)),
-    ("max(click, like) - 0.5*min(click, 0.2)", 2.9), ("sigmoid(2*like - 4)", 0.5),
-    ("click / (like + 1e-3)", 3 / 2.001), ("min(like, 5, click, 4)", 2.0), ("clamp(0.5, share, like)", 2.0),
-    ("exp(log(share)) + sqrt(share) + abs(-click)", 4 + 2 + 3),
-])
+@pytest.mark.parametrize(
+    "formula, expected",
+    [
+        ("-click^2", -9.0),
+        ("click ** 2", 9.0),
+        ("click^like^2", 81.0),
+        ("-click*like", -6.0),
+        ("click - like - share", -3.0),
+        ("click / like / share", 0.375),
+        ("2^-click", 0.125),
+        ("0.5*click + 2*like^0.5 + share", 1.5 + 2 * math.sqrt(2) + 4),
+        ("clamp(click, 0.01, 1) * (1 + log(1 + share))", 1 + math.log(5)),
+        ("max(click, like) - 0.5*min(click, 0.2)", 2.9),
+        ("sigmoid(2*like - 4)", 0.5),
+        ("click / (like + 1e-3)", 3 / 2.001),
+        ("min(like, 5, click, 4)", 2.0),
+        ("clamp(0.5, share, like)", 2.0),
+        ("exp(log(share)) + sqrt(share) + abs(-click)", 4 + 2 + 3),
+    ],
+)
 def test_formulas_over_tasks(formula, expected):
     task_scores = torch.tensor([[3.0, 2.0, 4.0]], dtype=torch.float64)  # click, like, share
     assert ValueModel(formula, TASKS)(task_scores).item() == pytest.approx(expected, rel=1e-12)
@@ -222,39 +261,42 @@ def test_non_finite_results_follow_torch():
 # ---- errors -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("formula, column, fragments", [
-    ("0.7*clik + like", 4, ["unknown task 'clik' at column 4; tasks are click, like, share"]),
-    ("click +", 7, ["expected a number, task, '(' or function at column 7 (end of formula)"]),
-    ("click * / like", 8, ["expected a number, task, '(' or function at column 8 ('/')"]),
-    ("", 0, ["empty formula"]),
-    ("   ", 0, ["empty formula"]),
-    ("foo(click)", 0, ["unknown function 'foo' at column 0", "functions are abs, clamp, exp, log"]),
-    ("2 * click(like)", 4, ["task 'click' called as a function at column 4"]),
-    ("log + click", 0, ["function 'log' without arguments", "call it as log(...)"]),
-    ("min(click)", 0, ["min() takes at least 2 arguments, got 1"]),
-    ("1 + max(click)", 4, ["max() takes at least 2 arguments, got 1 at column 4"]),
-    ("clamp(click, 0)", 0, ["clamp() takes exactly 3 arguments, got 2"]),
-    ("clamp(click, 0, 1, 2)", 0, ["clamp() takes exactly 3 arguments, got 4"]),
-    ("log(click, like)", 0, ["log() takes exactly 1 argument, got 2"]),
-    ("sigmoid()", 8, ["expected a number, task, '(' or function at column 8 (')')"]),
-    ("(click + like", 13, ["expected ')' at column 13 (end of formula) to close the '(' at column 0"]),
-    ("min(click like)", 10, ["expected ',' or ')' at column 10 ('like') to close the '(' at column 3"]),
-    ("click)", 5, ["unmatched ')' at column 5"]),
-    ("click like", 6, ["unexpected 'like' at column 6; expected an operator or the end"]),
-    ("click 2", 6, ["unexpected number '2' at column 6"]),
-    ("1.2.3 * click", 0, ["bad number '1.2.3' at column 0"]),
-    ("click + 2like", 8, ["bad number '2like' at column 8"]),
-    ("1e-3.5", 0, ["bad number '1e-3.5'"]),
-    ("1e+", 0, ["bad number '1e+'"]),
-    ("click * 1e999", 8, ["constant '1e999' is not finite at column 8"]),
-    ("click + 1/0", 8, ["constant expression '1/0' is inf at column 8; constants must be finite"]),
-    ("click * log(0)", 8, ["constant expression 'log(0)' is -inf at column 8"]),
-    ("(-8)^(1/3)", 0, ["constant expression '(-8)^(1/3)' is nan"]),
-    ("click $ like", 6, ["unexpected character '$' at column 6"]),
-    ("__import__('os').system('x')", 11, ["unexpected character", "at column 11"]),
-    ("click = 1", 6, ["unexpected character '=' at column 6"]),
-    ("(" * 2000 + "click" + ")" * 2000, 0, ["formula nested too deeply"]),
-])
+@pytest.mark.parametrize(
+    "formula, column, fragments",
+    [
+        ("0.7*clik + like", 4, ["unknown task 'clik' at column 4; tasks are click, like, share"]),
+        ("click +", 7, ["expected a number, task, '(' or function at column 7 (end of formula)"]),
+        ("click * / like", 8, ["expected a number, task, '(' or function at column 8 ('/')"]),
+        ("", 0, ["empty formula"]),
+        ("   ", 0, ["empty formula"]),
+        ("foo(click)", 0, ["unknown function 'foo' at column 0", "functions are abs, clamp, exp, log"]),
+        ("2 * click(like)", 4, ["task 'click' called as a function at column 4"]),
+        ("log + click", 0, ["function 'log' without arguments", "call it as log(...)"]),
+        ("min(click)", 0, ["min() takes at least 2 arguments, got 1"]),
+        ("1 + max(click)", 4, ["max() takes at least 2 arguments, got 1 at column 4"]),
+        ("clamp(click, 0)", 0, ["clamp() takes exactly 3 arguments, got 2"]),
+        ("clamp(click, 0, 1, 2)", 0, ["clamp() takes exactly 3 arguments, got 4"]),
+        ("log(click, like)", 0, ["log() takes exactly 1 argument, got 2"]),
+        ("sigmoid()", 8, ["expected a number, task, '(' or function at column 8 (')')"]),
+        ("(click + like", 13, ["expected ')' at column 13 (end of formula) to close the '(' at column 0"]),
+        ("min(click like)", 10, ["expected ',' or ')' at column 10 ('like') to close the '(' at column 3"]),
+        ("click)", 5, ["unmatched ')' at column 5"]),
+        ("click like", 6, ["unexpected 'like' at column 6; expected an operator or the end"]),
+        ("click 2", 6, ["unexpected number '2' at column 6"]),
+        ("1.2.3 * click", 0, ["bad number '1.2.3' at column 0"]),
+        ("click + 2like", 8, ["bad number '2like' at column 8"]),
+        ("1e-3.5", 0, ["bad number '1e-3.5'"]),
+        ("1e+", 0, ["bad number '1e+'"]),
+        ("click * 1e999", 8, ["constant '1e999' is not finite at column 8"]),
+        ("click + 1/0", 8, ["constant expression '1/0' is inf at column 8; constants must be finite"]),
+        ("click * log(0)", 8, ["constant expression 'log(0)' is -inf at column 8"]),
+        ("(-8)^(1/3)", 0, ["constant expression '(-8)^(1/3)' is nan"]),
+        ("click $ like", 6, ["unexpected character '$' at column 6"]),
+        ("__import__('os').system('x')", 11, ["unexpected character", "at column 11"]),
+        ("click = 1", 6, ["unexpected character '=' at column 6"]),
+        ("(" * 2000 + "click" + ")" * 2000, 0, ["formula nested too deeply"]),
+    ],
+)
 def test_formula_errors_name_the_column(formula, column, fragments):
     with pytest.raises(FormulaError) as error:
         ValueModel(formula, TASKS)
@@ -309,12 +351,15 @@ def test_dtype_is_kept(dtype):
     assert ValueModel("2^-1", TASKS)(task_scores.to(dtype)).dtype == dtype
 
 
-@pytest.mark.parametrize("formula", [
-    "0.7*click + 0.2*like^0.5 + 0.1*share",
-    "clamp(click, 0.01, 1) * (1 + log(1 + share)) - max(click, like, 0.3) + sigmoid(2*share - 1)",
-    "-click^2 / (like + 1e-3) + exp(-abs(share)) * sqrt(like)",
-    "2^-1",
-])
+@pytest.mark.parametrize(
+    "formula",
+    [
+        "0.7*click + 0.2*like^0.5 + 0.1*share",
+        "clamp(click, 0.01, 1) * (1 + log(1 + share)) - max(click, like, 0.3) + sigmoid(2*share - 1)",
+        "-click^2 / (like + 1e-3) + exp(-abs(share)) * sqrt(like)",
+        "2^-1",
+    ],
+)
 def test_torch_export_round_trip(formula):
     vm = ValueModel(formula, TASKS)
     task_scores = torch.rand(4, 7, 3)
@@ -326,8 +371,9 @@ def test_torch_export_round_trip(formula):
 def test_torch_export_with_dynamic_leading_dims():
     vm = ValueModel("0.7*click + 0.2*like^0.5 + 0.1*share", TASKS)
     batch, candidates = torch.export.Dim("batch"), torch.export.Dim("candidates")
-    exported = torch.export.export(vm, (torch.rand(4, 7, 3),),
-                                   dynamic_shapes={"task_scores": {0: batch, 1: candidates}})
+    exported = torch.export.export(
+        vm, (torch.rand(4, 7, 3),), dynamic_shapes={"task_scores": {0: batch, 1: candidates}}
+    )
     task_scores = torch.rand(9, 33, 3)
     torch.testing.assert_close(exported.module()(task_scores), vm(task_scores), rtol=0, atol=0)
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tests.ops.test_filtered_topk import check_against_brute_force
 
 from sterling.ops.cpu import int8_topk as cpu
 from sterling.ops.int8_topk import Kernel, int8_topk
-from tests.ops.test_filtered_topk import check_against_brute_force
 
 
 @st.composite
@@ -78,14 +78,35 @@ def test_clustered_scores_keep_every_true_member() -> None:
 @pytest.mark.parametrize(
     "args, message",
     [
-        ((torch.randn(2, 3).double(), torch.zeros(4, 3, dtype=torch.int8), torch.ones(4), None, 1), "queries must be float32"),
-        ((torch.randn(2, 3), torch.zeros(4, 2, dtype=torch.int8), torch.ones(4), None, 1), r"codes must be int8 \[N, D\] with D=3"),
+        (
+            (torch.randn(2, 3).double(), torch.zeros(4, 3, dtype=torch.int8), torch.ones(4), None, 1),
+            "queries must be float32",
+        ),
+        (
+            (torch.randn(2, 3), torch.zeros(4, 2, dtype=torch.int8), torch.ones(4), None, 1),
+            r"codes must be int8 \[N, D\] with D=3",
+        ),
         ((torch.randn(2, 3), torch.zeros(4, 3), torch.ones(4), None, 1), "codes must be int8"),
-        ((torch.randn(2, 3), torch.zeros(4, 3, dtype=torch.int8), torch.ones(5), None, 1), r"scales must be float32 \[N\] with N=4"),
-        ((torch.full((2, 3), float("nan")), torch.zeros(4, 3, dtype=torch.int8), torch.ones(4), None, 1), "NaN or infinite"),
-        ((torch.randn(2, 3), torch.zeros(4, 3, dtype=torch.int8), torch.ones(4), torch.tensor([0, 4]), 1), r"rows must lie in \[0, 4\)"),
-        ((torch.randn(2, 3), torch.zeros(4, 3, dtype=torch.int8), torch.ones(4), torch.tensor([0.0]), 1), "rows must be int64"),
-        ((torch.randn(2, 3), torch.zeros(4, 3, dtype=torch.int8), torch.ones(4), None, 0), "k must be an int >= 1, got 0"),
+        (
+            (torch.randn(2, 3), torch.zeros(4, 3, dtype=torch.int8), torch.ones(5), None, 1),
+            r"scales must be float32 \[N\] with N=4",
+        ),
+        (
+            (torch.full((2, 3), float("nan")), torch.zeros(4, 3, dtype=torch.int8), torch.ones(4), None, 1),
+            "NaN or infinite",
+        ),
+        (
+            (torch.randn(2, 3), torch.zeros(4, 3, dtype=torch.int8), torch.ones(4), torch.tensor([0, 4]), 1),
+            r"rows must lie in \[0, 4\)",
+        ),
+        (
+            (torch.randn(2, 3), torch.zeros(4, 3, dtype=torch.int8), torch.ones(4), torch.tensor([0.0]), 1),
+            "rows must be int64",
+        ),
+        (
+            (torch.randn(2, 3), torch.zeros(4, 3, dtype=torch.int8), torch.ones(4), None, 0),
+            "k must be an int >= 1, got 0",
+        ),
     ],
 )
 def test_validation(args: tuple, message: str) -> None:

@@ -10,15 +10,18 @@ from hypothesis import strategies as st
 
 from sterling.index.attributes import AttributeStore
 from sterling.index.bloom import BloomIndex
+from sterling.index.search import pack_rows
 from sterling.ops.ivf_scan import Kernel, encode, ivf_scan
 from sterling.ops.plan_program import ALL, AND, ANY, NONE, OR, TRUE, PlanProgram, bit_of, plan_mask
-from sterling.index.search import pack_rows
 
 
 def random_bits(gen: torch.Generator, rows: int, n: int, density: float) -> torch.Tensor:
     """int64 [rows, ceil(n / 64)]: random Bloom bits, each set with probability ``density``."""
-    return torch.stack([pack_rows(torch.rand(n, generator=gen) < density) for _ in range(rows)]) if rows else (
-        torch.zeros(0, (n + 63) // 64, dtype=torch.int64))
+    return (
+        torch.stack([pack_rows(torch.rand(n, generator=gen) < density) for _ in range(rows)])
+        if rows
+        else (torch.zeros(0, (n + 63) // 64, dtype=torch.int64))
+    )
 
 
 def random_program(draw, rows: int) -> PlanProgram:
@@ -45,8 +48,12 @@ def random_program(draw, rows: int) -> PlanProgram:
         if height > 1:
             plans_ops.append((AND, height, 0))
         starts.append(len(plans_ops))
-    return PlanProgram(torch.tensor(plans_ops).reshape(-1, 3), torch.tensor(plans_rows, dtype=torch.int64),
-                       torch.tensor(starts), depth=len(plans_ops))
+    return PlanProgram(
+        torch.tensor(plans_ops).reshape(-1, 3),
+        torch.tensor(plans_rows, dtype=torch.int64),
+        torch.tensor(starts),
+        depth=len(plans_ops),
+    )
 
 
 @st.composite
@@ -162,8 +169,9 @@ def test_large_k_and_empty_inputs() -> None:
     args = (torch.ones(2, 8), codes, torch.ones(100), torch.tensor([0, 40, 100]))
     scores, rows = ivf_scan(*args, torch.tensor([[0, 1], [1, -1]]), 10_000)
     assert (rows[0] >= 0).sum() == 100 and (rows[1] >= 0).sum() == 60
-    scores, rows = ivf_scan(torch.ones(0, 8), codes, torch.ones(100),
-                            torch.tensor([0, 100]), torch.zeros(0, 1, dtype=torch.int64), 5)
+    scores, rows = ivf_scan(
+        torch.ones(0, 8), codes, torch.ones(100), torch.tensor([0, 100]), torch.zeros(0, 1, dtype=torch.int64), 5
+    )
     assert scores.shape == (0, 5)
 
 
@@ -185,10 +193,16 @@ def test_large_k_and_empty_inputs() -> None:
 )
 def test_validation(change: dict, message: str) -> None:
     p = dict(
-        queries=torch.ones(2, 8), codes=torch.ones(10, 8, dtype=torch.int8), scales=torch.ones(10), list_offsets=torch.tensor([0, 4, 10]),
-        probes=torch.tensor([[0, 1], [1, -1]]), k=3, bits=torch.zeros(1, 1, dtype=torch.int64),
+        queries=torch.ones(2, 8),
+        codes=torch.ones(10, 8, dtype=torch.int8),
+        scales=torch.ones(10),
+        list_offsets=torch.tensor([0, 4, 10]),
+        probes=torch.tensor([[0, 1], [1, -1]]),
+        k=3,
+        bits=torch.zeros(1, 1, dtype=torch.int64),
         program=PlanProgram(torch.tensor([[ANY, 0, 1]]), torch.tensor([0]), torch.tensor([0, 1]), 1),
-        plan_of=torch.tensor([0, -1]), alive=None,
+        plan_of=torch.tensor([0, -1]),
+        alive=None,
     )
     with pytest.raises(ValueError, match=message):
         ivf_scan(**{**p, **change})

@@ -14,9 +14,9 @@ import torch
 triton = pytest.importorskip("triton", reason="the Triton kernels need the [gpu] or [dev] extra (triton)")
 
 from hypothesis import given, settings  # noqa: E402
+from tests.ops.test_ivf_scan import brute_force, check_top_k, problems  # noqa: E402
 
 from sterling.ops.ivf_scan import Kernel, ivf_scan  # noqa: E402
-from tests.ops.test_ivf_scan import brute_force, check_top_k, problems  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -50,11 +50,16 @@ def test_mask_densities_and_dimensions(density: float, d: int) -> None:
     gen = torch.Generator().manual_seed(int(density * 100) + d)
     n, b = 400, 3
     p = dict(
-        queries=torch.randn(b, d, generator=gen), codes=torch.randint(-127, 128, (n, d), generator=gen, dtype=torch.int8),
-        scales=torch.rand(n, generator=gen) + 0.01, list_offsets=torch.tensor([0, 90, 250, 250, 400]),
-        probes=torch.tensor([[0, 1, 3], [2, 3, -1], [1, -1, -1]]), k=50,
-        bits=pack_rows(torch.rand(n, generator=gen) < density)[None], plan_of=torch.tensor([0, 0, -1]),
-        program=PlanProgram(torch.tensor([[ANY, 0, 1]]), torch.tensor([0]), torch.tensor([0, 1]), 1), alive=None,
+        queries=torch.randn(b, d, generator=gen),
+        codes=torch.randint(-127, 128, (n, d), generator=gen, dtype=torch.int8),
+        scales=torch.rand(n, generator=gen) + 0.01,
+        list_offsets=torch.tensor([0, 90, 250, 250, 400]),
+        probes=torch.tensor([[0, 1, 3], [2, 3, -1], [1, -1, -1]]),
+        k=50,
+        bits=pack_rows(torch.rand(n, generator=gen) < density)[None],
+        plan_of=torch.tensor([0, 0, -1]),
+        program=PlanProgram(torch.tensor([[ANY, 0, 1]]), torch.tensor([0]), torch.tensor([0, 1]), 1),
+        alive=None,
     )
     scores, rows = run_triton(p)
     check_top_k(scores, rows, brute_force(p), p["k"])
@@ -62,8 +67,18 @@ def test_mask_densities_and_dimensions(density: float, d: int) -> None:
 
 def test_k_beyond_the_probed_rows_pads():
     codes = torch.randint(-127, 128, (100, 8), dtype=torch.int8)
-    p = dict(queries=torch.ones(2, 8), codes=codes, scales=torch.ones(100), list_offsets=torch.tensor([0, 40, 100]),
-             probes=torch.tensor([[0, 1], [1, -1]]), k=10_000, bits=None, program=None, plan_of=None, alive=None)
+    p = dict(
+        queries=torch.ones(2, 8),
+        codes=codes,
+        scales=torch.ones(100),
+        list_offsets=torch.tensor([0, 40, 100]),
+        probes=torch.tensor([[0, 1], [1, -1]]),
+        k=10_000,
+        bits=None,
+        program=None,
+        plan_of=None,
+        alive=None,
+    )
     scores, rows = run_triton(p)
     assert (rows[0] >= 0).sum() == 100 and (rows[1] >= 0).sum() == 60 and scores.shape == (2, 10_000)
 
@@ -93,7 +108,12 @@ def test_kernel_compiles_for_hopper(has_alive: bool) -> None:
     a process of its own without the interpreter (which, since Triton 3.9, patches the language
     for the whole process)."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_HOPPER, "1" if has_alive else "0"], env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FOR_HOPPER, "1" if has_alive else "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "True"

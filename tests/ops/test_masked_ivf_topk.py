@@ -19,7 +19,8 @@ def random_inputs(n: int, d: int, c: int, b: int, density: float, seed: int) -> 
         "codes": torch.randint(-127, 128, (n, d), generator=gen, dtype=torch.int8),
         "scales": torch.rand(n, generator=gen) * 0.1 + 1e-3,
         "allowed": torch.stack([pack_rows(torch.rand(n, generator=gen) < density) for _ in range(b)])
-        if b else torch.zeros(0, (n + 63) // 64, dtype=torch.int64),
+        if b
+        else torch.zeros(0, (n + 63) // 64, dtype=torch.int64),
     }
 
 
@@ -40,8 +41,9 @@ def oracle(x: dict[str, torch.Tensor], probes: list[int], k: int) -> tuple[list[
             if p == 0 or p == c or len(rows) >= min(k, n):
                 break
             p = min(c, 4 * p)
-        scores = sorted((float(x["codes"][r].double() @ queries[b].double()) * float(x["scales"][r]) for r in rows),
-                        reverse=True)
+        scores = sorted(
+            (float(x["codes"][r].double() @ queries[b].double()) * float(x["scales"][r]) for r in rows), reverse=True
+        )
         eligible.append(rows)
         best.append(scores[:k])
     return eligible, best
@@ -60,8 +62,9 @@ def oracle(x: dict[str, torch.Tensor], probes: list[int], k: int) -> tuple[list[
 def test_matches_per_query_oracle(n, d, c, b, density, data, seed):
     x = random_inputs(n, d, c, b, density, seed)
     k = data.draw(st.integers(1, n + 5))
-    probes = data.draw(st.lists(st.sampled_from([0, 1, 2, 3, c - 1, c, c + 7]).map(lambda p: max(p, 0)),
-                                min_size=b, max_size=b))
+    probes = data.draw(
+        st.lists(st.sampled_from([0, 1, 2, 3, c - 1, c, c + 7]).map(lambda p: max(p, 0)), min_size=b, max_size=b)
+    )
     scores, rows = masked_ivf_topk(**x, probes=torch.tensor(probes, dtype=torch.int64), k=k)
     assert scores.shape == rows.shape == (b, k) and scores.dtype == torch.float32 and rows.dtype == torch.int64
     eligible, best = oracle(x, probes, k)
@@ -70,8 +73,9 @@ def test_matches_per_query_oracle(n, d, c, b, density, data, seed):
         got = rows[i, :m].tolist()
         assert (rows[i, m:] == -1).all() and torch.isneginf(scores[i, m:]).all()
         assert len(set(got)) == m and set(got) <= set(eligible[i])  # up to ties: the right count of eligible rows
-        torch.testing.assert_close(scores[i, :m].double(), torch.tensor(best[i], dtype=torch.float64),
-                                   rtol=1e-5, atol=1e-5)  # ...scoring the oracle's best
+        torch.testing.assert_close(
+            scores[i, :m].double(), torch.tensor(best[i], dtype=torch.float64), rtol=1e-5, atol=1e-5
+        )  # ...scoring the oracle's best
         own = (x["codes"][got].double() @ x["queries"][i].double()) * x["scales"][got].double()
         torch.testing.assert_close(scores[i, :m].double(), own, rtol=1e-5, atol=1e-5)  # ...and their own
 

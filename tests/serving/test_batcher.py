@@ -105,7 +105,7 @@ def test_control_calls_run_alone_and_in_order():
     before, after = run(go())
     batcher.close()
     assert all(state == 0 for *_, state in before)  # answered before the update
-    assert all(state == 1 for *_, state in after)   # a submit after an acknowledged call sees it
+    assert all(state == 1 for *_, state in after)  # a submit after an acknowledged call sees it
 
 
 def test_a_failing_batch_fails_its_callers_and_the_worker_goes_on():
@@ -133,8 +133,9 @@ def test_a_per_request_error_reaches_only_its_caller():
     batcher = MicroBatcher(Recorder(), BatcherConfig(max_batch=8, max_wait_ms=20))
 
     async def go():
-        return await asyncio.gather(batcher.submit("k", 1), batcher.submit("k", "bad"), batcher.submit("k", 2),
-                                    return_exceptions=True)
+        return await asyncio.gather(
+            batcher.submit("k", 1), batcher.submit("k", "bad"), batcher.submit("k", 2), return_exceptions=True
+        )
 
     one, bad, two = run(go())
     batcher.close()
@@ -166,7 +167,7 @@ def test_a_control_call_is_not_overtaken_by_later_requests_of_a_forming_batch():
         rec.state += 1
 
     async def go():
-        first = asyncio.ensure_future(batcher.submit("k", 0))   # opens a batch that waits up to 100 ms
+        first = asyncio.ensure_future(batcher.submit("k", 0))  # opens a batch that waits up to 100 ms
         await asyncio.sleep(0.01)
         call = asyncio.ensure_future(batcher.call(mark))
         await asyncio.sleep(0)
@@ -229,8 +230,9 @@ def test_a_result_count_mismatch_is_an_error_for_the_batch():
     batcher.close()
 
 
-@pytest.mark.parametrize("kwargs", [{"max_batch": 0}, {"max_batch": True}, {"max_wait_ms": -1}, {"max_wait_ms": 5000},
-                                    {"max_queue": 0}])
+@pytest.mark.parametrize(
+    "kwargs", [{"max_batch": 0}, {"max_batch": True}, {"max_wait_ms": -1}, {"max_wait_ms": 5000}, {"max_queue": 0}]
+)
 def test_config_is_checked(kwargs):
     with pytest.raises(ValueError):
         BatcherConfig(**kwargs)

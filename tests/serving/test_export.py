@@ -23,7 +23,9 @@ except ImportError as e:  # pragma: no cover - a torch build without torch.expor
 from sterling.serving.export import load_program, run_program  # noqa: E402
 
 FORMULA = "click + 0.5*like^0.5 + 0.25*share"
-INDEX = publishing.IndexConfig(nlist=8, min_candidates=1.0)  # the index order is not the catalogue order; 2 of 8 lists probed
+INDEX = publishing.IndexConfig(
+    nlist=8, min_candidates=1.0
+)  # the index order is not the catalogue order; 2 of 8 lists probed
 CASES = [  # (history picks, filters): batch sizes 1 and 3, different history lengths, per-request filters
     ([[0, 3, 5, 7]], None),
     ([[]], "language:en"),
@@ -36,11 +38,22 @@ CASES = [  # (history picks, filters): batch sizes 1 and 3, different history le
 def published(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     data = generate(replace(SynthConfig(), num_users=80, num_items=500, seed=6), root / "data")
-    ckpt = train(data, root / "ckpt", TrainConfig(epochs=1, max_steps=6, dim=16, hidden=32,
-                                                  overarch=OverArchTrainConfig(epochs=1, max_steps=4)),
-                 log=lambda s: None).checkpoint
-    snap = publishing.publish(ckpt, data / "items.parquet", root / "snap", index_config=INDEX, k0=60, nprobe=2,
-                              value_formula=FORMULA, export=True)
+    ckpt = train(
+        data,
+        root / "ckpt",
+        TrainConfig(epochs=1, max_steps=6, dim=16, hidden=32, overarch=OverArchTrainConfig(epochs=1, max_steps=4)),
+        log=lambda s: None,
+    ).checkpoint
+    snap = publishing.publish(
+        ckpt,
+        data / "items.parquet",
+        root / "snap",
+        index_config=INDEX,
+        k0=60,
+        nprobe=2,
+        value_formula=FORMULA,
+        export=True,
+    )
     return root, data, ckpt, snap
 
 
@@ -110,20 +123,23 @@ def user_requests(data, model, users: int, offset: int = 0):
     """The latest timeline events, actions and encoded user features of dataset users, as the
     model's inputs (context features left at 0)."""
     table = pq.read_table(data / "users.parquet").slice(offset, users)
-    histories = [h[-model.config.max_history:] for h in table.column("timeline_item_id").to_pylist()]
-    actions = [a[-model.config.max_history:] for a in table.column("timeline_action").to_pylist()]
+    histories = [h[-model.config.max_history :] for h in table.column("timeline_item_id").to_pylist()]
+    actions = [a[-model.config.max_history :] for a in table.column("timeline_action").to_pylist()]
     names = [n for n in ("age_bucket", "country") if n in model.config.features]
     codes = {n: encode_categorical(table.column(n)) for n in names}
     features = [{n: int(codes[n][i]) for n in names} for i in range(table.num_rows)]
     return model.inputs(histories, actions, features)
 
 
-@pytest.mark.parametrize("users, offset, filters", [
-    (1, 0, "language:en"),
-    (3, 5, ["language:en", None, "category:sports OR year < 2005"]),
-    (5, 10, None),
-    (2, 20, ["category:no-such-value", "NOT language:en"]),
-])
+@pytest.mark.parametrize(
+    "users, offset, filters",
+    [
+        (1, 0, "language:en"),
+        (3, 5, ["language:en", None, "category:sports OR year < 2005"]),
+        (5, 10, None),
+        (2, 20, ["category:no-such-value", "NOT language:en"]),
+    ],
+)
 def test_dataset_users_through_the_program_and_the_loaded_model(published, users, offset, filters):
     """Real users (histories of different lengths, actions, user features): the loaded snapshot,
     the eager model composed in memory and the exported program answer alike, for k < k0 and
@@ -206,13 +222,13 @@ def test_the_published_cache_and_weights_are_the_checkpoints(published):
     item_ids, attributes, _ = read_items(data / "items.parquet")
     vectors = encode_catalog(ckpt.model, ItemTerms.build(attributes, vocab=ckpt.term_vocab), len(item_ids))
     position = {int(i): r for r, i in enumerate(item_ids.tolist())}
-    rows = [position[int(i)] for i in model.ids]                              # segment order → catalogue rows
+    rows = [position[int(i)] for i in model.ids]  # segment order → catalogue rows
     assert rows != sorted(rows) and model.centroids.shape[0] == 8 and model.config.nprobe == 2
     with torch.no_grad():
         want = ckpt.overarch.item_state(vectors[rows].to(torch.float16).float()).to(torch.float16)
     assert model.cache.dtype == torch.float16 and torch.equal(model.cache, want)
     stored = model.codes.float() * model.scales[:, None]
-    assert (stored - vectors[rows]).abs().max() < 0.02                       # int8 codes of the same vectors
+    assert (stored - vectors[rows]).abs().max() < 0.02  # int8 codes of the same vectors
     for name, value in ckpt.model.user_tower.state_dict().items():
         assert torch.equal(model.user_tower.state_dict()[name], value)
     for name, value in ckpt.model.query_heads.state_dict().items():
@@ -235,6 +251,10 @@ def test_run_program_checks_k(published):
     program = load_program((snap / "program.pt2").read_bytes())
     inputs = loaded.inputs([[int(loaded.ids[0])], []])
     plan = loaded.plan(2, None)
-    for k, message in ((0, "k must be an int >= 1"), (True, "k must be an int >= 1"), (61, "more than the program's 60")):
+    for k, message in (
+        (0, "k must be an int >= 1"),
+        (True, "k must be an int >= 1"),
+        (61, "more than the program's 60"),
+    ):
         with pytest.raises(ValueError, match=message):
             run_program(program, inputs, plan.probes, plan.allowed, k)

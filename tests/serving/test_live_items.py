@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from test_model import D, NLIST, TASKS, compose
+from test_model import NLIST, TASKS, D, compose
 
 from sterling.index.item_index import IndexConfig, ItemIndex
 from sterling.serving.model import RetrievalModel, Trace
@@ -18,8 +18,10 @@ FILTERS = [None, "genre:drama", "genre:new AND year >= 2000", "NOT genre:comedy"
 
 def new_items(rng: random.Random, ids: list[int]):
     emb = torch.nn.functional.normalize(torch.randn(len(ids), D), dim=-1)
-    attrs = [{"genre": rng.sample(["drama", "comedy", "new"], rng.randint(1, 2)), "year": rng.randint(1980, 2020)}
-             for _ in ids]
+    attrs = [
+        {"genre": rng.sample(["drama", "comedy", "new"], rng.randint(1, 2)), "year": rng.randint(1980, 2020)}
+        for _ in ids
+    ]
     return emb, attrs
 
 
@@ -52,7 +54,7 @@ def test_updates_answer_like_a_model_composed_over_the_new_catalogue(kind, seed)
     for i in gone:
         del catalogue[i]
     reference = rebuilt(model, catalogue, overarch)
-    histories = [rng.sample(sorted(catalogue), rng.randint(0, 10)) + added[:rng.randint(0, 3)] for _ in range(6)]
+    histories = [rng.sample(sorted(catalogue), rng.randint(0, 10)) + added[: rng.randint(0, 3)] for _ in range(6)]
     inputs, ref_inputs = model.inputs(histories), reference.inputs(histories)
     for flt in FILTERS:
         got, want = model(inputs, filter=flt, k=20), reference(ref_inputs, filter=flt, k=20)
@@ -61,7 +63,7 @@ def test_updates_answer_like_a_model_composed_over_the_new_catalogue(kind, seed)
         assert not set(got.ids.flatten().tolist()) & set(gone)
     rank_ids = torch.tensor([added[:4] + replaced[:2]] * len(histories))
     torch.testing.assert_close(model.rank(inputs, rank_ids), reference.rank(ref_inputs, rank_ids))
-    model.compact()                                        # the model's own rows now match the index's
+    model.compact()  # the model's own rows now match the index's
     assert model.fresh.ids.numel() == 0 and len(model.ids) == len(catalogue)
     live = [h for h in histories if not set(h) & set(gone)]
     for flt in FILTERS:
@@ -77,7 +79,9 @@ def test_an_upserted_item_is_found_and_a_deleted_one_never():
     got = model.recommend([int(ids[0])], filter="genre:unique", k=5)
     assert got.ids[0].tolist() == [target, -1, -1, -1, -1]
     model.delete([target])
-    assert model.recommend([target], filter="genre:unique", k=5).ids[0].tolist() == [-1] * 5  # still readable in a history
+    assert (
+        model.recommend([target], filter="genre:unique", k=5).ids[0].tolist() == [-1] * 5
+    )  # still readable in a history
     every = model.recommend([], k=600).ids[0]
     assert target not in every.tolist() and int((every >= 0).sum()) == len(ids)
 
@@ -86,10 +90,12 @@ def test_a_bad_update_changes_nothing():
     model, _, ids = compose(None, k0=20)
     inputs = model.inputs([[int(ids[0])]])
     before = model(inputs, k=10)
-    for call in (lambda: model.upsert([1, 1], torch.randn(2, D), [{"year": 1}] * 2),
-                 lambda: model.upsert([1], torch.randn(1, D + 1), [{"year": 1}]),
-                 lambda: model.upsert([1], torch.full((1, D), float("nan")), [{"year": 1}]),
-                 lambda: model.upsert([1], torch.randn(1, D), [{"colour": "red"}])):
+    for call in (
+        lambda: model.upsert([1, 1], torch.randn(2, D), [{"year": 1}] * 2),
+        lambda: model.upsert([1], torch.randn(1, D + 1), [{"year": 1}]),
+        lambda: model.upsert([1], torch.full((1, D), float("nan")), [{"year": 1}]),
+        lambda: model.upsert([1], torch.randn(1, D), [{"colour": "red"}]),
+    ):
         with pytest.raises(ValueError):
             call()
     assert model.fresh.ids.numel() == 0
@@ -104,13 +110,14 @@ def test_self_compaction_on_upsert_keeps_the_model_consistent():
     vectors, attributes = new_items(rng, added)
     model.upsert(added[:6], vectors[:6], attributes[:6])
     assert model.fresh.ids.numel() == 6
-    model.upsert(added[6:], vectors[6:], attributes[6:])   # 12 >= compact_at: the index compacts itself
+    model.upsert(added[6:], vectors[6:], attributes[6:])  # 12 >= compact_at: the index compacts itself
     assert model.index.fresh_items == 0 and model.fresh.ids.numel() == 0
     got = model.recommend(added[:3], filter="genre:new", k=50).ids[0]
     want = {i for i, a in zip(added, attributes) if "new" in a["genre"]}
     assert want <= set(got.tolist())
-    torch.testing.assert_close(model.rank(model.inputs([[]]), torch.tensor([added])),
-                               rebuilt_rank(model, added, vectors))
+    torch.testing.assert_close(
+        model.rank(model.inputs([[]]), torch.tensor([added])), rebuilt_rank(model, added, vectors)
+    )
 
 
 def rebuilt_rank(model: RetrievalModel, added: list[int], vectors: torch.Tensor) -> torch.Tensor:
@@ -152,9 +159,11 @@ def test_the_parts_must_fit_together():
     model, _, _ = compose("mol", k0=20)
     parts = (model.user_tower, model.task_queries, model.index, model.cache, model.overarch)
     config = model.config
-    for changes, message in (({"features": ("weather",)}, "not the user tower's"),
-                             ({"max_history": 13}, "at most 12 events"),
-                             ({"tasks": ("a", "b")}, "OverArch scores 3 tasks")):
+    for changes, message in (
+        ({"features": ("weather",)}, "not the user tower's"),
+        ({"max_history": 13}, "at most 12 events"),
+        ({"tasks": ("a", "b")}, "OverArch scores 3 tasks"),
+    ):
         with pytest.raises(ValueError, match=message):
             RetrievalModel(*parts, replace(config, **changes))
     with pytest.raises(ValueError, match="features must be a tuple"):

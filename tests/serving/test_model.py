@@ -22,16 +22,24 @@ from sterling.serving.publish import cache_rows
 TASKS = ("click", "like", "share")
 N, D, NLIST = 600, 16, 8
 GENRES = ("drama", "comedy", "war", "noir")
-FILTERS = [None, "genre:drama", "genre:war AND year >= 2005", "NOT genre:comedy", "genre IN (noir, war) AND year < 1995",
-           "year = 1990", "genre:nothing"]
+FILTERS = [
+    None,
+    "genre:drama",
+    "genre:war AND year >= 2005",
+    "NOT genre:comedy",
+    "genre IN (noir, war) AND year < 1995",
+    "year = 1990",
+    "genre:nothing",
+]
 
 
 def world(seed: int = 0, config: IndexConfig | None = None):
     """A random catalogue with attributes, its index and float embeddings (segment order too)."""
     gen = torch.Generator().manual_seed(seed)
     centres = torch.randn(10, D, generator=gen)
-    emb = torch.nn.functional.normalize(centres[torch.randint(10, (N,), generator=gen)]
-                                        + 0.4 * torch.randn(N, D, generator=gen), dim=-1)
+    emb = torch.nn.functional.normalize(
+        centres[torch.randint(10, (N,), generator=gen)] + 0.4 * torch.randn(N, D, generator=gen), dim=-1
+    )
     rng = random.Random(seed)
     attrs = [{"genre": rng.sample(GENRES, rng.randint(1, 2)), "year": rng.randint(1980, 2020)} for _ in range(N)]
     ids = torch.randperm(10 * N, generator=gen)[:N] + 7
@@ -39,21 +47,34 @@ def world(seed: int = 0, config: IndexConfig | None = None):
     return emb, attrs, ids, index
 
 
-def compose(kind: str | None, k0: int = 40, nprobe: int | None = None, formula: str | None = None, seed: int = 0,
-            config: IndexConfig | None = None):
+def compose(
+    kind: str | None,
+    k0: int = 40,
+    nprobe: int | None = None,
+    formula: str | None = None,
+    seed: int = 0,
+    config: IndexConfig | None = None,
+):
     emb, attrs, ids, index = world(seed, config)
     torch.manual_seed(seed)
-    towers = TwoTowerConfig(num_items=N, num_terms=1, tasks=TASKS, context_features=("surface",), dim=D, hidden=16,
-                            max_history=12)
+    towers = TwoTowerConfig(
+        num_items=N, num_terms=1, tasks=TASKS, context_features=("surface",), dim=D, hidden=16, max_history=12
+    )
     user, queries = UserTower(towers), TaskQueries(D, len(TASKS))
     torch.nn.init.normal_(queries.proj.weight, std=0.3)  # distinct queries per task
-    overarch = None if kind is None else make_overarch(OverArchConfig(kind=kind, dim=D, num_tasks=len(TASKS), hidden=16,
-                                                                      components=3, component_dim=8))
+    overarch = (
+        None
+        if kind is None
+        else make_overarch(
+            OverArchConfig(kind=kind, dim=D, num_tasks=len(TASKS), hidden=16, components=3, component_dim=8)
+        )
+    )
     segment_ids = index.executor_tensors()["ids"]
     position = {int(i): r for r, i in enumerate(ids.tolist())}
     cache = cache_rows(emb[[position[int(i)] for i in segment_ids]], overarch, torch.float16)
-    config = ServingConfig(tasks=TASKS, features=("surface",), k0=k0, nprobe=nprobe, value_formula=formula,
-                           max_history=12)
+    config = ServingConfig(
+        tasks=TASKS, features=("surface",), k0=k0, nprobe=nprobe, value_formula=formula, max_history=12
+    )
     model = RetrievalModel(user, queries, index, cache, overarch, config).eval()
     return model, attrs, ids
 
@@ -62,9 +83,13 @@ def passes(attrs: dict, flt: str | None) -> bool:
     """A plain evaluation of the FILTERS above."""
     g, y = set(attrs["genre"]), attrs["year"]
     return {
-        None: True, "genre:drama": "drama" in g, "genre:war AND year >= 2005": "war" in g and y >= 2005,
-        "NOT genre:comedy": "comedy" not in g, "genre IN (noir, war) AND year < 1995": bool(g & {"noir", "war"}) and y < 1995,
-        "year = 1990": y == 1990, "genre:nothing": False,
+        None: True,
+        "genre:drama": "drama" in g,
+        "genre:war AND year >= 2005": "war" in g and y >= 2005,
+        "NOT genre:comedy": "comedy" not in g,
+        "genre IN (noir, war) AND year < 1995": bool(g & {"noir", "war"}) and y < 1995,
+        "year = 1990": y == 1990,
+        "genre:nothing": False,
     }[flt]
 
 
@@ -75,12 +100,14 @@ def requests(model: RetrievalModel, rng: random.Random, b: int):
     return model.inputs(histories, features=features)
 
 
-def exact_candidates(model: RetrievalModel, queries: torch.Tensor, flt: str | None, attrs_of: dict, k0: int) -> list[int]:
+def exact_candidates(
+    model: RetrievalModel, queries: torch.Tensor, flt: str | None, attrs_of: dict, k0: int
+) -> list[int]:
     """Segment rows of the exact filtered top-k0 of each task query of one request, merged."""
-    stored = model.codes.float() * model.scales[:, None]                      # [N, D]
+    stored = model.codes.float() * model.scales[:, None]  # [N, D]
     ok = torch.tensor([passes(attrs_of[int(i)], flt) for i in model.ids])
     rows = set()
-    for q in queries:                                                         # [T, D]
+    for q in queries:  # [T, D]
         s = (stored @ q).masked_fill(~ok, float("-inf"))
         top = torch.topk(s, min(k0, len(s)))
         rows |= set(top.indices[torch.isfinite(top.values)].tolist())
@@ -99,7 +126,7 @@ def test_without_overarch_probing_every_list_is_exact_filtered_top_k(seed, k):
     _, queries = model.encode(inputs)
     stored = model.codes.float() * model.scales[:, None]
     for b, flt in enumerate(filters):
-        s = stored @ queries[b, 0].detach()                                   # the primary task
+        s = stored @ queries[b, 0].detach()  # the primary task
         ok = torch.tensor([passes(attrs_of[int(i)], flt) for i in model.ids])
         want = torch.topk(s.masked_fill(~ok, float("-inf")), min(k, N))
         count = min(k, int(ok.sum()))
@@ -128,8 +155,15 @@ def test_overarch_is_applied_to_the_exact_candidate_set(kind, formula):
             if not len(rows):
                 assert (out.ids[b] == -1).all()
                 continue
-            probs = torch.sigmoid(model.overarch(users[b : b + 1], queries[b : b + 1], history[b : b + 1],
-                                                 mask[b : b + 1], model.cache[rows][None].float()))[0]   # [M, T]
+            probs = torch.sigmoid(
+                model.overarch(
+                    users[b : b + 1],
+                    queries[b : b + 1],
+                    history[b : b + 1],
+                    mask[b : b + 1],
+                    model.cache[rows][None].float(),
+                )
+            )[0]  # [M, T]
             value = probs[:, 0] if vm is None else vm(probs)
             top = torch.topk(value, min(k, len(rows)))
             count = len(top.values)
@@ -167,9 +201,9 @@ def test_rank_from_the_cache_equals_recomputing_the_item_side(kind):
     emb, _, _, _ = world(2)
     inputs = requests(model, random.Random(1), 2)
     gen = torch.Generator().manual_seed(0)
-    catalogue_rows = torch.randint(N, (2, 7), generator=gen)                 # positions in the catalogue order
-    items = ids[catalogue_rows]                                               # external ids
-    cached = model.rank(inputs, items)                                        # [2, 7, T]
+    catalogue_rows = torch.randint(N, (2, 7), generator=gen)  # positions in the catalogue order
+    items = ids[catalogue_rows]  # external ids
+    cached = model.rank(inputs, items)  # [2, 7, T]
     with torch.no_grad():
         state = model.overarch.item_state(emb.to(torch.float16).float()).to(torch.float16).float()  # [N, S]
         users, queries = model.encode(inputs)
@@ -180,8 +214,12 @@ def test_rank_from_the_cache_equals_recomputing_the_item_side(kind):
     # the user side reads the history through the cache too: the fp16-rounded embeddings
     history_positions = [int((ids == i).nonzero()) for i in model.ids[inputs.history_rows]]
     with torch.no_grad():
-        plain_users = model.user_tower(emb.to(torch.float16).float()[history_positions], inputs.history_actions,
-                                       inputs.history_offsets, {"surface": inputs.features[:, 0]})
+        plain_users = model.user_tower(
+            emb.to(torch.float16).float()[history_positions],
+            inputs.history_actions,
+            inputs.history_offsets,
+            {"surface": inputs.features[:, 0]},
+        )
     torch.testing.assert_close(users, plain_users, rtol=0, atol=1e-6)
 
 
@@ -189,14 +227,14 @@ def test_rank_without_overarch_is_the_inner_product_with_the_stored_vectors():
     model, _, ids = compose(None, seed=4)
     inputs = requests(model, random.Random(3), 3)
     items = ids[torch.randint(N, (3, 5), generator=torch.Generator().manual_seed(1))]
-    got = model.rank(inputs, items)                                           # [3, 5, T]
+    got = model.rank(inputs, items)  # [3, 5, T]
     tensors = model.index.executor_tensors()
     row = {int(i): r for r, i in enumerate(tensors["ids"].tolist())}
     stored = tensors["codes"].float() * tensors["scales"][:, None]
     with torch.no_grad():
         _, queries = model.encode(inputs)
     for b in range(3):
-        vectors = stored[[row[int(i)] for i in items[b]]]                      # [5, D]
+        vectors = stored[[row[int(i)] for i in items[b]]]  # [5, D]
         torch.testing.assert_close(got[b], vectors @ queries[b].T, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="unknown item ids \\[5\\]"):
         model.rank(inputs, torch.tensor([[int(ids[0])], [int(ids[1])], [5]]))
@@ -257,8 +295,11 @@ def test_an_index_with_fresh_items_or_changed_since_is_refused():
     model, _, _ = compose(None, k0=20)
     inputs = model.inputs([[int(model.ids[0])]])
     model.index.upsert(torch.tensor([10**9]), torch.randn(1, D), [{"genre": ["drama"], "year": 2000}])
-    for call in (lambda: model(inputs, k=5), lambda: model.plan(1, None),
-                 lambda: model.rank(inputs, model.ids[:3][None])):
+    for call in (
+        lambda: model(inputs, k=5),
+        lambda: model.plan(1, None),
+        lambda: model.rank(inputs, model.ids[:3][None]),
+    ):
         with pytest.raises(ValueError, match="index changed"):
             call()
     with pytest.raises(ValueError, match="1 fresh items"):
@@ -278,11 +319,17 @@ def test_rank_and_inputs_check_types_and_shapes():
         model.inputs([[]], features=[{"surface": 2.7}])
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"nprobe": 0}, "nprobe must be None or an int >= 1"), ({"k0": 0}, "k0 must be an int >= 1"),
-    ({"max_history": 0}, "max_history"), ({"tasks": ()}, "tasks must be"), ({"tasks": ("a", "a")}, "tasks must be"),
-    ({"value_formula": "clik + 1"}, "unknown task 'clik'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"nprobe": 0}, "nprobe must be None or an int >= 1"),
+        ({"k0": 0}, "k0 must be an int >= 1"),
+        ({"max_history": 0}, "max_history"),
+        ({"tasks": ()}, "tasks must be"),
+        ({"tasks": ("a", "a")}, "tasks must be"),
+        ({"value_formula": "clik + 1"}, "unknown task 'clik'"),
+    ],
+)
 def test_serving_config_is_checked(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ServingConfig(**{"tasks": TASKS, **kwargs})
@@ -293,7 +340,9 @@ def test_serving_config_is_checked(kwargs, message):
 
 def random_filter(rng: random.Random, depth: int = 0):
     """A random filter over ``genre`` / ``year`` and its plain evaluation ``attrs -> bool``."""
-    kind = rng.choice(["genre", "in", "ge", "lt", "eq", "and", "or", "not"] if depth < 2 else ["genre", "ge", "lt", "eq"])
+    kind = rng.choice(
+        ["genre", "in", "ge", "lt", "eq", "and", "or", "not"] if depth < 2 else ["genre", "ge", "lt", "eq"]
+    )
     if kind == "genre":
         g = rng.choice(GENRES + ("nothing",))
         return f"genre:{g}", lambda a: g in a["genre"]
@@ -338,8 +387,13 @@ def exact_top(model: RetrievalModel, query: torch.Tensor, ok: torch.Tensor, k: i
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**20), b=st.integers(1, 4), k=st.integers(1, 50),
-       nprobe=st.sampled_from([NLIST, NLIST + 3, 100]), shared=st.booleans())
+@given(
+    seed=st.integers(0, 2**20),
+    b=st.integers(1, 4),
+    k=st.integers(1, 50),
+    nprobe=st.sampled_from([NLIST, NLIST + 3, 100]),
+    shared=st.booleans(),
+)
 def test_exact_filtered_top_k_under_random_filters(seed, b, k, nprobe, shared):
     """Random filter trees (one for all requests, or one each), nprobe >= nlist: the exact filtered
     top-k of the primary task's query, padded with -1 / -inf."""
@@ -375,11 +429,12 @@ def test_k0_beyond_the_catalogue_pads_the_tail():
         _, queries = model.encode(inputs)
     segment_ids = model.index.executor_tensors()["ids"]
     for r, flt in enumerate([None, "year < 1990"]):
-        ok = torch.tensor([passes(attrs_of[int(i)], flt) if flt is None else attrs_of[int(i)]["year"] < 1990
-                           for i in segment_ids])
+        ok = torch.tensor(
+            [passes(attrs_of[int(i)], flt) if flt is None else attrs_of[int(i)]["year"] < 1990 for i in segment_ids]
+        )
         want_ids, want_scores = exact_top(model, queries[r, 0], ok, N + 20)
         assert out.ids[r, : len(want_ids)].tolist() == want_ids
-        assert (out.ids[r, len(want_ids):] == -1).all() and torch.isneginf(out.scores[r, len(want_ids):]).all()
+        assert (out.ids[r, len(want_ids) :] == -1).all() and torch.isneginf(out.scores[r, len(want_ids) :]).all()
     assert (out.ids[0] >= 0).sum() == N and len(set(out.ids[0].tolist())) == N + 1  # N items and -1
 
 
@@ -404,7 +459,7 @@ def test_the_value_model_ranks_by_its_formula_of_the_task_scores(kind):
         for r, flt in enumerate(filters):
             rows = torch.tensor(exact_candidates(model, queries[r], flt, attrs_of, k0), dtype=torch.int64)
             stored = model.codes[rows].float() * model.scales[rows][:, None]
-            per_task = stored @ queries[r].T                                      # [M, T]
+            per_task = stored @ queries[r].T  # [M, T]
             value = per_task[:, 0] + 0.5 * per_task[:, 1]
             top = torch.topk(value, min(k, len(rows)))
             assert out.ids[r, : len(top.values)].tolist() == model.ids[rows[top.indices]].tolist()
@@ -436,7 +491,7 @@ def test_an_item_retrieved_by_several_task_queries_appears_once(kind):
         ok = torch.tensor([passes(attrs_of[int(i)], flt) for i in segment_ids])
         want_ids, _ = exact_top(model, queries[r, 0], ok, k0)
         got = out.ids[r].tolist()
-        assert len(set(got)) == k0 and -1 not in got                           # k0 distinct items fill k0 slots
+        assert len(set(got)) == k0 and -1 not in got  # k0 distinct items fill k0 slots
         assert set(got) == set(want_ids)
         assert tensor_only.ids[r].tolist() == got
         if kind is None:
@@ -444,7 +499,7 @@ def test_an_item_retrieved_by_several_task_queries_appears_once(kind):
 
 
 def test_history_holds_the_latest_events_of_each_request():
-    model, _, _ = compose("mol", k0=20)                                       # max_history = 12
+    model, _, _ = compose("mol", k0=20)  # max_history = 12
     rng = random.Random(9)
     all_ids = model.ids.tolist()
     histories = [rng.sample(all_ids, n) for n in (0, 1, 12, 13, 30, 5)]
@@ -459,7 +514,7 @@ def test_history_holds_the_latest_events_of_each_request():
         assert (history[r][~mask[r]] == 0).all()
         rows = model.rows_of(torch.tensor(latest, dtype=torch.int64))
         want = model.cache[rows, :D].float()
-        assert torch.equal(history[r][mask[r]], want)                          # oldest first
+        assert torch.equal(history[r][mask[r]], want)  # oldest first
     with pytest.raises(ValueError, match="2 histories, 1 action lists"):
         model.inputs([[], []], actions=[[]])
 
@@ -484,8 +539,12 @@ def test_the_partial_probing_index_is_approximate():
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**20), kind=st.sampled_from([None, "mlp", "mol"]), nprobe=st.sampled_from([1, 3]),
-       shared=st.booleans())
+@given(
+    seed=st.integers(0, 2**20),
+    kind=st.sampled_from([None, "mlp", "mol"]),
+    nprobe=st.sampled_from([1, 3]),
+    shared=st.booleans(),
+)
 def test_execute_answers_like_forward_under_random_filters(seed, kind, nprobe, shared):
     """The tensor-only path (plan + execute) against the eager fused path, nprobe < nlist, random
     filter trees (one string for all requests or one each), histories possibly empty."""

@@ -27,8 +27,14 @@ pytestmark = pytest.mark.ray
 
 TOKEN = "t0ken"
 N, NLIST = 2_000, 16
-FILTERS = [None, "category:music", "year >= 2015", "NOT language:en AND kids:0",
-           "tags IN (music-live, gaming-live) OR year < 1990", "category:no-such-category"]
+FILTERS = [
+    None,
+    "category:music",
+    "year >= 2015",
+    "NOT language:en AND kids:0",
+    "tags IN (music-live, gaming-live) OR year < 1990",
+    "category:no-such-category",
+]
 
 
 class _Url:
@@ -56,11 +62,13 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     root = tmp_path_factory.mktemp("ray-app")
-    snapshot = build_serving_snapshot(root / "one", num_items=N, seed=3, k0=40, nprobe=NLIST,
-                                      index_config=IndexConfig(nlist=NLIST))
+    snapshot = build_serving_snapshot(
+        root / "one", num_items=N, seed=3, k0=40, nprobe=NLIST, index_config=IndexConfig(nlist=NLIST)
+    )
     sharded = split_snapshot(snapshot, root / "sharded", shards=2)
-    other = build_serving_snapshot(root / "other", num_items=N, seed=3, model_seed=4, k0=40, nprobe=NLIST,
-                                   index_config=IndexConfig(nlist=NLIST))  # other weights, same items
+    other = build_serving_snapshot(
+        root / "other", num_items=N, seed=3, model_seed=4, k0=40, nprobe=NLIST, index_config=IndexConfig(nlist=NLIST)
+    )  # other weights, same items
     split_snapshot(other, root / "other-sharded", shards=2)
     port = _free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
@@ -79,9 +87,12 @@ def test_sharded_app_answers_like_the_single_server(servers):
     ids = single.service.model.ids.numpy()
     rng = np.random.default_rng(0)
     for i in range(12):
-        body = {"history": rng.choice(ids, int(rng.integers(0, 20))).tolist(),
-                "features": {"surface": ["home", "search"][i % 2], "hour": int(rng.integers(0, 24))},
-                "filter": FILTERS[i % len(FILTERS)], "k": int(rng.integers(1, 41))}
+        body = {
+            "history": rng.choice(ids, int(rng.integers(0, 20))).tolist(),
+            "features": {"surface": ["home", "search"][i % 2], "hour": int(rng.integers(0, 24))},
+            "filter": FILTERS[i % len(FILTERS)],
+            "k": int(rng.integers(1, 41)),
+        }
         a, b = call(single, "/v1/retrieve", body), call(sharded, "/v1/retrieve", body)
         assert a[0] == b[0] == 200, (a, b)
         assert b[1]["ids"] == a[1]["ids"], body
@@ -116,7 +127,7 @@ def test_hot_reload_across_the_shards(servers, tmp_path):
     assert status == 200, info
     after = call(sharded, "/v1/retrieve", body)[1]
     assert after["snapshot"] == info["version"] != before["snapshot"]
-    assert after["ids"] == want.ids[0].tolist() != before["ids"]   # the other model's answer, from its shards
+    assert after["ids"] == want.ids[0].tolist() != before["ids"]  # the other model's answer, from its shards
     broken = tmp_path / "broken"
     shutil.copytree(root / "sharded", broken)
     described = json.loads((broken / "shards.json").read_text())
@@ -124,7 +135,7 @@ def test_hot_reload_across_the_shards(servers, tmp_path):
     (broken / "shards.json").write_text(json.dumps(described))
     status, out = call(sharded, "/v1/admin/reload", {"path": str(broken)}, token=TOKEN)
     assert status == 422 and "the shards are not one snapshot" in out["error"]["message"]
-    assert call(sharded, "/v1/retrieve", body)[1]["ids"] == after["ids"]   # the old one keeps serving
+    assert call(sharded, "/v1/retrieve", body)[1]["ids"] == after["ids"]  # the old one keeps serving
     status, info = call(sharded, "/v1/admin/reload", {"path": str(root / "sharded")}, token=TOKEN)
     assert status == 200 and call(sharded, "/v1/retrieve", body)[1]["ids"] == before["ids"]
 

@@ -41,10 +41,20 @@ def snapshots(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(snapshots):
     _, a, _, _ = snapshots
-    config = ServerConfig(a, token=TOKEN, value_formulas=FORMULAS,
-                          batcher=BatcherConfig(max_batch=8, max_wait_ms=5),
-                          limits=Limits(max_k=50, max_history=300, max_filter_chars=200, max_rank_items=40,
-                                        max_update_items=5, max_body_bytes=200_000))
+    config = ServerConfig(
+        a,
+        token=TOKEN,
+        value_formulas=FORMULAS,
+        batcher=BatcherConfig(max_batch=8, max_wait_ms=5),
+        limits=Limits(
+            max_k=50,
+            max_history=300,
+            max_filter_chars=200,
+            max_rank_items=40,
+            max_update_items=5,
+            max_body_bytes=200_000,
+        ),
+    )
     with BackgroundServer(config) as s:
         yield s
 
@@ -56,13 +66,17 @@ def call(server, path, body=None, token=None, raw: bytes | None = None, method=N
     try:
         with urllib.request.urlopen(request, timeout=60) as r:
             text = r.read()
-            return r.status, (json.loads(text) if "json" in r.headers.get("content-type", "") else text.decode()), r.headers
+            return (
+                r.status,
+                (json.loads(text) if "json" in r.headers.get("content-type", "") else text.decode()),
+                r.headers,
+            )
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read()), e.headers
 
 
 def history(server, n=5, offset=0):
-    return server.service.model.ids[offset:offset + n].tolist()
+    return server.service.model.ids[offset : offset + n].tolist()
 
 
 # ---- the endpoints -------------------------------------------------------------------------------
@@ -70,8 +84,12 @@ def history(server, n=5, offset=0):
 
 def test_retrieve_answers_what_the_model_answers(server):
     model = server.service.model
-    for flt, k, value in ((None, 10, None), ("language:en", 20, None), ("year >= 2000 AND NOT kids:1", 5, "engagement"),
-                          ("category:music OR tags IN (music-live)", 50, "clicks")):
+    for flt, k, value in (
+        (None, 10, None),
+        ("language:en", 20, None),
+        ("year >= 2000 AND NOT kids:1", 5, "engagement"),
+        ("category:music OR tags IN (music-live)", 50, "clicks"),
+    ):
         body = {"history": history(server, 7), "features": {"surface": "home", "hour": 3}, "filter": flt, "k": k}
         if value:
             body["value"] = value
@@ -112,14 +130,21 @@ def test_items_upserted_are_found_deleted_are_gone_and_counted(server):
     service = server.service
     items, fresh = len(service.model.index), service.model.index.fresh_items
     creator = 9 * 10**8  # no catalogue item has it
-    new = [{"id": 5 * 10**12 + j, "embedding": torch.nn.functional.normalize(torch.ones(64) + j, dim=0).tolist(),
-            "attributes": {"category": "music", "creator": creator + j, "year": 2001}} for j in range(2)]
+    new = [
+        {
+            "id": 5 * 10**12 + j,
+            "embedding": torch.nn.functional.normalize(torch.ones(64) + j, dim=0).tolist(),
+            "attributes": {"category": "music", "creator": creator + j, "year": 2001},
+        }
+        for j in range(2)
+    ]
     new.append({"id": -7, "embedding": [0.125] * 64, "attributes": {"creator": creator + 2}})  # negative ids are items
     status, out, _ = call(server, "/v1/items", {"upsert": new}, token=TOKEN)
     assert status == 200 and out == {"upserted": 3, "deleted": 0, "items": items + 3, "fresh_items": fresh + 3}, out
     for j, item in enumerate(new):
-        status, out, _ = call(server, "/v1/retrieve", {"history": history(server), "filter": f"creator:{creator + j}",
-                                                       "k": 10})
+        status, out, _ = call(
+            server, "/v1/retrieve", {"history": history(server), "filter": f"creator:{creator + j}", "k": 10}
+        )
         assert status == 200 and out["ids"] == [item["id"]], out
         assert service.model.index.attributes_of([item["id"]])[0]["creator"] == creator + j
     status, out, _ = call(server, "/v1/rank", {"history": history(server), "item_ids": [new[0]["id"], -7]})
@@ -164,7 +189,10 @@ def test_metrics_count_requests_stages_batches_and_the_index(server):
     for stage in ("queue", "user_tower", "filter", "ann", "overarch", "value_model"):
         assert f'sterling_stage_latency_seconds_count{{stage="{stage}"}}' in text
     assert "sterling_batch_size_count" in text and "sterling_candidates_after_filter_count" in text
-    assert f'sterling_snapshot_info{{path="{server.service.info.path}",version="{server.service.info.version}"}} 1.0' in text
+    assert (
+        f'sterling_snapshot_info{{path="{server.service.info.path}",version="{server.service.info.version}"}} 1.0'
+        in text
+    )
     items = [line for line in text.splitlines() if line.startswith("sterling_index_items ")]
     assert items and float(items[0].split()[1]) == len(server.service.model.index)
 
@@ -198,8 +226,9 @@ def test_users_by_id(snapshots, tmp_path):
         assert status == 404 and err["error"]["code"] == "unknown_user"
     # the history limit bounds the events a request carries, not the user's stored timeline
     assert len(events) > 2
-    with BackgroundServer(ServerConfig(a, allow_no_auth=True, users=tmp_path / "users.parquet",
-                                       limits=Limits(max_history=2))) as s:
+    with BackgroundServer(
+        ServerConfig(a, allow_no_auth=True, users=tmp_path / "users.parquet", limits=Limits(max_history=2))
+    ) as s:
         status, out, _ = call(s, "/v1/retrieve", {"user_id": user, "history": ids[:2], "k": 5})
         assert status == 200 and out["ids"] == both["ids"], out
         status, err, _ = call(s, "/v1/retrieve", {"user_id": user, "history": ids[:3], "k": 5})
@@ -273,8 +302,8 @@ BAD_UPDATES = [
     ({"upsert": [{"id": 1, "embedding": ["a"] * 64}]}, 422, "embedding"),
     ({"remove": [1]}, 422, "remove"),
     ({"upsert": [{"id": 1, "embedding": [10**400] + [0.1] * 63}]}, 422, "embedding"),  # no float holds it
-    ({"upsert": [{"id": 1, "embedding": [1e39] + [0.1] * 63}]}, 400, "NaN or inf"),   # inf as float32
-    ({"upsert": [{"id": -1, "embedding": [0.1] * 64}]}, 400, "reserved"),             # -1 pads results
+    ({"upsert": [{"id": 1, "embedding": [1e39] + [0.1] * 63}]}, 400, "NaN or inf"),  # inf as float32
+    ({"upsert": [{"id": -1, "embedding": [0.1] * 64}]}, 400, "reserved"),  # -1 pads results
     ({"upsert": [{"id": 1, "embedding": [0.1] * 64, "attributes": {"year": "old"}}]}, 400, "year"),
     ({"upsert": [{"id": 1, "embedding": [0.1] * 64, "vector": [1]}]}, 422, "vector"),
 ]
@@ -292,8 +321,10 @@ def test_a_body_without_a_length_is_limited_too(server):
     import socket
 
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
-        sock.sendall(b"POST /v1/retrieve HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n")
+        sock.sendall(
+            b"POST /v1/retrieve HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
         chunk = b'{"history": [' + b"1, " * 10_000
         try:
             for _ in range(20):  # 600 kB in all, never announced
@@ -354,8 +385,11 @@ def test_after_all_the_bad_input_the_server_answers_and_never_answered_500(serve
     status, out, _ = call(server, "/v1/retrieve", {"history": history(server), "k": 3})
     assert status == 200 and len(out["ids"]) == 3
     text = call(server, "/metrics")[1]
-    counts = {line.split("{")[1].split("}")[0]: float(line.split()[-1]) for line in text.splitlines()
-              if line.startswith("sterling_requests_total{")}
+    counts = {
+        line.split("{")[1].split("}")[0]: float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("sterling_requests_total{")
+    }
     assert any('status="400"' in k for k in counts) and any('status="422"' in k for k in counts)
     assert any('status="413"' in k for k in counts)
     assert not [k for k in counts if 'status="5' in k], counts
@@ -393,9 +427,11 @@ def test_a_server_without_a_token_refuses_to_start_unless_told_to(snapshots):
 async def _retrieve_many(url: str, bodies: list[dict], concurrency: int) -> list[tuple[int, dict]]:
     gate = asyncio.Semaphore(concurrency)
     async with aiohttp.ClientSession() as session:
+
         async def one(body):
             async with gate, session.post(url + "/v1/retrieve", json=body) as r:
                 return r.status, await r.json()
+
         return await asyncio.gather(*(one(b) for b in bodies))
 
 
@@ -415,8 +451,11 @@ def test_hot_swap_under_concurrent_requests_fails_no_request(server, snapshots):
         async def client(session, c):
             i = c
             while not done.is_set() or len(answers) < 300:
-                body = {"history": history(server, 3 + i % 5, offset=i % 500), "filter": [None, "language:en"][i % 2],
-                        "k": 10}
+                body = {
+                    "history": history(server, 3 + i % 5, offset=i % 500),
+                    "filter": [None, "language:en"][i % 2],
+                    "k": 10,
+                }
                 sent = time.monotonic()
                 async with session.post(server.url + "/v1/retrieve", json=body) as r:
                     out = await r.json()
@@ -437,8 +476,11 @@ def test_hot_swap_under_concurrent_requests_fails_no_request(server, snapshots):
             await answered_since(time.monotonic())
             for path in (b, a, b):
                 started = time.monotonic()
-                status = (await loop.run_in_executor(None, lambda p=path: call(server, "/v1/admin/reload",
-                                                                                 {"path": str(p)}, token=TOKEN)))[0]
+                status = (
+                    await loop.run_in_executor(
+                        None, lambda p=path: call(server, "/v1/admin/reload", {"path": str(p)}, token=TOKEN)
+                    )
+                )[0]
                 swaps.append((path, started, time.monotonic(), status))
                 await answered_since(swaps[-1][2])
             done.set()
@@ -471,8 +513,15 @@ def test_acknowledged_updates_are_visible_under_load_and_across_a_swap(server, s
 
     def upsert(i):
         vector = torch.nn.functional.normalize(torch.randn(64), dim=0).tolist()
-        body = {"upsert": [{"id": base + i, "embedding": vector,
-                            "attributes": {"category": "music", "creator": 7 * 10**8 + i, "year": 2001}}]}
+        body = {
+            "upsert": [
+                {
+                    "id": base + i,
+                    "embedding": vector,
+                    "attributes": {"category": "music", "creator": 7 * 10**8 + i, "year": 2001},
+                }
+            ]
+        }
         return call(server, "/v1/items", body, token=TOKEN)[0]
 
     async def scenario():
@@ -484,11 +533,16 @@ def test_acknowledged_updates_are_visible_under_load_and_across_a_swap(server, s
             if await loop.run_in_executor(None, upsert, i) == 200:
                 acked.append(i)
             if i == 8:
-                await loop.run_in_executor(None, lambda: call(server, "/v1/admin/reload", {"path": str(b)}, token=TOKEN))
+                await loop.run_in_executor(
+                    None, lambda: call(server, "/v1/admin/reload", {"path": str(b)}, token=TOKEN)
+                )
             if i % 4 == 3:
                 victim = acked.pop(0)
-                status = (await loop.run_in_executor(None, lambda v=victim: call(
-                    server, "/v1/items", {"delete": [base + v]}, token=TOKEN)))[0]
+                status = (
+                    await loop.run_in_executor(
+                        None, lambda v=victim: call(server, "/v1/items", {"delete": [base + v]}, token=TOKEN)
+                    )
+                )[0]
                 (deleted if status == 200 else acked).append(victim)
         return await load, acked, deleted
 
@@ -502,7 +556,9 @@ def test_acknowledged_updates_are_visible_under_load_and_across_a_swap(server, s
     assert info["path"] == str(b) and info["fresh_items"] >= len(acked)
     call(server, "/v1/admin/reload", {"path": str(a)}, token=TOKEN)
     for i in acked[:3]:  # still there after swapping back: the update log is applied to every snapshot
-        assert call(server, "/v1/retrieve", {"history": [], "filter": f"creator:{7 * 10**8 + i}", "k": 5})[1]["ids"] == [base + i]
+        assert call(server, "/v1/retrieve", {"history": [], "filter": f"creator:{7 * 10**8 + i}", "k": 5})[1][
+            "ids"
+        ] == [base + i]
 
 
 def test_concurrent_requests_are_batched_and_a_bad_one_fails_alone(server):
@@ -535,12 +591,13 @@ def test_a_batch_of_good_and_bad_requests_answers_each_on_its_own(snapshots):
 
         batcher._run_batch = gated
         ids = s.service.model.ids.tolist()
-        bodies = [{"history": ids[i:i + 4], "k": 5} for i in range(40)]
+        bodies = [{"history": ids[i : i + 4], "k": 5} for i in range(40)]
         bodies[5]["history"] = [123456789012]
         bodies[22]["features"] = {"weather": 1}
 
         async def scenario():
             async with aiohttp.ClientSession() as session:
+
                 async def one(body):
                     async with session.post(s.url + "/v1/retrieve", json=body) as r:
                         return r.status, await r.json()
@@ -575,6 +632,9 @@ def test_a_batch_of_good_and_bad_requests_answers_each_on_its_own(snapshots):
                     assert got[tuple(h)]["timing_ms"]["batch_size"] == len(run)
         assert sum(out["timing_ms"]["batch_size"] == 8 for code, out in answers if code == 200) >= 24
         text = call(s, "/metrics")[1]
-        buckets = {line.split('le="')[1].split('"')[0]: float(line.split()[-1]) for line in text.splitlines()
-                   if line.startswith("sterling_batch_size_bucket")}
+        buckets = {
+            line.split('le="')[1].split('"')[0]: float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("sterling_batch_size_bucket")
+        }
         assert buckets["1.0"] >= 1 and buckets["8.0"] - buckets["4.0"] >= 5  # the histogram saw the batches of 8

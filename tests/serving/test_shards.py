@@ -16,15 +16,28 @@ from sterling.serving.shards import Candidates, ShardedModel, merge_topk, shard_
 from sterling.serving.snapshot import SnapshotError
 
 N, NLIST = 2_000, 16
-FILTERS = [None, "category:music", "year >= 2015", "NOT language:en AND kids:0",
-           "tags IN (music-live, gaming-live) OR year < 1990", "category:no-such-category"]
+FILTERS = [
+    None,
+    "category:music",
+    "year >= 2015",
+    "NOT language:en AND kids:0",
+    "tags IN (music-live, gaming-live) OR year < 1990",
+    "category:no-such-category",
+]
 
 
 @pytest.fixture(scope="module", params=["mol", None], ids=["overarch", "inner-product"])
 def models(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
-    snapshot = build_serving_snapshot(root / "one", num_items=N, seed=3, overarch=request.param, k0=40,
-                                      nprobe=NLIST, index_config=IndexConfig(nlist=NLIST))
+    snapshot = build_serving_snapshot(
+        root / "one",
+        num_items=N,
+        seed=3,
+        overarch=request.param,
+        k0=40,
+        nprobe=NLIST,
+        index_config=IndexConfig(nlist=NLIST),
+    )
     sharded = split_snapshot(snapshot, root / "sharded", shards=3)
     return load_model(snapshot), ShardedModel.local(sharded), sharded
 
@@ -51,7 +64,9 @@ def test_sharded_answers_equal_the_single_model(models, seed, batch, k, which):
     want = single(single.inputs(histories, None, features), filter=filters, k=k)
     got = sharded(sharded.inputs(histories, None, features), filter=filters, k=k)
     assert torch.equal(got.ids, want.ids)
-    torch.testing.assert_close(got.scores, want.scores, rtol=0, atol=0, equal_nan=True)  # exact; NaN: like^0.5 of a negative
+    torch.testing.assert_close(
+        got.scores, want.scores, rtol=0, atol=0, equal_nan=True
+    )  # exact; NaN: like^0.5 of a negative
     torch.testing.assert_close(got.task_scores, want.task_scores, rtol=0, atol=0)
 
 
@@ -61,11 +76,13 @@ def test_merge_topk_is_the_top_of_the_union():
     for s in range(3):
         scores = torch.randn(5, 7, generator=gen).sort(dim=1, descending=True).values
         ids = torch.randint(0, 1000, (5, 7), generator=gen) * 3 + s
-        scores[0, 4:], ids[0, 4:] = float("-inf"), -1       # a shard short of candidates
+        scores[0, 4:], ids[0, 4:] = float("-inf"), -1  # a shard short of candidates
         parts.append(Candidates(ids, scores, torch.stack([ids.float(), scores], -1)))
     merged = merge_topk(parts, 7)
     for q in range(5):
-        pool = sorted(((float(p.scores[q, j]), int(p.ids[q, j])) for p in parts for j in range(7)), key=lambda x: -x[0])[:7]
+        pool = sorted(
+            ((float(p.scores[q, j]), int(p.ids[q, j])) for p in parts for j in range(7)), key=lambda x: -x[0]
+        )[:7]
         assert merged.scores[q].tolist() == [s for s, _ in pool] and merged.ids[q].tolist() == [i for _, i in pool]
     assert torch.equal(merged.state[..., 0], merged.ids.float())  # each candidate keeps its own state
 
@@ -78,7 +95,7 @@ def test_bad_sharded_snapshots(models, tmp_path):
     shutil.copytree(path, mixed)
     shutil.rmtree(mixed / "shard-1")
     split_snapshot(path / "shard-0", tmp_path / "other", shards=2)
-    shutil.copytree(tmp_path / "other" / "shard-1", mixed / "shard-1")   # a shard of another split
+    shutil.copytree(tmp_path / "other" / "shard-1", mixed / "shard-1")  # a shard of another split
     with pytest.raises(SnapshotError, match="the shards are not one snapshot"):
         ShardedModel.local(mixed)
     with pytest.raises(ValueError, match="unknown item ids \\[-5\\]"):
@@ -94,8 +111,9 @@ def test_updates_through_the_shards_answer_like_the_single_model(tmp_path, monke
     from sterling.serving.shards import HistoryTable
 
     monkeypatch.setattr(HistoryTable, "MERGE_AT", merge_at)
-    snapshot = build_serving_snapshot(tmp_path / "one", num_items=800, seed=4, k0=30, nprobe=8,
-                                      index_config=IndexConfig(nlist=8))
+    snapshot = build_serving_snapshot(
+        tmp_path / "one", num_items=800, seed=4, k0=30, nprobe=8, index_config=IndexConfig(nlist=8)
+    )
     single, sharded = load_model(snapshot), ShardedModel.local(split_snapshot(snapshot, tmp_path / "s", shards=3))
     existing = single.index.ids[:2].tolist()
     gen = torch.Generator().manual_seed(1)
@@ -113,12 +131,15 @@ def test_updates_through_the_shards_answer_like_the_single_model(tmp_path, monke
         got = sharded(sharded.inputs([history]), filter=flt, k=20)
         assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
     item_ids = torch.tensor([[10**9 + 2, existing[1], 10**9 + 1]])
-    assert torch.equal(sharded.rank(sharded.inputs([history]), item_ids), single.rank(single.inputs([history]), item_ids))
+    assert torch.equal(
+        sharded.rank(sharded.inputs([history]), item_ids), single.rank(single.inputs([history]), item_ids)
+    )
 
 
 def test_a_shard_without_items_answers_nothing(tmp_path):
-    snapshot = build_serving_snapshot(tmp_path / "one", num_items=40, seed=6, k0=10, nprobe=2,
-                                      index_config=IndexConfig(nlist=2))
+    snapshot = build_serving_snapshot(
+        tmp_path / "one", num_items=40, seed=6, k0=10, nprobe=2, index_config=IndexConfig(nlist=2)
+    )
     single = load_model(snapshot)
     sharded = ShardedModel.local(split_snapshot(snapshot, tmp_path / "s", shards=200))  # most shards hold no item
     history = single.index.ids[:3].tolist()
@@ -126,7 +147,9 @@ def test_a_shard_without_items_answers_nothing(tmp_path):
     got = sharded(sharded.inputs([history]), k=10)
     assert torch.equal(got.ids, want.ids) and torch.equal(got.scores, want.scores)
     item_ids = torch.tensor([history])
-    assert torch.equal(sharded.rank(sharded.inputs([history]), item_ids), single.rank(single.inputs([history]), item_ids))
+    assert torch.equal(
+        sharded.rank(sharded.inputs([history]), item_ids), single.rank(single.inputs([history]), item_ids)
+    )
 
 
 def test_a_bad_upsert_changes_no_shard(models):

@@ -59,10 +59,7 @@ def test_round_trip(tmp_path: Path) -> None:
     assert_same_tensors(snap.tensors, TENSORS)
     manifest = json.loads((path / "manifest.json").read_text())
     assert snap.manifest == manifest == verify_snapshot(path)
-    assert (
-        manifest["format"] == FORMAT == "sterling-snapshot"
-        and manifest["format_version"] == FORMAT_VERSION == 1
-    )
+    assert manifest["format"] == FORMAT == "sterling-snapshot" and manifest["format_version"] == FORMAT_VERSION == 1
     created = datetime.datetime.fromisoformat(manifest["created_at"])
     assert created.utcoffset() == datetime.timedelta(0)
     assert sorted(manifest["files"]) == ["index.safetensors", "weights.safetensors"]
@@ -116,9 +113,7 @@ def test_failed_write_keeps_old_snapshot(tmp_path: Path) -> None:
 def test_write_validation(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="snapshot file name '../x' must match"):
         write_snapshot(tmp_path / "s", {"../x": {}}, {})
-    with pytest.raises(
-        ValueError, match="snapshot file 'w' needs str names and tensors, got 'x': str"
-    ):
+    with pytest.raises(ValueError, match="snapshot file 'w' needs str names and tensors, got 'x': str"):
         write_snapshot(tmp_path / "s", {"w": {"x": "not a tensor"}}, {})  # type: ignore[dict-item]
     with pytest.raises(ValueError, match="snapshot meta must be JSON-serialisable"):
         write_snapshot(tmp_path / "s", {}, {"x": object()})
@@ -205,9 +200,7 @@ def consistent_garbage(path: Path) -> None:
             "lists an invalid file name '../x.safetensors'",
         ),
         (
-            lambda p: edit_manifest(
-                p, lambda m: m["files"]["index.safetensors"].update(bytes="12")
-            ),
+            lambda p: edit_manifest(p, lambda m: m["files"]["index.safetensors"].update(bytes="12")),
             "entry for index.safetensors needs a hex 'sha256' and int 'bytes'",
         ),
         (consistent_garbage, "cannot parse weights.safetensors"),
@@ -243,13 +236,27 @@ def test_loading_never_unpickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 # ---- the in-place safetensors reader --------------------------------------------------------------
 
-DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
-          torch.int8, torch.uint8, torch.bool]
+DTYPES = [
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+]
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(DTYPES), st.lists(st.integers(0, 5), min_size=0, max_size=3)),
-                min_size=0, max_size=6), st.integers(0, 2**31))
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(DTYPES), st.lists(st.integers(0, 5), min_size=0, max_size=3)), min_size=0, max_size=6
+    ),
+    st.integers(0, 2**31),
+)
 def test_parse_safetensors_equals_the_library(spec, seed) -> None:
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
@@ -268,28 +275,41 @@ def _file(header: dict, payload: bytes = b"") -> bytes:
     return len(raw).to_bytes(8, "little") + raw + payload
 
 
-@pytest.mark.parametrize("data, message", [
-    (b"", "shorter than"),
-    (b"\xff" * 8, "header of"),
-    ((5).to_bytes(8, "little") + b"{nope", "not JSON"),
-    (_file([1, 2]), "not a JSON object"),
-    (_file({"a": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), "bad entry"),
-    (_file({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4), r"4 bytes for \[2\]"),
-    (_file({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 4), "byte range"),
-    (_file({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4), "bad shape"),
-    (_file({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
-            "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8), "overlap"),
-    (_file({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 12), "cover 4 of the 12"),
-    (_file({"a": {"dtype": "F32", "shape": [1]}}, b"\0" * 4), "bad entry"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "shorter than"),
+        (b"\xff" * 8, "header of"),
+        ((5).to_bytes(8, "little") + b"{nope", "not JSON"),
+        (_file([1, 2]), "not a JSON object"),
+        (_file({"a": {"dtype": "F99", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4), "bad entry"),
+        (_file({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4), r"4 bytes for \[2\]"),
+        (_file({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 8]}}, b"\0" * 4), "byte range"),
+        (_file({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4), "bad shape"),
+        (
+            _file(
+                {
+                    "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                    "b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+                },
+                b"\0" * 8,
+            ),
+            "overlap",
+        ),
+        (_file({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 12), "cover 4 of the 12"),
+        (_file({"a": {"dtype": "F32", "shape": [1]}}, b"\0" * 4), "bad entry"),
+    ],
+)
 def test_parse_safetensors_refuses_malformed_files(data, message) -> None:
     with pytest.raises(ValueError, match=message):
         parse_safetensors(data)
 
 
 def test_an_unaligned_tensor_is_copied_not_viewed() -> None:
-    header = {"a": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
-              "b": {"dtype": "F32", "shape": [2], "data_offsets": [3, 11]}}
+    header = {
+        "a": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [3, 11]},
+    }
     raw = json.dumps(header).encode()
     raw += b" " * (-(8 + len(raw)) % 8)  # the data starts aligned; b starts 3 bytes in
     data = len(raw).to_bytes(8, "little") + raw + bytes([1, 2, 3]) + torch.tensor([1.5, -2.0]).numpy().tobytes()

@@ -19,9 +19,13 @@ from sterling.train.distributed import run_ranks, train_distributed
 from sterling.train.loop import TrainConfig, backward_step, train
 from sterling.train.losses import TwoTowerObjective
 
-pytestmark = [pytest.mark.distributed,
-              pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                 reason="torch.distributed with gloo is not available")]
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(
+        not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+        reason="torch.distributed with gloo is not available",
+    ),
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +40,18 @@ def batch_gradients(data, distributed: bool) -> dict[str, torch.Tensor]:
     catalog, terms = ItemCatalog(item_ids), ItemTerms.build(attributes)
     roles = read_roles(pq.read_schema(data / "requests.parquet"))
     torch.manual_seed(0)
-    model = TwoTower(TwoTowerConfig(num_items=len(catalog), num_terms=len(terms.vocab), tasks=tuple(roles.labels),
-                                    context_features=tuple(roles.context), user_features=tuple(roles.user),
-                                    dim=16, hidden=32, max_history=20))
+    model = TwoTower(
+        TwoTowerConfig(
+            num_items=len(catalog),
+            num_terms=len(terms.vocab),
+            tasks=tuple(roles.labels),
+            context_features=tuple(roles.context),
+            user_features=tuple(roles.user),
+            dim=16,
+            hidden=32,
+            max_history=20,
+        )
+    )
     objective = TwoTowerObjective(model)
     if distributed:
         objective = DistributedDataParallel(objective)
@@ -63,7 +76,9 @@ def test_two_processes_train_like_one(data, tmp_path):
     cfg = TrainConfig(epochs=1, max_steps=4, dim=16, hidden=32, token_budget=800, num_negatives=64, overarch=None)
     one = train(data, tmp_path / "one", cfg, log=lambda s: None)
     two = train_distributed(data, tmp_path / "two", cfg, nproc=2, log=print)
-    assert one.steps == two.steps == 4 and two.checkpoint == tmp_path / "two" and two.metrics.keys() == one.metrics.keys()
+    assert (
+        one.steps == two.steps == 4 and two.checkpoint == tmp_path / "two" and two.metrics.keys() == one.metrics.keys()
+    )
     start = train(data, tmp_path / "start", dataclasses.replace(cfg, max_steps=1, lr=0.0), log=lambda s: None)
     a, b, s = (read_snapshot(r.checkpoint).tensors["model"] for r in (one, two, start))
     assert a.keys() == b.keys()

@@ -19,14 +19,23 @@ from sterling.train.losses import two_tower_loss
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    data = generate(SynthConfig(num_users=30, num_items=300, requests_per_user=(1, 5), history_length=(0, 30), seed=4),
-                    tmp_path_factory.mktemp("synth"))
+    data = generate(
+        SynthConfig(num_users=30, num_items=300, requests_per_user=(1, 5), history_length=(0, 30), seed=4),
+        tmp_path_factory.mktemp("synth"),
+    )
     item_ids, attributes, _ = read_items(data / "items.parquet")
     catalog, terms = ItemCatalog(item_ids), ItemTerms.build(attributes)
     roles = read_roles(pq.read_schema(data / "requests.parquet"))
-    cfg = TwoTowerConfig(num_items=len(catalog), num_terms=len(terms.vocab), tasks=tuple(roles.labels),
-                         context_features=tuple(roles.context), user_features=tuple(roles.user), dim=16, hidden=32,
-                         max_history=20)
+    cfg = TwoTowerConfig(
+        num_items=len(catalog),
+        num_terms=len(terms.vocab),
+        tasks=tuple(roles.labels),
+        context_features=tuple(roles.context),
+        user_features=tuple(roles.user),
+        dim=16,
+        hidden=32,
+        max_history=20,
+    )
     batches = list(RequestReader(data, catalog, max_history=20, token_budget=600).batches())
     frequency = torch.rand(len(catalog)) + 0.1
     return TwoTower(cfg), terms, batches, frequency / frequency.sum()
@@ -67,13 +76,17 @@ def test_the_mask_spans_the_batch(setup):
     batch = next(b for b in batches if b.num_requests > 2 and len(set(b.user_ids.tolist())) < b.num_requests)
     users = batch.user_ids.tolist()
     r = next(i for i in range(1, batch.num_requests) if users[i] in users[:i])
-    parts = [two_tower_loss(model, batch, terms, 64, frequency, torch.Generator().manual_seed(7), s).total
-             for s in ((0, r), (r, batch.num_requests))]
+    parts = [
+        two_tower_loss(model, batch, terms, 64, frequency, torch.Generator().manual_seed(7), s).total
+        for s in ((0, r), (r, batch.num_requests))
+    ]
     whole = two_tower_loss(model, batch, terms, 64, frequency, torch.Generator().manual_seed(7)).total
     torch.testing.assert_close(parts[0] + parts[1], whole, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("tokens, world", [([5, 5, 5, 5], 2), ([1, 100, 1], 2), ([3], 3), ([2, 2, 2, 2, 2], 3), ([], 2)])
+@pytest.mark.parametrize(
+    "tokens, world", [([5, 5, 5, 5], 2), ([1, 100, 1], 2), ([3], 3), ([2, 2, 2, 2, 2], 3), ([], 2)]
+)
 def test_shard_bounds_cover_the_batch_once(tokens, world):
     bounds = [shard_bounds(np.array(tokens, dtype=np.int64), r, world) for r in range(world)]
     assert bounds[0][0] == 0 and bounds[-1][1] == len(tokens)

@@ -185,9 +185,9 @@ def test_ne_of_base_rate_predictor_is_one_and_nan_cases():
     assert math.isnan(ne(torch.zeros(3), torch.ones(3)))
     assert math.isnan(ne(torch.zeros(0), torch.zeros(0)))
     # weights: a zero-weight example does not count, an integer weight equals repetition
-    assert ne(torch.tensor([0.3, -1.0, 2.0]), torch.tensor([1.0, 0.0, 1.0]), torch.tensor([1.0, 2.0, 0.0])) == pytest.approx(
-        ne(torch.tensor([0.3, -1.0, -1.0]), torch.tensor([1.0, 0.0, 0.0]))
-    )
+    assert ne(
+        torch.tensor([0.3, -1.0, 2.0]), torch.tensor([1.0, 0.0, 1.0]), torch.tensor([1.0, 2.0, 0.0])
+    ) == pytest.approx(ne(torch.tensor([0.3, -1.0, -1.0]), torch.tensor([1.0, 0.0, 0.0])))
 
 
 def _full_corpus_sample(seed, b, n):

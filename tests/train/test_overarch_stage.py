@@ -43,8 +43,9 @@ def plain_listwise(logits, labels, valid, impressions):
             for m in range(m_):
                 if not (bool(valid[r, m]) and float(labels[r, m, t]) > 0):
                     continue
-                others = [j for j in range(impressions, m_)
-                          if j != m and bool(valid[r, j]) and not float(labels[r, j, t]) > 0]
+                others = [
+                    j for j in range(impressions, m_) if j != m and bool(valid[r, j]) and not float(labels[r, j, t]) > 0
+                ]
                 row = torch.stack([logits[r, m, t]] + [logits[r, j, t] for j in others])
                 losses.append(torch.logsumexp(row, 0) - row[0])
     return torch.stack(losses).mean() if losses else torch.zeros(())
@@ -83,8 +84,13 @@ def test_overarch_loss_is_bce_plus_listwise(case):
     if not valid.any():
         return  # BCE over no candidates is undefined
     r, m, t = logits.shape
-    terms = [F.binary_cross_entropy_with_logits(logits[i, j, k], labels[i, j, k])
-             for i in range(r) for j in range(m) for k in range(t) if valid[i, j]]
+    terms = [
+        F.binary_cross_entropy_with_logits(logits[i, j, k], labels[i, j, k])
+        for i in range(r)
+        for j in range(m)
+        for k in range(t)
+        if valid[i, j]
+    ]
     bce = torch.stack(terms).mean()
     want = bce + plain_listwise(logits, labels, valid, impressions)
     torch.testing.assert_close(overarch_loss(logits, labels, valid, impressions), want, rtol=1e-5, atol=1e-5)
@@ -101,10 +107,10 @@ def test_listwise_gradient_reaches_positives_and_retrieved_negatives_only():
     listwise_loss(logits, labels, valid, imp).backward()
     g = logits.grad
     touched = g != 0
-    assert not touched[2].any()                                    # no positives in request 2
+    assert not touched[2].any()  # no positives in request 2
     assert not touched[:, :, 0][1].any() and not touched[:, :, 1][0].any()
     assert touched[0, 1, 0] and touched[1, 0, 1] and touched[1, 2, 1]
-    assert not touched[0, [0, 2, 3], 0].any()                      # unengaged impressions are left out
+    assert not touched[0, [0, 2, 3], 0].any()  # unengaged impressions are left out
     assert touched[0, [4, 5, 7], 0].all() and not touched[0, 6, 0]  # valid retrieved negatives only
     assert touched[1, 4:, 1].all() and not touched[1, [1, 3], 1].any()
     # the positive is pushed up, the negatives down
@@ -135,8 +141,9 @@ def stage(tmp_path_factory):
     batches and the held-out requests."""
     root = tmp_path_factory.mktemp("overarch")
     data = generate(replace(SynthConfig(), num_users=200, num_items=600, seed=2), root / "data")
-    report = train(data, root / "ckpt", TrainConfig(epochs=1, max_steps=8, dim=16, hidden=32, overarch=None),
-                   log=lambda s: None)
+    report = train(
+        data, root / "ckpt", TrainConfig(epochs=1, max_steps=8, dim=16, hidden=32, overarch=None), log=lambda s: None
+    )
     ckpt = load_checkpoint(report.checkpoint)
     assert ckpt.overarch is None
     item_ids, attributes, _ = read_items(data / "items.parquet")
@@ -157,7 +164,7 @@ def test_overarch_inputs_read_the_cached_embeddings(stage):
     assert users.shape == (r, 16) and queries.shape == (r, len(model.cfg.tasks), 16)
     assert history.shape == (r, int(lengths.max()), 16) and torch.equal(mask.sum(1), lengths)
     for i in (0, r // 2, r - 1):
-        rows = batch.history_items[batch.history_offsets[i]:batch.history_offsets[i + 1]]
+        rows = batch.history_items[batch.history_offsets[i] : batch.history_offsets[i + 1]]
         assert torch.equal(history[i][mask[i]], items[rows]) and (history[i][~mask[i]] == 0).all()
 
 
@@ -183,17 +190,17 @@ def test_candidates_are_impressions_then_unimpressed_retrieved_items(stage):
                 assert valid[i, : hi - lo].all() and not valid[i, hi - lo : k].any()
                 assert torch.equal(labels[i, : hi - lo], batch.labels[lo:hi])
                 negs, ok = rows[i, k:], valid[i, k:]
-                assert not impressed & set(negs[ok].tolist())         # impressed items are never negatives
-                assert set(negs[~ok].tolist()) <= impressed           # invalid draws fell on impressed slots
+                assert not impressed & set(negs[ok].tolist())  # impressed items are never negatives
+                assert set(negs[~ok].tolist()) <= impressed  # invalid draws fell on impressed slots
                 scores = queries[i, primary] @ items.T
                 scores[list(impressed)] = float("-inf")
                 top = set(torch.topk(scores, min(pool, n)).indices.tolist())
                 top_unimpressed = {j for j in top if j not in impressed}
-                assert set(negs[ok].tolist()) <= top_unimpressed      # from the request's top pool
+                assert set(negs[ok].tolist()) <= top_unimpressed  # from the request's top pool
                 if pool == 10:  # uniform over the pool: 300 draws from 10 items cover all of them
                     assert set(negs[ok].tolist()) == top_unimpressed
                 if pool == n:
-                    assert len(set(negs[ok].tolist())) > 100          # not only the very top items
+                    assert len(set(negs[ok].tolist())) > 100  # not only the very top items
 
 
 def _loss_on(arch, model, batches, items, cfg, primary=0):
@@ -203,8 +210,9 @@ def _loss_on(arch, model, batches, items, cfg, primary=0):
     with torch.no_grad():
         for batch in batches:
             users, queries, history, mask = overarch_inputs(model, batch, items)
-            rows, labels, valid = _candidates(batch, queries, items, cfg.retrieved_negatives, cfg.negative_pool,
-                                              primary, gen)
+            rows, labels, valid = _candidates(
+                batch, queries, items, cfg.retrieved_negatives, cfg.negative_pool, primary, gen
+            )
             logits = arch(users, queries, history, mask, arch.item_state(items[rows]))
             total += float(overarch_loss(logits, labels, valid, rows.shape[1] - cfg.retrieved_negatives))
     return total / len(batches)
@@ -214,8 +222,18 @@ def _loss_on(arch, model, batches, items, cfg, primary=0):
 def test_train_overarch_lowers_the_loss(stage, kind):
     model, reader, vectors, holdout = stage
     steps = 25
-    cfg = OverArchTrainConfig(kind=kind, epochs=3, lr=5e-3, retrieved_negatives=16, negative_pool=100, hidden=32,
-                              components=3, component_dim=8, max_steps=steps, seed=1)
+    cfg = OverArchTrainConfig(
+        kind=kind,
+        epochs=3,
+        lr=5e-3,
+        retrieved_negatives=16,
+        negative_pool=100,
+        hidden=32,
+        components=3,
+        component_dim=8,
+        max_steps=steps,
+        seed=1,
+    )
     lines = []
     before = train_overarch(model, reader, vectors, holdout, replace(cfg, lr=0.0, max_steps=1), log=lines.append)
     after = train_overarch(model, reader, vectors, holdout, cfg, log=lines.append)
@@ -239,8 +257,17 @@ def test_train_overarch_lowers_the_loss(stage, kind):
 
 def test_train_overarch_is_deterministic(stage):
     model, reader, vectors, holdout = stage
-    cfg = OverArchTrainConfig(kind="mol", epochs=1, retrieved_negatives=8, negative_pool=50, hidden=16,
-                              components=2, component_dim=4, max_steps=3, seed=7)
+    cfg = OverArchTrainConfig(
+        kind="mol",
+        epochs=1,
+        retrieved_negatives=8,
+        negative_pool=50,
+        hidden=16,
+        components=2,
+        component_dim=4,
+        max_steps=3,
+        seed=7,
+    )
     a = train_overarch(model, reader, vectors, holdout, cfg, log=lambda s: None)
     b = train_overarch(model, reader, vectors, holdout, cfg, log=lambda s: None)
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())

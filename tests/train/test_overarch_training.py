@@ -22,7 +22,7 @@ def plain_listwise(logits, labels, valid, impressions):
 
 def test_listwise_and_total_loss_match_plain_loops():
     gen = torch.Generator().manual_seed(0)
-    for trial in range(20):
+    for _ in range(20):
         r, m, t, imp = 4, 9, 3, 5
         logits = torch.randn(r, m, t, generator=gen)
         labels = (torch.rand(r, m, t, generator=gen) < 0.3).float()

@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
+from tests.models.test_ranker import make_model, random_batch
 
 from sterling.data.synth import SynthConfig, generate
 from sterling.train.ranking import RankingConfig, accumulate_gradient, ranking_loss, train_ranker
-from tests.models.test_ranker import make_model, random_batch
 
 
 @pytest.mark.parametrize("mode", ["roo", "impression"])
@@ -29,8 +29,17 @@ def test_micro_batches_give_the_whole_batch_gradient(mode: str, micro_tokens: in
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    return generate(SynthConfig(num_users=40, num_items=300, requests_per_user=(2, 4), impressions_per_request=(3, 12),
-                                history_length=(10, 40), seed=2), tmp_path_factory.mktemp("rank"))
+    return generate(
+        SynthConfig(
+            num_users=40,
+            num_items=300,
+            requests_per_user=(2, 4),
+            impressions_per_request=(3, 12),
+            history_length=(10, 40),
+            seed=2,
+        ),
+        tmp_path_factory.mktemp("rank"),
+    )
 
 
 def test_roo_and_impression_training_agree(data) -> None:
@@ -47,8 +56,9 @@ def test_roo_and_impression_training_agree(data) -> None:
 
 
 def test_time_limit_and_mode_validation(data) -> None:
-    report = train_ranker(data, RankingConfig(dim=8, num_layers=1, max_history=16, token_budget=256, max_seconds=0.0),
-                          log=lambda s: None)
+    report = train_ranker(
+        data, RankingConfig(dim=8, num_layers=1, max_history=16, token_budget=256, max_seconds=0.0), log=lambda s: None
+    )
     assert report.steps == 1
     with pytest.raises(ValueError, match="mode must be one of"):
         RankingConfig(mode="listwise")

@@ -71,11 +71,13 @@ def test_split_is_leave_last_out_and_never_leaks():
 
     # no validation / test target, nor anything after it, is trained on or in its own history
     train_rows = dict(zip(split.train.users.tolist(), _rows(split.train)))
-    for user, target, history in zip(split.valid.history.users.tolist(), split.valid.targets.tolist(),
-                                      _rows(split.valid.history)):
+    for user, target, history in zip(
+        split.valid.history.users.tolist(), split.valid.targets.tolist(), _rows(split.valid.history)
+    ):
         assert max(train_rows.get(user, [-1])) < target and max(history) < target
-    for user, target, history in zip(split.test.history.users.tolist(), split.test.targets.tolist(),
-                                     _rows(split.test.history)):
+    for user, target, history in zip(
+        split.test.history.users.tolist(), split.test.targets.tolist(), _rows(split.test.history)
+    ):
         assert max(train_rows.get(user, [-1])) < target - 1 and max(history) < target
         assert history[-1] == target - 1  # the test history includes the validation item
 
@@ -90,7 +92,7 @@ def test_a_position_query_does_not_see_its_target(encoder):
     ts = torch.arange(10) * 100
     base = model(items, ts, offsets)
     changed = items.clone()
-    changed[3:6] = (changed[3:6] + 7) % 50   # sequence 0 from position 3 on
+    changed[3:6] = (changed[3:6] + 7) % 50  # sequence 0 from position 3 on
     out = model(changed, ts, offsets)
     torch.testing.assert_close(out[:3], base[:3])
     torch.testing.assert_close(out[6:], base[6:])
@@ -119,8 +121,8 @@ def test_sampled_softmax_masks_same_user_and_positive_duplicates():
     def reference(sets):
         terms = []
         for p, cands in enumerate(sets):
-            logit = lambda c: float(q[p] @ table[c]) / tau  # noqa: E731
-            lse = math.log(sum(math.exp(logit(c)) for c in cands))   # a listed duplicate counts twice
+            logit = lambda c, p=p: float(q[p] @ table[c]) / tau  # noqa: E731
+            lse = math.log(sum(math.exp(logit(c)) for c in cands))  # a listed duplicate counts twice
             terms.append(lse - logit(int(targets[p])))
         return sum(terms) / len(terms)
 
@@ -173,8 +175,11 @@ def test_ranking_metrics():
 
 
 def test_eval_set_without_users_is_empty():
-    empty = Sequences(*(torch.zeros(0, dtype=torch.int64) for _ in range(2)), torch.zeros(1, dtype=torch.int64),
-                      torch.zeros(0, dtype=torch.int64))
+    empty = Sequences(
+        *(torch.zeros(0, dtype=torch.int64) for _ in range(2)),
+        torch.zeros(1, dtype=torch.int64),
+        torch.zeros(0, dtype=torch.int64),
+    )
     model = SequenceRetriever(5, RetrievalConfig(dim=4))
     assert evaluate_ranks(model, EvalSet(empty, torch.zeros(0, dtype=torch.int64))).numel() == 0
 
@@ -186,19 +191,36 @@ def test_eval_set_without_users_is_empty():
 def synth(tmp_path_factory):
     # one interest per user and a small affinity pool: a user's next items are predictable from the
     # earlier ones (popularity alone gets HR@10 ~0.2, a trained tower ~0.7)
-    cfg = SynthConfig(num_users=200, num_items=300, history_length=(20, 60), requests_per_user=(1, 4),
-                      max_interests=1, candidate_pool=40, popular_share=0.1, seed=1)
+    cfg = SynthConfig(
+        num_users=200,
+        num_items=300,
+        history_length=(20, 60),
+        requests_per_user=(1, 4),
+        max_interests=1,
+        candidate_pool=40,
+        popular_share=0.1,
+        seed=1,
+    )
     return generate(cfg, tmp_path_factory.mktemp("retrieval") / "synth")
 
 
 @pytest.mark.parametrize("encoder", ["hstu", "sasrec"])
 def test_smoke_training_learns(synth, tmp_path, encoder):
-    cfg = RetrievalConfig(encoder=encoder, dim=32, num_layers=1, max_len=40, dropout=0.0, epochs=6,
-                          batch_size=32, lr=3e-3, num_negatives=64)
+    cfg = RetrievalConfig(
+        encoder=encoder,
+        dim=32,
+        num_layers=1,
+        max_len=40,
+        dropout=0.0,
+        epochs=6,
+        batch_size=32,
+        lr=3e-3,
+        num_negatives=64,
+    )
     report = train_retrieval(synth, cfg, log=lambda s: None, json_path=tmp_path / "r.json")
     random_hr10 = 10 / report.num_items
     assert report.num_users == 200 and report.steps == 6 * 7
-    assert report.test["hr@10"] > 5 * random_hr10                    # measured: ~0.65-0.7 vs 0.033
+    assert report.test["hr@10"] > 5 * random_hr10  # measured: ~0.65-0.7 vs 0.033
     assert report.test["hr@10"] > report.popular_test["hr@10"] + 0.1  # and popularity's ~0.18
     assert report.curve[-1]["loss"] < report.curve[0]["loss"]
     saved = json.loads((tmp_path / "r.json").read_text())
@@ -207,8 +229,23 @@ def test_smoke_training_learns(synth, tmp_path, encoder):
 
 def test_cli_retrieval_smoke(synth, tmp_path, capsys):
     out = tmp_path / "sasrec.json"
-    argv = ["train", "--model", "sasrec", "--data", str(synth), "--max-steps", "2", "--dim", "16",
-            "--max-len", "20", "--layers", "1", "--json", str(out)]
+    argv = [
+        "train",
+        "--model",
+        "sasrec",
+        "--data",
+        str(synth),
+        "--max-steps",
+        "2",
+        "--dim",
+        "16",
+        "--max-len",
+        "20",
+        "--layers",
+        "1",
+        "--json",
+        str(out),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "HR@10" in printed and "NDCG@50" in printed and "test" in printed
@@ -230,7 +267,7 @@ def test_movielens_100k_split(tmp_path):
 
     timelines, num_items = load_timelines(load_movielens(ML100K, tmp_path / "ml-100k"))
     split = leave_last_out(timelines.offsets, timelines.item_rows, timelines.ts, max_len=200)
-    assert num_items == 1682 and len(split.test) == len(split.valid) == 943   # every user has >= 20 ratings
+    assert num_items == 1682 and len(split.test) == len(split.valid) == 943  # every user has >= 20 ratings
     assert int(split.train.offsets[-1]) == sum(min(n - 2, 200) for n in np.diff(timelines.offsets))
     last = timelines.offsets[1:] - 1
     assert split.test.targets.tolist() == timelines.item_rows[last].tolist()

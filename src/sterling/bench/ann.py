@@ -73,9 +73,8 @@ class AnnBenchConfig:
     seed: int = 0
 
     @classmethod
-    def quick(cls) -> "AnnBenchConfig":
-        return cls(n=100_000, queries=128, batch=128, batch1_queries=16, nlist=256,
-                   nprobes=(16, 64), hnsw_efs=(200,))
+    def quick(cls) -> AnnBenchConfig:
+        return cls(n=100_000, queries=128, batch=128, batch1_queries=16, nlist=256, nprobes=(16, 64), hnsw_efs=(200,))
 
 
 @dataclass(frozen=True)
@@ -83,10 +82,10 @@ class Catalogue:
     """Embeddings, attributes and queries with per-query filters, from one dataset."""
 
     dataset: str
-    embeddings: np.ndarray      # float32 [N, D]
-    attributes: list[dict]      # N dicts: {"half": "h1", "tenth": "t7", "hundredth": "u42"}
-    store: AttributeStore       # the same attributes, for exact filter evaluation
-    queries: np.ndarray         # float32 [Q, D]
+    embeddings: np.ndarray  # float32 [N, D]
+    attributes: list[dict]  # N dicts: {"half": "h1", "tenth": "t7", "hundredth": "u42"}
+    store: AttributeStore  # the same attributes, for exact filter evaluation
+    queries: np.ndarray  # float32 [Q, D]
     filters: dict[str, list[str]]  # selectivity label → Q filter strings
 
 
@@ -109,7 +108,10 @@ def make_catalogue(cfg: AnnBenchConfig) -> Catalogue:
     x, q = x[: cfg.n], x[cfg.n :]
     codes = {f: rng.integers(0, values, cfg.n) for f, values in SELECTIVITY_FEATURES.values()}
     prefix = {f: f[0] for f, _ in SELECTIVITY_FEATURES.values()}
-    names = {f: np.array([f"{prefix[f]}{v}" for v in range(values)], dtype=object) for f, values in SELECTIVITY_FEATURES.values()}
+    names = {
+        f: np.array([f"{prefix[f]}{v}" for v in range(values)], dtype=object)
+        for f, values in SELECTIVITY_FEATURES.values()
+    }
     columns = {f: names[f][codes[f]].tolist() for f in codes}
     attributes = [dict(zip(columns, values)) for values in zip(*columns.values())]
     filters = {
@@ -155,8 +157,10 @@ def movielens_catalogue(src: Path, cfg: AnnBenchConfig, log=print) -> Catalogue:
         near = [c for c in candidates if target / 2 <= share[c] <= 2 * target]
         if near:
             filters[label] = [near[i] for i in rng.integers(0, len(near), cfg.queries)]
-    log(f"movielens: {len(x):,} items, {len(genres)} genres, filters per selectivity: "
-        + ", ".join(f"{k}: {len(set(v))} distinct" for k, v in filters.items()))
+    log(
+        f"movielens: {len(x):,} items, {len(genres)} genres, filters per selectivity: "
+        + ", ".join(f"{k}: {len(set(v))} distinct" for k, v in filters.items())
+    )
     return Catalogue(f"movielens:{Path(src).name}", x, attributes, store, q, filters)
 
 
@@ -184,8 +188,15 @@ def recall(found: np.ndarray, truth: list[set[int]], k: int) -> float:
 Searcher = Callable[[np.ndarray, list[str]], np.ndarray]
 
 
-def _timed_qps(search: Searcher, cat: Catalogue, filters: list[str], batch: int, limit: int,
-               budget_s: float = 1.0, max_passes: int = 5) -> tuple[float, np.ndarray]:
+def _timed_qps(
+    search: Searcher,
+    cat: Catalogue,
+    filters: list[str],
+    batch: int,
+    limit: int,
+    budget_s: float = 1.0,
+    max_passes: int = 5,
+) -> tuple[float, np.ndarray]:
     """Queries per second over the first ``limit`` queries in batches of ``batch``, and the results.
 
     The pass is repeated while the passes so far took under ``budget_s`` (at most ``max_passes``)
@@ -222,13 +233,21 @@ def _faiss_systems(cat: Catalogue, cfg: AnnBenchConfig) -> list[tuple[str, str, 
                 rows = [i for i, f in enumerate(filters) if f == flt]
                 out[rows] = index.search(q[rows], cfg.k, params=params_for(flt))[1]
             return out
+
         return search
 
     t0 = time.perf_counter()
     flat = faiss.IndexFlatIP(cat.embeddings.shape[1])
     flat.add(x)
-    systems.append(("faiss-flat", "IndexFlatIP+bitmap", time.perf_counter() - t0, 4.0 * x.shape[1] + 1 / 8,
-                    grouped(flat, lambda f: faiss.SearchParameters(sel=bitmap(f)))))
+    systems.append(
+        (
+            "faiss-flat",
+            "IndexFlatIP+bitmap",
+            time.perf_counter() - t0,
+            4.0 * x.shape[1] + 1 / 8,
+            grouped(flat, lambda f: faiss.SearchParameters(sel=bitmap(f))),
+        )
+    )
 
     t0 = time.perf_counter()
     ivf = faiss.index_factory(x.shape[1], f"IVF{cfg.nlist},SQ8", faiss.METRIC_INNER_PRODUCT)
@@ -237,8 +256,15 @@ def _faiss_systems(cat: Catalogue, cfg: AnnBenchConfig) -> list[tuple[str, str, 
     build = time.perf_counter() - t0
     ivf_bytes = (faiss.serialize_index(ivf).nbytes) / len(x) + 1 / 8
     for nprobe in cfg.nprobes:
-        systems.append(("faiss-ivf-sq8", f"IVF{cfg.nlist},SQ8 nprobe={nprobe}+bitmap", build, ivf_bytes,
-                        grouped(ivf, lambda f, p=nprobe: faiss.SearchParametersIVF(sel=bitmap(f), nprobe=p))))
+        systems.append(
+            (
+                "faiss-ivf-sq8",
+                f"IVF{cfg.nlist},SQ8 nprobe={nprobe}+bitmap",
+                build,
+                ivf_bytes,
+                grouped(ivf, lambda f, p=nprobe: faiss.SearchParametersIVF(sel=bitmap(f), nprobe=p)),
+            )
+        )
 
     def prefilter(q: np.ndarray, filters: list[str]) -> np.ndarray:
         out = np.full((len(q), cfg.k), -1, dtype=np.int64)
@@ -274,11 +300,12 @@ def _hnsw_systems(cat: Catalogue, cfg: AnnBenchConfig) -> list[tuple[str, str, f
             for i, flt in enumerate(filters):
                 ok = passing(cat, flt)
                 try:
-                    labels, _ = index.knn_query(q[i : i + 1], k=cfg.k, filter=lambda j: bool(ok[j]))
+                    labels, _ = index.knn_query(q[i : i + 1], k=cfg.k, filter=lambda j, ok=ok: bool(ok[j]))
                     out[i] = labels[0]
                 except RuntimeError:  # fewer than k found
                     pass
             return out
+
         return search
 
     return [("hnswlib", f"HNSW M16 ef={ef} + filter fn", build, bytes_per_item, searcher(ef)) for ef in cfg.hnsw_efs]
@@ -293,17 +320,31 @@ def _sterling_systems(cat: Catalogue, cfg: AnnBenchConfig) -> list[tuple[str, st
     def searcher(nprobe: int) -> Searcher:
         def search(q: np.ndarray, filters: list[str]) -> np.ndarray:
             return index.search(torch.from_numpy(q), k=cfg.k, filter=filters, nprobe=nprobe).ids.numpy()
+
         return search
 
     bytes_per_item = index.nbytes() / len(index)
-    return [("sterling", f"IVF{nlist} int8+Bloom nprobe={p}" if p < nlist else f"IVF{nlist} int8+Bloom exact",
-             build, bytes_per_item, searcher(p)) for p in (*cfg.nprobes, nlist)]
+    return [
+        (
+            "sterling",
+            f"IVF{nlist} int8+Bloom nprobe={p}" if p < nlist else f"IVF{nlist} int8+Bloom exact",
+            build,
+            bytes_per_item,
+            searcher(p),
+        )
+        for p in (*cfg.nprobes, nlist)
+    ]
 
 
 def machine() -> dict:
     """A description of the machine and library versions."""
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
     try:
         import faiss
 
@@ -317,9 +358,14 @@ def machine() -> dict:
 DEFAULT_MOVIELENS = Path(os.environ.get("STERLING_DATA", "/work/shared/data")) / "ml-1m-subset"
 
 
-def run(cfg: AnnBenchConfig, modes: tuple[str, ...] = ("per_query", "shared"), log=print,
-        movielens: Path | None = None, synthetic: bool = True,
-        systems: tuple[str, ...] = ("faiss", "hnswlib", "sterling")) -> dict:
+def run(
+    cfg: AnnBenchConfig,
+    modes: tuple[str, ...] = ("per_query", "shared"),
+    log=print,
+    movielens: Path | None = None,
+    synthetic: bool = True,
+    systems: tuple[str, ...] = ("faiss", "hnswlib", "sterling"),
+) -> dict:
     """Run the benchmark on the synthetic catalogue and, given ``movielens``, on MovieLens item
     embeddings; returns ``{"machine": ..., "config": ..., "rows": [...], "skipped": [...]}``."""
     runs = []
@@ -329,8 +375,13 @@ def run(cfg: AnnBenchConfig, modes: tuple[str, ...] = ("per_query", "shared"), l
     if movielens is not None:
         cat = movielens_catalogue(movielens, cfg, log)
         nlist = max(1, 2 ** round(math.log2(math.sqrt(len(cat.embeddings) / 4))))
-        small = replace(cfg, n=len(cat.embeddings), d=cat.embeddings.shape[1], nlist=nlist,
-                        nprobes=tuple(sorted({max(1, nlist // 16), max(1, nlist // 8), max(1, nlist // 4)})))
+        small = replace(
+            cfg,
+            n=len(cat.embeddings),
+            d=cat.embeddings.shape[1],
+            nlist=nlist,
+            nprobes=tuple(sorted({max(1, nlist // 16), max(1, nlist // 8), max(1, nlist // 4)})),
+        )
         runs.append((cat, small))
     rows, skipped = [], []
     for cat, run_cfg in runs:
@@ -361,13 +412,26 @@ def _measure(cat: Catalogue, cfg: AnnBenchConfig, systems: list, modes: tuple[st
                 limit = few if system == "hnswlib" else cfg.queries
                 qps1, _ = _timed_qps(search, cat, filters, 1, few)
                 qps, found = _timed_qps(search, cat, filters, cfg.batch, limit)
-                row = {"dataset": cat.dataset, "system": system, "config": config, "selectivity": label,
-                       "filter_mode": mode, "batch": cfg.batch, "k": cfg.k, "queries": limit,
-                       "recall": recall(found, truth[:limit], cfg.k), "qps": qps,
-                       "qps_batch1": qps1, "build_s": build_s, "bytes_per_item": bytes_per_item}
+                row = {
+                    "dataset": cat.dataset,
+                    "system": system,
+                    "config": config,
+                    "selectivity": label,
+                    "filter_mode": mode,
+                    "batch": cfg.batch,
+                    "k": cfg.k,
+                    "queries": limit,
+                    "recall": recall(found, truth[:limit], cfg.k),
+                    "qps": qps,
+                    "qps_batch1": qps1,
+                    "build_s": build_s,
+                    "bytes_per_item": bytes_per_item,
+                }
                 rows.append(row)
-                log(f"{cat.dataset[:12]:<12} {label:>4} {mode:<9} {system:<16} {config:<34} recall {row['recall']:.3f}  "
-                    f"qps@{cfg.batch} {qps:9,.0f}  qps@1 {qps1:8,.0f}")
+                log(
+                    f"{cat.dataset[:12]:<12} {label:>4} {mode:<9} {system:<16} {config:<34} recall {row['recall']:.3f}  "
+                    f"qps@{cfg.batch} {qps:9,.0f}  qps@1 {qps1:8,.0f}"
+                )
     return rows
 
 
@@ -376,8 +440,10 @@ def format_table(result: dict) -> str:
     head = f"{'dataset':<12}  {'sel':>4}  {'mode':<9}  {'system':<16}  {'config':<34}  {'recall':>6}  {'qps@B':>9}  {'qps@1':>8}  {'build_s':>7}  {'B/item':>7}"
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
-        lines.append(f"{r['dataset'][:12]:<12}  {r['selectivity']:>4}  {r['filter_mode']:<9}  {r['system']:<16}  {r['config']:<34}  "
-                     f"{r['recall']:6.3f}  {r['qps']:9,.0f}  {r['qps_batch1']:8,.0f}  {r['build_s']:7.1f}  {r['bytes_per_item']:7.1f}")
+        lines.append(
+            f"{r['dataset'][:12]:<12}  {r['selectivity']:>4}  {r['filter_mode']:<9}  {r['system']:<16}  {r['config']:<34}  "
+            f"{r['recall']:6.3f}  {r['qps']:9,.0f}  {r['qps_batch1']:8,.0f}  {r['build_s']:7.1f}  {r['bytes_per_item']:7.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -394,8 +460,11 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.5 * rows), squeeze=False)
     for ax, (dataset, sel, mode) in zip(axes.flat, panels):
         for system in dict.fromkeys(r["system"] for r in result["rows"]):
-            pts = [(r["qps"], r["recall"]) for r in result["rows"] if r["system"] == system
-                   and (r["dataset"], r["selectivity"], r["filter_mode"]) == (dataset, sel, mode)]
+            pts = [
+                (r["qps"], r["recall"])
+                for r in result["rows"]
+                if r["system"] == system and (r["dataset"], r["selectivity"], r["filter_mode"]) == (dataset, sel, mode)
+            ]
             ax.plot(*zip(*sorted(pts)), marker="o", label=system)
         ax.set(xscale="log", xlabel="QPS", ylabel="recall@k", title=f"{dataset} {sel} {mode}")
     axes.flat[0].legend(fontsize=7)
@@ -409,11 +478,17 @@ def add_arguments(p) -> None:
     p.add_argument("--json", dest="json_path", help="write the rows and the machine here")
     p.add_argument("--plot", help="write a recall/QPS plot (PNG) here")
     p.add_argument("--mode", choices=["per_query", "shared", "both"], default="both")
-    p.add_argument("--systems", default="faiss,hnswlib,sterling",
-                   help="comma-separated subset of faiss, hnswlib, sterling (hnswlib builds 1M items in ~10 min)")
-    p.add_argument("--movielens", type=Path, default=None,
-                   help=f"MovieLens folder for the real-embedding rows (default {DEFAULT_MOVIELENS} when present; "
-                        "'none' to skip)")
+    p.add_argument(
+        "--systems",
+        default="faiss,hnswlib,sterling",
+        help="comma-separated subset of faiss, hnswlib, sterling (hnswlib builds 1M items in ~10 min)",
+    )
+    p.add_argument(
+        "--movielens",
+        type=Path,
+        default=None,
+        help=f"MovieLens folder for the real-embedding rows (default {DEFAULT_MOVIELENS} when present; 'none' to skip)",
+    )
 
 
 def cli(args) -> int:
@@ -428,8 +503,9 @@ def cli(args) -> int:
     unknown = set(systems) - {"faiss", "hnswlib", "sterling"}
     if unknown:
         raise ValueError(f"unknown systems {sorted(unknown)}; choose from faiss, hnswlib, sterling")
-    result = run(cfg, modes, movielens=None if movielens is None or str(movielens) == "none" else movielens,
-                 systems=systems)
+    result = run(
+        cfg, modes, movielens=None if movielens is None or str(movielens) == "none" else movielens, systems=systems
+    )
     print(format_table(result))
     write_json(args.json_path, result)
     if args.plot:

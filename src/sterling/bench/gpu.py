@@ -22,6 +22,7 @@ not measured: its wheel is several hundred MB, beyond what a lent machine can be
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -81,10 +82,19 @@ def make_data(n: int, d: int, nlist: int, selectivity: float, queries: int, devi
     words = (n + 63) // 64
     padded = torch.zeros(words * 64, dtype=torch.int64, device=device)
     padded[:n] = passing.long()
-    bits = (padded.view(words, 64) << torch.arange(64, device=device)).sum(1)[None]   # [1, W]
+    bits = (padded.view(words, 64) << torch.arange(64, device=device)).sum(1)[None]  # [1, W]
     program = PlanProgram(torch.tensor([[ANY, 0, 1]]), torch.tensor([0]), torch.tensor([0, 1]), 1)
-    return dict(codes=codes, scales=scales, offsets=offsets, bits=bits, passing=passing, program=program,
-                centres=centres, queries=sample(queries), max_list=int(counts.max()))
+    return dict(
+        codes=codes,
+        scales=scales,
+        offsets=offsets,
+        bits=bits,
+        passing=passing,
+        program=program,
+        centres=centres,
+        queries=sample(queries),
+        max_list=int(counts.max()),
+    )
 
 
 def exact(data: dict, q: torch.Tensor, k: int) -> torch.Tensor:
@@ -97,7 +107,9 @@ def exact(data: dict, q: torch.Tensor, k: int) -> torch.Tensor:
         sc = (q @ data["codes"][s:e].float().T) * data["scales"][s:e]
         sc = sc.masked_fill(~data["passing"][s:e], float("-inf"))
         top = torch.topk(sc, min(k, e - s), dim=1)
-        best_s, idx = torch.topk(torch.cat([best_s, top.values], 1), min(k, best_s.shape[1] + top.values.shape[1]), dim=1)
+        best_s, idx = torch.topk(
+            torch.cat([best_s, top.values], 1), min(k, best_s.shape[1] + top.values.shape[1]), dim=1
+        )
         best_r = torch.cat([best_r, top.indices + s], 1).gather(1, idx)
     return best_r
 
@@ -108,8 +120,19 @@ def probes_of(data: dict, q: torch.Tensor, nprobe: int) -> torch.Tensor:
 
 def sterling_search(data: dict, q: torch.Tensor, k: int, nprobe: int) -> torch.Tensor:
     plan_of = torch.zeros(q.shape[0], dtype=torch.int64, device=q.device)
-    return triton_scan(q, data["codes"], data["scales"], data["offsets"], probes_of(data, q, nprobe), k,
-                       data["bits"], data["program"], plan_of, None, max_list=data["max_list"])[1]
+    return triton_scan(
+        q,
+        data["codes"],
+        data["scales"],
+        data["offsets"],
+        probes_of(data, q, nprobe),
+        k,
+        data["bits"],
+        data["program"],
+        plan_of,
+        None,
+        max_list=data["max_list"],
+    )[1]
 
 
 def torch_search(data: dict, q: torch.Tensor, k: int, nprobe: int, budget: int = 1 << 31) -> torch.Tensor:
@@ -120,11 +143,11 @@ def torch_search(data: dict, q: torch.Tensor, k: int, nprobe: int, budget: int =
 
 
 def _torch_chunk(data: dict, q: torch.Tensor, k: int, nprobe: int) -> torch.Tensor:
-    probes = probes_of(data, q, nprobe)                                       # [B, P]
-    start = data["offsets"][probes]                                           # [B, P]
+    probes = probes_of(data, q, nprobe)  # [B, P]
+    start = data["offsets"][probes]  # [B, P]
     size = data["offsets"][probes + 1] - start
     j = torch.arange(data["max_list"], device=q.device)
-    rows = (start[..., None] + j).view(q.shape[0], -1)                         # [B, P·L]
+    rows = (start[..., None] + j).view(q.shape[0], -1)  # [B, P·L]
     valid = (j < size[..., None]).view(q.shape[0], -1)
     rows = torch.where(valid, rows, 0)
     scores = torch.einsum("bd,bld->bl", q, data["codes"][rows].float()) * data["scales"][rows]
@@ -138,8 +161,19 @@ def recall(found: torch.Tensor, truth: torch.Tensor) -> float:
     return hits / truth.numel()
 
 
-def run(n: int, d: int, nlist: int, selectivity: float, batches: list[int], ks: list[int], nprobes: list[int],
-        device: str, repeats: int, systems: tuple[str, ...], log=print) -> dict:
+def run(
+    n: int,
+    d: int,
+    nlist: int,
+    selectivity: float,
+    batches: list[int],
+    ks: list[int],
+    nprobes: list[int],
+    device: str,
+    repeats: int,
+    systems: tuple[str, ...],
+    log=print,
+) -> dict:
     t0 = time.perf_counter()
     data = make_data(n, d, nlist, selectivity, max(batches), device)
     log(f"data: {n:,} × {d}, {nlist} lists (longest {data['max_list']:,}), built in {time.perf_counter() - t0:.1f}s")
@@ -156,18 +190,31 @@ def run(n: int, d: int, nlist: int, selectivity: float, batches: list[int], ks: 
                 for system in systems:
                     search = sterling_search if system == "sterling-triton" else torch_search
                     try:
-                        seconds = _timed(lambda: search(data, q, k, nprobe), repeats)
-                        row = {"system": system, "batch": batch, "k": k, "nprobe": nprobe, "n": n, "d": d,
-                               "selectivity": selectivity, "seconds": seconds, "qps": batch / seconds,
-                               "recall": recall(search(data, q, k, nprobe), truth), "floor_seconds": floor,
-                               "bytes_touched": touched}
+                        seconds = _timed(functools.partial(search, data, q, k, nprobe), repeats)
+                        row = {
+                            "system": system,
+                            "batch": batch,
+                            "k": k,
+                            "nprobe": nprobe,
+                            "n": n,
+                            "d": d,
+                            "selectivity": selectivity,
+                            "seconds": seconds,
+                            "qps": batch / seconds,
+                            "recall": recall(search(data, q, k, nprobe), truth),
+                            "floor_seconds": floor,
+                            "bytes_touched": touched,
+                        }
                     except torch.OutOfMemoryError as e:
                         row = {"system": system, "batch": batch, "k": k, "nprobe": nprobe, "error": str(e)[:200]}
                         torch.cuda.empty_cache()
                     rows.append(row)
                     log(json.dumps(row))
-    info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-            "copy_bandwidth_bytes_per_s": bandwidth}
+    info = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "copy_bandwidth_bytes_per_s": bandwidth,
+    }
     return {"machine": info, "rows": rows}
 
 
@@ -186,8 +233,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", dest="json_path")
     a = p.parse_args(argv)
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
-    result = run(a.n, a.d, a.nlist, a.selectivity, ints(a.batches), ints(a.ks), ints(a.nprobes), a.device, a.repeats,
-                 tuple(a.systems.split(",")))
+    result = run(
+        a.n,
+        a.d,
+        a.nlist,
+        a.selectivity,
+        ints(a.batches),
+        ints(a.ks),
+        ints(a.nprobes),
+        a.device,
+        a.repeats,
+        tuple(a.systems.split(",")),
+    )
     write_json(a.json_path, result)
     return 0
 

@@ -74,13 +74,17 @@ class RetrievalBenchConfig:
     def quick(cls) -> RetrievalBenchConfig:
         from sterling.train.overarch import OverArchTrainConfig
 
-        return cls(synth=replace(SynthConfig(), num_users=300, num_items=1000),
-                   train=TrainConfig(epochs=1, overarch=OverArchTrainConfig(epochs=1)), k0=600, batch=32)
+        return cls(
+            synth=replace(SynthConfig(), num_users=300, num_items=1000),
+            train=TrainConfig(epochs=1, overarch=OverArchTrainConfig(epochs=1)),
+            k0=600,
+            batch=32,
+        )
 
 
 def default_formula(tasks: tuple[str, ...]) -> str:
     """Weights halving per task after the first: ``click + 0.5*like + 0.25*share``."""
-    return " + ".join(name if i == 0 else f"{0.5 ** i:g}*{name}" for i, name in enumerate(tasks))
+    return " + ".join(name if i == 0 else f"{0.5**i:g}*{name}" for i, name in enumerate(tasks))
 
 
 def user_inputs(model: RetrievalModel, batch: RequestBatch, item_ids: np.ndarray) -> UserInputs:
@@ -88,12 +92,17 @@ def user_inputs(model: RetrievalModel, batch: RequestBatch, item_ids: np.ndarray
     feats = {**batch.context, **batch.user_features}
     columns = [feats.get(n, torch.zeros(batch.num_requests, dtype=torch.int64)) for n in model.config.features]
     features = torch.stack(columns, 1) if columns else torch.zeros(batch.num_requests, 0, dtype=torch.int64)
-    return UserInputs(model.rows_of(torch.from_numpy(item_ids[batch.history_items.numpy()])),
-                      batch.history_actions, batch.history_offsets, features)
+    return UserInputs(
+        model.rows_of(torch.from_numpy(item_ids[batch.history_items.numpy()])),
+        batch.history_actions,
+        batch.history_offsets,
+        features,
+    )
 
 
-def _held_out(data_dir: Path, model: RetrievalModel, item_ids: np.ndarray, max_history: int, primary: int,
-              batch: int) -> tuple[list[UserInputs], list[set[int]]]:
+def _held_out(
+    data_dir: Path, model: RetrievalModel, item_ids: np.ndarray, max_history: int, primary: int, batch: int
+) -> tuple[list[UserInputs], list[set[int]]]:
     """The held-out requests in batches of ``batch``, and each one's engaged item ids."""
     reader = RequestReader(data_dir, ItemCatalog(item_ids), max_history, token_budget=10**9)
     inputs, relevant = [], []
@@ -120,8 +129,7 @@ def _timed(answer, inputs: list[UserInputs]) -> tuple[torch.Tensor, float]:
 
 def _dataset_rows(data_dir: Path, name: str, cfg: RetrievalBenchConfig, work: Path, log) -> tuple[list[dict], dict]:
     report = train(data_dir, work / "checkpoint", cfg.train, log=lambda s: log(f"  {s}"))
-    snapshot = publish(report.checkpoint, DatasetPaths(data_dir).items, work / "snapshot", k0=cfg.k0,
-                       nprobe=cfg.nprobe)
+    snapshot = publish(report.checkpoint, DatasetPaths(data_dir).items, work / "snapshot", k0=cfg.k0, nprobe=cfg.nprobe)
     model = load_model(snapshot)
     tasks = model.config.tasks
     formula = cfg.value_formula or default_formula(tasks)
@@ -148,19 +156,27 @@ def _dataset_rows(data_dir: Path, name: str, cfg: RetrievalBenchConfig, work: Pa
     rows = []
     for row in ROWS:
         ranked, qps = _timed(answers[row], inputs)
-        out = {"row": row, "dataset": name, "requests": len(relevant), "qps": qps,
-               "value_formula": formula if row == "overarch_vm" else None}
+        out = {
+            "row": row,
+            "dataset": name,
+            "requests": len(relevant),
+            "qps": qps,
+            "value_formula": formula if row == "overarch_vm" else None,
+        }
         out |= {f"recall@{k}": recall_at_k(ranked, relevant, k) for k in KS}
         log(f"  {name:<14} {row:<12} " + "  ".join(f"R@{k} {out[f'recall@{k}']:.4f}" for k in KS) + f"  {qps:,.0f} QPS")
         rows.append(out)
     ranking = _ranking(model, ckpt, ItemTerms.build(attributes, vocab=ckpt.term_vocab), inputs, cfg, name)
-    log(f"  {name:<14} ranking {cfg.rank_candidates} items/request: cache {ranking['cached_qps']:,.0f} vs recompute "
-        f"{ranking['recompute_qps']:,.0f} requests/s ({ranking['speedup']:.1f}x), identical scores: {ranking['identical']}")
+    log(
+        f"  {name:<14} ranking {cfg.rank_candidates} items/request: cache {ranking['cached_qps']:,.0f} vs recompute "
+        f"{ranking['recompute_qps']:,.0f} requests/s ({ranking['speedup']:.1f}x), identical scores: {ranking['identical']}"
+    )
     return rows, ranking
 
 
-def _ranking(model: RetrievalModel, ckpt, item_terms: ItemTerms, inputs: list[UserInputs],
-             cfg: RetrievalBenchConfig, name: str) -> dict:
+def _ranking(
+    model: RetrievalModel, ckpt, item_terms: ItemTerms, inputs: list[UserInputs], cfg: RetrievalBenchConfig, name: str
+) -> dict:
     """The ranking entry point with the cache against recomputing the item side per request."""
     gen = torch.Generator().manual_seed(cfg.seed)
     n = len(model.ids)
@@ -185,9 +201,15 @@ def _ranking(model: RetrievalModel, ckpt, item_terms: ItemTerms, inputs: list[Us
             best = min(best, time.perf_counter() - t0)
         timings[label], scores[label] = sum(x.batch_size for x in inputs) / best, torch.cat(out)
     diff = float((scores["cached"] - scores["recompute"]).abs().max())
-    return {"dataset": name, "candidates_per_request": cfg.rank_candidates, "cached_qps": timings["cached"],
-            "recompute_qps": timings["recompute"], "speedup": timings["cached"] / timings["recompute"],
-            "identical": bool(torch.equal(scores["cached"], scores["recompute"])), "max_abs_diff": diff}
+    return {
+        "dataset": name,
+        "candidates_per_request": cfg.rank_candidates,
+        "cached_qps": timings["cached"],
+        "recompute_qps": timings["recompute"],
+        "speedup": timings["cached"] / timings["recompute"],
+        "identical": bool(torch.equal(scores["cached"], scores["recompute"])),
+        "max_abs_diff": diff,
+    }
 
 
 def run(cfg: RetrievalBenchConfig, movielens: Path | None = None, log=print) -> dict:
@@ -212,19 +234,28 @@ def format_table(result: dict) -> str:
     head = f"{'dataset':<14} {'row':<12} " + " ".join(f"{'R@' + str(k):>8}" for k in KS) + f" {'QPS':>9}"
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
-        lines.append(f"{r['dataset']:<14} {r['row']:<12} " + " ".join(f"{r[f'recall@{k}']:>8.4f}" for k in KS)
-                     + f" {r['qps']:>9,.0f}")
+        lines.append(
+            f"{r['dataset']:<14} {r['row']:<12} "
+            + " ".join(f"{r[f'recall@{k}']:>8.4f}" for k in KS)
+            + f" {r['qps']:>9,.0f}"
+        )
     lines += ["", f"{'dataset':<14} {'ranking: cached':>16} {'recomputed':>11} {'speed-up':>9} identical"]
     for r in result["ranking"]:
-        lines.append(f"{r['dataset']:<14} {r['cached_qps']:>16,.0f} {r['recompute_qps']:>11,.0f} "
-                     f"{r['speedup']:>8.1f}x {r['identical']}")
+        lines.append(
+            f"{r['dataset']:<14} {r['cached_qps']:>16,.0f} {r['recompute_qps']:>11,.0f} "
+            f"{r['speedup']:>8.1f}x {r['identical']}"
+        )
     return "\n".join(lines)
 
 
 def add_arguments(p) -> None:
     p.add_argument("--quick", action="store_true", help="a small synthetic run (smoke test)")
-    p.add_argument("--movielens", default=str(DEFAULT_MOVIELENS.parent / "ml-100k"), metavar="DIR",
-                   help="MovieLens directory ('none' to skip; default: %(default)s when present)")
+    p.add_argument(
+        "--movielens",
+        default=str(DEFAULT_MOVIELENS.parent / "ml-100k"),
+        metavar="DIR",
+        help="MovieLens directory ('none' to skip; default: %(default)s when present)",
+    )
     p.add_argument("--json", metavar="PATH", help="write the result as JSON")
 
 

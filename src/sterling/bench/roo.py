@@ -76,9 +76,18 @@ class RooBenchConfig:
     seed: int = 0
 
     @classmethod
-    def quick(cls) -> "RooBenchConfig":
-        return cls(users=150, items=2000, requests_per_user=(3, 6), history_length=(100, 200), max_history=100,
-                   impressions=2_500, scaled_dim=64, scaled_layers=3, movielens_impressions=800)
+    def quick(cls) -> RooBenchConfig:
+        return cls(
+            users=150,
+            items=2000,
+            requests_per_user=(3, 6),
+            history_length=(100, 200),
+            max_history=100,
+            impressions=2_500,
+            scaled_dim=64,
+            scaled_layers=3,
+            movielens_impressions=800,
+        )
 
 
 def _train_arm(data_dir: str, cfg: dict) -> dict:
@@ -92,33 +101,63 @@ def _in_process(data_dir: Path, cfg: dict) -> dict:
 
 
 def _arms(data_dir: Path, dataset: str, bench: RooBenchConfig, impressions: int, storage: dict, log) -> list[dict]:
-    base = {"encoder": "hstu", "dim": bench.dim, "num_layers": bench.layers, "max_history": bench.max_history,
-            "token_budget": bench.token_budget, "max_impressions": impressions, "epochs": 100, "seed": bench.seed}
+    base = {
+        "encoder": "hstu",
+        "dim": bench.dim,
+        "num_layers": bench.layers,
+        "max_history": bench.max_history,
+        "token_budget": bench.token_budget,
+        "max_impressions": impressions,
+        "epochs": 100,
+        "seed": bench.seed,
+    }
     reports = {}
     for arm in ("impression", "roo"):
         reports[arm] = _in_process(data_dir, {**base, "mode": arm})
-        log(f"{dataset:<14} {arm:<11} {reports[arm]['impressions_per_s']:>9,.0f} impressions/s  "
-            f"NE {reports[arm]['ne']}  peak {reports[arm]['peak_rss_mb']:,.0f} MiB")
-    scaled = {**base, "mode": "roo", "dim": bench.scaled_dim, "num_layers": bench.scaled_layers,
-              "max_impressions": None, "max_seconds": reports["impression"]["train_s"]}
+        log(
+            f"{dataset:<14} {arm:<11} {reports[arm]['impressions_per_s']:>9,.0f} impressions/s  "
+            f"NE {reports[arm]['ne']}  peak {reports[arm]['peak_rss_mb']:,.0f} MiB"
+        )
+    scaled = {
+        **base,
+        "mode": "roo",
+        "dim": bench.scaled_dim,
+        "num_layers": bench.scaled_layers,
+        "max_impressions": None,
+        "max_seconds": reports["impression"]["train_s"],
+    }
     reports["roo_scaled"] = _in_process(data_dir, scaled)
-    log(f"{dataset:<14} {'roo_scaled':<11} {reports['roo_scaled']['impressions_per_s']:>9,.0f} impressions/s  "
-        f"NE {reports['roo_scaled']['ne']}  ({reports['roo_scaled']['impressions']:,} impressions)")
+    log(
+        f"{dataset:<14} {'roo_scaled':<11} {reports['roo_scaled']['impressions_per_s']:>9,.0f} impressions/s  "
+        f"NE {reports['roo_scaled']['ne']}  ({reports['roo_scaled']['impressions']:,} impressions)"
+    )
     rows = []
     for arm in ARMS:
         r = reports[arm]
         fmt = "impressions_time_order" if arm == "impression" else "requests_format"
-        rows.append({
-            "arm": arm, "dataset": dataset,
-            "impressions_per_request": r["mean_impressions_per_request"], "history_len": r["mean_history_len"],
-            "impressions_per_s": r["impressions_per_s"], "peak_rss_mb": r["peak_rss_mb"],
-            "bytes_per_impression": storage["bytes_per_impression"][fmt],
-            **({"bytes_per_impression_user_order": storage["bytes_per_impression"]["impressions_user_order"]}
-               if arm == "impression" else {}),
-            "auc": r["auc"], "ne": r["ne"], "gauc": r["gauc"],
-            "train_s": r["train_s"], "impressions": r["impressions"], "steps": r["steps"],
-            "model": {k: r["config"][k] for k in ("encoder", "dim", "num_layers", "max_history")},
-        })
+        rows.append(
+            {
+                "arm": arm,
+                "dataset": dataset,
+                "impressions_per_request": r["mean_impressions_per_request"],
+                "history_len": r["mean_history_len"],
+                "impressions_per_s": r["impressions_per_s"],
+                "peak_rss_mb": r["peak_rss_mb"],
+                "bytes_per_impression": storage["bytes_per_impression"][fmt],
+                **(
+                    {"bytes_per_impression_user_order": storage["bytes_per_impression"]["impressions_user_order"]}
+                    if arm == "impression"
+                    else {}
+                ),
+                "auc": r["auc"],
+                "ne": r["ne"],
+                "gauc": r["gauc"],
+                "train_s": r["train_s"],
+                "impressions": r["impressions"],
+                "steps": r["steps"],
+                "model": {k: r["config"][k] for k in ("encoder", "dim", "num_layers", "max_history")},
+            }
+        )
     return rows
 
 
@@ -143,37 +182,57 @@ def run(bench: RooBenchConfig, movielens: Path | None = None, log=print) -> dict
     """Generate the synthetic data (and convert MovieLens), run the arms, return the result."""
     rows, storage = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        synth = generate(SynthConfig(
-            seed=bench.seed, num_users=bench.users, num_items=bench.items, requests_per_user=bench.requests_per_user,
-            impressions_per_request=bench.impressions_per_request, median_impressions=bench.median_impressions,
-            history_length=bench.history_length,
-        ), Path(tmp) / "synthetic")
+        synth = generate(
+            SynthConfig(
+                seed=bench.seed,
+                num_users=bench.users,
+                num_items=bench.items,
+                requests_per_user=bench.requests_per_user,
+                impressions_per_request=bench.impressions_per_request,
+                median_impressions=bench.median_impressions,
+                history_length=bench.history_length,
+            ),
+            Path(tmp) / "synthetic",
+        )
         sources = [("synthetic", synth, bench.impressions)]
         if movielens is not None:
-            sources.append((f"movielens:{movielens.name}", load_movielens(movielens, Path(tmp) / "movielens"),
-                            bench.movielens_impressions))
+            sources.append(
+                (
+                    f"movielens:{movielens.name}",
+                    load_movielens(movielens, Path(tmp) / "movielens"),
+                    bench.movielens_impressions,
+                )
+            )
         for dataset, path, impressions in sources:
             storage[dataset] = dataset_stats(path)
             per = storage[dataset]["bytes_per_impression"]
             ratio = storage[dataset]["ratio"]
-            log(f"{dataset:<14} storage: request format {per['requests_format']:.1f} B/impression, impression format "
+            log(
+                f"{dataset:<14} storage: request format {per['requests_format']:.1f} B/impression, impression format "
                 f"{per['impressions_time_order']:.1f} B/impression in time order ({ratio['time']:.1f}x), "
-                f"{per['impressions_user_order']:.1f} sorted by user ({ratio['user']:.1f}x)")
+                f"{per['impressions_user_order']:.1f} sorted by user ({ratio['user']:.1f}x)"
+            )
             rows += _arms(path, dataset, bench, impressions, storage[dataset], log)
     return {"machine": machine(), "config": asdict(bench), "rows": rows, "storage": storage, "summary": _summary(rows)}
 
 
 def format_table(result: dict) -> str:
-    head = f"{'dataset':<22} {'arm':<11} {'k/req':>6} {'hist':>6} {'impr/s':>9} {'peak MiB':>9} {'B/impr':>8}  NE per task"
+    head = (
+        f"{'dataset':<22} {'arm':<11} {'k/req':>6} {'hist':>6} {'impr/s':>9} {'peak MiB':>9} {'B/impr':>8}  NE per task"
+    )
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
         ne = " ".join(f"{t} {v:.4f}" for t, v in r["ne"].items())
-        lines.append(f"{r['dataset'][:22]:<22} {r['arm']:<11} {r['impressions_per_request']:>6.1f} {r['history_len']:>6.0f} "
-                     f"{r['impressions_per_s']:>9,.0f} {r['peak_rss_mb']:>9,.0f} {r['bytes_per_impression']:>8.1f}  {ne}")
+        lines.append(
+            f"{r['dataset'][:22]:<22} {r['arm']:<11} {r['impressions_per_request']:>6.1f} {r['history_len']:>6.0f} "
+            f"{r['impressions_per_s']:>9,.0f} {r['peak_rss_mb']:>9,.0f} {r['bytes_per_impression']:>8.1f}  {ne}"
+        )
     for dataset, s in result["summary"].items():
         gaps = ", ".join(f"{t} {100 * g:.2f}%" for t, g in s["ne_relative_gap"].items())
-        lines.append(f"{dataset}: ROO {s['speedup']:.1f}x impression mode; NE gap {gaps}; storage {s['storage_ratio']:.1f}x smaller "
-                     f"({s['storage_ratio_user_order']:.1f}x against impression rows sorted by user)")
+        lines.append(
+            f"{dataset}: ROO {s['speedup']:.1f}x impression mode; NE gap {gaps}; storage {s['storage_ratio']:.1f}x smaller "
+            f"({s['storage_ratio_user_order']:.1f}x against impression rows sorted by user)"
+        )
     return "\n".join(lines)
 
 
@@ -181,8 +240,12 @@ def add_arguments(p) -> None:
     p.add_argument("--quick", action="store_true", help="a small dataset and budget (about a minute)")
     p.add_argument("--json", dest="json_path", help="write the rows, storage, summary and machine here")
     p.add_argument("--impressions", type=int, help="training impressions of the impression and roo arms")
-    p.add_argument("--movielens", type=Path, default=None,
-                   help=f"MovieLens folder (default {DEFAULT_MOVIELENS} when present; 'none' to skip)")
+    p.add_argument(
+        "--movielens",
+        type=Path,
+        default=None,
+        help=f"MovieLens folder (default {DEFAULT_MOVIELENS} when present; 'none' to skip)",
+    )
 
 
 def cli(args) -> int:

@@ -98,8 +98,15 @@ class ServeBenchConfig:
     @classmethod
     def quick(cls) -> ServeBenchConfig:
         """A small catalogue and short steps (a minute in all)."""
-        return cls(num_items=20_000, rates=(20, 50, 100), step_seconds=2.0, swap_seconds=5.0, updates_per_s=10.0,
-                   mix_size=300, recall_requests=50)
+        return cls(
+            num_items=20_000,
+            rates=(20, 50, 100),
+            step_seconds=2.0,
+            swap_seconds=5.0,
+            updates_per_s=10.0,
+            mix_size=300,
+            recall_requests=50,
+        )
 
 
 @dataclass
@@ -117,26 +124,50 @@ class Step:
     @classmethod
     def of(cls, mode: str, rate: float, latencies: list[float], errors: int, seconds: float) -> Step:
         lat = np.array(latencies) * 1e3 if latencies else np.array([float("nan")])
-        return cls(mode, rate, len(latencies) / seconds, float(np.percentile(lat, 50)), float(np.percentile(lat, 99)),
-                   errors, len(latencies) + errors)
+        return cls(
+            mode,
+            rate,
+            len(latencies) / seconds,
+            float(np.percentile(lat, 50)),
+            float(np.percentile(lat, 99)),
+            errors,
+            len(latencies) + errors,
+        )
 
 
 class ServerProcess:
     """``sterling serve`` in a child process on a free port of 127.0.0.1 (``extra``: more arguments,
     e.g. ``--engine ray --shards 2``); a context manager that waits until it is ready."""
 
-    def __init__(self, snapshot: Path, max_batch: int, max_wait_ms: float, log_path: Path,
-                 extra: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, snapshot: Path, max_batch: int, max_wait_ms: float, log_path: Path, extra: tuple[str, ...] = ()
+    ) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "sterling", "serve", "--snapshot", str(snapshot), "--port", str(self.port),
-               "--max-batch", str(max_batch), "--max-wait-ms", str(max_wait_ms), "--max-queue", "100000", *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "sterling",
+            "serve",
+            "--snapshot",
+            str(snapshot),
+            "--port",
+            str(self.port),
+            "--max-batch",
+            str(max_batch),
+            "--max-wait-ms",
+            str(max_wait_ms),
+            "--max-queue",
+            "100000",
+            *extra,
+        ]
         self.log_path = log_path
         with open(log_path, "w") as log:
-            self.proc = subprocess.Popen(cmd, env={**os.environ, "STERLING_TOKEN": _TOKEN}, stdout=subprocess.DEVNULL,
-                                         stderr=log)
+            self.proc = subprocess.Popen(
+                cmd, env={**os.environ, "STERLING_TOKEN": _TOKEN}, stdout=subprocess.DEVNULL, stderr=log
+            )
 
     def __enter__(self) -> ServerProcess:
         deadline = time.time() + 600
@@ -165,8 +196,9 @@ async def _post(session, url: str, body: dict, token: str | None = None) -> tupl
         return r.status, await r.json(content_type=None)
 
 
-async def _load(session, url: str, mix: list[dict], rate: float, seconds: float, max_inflight: int,
-                versions: set | None = None) -> tuple[list[float], int]:
+async def _load(
+    session, url: str, mix: list[dict], rate: float, seconds: float, max_inflight: int, versions: set | None = None
+) -> tuple[list[float], int]:
     """Open-loop: request i is due at ``start + i / rate``; its latency counts from then."""
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(max_inflight)
@@ -212,8 +244,9 @@ async def ladder(url: str, mode: str, mix: list[dict], cfg: ServeBenchConfig, lo
     return steps
 
 
-async def _swap_and_update(url: str, snapshots: tuple[Path, Path], mix: list[dict], rate: float, dim: int,
-                           cfg: ServeBenchConfig, log) -> tuple[Step, dict]:
+async def _swap_and_update(
+    url: str, snapshots: tuple[Path, Path], mix: list[dict], rate: float, dim: int, cfg: ServeBenchConfig, log
+) -> tuple[Step, dict]:
     """Steady load while items are upserted / deleted and the snapshot swapped; then check every
     acknowledged update is visible."""
     import aiohttp
@@ -233,8 +266,15 @@ async def _swap_and_update(url: str, snapshots: tuple[Path, Path], mix: list[dic
                 continue
             item = 10**15 + i
             vector = rng.standard_normal(dim).astype(np.float32)
-            body = {"upsert": [{"id": item, "embedding": (vector / np.linalg.norm(vector)).tolist(),
-                                "attributes": {"category": "music", "creator": _LIVE_CREATOR + i, "year": 2020}}]}
+            body = {
+                "upsert": [
+                    {
+                        "id": item,
+                        "embedding": (vector / np.linalg.norm(vector)).tolist(),
+                        "attributes": {"category": "music", "creator": _LIVE_CREATOR + i, "year": 2020},
+                    }
+                ]
+            }
             status, answer = await _post(s, url + "/v1/items", body, _TOKEN)
             (upserted.append(item) if status == 200 else failures.append(answer))
 
@@ -250,7 +290,8 @@ async def _swap_and_update(url: str, snapshots: tuple[Path, Path], mix: list[dic
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=cfg.max_inflight), timeout=timeout) as s:
         (latencies, errors), _, _ = await asyncio.gather(
-            _load(s, url, mix, rate, cfg.swap_seconds, cfg.max_inflight, versions), updates(s), reloads(s))
+            _load(s, url, mix, rate, cfg.swap_seconds, cfg.max_inflight, versions), updates(s), reloads(s)
+        )
         visible = 0  # acknowledged updates whose effect holds: a live upsert found; a delete (and its upsert) absent
         for item in upserted + deleted:
             creator = _LIVE_CREATOR + item - 10**15
@@ -259,9 +300,15 @@ async def _swap_and_update(url: str, snapshots: tuple[Path, Path], mix: list[dic
             visible += (1 if live else 2) * int(status == 200 and body["ids"] == ([item] if live else []))
     step = Step.of("swap_and_update", rate, latencies, errors + len(failures), cfg.swap_seconds)
     log(_row(step))
-    return step, {"updates_acknowledged": len(upserted) + 2 * len(deleted), "updates_visible": visible,
-                  "upserts_live": len(upserted), "deletes": len(deleted), "swaps": swaps,
-                  "versions_seen": len(versions), "update_failures": failures[:5]}
+    return step, {
+        "updates_acknowledged": len(upserted) + 2 * len(deleted),
+        "updates_visible": visible,
+        "upserts_live": len(upserted),
+        "deletes": len(deleted),
+        "swaps": swaps,
+        "versions_seen": len(versions),
+        "update_failures": failures[:5],
+    }
 
 
 def index_recall(snapshot: Path, mix: list[dict], n: int) -> dict:
@@ -282,8 +329,13 @@ def index_recall(snapshot: Path, mix: list[dict], n: int) -> dict:
         want = {i for i in want if i >= 0}
         hits += len(want & set(got))
         total += len(want)
-    return {"recall_at_k0": hits / max(total, 1), "k0": k0, "nprobe": model.config.nprobe, "nlist": nlist,
-            "queries": b * t}
+    return {
+        "recall_at_k0": hits / max(total, 1),
+        "k0": k0,
+        "nprobe": model.config.nprobe,
+        "nlist": nlist,
+        "queries": b * t,
+    }
 
 
 def run(cfg: ServeBenchConfig, log=print) -> dict:
@@ -303,8 +355,10 @@ def run(cfg: ServeBenchConfig, log=print) -> dict:
         mix = [{"history": r["history"], "filter": r["filter"], "k": r["k"]} for r in mix]
         random.Random(cfg.seed).shuffle(mix)
         recall = index_recall(snapshots[0], mix, cfg.recall_requests)
-        log(f"served index recall@{recall['k0']} = {recall['recall_at_k0']:.3f} (nprobe {recall['nprobe']} of "
-            f"{recall['nlist']})")
+        log(
+            f"served index recall@{recall['k0']} = {recall['recall_at_k0']:.3f} (nprobe {recall['nprobe']} of "
+            f"{recall['nlist']})"
+        )
         log(f"{'mode':<16} {'offered':>8} {'achieved':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
         rows: list[Step] = []
         best: dict[str, float] = {}
@@ -316,8 +370,9 @@ def run(cfg: ServeBenchConfig, log=print) -> dict:
         rate = max(cfg.rates[0], cfg.swap_share * best["batched"])
         with ServerProcess(snapshots[0], cfg.max_batch, cfg.max_wait_ms, root / "server-swap.log") as server:
             dim = json.loads(urllib.request.urlopen(server.url + "/v1/snapshot").read())["dim"]
-            swap_step, swap = asyncio.run(_swap_and_update(server.url, (snapshots[0], snapshots[1]), mix, rate, dim,
-                                                           cfg, log))
+            swap_step, swap = asyncio.run(
+                _swap_and_update(server.url, (snapshots[0], snapshots[1]), mix, rate, dim, cfg, log)
+            )
         rows.append(swap_step)
         best["swap_and_update"] = best_qps([swap_step], cfg.p99_budget_ms)
     return {
@@ -340,8 +395,7 @@ def best_qps(steps: list[Step], budget_ms: float) -> float:
 
 
 def _row(s: Step) -> str:
-    return (f"{s.mode:<16} {s.offered_qps:>8.0f} {s.achieved_qps:>9.1f} {s.p50_ms:>8.1f} {s.p99_ms:>8.1f} "
-            f"{s.errors:>7d}")
+    return f"{s.mode:<16} {s.offered_qps:>8.0f} {s.achieved_qps:>9.1f} {s.p50_ms:>8.1f} {s.p99_ms:>8.1f} {s.errors:>7d}"
 
 
 def format_table(result: dict) -> str:
@@ -349,14 +403,20 @@ def format_table(result: dict) -> str:
     lines = [f"{'mode':<16} {'offered':>8} {'achieved':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"]
     lines += [_row(Step(**r)) for r in result["rows"]]
     best = result["max_qps_at_p99_budget"]
-    lines.append(f"max QPS at P99 <= {result['p99_budget_ms']:.0f} ms: "
-                 + ", ".join(f"{m} {q:.0f}" for m, q in best.items())
-                 + (f" (batching {best['batched'] / best['unbatched']:.1f}x)" if best.get("unbatched") else ""))
-    lines.append(f"updates acknowledged {result['updates_acknowledged']}, visible afterwards "
-                 f"{result['updates_visible']}; swaps {[(s['status'], round(s['seconds'], 1)) for s in result['swap']['swaps']]}")
+    lines.append(
+        f"max QPS at P99 <= {result['p99_budget_ms']:.0f} ms: "
+        + ", ".join(f"{m} {q:.0f}" for m, q in best.items())
+        + (f" (batching {best['batched'] / best['unbatched']:.1f}x)" if best.get("unbatched") else "")
+    )
+    lines.append(
+        f"updates acknowledged {result['updates_acknowledged']}, visible afterwards "
+        f"{result['updates_visible']}; swaps {[(s['status'], round(s['seconds'], 1)) for s in result['swap']['swaps']]}"
+    )
     r = result["recall"]
-    lines.append(f"served index recall@{r['k0']} {r['recall_at_k0']:.3f} (nprobe {r['nprobe']} of {r['nlist']}), "
-                 f"{result['snapshot']['num_items']:,} items")
+    lines.append(
+        f"served index recall@{r['k0']} {r['recall_at_k0']:.3f} (nprobe {r['nprobe']} of {r['nlist']}), "
+        f"{result['snapshot']['num_items']:,} items"
+    )
     return "\n".join(lines)
 
 

@@ -87,21 +87,47 @@ def build_serving_snapshot(
     vectors = _embeddings(rng, category, dim)
     ids = np.sort(rng.choice(np.arange(1, 20 * num_items + 1), num_items, replace=False))
     attributes, num_terms = _attributes(rng, category)
-    towers = TwoTowerConfig(num_items=num_items, num_terms=num_terms, tasks=tuple(ROLES.labels),
-                            context_features=tuple(ROLES.context), user_features=tuple(ROLES.user), dim=dim)
-    serving = ServingConfig(tasks=towers.tasks, features=towers.context_features + towers.user_features, k0=k0,
-                            nprobe=nprobe, value_formula=value_formula, max_history=towers.max_history)
+    towers = TwoTowerConfig(
+        num_items=num_items,
+        num_terms=num_terms,
+        tasks=tuple(ROLES.labels),
+        context_features=tuple(ROLES.context),
+        user_features=tuple(ROLES.user),
+        dim=dim,
+    )
+    serving = ServingConfig(
+        tasks=towers.tasks,
+        features=towers.context_features + towers.user_features,
+        k0=k0,
+        nprobe=nprobe,
+        value_formula=value_formula,
+        max_history=towers.max_history,
+    )
     with torch.random.fork_rng():
         torch.manual_seed(seed if model_seed is None else model_seed)
         user_tower, task_queries = UserTower(towers), TaskQueries(dim, len(towers.tasks))
         with torch.no_grad():  # a user near their history, tasks a little apart: like trained towers
             user_tower.mlp[-1].weight.mul_(0.1)
             task_queries.proj.weight.normal_(std=0.05)
-        arch = None if overarch is None else make_overarch(
-            OverArchConfig(kind=overarch, dim=dim, num_tasks=len(towers.tasks))).eval()
+        arch = (
+            None
+            if overarch is None
+            else make_overarch(OverArchConfig(kind=overarch, dim=dim, num_tasks=len(towers.tasks))).eval()
+        )
     source = {"synthetic": {"num_items": num_items, "dim": dim, "seed": seed, "model_seed": model_seed}}
-    return write_model_snapshot(Path(out_dir), towers, user_tower, task_queries, arch, ids, attributes,
-                                torch.from_numpy(vectors), serving, index_config, source=source)
+    return write_model_snapshot(
+        Path(out_dir),
+        towers,
+        user_tower,
+        task_queries,
+        arch,
+        ids,
+        attributes,
+        torch.from_numpy(vectors),
+        serving,
+        index_config,
+        source=source,
+    )
 
 
 def _embeddings(rng: np.random.Generator, category: np.ndarray, dim: int) -> np.ndarray:
@@ -116,7 +142,7 @@ def _attributes(rng: np.random.Generator, category: np.ndarray) -> tuple[list[di
     """``N`` attribute dicts of items of ``category`` (int ``[N]``) and the number of distinct
     ``feature=value`` terms among them."""
     n = len(category)
-    own = category[:, None] * 3 + rng.integers(0, 3, (n, 4))                 # [N, 4] the category's tags
+    own = category[:, None] * 3 + rng.integers(0, 3, (n, 4))  # [N, 4] the category's tags
     tags = np.where(rng.random((n, 4)) < 0.75, own, rng.integers(0, len(TAGS), (n, 4)))
     creators = max(n // 20, 1)
     popularity = 1.0 / np.arange(1, creators + 1)
@@ -130,8 +156,9 @@ def _attributes(rng: np.random.Generator, category: np.ndarray) -> tuple[list[di
         "year": np.maximum(2025 - rng.exponential(15.0, n).astype(np.int64), 1950).tolist(),
         "kids": (rng.random(n) < kid_share[category]).astype(np.int64).tolist(),
     }
-    terms = sum(len({v for row in values for v in (row if isinstance(row, list) else [row])})
-                for values in columns.values())
+    terms = sum(
+        len({v for row in values for v in (row if isinstance(row, list) else [row])}) for values in columns.values()
+    )
     return [dict(zip(columns, row)) for row in zip(*columns.values())], terms
 
 
@@ -164,14 +191,16 @@ def request_mix(model: RetrievalModel | str | Path, n: int, seed: int = 0) -> li
     vocabulary of :func:`build_serving_snapshot`) and ``k`` (10, 20, 50 or 100; at most ``k0``)."""
     if not isinstance(model, RetrievalModel):
         model = load_model(Path(model))
-    ids = model.index.ids.tolist()                              # IVF order: neighbours sit together
+    ids = model.index.ids.tolist()  # IVF order: neighbours sit together
     rng, span = random.Random(seed), len(ids) // model.centroids.shape[0]  # an IVF list's length
     weights, templates = zip(*_FILTERS)
     out = []
     for _ in range(n):
         interests = [rng.randrange(len(ids)) for _ in range(rng.randint(1, 3))]
-        history = [ids[(rng.choice(interests) + rng.randrange(span)) % len(ids)] if rng.random() < 0.8
-                   else rng.choice(ids) for _ in range(rng.randint(10, 100))]
+        history = [
+            ids[(rng.choice(interests) + rng.randrange(span)) % len(ids)] if rng.random() < 0.8 else rng.choice(ids)
+            for _ in range(rng.randint(10, 100))
+        ]
         k = min(rng.choices(_KS, _K_WEIGHTS)[0], model.config.k0)
         out.append({"history": history, "filter": rng.choices(templates, weights)[0](rng), "k": k})
     return out

@@ -63,8 +63,9 @@ class ShardsBenchConfig:
 def _answers(url: str, mix: list[dict]) -> list[list[int]]:
     out = []
     for body in mix:
-        request = urllib.request.Request(url + "/v1/retrieve", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            url + "/v1/retrieve", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=60) as r:
             out.append(json.loads(r.read())["ids"])
     return out
@@ -90,15 +91,22 @@ def run(cfg: ShardsBenchConfig, log=print) -> dict:
             start = time.perf_counter()
             build_serving_snapshot(snapshot, num_items=load.num_items, seed=load.seed, model_seed=load.seed)
             log(f"built {snapshot} ({load.num_items:,} items) in {time.perf_counter() - start:.0f} s")
-        mix = [{"history": r["history"], "filter": r["filter"], "k": r["k"]}
-               for r in request_mix(snapshot, load.mix_size, seed=load.seed)]
+        mix = [
+            {"history": r["history"], "filter": r["filter"], "k": r["k"]}
+            for r in request_mix(snapshot, load.mix_size, seed=load.seed)
+        ]
         random.Random(load.seed).shuffle(mix)
         recall = index_recall(snapshot, mix, load.recall_requests)
         probe = mix[: cfg.agreement_requests]
         servers = [("single", snapshot, ())]
         for n in cfg.shards:
-            servers.append((f"ray_{n}_shard{'s' if n > 1 else ''}", split_snapshot(snapshot, root / f"shards-{n}", n),
-                            ("--engine", "ray")))
+            servers.append(
+                (
+                    f"ray_{n}_shard{'s' if n > 1 else ''}",
+                    split_snapshot(snapshot, root / f"shards-{n}", n),
+                    ("--engine", "ray"),
+                )
+            )
         rows: list[Step] = []
         best, sustained, first_p50, agreement, reference = {}, {}, {}, {}, None
         for mode, path, extra in servers:
@@ -108,13 +116,22 @@ def run(cfg: ShardsBenchConfig, log=print) -> dict:
                 agreement[mode] = _agreement(answers, reference)
                 steps = asyncio.run(ladder(server.url, mode, mix, load, log))
             rows += steps
-            best[mode], sustained[mode], first_p50[mode] = best_qps(steps, load.p99_budget_ms), sustained_qps(steps), steps[0].p50_ms
-            log(f"{mode}: max QPS at P99 <= {load.p99_budget_ms:.0f} ms {best[mode]:.0f}, sustained {sustained[mode]:.0f}, "
-                f"top-k agreement with the single server {agreement[mode]:.3f}")
+            best[mode], sustained[mode], first_p50[mode] = (
+                best_qps(steps, load.p99_budget_ms),
+                sustained_qps(steps),
+                steps[0].p50_ms,
+            )
+            log(
+                f"{mode}: max QPS at P99 <= {load.p99_budget_ms:.0f} ms {best[mode]:.0f}, sustained {sustained[mode]:.0f}, "
+                f"top-k agreement with the single server {agreement[mode]:.3f}"
+            )
     return {
         "machine": machine() | {"client": "aiohttp open loop, same machine as the servers"},
-        "config": {"load": {k: v for k, v in asdict(load).items() if k != "snapshot_dir"}, "shards": list(cfg.shards),
-                   "agreement_requests": cfg.agreement_requests},
+        "config": {
+            "load": {k: v for k, v in asdict(load).items() if k != "snapshot_dir"},
+            "shards": list(cfg.shards),
+            "agreement_requests": cfg.agreement_requests,
+        },
         "rows": [asdict(r) for r in rows],
         "p99_budget_ms": load.p99_budget_ms,
         "max_qps_at_p99_budget": best,
@@ -127,17 +144,24 @@ def run(cfg: ShardsBenchConfig, log=print) -> dict:
 
 def format_table(result: dict) -> str:
     lines = [f"{'mode':<16} {'offered':>8} {'achieved':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"]
-    lines += [f"{r['mode']:<16} {r['offered_qps']:>8.0f} {r['achieved_qps']:>9.1f} {r['p50_ms']:>8.1f} "
-              f"{r['p99_ms']:>8.1f} {r['errors']:>7d}" for r in result["rows"]]
+    lines += [
+        f"{r['mode']:<16} {r['offered_qps']:>8.0f} {r['achieved_qps']:>9.1f} {r['p50_ms']:>8.1f} "
+        f"{r['p99_ms']:>8.1f} {r['errors']:>7d}"
+        for r in result["rows"]
+    ]
     best, sustained = result["max_qps_at_p99_budget"], result["max_sustained_qps"]
     single = sustained.get("single") or 0.0
     for mode, qps in sustained.items():
         ratio = f" ({qps / single:.2f}x single)" if single else ""
-        lines.append(f"{mode}: sustained {qps:.0f} QPS{ratio}, at P99 <= {result['p99_budget_ms']:.0f} ms {best[mode]:.0f}, "
-                     f"P50 {result['p50_ms_at_lowest_rate'][mode]:.0f} ms at {result['rows'][0]['offered_qps']:.0f}/s, "
-                     f"top-k agreement with single {result['agreement_with_single'][mode]:.3f}")
+        lines.append(
+            f"{mode}: sustained {qps:.0f} QPS{ratio}, at P99 <= {result['p99_budget_ms']:.0f} ms {best[mode]:.0f}, "
+            f"P50 {result['p50_ms_at_lowest_rate'][mode]:.0f} ms at {result['rows'][0]['offered_qps']:.0f}/s, "
+            f"top-k agreement with single {result['agreement_with_single'][mode]:.3f}"
+        )
     r = result["recall"]
-    lines.append(f"single server's index recall@{r['k0']} {r['recall_at_k0']:.3f} (nprobe {r['nprobe']} of {r['nlist']})")
+    lines.append(
+        f"single server's index recall@{r['k0']} {r['recall_at_k0']:.3f} (nprobe {r['nprobe']} of {r['nlist']})"
+    )
     return "\n".join(lines)
 
 

@@ -21,9 +21,9 @@ Request rows are streamed from Parquet batch by batch.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -132,7 +132,7 @@ class UserTimelines:
         self._event_keys = (owner << _TS_BITS) | self.ts
 
     @classmethod
-    def read(cls, path: Path, catalog: ItemCatalog) -> "UserTimelines":
+    def read(cls, path: Path, catalog: ItemCatalog) -> UserTimelines:
         table = pq.read_table(path)
         return cls(table, catalog, read_roles(table.schema))
 
@@ -215,17 +215,23 @@ class RequestBatch:
         lengths = self.impression_offsets[1:] - self.impression_offsets[:-1]
         return torch.repeat_interleave(torch.arange(self.num_requests), lengths)
 
-    def requests(self, lo: int, hi: int) -> "RequestBatch":
+    def requests(self, lo: int, hi: int) -> RequestBatch:
         """The batch of requests ``lo:hi`` (views, offsets rebased to 0)."""
         h0, h1 = int(self.history_offsets[lo]), int(self.history_offsets[hi])
         k0, k1 = int(self.impression_offsets[lo]), int(self.impression_offsets[hi])
         return RequestBatch(
-            request_ids=self.request_ids[lo:hi], user_ids=self.user_ids[lo:hi], ts=self.ts[lo:hi],
+            request_ids=self.request_ids[lo:hi],
+            user_ids=self.user_ids[lo:hi],
+            ts=self.ts[lo:hi],
             context={n: v[lo:hi] for n, v in self.context.items()},
             user_features={n: v[lo:hi] for n, v in self.user_features.items()},
-            history_items=self.history_items[h0:h1], history_actions=self.history_actions[h0:h1],
-            history_ts=self.history_ts[h0:h1], history_offsets=self.history_offsets[lo : hi + 1] - h0,
-            item_rows=self.item_rows[k0:k1], positions=self.positions[k0:k1], labels=self.labels[k0:k1],
+            history_items=self.history_items[h0:h1],
+            history_actions=self.history_actions[h0:h1],
+            history_ts=self.history_ts[h0:h1],
+            history_offsets=self.history_offsets[lo : hi + 1] - h0,
+            item_rows=self.item_rows[k0:k1],
+            positions=self.positions[k0:k1],
+            labels=self.labels[k0:k1],
             impression_features={n: v[k0:k1] for n, v in self.impression_features.items()},
             impression_offsets=self.impression_offsets[lo : hi + 1] - k0,
         )

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -315,8 +315,9 @@ def _prepare_output(src: DatasetPaths, out_dir: str | Path) -> DatasetPaths:
     return out
 
 
-def requests_to_impressions(src_dir: str | Path, out_dir: str | Path, batch_rows: int = REQUEST_BATCH_ROWS,
-                            order: str = "user") -> Path:
+def requests_to_impressions(
+    src_dir: str | Path, out_dir: str | Path, batch_rows: int = REQUEST_BATCH_ROWS, order: str = "user"
+) -> Path:
     """Write the impression-format dataset of a request-format one; returns ``out_dir``.
 
     Streams ``batch_rows`` requests at a time. Every request needs at least one impression.
@@ -362,7 +363,7 @@ def impressions_to_requests(src_dir: str | Path, out_dir: str | Path, batch_rows
     return out.root
 
 
-def _group(pf: pq.ParquetFile, schema: pa.Schema, grouper: "RequestGrouper", out: DatasetPaths, batch_rows: int) -> None:
+def _group(pf: pq.ParquetFile, schema: pa.Schema, grouper: RequestGrouper, out: DatasetPaths, batch_rows: int) -> None:
     """Group the impression rows of ``pf`` (in user order) into out's requests and users files."""
     types, roles = column_types(schema), grouper.roles
     with (
@@ -419,23 +420,32 @@ class RequestGrouper:
             self._check_constant(chunk, name, starts[request_of_row], users, request_ids, "request")
         for name in roles.user:
             self._check_constant(chunk, name, user_starts[np.cumsum(user_first) - 1], users, request_ids, "user")
-        columns = {name: _column(chunk, name) for name in (ITEM_ID, POSITION, *roles.labels, *roles.impression_features)}
+        columns = {
+            name: _column(chunk, name) for name in (ITEM_ID, POSITION, *roles.labels, *roles.impression_features)
+        }
         bad = _bad_label(columns, roles)
         if bad:
             raise DataError(f"{where} row {self.row0 + bad[0]}: {bad[1]}")
         histories = _numpy_lists(chunk, HISTORY_COLUMNS, where)
         self._check_histories(histories, starts, request_of_row, users, ts, request_ids)
 
-        request_columns = {name: _column(chunk, name).take(starts) for name in (REQUEST_ID, USER_ID, TS, *roles.context)}
+        request_columns = {
+            name: _column(chunk, name).take(starts) for name in (REQUEST_ID, USER_ID, TS, *roles.context)
+        }
         offsets = np.concatenate([starts, [chunk.num_rows]])
         last_rows = starts[np.concatenate([np.flatnonzero(np.diff(users[starts])), [len(starts) - 1]])]
         user_columns = {name: _column(chunk, name).take(last_rows) for name in (USER_ID, *roles.user)}
         lengths = np.diff(histories[0][0])[last_rows]
-        events = {part: values[_ranges(offsets_[last_rows], lengths)] for part, (offsets_, values) in zip(EVENT_PARTS, histories)}
+        events = {
+            part: values[_ranges(offsets_[last_rows], lengths)]
+            for part, (offsets_, values) in zip(EVENT_PARTS, histories)
+        }
         self.previous = (users[-1], ts[-1], request_ids[-1])
         self.row0 += chunk.num_rows
-        return (requests_table(roles, request_columns, offsets, columns),
-                users_table(roles, user_columns, np.concatenate([[0], np.cumsum(lengths)]), events))
+        return (
+            requests_table(roles, request_columns, offsets, columns),
+            users_table(roles, user_columns, np.concatenate([[0], np.cumsum(lengths)]), events),
+        )
 
     def _check_unique_requests(self, users: np.ndarray, ts: np.ndarray, request_ids: np.ndarray) -> None:
         """Each (user, request id) once: rows of one request at two ts values come out as two groups."""
@@ -501,7 +511,9 @@ class RequestGrouper:
             )
         r = _first_unsorted(begin, length, histories[0][1], histories[2][1])
         if r is not None:
-            raise DataError(f"{where}: history of request {request_id[r]} of user {request_users[r]} is not sorted by (ts, item_id)")
+            raise DataError(
+                f"{where}: history of request {request_id[r]} of user {request_users[r]} is not sorted by (ts, item_id)"
+            )
         # Each request's history is the part before its ts of the next history of the same user.
         a = np.flatnonzero(request_users[1:] == request_users[:-1])
         b = a + 1

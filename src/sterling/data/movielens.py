@@ -179,7 +179,10 @@ def _csv(path: Path, types: dict[str, pa.DataType]) -> pa.Table:
 
 
 def _read_latest(src: Path) -> _Raw:
-    ratings = _csv(src / "ratings.csv", {"userId": pa.int64(), "movieId": pa.int64(), "rating": pa.float32(), "timestamp": pa.int64()})
+    ratings = _csv(
+        src / "ratings.csv",
+        {"userId": pa.int64(), "movieId": pa.int64(), "rating": pa.float32(), "timestamp": pa.int64()},
+    )
     user, item, rating, ts = (ratings.column(n).to_numpy() for n in ("userId", "movieId", "rating", "timestamp"))
     movies = _csv(src / "movies.csv", {"movieId": pa.int64(), "title": pa.string(), "genres": pa.string()})
     titles = movies.column("title").to_pylist()
@@ -257,7 +260,9 @@ def load_movielens(src_dir: str | Path, out_dir: str | Path, window_s: int = DEF
     )
     out = DatasetPaths(out_dir)
     out.root.mkdir(parents=True, exist_ok=True)
-    write_table(requests_table(roles, requests, np.concatenate([starts, [len(user)]]), impressions), out.path("requests"))
+    write_table(
+        requests_table(roles, requests, np.concatenate([starts, [len(user)]]), impressions), out.path("requests")
+    )
     write_table(users_table(roles, users, np.concatenate([user_starts, [len(user)]]), timeline), out.path("users"))
     write_table(items_table(roles, raw.items), out.path("items"))
     return out.root

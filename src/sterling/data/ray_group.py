@@ -69,8 +69,9 @@ def _group_user(rows: pa.Table, roles: Roles, schema: pa.Schema, where: str) -> 
     return pa.table({"user_id": pa.array([user], pa.int64()), _USER: _nested(users), _REQUESTS: nested})
 
 
-def ray_impressions_to_requests(src: str | Path, items: str | Path, out_dir: str | Path,
-                                batch_users: int = 1024) -> Path:
+def ray_impressions_to_requests(
+    src: str | Path, items: str | Path, out_dir: str | Path, batch_users: int = 1024
+) -> Path:
     """Write the request-format dataset of the impression rows in ``src`` (a Parquet file or a
     directory of them, rows in any order) with ``items`` (items.parquet) to ``out_dir``; returns it.
 
@@ -98,12 +99,16 @@ def ray_impressions_to_requests(src: str | Path, items: str | Path, out_dir: str
         .sort("user_id")
     )
     try:
-        with open_writer(out.path("requests"), request_schema) as request_writer, \
-                open_writer(out.path("users"), user_schema) as user_writer:
+        with (
+            open_writer(out.path("requests"), request_schema) as request_writer,
+            open_writer(out.path("users"), user_schema) as user_writer,
+        ):
             for batch in grouped.iter_batches(batch_size=batch_users, batch_format="pyarrow"):
                 requests = pc.list_flatten(batch.column(_REQUESTS).combine_chunks())
                 request_writer.write_table(pa.Table.from_struct_array(requests).cast(request_schema))
-                user_writer.write_table(pa.Table.from_struct_array(batch.column(_USER).combine_chunks()).cast(user_schema))
+                user_writer.write_table(
+                    pa.Table.from_struct_array(batch.column(_USER).combine_chunks()).cast(user_schema)
+                )
     except ray.exceptions.RayTaskError as error:
         if isinstance(error.cause, DataError):
             raise DataError(str(error.cause)) from None

@@ -24,9 +24,10 @@ cast them to the canonical ``list``/``string`` types of the builders below.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -57,9 +58,7 @@ HISTORY_COLUMNS = (HISTORY_ITEM_ID, HISTORY_ACTION, HISTORY_TS)
 # The parts of one timeline event, in the order of TIMELINE_COLUMNS / HISTORY_COLUMNS.
 EVENT_PARTS = (ITEM_ID, ACTION, TS)
 EVENT_TYPES = (pa.int64(), pa.int8(), pa.int64())
-RESERVED = frozenset(
-    {REQUEST_ID, USER_ID, TS, ITEM_ID, POSITION, IMPRESSIONS, *TIMELINE_COLUMNS, *HISTORY_COLUMNS}
-)
+RESERVED = frozenset({REQUEST_ID, USER_ID, TS, ITEM_ID, POSITION, IMPRESSIONS, *TIMELINE_COLUMNS, *HISTORY_COLUMNS})
 
 
 class SchemaError(ValueError):

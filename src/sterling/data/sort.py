@@ -25,8 +25,8 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -91,13 +91,15 @@ def _memory_size(pf: pq.ParquetFile) -> float:
 def _boundaries(pf: pq.ParquetFile, key: str, buckets: int, batch_rows: int, where: str) -> np.ndarray:
     """Sorted unique upper edges of ``buckets`` ranges of ``key``, from a strided sample of the column."""
     step = max(1, pf.metadata.num_rows // SAMPLE_SIZE)
-    sample = np.concatenate([_key_arrays(batch, [key], where)[0][::step]
-                             for batch in pf.iter_batches(batch_size=batch_rows, columns=[key])])
+    sample = np.concatenate(
+        [_key_arrays(batch, [key], where)[0][::step] for batch in pf.iter_batches(batch_size=batch_rows, columns=[key])]
+    )
     return np.unique(np.quantile(sample, np.arange(1, buckets) / buckets, method="lower"))
 
 
-def sort_parquet(src: str | Path, dst: str | Path, keys: Sequence[str], memory_bytes: int = MEMORY_BYTES,
-                 batch_rows: int = SCAN_ROWS) -> Path:
+def sort_parquet(
+    src: str | Path, dst: str | Path, keys: Sequence[str], memory_bytes: int = MEMORY_BYTES, batch_rows: int = SCAN_ROWS
+) -> Path:
     """Write the rows of ``src`` to ``dst`` stably sorted by ``keys`` (ascending); returns ``dst``.
 
     Holds about ``memory_bytes`` at a time (one bucket and its sorted copy, sized from the first
@@ -125,8 +127,9 @@ def sort_parquet(src: str | Path, dst: str | Path, keys: Sequence[str], memory_b
     return dst
 
 
-def _buckets(pf: pq.ParquetFile, keys: Sequence[str], buckets: int, tmp: Path, batch_rows: int,
-             where: str) -> Iterator[pa.Table]:
+def _buckets(
+    pf: pq.ParquetFile, keys: Sequence[str], buckets: int, tmp: Path, batch_rows: int, where: str
+) -> Iterator[pa.Table]:
     """The rows of ``pf`` in ``buckets`` tables by ranges of the first key, in key order, each in file order."""
     if buckets == 1:
         yield pf.read()
@@ -142,7 +145,7 @@ def _buckets(pf: pq.ParquetFile, keys: Sequence[str], buckets: int, tmp: Path, b
             for i in np.flatnonzero(np.diff(starts)):
                 if i not in writers:
                     writers[i] = open_writer(paths[i], pf.schema_arrow)
-                writers[i].write_batch(batch.take(pa.array(rows[starts[i]:starts[i + 1]])))
+                writers[i].write_batch(batch.take(pa.array(rows[starts[i] : starts[i + 1]])))
     finally:
         for writer in writers.values():
             writer.close()

@@ -56,7 +56,9 @@ def dataset_stats(path: str | Path) -> dict:
     paths = DatasetPaths(path)
     fmt = paths.format
     with tempfile.TemporaryDirectory() as tmp:
-        request_paths = paths if fmt == "requests" else DatasetPaths(impressions_to_requests(paths.root, Path(tmp) / "requests"))
+        request_paths = (
+            paths if fmt == "requests" else DatasetPaths(impressions_to_requests(paths.root, Path(tmp) / "requests"))
+        )
         per_request, history, users = _counts(request_paths.root)
         size = {"requests_format": request_paths.requests.stat().st_size + request_paths.users.stat().st_size}
         for order in IMPRESSION_ORDERS:
@@ -72,7 +74,9 @@ def dataset_stats(path: str | Path) -> dict:
         "history_length": _summary(history),
         "bytes": {**size, "items": paths.items.stat().st_size},
         "bytes_per_impression": {name: value / max(total, 1) for name, value in size.items()},
-        "ratio": {order: size[f"impressions_{order}_order"] / max(size["requests_format"], 1) for order in IMPRESSION_ORDERS},
+        "ratio": {
+            order: size[f"impressions_{order}_order"] / max(size["requests_format"], 1) for order in IMPRESSION_ORDERS
+        },
     }
 
 
@@ -96,11 +100,22 @@ def format_stats(stats: dict) -> str:
         ("requests", f"{stats['requests']:,}"),
         ("impressions", f"{stats['impressions']:,}"),
         ("users", f"{stats['users']:,}"),
-        ("impressions/request", f"mean {ipr['mean']:.1f}  p50 {ipr['p50']:.0f}  p90 {ipr['p90']:.0f}  max {ipr['max']}"),
-        ("history at request", f"mean {hist['mean']:.1f}  p50 {hist['p50']:.0f}  p90 {hist['p90']:.0f}  max {hist['max']}"),
+        (
+            "impressions/request",
+            f"mean {ipr['mean']:.1f}  p50 {ipr['p50']:.0f}  p90 {ipr['p90']:.0f}  max {ipr['max']}",
+        ),
+        (
+            "history at request",
+            f"mean {hist['mean']:.1f}  p50 {hist['p50']:.0f}  p90 {hist['p90']:.0f}  max {hist['max']}",
+        ),
         ("request format", cost("requests_format")),
-        *((f"impression format, {order} order", f"{cost(f'impressions_{order}_order')}  {stats['ratio'][order]:.2f}x the request format")
-          for order in IMPRESSION_ORDERS),
+        *(
+            (
+                f"impression format, {order} order",
+                f"{cost(f'impressions_{order}_order')}  {stats['ratio'][order]:.2f}x the request format",
+            )
+            for order in IMPRESSION_ORDERS
+        ),
         ("items.parquet", f"{size['items']:,} B"),
     ]
     width = max(len(name) for name, _ in rows)

@@ -130,8 +130,7 @@ def _scalar(where: str, value: Any) -> str | int | float:
             raise ValueError(f"{where}: value must be finite, got {value!r}")
         return float(value)
     raise ValueError(
-        f"{where}: unsupported value type {type(value).__name__} ({value!r}); "
-        "use str, int, float or a list of str/int"
+        f"{where}: unsupported value type {type(value).__name__} ({value!r}); use str, int, float or a list of str/int"
     )
 
 
@@ -230,9 +229,7 @@ class CategoricalColumn:
         if self.offsets is None:
             rows = torch.nonzero(self.value_ids >= 0).squeeze(1)
             return rows, self.value_ids[rows].long()
-        rows = torch.repeat_interleave(
-            torch.arange(self.num_items), self.lengths(), output_size=len(self.value_ids)
-        )
+        rows = torch.repeat_interleave(torch.arange(self.num_items), self.lengths(), output_size=len(self.value_ids))
         return rows, self.value_ids.long()
 
     def item_counts(self) -> torch.Tensor:
@@ -277,9 +274,7 @@ class CategoricalColumn:
         all_lengths = torch.cat([self.lengths(), lengths])
         offsets = torch.zeros(len(all_lengths) + 1, dtype=torch.int64)
         torch.cumsum(all_lengths, 0, out=offsets[1:])
-        return CategoricalColumn._of(
-            vocab, torch.cat([old_ids, new_ids]), offsets, multi, lookup
-        )
+        return CategoricalColumn._of(vocab, torch.cat([old_ids, new_ids]), offsets, multi, lookup)
 
     def gather(self, rows: torch.Tensor) -> CategoricalColumn:
         """The items at ``rows`` (int64 [M]) with the same vocabulary (no compaction)."""
@@ -289,9 +284,7 @@ class CategoricalColumn:
             lengths, ids = _csr_gather(self.offsets, self.value_ids, rows)
             offsets = torch.zeros(len(rows) + 1, dtype=torch.int64)
             torch.cumsum(lengths, 0, out=offsets[1:])
-            column = CategoricalColumn(
-                self.vocab, ids, offsets.to(offsets_dtype(len(ids))), self.multi
-            )
+            column = CategoricalColumn(self.vocab, ids, offsets.to(offsets_dtype(len(ids))), self.multi)
         column.__dict__["lookup"] = self.lookup
         return column
 
@@ -300,9 +293,7 @@ class CategoricalColumn:
         taken = self.gather(rows)
         used, remap = _compact_ids(taken.value_ids, len(self.vocab))
         if len(used) == len(self.vocab):
-            return CategoricalColumn._of(
-                self.vocab, taken.value_ids, taken.offsets, self.multi, self.lookup
-            )
+            return CategoricalColumn._of(self.vocab, taken.value_ids, taken.offsets, self.multi, self.lookup)
         vocab = tuple(self.vocab[i] for i in used.tolist())
         ids = remap[taken.value_ids.long() + 1]
         return CategoricalColumn._of(vocab, ids, taken.offsets, self.multi)
@@ -622,8 +613,7 @@ class AttributeStore:
             if name not in self.columns:
                 item = next(i for i, v in enumerate(vals) if v is not None)
                 raise ValueError(
-                    f"item {item}: unknown feature '{name}'; known features: "
-                    f"{', '.join(self.columns) or '(none)'}"
+                    f"item {item}: unknown feature '{name}'; known features: {', '.join(self.columns) or '(none)'}"
                 )
         columns: dict[str, Column] = {}
         for name, column in self.columns.items():
@@ -633,9 +623,7 @@ class AttributeStore:
             types = set(map(type, vals))
             if isinstance(column, NumericColumn):
                 ints = [v for v in vals if type(v) is int] if int in types else []
-                if not types <= {int, float, type(None)} or (
-                    ints and max(max(ints), -min(ints)) > _MAX_EXACT_INT
-                ):
+                if not types <= {int, float, type(None)} or (ints and max(max(ints), -min(ints)) > _MAX_EXACT_INT):
                     for item, v in enumerate(vals):
                         _check_numeric(item, name, v)
                 columns[name] = column.extend(vals)
@@ -669,9 +657,7 @@ class AttributeStore:
         """
         return self._evaluate(node, expr, lambda name, column: column)
 
-    def evaluate_rows(
-        self, node: FilterNode, rows: torch.Tensor, expr: str | None = None
-    ) -> torch.Tensor:
+    def evaluate_rows(self, node: FilterNode, rows: torch.Tensor, expr: str | None = None) -> torch.Tensor:
         """Evaluates a parsed filter exactly on some items only.
 
         Equal to ``self.take(rows).evaluate(node, expr)``, but gathers only the rows of the
@@ -721,8 +707,7 @@ class AttributeStore:
         column = self.columns.get(node.feature)
         if column is None:
             raise FilterError(
-                f"unknown feature '{node.feature}' (known features: "
-                f"{', '.join(self.columns) or '(none)'})",
+                f"unknown feature '{node.feature}' (known features: {', '.join(self.columns) or '(none)'})",
                 expr,
                 node.pos,
             )
@@ -807,10 +792,7 @@ def _check_numeric(item: int, name: str, value: Any) -> None:
     if value is None or isinstance(value, float):
         return
     if not isinstance(value, int):
-        raise ValueError(
-            f"item {item}, feature '{name}': the feature is numeric, "
-            f"got {type(value).__name__} {value!r}"
-        )
+        raise ValueError(f"item {item}, feature '{name}': the feature is numeric, got {type(value).__name__} {value!r}")
     if abs(value) > _MAX_EXACT_INT:
         raise ValueError(
             f"item {item}, feature '{name}': int {value} is too large to compare exactly as a "
@@ -831,15 +813,11 @@ def _part(
     if t.dtype not in dtypes or t.dim() != 1 or (length >= 0 and len(t) != length):
         want = f"[{length}]" if length >= 0 else "[*]"
         names = " or ".join(str(d) for d in dtypes)
-        raise ValueError(
-            f"attribute tensor '{key}' should be {names} {want}, got {t.dtype} {list(t.shape)}"
-        )
+        raise ValueError(f"attribute tensor '{key}' should be {names} {want}, got {t.dtype} {list(t.shape)}")
     return t
 
 
-def _numeric_part(
-    name: str, spec: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], n: int
-) -> NumericColumn:
+def _numeric_part(name: str, spec: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], n: int) -> NumericColumn:
     data = _part(tensors, f"{name}.values", _NUMERIC_DTYPES, n)
     if data.dtype == torch.float64 and bool(torch.isinf(data).any()):
         raise ValueError(f"feature '{name}': numeric values must be finite (NaN marks missing)")
@@ -850,9 +828,7 @@ def _categorical_part(
     name: str, spec: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], n: int
 ) -> CategoricalColumn:
     vocab = tuple(spec["vocab"])
-    if any(isinstance(v, bool) or not isinstance(v, (str, int)) for v in vocab) or len(
-        set(vocab)
-    ) != len(vocab):
+    if any(isinstance(v, bool) or not isinstance(v, (str, int)) for v in vocab) or len(set(vocab)) != len(vocab):
         raise ValueError(f"feature '{name}': vocabulary must hold distinct str/int values")
     dtype = id_dtype(len(vocab))
     if f"{name}.ids" in tensors:
@@ -863,9 +839,7 @@ def _categorical_part(
     value_ids = _part(tensors, f"{name}.value_ids", dtype, -1)
     offsets = _part(tensors, f"{name}.offsets", offsets_dtype(len(value_ids)), n + 1)
     if offsets[0] != 0 or offsets[-1] != len(value_ids) or bool((offsets[1:] < offsets[:-1]).any()):
-        raise ValueError(
-            f"feature '{name}': offsets are not a valid CSR index into {len(value_ids)} values"
-        )
+        raise ValueError(f"feature '{name}': offsets are not a valid CSR index into {len(value_ids)} values")
     if len(value_ids) and (int(value_ids.min()) < 0 or int(value_ids.max()) >= len(vocab)):
         raise ValueError(f"feature '{name}': value ids outside the vocabulary of {len(vocab)}")
     return CategoricalColumn(vocab, value_ids, offsets, bool(spec["multi"]))

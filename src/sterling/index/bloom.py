@@ -258,18 +258,14 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def term_positions(
-    feature: int, value_ids: torch.Tensor, width: int, num_hashes: int, seed: int = 0
-) -> torch.Tensor:
+def term_positions(feature: int, value_ids: torch.Tensor, width: int, num_hashes: int, seed: int = 0) -> torch.Tensor:
     """int64 [T, num_hashes]: the hashed positions in ``[0, width)`` of the terms
     ``(feature, value_ids[t])`` (the feature's index in the store, the value's vocabulary id)."""
     ids = np.asarray(value_ids, dtype=np.int64)
     return torch.from_numpy(_positions(feature, ids, width, num_hashes, seed))
 
 
-def _positions(
-    feature: int, value_ids: np.ndarray, width: int, num_hashes: int, seed: int
-) -> np.ndarray:
+def _positions(feature: int, value_ids: np.ndarray, width: int, num_hashes: int, seed: int) -> np.ndarray:
     """:func:`term_positions` in numpy: int64 [T, num_hashes]."""
     key = (np.uint64(feature) << np.uint64(32)) | value_ids.reshape(-1).astype(np.uint64)
     h1 = _splitmix64(key ^ _splitmix64(np.full(key.shape, seed, dtype=np.uint64)))
@@ -370,9 +366,7 @@ class BloomIndex:
             inverse[order] = torch.arange(n, dtype=torch.int64)
 
         columns = list(store.columns.items())
-        categorical = [
-            (i, name, c) for i, (name, c) in enumerate(columns) if isinstance(c, CategoricalColumn)
-        ]
+        categorical = [(i, name, c) for i, (name, c) in enumerate(columns) if isinstance(c, CategoricalColumn)]
         term_bits = _assign_dedicated(categorical, n, config)
 
         features: list[_Categorical | _Numeric] = []
@@ -511,8 +505,7 @@ class BloomIndex:
         feature = self._features.get(node.feature)
         if feature is None:
             raise FilterError(
-                f"unknown feature '{node.feature}' (known features: "
-                f"{', '.join(self._features) or '(none)'})",
+                f"unknown feature '{node.feature}' (known features: {', '.join(self._features) or '(none)'})",
                 expr,
                 node.pos,
             )
@@ -523,9 +516,7 @@ class BloomIndex:
         values = (node.value,) if isinstance(node, Term) else node.values
         return self._categorical_leaf(feature, values, negated)
 
-    def _categorical_leaf(
-        self, feature: _Categorical, values: Sequence[Value], negated: bool
-    ) -> _Node:
+    def _categorical_leaf(self, feature: _Categorical, values: Sequence[Value], negated: bool) -> _Node:
         term_bits = feature.term_bits.numpy()
         dedicated: list[int] = []
         hashed: list[int] = []
@@ -760,17 +751,15 @@ def _assign_dedicated(
     threshold = max(1, math.ceil(config.dedicated_min_freq * n))
     eligible = torch.nonzero(count >= threshold).squeeze(1).numpy()
     # sort by count descending, then feature, then value id (deterministic)
-    chosen = eligible[
-        np.lexsort((vid.numpy()[eligible], feature.numpy()[eligible], -count.numpy()[eligible]))
-    ][: config.dedicated_bits]
+    chosen = eligible[np.lexsort((vid.numpy()[eligible], feature.numpy()[eligible], -count.numpy()[eligible]))][
+        : config.dedicated_bits
+    ]
     for bit, j in enumerate(chosen.tolist()):
         term_bits[int(feature[j])][int(vid[j])] = bit
     return dict(zip(names, term_bits))
 
 
-def _numeric_buckets(
-    column: NumericColumn, max_buckets: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _numeric_buckets(column: NumericColumn, max_buckets: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(lo float64 [B], hi float64 [B], bucket int64 [N], -1 where missing): equal-frequency
     buckets whose boundaries fall between distinct values."""
     present = column.present
@@ -786,9 +775,7 @@ def _numeric_buckets(
     first = torch.full((num,), len(uniq), dtype=torch.int64).scatter_reduce(
         0, of_unique, torch.arange(len(uniq)), "amin"
     )
-    last = torch.zeros(num, dtype=torch.int64).scatter_reduce(
-        0, of_unique, torch.arange(len(uniq)), "amax"
-    )
+    last = torch.zeros(num, dtype=torch.int64).scatter_reduce(0, of_unique, torch.arange(len(uniq)), "amax")
     bucket = torch.full((len(present),), -1, dtype=torch.int64)
     bucket[present] = of_unique[torch.searchsorted(uniq, values)]
     return uniq[first], uniq[last], bucket

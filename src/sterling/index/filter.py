@@ -216,9 +216,7 @@ class _Parser:
     def at_operator(self, symbol: str) -> bool:
         """Whether the next token is ``symbol`` or its keyword (``&``/AND, ``|``/OR, ``!``/NOT)."""
         token = self.peek()
-        return token.kind == symbol or (
-            token.kind == "word" and _KEYWORDS.get(token.text.upper()) == symbol
-        )
+        return token.kind == symbol or (token.kind == "word" and _KEYWORDS.get(token.text.upper()) == symbol)
 
     def parse(self) -> FilterNode:
         if self.peek().kind == "end":
@@ -228,9 +226,7 @@ class _Parser:
         if token.kind == ")":
             raise self.fail("unbalanced ')'", token.pos)
         if token.kind != "end":
-            raise self.fail(
-                f"expected AND, OR or end of filter, found {token.describe()}", token.pos
-            )
+            raise self.fail(f"expected AND, OR or end of filter, found {token.describe()}", token.pos)
         return node
 
     def parse_or(self) -> FilterNode:
@@ -291,21 +287,16 @@ class _Parser:
                 values.append(self.parse_value("after ','"))
             close = self.advance()
             if close.kind != ")":
-                raise self.fail(
-                    f"expected ',' or ')' in IN list, found {close.describe()}", close.pos
-                )
+                raise self.fail(f"expected ',' or ')' in IN list, found {close.describe()}", close.pos)
             return In(feature.text, tuple(values), feature.pos)
         if token.kind == "op":
             number = self.advance()
             if number.kind != "word" or not _NUMBER.fullmatch(number.text):
-                raise self.fail(
-                    f"expected a number after '{token.text}', found {number.describe()}", number.pos
-                )
+                raise self.fail(f"expected a number after '{token.text}', found {number.describe()}", number.pos)
             value = int(number.text) if _INT.fullmatch(number.text) else float(number.text)
             return Compare(feature.text, token.text, value, feature.pos)
         raise self.fail(
-            f"expected ':', IN or a comparison after feature '{feature.text}', "
-            f"found {token.describe()}",
+            f"expected ':', IN or a comparison after feature '{feature.text}', found {token.describe()}",
             token.pos,
         )
 

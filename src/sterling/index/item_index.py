@@ -201,7 +201,9 @@ class ItemIndex:
         return (
             state.main.nbytes()
             + (0 if state.alive is None else 8 * len(state.alive))
-            + 8 * len(fresh.ids) + fresh.codes.nbytes() + fresh.attributes.nbytes()
+            + 8 * len(fresh.ids)
+            + fresh.codes.nbytes()
+            + fresh.attributes.nbytes()
         )
 
     @property
@@ -341,8 +343,10 @@ class ItemIndex:
             batch = len(filter) if isinstance(filter, Sequence) and not isinstance(filter, str) else 1
         filters = _filters(filter, batch)
         if len(state.fresh.ids):
-            raise ValueError(f"the index holds {len(state.fresh.ids)} fresh items, which the executor does not "
-                             "search: compact() first")
+            raise ValueError(
+                f"the index holds {len(state.fresh.ids)} fresh items, which the executor does not "
+                "search: compact() first"
+            )
         main = state.main
         probes = main.plan_probes(filters, k, nprobe)
         allowed = torch.empty(batch, (len(main) + 63) // 64, dtype=torch.int64)
@@ -423,10 +427,16 @@ class ItemIndex:
         keep = torch.as_tensor(keep, dtype=torch.bool)
         if keep.shape != (len(main),):
             raise ValueError(f"keep must be bool [{len(main)}], got {list(keep.shape)}")
-        rows = torch.nonzero(keep).view(-1)                             # ascending: IVF order kept
-        offsets = torch.searchsorted(rows, main.list_offsets)           # kept rows before each list start
-        segment = Segment.from_sorted(Int8Codes(main.codes.codes[rows], main.codes.scales[rows]), main.ids[rows],
-                                      main.centroids, offsets, main.attributes.take(rows), self._config)
+        rows = torch.nonzero(keep).view(-1)  # ascending: IVF order kept
+        offsets = torch.searchsorted(rows, main.list_offsets)  # kept rows before each list start
+        segment = Segment.from_sorted(
+            Int8Codes(main.codes.codes[rows], main.codes.scales[rows]),
+            main.ids[rows],
+            main.centroids,
+            offsets,
+            main.attributes.take(rows),
+            self._config,
+        )
         return ItemIndex(_State(segment, None, _empty_fresh(segment)), self._config)
 
     def to_snapshot_parts(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -444,10 +454,15 @@ class ItemIndex:
             "fresh_attributes": fresh.attributes.meta(),
         }
         tensors = {
-            "codes": main.codes.codes, "scales": main.codes.scales, "ids": main.ids,
-            "centroids": main.centroids, "list_offsets": main.list_offsets,
+            "codes": main.codes.codes,
+            "scales": main.codes.scales,
+            "ids": main.ids,
+            "centroids": main.centroids,
+            "list_offsets": main.list_offsets,
             "alive": pack_rows(torch.ones(len(main), dtype=torch.bool)) if state.alive is None else state.alive,
-            "fresh.ids": fresh.ids, "fresh.codes": fresh.codes.codes, "fresh.scales": fresh.codes.scales,
+            "fresh.ids": fresh.ids,
+            "fresh.codes": fresh.codes.codes,
+            "fresh.scales": fresh.codes.scales,
         }
         tensors.update({f"attr.{k}": v for k, v in main.attributes.to_tensors().items()})
         tensors.update({f"bloom.{k}": v for k, v in main.bloom.to_tensors().items()})
@@ -485,8 +500,15 @@ class ItemIndex:
         ids = tensors["ids"]
         fresh_ids = tensors["fresh.ids"]
         _check_unique(torch.cat([ids, fresh_ids]))
-        main = Segment.from_sorted(Int8Codes(tensors["codes"], tensors["scales"]), ids, tensors["centroids"],
-                                   offsets, attributes, config, bloom)
+        main = Segment.from_sorted(
+            Int8Codes(tensors["codes"], tensors["scales"]),
+            ids,
+            tensors["centroids"],
+            offsets,
+            attributes,
+            config,
+            bloom,
+        )
         alive = tensors["alive"]
         full = bool((alive == pack_rows(torch.ones(n, dtype=torch.bool))).all())
         fresh = _Fresh(fresh_ids, Int8Codes(tensors["fresh.codes"], tensors["fresh.scales"]), fresh_attributes)
@@ -543,7 +565,9 @@ def _without(state: _State, ids: torch.Tensor) -> tuple[_State, int]:
     if len(main_rows):
         dead = torch.zeros(len(state.main), dtype=torch.bool)
         dead[main_rows] = True
-        alive = (pack_rows(torch.ones(len(state.main), dtype=torch.bool)) if alive is None else alive) & ~pack_rows(dead)
+        alive = (pack_rows(torch.ones(len(state.main), dtype=torch.bool)) if alive is None else alive) & ~pack_rows(
+            dead
+        )
     fresh = state.fresh.keep(torch.nonzero(~fresh_hit).view(-1)) if bool(fresh_hit.any()) else state.fresh
     return _State(state.main, alive, fresh), removed
 
@@ -554,8 +578,9 @@ def _compacted(state: _State, config: IndexConfig) -> _State:
     main, fresh, live = state.main, state.fresh, state.live_rows
     if state.alive is None and not len(fresh.ids):
         return state
-    codes = Int8Codes(torch.cat([main.codes.codes[live], fresh.codes.codes]),
-                      torch.cat([main.codes.scales[live], fresh.codes.scales]))
+    codes = Int8Codes(
+        torch.cat([main.codes.codes[live], fresh.codes.codes]), torch.cat([main.codes.scales[live], fresh.codes.scales])
+    )
     ids = torch.cat([main.ids[live], fresh.ids])
     attributes = main.attributes.take(live).append(fresh.attributes.decode(range(len(fresh.ids))))
     vectors = codes.codes.float() * codes.scales[:, None]  # re-quantizing these gives the same codes
@@ -564,7 +589,9 @@ def _compacted(state: _State, config: IndexConfig) -> _State:
     return _State(segment, None, _empty_fresh(segment))
 
 
-def _search_fresh(fresh: _Fresh, q: torch.Tensor, filters: list[str | None], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _search_fresh(
+    fresh: _Fresh, q: torch.Tensor, filters: list[str | None], k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact filtered top-k over the fresh items: scores float32 [B, k], ids int64 [B, k]."""
     b = q.shape[0]
     scores = torch.full((b, k), float("-inf"))
@@ -585,7 +612,9 @@ def _check_part(tensors: Mapping[str, torch.Tensor], name: str, dtype: torch.dty
     t = tensors[name]
     if t.dtype != dtype or tuple(t.shape) != shape:
         short = str(dtype).removeprefix("torch.")
-        raise ValueError(f"{name} should be {short} {list(shape)}, got {str(t.dtype).removeprefix('torch.')} {list(t.shape)}")
+        raise ValueError(
+            f"{name} should be {short} {list(shape)}, got {str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
+        )
 
 
 def _as_matrix(x: Any, name: str, allow_vector: bool = False) -> torch.Tensor:
@@ -651,9 +680,7 @@ def _filters(filter: str | Sequence[str | None] | None, b: int) -> list[str | No
         return [filter] * b
     if not isinstance(filter, Sequence) or len(filter) != b:
         got = f"{len(filter)} filters" if isinstance(filter, Sequence) else type(filter).__name__
-        raise ValueError(
-            f"filter must be None, a str or a list of {b} str (one per query), got {got}"
-        )
+        raise ValueError(f"filter must be None, a str or a list of {b} str (one per query), got {got}")
     for row, expr in enumerate(filter):
         if expr is not None and not isinstance(expr, str):
             raise ValueError(f"filter {row} must be a str or None, got {type(expr).__name__}")

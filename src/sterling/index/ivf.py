@@ -176,8 +176,7 @@ class IVFLayout:
         off = self.list_offsets
         if off.dtype != torch.int64 or off.shape != (c.shape[0] + 1,):
             raise ValueError(
-                f"list_offsets must be int64 [nlist + 1 = {c.shape[0] + 1}], got {off.dtype} "
-                f"{list(off.shape)}"
+                f"list_offsets must be int64 [nlist + 1 = {c.shape[0] + 1}], got {off.dtype} {list(off.shape)}"
             )
         if int(off[0]) != 0 or int(off[-1]) != len(self.order) or bool((off.diff() < 0).any()):
             raise ValueError("list_offsets must rise from 0 to N")

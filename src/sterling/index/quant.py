@@ -54,8 +54,7 @@ class Int8Codes:
         n = self.codes.shape[0]
         if self.scales.dtype != torch.float32 or self.scales.shape not in ((n,), (1,)):
             raise ValueError(
-                f"scales must be float32 [N={n}] or [1], got {self.scales.dtype} "
-                f"{list(self.scales.shape)}"
+                f"scales must be float32 [N={n}] or [1], got {self.scales.dtype} {list(self.scales.shape)}"
             )
 
     def __len__(self) -> int:

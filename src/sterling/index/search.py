@@ -63,8 +63,8 @@ from sterling.index.bloom import BloomConfig, BloomIndex, BloomPlan
 from sterling.index.filter import FilterNode, parse
 from sterling.index.ivf import IVFLayout, kmeans
 from sterling.index.quant import Int8Codes, quantize
-from sterling.ops.ivf_scan import Kernel, encode, ivf_scan
 from sterling.ops.int8_topk import int8_topk
+from sterling.ops.ivf_scan import Kernel, encode, ivf_scan
 from sterling.ops.plan_program import bit_of, plan_words
 
 __all__ = ["IndexConfig", "Segment", "auto_nlist", "pack_rows"]
@@ -134,7 +134,9 @@ class IndexConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if self.nlist is not None and (isinstance(self.nlist, bool) or not isinstance(self.nlist, int) or self.nlist < 1):
+        if self.nlist is not None and (
+            isinstance(self.nlist, bool) or not isinstance(self.nlist, int) or self.nlist < 1
+        ):
             raise ValueError(f"nlist must be None or an int >= 1, got {self.nlist!r}")
         if not 0.0 <= self.scan_selectivity <= 1.0:
             raise ValueError(f"scan_selectivity must be in [0, 1], got {self.scan_selectivity!r}")
@@ -239,21 +241,48 @@ class Segment:
                 centroids = kmeans(embeddings, nlist, iters=config.kmeans_iters, seed=config.seed)
             else:
                 centroids = (embeddings.mean(0, keepdim=True) if n else torch.zeros(1, embeddings.shape[1])).float()
-        layout = IVFLayout.from_centroids(centroids, embeddings) if n else IVFLayout(
-            centroids, torch.zeros(0, dtype=torch.int64), torch.zeros(len(centroids) + 1, dtype=torch.int64))
+        layout = (
+            IVFLayout.from_centroids(centroids, embeddings)
+            if n
+            else IVFLayout(
+                centroids, torch.zeros(0, dtype=torch.int64), torch.zeros(len(centroids) + 1, dtype=torch.int64)
+            )
+        )
         order = layout.order
-        return cls.from_sorted(quantize(embeddings[order].float(), per_item=True), ids[order], layout.centroids,
-                               layout.list_offsets, attributes.take(order), config)
+        return cls.from_sorted(
+            quantize(embeddings[order].float(), per_item=True),
+            ids[order],
+            layout.centroids,
+            layout.list_offsets,
+            attributes.take(order),
+            config,
+        )
 
     @classmethod
-    def from_sorted(cls, codes: Int8Codes, ids: torch.Tensor, centroids: torch.Tensor, list_offsets: torch.Tensor,
-                    attributes: AttributeStore, config: IndexConfig, bloom: BloomIndex | None = None) -> Segment:
+    def from_sorted(
+        cls,
+        codes: Int8Codes,
+        ids: torch.Tensor,
+        centroids: torch.Tensor,
+        list_offsets: torch.Tensor,
+        attributes: AttributeStore,
+        config: IndexConfig,
+        bloom: BloomIndex | None = None,
+    ) -> Segment:
         """A segment from parts already in IVF order (builds the Bloom index unless given)."""
         n = len(codes)
         gen = torch.Generator().manual_seed(config.seed)
         sample = torch.randperm((n + 63) // 64, generator=gen)[: -(-config.sample_size // 64)].sort().values
-        return cls(codes, ids, centroids, list_offsets, attributes,
-                   bloom if bloom is not None else BloomIndex.build(attributes, config=config.bloom), sample, config)
+        return cls(
+            codes,
+            ids,
+            centroids,
+            list_offsets,
+            attributes,
+            bloom if bloom is not None else BloomIndex.build(attributes, config=config.bloom),
+            sample,
+            config,
+        )
 
     def __len__(self) -> int:
         return len(self.codes)
@@ -264,8 +293,15 @@ class Segment:
 
     def nbytes(self) -> int:
         """Bytes held: codes, scales, ids, centroids, offsets, attribute store, Bloom index."""
-        return (self.codes.nbytes() + 8 * len(self.ids) + 4 * self.centroids.numel() + 8 * len(self.list_offsets)
-                + self.attributes.nbytes() + self.bloom.nbytes() + 8 * len(self.sample))
+        return (
+            self.codes.nbytes()
+            + 8 * len(self.ids)
+            + 4 * self.centroids.numel()
+            + 8 * len(self.list_offsets)
+            + self.attributes.nbytes()
+            + self.bloom.nbytes()
+            + 8 * len(self.sample)
+        )
 
     def vectors(self, rows: torch.Tensor) -> torch.Tensor:
         """float32 [*rows.shape, D]: the stored (dequantized) vectors of segment ``rows``."""
@@ -278,8 +314,13 @@ class Segment:
         ``codes`` int8 [N, D] and ``scales`` float32 [N], and ``ids`` int64 [N], the external id of
         every row (pop it before the call; it maps the returned rows to ids)."""
         row_list = torch.repeat_interleave(torch.arange(self.nlist), self.list_offsets.diff())
-        return {"centroids": self.centroids, "row_list": row_list, "codes": self.codes.codes,
-                "scales": self.codes.scales, "ids": self.ids}
+        return {
+            "centroids": self.centroids,
+            "row_list": row_list,
+            "codes": self.codes.codes,
+            "scales": self.codes.scales,
+            "ids": self.ids,
+        }
 
     @functools.cached_property
     def id_order(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,8 +404,12 @@ class Segment:
             constant = None if flt is None else flt.plan.constant
             probes = 0 if len(self) == 0 or constant is False else self._probes(share, nprobe, k)
             count = filters.count(expr)
-            gather = (count >= cfg.gather_queries and share * len(self) <= cfg.gather_rows
-                      and probes > 0 and cfg.gather_cost * share * self.nlist <= probes)
+            gather = (
+                count >= cfg.gather_queries
+                and share * len(self) <= cfg.gather_rows
+                and probes > 0
+                and cfg.gather_cost * share * self.nlist <= probes
+            )
             plans[expr] = _Plan(flt, share, count, 0 if gather else probes, gather)
         return plans
 
@@ -402,11 +447,23 @@ class Segment:
             if gather:
                 idx = torch.tensor([i for i, f in enumerate(filters) if f == expr])
                 scores[idx, :kk], rows[idx, :kk] = self._gathered(queries[idx], flt, kk, alive)
-            explain.append({
-                "filter": expr, "queries": plan.queries, "estimated_selectivity": plan.share,
-                "plan": "gather" if gather else "none" if probes == 0 else "scan" if probes >= self.nlist else "ivf",
-                "nprobe": probes, "bloom_exact": True if flt is None else flt.plan.exact, "widened_queries": 0,
-            })
+            explain.append(
+                {
+                    "filter": expr,
+                    "queries": plan.queries,
+                    "estimated_selectivity": plan.share,
+                    "plan": "gather"
+                    if gather
+                    else "none"
+                    if probes == 0
+                    else "scan"
+                    if probes >= self.nlist
+                    else "ivf",
+                    "nprobe": probes,
+                    "bloom_exact": True if flt is None else flt.plan.exact,
+                    "widened_queries": 0,
+                }
+            )
         widened: dict[int, int] = {}
         current = {i: plans[f].probes for i, f in enumerate(filters) if plans[f].probes > 0}
         while current:
@@ -428,7 +485,9 @@ class Segment:
             record["widened_queries"] = sum(1 for i in widened if filters[i] == record["filter"])
         return scores, rows, explain
 
-    def _gathered(self, q: torch.Tensor, flt: _Filter | None, k: int, alive: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gathered(
+        self, q: torch.Tensor, flt: _Filter | None, k: int, alive: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-filtering for queries sharing one selective filter: its passing live rows (Bloom
         candidates, checked exactly) scored by one int8 matrix product (:mod:`sterling.ops.int8_topk`)."""
         passing = self._passing(flt, alive)
@@ -456,8 +515,16 @@ class Segment:
         probes = max(math.ceil(nprobe * share ** (-1 / 3)), needed)
         return self.nlist if 2 * probes >= self.nlist else probes
 
-    def _search(self, q: torch.Tensor, filters: list[str | None], compiled: dict[str | None, _Filter | None],
-                k: int, probes: torch.Tensor, alive: torch.Tensor | None, k0: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search(
+        self,
+        q: torch.Tensor,
+        filters: list[str | None],
+        compiled: dict[str | None, _Filter | None],
+        k: int,
+        probes: torch.Tensor,
+        alive: torch.Tensor | None,
+        k0: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One fused scan of each query's ``probes`` (int64 [B]) nearest lists (nlist: all) for
         ``k0`` candidates, the exact check, top-k. Queries whose Bloom false positives left fewer
         than k verified candidates (while more rows may pass) are scanned again for 4× the
@@ -479,9 +546,19 @@ class Segment:
         k0 = min(k0 or math.ceil(k * factor), max(len(self), k))
         codes, scales, offsets, bits = self._scan_arrays
         dev = codes.device
-        scores, cand = ivf_scan(q.to(dev), codes, scales, offsets, probe_ids.to(dev), k0, bits, program,
-                                plan_of.to(dev), None if alive is None else alive.to(dev),
-                                kernel=self._scan_kernel)                                   # [B, k0]
+        scores, cand = ivf_scan(
+            q.to(dev),
+            codes,
+            scales,
+            offsets,
+            probe_ids.to(dev),
+            k0,
+            bits,
+            program,
+            plan_of.to(dev),
+            None if alive is None else alive.to(dev),
+            kernel=self._scan_kernel,
+        )  # [B, k0]
         scores, cand = scores.cpu(), cand.cpu()
         full = cand[:, -1] >= 0  # k0 candidates came back: more rows may pass
         valid = cand >= 0
@@ -501,6 +578,7 @@ class Segment:
         starved = torch.nonzero(full & (valid.sum(1) < k)).view(-1)
         if len(starved) and k0 < len(self):
             again = starved.tolist()
-            scores[starved], rows[starved] = self._search(q[starved], [filters[i] for i in again], compiled, k,
-                                                          probes[starved], alive, 4 * k0)
+            scores[starved], rows[starved] = self._search(
+                q[starved], [filters[i] for i in again], compiled, k, probes[starved], alive, 4 * k0
+            )
         return scores, rows

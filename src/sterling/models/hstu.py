@@ -81,10 +81,10 @@ def target_aware_mask(offsets: torch.Tensor, num_targets: torch.Tensor, n: int) 
 
     History (the first ``length - num_targets`` tokens) is causal over history; a candidate sees the
     whole history and itself; padding sees nothing and is seen by nothing."""
-    lens = jagged.lengths(offsets)[:, None, None]                     # [B, 1, 1]
+    lens = jagged.lengths(offsets)[:, None, None]  # [B, 1, 1]
     history = lens - num_targets[:, None, None]
-    i = torch.arange(n)[None, :, None]                                 # query index
-    j = torch.arange(n)[None, None, :]                                 # key index
+    i = torch.arange(n)[None, :, None]  # query index
+    j = torch.arange(n)[None, None, :]  # key index
     inside = (i < lens) & (j < lens)
     return inside & (((j <= i) & (j < history)) | (i == j))
 
@@ -105,8 +105,8 @@ class RelativeBias(nn.Module):
 
     def forward(self, positions: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
         # positions, timestamps: padded [B, n]
-        gap = (positions[:, :, None] - positions[:, None, :]).clamp(0, self.norm_len - 1)   # [B, n, n]
-        dt = timestamps[:, :, None] - timestamps[:, None, :]                                  # [B, n, n]
+        gap = (positions[:, :, None] - positions[:, None, :]).clamp(0, self.norm_len - 1)  # [B, n, n]
+        dt = timestamps[:, :, None] - timestamps[:, None, :]  # [B, n, n]
         return self.position[gap] + self.time[_time_bucket(dt, self.time_buckets)]
 
 
@@ -124,23 +124,29 @@ class HSTULayer(nn.Module):
         self.bias = RelativeBias(cfg.norm_len, cfg.time_buckets)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, offsets: torch.Tensor, positions: torch.Tensor,
-                timestamps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        offsets: torch.Tensor,
+        positions: torch.Tensor,
+        timestamps: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
         cfg = self.cfg
         h, a, v = cfg.num_heads, cfg.attention_dim, cfg.value_dim
         n = mask.shape[-1]
         u, val, q, k = F.silu(self.uvqk(self.norm(x))).split([h * v, h * v, h * a, h * a], dim=-1)  # [L, ·]
-        qp = jagged.to_padded(q, offsets, n).view(-1, n, h, a)                  # [B, n, H, a]
+        qp = jagged.to_padded(q, offsets, n).view(-1, n, h, a)  # [B, n, H, a]
         kp = jagged.to_padded(k, offsets, n).view(-1, n, h, a)
-        vp = jagged.to_padded(val, offsets, n).view(-1, n, h, v)                # [B, n, H, v]
-        pos = jagged.to_padded(positions, offsets, n)                           # [B, n]
+        vp = jagged.to_padded(val, offsets, n).view(-1, n, h, v)  # [B, n, H, v]
+        pos = jagged.to_padded(positions, offsets, n)  # [B, n]
         ts = jagged.to_padded(timestamps, offsets, n)
-        scores = torch.einsum("bihd,bjhd->bhij", qp, kp) / math.sqrt(a)         # [B, H, n, n]
+        scores = torch.einsum("bihd,bjhd->bhij", qp, kp) / math.sqrt(a)  # [B, H, n, n]
         scores = scores + self.bias(pos, ts)[:, None]
-        attn = F.silu(scores) / cfg.norm_len * mask[:, None]                    # [B, H, n, n]
-        o = torch.einsum("bhij,bjhd->bihd", attn, vp).reshape(-1, n, h * v)     # [B, n, H·v]
-        o = jagged.from_padded(o, offsets)                                      # [L, H·v]
-        return x + self.out(self.dropout(u * self.out_norm(o)))                 # [L, D]
+        attn = F.silu(scores) / cfg.norm_len * mask[:, None]  # [B, H, n, n]
+        o = torch.einsum("bhij,bjhd->bihd", attn, vp).reshape(-1, n, h * v)  # [B, n, H·v]
+        o = jagged.from_padded(o, offsets)  # [L, H·v]
+        return x + self.out(self.dropout(u * self.out_norm(o)))  # [L, D]
 
 
 class HSTU(nn.Module):
@@ -162,14 +168,15 @@ class HSTU(nn.Module):
         self.layers = nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.num_layers))
         self.norm = nn.LayerNorm(cfg.dim)
 
-    def forward(self, x: torch.Tensor, offsets: torch.Tensor, timestamps: torch.Tensor,
-                num_targets: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, offsets: torch.Tensor, timestamps: torch.Tensor, num_targets: torch.Tensor
+    ) -> torch.Tensor:
         """Encoded tokens ``[L, D]`` of jagged ``x [L, D]`` (offsets ``[B + 1]``, timestamps
         ``int64 [L]`` in seconds, the last ``num_targets [B]`` tokens of each sequence candidates)."""
         lens = jagged.lengths(offsets)
         n = int(lens.max()) if lens.numel() else 0
-        mask = target_aware_mask(offsets, num_targets, n).to(x.dtype)          # [B, n, n]
-        positions = token_positions(offsets, num_targets)                      # [L]
+        mask = target_aware_mask(offsets, num_targets, n).to(x.dtype)  # [B, n, n]
+        positions = token_positions(offsets, num_targets)  # [L]
         for layer in self.layers:
             x = layer(x, offsets, positions, timestamps, mask)
         return self.norm(x)

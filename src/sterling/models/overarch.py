@@ -93,7 +93,7 @@ def _pair_features(user: torch.Tensor, queries: torch.Tensor, items: torch.Tenso
     dot product with the item (the ANN's own score, so OverArch starts from the retrieval order)."""
     b, m, d = items.shape
     u = user[:, None, :].expand(b, m, d)
-    dots = torch.einsum("btd,bmd->bmt", queries, items)                    # [B, M, T]
+    dots = torch.einsum("btd,bmd->bmt", queries, items)  # [B, M, T]
     return torch.cat([u, items, u * items * d**0.5, dots], dim=-1)
 
 
@@ -114,7 +114,7 @@ class MLPOverArch(OverArch):
         return self.cfg.dim
 
     def forward(self, user, queries, history, history_mask, items):  # noqa: D102 (see OverArch)
-        return self.mlp(_pair_features(user, queries, items))               # [B, M, T]
+        return self.mlp(_pair_features(user, queries, items))  # [B, M, T]
 
 
 class MoLOverArch(OverArch):
@@ -135,8 +135,9 @@ class MoLOverArch(OverArch):
         self.interest_queries = nn.Parameter(torch.randn(p - 1, d) * d**-0.5)
         self.user_proj = nn.Linear(d, p * c)
         self.item_proj = nn.Linear(d, p * c)
-        self.gate = nn.Sequential(nn.Linear(3 * d + cfg.num_tasks, cfg.hidden), nn.GELU(),
-                                  nn.Linear(cfg.hidden, cfg.num_tasks * (p + 1)))
+        self.gate = nn.Sequential(
+            nn.Linear(3 * d + cfg.num_tasks, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.num_tasks * (p + 1))
+        )
         self.log_history_temperature = nn.Parameter(torch.tensor(20.0).log())
         self.scale = nn.Parameter(torch.full((cfg.num_tasks,), 5.0))
         self.bias = nn.Parameter(torch.zeros(cfg.num_tasks))
@@ -144,8 +145,8 @@ class MoLOverArch(OverArch):
 
     def item_state(self, embeddings: torch.Tensor) -> torch.Tensor:
         p, c = self.cfg.components, self.cfg.component_dim
-        comps = F.normalize(self.item_proj(embeddings).unflatten(-1, (p, c)), dim=-1)   # [..., P, C]
-        return torch.cat([embeddings, comps.flatten(-2)], dim=-1)                     # [..., D + P·C]
+        comps = F.normalize(self.item_proj(embeddings).unflatten(-1, (p, c)), dim=-1)  # [..., P, C]
+        return torch.cat([embeddings, comps.flatten(-2)], dim=-1)  # [..., D + P·C]
 
     @property
     def state_dim(self) -> int:
@@ -154,11 +155,11 @@ class MoLOverArch(OverArch):
     def user_components(self, user: torch.Tensor, history: torch.Tensor, history_mask: torch.Tensor) -> torch.Tensor:
         """``[B, P, C]`` normalised user-side components."""
         p, c, d = self.cfg.components, self.cfg.component_dim, self.cfg.dim
-        att = torch.einsum("pd,bld->bpl", self.interest_queries, history) * d**0.5     # [B, P-1, L]
+        att = torch.einsum("pd,bld->bpl", self.interest_queries, history) * d**0.5  # [B, P-1, L]
         att = torch.where(history_mask[:, None, :], att, _MASKED).softmax(-1) * history_mask[:, None, :]  # empty → 0
-        interests = torch.einsum("bpl,bld->bpd", att, history)                        # [B, P-1, D]; empty history → 0
-        sources = torch.cat([user[:, None, :], interests], dim=1)                      # [B, P, D]
-        proj = self.user_proj.weight.view(p, c, d)                                     # component i reads source i
+        interests = torch.einsum("bpl,bld->bpd", att, history)  # [B, P-1, D]; empty history → 0
+        sources = torch.cat([user[:, None, :], interests], dim=1)  # [B, P, D]
+        proj = self.user_proj.weight.view(p, c, d)  # component i reads source i
         bias = self.user_proj.bias.view(p, c)
         return F.normalize(torch.einsum("bpd,pcd->bpc", sources, proj) + bias, dim=-1)
 
@@ -166,20 +167,20 @@ class MoLOverArch(OverArch):
         """``[B, M]``: each candidate's soft maximum similarity to the history's items (a
         target-aware component: the interest nearest the candidate, whichever it is)."""
         temperature = self.log_history_temperature.exp()
-        sim = torch.einsum("bmd,bld->bml", emb, history) * temperature                 # [B, M, L]
+        sim = torch.einsum("bmd,bld->bml", emb, history) * temperature  # [B, M, L]
         sim = torch.where(history_mask[:, None, :], sim, _MASKED)
         soft_max = torch.logsumexp(sim, dim=-1) / temperature
         return torch.where(history_mask.any(-1, keepdim=True), soft_max, 0.0)
 
     def forward(self, user, queries, history, history_mask, items):  # noqa: D102 (see OverArch)
         t, p, c, d = self.cfg.num_tasks, self.cfg.components, self.cfg.component_dim, self.cfg.dim
-        emb, item_comps = items[..., :d], items[..., d:].unflatten(-1, (p, c))        # [B, M, D], [B, M, P, C]
-        user_comps = self.user_components(user, history, history_mask)                # [B, P, C]
-        logits = torch.einsum("bpc,bmpc->bmp", user_comps, item_comps)                 # [B, M, P] cosines
+        emb, item_comps = items[..., :d], items[..., d:].unflatten(-1, (p, c))  # [B, M, D], [B, M, P, C]
+        user_comps = self.user_components(user, history, history_mask)  # [B, P, C]
+        logits = torch.einsum("bpc,bmpc->bmp", user_comps, item_comps)  # [B, M, P] cosines
         logits = torch.cat([logits, self.nearest_history(emb, history, history_mask)[..., None]], -1)
         gate = self.gate(_pair_features(user, queries, emb)).unflatten(-1, (t, p + 1)).softmax(-1)  # [B, M, T, P+1]
-        mixed = (gate * logits[:, :, None, :]).sum(-1)                                 # [B, M, T]
-        dots = torch.einsum("btd,bmd->bmt", queries, emb)                              # [B, M, T]
+        mixed = (gate * logits[:, :, None, :]).sum(-1)  # [B, M, T]
+        dots = torch.einsum("btd,bmd->bmt", queries, emb)  # [B, M, T]
         return mixed * self.scale + dots * self.retrieval_weight + self.bias
 
 

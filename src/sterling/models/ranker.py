@@ -75,7 +75,7 @@ class RankerConfig:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> "RankerConfig":
+    def from_json(cls, d: dict) -> RankerConfig:
         return cls(**{**d, "tasks": tuple(d["tasks"])})
 
 
@@ -83,8 +83,17 @@ def make_encoder(encoder: str, dim: int, num_layers: int, num_heads: int, norm_l
     """An :class:`HSTU` or :class:`SASRec` user tower with the shared jagged interface."""
     if encoder == "hstu":
         head = dim // num_heads
-        return HSTU(HSTUConfig(dim=dim, num_layers=num_layers, num_heads=num_heads, attention_dim=head,
-                               value_dim=head, norm_len=norm_len, dropout=dropout))
+        return HSTU(
+            HSTUConfig(
+                dim=dim,
+                num_layers=num_layers,
+                num_heads=num_heads,
+                attention_dim=head,
+                value_dim=head,
+                norm_len=norm_len,
+                dropout=dropout,
+            )
+        )
     return SASRec(SASRecConfig(dim=dim, num_layers=num_layers, num_heads=num_heads, max_len=norm_len, dropout=dropout))
 
 
@@ -106,7 +115,9 @@ class SequenceRanker(nn.Module):
         for table in (self.items, self.actions, self.positions):
             nn.init.normal_(table.weight, std=0.02)
         self.encoder = make_encoder(cfg.encoder, cfg.dim, cfg.num_layers, cfg.num_heads, cfg.norm_len, cfg.dropout)
-        self.head = nn.Sequential(nn.Linear(2 * cfg.dim, 2 * cfg.dim), nn.SiLU(), nn.Linear(2 * cfg.dim, len(cfg.tasks)))
+        self.head = nn.Sequential(
+            nn.Linear(2 * cfg.dim, 2 * cfg.dim), nn.SiLU(), nn.Linear(2 * cfg.dim, len(cfg.tasks))
+        )
 
     def history_tokens(self, batch: RequestBatch) -> torch.Tensor:
         """``[L, D]``: the batch's history events as tokens."""
@@ -122,21 +133,21 @@ class SequenceRanker(nn.Module):
         """Per-task logits ``[K, T]`` of the batch's impressions, in batch order."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        history = self.history_tokens(batch)                                      # [L, D]
-        candidates = self.candidate_tokens(batch)                                 # [K, D]
+        history = self.history_tokens(batch)  # [L, D]
+        candidates = self.candidate_tokens(batch)  # [K, D]
         if mode == "roo":
             h_offsets, c_offsets = batch.history_offsets, batch.impression_offsets
             h_ts = batch.history_ts
             c_ts = batch.ts[batch.impression_to_request()]
-            num_targets = jagged.lengths(c_offsets)                                # [R]
+            num_targets = jagged.lengths(c_offsets)  # [R]
         else:  # one sequence per impression: its request's history, copied
-            owner = batch.impression_to_request()                                 # [K]
+            owner = batch.impression_to_request()  # [K]
             index, h_offsets = jagged.gather_rows(batch.history_offsets, owner)
-            history, h_ts = history[index], batch.history_ts[index]               # [K·L/R, D]
+            history, h_ts = history[index], batch.history_ts[index]  # [K·L/R, D]
             c_offsets = torch.arange(batch.num_impressions + 1)
             c_ts = batch.ts[owner]
-            num_targets = torch.ones(batch.num_impressions, dtype=torch.int64)    # [K]
+            num_targets = torch.ones(batch.num_impressions, dtype=torch.int64)  # [K]
         tokens, offsets, at = jagged.concat(history, h_offsets, candidates, c_offsets)
         timestamps, _, _ = jagged.concat(h_ts, h_offsets, c_ts, c_offsets)
-        out = self.encoder(tokens, offsets, timestamps, num_targets)[at]          # [K, D]
+        out = self.encoder(tokens, offsets, timestamps, num_targets)[at]  # [K, D]
         return self.head(torch.cat([out, out * self.items(batch.item_rows)], -1))  # [K, T]

@@ -66,7 +66,7 @@ class SASRecBlock(nn.Module):
         b, n, d = x.shape
         h = self.cfg.num_heads
         q, k, v = self.qkv(self.attn_norm(x)).view(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)  # [B, H, n, d/H]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])                 # [B, H, n, d/H]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])  # [B, H, n, d/H]
         x = x + self.dropout(self.attn_out(o.transpose(1, 2).reshape(b, n, d)))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
@@ -88,18 +88,19 @@ class SASRec(nn.Module):
         self.blocks = nn.ModuleList(SASRecBlock(cfg) for _ in range(cfg.num_layers))
         self.norm = nn.LayerNorm(cfg.dim)
 
-    def forward(self, x: torch.Tensor, offsets: torch.Tensor, timestamps: torch.Tensor,
-                num_targets: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, offsets: torch.Tensor, timestamps: torch.Tensor, num_targets: torch.Tensor
+    ) -> torch.Tensor:
         """Encoded tokens ``[L, D]`` of jagged ``x [L, D]`` (offsets ``[B + 1]``; ``timestamps``
         unused, kept for the shared interface; the last ``num_targets [B]`` tokens are candidates)."""
         lens = jagged.lengths(offsets)
         n = int(lens.max()) if lens.numel() else 0
         row, _ = jagged.row_and_column(offsets)
-        recency = (lens - num_targets)[row] - token_positions(offsets, num_targets)        # [L]
+        recency = (lens - num_targets)[row] - token_positions(offsets, num_targets)  # [L]
         x = x + self.position(recency.clamp(max=self.cfg.max_len - 1))
         # padding rows attend to themselves (a row with no allowed key would be NaN); discarded below
         allowed = target_aware_mask(offsets, num_targets, n) | torch.eye(n, dtype=torch.bool)
-        padded = jagged.to_padded(x, offsets, n)                                           # [B, n, D]
+        padded = jagged.to_padded(x, offsets, n)  # [B, n, D]
         for block in self.blocks:
             padded = block(padded, allowed)
         return self.norm(jagged.from_padded(padded, offsets))

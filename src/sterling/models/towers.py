@@ -54,7 +54,7 @@ class TwoTowerConfig:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> "TwoTowerConfig":
+    def from_json(cls, d: dict) -> TwoTowerConfig:
         d = dict(d)
         for key in ("tasks", "context_features", "user_features"):
             d[key] = tuple(d[key])
@@ -79,7 +79,7 @@ class ItemTerms:
     terms: torch.Tensor = field(repr=False)
 
     @classmethod
-    def build(cls, attributes: list[dict], vocab: tuple[str, ...] | None = None) -> "ItemTerms":
+    def build(cls, attributes: list[dict], vocab: tuple[str, ...] | None = None) -> ItemTerms:
         """Term ids of ``attributes`` (N dicts); with ``vocab`` given, unseen terms are dropped."""
         keyed = [[f"{k}={v}" for k, vals in sorted(a.items()) for v in _as_list(vals)] for a in attributes]
         if vocab is None:
@@ -110,14 +110,14 @@ class ItemTower(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(2 * cfg.hidden, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, cfg.dim))
 
     def forward(self, rows: torch.Tensor, item_terms: ItemTerms) -> torch.Tensor:
-        starts = item_terms.offsets[rows]                                  # [M]
-        lengths = item_terms.offsets[rows + 1] - starts                    # [M]
+        starts = item_terms.offsets[rows]  # [M]
+        lengths = item_terms.offsets[rows + 1] - starts  # [M]
         offsets = torch.zeros_like(lengths)
         offsets[1:] = torch.cumsum(lengths, 0)[:-1]
         gather = torch.repeat_interleave(starts - offsets, lengths) + torch.arange(int(lengths.sum()))
-        t = self.terms(item_terms.terms[gather], offsets)                  # [M, H]
-        x = torch.cat([self.ids(rows), t], dim=-1)                         # [M, 2H]
-        return F.normalize(self.mlp(x), dim=-1)                            # [M, D]
+        t = self.terms(item_terms.terms[gather], offsets)  # [M, H]
+        x = torch.cat([self.ids(rows), t], dim=-1)  # [M, 2H]
+        return F.normalize(self.mlp(x), dim=-1)  # [M, D]
 
 
 class UserTower(nn.Module):
@@ -153,22 +153,20 @@ class UserTower(nn.Module):
         features: dict[str, torch.Tensor],
     ) -> torch.Tensor:
         cfg = self.cfg
-        starts = torch.arange(history_offsets.shape[0] - 1)                        # gathers, not slices: no
-        lengths = history_offsets[starts + 1] - history_offsets[starts]            # [R]  size-1 guards in export
-        position = torch.arange(history_vectors.shape[0])                          # [L]
-        owner = torch.searchsorted(history_offsets, position, right=True) - 1      # [L]
+        starts = torch.arange(history_offsets.shape[0] - 1)  # gathers, not slices: no
+        lengths = history_offsets[starts + 1] - history_offsets[starts]  # [R]  size-1 guards in export
+        position = torch.arange(history_vectors.shape[0])  # [L]
+        owner = torch.searchsorted(history_offsets, position, right=True) - 1  # [L]
         from_end = (history_offsets[owner + 1] - 1 - position).clamp(max=cfg.max_history - 1)
         e = (
-            history_vectors
-            + self.actions(history_actions.clamp(0, cfg.num_actions - 1))
-            + self.recency(from_end)
-        )                                                                           # [L, D]
+            history_vectors + self.actions(history_actions.clamp(0, cfg.num_actions - 1)) + self.recency(from_end)
+        )  # [L, D]
         summed = e.new_zeros(lengths.shape[0], e.shape[1]).index_add_(0, owner, e)
-        pooled = summed / lengths.clamp(min=1)[:, None].to(e.dtype)                 # [R, D]; empty history → 0
+        pooled = summed / lengths.clamp(min=1)[:, None].to(e.dtype)  # [R, D]; empty history → 0
         parts = [pooled] + [
             self.features[n](features[n] % cfg.hash_buckets) for n in cfg.context_features + cfg.user_features
         ]
-        return F.normalize(pooled + self.mlp(torch.cat(parts, dim=-1)), dim=-1)    # [R, D]
+        return F.normalize(pooled + self.mlp(torch.cat(parts, dim=-1)), dim=-1)  # [R, D]
 
 
 class TaskQueries(nn.Module):

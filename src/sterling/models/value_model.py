@@ -135,8 +135,14 @@ _OPERATIONS: dict[str, Callable[..., Value]] = {
 _BINARY = {"+": "add", "-": "subtract", "*": "multiply", "/": "divide"}
 # function name -> (fewest, most) arguments; None = no upper bound
 _FUNCTIONS: dict[str, tuple[int, int | None]] = {
-    "min": (2, None), "max": (2, None), "clamp": (3, 3),
-    "log": (1, 1), "exp": (1, 1), "sqrt": (1, 1), "abs": (1, 1), "sigmoid": (1, 1),
+    "min": (2, None),
+    "max": (2, None),
+    "clamp": (3, 3),
+    "log": (1, 1),
+    "exp": (1, 1),
+    "sqrt": (1, 1),
+    "abs": (1, 1),
+    "sigmoid": (1, 1),
 }
 
 
@@ -267,23 +273,30 @@ class _Parser:
             node = self.expression()
             self.close(token, "')'")
             return node
-        raise FormulaError(self.formula, token.column, "expected a number, task, '(' or function",
-                           f" ({token.describe()})")
+        raise FormulaError(
+            self.formula, token.column, "expected a number, task, '(' or function", f" ({token.describe()})"
+        )
 
     def task(self, token: _Token) -> TaskScore:
         if token.text in self.tasks:
             return TaskScore(token.text, self.tasks.index(token.text))
         if token.text in _FUNCTIONS:
-            raise FormulaError(self.formula, token.column, f"function {token.text!r} without arguments",
-                               f"; call it as {token.text}(...)")
-        raise FormulaError(self.formula, token.column, f"unknown task {token.text!r}",
-                           f"; tasks are {', '.join(self.tasks)}")
+            raise FormulaError(
+                self.formula,
+                token.column,
+                f"function {token.text!r} without arguments",
+                f"; call it as {token.text}(...)",
+            )
+        raise FormulaError(
+            self.formula, token.column, f"unknown task {token.text!r}", f"; tasks are {', '.join(self.tasks)}"
+        )
 
     def call(self, name: _Token, opener: _Token) -> Node:
         if name.text not in _FUNCTIONS:
             problem = "task {!r} called as a function" if name.text in self.tasks else "unknown function {!r}"
-            raise FormulaError(self.formula, name.column, problem.format(name.text),
-                               f"; functions are {', '.join(sorted(_FUNCTIONS))}")
+            raise FormulaError(
+                self.formula, name.column, problem.format(name.text), f"; functions are {', '.join(sorted(_FUNCTIONS))}"
+            )
         args = [self.expression()]
         while self.accept(","):
             args.append(self.expression())
@@ -292,16 +305,21 @@ class _Parser:
         if len(args) < fewest or (most is not None and len(args) > most):
             count = f"exactly {fewest}" if fewest == most else f"at least {fewest}"
             plural = "s" if fewest > 1 else ""
-            raise FormulaError(self.formula, name.column,
-                               f"{name.text}() takes {count} argument{plural}, got {len(args)}")
+            raise FormulaError(
+                self.formula, name.column, f"{name.text}() takes {count} argument{plural}, got {len(args)}"
+            )
         return self.operation(name.text, tuple(args), name.column)
 
     def close(self, opener: _Token, expected: str) -> None:
         """Takes the ')' that closes ``opener``; else names what was ``expected`` and found."""
         if not self.accept(")"):
             token = self.peek()
-            raise FormulaError(self.formula, token.column, f"expected {expected}",
-                               f" ({token.describe()}) to close the '(' at column {opener.column}")
+            raise FormulaError(
+                self.formula,
+                token.column,
+                f"expected {expected}",
+                f" ({token.describe()}) to close the '(' at column {opener.column}",
+            )
 
     def operation(self, op: str, args: tuple[Node, ...], start: int) -> Node:
         """The node for ``op(args)``; a constant if every argument is (``start``: its column)."""
@@ -312,8 +330,9 @@ class _Parser:
         if not math.isfinite(value):
             end = self.tokens[self.position - 1]
             text = self.formula[start : end.column + len(end.text)]
-            raise FormulaError(self.formula, start, f"constant expression {text!r} is {value}",
-                               "; constants must be finite")
+            raise FormulaError(
+                self.formula, start, f"constant expression {text!r} is {value}", "; constants must be finite"
+            )
         return Constant(value)
 
 
@@ -366,8 +385,10 @@ class ValueModel(nn.Module):
         """``task_scores`` float [..., T] (last dim in ``tasks`` order) -> composite score [...],
         same dtype."""
         if task_scores.dim() == 0 or task_scores.shape[-1] != len(self.tasks):
-            raise ValueError(f"task_scores must be [..., {len(self.tasks)}] (tasks {', '.join(self.tasks)}), "
-                             f"got shape {tuple(task_scores.shape)}")
+            raise ValueError(
+                f"task_scores must be [..., {len(self.tasks)}] (tasks {', '.join(self.tasks)}), "
+                f"got shape {tuple(task_scores.shape)}"
+            )
         if not task_scores.is_floating_point():
             raise ValueError(f"task_scores must be a float tensor, got {task_scores.dtype}")
         value = _evaluate(self.expression, task_scores)  # [...]

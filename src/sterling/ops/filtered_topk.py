@@ -39,16 +39,12 @@ def filtered_topk(
     """
     if queries.dim() != 2 or items.dim() != 2 or queries.shape[1] != items.shape[1]:
         raise ValueError(
-            "queries [B, D] and items [N, D] must share D, "
-            f"got {list(queries.shape)} and {list(items.shape)}"
+            f"queries [B, D] and items [N, D] must share D, got {list(queries.shape)} and {list(items.shape)}"
         )
     if not queries.is_floating_point() or queries.dtype != items.dtype:
-        raise ValueError(
-            f"queries and items must share a float dtype, got {queries.dtype} and {items.dtype}"
-        )
+        raise ValueError(f"queries and items must share a float dtype, got {queries.dtype} and {items.dtype}")
     if mask is not None and (
-        mask.dtype != torch.bool
-        or mask.shape not in ((items.shape[0],), (queries.shape[0], items.shape[0]))
+        mask.dtype != torch.bool or mask.shape not in ((items.shape[0],), (queries.shape[0], items.shape[0]))
     ):
         raise ValueError(
             f"mask must be bool [N] or [B, N] with B={queries.shape[0]}, N={items.shape[0]}, "

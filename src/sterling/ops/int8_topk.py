@@ -54,13 +54,9 @@ def int8_topk(
     if queries.dim() != 2 or queries.dtype != torch.float32:
         raise ValueError(f"queries must be float32 [B, D], got {queries.dtype} {list(queries.shape)}")
     if codes.dim() != 2 or codes.dtype != torch.int8 or codes.shape[1] != queries.shape[1]:
-        raise ValueError(
-            f"codes must be int8 [N, D] with D={queries.shape[1]}, got {codes.dtype} {list(codes.shape)}"
-        )
+        raise ValueError(f"codes must be int8 [N, D] with D={queries.shape[1]}, got {codes.dtype} {list(codes.shape)}")
     if scales.dtype != torch.float32 or scales.shape != (codes.shape[0],):
-        raise ValueError(
-            f"scales must be float32 [N] with N={codes.shape[0]}, got {scales.dtype} {list(scales.shape)}"
-        )
+        raise ValueError(f"scales must be float32 [N] with N={codes.shape[0]}, got {scales.dtype} {list(scales.shape)}")
     if not bool(torch.isfinite(queries).all()):
         raise ValueError("queries hold NaN or infinite values")
     if rows is not None and (rows.dim() != 1 or rows.dtype != torch.int64):

@@ -27,6 +27,7 @@ from sterling.ops.reference import ivf_scan as reference
 
 __all__ = ["Kernel", "PlanProgram", "encode", "ivf_scan"]
 
+
 def _triton(*args):
     from sterling.ops.triton import ivf_scan as gpu  # the [gpu] extra (triton); imported on first use
 

@@ -29,7 +29,20 @@ import torch
 TRUE, FALSE, ALL, ANY, NONE, AND, OR = range(7)
 _CODES = {"true": TRUE, "false": FALSE, "all": ALL, "any": ANY, "none": NONE, "and": AND, "or": OR}
 
-__all__ = ["ALL", "AND", "ANY", "FALSE", "NONE", "OR", "TRUE", "PlanProgram", "bit_of", "encode", "plan_mask", "plan_words"]
+__all__ = [
+    "ALL",
+    "AND",
+    "ANY",
+    "FALSE",
+    "NONE",
+    "OR",
+    "TRUE",
+    "PlanProgram",
+    "bit_of",
+    "encode",
+    "plan_mask",
+    "plan_words",
+]
 
 
 class _Plan(Protocol):

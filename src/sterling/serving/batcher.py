@@ -161,8 +161,9 @@ class MicroBatcher:
                 if batch[0].key is None:
                     results: Sequence[Any] = [batch[0].payload()]
                 else:
-                    results = self._run_batch(batch[0].key, [j.payload for j in batch],
-                                              [now - j.enqueued for j in batch])
+                    results = self._run_batch(
+                        batch[0].key, [j.payload for j in batch], [now - j.enqueued for j in batch]
+                    )
                     if len(results) != len(batch):
                         raise RuntimeError(f"run_batch answered {len(results)} of {len(batch)} requests")
             except BaseException as e:  # noqa: BLE001 - handed to every caller of the batch

@@ -61,8 +61,14 @@ def _example(model: RetrievalModel) -> tuple[torch.Tensor, ...]:
         features=torch.zeros(2, len(model.config.features), dtype=torch.int64),
     )
     plan = model.plan(2, None)
-    return (inputs.history_rows, inputs.history_actions, inputs.history_offsets, inputs.features,
-            plan.probes, plan.allowed)
+    return (
+        inputs.history_rows,
+        inputs.history_actions,
+        inputs.history_offsets,
+        inputs.features,
+        plan.probes,
+        plan.allowed,
+    )
 
 
 def export_program(model: RetrievalModel) -> bytes:
@@ -82,8 +88,9 @@ def load_program(data: bytes) -> torch.export.ExportedProgram:
     return torch.export.load(io.BytesIO(data))
 
 
-def run_program(program, inputs: UserInputs, probes: torch.Tensor, allowed: torch.Tensor,
-                k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def run_program(
+    program, inputs: UserInputs, probes: torch.Tensor, allowed: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run an exported program (or its AOTInductor package): ids ``[B, k]``, scores ``[B, k]``,
     task scores ``[B, k, T]``. The program is traced for batches of two or more requests (export
     specialises a dimension of size 1); a single request is answered beside an empty padding
@@ -93,11 +100,14 @@ def run_program(program, inputs: UserInputs, probes: torch.Tensor, allowed: torc
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     args = (inputs.history_rows, inputs.history_actions, inputs.history_offsets, inputs.features, probes, allowed)
     if b == 1:
-        args = (inputs.history_rows, inputs.history_actions,
-                torch.cat([inputs.history_offsets, inputs.history_offsets[-1:]]),
-                torch.cat([inputs.features, torch.zeros_like(inputs.features)]),
-                torch.cat([probes, torch.zeros_like(probes)]),
-                torch.cat([allowed, torch.zeros_like(allowed)]))
+        args = (
+            inputs.history_rows,
+            inputs.history_actions,
+            torch.cat([inputs.history_offsets, inputs.history_offsets[-1:]]),
+            torch.cat([inputs.features, torch.zeros_like(inputs.features)]),
+            torch.cat([probes, torch.zeros_like(probes)]),
+            torch.cat([allowed, torch.zeros_like(allowed)]),
+        )
     call = program.module() if isinstance(program, torch.export.ExportedProgram) else program
     with torch.no_grad():
         ids, scores, task_scores = call(*args)
@@ -121,7 +131,9 @@ def aot_package(program: bytes) -> bytes:
     """
     check_compiler()
     with tempfile.TemporaryDirectory() as tmp:
-        path = torch._inductor.aoti_compile_and_package(load_program(program), package_path=str(Path(tmp) / "model.pt2"))
+        path = torch._inductor.aoti_compile_and_package(
+            load_program(program), package_path=str(Path(tmp) / "model.pt2")
+        )
         return Path(path).read_bytes()
 
 

@@ -49,8 +49,9 @@ class FreshRows:
     def empty(cls, dim: int, cache: torch.Tensor) -> FreshRows:
         """No fresh rows, for items of dimension ``dim`` beside a main ``cache [N, S]``."""
         none = torch.zeros(0, dtype=torch.int64)
-        return cls(none, torch.zeros(0, dim, dtype=torch.int8), torch.zeros(0), cache.new_zeros(0, cache.shape[1]),
-                   none, none)
+        return cls(
+            none, torch.zeros(0, dim, dtype=torch.int8), torch.zeros(0), cache.new_zeros(0, cache.shape[1]), none, none
+        )
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -60,12 +61,18 @@ class FreshRows:
         and cache rows ``[M, S]`` appended."""
         q = quantize(embeddings)
         all_ids = torch.cat([self.ids, ids])
-        order = torch.argsort(all_ids, stable=True)                  # an id's rows in arrival order
+        order = torch.argsort(all_ids, stable=True)  # an id's rows in arrival order
         sorted_all = all_ids[order]
         last = torch.ones_like(sorted_all, dtype=torch.bool)
-        last[:-1] = sorted_all[1:] != sorted_all[:-1]                # the newest row of each id
-        return FreshRows(all_ids, torch.cat([self.codes, q.codes]), torch.cat([self.scales, q.scales]),
-                         torch.cat([self.cache, cache.to(self.cache.dtype)]), sorted_all[last], order[last])
+        last[:-1] = sorted_all[1:] != sorted_all[:-1]  # the newest row of each id
+        return FreshRows(
+            all_ids,
+            torch.cat([self.codes, q.codes]),
+            torch.cat([self.scales, q.scales]),
+            torch.cat([self.cache, cache.to(self.cache.dtype)]),
+            sorted_all[last],
+            order[last],
+        )
 
     def lookup(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The newest fresh row ``r`` of each id ``int64 [...]`` (-1 where none) and bool found."""
@@ -84,8 +91,9 @@ def gather_rows(main: torch.Tensor, fresh: torch.Tensor, rows: torch.Tensor) -> 
     return out
 
 
-def item_cache_rows(vectors: torch.Tensor, item_state: Callable[[torch.Tensor], torch.Tensor] | None,
-                    dtype: torch.dtype) -> torch.Tensor:
+def item_cache_rows(
+    vectors: torch.Tensor, item_state: Callable[[torch.Tensor], torch.Tensor] | None, dtype: torch.dtype
+) -> torch.Tensor:
     """The embedding-cache rows ``dtype [M, S]`` of item-tower outputs ``float [M, D]``: the
     item state (OverArch's ``item_state``; its first ``D`` columns are the embeddings) of the
     embeddings rounded to ``dtype``; without an OverArch, the rounded embeddings (``S = D``)."""

@@ -19,20 +19,31 @@ class ServingMetrics:
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("sterling_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
-                                registry=r)
-        self.latency = Histogram("sterling_request_latency_seconds", "Request latency by endpoint", ["endpoint"],
-                                 buckets=_LATENCY, registry=r)
-        self.stage = Histogram("sterling_stage_latency_seconds", "Per-batch time of each stage", ["stage"],
-                               buckets=_LATENCY, registry=r)
+        self.requests = Counter(
+            "sterling_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "sterling_request_latency_seconds",
+            "Request latency by endpoint",
+            ["endpoint"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.stage = Histogram(
+            "sterling_stage_latency_seconds", "Per-batch time of each stage", ["stage"], buckets=_LATENCY, registry=r
+        )
         self.batch_size = Histogram("sterling_batch_size", "Requests per forward", buckets=_SIZES, registry=r)
-        self.candidates = Histogram("sterling_candidates_after_filter",
-                                    "Distinct candidates per request after the filter and the merge",
-                                    buckets=_CANDIDATES, registry=r)
+        self.candidates = Histogram(
+            "sterling_candidates_after_filter",
+            "Distinct candidates per request after the filter and the merge",
+            buckets=_CANDIDATES,
+            registry=r,
+        )
         self.index_items = Gauge("sterling_index_items", "Items the index serves (live)", registry=r)
         self.fresh_items = Gauge("sterling_fresh_items", "Items upserted since the snapshot", registry=r)
-        self.snapshot = Gauge("sterling_snapshot_info", "The snapshot served (value 1)", ["version", "path"],
-                              registry=r)
+        self.snapshot = Gauge(
+            "sterling_snapshot_info", "The snapshot served (value 1)", ["version", "path"], registry=r
+        )
         self.updates = Counter("sterling_item_updates", "Items upserted or deleted", ["op"], registry=r)
         self.reloads = Counter("sterling_reloads", "Snapshot reloads by result", ["result"], registry=r)
 

@@ -50,7 +50,17 @@ from sterling.serving.fresh import FreshRows, gather_rows, item_cache_rows
 
 _BIG = 3.0e38  # the ranking key of +inf (and -_BIG of NaN and -inf): finite, inside float32
 
-__all__ = ["Candidates", "Retrieved", "RetrievalModel", "ServingConfig", "Trace", "UserInputs", "check_k", "parse_inputs", "per_query"]
+__all__ = [
+    "Candidates",
+    "Retrieved",
+    "RetrievalModel",
+    "ServingConfig",
+    "Trace",
+    "UserInputs",
+    "check_k",
+    "parse_inputs",
+    "per_query",
+]
 
 
 @dataclass(frozen=True)
@@ -87,8 +97,9 @@ class ServingConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if self.nprobe is not None and (isinstance(self.nprobe, bool) or not isinstance(self.nprobe, int)
-                                        or self.nprobe < 1):
+        if self.nprobe is not None and (
+            isinstance(self.nprobe, bool) or not isinstance(self.nprobe, int) or self.nprobe < 1
+        ):
             raise ValueError(f"nprobe must be None or an int >= 1, got {self.nprobe!r}")
         if self.value_formula is not None:
             ValueModel(self.value_formula, self.tasks)  # a FormulaError here, never at query time
@@ -207,26 +218,41 @@ class RetrievalModel(nn.Module):
     ) -> None:
         super().__init__()
         if index.fresh_items:
-            raise ValueError(f"the index holds {index.fresh_items} fresh items the model's cache does not cover: "
-                             "compact() it and publish again")
+            raise ValueError(
+                f"the index holds {index.fresh_items} fresh items the model's cache does not cover: "
+                "compact() it and publish again"
+            )
         tensors = index.executor_tensors()
         n, d = tensors["codes"].shape
         width = d if overarch is None or not config.use_overarch else overarch.state_dim
-        if cache.shape[0] != n or cache.shape[1] < width or (overarch is not None and cache.shape[1] != overarch.state_dim):
-            raise ValueError(f"the cache holds {tuple(cache.shape)} for an index of {n} items and an item state of "
-                             f"width {width}")
+        if (
+            cache.shape[0] != n
+            or cache.shape[1] < width
+            or (overarch is not None and cache.shape[1] != overarch.state_dim)
+        ):
+            raise ValueError(
+                f"the cache holds {tuple(cache.shape)} for an index of {n} items and an item state of width {width}"
+            )
         tower = user_tower.cfg
         if tuple(config.features) != tower.context_features + tower.user_features:
-            raise ValueError(f"the serving features {list(config.features)} are not the user tower's "
-                             f"{list(tower.context_features + tower.user_features)}")
+            raise ValueError(
+                f"the serving features {list(config.features)} are not the user tower's "
+                f"{list(tower.context_features + tower.user_features)}"
+            )
         if config.max_history > tower.max_history or tower.dim != d:
-            raise ValueError(f"the user tower reads at most {tower.max_history} events of width {tower.dim}; the "
-                             f"model was asked for {config.max_history} over an index of width {d}")
+            raise ValueError(
+                f"the user tower reads at most {tower.max_history} events of width {tower.dim}; the "
+                f"model was asked for {config.max_history} over an index of width {d}"
+            )
         if overarch is not None and overarch.cfg.num_tasks != len(config.tasks):
-            raise ValueError(f"the OverArch scores {overarch.cfg.num_tasks} tasks, the model serves {len(config.tasks)}")
+            raise ValueError(
+                f"the OverArch scores {overarch.cfg.num_tasks} tasks, the model serves {len(config.tasks)}"
+            )
         if task_queries.proj.out_features != len(config.tasks) * d:
-            raise ValueError(f"the task queries give {task_queries.proj.out_features // d} queries for the "
-                             f"{len(config.tasks)} tasks {list(config.tasks)}")
+            raise ValueError(
+                f"the task queries give {task_queries.proj.out_features // d} queries for the "
+                f"{len(config.tasks)} tasks {list(config.tasks)}"
+            )
         self.user_tower = user_tower
         self.task_queries = task_queries
         self.overarch = overarch if config.use_overarch else None
@@ -268,7 +294,9 @@ class RetrievalModel(nn.Module):
 
     def _cache(self, rows: torch.Tensor, width: int | None = None) -> torch.Tensor:
         """float32 ``[..., S]`` (or its first ``width`` columns): the cache rows of ``rows [...]``."""
-        cache, fresh = (self.cache, self.fresh.cache) if width is None else (self.cache[:, :width], self.fresh.cache[:, :width])
+        cache, fresh = (
+            (self.cache, self.fresh.cache) if width is None else (self.cache[:, :width], self.fresh.cache[:, :width])
+        )
         return gather_rows(cache, fresh, rows).float()
 
     def history_vectors(self, rows: torch.Tensor) -> torch.Tensor:
@@ -325,8 +353,10 @@ class RetrievalModel(nn.Module):
 
     def _check_current(self) -> None:
         if self.index.version is not self._version:
-            raise ValueError("the index changed (upsert, delete or compact) since the model was composed from it; "
-                             "its cached embeddings and tensors are stale: publish and load the model again")
+            raise ValueError(
+                "the index changed (upsert, delete or compact) since the model was composed from it; "
+                "its cached embeddings and tensors are stale: publish and load the model again"
+            )
 
     # ---- the model ---------------------------------------------------------------------------
 
@@ -342,54 +372,98 @@ class RetrievalModel(nn.Module):
 
     def encode(self, inputs: UserInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """User embeddings ``[B, D]`` and task queries ``[B, T, D]``."""
-        history = self._history_of(inputs)                                           # [L, D]
+        history = self._history_of(inputs)  # [L, D]
         feats = {n: inputs.features[:, i] for i, n in enumerate(self.config.features)}
         users = self.user_tower(history, inputs.history_actions, inputs.history_offsets, feats)
         return users, self.task_queries(users)
 
-    def score(self, inputs: UserInputs, users: torch.Tensor, queries: torch.Tensor, rows: torch.Tensor,
-              k: int, value: str | None = None, trace: Trace | None = None) -> Retrieved:
+    def score(
+        self,
+        inputs: UserInputs,
+        users: torch.Tensor,
+        queries: torch.Tensor,
+        rows: torch.Tensor,
+        k: int,
+        value: str | None = None,
+        trace: Trace | None = None,
+    ) -> Retrieved:
         """Rank the per-task candidate rows ``[B, T, K0]`` (-1: none) of ``B`` requests: merge,
         drop duplicates, score (OverArch or inner products), Value Model (``value``: a formula
         in place of the configured one), top-``k``."""
         b, t, k0 = rows.shape
         ids = torch.where(rows >= 0, gather_rows(self.ids, self.fresh.ids, rows.clamp(min=0)), -1)
         flat = rows.view(b, t * k0)
-        return self._rank(inputs, users, queries, ids,
-                          lambda order: self.candidate_state(flat.gather(1, order).clamp(min=0)), k, value, trace)
+        return self._rank(
+            inputs,
+            users,
+            queries,
+            ids,
+            lambda order: self.candidate_state(flat.gather(1, order).clamp(min=0)),
+            k,
+            value,
+            trace,
+        )
 
-    def score_candidates(self, inputs: UserInputs, users: torch.Tensor, queries: torch.Tensor, ids: torch.Tensor,
-                         state: torch.Tensor, k: int, value: str | None = None, trace: Trace | None = None) -> Retrieved:
+    def score_candidates(
+        self,
+        inputs: UserInputs,
+        users: torch.Tensor,
+        queries: torch.Tensor,
+        ids: torch.Tensor,
+        state: torch.Tensor,
+        k: int,
+        value: str | None = None,
+        trace: Trace | None = None,
+    ) -> Retrieved:
         """:meth:`score` of candidates given by external ``ids`` ``[B, T, K0]`` (-1: none) and
         their item state ``[B, T, K0, S]`` (:meth:`candidate_state`), e.g. merged from shards."""
         b, t, k0 = ids.shape
         flat = state.reshape(b, t * k0, state.shape[-1])
-        return self._rank(inputs, users, queries, ids,
-                          lambda order: flat.gather(1, order[..., None].expand(-1, -1, flat.shape[2])), k, value, trace)
+        return self._rank(
+            inputs,
+            users,
+            queries,
+            ids,
+            lambda order: flat.gather(1, order[..., None].expand(-1, -1, flat.shape[2])),
+            k,
+            value,
+            trace,
+        )
 
-    def _rank(self, inputs: UserInputs, users: torch.Tensor, queries: torch.Tensor, ids: torch.Tensor,
-              state_of: Callable[[torch.Tensor], torch.Tensor], k: int, value: str | None, trace: Trace | None) -> Retrieved:
+    def _rank(
+        self,
+        inputs: UserInputs,
+        users: torch.Tensor,
+        queries: torch.Tensor,
+        ids: torch.Tensor,
+        state_of: Callable[[torch.Tensor], torch.Tensor],
+        k: int,
+        value: str | None,
+        trace: Trace | None,
+    ) -> Retrieved:
         """The ranking of candidate ``ids`` ``[B, T, K0]`` (-1: none): merged in id order (so the
         same candidates meet OverArch in the same order however they were found, from one index
         or from shards), ``state_of(slots [B, M] in the T·K0 lists)`` giving their item state."""
         trace = trace or Trace()
         b, t, k0 = ids.shape
-        merged, order = ids.view(b, t * k0).sort(dim=1)                                # [B, M]
+        merged, order = ids.view(b, t * k0).sort(dim=1)  # [B, M]
         repeat = torch.cat([torch.zeros_like(merged[:, :1], dtype=torch.bool), merged[:, 1:] == merged[:, :-1]], 1)
-        valid = (merged != -1) & ~repeat                        # [B, M]; -1 marks an empty slot (never an item id)
+        valid = (merged != -1) & ~repeat  # [B, M]; -1 marks an empty slot (never an item id)
         with trace.stage("overarch"):
-            task_scores = self.task_scores_of(inputs, users, queries, state_of(order))   # [B, M, T]
+            task_scores = self.task_scores_of(inputs, users, queries, state_of(order))  # [B, M, T]
         with trace.stage("value_model"):
-            value_scores = self.value_of(task_scores, value)                           # [B, M]
+            value_scores = self.value_of(task_scores, value)  # [B, M]
             # rank on a finite key (a formula may give NaN or ±inf: NaN last, ±inf at the ends), so a
             # slot is empty only when it holds no candidate; the reported score is the value itself
             finite = value_scores.nan_to_num(nan=-_BIG, posinf=_BIG, neginf=-_BIG)
             kk = min(k, value_scores.shape[1])
-            top = torch.topk(torch.where(valid, finite, float("-inf")), kk, dim=1)     # [B, kk]
+            top = torch.topk(torch.where(valid, finite, float("-inf")), kk, dim=1)  # [B, kk]
             found = valid.gather(1, top.indices)
             picked = torch.where(found, merged.gather(1, top.indices), -1)
             scores = torch.where(found, value_scores.gather(1, top.indices), float("-inf"))
-            per_task = torch.where(found[..., None], task_scores.gather(1, top.indices[..., None].expand(-1, -1, t)), 0.0)
+            per_task = torch.where(
+                found[..., None], task_scores.gather(1, top.indices[..., None].expand(-1, -1, t)), 0.0
+            )
         trace.candidates = valid.sum(1)
         if kk < k:
             picked = torch.cat([picked, picked.new_full((b, k - kk), -1)], 1)
@@ -408,8 +482,9 @@ class RetrievalModel(nn.Module):
             model = self._value_models[value] = ValueModel(value, self.config.tasks)  # a FormulaError names a bad one
         return task_scores[..., self.config.primary] if model is None else model(task_scores)
 
-    def task_scores_of(self, inputs: UserInputs, users: torch.Tensor, queries: torch.Tensor,
-                     state: torch.Tensor) -> torch.Tensor:
+    def task_scores_of(
+        self, inputs: UserInputs, users: torch.Tensor, queries: torch.Tensor, state: torch.Tensor
+    ) -> torch.Tensor:
         """Per-task scores ``[B, M, T]`` of candidates with item ``state`` ``[B, M, S]``
         (:meth:`candidate_state`): OverArch's probabilities, or (without an OverArch) the task
         queries' inner products with the index's stored vectors."""
@@ -423,13 +498,27 @@ class RetrievalModel(nn.Module):
         ``allowed`` int64 ``[B·T, W]`` come from :meth:`plan`."""
         users, queries = self.encode(inputs)
         b, t, d = queries.shape
-        _, rows = masked_ivf_topk(queries.reshape(b * t, d), self.centroids, self.row_list, self.codes,
-                                  self.scales, probes, allowed, self.config.k0)
+        _, rows = masked_ivf_topk(
+            queries.reshape(b * t, d),
+            self.centroids,
+            self.row_list,
+            self.codes,
+            self.scales,
+            probes,
+            allowed,
+            self.config.k0,
+        )
         return self.score(inputs, users, queries, rows.view(b, t, -1), k)
 
     @torch.no_grad()
-    def forward(self, inputs: UserInputs, filter: str | Sequence[str | None] | None = None, k: int = 100,
-                value: str | None = None, trace: Trace | None = None) -> Retrieved:
+    def forward(
+        self,
+        inputs: UserInputs,
+        filter: str | Sequence[str | None] | None = None,
+        k: int = 100,
+        value: str | None = None,
+        trace: Trace | None = None,
+    ) -> Retrieved:
         """Top-``k`` for ``B`` requests under their filters (one string for all, or B), with the
         index's fused kernels; ``value`` replaces the configured Value Model formula; ``trace``
         collects the time per stage."""
@@ -444,9 +533,15 @@ class RetrievalModel(nn.Module):
         return Candidates(found.ids, found.scores, self.states_of(rows, present))
 
     @torch.no_grad()
-    def retrieve(self, inputs: UserInputs, search: Callable[[torch.Tensor, list[str | None]], Candidates],
-                 filter: str | Sequence[str | None] | None = None, k: int = 100, value: str | None = None,
-                 trace: Trace | None = None) -> Retrieved:
+    def retrieve(
+        self,
+        inputs: UserInputs,
+        search: Callable[[torch.Tensor, list[str | None]], Candidates],
+        filter: str | Sequence[str | None] | None = None,
+        k: int = 100,
+        value: str | None = None,
+        trace: Trace | None = None,
+    ) -> Retrieved:
         """:meth:`forward` with the candidates from ``search(queries [B·T, D], filters)``: this
         model's index, or the merged shards of :class:`sterling.serving.shards.ShardedModel`."""
         check_k(k, self.config.k0)
@@ -461,14 +556,17 @@ class RetrievalModel(nn.Module):
             for expr in set(filters) - {None}:
                 self.check_filter(expr)
         with trace.stage("ann"):
-            found = search(queries.reshape(b * t, d), filters)                          # [B·T, K0]
+            found = search(queries.reshape(b * t, d), filters)  # [B·T, K0]
         k0 = found.ids.shape[1]
-        return self.score_candidates(inputs, users, queries, found.ids.view(b, t, k0),
-                                     found.state.view(b, t, k0, -1), k, value, trace)
+        return self.score_candidates(
+            inputs, users, queries, found.ids.view(b, t, k0), found.state.view(b, t, k0, -1), k, value, trace
+        )
 
     def empty_answer(self, k: int) -> Retrieved:
         """The answer to no requests: ``[0, k]`` ids and scores, ``[0, k, T]`` task scores."""
-        return Retrieved(torch.zeros(0, k, dtype=torch.int64), torch.zeros(0, k), torch.zeros(0, k, len(self.config.tasks)))
+        return Retrieved(
+            torch.zeros(0, k, dtype=torch.int64), torch.zeros(0, k), torch.zeros(0, k, len(self.config.tasks))
+        )
 
     def recommend(
         self,
@@ -489,8 +587,9 @@ class RetrievalModel(nn.Module):
         tower never runs), or without an OverArch the task queries' inner products."""
         item_ids = torch.as_tensor(item_ids)
         if item_ids.is_floating_point() or item_ids.dim() != 2 or item_ids.shape[0] != inputs.batch_size:
-            raise ValueError(f"item_ids must be integer [B = {inputs.batch_size}, M], got {item_ids.dtype} "
-                             f"{list(item_ids.shape)}")
+            raise ValueError(
+                f"item_ids must be integer [B = {inputs.batch_size}, M], got {item_ids.dtype} {list(item_ids.shape)}"
+            )
         self._check_current()
         rows = self.rows_of(item_ids.to(torch.int64))
         if inputs.batch_size == 0:
@@ -500,18 +599,19 @@ class RetrievalModel(nn.Module):
 
     # ---- live items --------------------------------------------------------------------------
 
-    def upsert(self, ids: torch.Tensor | Sequence[int], embeddings: torch.Tensor,
-               attributes: Sequence[Mapping]) -> None:
+    def upsert(
+        self, ids: torch.Tensor | Sequence[int], embeddings: torch.Tensor, attributes: Sequence[Mapping]
+    ) -> None:
         """Insert or replace items (``ids int64 [M]``, distinct; item-tower ``embeddings float [M, D]``;
         attribute dicts) in the index and the model's rows; visible to the next forward. A bad
         argument is a ValueError and changes nothing."""
         self._check_current()
-        self.index.upsert(ids, embeddings, attributes)           # validates everything first
+        self.index.upsert(ids, embeddings, attributes)  # validates everything first
         ids = torch.as_tensor(ids, dtype=torch.int64)
         vectors = torch.as_tensor(embeddings, dtype=torch.float32)
         self.fresh = self.fresh.added(ids, vectors, item_cache_rows(vectors, self._item_state, self.cache.dtype))
         self._version = self.index.version
-        if len(ids) and self.index.fresh_items == 0:            # the index compacted itself
+        if len(ids) and self.index.fresh_items == 0:  # the index compacted itself
             self._relayout()
 
     def delete(self, ids: torch.Tensor | Sequence[int]) -> int:
@@ -548,7 +648,7 @@ def _padded(values: torch.Tensor, offsets: torch.Tensor, width: int) -> tuple[to
     owner = torch.searchsorted(offsets, position, right=True) - 1
     from_end = offsets[owner + 1] - 1 - position
     column = torch.where(from_end < width, width - 1 - from_end, width)  # older values go to a spare column
-    slot = owner * (width + 1) + column                       # flat slots: index_add exports without size guards
+    slot = owner * (width + 1) + column  # flat slots: index_add exports without size guards
     padded = values.new_zeros(b * (width + 1), values.shape[1]).index_add_(0, slot, values)
     mask = torch.zeros(b * (width + 1)).index_add_(0, slot, torch.ones_like(slot, dtype=torch.float32)) > 0
     return padded.view(b, width + 1, -1)[:, :width], mask.view(b, width + 1)[:, :width]
@@ -562,9 +662,12 @@ def _int_tensor(values: list, what: str) -> torch.Tensor:
     return torch.tensor([int(v) for v in values], dtype=torch.int64)
 
 
-def parse_inputs(config: ServingConfig, histories: Sequence[Sequence[int]],
-                 actions: Sequence[Sequence[int]] | None = None,
-                 features: Sequence[Mapping[str, int]] | None = None) -> tuple[torch.Tensor, UserInputs]:
+def parse_inputs(
+    config: ServingConfig,
+    histories: Sequence[Sequence[int]],
+    actions: Sequence[Sequence[int]] | None = None,
+    features: Sequence[Mapping[str, int]] | None = None,
+) -> tuple[torch.Tensor, UserInputs]:
     """The history item ids ``int64 [L]`` of ``B`` requests (the latest ``max_history`` each) and
     their :class:`UserInputs` with ``history_rows`` still -1: checks the lengths, the integers and
     the feature names (see :meth:`RetrievalModel.inputs`)."""
@@ -577,8 +680,8 @@ def parse_inputs(config: ServingConfig, histories: Sequence[Sequence[int]],
     for h, a in zip(histories, actions):
         if len(h) != len(a):
             raise ValueError(f"a history of {len(h)} items has {len(a)} actions")
-        ids += list(h[len(h) - keep:] if len(h) > keep else h)
-        acts += list(a[len(a) - keep:] if len(a) > keep else a)
+        ids += list(h[len(h) - keep :] if len(h) > keep else h)
+        acts += list(a[len(a) - keep :] if len(a) > keep else a)
         lengths.append(min(len(h), keep))
     known = config.features
     for f in features:

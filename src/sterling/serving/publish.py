@@ -78,9 +78,15 @@ def publish(
     ckpt = load_checkpoint(checkpoint)
     cfg = ckpt.model.cfg
     primary = ckpt.meta["train"].get("retrieval_task")  # the task training retrieved for
-    serving = ServingConfig(tasks=cfg.tasks, features=cfg.context_features + cfg.user_features, k0=k0,
-                            nprobe=nprobe, primary_task=primary, value_formula=value_formula,
-                            max_history=cfg.max_history)  # bad settings and formulas fail here
+    serving = ServingConfig(
+        tasks=cfg.tasks,
+        features=cfg.context_features + cfg.user_features,
+        k0=k0,
+        nprobe=nprobe,
+        primary_task=primary,
+        value_formula=value_formula,
+        max_history=cfg.max_history,
+    )  # bad settings and formulas fail here
     item_ids, attributes, _ = read_items(Path(items_path))
     if not np.array_equal(item_ids, ckpt.item_ids):
         raise ValueError(
@@ -91,8 +97,19 @@ def publish(
     cache_dtype = getattr(torch, (ckpt.meta["train"].get("overarch") or {}).get("cache_dtype", "float16"))
     vectors = encode_catalog(ckpt.model, ItemTerms.build(attributes, vocab=ckpt.term_vocab), len(item_ids))
     return write_model_snapshot(
-        Path(out_dir), cfg, ckpt.model.user_tower, ckpt.model.query_heads, overarch, item_ids, attributes, vectors,
-        serving, index_config, cache_dtype, export=export, aot=aot,
+        Path(out_dir),
+        cfg,
+        ckpt.model.user_tower,
+        ckpt.model.query_heads,
+        overarch,
+        item_ids,
+        attributes,
+        vectors,
+        serving,
+        index_config,
+        cache_dtype,
+        export=export,
+        aot=aot,
         source={"data_dir": ckpt.meta.get("data_dir"), "metrics": ckpt.meta.get("metrics", {})},
     )
 
@@ -150,8 +167,11 @@ def write_model_snapshot(
         "index": index_meta,
         "source": source or {},
     }
-    files = {"index": index_tensors, "cache": {"state": cache},
-             "model": {k: v.detach().contiguous() for k, v in weights.items()}}
+    files = {
+        "index": index_tensors,
+        "cache": {"state": cache},
+        "model": {k: v.detach().contiguous() for k, v in weights.items()},
+    }
     if not (export or aot):
         return write_snapshot(Path(out_dir), files, meta)
     program = export_program(_compose(meta, files["model"], index, cache))
@@ -184,7 +204,8 @@ def load_model(path: Path, **overrides) -> RetrievalModel:
     if snap.meta.get("kind") != _KIND:
         raise ValueError(f"{path} is a snapshot of kind {snap.meta.get('kind')!r}, not a published model")
     missing = sorted({"index", "cache", "model"} - set(snap.tensors)) + sorted(
-        {"serving", "towers", "overarch", "index"} - set(snap.meta))
+        {"serving", "towers", "overarch", "index"} - set(snap.meta)
+    )
     if "cache" in snap.tensors and "state" not in snap.tensors["cache"]:
         missing.append("cache.state")
     if missing:
@@ -207,6 +228,6 @@ def _compose(meta: dict, weights: dict[str, torch.Tensor], index: ItemIndex, cac
     overarch = None if meta["overarch"] is None else make_overarch(OverArchConfig(**meta["overarch"]))
     for prefix, module in (("user_tower.", user_tower), ("task_queries.", task_queries), ("overarch.", overarch)):
         if module is not None:
-            module.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+            module.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
     model = RetrievalModel(user_tower, task_queries, index, cache, overarch, ServingConfig.from_json(meta["serving"]))
     return model.eval()

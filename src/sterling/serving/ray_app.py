@@ -87,10 +87,18 @@ def _deployments():
             paths, digests = shard_paths(path), shard_digests(path)
             if len(paths) != len(self.shards):
                 raise ValueError(f"{path} has {len(paths)} shards, the app runs {len(self.shards)}")
-            refuse = None if self.replicas == 1 else (
-                "live item updates need --replicas 1 with --engine ray (an update reaches one replica of its shard)")
-            return ShardedModel(ShardSearcher.load(paths[0], digests[0]).model,
-                                [_caller(h, p, d) for h, p, d in zip(self.shards, paths, digests)], refuse)
+            refuse = (
+                None
+                if self.replicas == 1
+                else (
+                    "live item updates need --replicas 1 with --engine ray (an update reaches one replica of its shard)"
+                )
+            )
+            return ShardedModel(
+                ShardSearcher.load(paths[0], digests[0]).model,
+                [_caller(h, p, d) for h, p, d in zip(self.shards, paths, digests)],
+                refuse,
+            )
 
         def __serve_build_asgi_app__(self):
             return self._app
@@ -101,6 +109,7 @@ def _deployments():
 def _caller(handle, path: Path, digest: str):
     def call(method: str, *args):
         return handle.call.remote(str(path), digest, method, *args)
+
     return call
 
 
@@ -110,13 +119,21 @@ def build_app(config: ServerConfig, replicas: int = 1):
     if replicas < 1:
         raise ValueError(f"replicas must be at least 1, not {replicas}")
     ShardDeployment, Ingress = _deployments()
-    shards = [ShardDeployment.options(name=f"shard-{s}", num_replicas=replicas).bind(str(p), d)
-              for s, (p, d) in enumerate(zip(shard_paths(config.snapshot), shard_digests(config.snapshot)))]
+    shards = [
+        ShardDeployment.options(name=f"shard-{s}", num_replicas=replicas).bind(str(p), d)
+        for s, (p, d) in enumerate(zip(shard_paths(config.snapshot), shard_digests(config.snapshot)))
+    ]
     return Ingress.options(name="ingress").bind(config, shards, replicas)
 
 
-def run(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, num_cpus: int | None = None,
-        blocking: bool = True) -> None:
+def run(
+    config: ServerConfig,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    replicas: int = 1,
+    num_cpus: int | None = None,
+    blocking: bool = True,
+) -> None:
     """Start Ray (a local cluster unless one is running) and Serve on ``host:port``, and serve."""
     import ray
     from ray import serve

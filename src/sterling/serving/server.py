@@ -84,8 +84,10 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         if not self.token and not self.allow_no_auth:
-            raise ValueError("the write endpoints (items, admin) need a bearer token: set STERLING_TOKEN "
-                             "(or --token-env NAME), or pass --insecure-no-auth for local use")
+            raise ValueError(
+                "the write endpoints (items, admin) need a bearer token: set STERLING_TOKEN "
+                "(or --token-env NAME), or pass --insecure-no-auth for local use"
+            )
 
 
 class _Strict(BaseModel):
@@ -94,8 +96,10 @@ class _Strict(BaseModel):
 
 class UserPart(_Strict):
     user_id: Id | None = Field(None, description="a user of the server's user store")
-    history: list[Id] | None = Field(None, description="item ids the user interacted with, oldest first "
-                                                       "(after the stored history, if user_id is given)")
+    history: list[Id] | None = Field(
+        None,
+        description="item ids the user interacted with, oldest first (after the stored history, if user_id is given)",
+    )
     actions: list[StrictInt] | None = Field(None, description="action bitmask per history item (default 1)")
     features: dict[str, Int64 | StrictStr] = Field(default_factory=dict, description="context and user features")
     tasks: list[StrictStr] | None = Field(None, description="the tasks whose scores to return (default all)")
@@ -186,22 +190,37 @@ def _answer_with(status: int, code: str) -> Callable[[Request, Exception], Await
 
 
 def _user(service: Service, req: UserPart, **asks: Any):
-    return service.query(req.user_id, req.history, req.actions, req.features,
-                         tasks=None if req.tasks is None else tuple(req.tasks), value=req.value, **asks)
+    return service.query(
+        req.user_id,
+        req.history,
+        req.actions,
+        req.features,
+        tasks=None if req.tasks is None else tuple(req.tasks),
+        value=req.value,
+        **asks,
+    )
 
 
 def create_app(config: ServerConfig) -> FastAPI:
     """The FastAPI app serving ``config.snapshot`` (loaded, verified and warmed here)."""
-    service = Service(config.snapshot, config.users, dict(config.value_formulas), config.batcher, config.limits,
-                      freeze_gc=config.freeze_gc, loader=config.loader)
+    service = Service(
+        config.snapshot,
+        config.users,
+        dict(config.value_formulas),
+        config.batcher,
+        config.limits,
+        freeze_gc=config.freeze_gc,
+        loader=config.loader,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         service.close()
 
-    app = FastAPI(title="sterling", version="1", description="Index-as-model retrieval: one served model.",
-                  lifespan=lifespan)
+    app = FastAPI(
+        title="sterling", version="1", description="Index-as-model retrieval: one served model.", lifespan=lifespan
+    )
     app.state.service = service
     bearer = HTTPBearer(auto_error=False)
 
@@ -229,23 +248,26 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        problems = [{"where": ".".join(str(p) for p in err.get("loc", ())), "problem": err.get("msg", "")}
-                    for err in e.errors()]
+        problems = [
+            {"where": ".".join(str(p) for p in err.get("loc", ())), "problem": err.get("msg", "")} for err in e.errors()
+        ]
         first = problems[0] if problems else {"where": "body", "problem": "invalid"}
         return _error(422, "invalid_request", f"{first['where']}: {first['problem']}", problems=problems)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        response = _error(e.status_code, {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}.get(
-            e.status_code, "http_error"), str(e.detail))
+        response = _error(
+            e.status_code,
+            {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error"),
+            str(e.detail),
+        )
         if e.status_code == 401:
             response.headers["WWW-Authenticate"] = "Bearer"
         return response
 
     @app.exception_handler(FilterError)
     async def bad_filter(_: Request, e: FilterError) -> JSONResponse:
-        return _error(400, "bad_filter", f"{e.problem} at position {e.position}", position=e.position,
-                      filter=e.expr)
+        return _error(400, "bad_filter", f"{e.problem} at position {e.position}", position=e.position, filter=e.expr)
 
     @app.exception_handler(UnknownUser)
     async def unknown_user(_: Request, e: UnknownUser) -> JSONResponse:
@@ -274,14 +296,17 @@ def create_app(config: ServerConfig) -> FastAPI:
         dims = {len(i.embedding) for i in req.upsert}
         if len(dims) > 1:
             raise ValueError(f"the embeddings have different lengths {sorted(dims)}")
-        embeddings = torch.tensor([i.embedding for i in req.upsert], dtype=torch.float32).view(len(req.upsert),
-                                                                                                 dims.pop() if dims else 0)
-        update = Update([i.id for i in req.upsert], embeddings, [dict(i.attributes) for i in req.upsert],
-                        list(req.delete))
+        embeddings = torch.tensor([i.embedding for i in req.upsert], dtype=torch.float32).view(
+            len(req.upsert), dims.pop() if dims else 0
+        )
+        update = Update(
+            [i.id for i in req.upsert], embeddings, [dict(i.attributes) for i in req.upsert], list(req.delete)
+        )
         return await service.update(update)
 
-    @app.post("/v1/admin/reload", summary="Swap in a snapshot (verified and warmed first)",
-              dependencies=[Depends(authorized)])
+    @app.post(
+        "/v1/admin/reload", summary="Swap in a snapshot (verified and warmed first)", dependencies=[Depends(authorized)]
+    )
     async def reload(req: ReloadRequest | None = None) -> dict:
         info = await service.reload(None if req is None or req.path is None else Path(req.path))
         return {"path": info.path, "version": info.version, "created_at": info.created_at}
@@ -311,22 +336,25 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> No
     """Run the server until interrupted."""
     import uvicorn
 
-    uvicorn.run(create_app(replace(config, freeze_gc=True)), host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.run(
+        create_app(replace(config, freeze_gc=True)), host=host, port=port, log_level="warning", access_log=False
+    )
 
 
 class BackgroundServer:
     """The server on a thread of this process, on ``host`` and a free port (tests, notebooks)::
 
-        with BackgroundServer(ServerConfig(snapshot, token="t")) as server:
-            urllib.request.urlopen(server.url + "/healthz")
+    with BackgroundServer(ServerConfig(snapshot, token="t")) as server:
+        urllib.request.urlopen(server.url + "/healthz")
     """
 
     def __init__(self, config: ServerConfig, host: str = "127.0.0.1", port: int = 0) -> None:
         import uvicorn
 
         self.app = create_app(config)
-        self._server = uvicorn.Server(uvicorn.Config(self.app, host=host, port=port, log_level="warning",
-                                                     access_log=False))
+        self._server = uvicorn.Server(
+            uvicorn.Config(self.app, host=host, port=port, log_level="warning", access_log=False)
+        )
         self._thread = threading.Thread(target=self._server.run, name="sterling-server", daemon=True)
         self.host = host
         self.port = port

@@ -141,9 +141,16 @@ class Service:
             :class:`~sterling.serving.shards.ShardedModel` over its shard deployments).
     """
 
-    def __init__(self, snapshot: Path, users: Path | None = None, value_formulas: Mapping[str, str] = {},
-                 batcher: BatcherConfig = BatcherConfig(), limits: Limits = Limits(), freeze_gc: bool = False,
-                 loader: Callable[[Path], RetrievalModel] | None = None) -> None:
+    def __init__(
+        self,
+        snapshot: Path,
+        users: Path | None = None,
+        value_formulas: Mapping[str, str] = {},
+        batcher: BatcherConfig = BatcherConfig(),
+        limits: Limits = Limits(),
+        freeze_gc: bool = False,
+        loader: Callable[[Path], RetrievalModel] | None = None,
+    ) -> None:
         self.metrics = ServingMetrics()
         self._loader = loader or load_model
         self.limits = limits
@@ -161,8 +168,14 @@ class Service:
 
     # ---- request handling (event loop side) ----------------------------------------------------
 
-    def query(self, user_id: int | None, history: Sequence[int] | None, actions: Sequence[int] | None,
-              features: Mapping[str, int | str], **asks: Any) -> Query:
+    def query(
+        self,
+        user_id: int | None,
+        history: Sequence[int] | None,
+        actions: Sequence[int] | None,
+        features: Mapping[str, int | str],
+        **asks: Any,
+    ) -> Query:
         """A request's :class:`Query`: the stored user's history and features (if ``user_id``),
         then the request's own events and features; a ValueError names what is out of bounds."""
         events, acts, feats = [], [], {}
@@ -188,8 +201,9 @@ class Service:
             raise ValueError(f"k must be in [1, {min(max_k, model.config.k0)}], got {q.k}")
         if q.filter is not None:
             if len(q.filter) > self.limits.max_filter_chars:
-                raise ValueError(f"the filter has {len(q.filter)} characters, more than the limit "
-                                 f"{self.limits.max_filter_chars}")
+                raise ValueError(
+                    f"the filter has {len(q.filter)} characters, more than the limit {self.limits.max_filter_chars}"
+                )
             model.check_filter(q.filter)
         unknown = sorted(set(q.tasks or ()) - set(model.config.tasks))
         if unknown:
@@ -208,8 +222,10 @@ class Service:
     async def update(self, update: Update) -> dict:
         """Apply an update on the model thread; it is in every answer after this returns."""
         if len(update.ids) + len(update.deletes) > self.limits.max_update_items:
-            raise ValueError(f"an update of {len(update.ids) + len(update.deletes)} items is larger than the limit "
-                             f"{self.limits.max_update_items}")
+            raise ValueError(
+                f"an update of {len(update.ids) + len(update.deletes)} items is larger than the limit "
+                f"{self.limits.max_update_items}"
+            )
 
         def apply() -> dict:
             deleted = update.apply(self.model)  # a bad update raises before changing anything
@@ -220,8 +236,12 @@ class Service:
             self.metrics.updates.labels(op="upsert").inc(len(update.ids))
             self.metrics.updates.labels(op="delete").inc(deleted)
             self._publish_state()
-            return {"upserted": len(update.ids), "deleted": deleted, "items": len(self.model.index),
-                    "fresh_items": self.model.index.fresh_items}
+            return {
+                "upserted": len(update.ids),
+                "deleted": deleted,
+                "items": len(self.model.index),
+                "fresh_items": self.model.index.fresh_items,
+            }
 
         return await self.batcher.call(apply)
 
@@ -258,11 +278,19 @@ class Service:
         """What ``GET /v1/snapshot`` answers."""
         model, info = self.model, self.info
         return {
-            "path": info.path, "version": info.version, "created_at": info.created_at, "loaded_at": info.loaded_at,
-            "items": len(model.index), "fresh_items": model.index.fresh_items, "dim": model.dim,
-            "tasks": list(model.config.tasks), "features": list(model.config.features),
-            "serving": model.config.to_json(), "value_formulas": {"default": model.config.value_formula, **self.formulas},
-            "overarch": model.overarch is not None, "updates_applied": self._updates,
+            "path": info.path,
+            "version": info.version,
+            "created_at": info.created_at,
+            "loaded_at": info.loaded_at,
+            "items": len(model.index),
+            "fresh_items": model.index.fresh_items,
+            "dim": model.dim,
+            "tasks": list(model.config.tasks),
+            "features": list(model.config.features),
+            "serving": model.config.to_json(),
+            "value_formulas": {"default": model.config.value_formula, **self.formulas},
+            "overarch": model.overarch is not None,
+            "updates_applied": self._updates,
             "users": 0 if self.users is None else len(self.users),
         }
 
@@ -302,27 +330,43 @@ class Service:
         except ValueError:
             if len(queries) == 1:
                 raise
-        return [_outcome(lambda q=q, w=w: self._answer(model, kind, self._formula(value), [q], [w], version)[0])
-                for q, w in zip(queries, waited)]  # one bad request must not fail the others
+        return [
+            _outcome(lambda q=q, w=w: self._answer(model, kind, self._formula(value), [q], [w], version)[0])
+            for q, w in zip(queries, waited)
+        ]  # one bad request must not fail the others
 
-    def _answer(self, model: RetrievalModel, kind: str, formula: str | None, queries: Sequence[Query],
-                waited: Sequence[float], version: str) -> list[dict]:
+    def _answer(
+        self,
+        model: RetrievalModel,
+        kind: str,
+        formula: str | None,
+        queries: Sequence[Query],
+        waited: Sequence[float],
+        version: str,
+    ) -> list[dict]:
         tasks = model.config.tasks
         if kind == "rank":  # requests rank different numbers of items: one call each
             out = []
             for b, q in enumerate(queries):
-                scores = model.rank(model.inputs([q.history], [q.actions], [q.features]),
-                                    torch.tensor([q.items]))[0]                          # [M, T]
+                scores = model.rank(model.inputs([q.history], [q.actions], [q.features]), torch.tensor([q.items]))[
+                    0
+                ]  # [M, T]
                 value = model.value_of(scores, formula)
-                out.append({"item_ids": q.items, "scores": _floats(value),
-                            "task_scores": _per_task(scores, tasks, q.tasks), "snapshot": version,
-                            "timing_ms": {"queue": 1e3 * waited[b]}})
+                out.append(
+                    {
+                        "item_ids": q.items,
+                        "scores": _floats(value),
+                        "task_scores": _per_task(scores, tasks, q.tasks),
+                        "snapshot": version,
+                        "timing_ms": {"queue": 1e3 * waited[b]},
+                    }
+                )
             return out
-        inputs = model.inputs([q.history for q in queries], [q.actions for q in queries],
-                              [q.features for q in queries])
+        inputs = model.inputs([q.history for q in queries], [q.actions for q in queries], [q.features for q in queries])
         trace = Trace()
-        result = model(inputs, filter=[q.filter for q in queries], k=max(q.k for q in queries), value=formula,
-                       trace=trace)
+        result = model(
+            inputs, filter=[q.filter for q in queries], k=max(q.k for q in queries), value=formula, trace=trace
+        )
         for stage in STAGES[1:]:
             self.metrics.stage.labels(stage=stage).observe(trace.seconds.get(stage, 0.0))
         for c in trace.candidates.tolist():
@@ -331,13 +375,15 @@ class Service:
         out = []
         for b, q in enumerate(queries):
             found = int((result.ids[b, : q.k] != -1).sum())  # -1 pads; other negative ids are items
-            out.append({
-                "ids": result.ids[b, :found].tolist(),
-                "scores": _floats(result.scores[b, :found]),
-                "task_scores": _per_task(result.task_scores[b, :found], tasks, q.tasks),
-                "snapshot": version,
-                "timing_ms": {"queue": 1e3 * waited[b], **stages, "batch_size": len(queries)},
-            })
+            out.append(
+                {
+                    "ids": result.ids[b, :found].tolist(),
+                    "scores": _floats(result.scores[b, :found]),
+                    "task_scores": _per_task(result.task_scores[b, :found], tasks, q.tasks),
+                    "snapshot": version,
+                    "timing_ms": {"queue": 1e3 * waited[b], **stages, "batch_size": len(queries)},
+                }
+            )
         return out
 
 

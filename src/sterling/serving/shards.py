@@ -41,7 +41,16 @@ from sterling.serving.model import Candidates, RetrievalModel, Retrieved, Trace,
 from sterling.serving.publish import load_model
 from sterling.serving.snapshot import MANIFEST, SnapshotError, read_snapshot, write_snapshot
 
-__all__ = ["Candidates", "ShardSearcher", "ShardedModel", "merge_topk", "shard_digests", "shard_of", "shard_paths", "split_snapshot"]
+__all__ = [
+    "Candidates",
+    "ShardSearcher",
+    "ShardedModel",
+    "merge_topk",
+    "shard_digests",
+    "shard_of",
+    "shard_paths",
+    "split_snapshot",
+]
 
 SHARDS_FILE = "shards.json"
 
@@ -89,20 +98,22 @@ def split_snapshot(src: Path, out: Path, shards: int) -> Path:
         files = {"index": index_tensors, "cache": {"state": cache[keep].contiguous()}, "model": snap.tensors["model"]}
         write_snapshot(out / f"shard-{s}", files, meta)
     manifests = [hashlib.sha256((out / f"shard-{s}" / MANIFEST).read_bytes()).hexdigest() for s in range(shards)]
-    (out / SHARDS_FILE).write_text(json.dumps({"shards": shards, "rule": "item_id mod shards",
-                                               "manifests_sha256": manifests}) + "\n")
+    (out / SHARDS_FILE).write_text(
+        json.dumps({"shards": shards, "rule": "item_id mod shards", "manifests_sha256": manifests}) + "\n"
+    )
     return out
 
 
 def merge_topk(parts: Sequence[Candidates], k: int) -> Candidates:
     """The top-``k`` of each query over the shards' candidates, by score (ties: shard order, then
     rank within the shard). Pure: the shards' lists in, the merged list out."""
-    ids = torch.cat([p.ids for p in parts], 1)                                    # [Q, N·K0]
+    ids = torch.cat([p.ids for p in parts], 1)  # [Q, N·K0]
     scores = torch.cat([p.scores for p in parts], 1)
-    state = torch.cat([p.state for p in parts], 1)                                # [Q, N·K0, S]
+    state = torch.cat([p.state for p in parts], 1)  # [Q, N·K0, S]
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]  # [Q, k]
-    return Candidates(ids.gather(1, order), scores.gather(1, order),
-                      state.gather(1, order[..., None].expand(-1, -1, state.shape[2])))
+    return Candidates(
+        ids.gather(1, order), scores.gather(1, order), state.gather(1, order[..., None].expand(-1, -1, state.shape[2]))
+    )
 
 
 class ShardSearcher:
@@ -118,8 +129,10 @@ class ShardSearcher:
         if digest is not None:
             found = hashlib.sha256((Path(path) / MANIFEST).read_bytes()).hexdigest()
             if found != digest:
-                raise SnapshotError(f"{path}: its manifest's sha256 {found[:16]}… is not the {digest[:16]}… of "
-                                    f"{SHARDS_FILE}; the shards are not one snapshot")
+                raise SnapshotError(
+                    f"{path}: its manifest's sha256 {found[:16]}… is not the {digest[:16]}… of "
+                    f"{SHARDS_FILE}; the shards are not one snapshot"
+                )
         return cls(load_model(Path(path)))
 
     @torch.no_grad()
@@ -129,7 +142,7 @@ class ShardSearcher:
         model = self.model
         ids = torch.unique(torch.cat([model.ids, model.fresh.ids]))
         rows, _ = model.lookup(ids)
-        return ids, gather_rows(model.cache[:, :model.dim], model.fresh.cache[:, :model.dim], rows)
+        return ids, gather_rows(model.cache[:, : model.dim], model.fresh.cache[:, : model.dim], rows)
 
     def search(self, queries: torch.Tensor, filters: list[str | None]) -> Candidates:
         """This shard's filtered top-K0 of the task queries ``[Q, D]``, with their item state."""
@@ -185,7 +198,9 @@ class HistoryTable:
         rows, found = find_sorted(main_ids, torch.arange(len(main_ids)), ids)
         fresh_rows, fresh_found = find_sorted(fresh_ids, torch.arange(len(fresh_ids)), ids)
         if not bool((found | fresh_found).all()):
-            raise ValueError(f"unknown item ids {ids[~(found | fresh_found)].unique()[:10].tolist()} (not in the index)")
+            raise ValueError(
+                f"unknown item ids {ids[~(found | fresh_found)].unique()[:10].tolist()} (not in the index)"
+            )
         out = main_vectors[rows.clamp(min=0)].float()
         if not len(fresh_ids):
             return out
@@ -195,12 +210,15 @@ class HistoryTable:
         """Set (or add) the rows of ``ids``, as a shard's cache stores them (rounded to its dtype)."""
         fresh_ids, fresh_vectors = self.fresh
         keep = ~torch.isin(fresh_ids, ids)
-        self.fresh = _sorted_rows(torch.cat([fresh_ids[keep], ids]),
-                                  torch.cat([fresh_vectors[keep], embeddings.to(fresh_vectors.dtype)]))
+        self.fresh = _sorted_rows(
+            torch.cat([fresh_ids[keep], ids]), torch.cat([fresh_vectors[keep], embeddings.to(fresh_vectors.dtype)])
+        )
         if len(self.fresh[0]) >= self.MERGE_AT:
             (main_ids, main_vectors), (fresh_ids, fresh_vectors) = self.main, self.fresh
             keep = ~torch.isin(main_ids, fresh_ids)
-            self.main = _sorted_rows(torch.cat([main_ids[keep], fresh_ids]), torch.cat([main_vectors[keep], fresh_vectors]))
+            self.main = _sorted_rows(
+                torch.cat([main_ids[keep], fresh_ids]), torch.cat([main_vectors[keep], fresh_vectors])
+            )
             self.fresh = _sorted_rows(fresh_ids[:0], fresh_vectors[:0])
 
 
@@ -274,8 +292,14 @@ class ShardedModel:
         ids, inputs = parse_inputs(self.config, histories, actions, features)
         return replace(inputs, history_vectors=self.history.vectors_of(ids))
 
-    def forward(self, inputs: UserInputs, filter: str | Sequence[str | None] | None = None, k: int = 100,
-                value: str | None = None, trace: Trace | None = None) -> Retrieved:
+    def forward(
+        self,
+        inputs: UserInputs,
+        filter: str | Sequence[str | None] | None = None,
+        k: int = 100,
+        value: str | None = None,
+        trace: Trace | None = None,
+    ) -> Retrieved:
         """:meth:`RetrievalModel.forward` over the shards: the same answer with every list probed."""
         return self.head.retrieve(inputs, self._search, filter, k, value, trace)
 
@@ -284,8 +308,14 @@ class ShardedModel:
 
     __call__ = forward
 
-    def recommend(self, history: Sequence[int], filter: str | None = None, k: int = 10,
-                  actions: Sequence[int] | None = None, features: Mapping[str, int] | None = None) -> Retrieved:
+    def recommend(
+        self,
+        history: Sequence[int],
+        filter: str | None = None,
+        k: int = 10,
+        actions: Sequence[int] | None = None,
+        features: Mapping[str, int] | None = None,
+    ) -> Retrieved:
         """:meth:`RetrievalModel.recommend`: top-``k`` for one user's history of item ids."""
         inputs = self.inputs([list(history)], None if actions is None else [list(actions)], [dict(features or {})])
         return self(inputs, filter=filter, k=k)
@@ -295,8 +325,9 @@ class ShardedModel:
         """:meth:`RetrievalModel.rank`: per-task scores ``[B, M, T]`` of given items ``[B, M]``."""
         item_ids = torch.as_tensor(item_ids)
         if item_ids.is_floating_point() or item_ids.dim() != 2 or item_ids.shape[0] != inputs.batch_size:
-            raise ValueError(f"item_ids must be integer [B = {inputs.batch_size}, M], got {item_ids.dtype} "
-                             f"{list(item_ids.shape)}")
+            raise ValueError(
+                f"item_ids must be integer [B = {inputs.batch_size}, M], got {item_ids.dtype} {list(item_ids.shape)}"
+            )
         state = self._states(item_ids.to(torch.int64).reshape(-1))
         if inputs.batch_size == 0:
             return torch.zeros(0, item_ids.shape[1], len(self.config.tasks))
@@ -315,8 +346,10 @@ class ShardedModel:
         ids = torch.as_tensor(ids, dtype=torch.int64)
         embeddings = torch.as_tensor(embeddings, dtype=torch.float32)
         if ids.dim() != 1 or embeddings.shape != (len(ids), self.dim) or len(attributes) != len(ids):
-            raise ValueError(f"upsert takes ids [M], embeddings [M, {self.dim}] and M attribute dicts; got "
-                             f"{list(ids.shape)}, {list(embeddings.shape)} and {len(attributes)}")
+            raise ValueError(
+                f"upsert takes ids [M], embeddings [M, {self.dim}] and M attribute dicts; got "
+                f"{list(ids.shape)}, {list(embeddings.shape)} and {len(attributes)}"
+            )
         if len(ids.unique()) != len(ids) or bool((ids == -1).any()):
             raise ValueError("upserted ids must be distinct and not -1 (which marks an empty slot)")
         if not bool(torch.isfinite(embeddings).all()):
@@ -329,7 +362,7 @@ class ShardedModel:
                 pending.append(call("upsert", ids[mine], embeddings[mine], [attributes[i] for i in mine.tolist()]))
         for p in pending:
             p.result()
-        self.history.upsert(ids, torch.as_tensor(embeddings)[:, :self.dim])
+        self.history.upsert(ids, torch.as_tensor(embeddings)[:, : self.dim])
         self._refresh_size()
 
     def delete(self, ids: torch.Tensor | Sequence[int]) -> int:
@@ -346,4 +379,5 @@ class ShardedModel:
 def _local_call(searcher: ShardSearcher) -> Callable:
     def call(method: str, *args) -> _Done:
         return _Done(getattr(searcher, method)(*args))
+
     return call

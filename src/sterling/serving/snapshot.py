@@ -102,13 +102,14 @@ def write_snapshot(
         for name, tensor in tensors.items():
             if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
                 raise ValueError(
-                    f"snapshot file {stem!r} needs str names and tensors, "
-                    f"got {name!r}: {type(tensor).__name__}"
+                    f"snapshot file {stem!r} needs str names and tensors, got {name!r}: {type(tensor).__name__}"
                 )
     blobs = dict(blobs or {})
     for name, data in blobs.items():
         if not isinstance(name, str) or not _NAME.fullmatch(name) or name.endswith(SUFFIX) or name == MANIFEST:
-            raise ValueError(f"snapshot blob name {name!r} must match {_NAME.pattern}, not be a tensor file or the manifest")
+            raise ValueError(
+                f"snapshot blob name {name!r} must match {_NAME.pattern}, not be a tensor file or the manifest"
+            )
         if not isinstance(data, bytes):
             raise ValueError(f"snapshot blob {name!r} must be bytes, got {type(data).__name__}")
     try:
@@ -123,9 +124,7 @@ def write_snapshot(
         files = {}
         for stem, tensors in tensor_files.items():
             file = tmp / f"{stem}{SUFFIX}"
-            safetensors.torch.save_file(
-                {name: t.detach().cpu().contiguous() for name, t in tensors.items()}, str(file)
-            )
+            safetensors.torch.save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, str(file))
             _fsync(file)
             files[file.name] = {"sha256": _sha256(file.read_bytes()), "bytes": file.stat().st_size}
         for name, data in blobs.items():
@@ -135,9 +134,7 @@ def write_snapshot(
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                timespec="seconds"
-            ),
+            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "meta": meta_json,
             "files": files,
         }
@@ -176,9 +173,7 @@ def _verify(path: Path, load: bool) -> tuple[dict[str, Any], dict[str, dict[str,
     listed = manifest["files"]
     for file in sorted(p.name for p in path.iterdir() if p.name != MANIFEST):
         if file not in listed:
-            raise SnapshotError(
-                f"unlisted file {file} in snapshot {path}; the snapshot was modified"
-            )
+            raise SnapshotError(f"unlisted file {file} in snapshot {path}; the snapshot was modified")
     tensors = {}
     for name, entry in listed.items():
         file = path / name
@@ -219,16 +214,13 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     version = manifest.get("format_version")
     if version != FORMAT_VERSION or isinstance(version, bool):
         raise SnapshotError(
-            f"snapshot {path} has format_version {version!r}; "
-            f"this sterling reads version {FORMAT_VERSION}"
+            f"snapshot {path} has format_version {version!r}; this sterling reads version {FORMAT_VERSION}"
         )
     if not isinstance(manifest.get("meta"), dict) or not isinstance(manifest.get("files"), dict):
         raise SnapshotError(f"{MANIFEST} of snapshot {path} needs objects 'meta' and 'files'")
     for name, entry in manifest["files"].items():
         if not (isinstance(name, str) and _NAME.fullmatch(name) and name != MANIFEST):
-            raise SnapshotError(
-                f"{MANIFEST} of snapshot {path} lists an invalid file name {name!r}"
-            )
+            raise SnapshotError(f"{MANIFEST} of snapshot {path} lists an invalid file name {name!r}")
         if not (
             isinstance(entry, dict)
             and isinstance(entry.get("sha256"), str)
@@ -236,10 +228,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
             and isinstance(entry.get("bytes"), int)
             and not isinstance(entry["bytes"], bool)
         ):
-            raise SnapshotError(
-                f"{MANIFEST} of snapshot {path}: entry for {name} "
-                "needs a hex 'sha256' and int 'bytes'"
-            )
+            raise SnapshotError(f"{MANIFEST} of snapshot {path}: entry for {name} needs a hex 'sha256' and int 'bytes'")
     return manifest
 
 
@@ -275,9 +264,18 @@ def _swap_into_place(tmp: Path, path: Path) -> None:
 
 
 #: safetensors dtype names → torch dtypes.
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 _MAX_HEADER = 100 << 20
 
 
@@ -312,7 +310,7 @@ def parse_safetensors(data: torch.Tensor | bytes | bytearray) -> dict[str, torch
     if n > min(_MAX_HEADER, len(data) - 8):
         raise ValueError(f"a header of {n} bytes in a file of {len(data)}")
     try:
-        header = json.loads(data[8:8 + n].numpy().tobytes())
+        header = json.loads(data[8 : 8 + n].numpy().tobytes())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"the header is not JSON: {e}") from None
     if not isinstance(header, dict):
@@ -324,13 +322,17 @@ def parse_safetensors(data: torch.Tensor | bytes | bytearray) -> dict[str, torch
             dtype, shape, (begin, end) = _DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"tensor {name!r}: bad entry {info!r}") from None
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) or not all(
-                isinstance(o, int) for o in (begin, end)) or not 0 <= begin <= end <= len(data) - base:
+        if (
+            not isinstance(shape, list)
+            or not all(isinstance(d, int) and d >= 0 for d in shape)
+            or not all(isinstance(o, int) for o in (begin, end))
+            or not 0 <= begin <= end <= len(data) - base
+        ):
             raise ValueError(f"tensor {name!r}: bad shape {shape} or byte range [{begin}, {end})")
         if end - begin != math.prod(shape) * dtype.itemsize:
             raise ValueError(f"tensor {name!r}: {end - begin} bytes for {shape} of {info['dtype']}")
         spans.append((begin, end))
-        raw = data[base + begin: base + end]
+        raw = data[base + begin : base + end]
         if (base + begin) % dtype.itemsize:  # unaligned: copy rather than view
             raw = raw.clone()
         out[name] = raw.view(dtype).view(shape)

@@ -48,9 +48,13 @@ class UserStore:
         items = table.column("timeline_item_id").combine_chunks()
         offsets = items.offsets.to_numpy().astype(np.int64) - items.offsets[0].as_py()
         actions = table.column("timeline_action").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        return cls(table.column("user_id").to_numpy().astype(np.int64), offsets,
-                   items.flatten().to_numpy(zero_copy_only=False).astype(np.int64), actions.astype(np.int64),
-                   {f: encode_categorical(table.column(f)) for f in read_roles(table.schema).user})
+        return cls(
+            table.column("user_id").to_numpy().astype(np.int64),
+            offsets,
+            items.flatten().to_numpy(zero_copy_only=False).astype(np.int64),
+            actions.astype(np.int64),
+            {f: encode_categorical(table.column(f)) for f in read_roles(table.schema).user},
+        )
 
     def __len__(self) -> int:
         return len(self.user_ids)
@@ -62,8 +66,11 @@ class UserStore:
             raise UnknownUser(user_id)
         start, end = self.offsets[u], self.offsets[u + 1]
         start = max(start, end - max_len)
-        return (self.items[start:end].tolist(), self.actions[start:end].tolist(),
-                {f: int(v[u]) for f, v in self.features.items()})
+        return (
+            self.items[start:end].tolist(),
+            self.actions[start:end].tolist(),
+            {f: int(v[u]) for f, v in self.features.items()},
+        )
 
 
 def encode_feature(value: int | str) -> int:

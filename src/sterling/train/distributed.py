@@ -22,8 +22,8 @@ import os
 import pickle
 import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -76,8 +76,13 @@ def run_ranks(fn: Callable, args: tuple, nproc: int):
     threads = max(1, (os.cpu_count() or 1) // nproc)
     with tempfile.TemporaryDirectory(prefix="sterling-ranks-") as tmp:
         result_path = str(Path(tmp) / "rank0.pickle")
-        mp.start_processes(_worker, args=(nproc, _free_port(), threads, fn, args, result_path), nprocs=nproc,
-                           join=True, start_method="spawn")
+        mp.start_processes(
+            _worker,
+            args=(nproc, _free_port(), threads, fn, args, result_path),
+            nprocs=nproc,
+            join=True,
+            start_method="spawn",
+        )
         return pickle.loads(Path(result_path).read_bytes())
 
 

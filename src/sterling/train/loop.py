@@ -10,9 +10,9 @@ found, beside a most-popular baseline. AUC per task is computed on the held-out 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -127,9 +127,14 @@ def train(
     tasks = tuple(roles.labels)
     retrieval_task = tasks.index(cfg.retrieval_task) if cfg.retrieval_task else 0
     model_cfg = TwoTowerConfig(
-        num_items=len(catalog), num_terms=len(item_terms.vocab), tasks=tasks,
-        context_features=tuple(roles.context), user_features=tuple(roles.user),
-        dim=cfg.dim, hidden=cfg.hidden, max_history=cfg.max_history,
+        num_items=len(catalog),
+        num_terms=len(item_terms.vocab),
+        tasks=tasks,
+        context_features=tuple(roles.context),
+        user_features=tuple(roles.user),
+        dim=cfg.dim,
+        hidden=cfg.hidden,
+        max_history=cfg.max_history,
     )
     model = TwoTower(model_cfg)
     reader = RequestReader(paths.root, catalog, cfg.max_history, cfg.token_budget)
@@ -155,8 +160,10 @@ def train(
         if world > 1:
             dist.all_reduce(total)
         elapsed = time.perf_counter() - t0
-        log(f"  epoch {epoch + 1}/{cfg.epochs}: loss {float(total) / max(n, 1):.4f}, {steps} steps, "
-            f"{seen / elapsed:,.0f} impressions/s, {elapsed:.1f}s")
+        log(
+            f"  epoch {epoch + 1}/{cfg.epochs}: loss {float(total) / max(n, 1):.4f}, {steps} steps, "
+            f"{seen / elapsed:,.0f} impressions/s, {elapsed:.1f}s"
+        )
         if cfg.max_steps is not None and steps >= cfg.max_steps:
             break
     train_s = time.perf_counter() - t0
@@ -164,7 +171,9 @@ def train(
         return TrainReport(Path(out_dir), steps, train_s, seen / max(train_s, 1e-9))
 
     model.eval()
-    metrics = evaluate(model, reader, holdout, catalog, attributes, item_terms, cfg.eval_ks, retrieval_task, engagements)
+    metrics = evaluate(
+        model, reader, holdout, catalog, attributes, item_terms, cfg.eval_ks, retrieval_task, engagements
+    )
     for name, value in metrics.items():
         log(f"  {name}: {value:.4f}")
     meta = {
@@ -187,8 +196,14 @@ def train(
     return TrainReport(path, steps, train_s, seen / max(train_s, 1e-9), metrics)
 
 
-def backward_step(objective: TwoTowerObjective | DistributedDataParallel, batch: RequestBatch, item_terms: ItemTerms,
-                  num_negatives: int, frequency: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def backward_step(
+    objective: TwoTowerObjective | DistributedDataParallel,
+    batch: RequestBatch,
+    item_terms: ItemTerms,
+    num_negatives: int,
+    frequency: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
     """Forward and backward of one batch; returns this rank's part of the loss (a scalar).
 
     In a process group, ``objective`` is DDP-wrapped and this rank computes its share of the
@@ -222,17 +237,18 @@ def item_counts(
 @torch.no_grad()
 def encode_catalog(model: TwoTower, item_terms: ItemTerms, num_items: int, chunk: int = 8192) -> torch.Tensor:
     """Embeddings ``float [N, D]`` of every item, in catalogue order."""
-    return torch.cat([
-        model.encode_items(torch.arange(s, min(s + chunk, num_items)), item_terms)
-        for s in range(0, num_items, chunk)
-    ])
+    return torch.cat(
+        [model.encode_items(torch.arange(s, min(s + chunk, num_items)), item_terms) for s in range(0, num_items, chunk)]
+    )
 
 
 @torch.no_grad()
 def encode_requests(model: TwoTower, batch: RequestBatch, item_vectors: torch.Tensor) -> torch.Tensor:
     """User embeddings ``[R, D]`` of a batch's requests, reading history through ``item_vectors [N, D]``."""
     return model.encode_users(
-        item_vectors[batch.history_items], batch.history_actions, batch.history_offsets,
+        item_vectors[batch.history_items],
+        batch.history_actions,
+        batch.history_offsets,
         {**batch.context, **batch.user_features},
     )
 

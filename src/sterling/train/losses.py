@@ -69,35 +69,37 @@ def two_tower_loss(
     negatives = torch.randint(cfg.num_items, (n,), generator=generator)
     # One item-tower pass over every distinct item the step touches (impressions, negatives, history).
     rows, inverse = torch.unique(torch.cat([batch.item_rows, negatives, local.history_items]), return_inverse=True)
-    vectors = model.encode_items(rows, item_terms)                                     # [U, D]
+    vectors = model.encode_items(rows, item_terms)  # [U, D]
     slots, cand_inverse = torch.unique(inverse[: k + n], return_inverse=True)
-    candidates, items = rows[slots], vectors[slots]                                    # [C], [C, D]
-    impression_items = cand_inverse[:k]                                                # [K]
+    candidates, items = rows[slots], vectors[slots]  # [C], [C, D]
+    impression_items = cand_inverse[:k]  # [K]
     users = model.encode_users(
-        vectors[inverse[k + n :]], local.history_actions, local.history_offsets,
+        vectors[inverse[k + n :]],
+        local.history_actions,
+        local.history_offsets,
         {**local.context, **local.user_features},
-    )                                                                                  # [R', D] the shard's requests
-    request = batch.impression_to_request()                                            # [K]
-    mine = request[k0:k1] - lo                                                         # [K'] row of users
+    )  # [R', D] the shard's requests
+    request = batch.impression_to_request()  # [K]
+    mine = request[k0:k1] - lo  # [K'] row of users
 
-    logits = model.task_logits(users[mine], items[impression_items[k0:k1]])            # [K', T]
+    logits = model.task_logits(users[mine], items[impression_items[k0:k1]])  # [K', T]
     task_loss = F.binary_cross_entropy_with_logits(logits, local.labels, reduction="sum") / (k * len(cfg.tasks))
 
-    queries = model.task_queries(users)                                                # [R', T, D]
-    _, user_slot = torch.unique(batch.user_ids, return_inverse=True)                   # [R]
-    expected = (k * item_frequency[candidates] + n / cfg.num_items).log()              # [C] logQ
+    queries = model.task_queries(users)  # [R', T, D]
+    _, user_slot = torch.unique(batch.user_ids, return_inverse=True)  # [R]
+    expected = (k * item_frequency[candidates] + n / cfg.num_items).log()  # [C] logQ
     per_task, n_pos = [], 0
     for t in range(len(cfg.tasks)):
-        positive = batch.labels[:, t] > 0                                              # [K]
+        positive = batch.labels[:, t] > 0  # [K]
         n_pos += int(positive.sum())
         engaged = torch.zeros(len(batch.user_ids), items.shape[0], dtype=torch.bool)
-        engaged[user_slot[request[positive]], impression_items[positive]] = True       # every user's positives
+        engaged[user_slot[request[positive]], impression_items[positive]] = True  # every user's positives
         positive = positive[k0:k1]
         if not bool(positive.any()):
             continue
-        target, owner = impression_items[k0:k1][positive], mine[positive]              # [P], [P]
-        scores = queries[owner, t] @ items.T / cfg.temperature - expected              # [P, C]
-        other = engaged[user_slot[owner + lo]]                                         # [P, C]
+        target, owner = impression_items[k0:k1][positive], mine[positive]  # [P], [P]
+        scores = queries[owner, t] @ items.T / cfg.temperature - expected  # [P, C]
+        other = engaged[user_slot[owner + lo]]  # [P, C]
         other[torch.arange(len(target)), target] = False
         per_task.append(F.cross_entropy(scores.masked_fill(other, float("-inf")), target, reduction="sum"))
     # With no positive in this shard the queries still enter the graph (times 0): DDP expects every
@@ -114,8 +116,14 @@ class TwoTowerObjective(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: RequestBatch, item_terms: ItemTerms, num_negatives: int, item_frequency: torch.Tensor,
-                generator: torch.Generator | None = None,
-                shard: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        batch: RequestBatch,
+        item_terms: ItemTerms,
+        num_negatives: int,
+        item_frequency: torch.Tensor,
+        generator: torch.Generator | None = None,
+        shard: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         loss = two_tower_loss(self.model, batch, item_terms, num_negatives, item_frequency, generator, shard)
         return loss.total, loss.retrieval, loss.tasks

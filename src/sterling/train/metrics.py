@@ -43,7 +43,9 @@ def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
         float: AUC, or NaN when ``labels`` has one class only.
     """
     if scores.shape != labels.shape or scores.dim() != 1:
-        raise ValueError(f"scores and labels must be 1-d of one shape, got {tuple(scores.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"scores and labels must be 1-d of one shape, got {tuple(scores.shape)} and {tuple(labels.shape)}"
+        )
     pos = labels > 0
     n_pos, n_neg = int(pos.sum()), int((~pos).sum())
     if n_pos == 0 or n_neg == 0:
@@ -272,9 +274,5 @@ def recall_at_k(retrieved: torch.Tensor, relevant: list[set[int]], k: int) -> fl
     """
     if retrieved.shape[0] != len(relevant):
         raise ValueError(f"{retrieved.shape[0]} result rows for {len(relevant)} relevance sets")
-    values = [
-        len(set(row[:k].tolist()) & rel) / min(k, len(rel))
-        for row, rel in zip(retrieved, relevant)
-        if rel
-    ]
+    values = [len(set(row[:k].tolist()) & rel) / min(k, len(rel)) for row, rel in zip(retrieved, relevant) if rel]
     return sum(values) / len(values) if values else float("nan")

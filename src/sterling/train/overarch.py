@@ -19,8 +19,8 @@ Shapes: ``R`` requests, ``N`` items, ``D`` width, ``T`` tasks, ``M`` candidates 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +30,14 @@ from sterling.models import jagged
 from sterling.models.overarch import OverArch, OverArchConfig, make_overarch
 from sterling.models.towers import TwoTower
 
-__all__ = ["OverArchTrainConfig", "cached_embeddings", "listwise_loss", "overarch_inputs", "overarch_loss",
-           "train_overarch"]
+__all__ = [
+    "OverArchTrainConfig",
+    "cached_embeddings",
+    "listwise_loss",
+    "overarch_inputs",
+    "overarch_loss",
+    "train_overarch",
+]
 
 
 @dataclass(frozen=True)
@@ -76,29 +82,38 @@ def overarch_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The user side of a batch: user embeddings ``[R, D]``, task queries ``[R, T, D]``, the padded
     history's cached embeddings ``[R, L, D]`` and its mask bool ``[R, L]`` (``items [N, D]``)."""
-    users = model.encode_users(items[batch.history_items], batch.history_actions, batch.history_offsets,
-                               {**batch.context, **batch.user_features})
+    users = model.encode_users(
+        items[batch.history_items],
+        batch.history_actions,
+        batch.history_offsets,
+        {**batch.context, **batch.user_features},
+    )
     history = jagged.to_padded(items[batch.history_items], batch.history_offsets)
     mask = jagged.to_padded(torch.ones_like(batch.history_items, dtype=torch.bool), batch.history_offsets)
     return users, model.task_queries(users), history, mask
 
 
 def _candidates(
-    batch: RequestBatch, queries: torch.Tensor, items: torch.Tensor, negatives: int, pool: int, primary: int,
+    batch: RequestBatch,
+    queries: torch.Tensor,
+    items: torch.Tensor,
+    negatives: int,
+    pool: int,
+    primary: int,
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Candidate rows int64 ``[R, M]``, labels ``[R, M, T]`` and valid mask ``[R, M]``: each request's
     impressions, then ``negatives`` un-impressed items drawn from its top ``pool`` by the primary
     query."""
     r, t = batch.num_requests, batch.labels.shape[1]
-    imp_rows = jagged.to_padded(batch.item_rows, batch.impression_offsets)                # [R, K]
+    imp_rows = jagged.to_padded(batch.item_rows, batch.impression_offsets)  # [R, K]
     imp_valid = jagged.to_padded(torch.ones_like(batch.item_rows, dtype=torch.bool), batch.impression_offsets)
-    imp_labels = jagged.to_padded(batch.labels, batch.impression_offsets)                 # [R, K, T]
-    scores = queries[:, primary] @ items.T                                                # [R, N]
+    imp_labels = jagged.to_padded(batch.labels, batch.impression_offsets)  # [R, K, T]
+    scores = queries[:, primary] @ items.T  # [R, N]
     scores[batch.impression_to_request(), batch.item_rows] = float("-inf")
-    top = torch.topk(scores, min(pool, items.shape[0]), dim=1)                            # [R, pool]
-    u = torch.rand(r, negatives, generator=generator)                                     # uniform ranks
-    pick = (u * top.indices.shape[1]).long()                                              # [R, neg]
+    top = torch.topk(scores, min(pool, items.shape[0]), dim=1)  # [R, pool]
+    u = torch.rand(r, negatives, generator=generator)  # uniform ranks
+    pick = (u * top.indices.shape[1]).long()  # [R, neg]
     neg_rows = top.indices.gather(1, pick)
     neg_valid = torch.isfinite(top.values.gather(1, pick))
     rows = torch.cat([imp_rows, neg_rows], 1)
@@ -122,11 +137,11 @@ def listwise_loss(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tenso
     retrieved = torch.zeros_like(valid)
     retrieved[:, impressions:] = valid[:, impressions:]
     for t in range(logits.shape[2]):
-        positive = (labels[..., t] > 0) & valid                                            # [R, M]
-        r, m = torch.nonzero(positive, as_tuple=True)                                      # [P]
+        positive = (labels[..., t] > 0) & valid  # [R, M]
+        r, m = torch.nonzero(positive, as_tuple=True)  # [P]
         if not len(r):
             continue
-        keep = retrieved[r] & ~positive[r]                                                 # [P, M]
+        keep = retrieved[r] & ~positive[r]  # [P, M]
         keep[torch.arange(len(r)), m] = True
         total = total + F.cross_entropy(logits[r, :, t].masked_fill(~keep, float("-inf")), m, reduction="sum")
         count += len(r)
@@ -155,9 +170,16 @@ def train_overarch(
     """
     torch.manual_seed(cfg.seed)
     items = cached_embeddings(vectors, cfg.cache_dtype)
-    arch = make_overarch(OverArchConfig(kind=cfg.kind, dim=items.shape[1], num_tasks=len(model.cfg.tasks),
-                                        hidden=cfg.hidden, components=cfg.components,
-                                        component_dim=cfg.component_dim))
+    arch = make_overarch(
+        OverArchConfig(
+            kind=cfg.kind,
+            dim=items.shape[1],
+            num_tasks=len(model.cfg.tasks),
+            hidden=cfg.hidden,
+            components=cfg.components,
+            component_dim=cfg.component_dim,
+        )
+    )
     opt = torch.optim.Adam(arch.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     steps, t0 = 0, time.perf_counter()
@@ -166,9 +188,10 @@ def train_overarch(
         for batch in reader.batches(exclude=exclude):
             with torch.no_grad():
                 users, queries, history, mask = overarch_inputs(model, batch, items)
-                rows, labels, valid = _candidates(batch, queries, items, cfg.retrieved_negatives,
-                                                  cfg.negative_pool, primary, gen)
-            logits = arch(users, queries, history, mask, arch.item_state(items[rows]))     # [R, M, T]
+                rows, labels, valid = _candidates(
+                    batch, queries, items, cfg.retrieved_negatives, cfg.negative_pool, primary, gen
+                )
+            logits = arch(users, queries, history, mask, arch.item_state(items[rows]))  # [R, M, T]
             loss = overarch_loss(logits, labels, valid, impressions=rows.shape[1] - cfg.retrieved_negatives)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -176,8 +199,10 @@ def train_overarch(
             steps, n, total = steps + 1, n + 1, total + loss.item()
             if cfg.max_steps is not None and steps >= cfg.max_steps:
                 break
-        log(f"  overarch ({cfg.kind}) epoch {epoch + 1}/{cfg.epochs}: loss {total / max(n, 1):.4f}, "
-            f"{steps} steps, {time.perf_counter() - t0:.1f}s")
+        log(
+            f"  overarch ({cfg.kind}) epoch {epoch + 1}/{cfg.epochs}: loss {total / max(n, 1):.4f}, "
+            f"{steps} steps, {time.perf_counter() - t0:.1f}s"
+        )
         if cfg.max_steps is not None and steps >= cfg.max_steps:
             break
     arch.eval()

@@ -29,9 +29,9 @@ from __future__ import annotations
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pyarrow.parquet as pq
 import torch
@@ -150,7 +150,9 @@ def accumulate_gradient(model: SequenceRanker, batch: RequestBatch, mode: str, m
     return total
 
 
-def train_ranker(data_dir: Path, cfg: RankingConfig = RankingConfig(), log: Callable[[str], None] = print) -> RankingReport:
+def train_ranker(
+    data_dir: Path, cfg: RankingConfig = RankingConfig(), log: Callable[[str], None] = print
+) -> RankingReport:
     """Train a ranker on ``data_dir`` (request format) in ``cfg.mode`` and evaluate it on the
     held-out requests."""
     torch.manual_seed(cfg.seed)
@@ -160,10 +162,18 @@ def train_ranker(data_dir: Path, cfg: RankingConfig = RankingConfig(), log: Call
     tasks = tuple(read_roles(pq.read_schema(paths.requests)).labels)
     reader = RequestReader(paths.root, catalog, cfg.max_history, cfg.token_budget)
     holdout = holdout_requests(paths.requests)
-    model = SequenceRanker(RankerConfig(
-        num_items=len(catalog), tasks=tasks, encoder=cfg.encoder, dim=cfg.dim, num_layers=cfg.num_layers,
-        num_heads=cfg.num_heads, norm_len=cfg.max_history + 128, dropout=cfg.dropout,
-    ))
+    model = SequenceRanker(
+        RankerConfig(
+            num_items=len(catalog),
+            tasks=tasks,
+            encoder=cfg.encoder,
+            dim=cfg.dim,
+            num_layers=cfg.num_layers,
+            num_heads=cfg.num_heads,
+            norm_len=cfg.max_history + 128,
+            dropout=cfg.dropout,
+        )
+    )
     first = next(reader.batches(exclude=holdout), None)
     if first is not None:  # start every task at its base rate (log-odds of the first batch's labels)
         rate = first.labels.mean(0).clamp(1e-4, 1 - 1e-4)
@@ -189,14 +199,22 @@ def train_ranker(data_dir: Path, cfg: RankingConfig = RankingConfig(), log: Call
                 break
         if done:
             break
-    log(f"  {cfg.mode} {cfg.encoder} {cfg.num_layers}x{cfg.dim}: {impressions:,} impressions in {train_s:.1f}s "
-        f"({impressions / max(train_s, 1e-9):,.0f}/s), {steps} steps")
+    log(
+        f"  {cfg.mode} {cfg.encoder} {cfg.num_layers}x{cfg.dim}: {impressions:,} impressions in {train_s:.1f}s "
+        f"({impressions / max(train_s, 1e-9):,.0f}/s), {steps} steps"
+    )
     quality = evaluate_ranker(model, reader, holdout)
     return RankingReport(
-        config=asdict(cfg), impressions=impressions, requests=requests, steps=steps, train_s=train_s,
-        impressions_per_s=impressions / max(train_s, 1e-9), peak_rss_mb=peak_rss_mb(),
+        config=asdict(cfg),
+        impressions=impressions,
+        requests=requests,
+        steps=steps,
+        train_s=train_s,
+        impressions_per_s=impressions / max(train_s, 1e-9),
+        peak_rss_mb=peak_rss_mb(),
         mean_impressions_per_request=impressions / max(requests, 1),
-        mean_history_len=history_events / max(requests, 1), **quality,
+        mean_history_len=history_events / max(requests, 1),
+        **quality,
     )
 
 

@@ -58,9 +58,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -160,7 +160,7 @@ class Sequences:
     def __len__(self) -> int:
         return int(self.users.numel())
 
-    def rows(self, rows: torch.Tensor) -> "Sequences":
+    def rows(self, rows: torch.Tensor) -> Sequences:
         """The sequences ``rows [M]``, in that order."""
         index, offsets = jagged.gather_rows(self.offsets, rows)
         return Sequences(self.items[index], self.ts[index], offsets, self.users[rows])
@@ -186,8 +186,9 @@ class LeaveLastOut:
     test: EvalSet
 
 
-def _ranges(offsets: np.ndarray, items: np.ndarray, ts: np.ndarray, users: np.ndarray,
-            start: np.ndarray, end: np.ndarray) -> Sequences:
+def _ranges(
+    offsets: np.ndarray, items: np.ndarray, ts: np.ndarray, users: np.ndarray, start: np.ndarray, end: np.ndarray
+) -> Sequences:
     """The event ranges ``[start[i], end[i])`` as jagged sequences."""
     lens = end - start
     out_offsets = np.zeros(len(lens) + 1, dtype=np.int64)
@@ -286,15 +287,15 @@ def sampled_softmax_loss(
     """
     p = targets.numel()
     candidates, inverse = torch.unique(torch.cat([targets, negatives]), return_inverse=True)  # sorted [C]
-    positive = inverse[:p]                                                                   # [P]
-    logits = (queries / temperature) @ embed(candidates).T                                   # [P, C]
+    positive = inverse[:p]  # [P]
+    logits = (queries / temperature) @ embed(candidates).T  # [P, C]
     # member[b, c]: candidate c is an item of batch sequence b
     row, _ = jagged.row_and_column(seq_offsets)
     at = torch.searchsorted(candidates, seq_items).clamp(max=candidates.numel() - 1)
     hit = candidates[at] == seq_items
     member = torch.zeros(seq_offsets.numel() - 1, candidates.numel(), dtype=torch.bool)
     member[row[hit], at[hit]] = True
-    mask = member[owner]                                                                     # [P, C]
+    mask = member[owner]  # [P, C]
     mask[torch.arange(p), positive] = False
     return F.cross_entropy(logits.masked_fill(mask, float("-inf")), positive)
 
@@ -309,11 +310,19 @@ def _trained_positions(offsets: torch.Tensor) -> torch.Tensor:
 
 def batch_loss(model: SequenceRetriever, batch: Sequences, negatives: torch.Tensor) -> torch.Tensor:
     """The loss of one batch of training sequences (every position with a next item is trained)."""
-    queries = model(batch.items, batch.ts, batch.offsets)                                    # [L, D]
-    anchor = _trained_positions(batch.offsets)                                               # [P]
+    queries = model(batch.items, batch.ts, batch.offsets)  # [L, D]
+    anchor = _trained_positions(batch.offsets)  # [P]
     owner, _ = jagged.row_and_column(batch.offsets)
-    return sampled_softmax_loss(queries[anchor], batch.items[anchor + 1], owner[anchor], batch.items,
-                                batch.offsets, negatives, model.item_vectors, model.cfg.temperature)
+    return sampled_softmax_loss(
+        queries[anchor],
+        batch.items[anchor + 1],
+        owner[anchor],
+        batch.items,
+        batch.offsets,
+        negatives,
+        model.item_vectors,
+        model.cfg.temperature,
+    )
 
 
 # ----------------------------------------------------------------------------------- evaluation
@@ -325,12 +334,12 @@ def evaluate_ranks(model: SequenceRetriever, data: EvalSet, chunk: int = 256) ->
     being the output at the history's last position; ``chunk`` users at a time."""
     was_training = model.training
     model.eval()
-    items = model.item_vectors()                                                             # [N, D]
+    items = model.item_vectors()  # [N, D]
     ranks = []
     for s in range(0, len(data), chunk):
         rows = torch.arange(s, min(s + chunk, len(data)))
         h = data.history.rows(rows)
-        queries = model(h.items, h.ts, h.offsets)[h.offsets[1:] - 1]                         # [b, D]
+        queries = model(h.items, h.ts, h.offsets)[h.offsets[1:] - 1]  # [b, D]
         ranks.append(target_ranks(queries @ items.T, data.targets[rows]))
     model.train(was_training)
     return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.int64)
@@ -351,7 +360,7 @@ def popularity_ranks(train: Sequences, data: EvalSet, num_items: int) -> torch.T
     target (ties broken by item row), the same list for every user."""
     anchor = _trained_positions(train.offsets)
     counts = torch.bincount(train.items[anchor + 1], minlength=num_items).double()
-    score = counts - torch.arange(num_items, dtype=torch.float64) / (2 * num_items)         # unique scores
+    score = counts - torch.arange(num_items, dtype=torch.float64) / (2 * num_items)  # unique scores
     order = torch.argsort(score, descending=True)
     position = torch.empty(num_items, dtype=torch.int64)
     position[order] = torch.arange(num_items)
@@ -425,8 +434,10 @@ def train_retrieval(
     train = split.train
     if len(train) == 0:
         raise ValueError(f"{data_dir}: no user has two events to train on")
-    log(f"retrieval ({cfg.encoder}): {num_items:,} items, {len(train):,} training sequences "
-        f"({int(train.offsets[-1]):,} events), {len(split.test):,} evaluated users")
+    log(
+        f"retrieval ({cfg.encoder}): {num_items:,} items, {len(train):,} training sequences "
+        f"({int(train.offsets[-1]):,} events), {len(split.test):,} evaluated users"
+    )
 
     steps, curve, t0 = 0, [], time.perf_counter()
     epochs_done = 0.0
@@ -438,7 +449,7 @@ def train_retrieval(
         model.train()
         order = torch.randperm(len(train), generator=gen)
         total = 0.0
-        for i, s in enumerate(range(0, len(train), cfg.batch_size)):
+        for i, s in enumerate(range(0, len(train), cfg.batch_size)):  # noqa: B007 (i is read after the loop)
             batch = train.rows(order[s : s + cfg.batch_size])
             negatives = torch.randint(num_items, (cfg.num_negatives,), generator=gen)
             loss = batch_loss(model, batch, negatives)
@@ -464,9 +475,18 @@ def train_retrieval(
     test = ranking_metrics(evaluate_ranks(model, split.test, cfg.eval_chunk))
     popular = ranking_metrics(popularity_ranks(train, split.test, num_items))
     report = RetrievalReport(
-        config=cfg, data_dir=str(Path(data_dir).resolve()), num_items=num_items, num_users=len(split.test),
-        train_events=int(train.offsets[-1]), steps=steps, epochs=round(epochs_done, 3), train_s=train_s,
-        valid=valid, test=test, popular_test=popular, curve=curve,
+        config=cfg,
+        data_dir=str(Path(data_dir).resolve()),
+        num_items=num_items,
+        num_users=len(split.test),
+        train_events=int(train.offsets[-1]),
+        steps=steps,
+        epochs=round(epochs_done, 3),
+        train_s=train_s,
+        valid=valid,
+        test=test,
+        popular_test=popular,
+        curve=curve,
     )
     for name, metrics in (("valid", valid), ("test", test), ("popular (test)", popular)):
         log(f"  {name}: " + ", ".join(f"{k.upper()} {v:.4f}" for k, v in metrics.items()))

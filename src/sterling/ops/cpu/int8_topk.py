@@ -150,7 +150,11 @@ def int8_topk(
     out_s = np.full((b, k), -np.inf, dtype=np.float32)
     out_r = np.full((b, k), -1, dtype=np.int64)
     if m:
-        codes_np, scales_np, queries_np = codes.contiguous().numpy(), scales.contiguous().numpy(), queries.contiguous().numpy()
+        codes_np, scales_np, queries_np = (
+            codes.contiguous().numpy(),
+            scales.contiguous().numpy(),
+            queries.contiguous().numpy(),
+        )
         eps = float(_l1_bound(codes_np, scales_np)) / 2 * _SLACK
         groups = min(m, _GROUPS_PER_RESULT * k)
         quantized = quantize_queries(queries)
@@ -160,11 +164,17 @@ def int8_topk(
             hi = min(b, lo + step)
             ints = torch._int_mm(quantized.codes[lo:hi], rhs, out=_workspace(hi - lo, m)).numpy()  # int32 [hi - lo, M]
             counts = np.empty(hi - lo, dtype=np.int64)
-            run_chunked(_collect, (ints, scales_np, np.float32(eps), k, groups, counts), hi - lo, _MIN_QUERIES_PER_THREAD)
+            run_chunked(
+                _collect, (ints, scales_np, np.float32(eps), k, groups, counts), hi - lo, _MIN_QUERIES_PER_THREAD
+            )
             found = ints[:, : counts.max()]
             exact = np.full(found.shape, -np.inf, dtype=np.float32)
-            run_chunked(_rescore, (found, counts, queries_np[lo:hi], codes_np, scales_np, exact), hi - lo,
-                        _MIN_QUERIES_PER_THREAD)
+            run_chunked(
+                _rescore,
+                (found, counts, queries_np[lo:hi], codes_np, scales_np, exact),
+                hi - lo,
+                _MIN_QUERIES_PER_THREAD,
+            )
             order = np.argsort(-exact, axis=1)[:, :k]
             out_s[lo:hi, : order.shape[1]] = np.take_along_axis(exact, order, 1)
             out_r[lo:hi, : order.shape[1]] = np.take_along_axis(found, order, 1)

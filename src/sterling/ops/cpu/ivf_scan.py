@@ -112,8 +112,27 @@ def _select(vs, vr, n, k):
 
 
 @numba.njit(nogil=True, cache=True)
-def _scan_chunk(queries, codes, scales, offsets, probes, bits, ops, prow, pstart,
-                plan_of, alive, has_alive, depth, buf_s, buf_r, out_s, out_r, b0, b1):
+def _scan_chunk(
+    queries,
+    codes,
+    scales,
+    offsets,
+    probes,
+    bits,
+    ops,
+    prow,
+    pstart,
+    plan_of,
+    alive,
+    has_alive,
+    depth,
+    buf_s,
+    buf_r,
+    out_s,
+    out_r,
+    b0,
+    b1,
+):
     """Scans queries ``b0:b1``; writes their top-k (descending) into ``out_s`` / ``out_r``.
 
     Each query collects scores above its running threshold in a buffer (``buf_s`` / ``buf_r``,
@@ -217,11 +236,23 @@ def ivf_scan(
     words = bits.contiguous().numpy().view(np.uint64)
     live = (alive if alive is not None else torch.zeros(1, dtype=torch.int64)).contiguous().numpy().view(np.uint64)
     args = (
-        queries.contiguous().numpy(), codes.contiguous().numpy(),
-        scales.contiguous().numpy(), list_offsets.contiguous().numpy(), probes.contiguous().numpy(),
-        words, program.ops.contiguous().numpy(), program.rows.contiguous().numpy(),
-        program.starts.contiguous().numpy(), plan_of.contiguous().numpy(), live, alive is not None,
-        program.depth, buf_s, buf_r, out_s, out_r,
+        queries.contiguous().numpy(),
+        codes.contiguous().numpy(),
+        scales.contiguous().numpy(),
+        list_offsets.contiguous().numpy(),
+        probes.contiguous().numpy(),
+        words,
+        program.ops.contiguous().numpy(),
+        program.rows.contiguous().numpy(),
+        program.starts.contiguous().numpy(),
+        plan_of.contiguous().numpy(),
+        live,
+        alive is not None,
+        program.depth,
+        buf_s,
+        buf_r,
+        out_s,
+        out_r,
     )
     run_chunked(_scan_chunk, args, b, _MIN_QUERIES_PER_THREAD)
     return torch.from_numpy(out_s), torch.from_numpy(out_r)

@@ -34,8 +34,26 @@ _BLOCK = 64
 
 @triton.jit
 def _scan_kernel(
-    queries, codes, scales, list_offsets, probes, bits, ops, leaf_rows, starts, plan_of, alive, out,
-    P, W, D, max_list, HAS_ALIVE: tl.constexpr, DEPTH: tl.constexpr, BLOCK: tl.constexpr, D_BLOCK: tl.constexpr,
+    queries,
+    codes,
+    scales,
+    list_offsets,
+    probes,
+    bits,
+    ops,
+    leaf_rows,
+    starts,
+    plan_of,
+    alive,
+    out,
+    P,
+    W,
+    D,
+    max_list,
+    HAS_ALIVE: tl.constexpr,
+    DEPTH: tl.constexpr,
+    BLOCK: tl.constexpr,
+    D_BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0)
     p = tl.program_id(1)
@@ -47,10 +65,10 @@ def _scan_kernel(
         t0 = tl.load(starts + tl.maximum(plan, 0))
         t1 = tl.load(starts + tl.maximum(plan, 0) + 1)
         d = tl.arange(0, D_BLOCK)
-        q = tl.load(queries + b * D + d, mask=d < D, other=0.0)                    # [D_BLOCK]
+        q = tl.load(queries + b * D + d, mask=d < D, other=0.0)  # [D_BLOCK]
         level = tl.arange(0, DEPTH)
         for base in range(s, e, BLOCK):
-            r = base + tl.arange(0, BLOCK)                                          # [BLOCK] rows
+            r = base + tl.arange(0, BLOCK)  # [BLOCK] rows
             inside = r < e
             word = r >> 6
             keep = inside
@@ -127,14 +145,29 @@ def ivf_scan(
         words = bits if bits.numel() else torch.zeros((1, 1), dtype=torch.int64, device=device)
         d = queries.shape[1]
         _scan_kernel[(b, p)](
-            queries.contiguous(), codes.contiguous(), scales.contiguous(), list_offsets.contiguous(),
-            probes.contiguous(), words.contiguous(), ops.contiguous(), leaf_rows, program.starts.to(device),
-            plan_of.contiguous(), live.contiguous(), out, p, words.shape[1], d, max_list,
-            HAS_ALIVE=alive is not None, DEPTH=triton.next_power_of_2(max(program.depth, 1)), BLOCK=_BLOCK,
+            queries.contiguous(),
+            codes.contiguous(),
+            scales.contiguous(),
+            list_offsets.contiguous(),
+            probes.contiguous(),
+            words.contiguous(),
+            ops.contiguous(),
+            leaf_rows,
+            program.starts.to(device),
+            plan_of.contiguous(),
+            live.contiguous(),
+            out,
+            p,
+            words.shape[1],
+            d,
+            max_list,
+            HAS_ALIVE=alive is not None,
+            DEPTH=triton.next_power_of_2(max(program.depth, 1)),
+            BLOCK=_BLOCK,
             D_BLOCK=triton.next_power_of_2(d),
         )
     flat = out.view(b, p * max_list)
-    top = torch.topk(flat, min(k, p * max_list), dim=1)                             # [B, k']
+    top = torch.topk(flat, min(k, p * max_list), dim=1)  # [B, k']
     slot_probe, slot_row = top.indices // max_list, top.indices % max_list
     cluster = probes.gather(1, slot_probe).clamp(min=0)
     rows = torch.where(torch.isfinite(top.values), list_offsets[cluster] + slot_row, -1)
