@@ -9,7 +9,7 @@ from sterling.cli import main
 from sterling.data.items import read_items
 from sterling.data.synth import SynthConfig, generate
 from sterling.serving.publish import load_model, publish
-from sterling.serving.snapshot import SnapshotError
+from sterling.snapshot import SnapshotError
 from sterling.train.loop import TrainConfig, load_checkpoint, train
 
 

@@ -14,7 +14,7 @@ from sterling.data.synth import CATEGORIES, LANGUAGES, REGIONS
 from sterling.index.filter import And, Compare, Not, Or, Term, parse
 from sterling.models.overarch import MoLOverArch
 from sterling.serving.publish import load_model
-from sterling.serving.snapshot import read_snapshot
+from sterling.snapshot import read_snapshot
 
 N = 3_000
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "=": operator.eq, "!=": operator.ne}

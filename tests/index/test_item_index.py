@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from sterling import IndexConfig, ItemIndex, SearchResult
 from sterling.index.bloom import BloomIndex
 from sterling.index.filter import FilterError
-from sterling.serving.snapshot import SnapshotError, write_snapshot
+from sterling.snapshot import SnapshotError, write_snapshot
 
 
 def brute_force_check(

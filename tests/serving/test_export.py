@@ -11,7 +11,7 @@ from sterling.data.batch import encode_categorical
 from sterling.data.synth import SynthConfig, generate
 from sterling.models.value_model import FormulaError
 from sterling.serving import publish as publishing
-from sterling.serving.snapshot import SnapshotError, read_snapshot
+from sterling.snapshot import SnapshotError, read_snapshot
 from sterling.train.loop import TrainConfig, train
 from sterling.train.overarch import OverArchTrainConfig
 

@@ -13,7 +13,7 @@ from sterling.bench.serve_snapshot import build_serving_snapshot
 from sterling.index.search import IndexConfig
 from sterling.serving.publish import load_model
 from sterling.serving.shards import Candidates, ShardedModel, merge_topk, shard_of, shard_paths, split_snapshot
-from sterling.serving.snapshot import SnapshotError
+from sterling.snapshot import SnapshotError
 
 N, NLIST = 2_000, 16
 FILTERS = [

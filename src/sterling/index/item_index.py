@@ -47,7 +47,7 @@ from sterling.index.quant import Int8Codes, quantize
 from sterling.index.search import IndexConfig, Segment, auto_nlist, find_sorted, pack_rows
 from sterling.ops.filtered_topk import filtered_topk
 from sterling.ops.plan_program import bit_of
-from sterling.serving.snapshot import SnapshotError, read_snapshot, write_snapshot
+from sterling.snapshot import SnapshotError, read_snapshot, write_snapshot
 
 __all__ = ["IndexConfig", "ItemIndex", "QueryPlan", "SearchResult"]
 
@@ -518,7 +518,7 @@ class ItemIndex:
         return cls(state, config)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Writes the index as a snapshot directory, atomically (``sterling.serving.snapshot``)."""
+        """Writes the index as a snapshot directory, atomically (``sterling.snapshot``)."""
         meta, tensors = self.to_snapshot_parts()
         return write_snapshot(path, {_SNAPSHOT_FILE: tensors}, {_SNAPSHOT_META: meta})
 

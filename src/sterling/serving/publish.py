@@ -38,7 +38,7 @@ from sterling.models.towers import ItemTerms, TaskQueries, TwoTowerConfig, UserT
 from sterling.serving.export import aot_package, check_compiler, export_program
 from sterling.serving.fresh import item_cache_rows
 from sterling.serving.model import RetrievalModel, ServingConfig
-from sterling.serving.snapshot import SnapshotError, read_snapshot, write_snapshot
+from sterling.snapshot import SnapshotError, read_snapshot, write_snapshot
 from sterling.train.loop import encode_catalog, load_checkpoint
 
 __all__ = ["cache_rows", "load_model", "publish", "write_model_snapshot"]

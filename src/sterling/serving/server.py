@@ -40,8 +40,8 @@ from sterling.index.filter import FilterError
 from sterling.models.value_model import FormulaError
 from sterling.serving.batcher import BatcherConfig, Overloaded
 from sterling.serving.service import Limits, ReloadInProgress, Service, Update
-from sterling.serving.snapshot import SnapshotError
 from sterling.serving.users import UnknownUser
+from sterling.snapshot import SnapshotError
 
 __all__ = ["BackgroundServer", "ServerConfig", "create_app", "serve"]
 

@@ -34,8 +34,8 @@ from sterling.serving.metrics import STAGES, ServingMetrics
 from sterling.serving.model import RetrievalModel, Trace
 from sterling.serving.publish import load_model
 from sterling.serving.shards import SHARDS_FILE
-from sterling.serving.snapshot import MANIFEST, SnapshotError
 from sterling.serving.users import UserStore, encode_feature
+from sterling.snapshot import MANIFEST, SnapshotError
 
 __all__ = ["Limits", "Query", "ReloadInProgress", "Service", "SnapshotInfo", "Update"]
 

@@ -39,7 +39,7 @@ from sterling.index.search import find_sorted
 from sterling.serving.fresh import gather_rows
 from sterling.serving.model import Candidates, RetrievalModel, Retrieved, Trace, UserInputs, parse_inputs
 from sterling.serving.publish import load_model
-from sterling.serving.snapshot import MANIFEST, SnapshotError, read_snapshot, write_snapshot
+from sterling.snapshot import MANIFEST, SnapshotError, read_snapshot, write_snapshot
 
 __all__ = [
     "Candidates",

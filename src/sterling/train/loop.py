@@ -26,7 +26,7 @@ from sterling.data.schema import DatasetPaths, read_roles
 from sterling.index.item_index import ItemIndex
 from sterling.models.overarch import OverArch, OverArchConfig, make_overarch
 from sterling.models.towers import ItemTerms, TwoTower, TwoTowerConfig
-from sterling.serving.snapshot import read_snapshot, write_snapshot
+from sterling.snapshot import read_snapshot, write_snapshot
 from sterling.train.distributed import rank_and_world, shard_bounds
 from sterling.train.losses import TwoTowerObjective
 from sterling.train.metrics import auc, recall_at_k

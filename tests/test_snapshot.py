@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sterling.serving.snapshot import (
+from sterling.snapshot import (
     FORMAT,
     FORMAT_VERSION,
     Snapshot,
