@@ -8,7 +8,7 @@ import pytest
 from sterling.cli import main
 from sterling.data.items import read_items
 from sterling.data.synth import SynthConfig, generate
-from sterling.serving.publish import load_model, publish
+from sterling.retrieval.publish import load_model, publish
 from sterling.snapshot import SnapshotError
 from sterling.train.loop import TrainConfig, load_checkpoint, train
 

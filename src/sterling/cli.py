@@ -163,7 +163,7 @@ def _train_retrieval(args: argparse.Namespace) -> None:
 
 def _cmd_publish(args: argparse.Namespace) -> None:
     from sterling.data.schema import DatasetPaths
-    from sterling.serving.publish import publish
+    from sterling.retrieval.publish import publish
 
     t0 = time.perf_counter()
     if args.shards is not None and (args.export or args.aot):
@@ -207,7 +207,7 @@ def _user_history(data_dir: Path, user: int, max_len: int) -> tuple[np.ndarray, 
 
 
 def _cmd_query(args: argparse.Namespace) -> None:
-    from sterling.serving.publish import load_model
+    from sterling.retrieval.publish import load_model
 
     rec = load_model(Path(args.snapshot))
     print(format_recommendations(rec, args.user, args.history, args.filter, args.k, args.data, args.json))

@@ -19,7 +19,7 @@ from sterling.cli import format_recommendations
 from sterling.data.schema import DatasetPaths
 from sterling.data.stats import dataset_stats, format_stats
 from sterling.data.synth import SynthConfig, generate
-from sterling.serving.publish import load_model, publish
+from sterling.retrieval.publish import load_model, publish
 from sterling.train.loop import TrainConfig, train
 
 __all__ = ["DEMO_FILTERS", "DEMO_VALUE", "run_demo"]

@@ -13,7 +13,7 @@ from sterling.bench.serve_snapshot import TAGS, build_serving_snapshot, request_
 from sterling.data.synth import CATEGORIES, LANGUAGES, REGIONS
 from sterling.index.filter import And, Compare, Not, Or, Term, parse
 from sterling.models.overarch import MoLOverArch
-from sterling.serving.publish import load_model
+from sterling.retrieval.publish import load_model
 from sterling.snapshot import read_snapshot
 
 N = 3_000

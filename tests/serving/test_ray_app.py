@@ -18,7 +18,7 @@ serve = pytest.importorskip("ray.serve", reason="the [ray] extra is not installe
 
 from sterling.bench.serve_snapshot import build_serving_snapshot  # noqa: E402
 from sterling.index.search import IndexConfig  # noqa: E402
-from sterling.serving.publish import load_model  # noqa: E402
+from sterling.retrieval.publish import load_model  # noqa: E402
 from sterling.serving.ray_app import build_app  # noqa: E402
 from sterling.serving.server import BackgroundServer, ServerConfig  # noqa: E402
 from sterling.serving.shards import split_snapshot  # noqa: E402

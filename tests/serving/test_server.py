@@ -17,8 +17,8 @@ aiohttp = pytest.importorskip("aiohttp")
 
 from sterling.bench.serve_snapshot import build_serving_snapshot  # noqa: E402
 from sterling.data.synth import SynthConfig, generate  # noqa: E402
+from sterling.retrieval.publish import load_model  # noqa: E402
 from sterling.serving.batcher import BatcherConfig  # noqa: E402
-from sterling.serving.publish import load_model  # noqa: E402
 from sterling.serving.server import BackgroundServer, ServerConfig  # noqa: E402
 from sterling.serving.service import Limits  # noqa: E402
 from sterling.serving.users import UserStore  # noqa: E402

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from sterling.bench.serve_snapshot import build_serving_snapshot
 from sterling.index.search import IndexConfig
-from sterling.serving.publish import load_model
+from sterling.retrieval.publish import load_model
 from sterling.serving.shards import Candidates, ShardedModel, merge_topk, shard_of, shard_paths, split_snapshot
 from sterling.snapshot import SnapshotError
 

@@ -130,7 +130,7 @@ def movielens_catalogue(src: Path, cfg: AnnBenchConfig, log=print) -> Catalogue:
 
     from sterling.data.movielens import load_movielens
     from sterling.data.schema import TIMELINE_ITEM_ID, DatasetPaths
-    from sterling.serving.publish import load_model, publish
+    from sterling.retrieval.publish import load_model, publish
     from sterling.train.loop import TrainConfig, train
 
     rng = np.random.default_rng(cfg.seed)

@@ -35,8 +35,8 @@ from sterling.data.movielens import load_movielens
 from sterling.data.schema import DatasetPaths
 from sterling.data.synth import SynthConfig, generate
 from sterling.models.towers import ItemTerms
-from sterling.serving.model import RetrievalModel, UserInputs
-from sterling.serving.publish import cache_rows, load_model, publish
+from sterling.retrieval.model import RetrievalModel, UserInputs
+from sterling.retrieval.publish import cache_rows, load_model, publish
 from sterling.train.loop import TrainConfig, encode_catalog, holdout_requests, load_checkpoint, train
 from sterling.train.metrics import recall_at_k
 

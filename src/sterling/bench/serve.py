@@ -313,7 +313,7 @@ async def _swap_and_update(
 
 def index_recall(snapshot: Path, mix: list[dict], n: int) -> dict:
     """The served index's recall@k0 of the mix's task queries against exact filtered top-k0."""
-    from sterling.serving.publish import load_model
+    from sterling.retrieval.publish import load_model
 
     model = load_model(snapshot)
     reqs = mix[:n]

@@ -1,7 +1,7 @@
 """A large served-model snapshot built without training, and a request mix, for the serving load test.
 
-:func:`build_serving_snapshot` writes what :func:`sterling.serving.publish.publish` writes (through
-:func:`~sterling.serving.publish.write_model_snapshot`) over a synthetic catalogue and randomly
+:func:`build_serving_snapshot` writes what :func:`sterling.retrieval.publish.publish` writes (through
+:func:`~sterling.retrieval.publish.write_model_snapshot`) over a synthetic catalogue and randomly
 initialised, seeded towers (1,000,000 items: about 30 s and 3.6 GB of memory on 2 cores, 480 MB
 on disk):
 
@@ -42,8 +42,8 @@ from sterling.demo import DEMO_VALUE
 from sterling.index.item_index import IndexConfig
 from sterling.models.overarch import OverArchConfig, make_overarch
 from sterling.models.towers import TaskQueries, TwoTowerConfig, UserTower
-from sterling.serving.model import RetrievalModel, ServingConfig
-from sterling.serving.publish import load_model, write_model_snapshot
+from sterling.retrieval.model import RetrievalModel, ServingConfig
+from sterling.retrieval.publish import load_model, write_model_snapshot
 
 __all__ = ["build_serving_snapshot", "request_mix"]
 

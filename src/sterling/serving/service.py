@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
+from sterling.retrieval.model import RetrievalModel, Trace
+from sterling.retrieval.publish import load_model
 from sterling.serving.batcher import BatcherConfig, MicroBatcher
 from sterling.serving.metrics import STAGES, ServingMetrics
-from sterling.serving.model import RetrievalModel, Trace
-from sterling.serving.publish import load_model
 from sterling.serving.shards import SHARDS_FILE
 from sterling.serving.users import UserStore, encode_feature
 from sterling.snapshot import MANIFEST, SnapshotError

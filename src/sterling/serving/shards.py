@@ -5,7 +5,7 @@ A sharded snapshot is a directory of N complete snapshots, ``shard-0`` … ``sha
 part of the index (:meth:`~sterling.index.item_index.ItemIndex.shard`: the same centroids, lists
 and int8 codes, so a shard's search is the whole index's restricted to its items) and of the
 embedding cache, and a copy of the model weights (user tower, task queries, OverArch), so each shard
-loads as an ordinary :class:`~sterling.serving.model.RetrievalModel`.
+loads as an ordinary :class:`~sterling.retrieval.model.RetrievalModel`.
 
 One query, fanned out (:class:`ShardedModel`; the shards are local models or Ray Serve
 deployments, :mod:`sterling.serving.ray_app`)::
@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 
 from sterling.index.search import find_sorted
-from sterling.serving.fresh import gather_rows
-from sterling.serving.model import Candidates, RetrievalModel, Retrieved, Trace, UserInputs, parse_inputs
-from sterling.serving.publish import load_model
+from sterling.retrieval.fresh import gather_rows
+from sterling.retrieval.model import Candidates, RetrievalModel, Retrieved, Trace, UserInputs, parse_inputs
+from sterling.retrieval.publish import load_model
 from sterling.snapshot import MANIFEST, SnapshotError, read_snapshot, write_snapshot
 
 __all__ = [

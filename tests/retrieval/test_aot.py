@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from sterling.data.synth import SynthConfig, generate
-from sterling.serving.export import load_package, run_program
-from sterling.serving.publish import load_model, publish
+from sterling.retrieval.export import load_package, run_program
+from sterling.retrieval.publish import load_model, publish
 from sterling.train.loop import TrainConfig, train
 from sterling.train.overarch import OverArchTrainConfig
 

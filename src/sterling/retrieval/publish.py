@@ -12,7 +12,7 @@ The publish flow of SilverTorch §1.4, on a laptop:
 6. the snapshot: ``index.safetensors``, ``cache.safetensors``, ``model.safetensors`` and a manifest
    naming every config; optionally (``export=True``) ``program.pt2``, the ``torch.export`` program of
    the whole forward, and (``aot=True``) ``program.aoti.pt2``, its AOTInductor package
-   (:mod:`sterling.serving.export`).
+   (:mod:`sterling.retrieval.export`).
 
 Steps 3-6 are :func:`write_model_snapshot`, which takes the towers and item embeddings themselves
 (e.g. the untrained synthetic model of :mod:`sterling.bench.serve_snapshot`).
@@ -35,9 +35,9 @@ from sterling.data.items import read_items
 from sterling.index.item_index import IndexConfig, ItemIndex
 from sterling.models.overarch import OverArch, OverArchConfig, make_overarch
 from sterling.models.towers import ItemTerms, TaskQueries, TwoTowerConfig, UserTower
-from sterling.serving.export import aot_package, check_compiler, export_program
-from sterling.serving.fresh import item_cache_rows
-from sterling.serving.model import RetrievalModel, ServingConfig
+from sterling.retrieval.export import aot_package, check_compiler, export_program
+from sterling.retrieval.fresh import item_cache_rows
+from sterling.retrieval.model import RetrievalModel, ServingConfig
 from sterling.snapshot import SnapshotError, read_snapshot, write_snapshot
 from sterling.train.loop import encode_catalog, load_checkpoint
 

@@ -10,7 +10,7 @@ import torch
 from sterling.data.batch import encode_categorical
 from sterling.data.synth import SynthConfig, generate
 from sterling.models.value_model import FormulaError
-from sterling.serving import publish as publishing
+from sterling.retrieval import publish as publishing
 from sterling.snapshot import SnapshotError, read_snapshot
 from sterling.train.loop import TrainConfig, train
 from sterling.train.overarch import OverArchTrainConfig
@@ -20,7 +20,7 @@ try:
 except ImportError as e:  # pragma: no cover - a torch build without torch.export
     pytest.skip(f"torch.export unavailable: {e}", allow_module_level=True)
 
-from sterling.serving.export import load_program, run_program  # noqa: E402
+from sterling.retrieval.export import load_program, run_program  # noqa: E402
 
 FORMULA = "click + 0.5*like^0.5 + 0.25*share"
 INDEX = publishing.IndexConfig(

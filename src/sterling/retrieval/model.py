@@ -20,13 +20,13 @@ inner product when the index probes every list.
 The search is the only step with host-side decisions (parsing the filter, planning the probes).
 :meth:`RetrievalModel.plan` makes them; :meth:`RetrievalModel.execute` runs everything else,
 including the search, in tensor ops with static shapes (``torch.export``-able, see
-:mod:`sterling.serving.export`). The eager :meth:`forward` runs the index's fused kernels instead and
+:mod:`sterling.retrieval.export`). The eager :meth:`forward` runs the index's fused kernels instead and
 returns the same results.
 
 Candidates are addressed by *segment rows* (the index's IVF order); the embedding cache is stored in
 that order. The model is composed over a compacted index (no fresh items); its :meth:`upsert`,
 :meth:`delete` and :meth:`compact` then change the index and the model's rows together (live items:
-rows past the snapshot's, :mod:`sterling.serving.fresh`). The exported program serves the snapshot.
+rows past the snapshot's, :mod:`sterling.retrieval.fresh`). The exported program serves the snapshot.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from sterling.models.overarch import OverArch
 from sterling.models.towers import TaskQueries, UserTower
 from sterling.models.value_model import ValueModel
 from sterling.ops.reference.masked_ivf_topk import masked_ivf_topk
-from sterling.serving.fresh import FreshRows, gather_rows, item_cache_rows
+from sterling.retrieval.fresh import FreshRows, gather_rows, item_cache_rows
 
 _BIG = 3.0e38  # the ranking key of +inf (and -_BIG of NaN and -inf): finite, inside float32
 

@@ -1,6 +1,6 @@
 """The rows a served model gained since its snapshot: live item upserts beside the compacted index.
 
-A :class:`~sterling.serving.model.RetrievalModel` addresses items by *row*: rows ``[0, N)`` are the
+A :class:`~sterling.retrieval.model.RetrievalModel` addresses items by *row*: rows ``[0, N)`` are the
 snapshot's main segment (IVF order, the buffers the exported program reads), rows ``[N, N + F)``
 are the items upserted since, in arrival order. :class:`FreshRows` holds what the model needs of
 those F items (the index keeps their codes and attributes for search): external ids, the int8

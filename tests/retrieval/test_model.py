@@ -16,8 +16,8 @@ from sterling.index.filter import FilterError
 from sterling.models.overarch import OverArchConfig, make_overarch
 from sterling.models.towers import TaskQueries, TwoTowerConfig, UserTower
 from sterling.models.value_model import ValueModel
-from sterling.serving.model import RetrievalModel, ServingConfig
-from sterling.serving.publish import cache_rows
+from sterling.retrieval.model import RetrievalModel, ServingConfig
+from sterling.retrieval.publish import cache_rows
 
 TASKS = ("click", "like", "share")
 N, D, NLIST = 600, 16, 8

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sterling.serving.model import RetrievalModel, UserInputs
+from sterling.retrieval.model import RetrievalModel, UserInputs
 
 __all__ = ["aot_package", "check_compiler", "export_program", "load_package", "load_program", "run_program"]
 

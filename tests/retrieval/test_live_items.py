@@ -9,8 +9,8 @@ import torch
 from test_model import NLIST, TASKS, D, compose
 
 from sterling.index.item_index import IndexConfig, ItemIndex
-from sterling.serving.model import RetrievalModel, Trace
-from sterling.serving.publish import cache_rows
+from sterling.retrieval.model import RetrievalModel, Trace
+from sterling.retrieval.publish import cache_rows
 
 EXACT = IndexConfig(nlist=NLIST, nprobe=NLIST)
 FILTERS = [None, "genre:drama", "genre:new AND year >= 2000", "NOT genre:comedy"]
