@@ -43,8 +43,9 @@ import torch
 
 from sterling.index.attributes import AttributeStore
 from sterling.index.bloom import BloomIndex
-from sterling.index.quant import Int8Codes, quantize
-from sterling.index.search import IndexConfig, Segment, auto_nlist, find_sorted, pack_rows
+from sterling.index.id_map import IdMap
+from sterling.index.quant import Int8Codes, dequantize, quantize
+from sterling.index.search import IndexConfig, Segment, auto_nlist, pack_rows
 from sterling.ops.filtered_topk import filtered_topk
 from sterling.ops.plan_program import bit_of
 from sterling.snapshot import SnapshotError, read_snapshot, write_snapshot
@@ -63,6 +64,8 @@ class SearchResult:
     Args:
         ids (torch.Tensor): int64 [B, k], external item ids, -1 where fewer than k items pass.
         scores (torch.Tensor): float32 [B, k], inner products, descending, -inf where ids is -1.
+        rows (torch.Tensor): int64 [B, k], the index's row of each result (:meth:`ItemIndex.rows_of`),
+            -1 where ids is -1.
         explain (list[dict] | None): with ``search(..., explain=True)``: per distinct filter, the
             estimated selectivity, the plan ("ivf", "scan" or "none"), the lists probed, whether
             the Bloom plan was exact, and how many queries were widened; plus the fresh segment.
@@ -70,6 +73,7 @@ class SearchResult:
 
     ids: torch.Tensor
     scores: torch.Tensor
+    rows: torch.Tensor
     explain: list[dict[str, Any]] | None = None
 
 
@@ -93,26 +97,46 @@ class QueryPlan:
 
 @dataclass(frozen=True)
 class _Fresh:
-    """Items upserted since the last compaction: row r is item ``ids[r]``."""
+    """The rows upserted since the last compaction, rows ``N + r`` of the index (``r < F``), in
+    arrival order: append-only until :meth:`ItemIndex.compact`, so a row handed out stays valid (a
+    replaced or deleted item's row is cleared in ``live``)."""
 
     ids: torch.Tensor  # int64 [F]
     codes: Int8Codes  # int8 [F, D], float32 [F]
     attributes: AttributeStore  # F items
+    live: torch.Tensor  # bool [F]
+    id_map: IdMap  # id → its newest fresh row r
+    table: torch.Tensor | None  # [F, S]: the rows' item table rows (ItemIndex.set_table)
 
-    def vectors(self) -> torch.Tensor:
-        return self.codes.codes.float() * self.codes.scales[:, None]
+    def kept(self, rows: torch.Tensor) -> _Fresh:
+        """The fresh rows ``rows`` (int64 [M], ascending) alone, renumbered ``0..M-1``."""
+        ids = self.ids[rows]
+        table = None if self.table is None else self.table[rows]
+        return _Fresh(ids, self.codes.take(rows), self.attributes.take(rows), self.live[rows], IdMap.build(ids), table)
 
-    def keep(self, rows: torch.Tensor) -> _Fresh:
-        return _Fresh(self.ids[rows], self.codes.take(rows), self.attributes.take(rows))
+    def appended(
+        self, ids: torch.Tensor, codes: Int8Codes, attributes: Sequence[Mapping[str, Any]], table: torch.Tensor | None
+    ) -> _Fresh:
+        rows = torch.arange(len(self.ids), len(self.ids) + len(ids))
+        merged = IdMap.build(torch.cat([self.id_map.sorted_ids, ids]), torch.cat([self.id_map.rows, rows]))
+        return _Fresh(
+            torch.cat([self.ids, ids]),
+            Int8Codes(torch.cat([self.codes.codes, codes.codes]), torch.cat([self.codes.scales, codes.scales])),
+            self.attributes.append(attributes),
+            torch.cat([self.live, torch.ones(len(ids), dtype=torch.bool)]),
+            merged,
+            None if self.table is None else torch.cat([self.table, table.to(self.table.dtype)]),
+        )
 
 
 @dataclass(frozen=True)
 class _State:
-    """One immutable version of the index."""
+    """One immutable version of the index: rows ``[0, N)`` the main segment, ``[N, N + F)`` fresh."""
 
     main: Segment
     alive: torch.Tensor | None  # int64 [ceil(N / 64)] live words over main rows; None: all live
     fresh: _Fresh
+    table: torch.Tensor | None  # [N, S]: the main rows' item table rows; None: no table
 
     @functools.cached_property
     def live_rows(self) -> torch.Tensor:
@@ -121,19 +145,42 @@ class _State:
             return torch.arange(len(self.main))
         return torch.nonzero(bit_of(self.alive, torch.arange(len(self.main)))).view(-1)
 
-    def main_rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """int64 [M]: the live main row of each id, -1 where it has none."""
-        rows = self.main.rows_of(ids)
-        if self.alive is not None and len(rows):
-            rows = torch.where(bit_of(self.alive, rows.clamp(min=0)), rows, -1)
-        return rows
+    def rows_of(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The newest row of each id (int64 [...], -1 where none: its fresh row, else its main row,
+        deleted or not) and bool [...] found."""
+        rows, found = self.main.id_map.lookup(ids)
+        if len(self.fresh.ids):
+            fresh, in_fresh = self.fresh.id_map.lookup(ids)
+            rows = torch.where(in_fresh, len(self.main) + fresh, rows)
+            found = found | in_fresh
+        return rows, found
 
-    def fresh_rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """int64 [M]: the fresh row of each id, -1 where it has none."""
-        return _find(self.fresh.ids, ids)
+    def live(self, rows: torch.Tensor) -> torch.Tensor:
+        """bool [...]: whether each row (int64 [...], >= 0) holds a live item."""
+        n = len(self.main)
+        main_live = (
+            torch.ones_like(rows, dtype=torch.bool)
+            if self.alive is None
+            else bit_of(self.alive, rows.clamp(max=max(n - 1, 0)))
+        )
+        if not len(self.fresh.ids):
+            return main_live
+        fresh_live = self.fresh.live[(rows - n).clamp(min=0, max=len(self.fresh.ids) - 1)]
+        return torch.where(rows >= n, fresh_live, main_live)
+
+    def gather(self, main: torch.Tensor, fresh: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``main [N, ...]`` and ``fresh [F, ...]`` stacked as the index's rows, at ``rows`` int64
+        [...] (in ``[0, N + F)``), without copying either."""
+        n = main.shape[0]
+        if not len(fresh):
+            return main[rows] if n else main.new_zeros(*rows.shape, *main.shape[1:])
+        out = main[rows.clamp(max=max(n - 1, 0))] if n else fresh.new_zeros(*rows.shape, *fresh.shape[1:])
+        is_fresh = rows >= n
+        out[is_fresh] = fresh[rows[is_fresh] - n]
+        return out
 
     def __len__(self) -> int:
-        return len(self.live_rows) + len(self.fresh.ids)
+        return len(self.live_rows) + int(self.fresh.live.sum())
 
 
 class ItemIndex:
@@ -188,22 +235,24 @@ class ItemIndex:
         _check_attribute_count(attributes, n)
         store = AttributeStore.build(attributes)
         main = Segment.build(emb, store, ids_, config)
-        return cls(_State(main, None, _empty_fresh(main)), config)
+        return cls(_State(main, None, _empty_fresh(main, None), None), config)
 
     def __len__(self) -> int:
         return len(self._state)
 
     def nbytes(self) -> int:
         """Bytes held: the main segment (codes, scales, ids, centroids, attribute store, Bloom
-        index), the live-row words and the fresh segment."""
+        index), the live-row words, the fresh rows and the item table."""
         state = self._state
         fresh = state.fresh
+        table = 0 if state.table is None else state.table.nbytes + fresh.table.nbytes
         return (
             state.main.nbytes()
             + (0 if state.alive is None else 8 * len(state.alive))
-            + 8 * len(fresh.ids)
+            + 9 * len(fresh.ids)
             + fresh.codes.nbytes()
             + fresh.attributes.nbytes()
+            + table
         )
 
     @property
@@ -216,40 +265,70 @@ class ItemIndex:
         return self._config
 
     @property
-    def version(self) -> object:
-        """An opaque token of the current state: unequal (``is not``) after any upsert, delete or
-        compaction. Holders of copies of the index's tensors check it to know they are current."""
-        return self._state
-
-    @property
     def fresh_items(self) -> int:
-        """Items upserted since the last compaction (searched exactly, beside the IVF lists)."""
-        return len(self._state.fresh.ids)
+        """Live items upserted since the last compaction (searched exactly, beside the IVF lists)."""
+        return int(self._state.fresh.live.sum())
 
     @property
     def ids(self) -> torch.Tensor:
-        """int64 [N]: the external ids (main segment in IVF order, then fresh items)."""
+        """int64 [N]: the live items' external ids (main segment in IVF order, then fresh items)."""
         state = self._state
-        return torch.cat([state.main.ids[state.live_rows], state.fresh.ids])
+        return torch.cat([state.main.ids[state.live_rows], state.fresh.ids[state.fresh.live]])
+
+    def rows_of(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The index's row of each external id (int64 [...]; -1 where unknown) and bool [...]
+        found. Rows are one space: the main segment's ``[0, N)``, then the fresh rows. A deleted
+        item keeps its row (histories may name it) until :meth:`compact`."""
+        return self._state.rows_of(torch.as_tensor(ids, dtype=torch.int64))
+
+    def ids_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """int64 [...]: the external id of each row (int64 [...]), -1 where the row is -1."""
+        state = self._state
+        return torch.where(rows >= 0, state.gather(state.main.ids, state.fresh.ids, rows.clamp(min=0)), -1)
+
+    def vectors(self, rows: torch.Tensor) -> torch.Tensor:
+        """float32 [..., D]: the stored (int8, dequantized) vectors of ``rows`` int64 [...] (>= 0)."""
+        state = self._state
+        codes = state.gather(state.main.codes.codes, state.fresh.codes.codes, rows)
+        return dequantize(Int8Codes(codes, state.gather(state.main.codes.scales, state.fresh.codes.scales, rows)))
+
+    def set_table(self, table: torch.Tensor) -> None:
+        """Gives every row a row of an item table (``[N + F, S]``, any dtype): per-item state kept by
+        the index's rows (the served model's embedding cache), which every upsert extends (its
+        ``table`` argument), compaction reorders and deletes drop with their rows."""
+        with self._lock:
+            state = self._state
+            n, f = len(state.main), len(state.fresh.ids)
+            if table.dim() != 2 or table.shape[0] != n + f:
+                raise ValueError(
+                    f"an item table must be [{n + f}, S], one row per row of the index; got {list(table.shape)}"
+                )
+            self._state = replace(state, table=table[:n], fresh=replace(state.fresh, table=table[n:]))
+
+    def table_rows(self, rows: torch.Tensor, width: int | None = None) -> torch.Tensor:
+        """``[..., S]`` (or its first ``width`` columns): the item table rows of ``rows`` int64 [...]
+        (>= 0; see :meth:`set_table`)."""
+        state = self._state
+        if state.table is None:
+            raise ValueError("the index holds no item table (set_table)")
+        main, fresh = state.table, state.fresh.table
+        if width is not None:
+            main, fresh = main[:, :width], fresh[:, :width]
+        return state.gather(main, fresh, rows)
 
     def attributes_of(self, ids: torch.Tensor | np.ndarray | Sequence[int]) -> list[dict[str, Any]]:
         """The attribute dicts of external ``ids`` (int64 [M]); unknown ids are a ValueError."""
         state = self._state
-        main, fresh = _locate(state, _as_ids(ids, "ids"))
-        out = []
-        for m, f in zip(main.tolist(), fresh.tolist()):
-            out += state.main.attributes.decode([m]) if m >= 0 else state.fresh.attributes.decode([f])
-        return out
+        n = len(state.main)
+        return [
+            state.main.attributes.decode([r])[0] if r < n else state.fresh.attributes.decode([r - n])[0]
+            for r in _locate(state, _as_ids(ids, "ids")).tolist()
+        ]
 
     def embeddings_of(self, ids: torch.Tensor | np.ndarray | Sequence[int]) -> torch.Tensor:
         """float32 [M, D]: the stored (int8, dequantized) embeddings of external ``ids``; unknown
         ids are a ValueError."""
-        state = self._state
-        main, fresh = _locate(state, _as_ids(ids, "ids"))
-        out = state.main.vectors(main.clamp(min=0))
-        if bool((fresh >= 0).any()):
-            out[fresh >= 0] = state.fresh.vectors()[fresh[fresh >= 0]]
-        return out
+        return self.vectors(_locate(self._state, _as_ids(ids, "ids")))
 
     def search(
         self,
@@ -285,13 +364,14 @@ class ItemIndex:
         _check_k_nprobe(k, nprobe)
         filters = _filters(filter, q.shape[0])
         scores, rows, records = state.main.search(q, filters, k, nprobe, state.alive)
-        ids = torch.where(rows >= 0, state.main.ids[rows.clamp(min=0)], -1) if len(state.main) else rows
         if len(state.fresh.ids):
-            fresh_scores, fresh_ids = _search_fresh(state.fresh, q, filters, k)
+            fresh_scores, fresh_rows = _search_fresh(state.fresh, q, filters, k)
+            fresh_rows = torch.where(fresh_rows >= 0, len(state.main) + fresh_rows, -1)
             scores, pick = torch.cat([scores, fresh_scores], 1).topk(k, dim=1)
-            ids = torch.cat([ids, fresh_ids], 1).gather(1, pick)
-            records.append({"fresh_items": len(state.fresh.ids), "plan": "exact"})
-        return SearchResult(ids, scores, records if explain else None)
+            rows = torch.cat([rows, fresh_rows], 1).gather(1, pick)
+            records.append({"fresh_items": int(state.fresh.live.sum()), "plan": "exact"})
+        ids = torch.where(rows >= 0, state.gather(state.main.ids, state.fresh.ids, rows.clamp(min=0)), -1)
+        return SearchResult(ids, scores, rows, records if explain else None)
 
     def check_filter(self, expr: str) -> None:
         """Parses ``expr`` and compiles it over the index's features (cached, as a search would).
@@ -367,14 +447,19 @@ class ItemIndex:
         ids: torch.Tensor | np.ndarray | Sequence[int],
         embeddings: torch.Tensor | np.ndarray,
         attributes: Sequence[Mapping[str, Any]],
+        table: torch.Tensor | None = None,
     ) -> None:
         """Inserts items, replacing those whose id already exists; visible to the next search.
+        Each item takes a new row (the embedding quantized once); a replaced item's old row is
+        tombstoned.
 
         Args:
             ids (torch.Tensor | np.ndarray | Sequence[int]): int64 [M], unique.
             embeddings (torch.Tensor | np.ndarray): float [M, D].
             attributes (Sequence[Mapping[str, Any]]): M dicts over the index's features; values
                 new to a vocabulary extend it, an unknown feature is a ValueError.
+            table (torch.Tensor | None): [M, S], the items' item table rows: required when the
+                index holds a table (:meth:`set_table`), refused otherwise.
         """
         new_ids = _item_ids(ids)
         emb = _as_matrix(embeddings, "embeddings")
@@ -386,14 +471,18 @@ class ItemIndex:
             raise ValueError(f"embeddings have dimension {emb.shape[1]}, the index has {self.dim}")
         with self._lock:
             state = self._state
-            added = quantize(emb)
+            if (table is None) != (state.table is None):
+                raise ValueError(
+                    "the index holds an item table: give each item its table row"
+                    if table is None
+                    else "the index holds no item table (set_table) for the given rows"
+                )
+            if table is not None and (table.dim() != 2 or table.shape != (len(new_ids), state.table.shape[1])):
+                raise ValueError(
+                    f"table rows must be [{len(new_ids)}, {state.table.shape[1]}], got {list(table.shape)}"
+                )
             state, _ = _without(state, new_ids)
-            fresh = state.fresh
-            fresh = _Fresh(
-                torch.cat([fresh.ids, new_ids]),
-                Int8Codes(torch.cat([fresh.codes.codes, added.codes]), torch.cat([fresh.codes.scales, added.scales])),
-                fresh.attributes.append(attributes),
-            )
+            fresh = state.fresh.appended(new_ids, quantize(emb), attributes, table)
             self._state = replace(state, fresh=fresh)
             if len(fresh.ids) >= self._config.compact_at:
                 self._state = _compacted(self._state, self._config)
@@ -430,19 +519,20 @@ class ItemIndex:
         rows = torch.nonzero(keep).view(-1)  # ascending: IVF order kept
         offsets = torch.searchsorted(rows, main.list_offsets)  # kept rows before each list start
         segment = Segment.from_sorted(
-            Int8Codes(main.codes.codes[rows], main.codes.scales[rows]),
+            main.codes.take(rows),
             main.ids[rows],
             main.centroids,
             offsets,
             main.attributes.take(rows),
             self._config,
         )
-        return ItemIndex(_State(segment, None, _empty_fresh(segment)), self._config)
+        table = None if state.table is None else state.table[rows]
+        return ItemIndex(_State(segment, None, _empty_fresh(segment, table), table), self._config)
 
     def to_snapshot_parts(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """The index as JSON metadata and named tensors, for embedding in a larger snapshot."""
         state = self._state
-        main, fresh = state.main, state.fresh
+        main, fresh = state.main, state.fresh.kept(torch.nonzero(state.fresh.live).view(-1))
         meta = {
             "format": _FORMAT,
             "config": self._config.to_json(),
@@ -511,8 +601,15 @@ class ItemIndex:
         )
         alive = tensors["alive"]
         full = bool((alive == pack_rows(torch.ones(n, dtype=torch.bool))).all())
-        fresh = _Fresh(fresh_ids, Int8Codes(tensors["fresh.codes"], tensors["fresh.scales"]), fresh_attributes)
-        state = _State(main, None if full else alive, fresh)
+        fresh = _Fresh(
+            fresh_ids,
+            Int8Codes(tensors["fresh.codes"], tensors["fresh.scales"]),
+            fresh_attributes,
+            torch.ones(f, dtype=torch.bool),
+            IdMap.build(fresh_ids),
+            None,
+        )
+        state = _State(main, None if full else alive, fresh, None)
         if not full:  # a deleted main row may not hold an id a fresh item also holds
             _check_unique(torch.cat([main.ids[state.live_rows], fresh_ids]))
         return cls(state, config)
@@ -531,77 +628,88 @@ class ItemIndex:
         return cls.from_snapshot_parts(snapshot.meta[_SNAPSHOT_META], snapshot.tensors[_SNAPSHOT_FILE])
 
 
-def _empty_fresh(main: Segment) -> _Fresh:
+def _empty_fresh(main: Segment, table: torch.Tensor | None) -> _Fresh:
     d = main.centroids.shape[1]
     none = torch.zeros(0, dtype=torch.int64)
-    return _Fresh(none, Int8Codes(torch.zeros(0, d, dtype=torch.int8), torch.zeros(0)), main.attributes.take(none))
+    return _Fresh(
+        none,
+        Int8Codes(torch.zeros(0, d, dtype=torch.int8), torch.zeros(0)),
+        main.attributes.take(none),
+        torch.zeros(0, dtype=torch.bool),
+        IdMap.build(none),
+        None if table is None else table[:0],
+    )
 
 
-def _find(haystack: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """int64 [M]: the position of each of ``ids`` in ``haystack`` (distinct ids), -1 if absent."""
-    order = torch.argsort(haystack)
-    return find_sorted(haystack[order], order, ids)[0]
-
-
-def _locate(state: _State, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(main row, fresh row) of each id, -1 where it is not there; unknown ids are a ValueError."""
-    main, fresh = state.main_rows(ids), state.fresh_rows(ids)
-    missing = (main < 0) & (fresh < 0)
+def _locate(state: _State, ids: torch.Tensor) -> torch.Tensor:
+    """int64 [M]: the row of each live item of ``ids``; unknown or deleted ids are a ValueError."""
+    rows, found = state.rows_of(ids)
+    missing = ~found
+    missing[found] = ~state.live(rows[found])
     if bool(missing.any()):
         raise ValueError(f"unknown ids: {ids[missing][:10].tolist()}")
-    return main, fresh
+    return rows
 
 
 def _without(state: _State, ids: torch.Tensor) -> tuple[_State, int]:
-    """The state with ``ids`` removed (main rows tombstoned, fresh rows dropped) and how many live
-    items that removed."""
-    main_rows = state.main_rows(ids)
-    main_rows = main_rows[main_rows >= 0].unique()
-    fresh_hit = torch.isin(state.fresh.ids, ids)
-    removed = len(main_rows) + int(fresh_hit.sum())
-    if not removed:
+    """The state with ``ids`` removed (their rows tombstoned; the rows stay until compaction) and
+    how many live items that removed."""
+    rows, found = state.rows_of(ids)
+    rows = rows[found]
+    rows = rows[state.live(rows)].unique()
+    if not len(rows):
         return state, 0
+    n = len(state.main)
+    main_rows, fresh_rows = rows[rows < n], rows[rows >= n] - n
     alive = state.alive
     if len(main_rows):
-        dead = torch.zeros(len(state.main), dtype=torch.bool)
+        dead = torch.zeros(n, dtype=torch.bool)
         dead[main_rows] = True
-        alive = (pack_rows(torch.ones(len(state.main), dtype=torch.bool)) if alive is None else alive) & ~pack_rows(
-            dead
-        )
-    fresh = state.fresh.keep(torch.nonzero(~fresh_hit).view(-1)) if bool(fresh_hit.any()) else state.fresh
-    return _State(state.main, alive, fresh), removed
+        alive = (pack_rows(torch.ones(n, dtype=torch.bool)) if alive is None else alive) & ~pack_rows(dead)
+    fresh = state.fresh
+    if len(fresh_rows):
+        live = fresh.live.clone()
+        live[fresh_rows] = False
+        fresh = replace(fresh, live=live)
+    return replace(state, alive=alive, fresh=fresh), len(rows)
 
 
 def _compacted(state: _State, config: IndexConfig) -> _State:
-    """One main segment holding every live item: live main rows and fresh items, each assigned to
-    its nearest existing centroid (k-means again when the catalogue outgrew the lists)."""
+    """One main segment holding every live item: live main rows and live fresh rows, each assigned
+    to its nearest existing centroid (k-means again when the catalogue outgrew the lists); the
+    item table follows its rows."""
     main, fresh, live = state.main, state.fresh, state.live_rows
     if state.alive is None and not len(fresh.ids):
         return state
+    fresh = fresh.kept(torch.nonzero(fresh.live).view(-1))
     codes = Int8Codes(
         torch.cat([main.codes.codes[live], fresh.codes.codes]), torch.cat([main.codes.scales[live], fresh.codes.scales])
     )
     ids = torch.cat([main.ids[live], fresh.ids])
     attributes = main.attributes.take(live).append(fresh.attributes.decode(range(len(fresh.ids))))
-    vectors = codes.codes.float() * codes.scales[:, None]  # re-quantizing these gives the same codes
+    vectors = dequantize(codes)  # re-quantizing these gives the same codes
     recluster = config.nlist is None and auto_nlist(len(ids)) >= 2 * main.nlist
     segment = Segment.build(vectors, attributes, ids, config, centroids=None if recluster else main.centroids)
-    return _State(segment, None, _empty_fresh(segment))
+    table = None
+    if state.table is not None:
+        before = torch.cat([state.table[live], fresh.table])
+        table = before[IdMap.build(ids).lookup(segment.ids)[0]]  # each row's table row follows its item
+    return _State(segment, None, _empty_fresh(segment, table), table)
 
 
 def _search_fresh(
     fresh: _Fresh, q: torch.Tensor, filters: list[str | None], k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact filtered top-k over the fresh items: scores float32 [B, k], ids int64 [B, k]."""
+    """Exact filtered top-k over the live fresh rows: scores float32 [B, k], fresh rows int64 [B, k]."""
     b = q.shape[0]
     scores = torch.full((b, k), float("-inf"))
     rows = torch.full((b, k), -1, dtype=torch.int64)
-    vectors = fresh.vectors()
+    vectors = dequantize(fresh.codes)
     for expr in dict.fromkeys(filters):
         group = torch.tensor([i for i, f in enumerate(filters) if f == expr])
-        mask = None if expr is None else fresh.attributes.evaluate_filter(expr)
+        mask = fresh.live if expr is None else fresh.live & fresh.attributes.evaluate_filter(expr)
         scores[group], rows[group] = filtered_topk(q[group], vectors, mask, k)
-    return scores, torch.where(rows >= 0, fresh.ids[rows.clamp(min=0)], -1)
+    return scores, rows
 
 
 def _prefixed(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

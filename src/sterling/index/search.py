@@ -61,6 +61,7 @@ import torch
 from sterling.index.attributes import AttributeStore
 from sterling.index.bloom import BloomConfig, BloomIndex, BloomPlan
 from sterling.index.filter import FilterNode, parse
+from sterling.index.id_map import IdMap
 from sterling.index.ivf import IVFLayout, kmeans
 from sterling.index.quant import Int8Codes, quantize
 from sterling.ops.int8_topk import int8_topk
@@ -181,16 +182,6 @@ class _Plan:
     queries: int  # queries of the batch with this filter
     probes: int  # lists the scan probes first (nlist: all); 0: no scan (nothing passes, or gathered)
     gather: bool  # answered by gathering the passing rows (exact, as a scan of all lists)
-
-
-def find_sorted(sorted_ids: torch.Tensor, values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``values[i]`` where ``sorted_ids[i] == id`` for each of ``ids`` (int64 [...]), -1 where the
-    id is absent, and bool [...] found; ``sorted_ids`` int64 [N] ascending, ``values`` int64 [N]."""
-    if not len(sorted_ids):
-        return torch.full_like(ids, -1), torch.zeros_like(ids, dtype=torch.bool)
-    pos = torch.searchsorted(sorted_ids, ids).clamp(max=len(sorted_ids) - 1)
-    found = sorted_ids[pos] == ids
-    return torch.where(found, values[pos], -1), found
 
 
 @dataclass(frozen=True)
@@ -323,14 +314,9 @@ class Segment:
         }
 
     @functools.cached_property
-    def id_order(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ids ascending (int64 [N]) and the row of each (int64 [N]), sorted once."""
-        order = torch.argsort(self.ids)
-        return self.ids[order], order
-
-    def rows_of(self, ids: torch.Tensor) -> torch.Tensor:
-        """int64 [M]: the row of each of ``ids`` (int64 [M]), -1 where absent."""
-        return find_sorted(*self.id_order, ids)[0]
+    def id_map(self) -> IdMap:
+        """External id → segment row, built once."""
+        return IdMap.build(self.ids)
 
     @functools.cached_property
     def _sample_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
