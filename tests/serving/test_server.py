@@ -351,6 +351,54 @@ def test_nan_and_infinity_in_an_embedding_are_refused(server):
         assert status == 422 and out["error"]["code"] == "invalid_request", out
 
 
+def _post(server, path, body: bytes, headers: dict) -> tuple[int, dict]:
+    """A POST with exactly these headers (urllib would add a form Content-Type to a body sent without one)."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    try:
+        connection.request("POST", path, body=body, headers=headers)
+        answer = connection.getresponse()
+        return answer.status, json.loads(answer.read())
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x"],
+)
+def test_a_json_body_without_the_json_content_type_is_a_422_naming_the_header(server, content_type):
+    # curl -d without -H 'Content-Type: application/json' sends application/x-www-form-urlencoded
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    body = json.dumps({"history": history(server), "k": 3}).encode()
+    status, out = _post(server, "/v1/retrieve", body, headers)
+    assert status == 422 and out["error"]["code"] == "invalid_request", out
+    message = out["error"]["message"]
+    assert "Content-Type: application/json" in message and (content_type or "no Content-Type") in message, message
+    assert out["error"]["problems"]  # what FastAPI found, kept beside the message
+    before = (len(server.service.model.index), server.service.model.index.fresh_items)
+    update = json.dumps({"delete": history(server, 1)}).encode()
+    status, out = _post(server, "/v1/items", update, headers | {"Authorization": f"Bearer {TOKEN}"})
+    assert status == 422 and "Content-Type: application/json" in out["error"]["message"], out
+    assert (len(server.service.model.index), server.service.model.index.fresh_items) == before
+    status, out = _post(server, "/v1/admin/reload", b"{}", headers | {"Authorization": f"Bearer {TOKEN}"})
+    assert status == 422 and "Content-Type: application/json" in out["error"]["message"], out
+
+
+def test_a_body_that_is_not_json_says_what_to_send(server):
+    status, out = _post(server, "/v1/retrieve", b'{"k": 3', {"Content-Type": "application/json"})
+    assert status == 422 and out["error"]["code"] == "invalid_request", out
+    assert "not valid JSON" in out["error"]["message"] and "Content-Type: application/json" in out["error"]["message"]
+
+
+@pytest.mark.parametrize("content_type", ["application/json; charset=utf-8", "application/vnd.sterling+json"])
+def test_json_content_types_are_read_as_json(server, content_type):
+    body = json.dumps({"history": history(server), "k": 3}).encode()
+    status, out = _post(server, "/v1/retrieve", body, {"Content-Type": content_type})
+    assert status == 200 and len(out["ids"]) == 3, out
+
+
 def test_a_corrupt_or_missing_snapshot_is_refused_and_the_old_one_keeps_serving(server, tmp_path, snapshots):
     _, a, _, _ = snapshots
     corrupt = tmp_path / "corrupt"

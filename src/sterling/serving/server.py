@@ -13,6 +13,9 @@ Endpoints (OpenAPI at ``/docs`` and ``/openapi.json``):
 Every malformed request is answered 4xx with a JSON body ``{"error": {"code", "message", ...}}``:
 bad JSON, wrong types, unknown fields, NaN / inf, out-of-range ``k``, oversized bodies or lists,
 unknown users, items, features, tasks or formulas, and filter syntax errors (with the position).
+A POST body is read as JSON only under ``Content-Type: application/json`` (FastAPI's strict content
+type: a page in a browser cannot send that cross-site without a CORS preflight); a body sent
+without it (``curl -d`` alone sends form data) is a 422 that names the header.
 An unexpected failure is a 500 with the same body, never a stack trace, and the server keeps going.
 """
 
@@ -167,6 +170,20 @@ class _BodyLimit:
             await _error(413, "too_large", f"the body exceeds {self.limit} bytes")(scope, receive, send)
 
 
+#: What every POST endpoint takes (said by the errors about a body that is not JSON).
+_JSON_BODY = "send a JSON object with the header Content-Type: application/json"
+
+
+def _is_json(content_type: str | None) -> bool:
+    """Whether a Content-Type is the one FastAPI reads a body as JSON under (application/json or
+    application/*+json). Any other type, or none, leaves the body unparsed: a browser may send those
+    cross-site without asking first, so the server does not read them as JSON either."""
+    if not content_type:
+        return False
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
 def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message, **extra}}, status_code=status)
 
@@ -247,12 +264,22 @@ def create_app(config: ServerConfig) -> FastAPI:
         return response
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        errors = e.errors()
         problems = [
-            {"where": ".".join(str(p) for p in err.get("loc", ())), "problem": err.get("msg", "")} for err in e.errors()
+            {"where": ".".join(str(p) for p in err.get("loc", ())), "problem": err.get("msg", "")} for err in errors
         ]
         first = problems[0] if problems else {"where": "body", "problem": "invalid"}
-        return _error(422, "invalid_request", f"{first['where']}: {first['problem']}", problems=problems)
+        message = f"{first['where']}: {first['problem']}"
+        content_type = request.headers.get("content-type")
+        if request.method == "POST" and not _is_json(content_type):
+            # the body was not read as JSON at all (curl -d without -H sends form data): say why
+            got = f"Content-Type: {content_type}" if content_type else "no Content-Type"
+            message = f"the body was not read as JSON: {_JSON_BODY} (got {got})"
+        elif errors and errors[0].get("type") == "json_invalid":
+            why = (errors[0].get("ctx") or {}).get("error", "")
+            message = f"{first['where']}: the body is not valid JSON ({why}): {_JSON_BODY}"
+        return _error(422, "invalid_request", message, problems=problems)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
