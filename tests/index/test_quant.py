@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sterling.index.quant import Int8Codes, dequantize, quantize, quantize_queries
+from sterling.index.quant import Int8Codes, dequantize, quantize
 
 
 @st.composite
@@ -52,11 +52,6 @@ def test_fixed_scale_clamps() -> None:
         quantize(torch.ones(1, 2), scale=0.0)
 
 
-def test_queries_get_one_scale_each() -> None:
-    q = quantize_queries(torch.tensor([[1.0, 2.0], [-30.0, 3.0]]))
-    torch.testing.assert_close(q.scales, torch.tensor([2.0, 30.0]) / 127)
-
-
 def test_take_and_row_scales() -> None:
     x = torch.randn(6, 3)
     per, glob = quantize(x), quantize(x, per_item=False)
@@ -73,8 +68,6 @@ def test_non_finite_is_an_error(bad: float) -> None:
     x[1, 1] = bad
     with pytest.raises(ValueError, match="NaN or inf"):
         quantize(x)
-    with pytest.raises(ValueError, match="NaN or inf"):
-        quantize_queries(x)
 
 
 def test_bad_shapes_and_dtypes() -> None:

@@ -1,4 +1,4 @@
-"""Symmetric int8 quantization of item embeddings and queries (SilverTorch §3.2).
+"""Symmetric int8 quantization of item embeddings (SilverTorch §3.2).
 
 Scheme: ``codes = clamp(round(x / scale), -127, 127)`` and ``x ≈ codes * scale``, with no zero
 point, so an inner product of two quantized vectors is an int32 dot product times the two scales.
@@ -15,8 +15,8 @@ dot of two codes is bounded by 127² · D.
   re-quantization when a fresh item exceeds the old global maximum (upserts clamp nothing). The
   remaining int8 loss disappears with float re-scoring of the int8 top-200 (recall 1.000), where
   float (or fp16) embeddings are kept.
-- **Queries: one scale per query** (``scale_b = max_d |q_bd| / 127``). A positive per-query factor
-  never changes the ranking within a query, so it only rescales the reported scores.
+- **Queries: one scale per query**, quantized by the kernels that take them
+  (:func:`sterling.ops.quantize.quantize_rows`, the per-item scheme here too).
 
 A zero row (all components 0) gets scale 1 and codes 0; NaN or ±inf anywhere is a ValueError.
 """
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-QMAX = 127
+from sterling.ops.quantize import QMAX, float_matrix, int8_codes, quantize_rows
 
 
 @dataclass(frozen=True)
@@ -81,20 +81,6 @@ def _desc(t: torch.Tensor) -> str:
     return f"{t.dtype} {list(t.shape)}"
 
 
-def _check(x: torch.Tensor, name: str) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
-        got = f"{_desc(x)}" if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{name} must be a float tensor [N, D], got {got}")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or inf")
-    return x.float()
-
-
-def _codes(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """int8 codes of float32 ``x`` [N, D] under ``scales`` broadcastable to [N, 1]."""
-    return torch.round(x / scales).clamp_(-QMAX, QMAX).to(torch.int8)
-
-
 def quantize(x: torch.Tensor, per_item: bool = True, scale: float | None = None) -> Int8Codes:
     """Quantizes item embeddings to symmetric int8.
 
@@ -110,24 +96,17 @@ def quantize(x: torch.Tensor, per_item: bool = True, scale: float | None = None)
     Raises:
         ValueError: not a float matrix, NaN or inf, or a non-positive ``scale``.
     """
-    x = _check(x, "x")
+    if per_item and scale is None:
+        return Int8Codes(*quantize_rows(x))
+    x = float_matrix(x, "x")
     if scale is not None:
         if not (float(scale) > 0 and torch.isfinite(torch.tensor(float(scale)))):
             raise ValueError(f"scale must be a finite float > 0, got {scale!r}")
         scales = torch.tensor([float(scale)], dtype=torch.float32)
-        return Int8Codes(_codes(x, scales), scales)
-    if per_item:
-        amax = x.abs().amax(dim=1) if x.shape[1] else torch.zeros(x.shape[0])
-        scales = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax)).float()
-        return Int8Codes(_codes(x, scales[:, None]), scales)
+        return Int8Codes(int8_codes(x, scales), scales)
     amax = float(x.abs().max()) if x.numel() else 0.0
     scales = torch.tensor([amax / QMAX if amax > 0 else 1.0], dtype=torch.float32)
-    return Int8Codes(_codes(x, scales), scales)
-
-
-def quantize_queries(queries: torch.Tensor) -> Int8Codes:
-    """Quantizes queries float [B, D] with one scale per query (see the module docstring)."""
-    return quantize(queries, per_item=True)
+    return Int8Codes(int8_codes(x, scales), scales)
 
 
 def dequantize(q: Int8Codes) -> torch.Tensor:

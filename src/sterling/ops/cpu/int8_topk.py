@@ -1,7 +1,7 @@
 """Exact top-k over int8 rows on CPU: int8 matrix product, bound-driven cut, float re-score.
 
 1. **int8 × int8 product.** The queries are quantized symmetrically (one scale ``f_b`` per query,
-   :func:`sterling.index.quant.quantize_queries`) and ``torch._int_mm`` scores every (query, row)
+   :func:`sterling.ops.quantize.quantize_rows`) and ``torch._int_mm`` scores every (query, row)
    pair on the CPU's int8 dot-product units (VNNI): ``S[b, r] = dot(qcodes[b], codes[r])``, int32
    and exact, about 8x faster than the float32 product at D = 64.
 2. **Cut.** ``a[b, r] = S[b, r] * scales[r]`` approximates the true score divided by ``f_b``, off by
@@ -28,10 +28,10 @@ import numba
 import numpy as np
 import torch
 
-from sterling.index.quant import quantize_queries
 from sterling.ops.cpu.bits import cttz
 from sterling.ops.cpu.ivf_scan import _dot
 from sterling.ops.cpu.threads import run_chunked
+from sterling.ops.quantize import quantize_rows
 
 _MAX_SCORES = 1 << 22  # int32 entries of one chunk's score matrix (16 MiB: stays in cache)
 _MIN_QUERIES_PER_THREAD = 4
@@ -157,12 +157,12 @@ def int8_topk(
         )
         eps = float(_l1_bound(codes_np, scales_np)) / 2 * _SLACK
         groups = min(m, _GROUPS_PER_RESULT * k)
-        quantized = quantize_queries(queries)
+        qcodes, _ = quantize_rows(queries)
         rhs = codes.T if codes.shape[1] > 1 else codes.reshape(1, -1)  # torch 2.13 misreads strides (1, 1)
         step = max(1, _MAX_SCORES // m)
         for lo in range(0, b, step):
             hi = min(b, lo + step)
-            ints = torch._int_mm(quantized.codes[lo:hi], rhs, out=_workspace(hi - lo, m)).numpy()  # int32 [hi - lo, M]
+            ints = torch._int_mm(qcodes[lo:hi], rhs, out=_workspace(hi - lo, m)).numpy()  # int32 [hi - lo, M]
             counts = np.empty(hi - lo, dtype=np.int64)
             run_chunked(
                 _collect, (ints, scales_np, np.float32(eps), k, groups, counts), hi - lo, _MIN_QUERIES_PER_THREAD

@@ -1,0 +1,41 @@
+"""Symmetric int8 quantization with one scale per row: the query side of the int8 kernels, and the
+per-item scheme of the index (:mod:`sterling.index.quant`).
+
+``codes = clamp(round(x / scale), -127, 127)`` and ``x ≈ codes * scale`` with ``scale_r = max_d
+|x_rd| / 127`` (no zero point), so an inner product of two quantized rows is an int32 dot product
+times the two scales. A positive per-query factor never changes the ranking within a query, so it
+only rescales the reported scores. A zero row (all components 0) gets scale 1 and codes 0; NaN or
+±inf anywhere is a ValueError.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["QMAX", "float_matrix", "int8_codes", "quantize_rows"]
+
+QMAX = 127
+
+
+def float_matrix(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``x`` (a finite float tensor ``[N, D]``) as float32; a ValueError naming ``name`` otherwise."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
+        got = f"{x.dtype} {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a float tensor [N, D], got {got}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+    return x.float()
+
+
+def int8_codes(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """int8 codes ``[N, D]`` of float32 ``x`` ``[N, D]`` under ``scales`` broadcastable to ``[N, 1]``."""
+    return torch.round(x / scales).clamp_(-QMAX, QMAX).to(torch.int8)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes int8 ``[N, D]`` and scales float32 ``[N]`` of ``x`` (float ``[N, D]``, finite), one scale
+    per row (see the module docstring)."""
+    x = float_matrix(x, "x")
+    amax = x.abs().amax(dim=1) if x.shape[1] else torch.zeros(x.shape[0])
+    scales = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax)).float()
+    return int8_codes(x, scales[:, None]), scales
