@@ -233,10 +233,6 @@ class IVFLayout:
         """int64 [nlist]: items per cluster."""
         return self.list_offsets.diff()
 
-    @property
-    def max_list_size(self) -> int:
-        return int(self.list_sizes.max())
-
     def labels(self) -> torch.Tensor:
         """int64 [N]: the cluster of every sorted row."""
         return torch.repeat_interleave(torch.arange(self.nlist), self.list_sizes)
