@@ -107,7 +107,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from sterling.index.attributes import AttributeStore, CategoricalColumn, NumericColumn
+from sterling.index.attributes import AttributeStore
+from sterling.index.columns import CategoricalColumn, NumericColumn
 from sterling.index.filter import (
     And,
     Compare,
