@@ -10,7 +10,8 @@ from sterling.data.items import read_items
 from sterling.data.synth import SynthConfig, generate
 from sterling.retrieval.publish import load_model, publish
 from sterling.snapshot import SnapshotError
-from sterling.train.loop import TrainConfig, load_checkpoint, train
+from sterling.train.checkpoint import load_checkpoint
+from sterling.train.loop import TrainConfig, train
 
 
 @pytest.fixture(scope="module")

@@ -32,8 +32,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
+
+from sterling.bench.report import Benchmark
 
 __all__ = ["main"]
 
@@ -97,7 +98,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     )
     log = _log_to_stderr if args.json == "-" else print
     if args.nproc != 1:
-        from sterling.train.distributed import train_distributed
+        from sterling.train.loop import train_distributed
 
         report = train_distributed(Path(args.data), Path(args.out), cfg, args.nproc, log=log)
     else:
@@ -188,71 +189,12 @@ def _cmd_publish(args: argparse.Namespace) -> None:
     print(f"published {out} in {time.perf_counter() - t0:.1f}s")
 
 
-def _user_history(data_dir: Path, user: int, max_len: int) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    """A user's latest ``max_len`` timeline events (item ids, actions) and encoded user features."""
-    import pyarrow.parquet as pq
-
-    from sterling.data.batch import encode_categorical
-    from sterling.data.schema import DatasetPaths, read_roles
-
-    path = DatasetPaths(data_dir).users
-    table = pq.read_table(path, filters=[("user_id", "=", user)])
-    if table.num_rows == 0:
-        raise ValueError(f"user {user} is not in {path}")
-    roles = read_roles(pq.read_schema(path))
-    items = np.asarray(table.column("timeline_item_id")[0].as_py(), dtype=np.int64)[-max_len:]
-    actions = np.asarray(table.column("timeline_action")[0].as_py(), dtype=np.int64)[-max_len:]
-    feats = {f: int(encode_categorical(table.column(f))[0]) for f in roles.user}
-    return items, actions, feats
-
-
 def _cmd_query(args: argparse.Namespace) -> None:
+    from sterling.query import format_recommendations
     from sterling.retrieval.publish import load_model
 
     rec = load_model(Path(args.snapshot))
     print(format_recommendations(rec, args.user, args.history, args.filter, args.k, args.data, args.json))
-
-
-def format_recommendations(
-    rec, user: int | None, history: str | None, filter: str | None, k: int, data: str | None, as_json: bool
-) -> str:
-    """Run one query and render it as a table (or JSON)."""
-    features: dict[str, int] = {}
-    data_dir = Path(data) if data else Path(rec.meta["source"]["data_dir"] or "")
-    if history is not None:
-        items = np.array([int(x) for x in history.split(",") if x.strip()], dtype=np.int64)
-        actions = None
-    else:
-        items, actions, features = _user_history(data_dir, user, rec.config.max_history)
-    k = min(k, rec.config.k0)
-    res = rec.recommend(
-        items.tolist(), filter=filter, k=k, actions=None if actions is None else actions.tolist(), features=features
-    )
-    ids = [i for i in res.ids[0].tolist() if i >= 0]
-    scores = res.scores[0, : len(ids)].tolist()
-    attrs = rec.index.attributes_of(ids) if ids else []
-    titles = _titles(data_dir / "items.parquet", ids)
-    if as_json:
-        return json.dumps(
-            {
-                "user": user,
-                "filter": filter,
-                "k": k,
-                "results": [
-                    {"id": i, "score": s, "attributes": a, **({"title": titles[i]} if i in titles else {})}
-                    for i, s, a in zip(ids, scores, attrs)
-                ],
-            }
-        )
-    head = f"user {user}" if user is not None else f"history of {len(items)} items"
-    lines = [f"{head} · filter: {filter or '(none)'} · {len(ids)} of k={k}"]
-    if not ids:
-        lines.append("  (no item passes the filter)")
-    for rank, (i, s, a) in enumerate(zip(ids, scores, attrs), 1):
-        desc = "  ".join(f"{f}={_show(v)}" for f, v in sorted(a.items()))
-        title = f"{titles[i][:40]:<40}  " if titles else ""
-        lines.append(f"  {rank:>3}  {i:>8}  {s:7.4f}  {title}{desc}")
-    return "\n".join(lines)
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
@@ -314,80 +256,17 @@ def _serve_ray(config, args: argparse.Namespace) -> None:
         run(replace(config, snapshot=snapshot), host=args.host, port=args.port, replicas=replicas)
 
 
-def _titles(items_path: Path, ids: list[int]) -> dict[int, str]:
-    """Titles of ``ids`` from a dataset's items.parquet, when it is at hand and has a title column."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    if not ids or not items_path.is_file() or "title" not in pq.read_schema(items_path).names:
-        return {}
-    table = pq.read_table(items_path, columns=["item_id", "title"])
-    table = table.filter(pc.is_in(table["item_id"], pa.array(ids, pa.int64())))
-    return dict(zip(table["item_id"].to_pylist(), table["title"].to_pylist()))
-
-
-def _show(value) -> str:
-    return "|".join(map(str, value)) if isinstance(value, list) else str(value)
-
-
-def _bench_ann_arguments(p: argparse.ArgumentParser) -> None:
-    from sterling.bench.ann import add_arguments
-
-    add_arguments(p)
-
-
-def _cmd_bench_ann(args: argparse.Namespace) -> None:
-    from sterling.bench.ann import cli
-
-    cli(args)
-
-
-def _bench_roo_arguments(p: argparse.ArgumentParser) -> None:
-    from sterling.bench.roo import add_arguments
-
-    add_arguments(p)
-
-
-def _cmd_bench_roo(args: argparse.Namespace) -> None:
-    from sterling.bench.roo import cli
-
-    cli(args)
-
-
-def _bench_retrieval_arguments(p: argparse.ArgumentParser) -> None:
-    from sterling.bench.retrieval import add_arguments
-
-    add_arguments(p)
-
-
-def _cmd_bench_retrieval(args: argparse.Namespace) -> None:
-    from sterling.bench.retrieval import cli
-
-    cli(args)
-
-
-def _bench_serve_arguments(p: argparse.ArgumentParser) -> None:
-    from sterling.bench.serve import add_arguments
-
-    add_arguments(p)
-
-
-def _cmd_bench_serve(args: argparse.Namespace) -> None:
-    from sterling.bench.serve import cli
-
-    cli(args)
-
-
-def _cmd_bench_shards(args: argparse.Namespace) -> None:
-    from sterling.bench.shards import cli
-
-    cli(args)
-
-
 def _cmd_demo(args: argparse.Namespace) -> None:
     from sterling.demo import run_demo
 
     run_demo(Path(args.workdir), quick=args.quick)
+
+
+def _benchmarks() -> tuple[Benchmark, ...]:
+    """The ``sterling bench`` sub-commands, in the order of ``sterling bench --help``."""
+    from sterling.bench import ann, retrieval, roo, serve, shards
+
+    return ann.BENCHMARK, roo.BENCHMARK, retrieval.BENCHMARK, serve.BENCHMARK, shards.BENCHMARK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -495,26 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks against the named peers, JSON out")
     bsub = b.add_subparsers(dest="bench_command", required=True)
-    ann = bsub.add_parser("ann", help="filtered top-k: sterling vs FAISS (flat, IVF-SQ8, pre-filter) and hnswlib")
-    _bench_ann_arguments(ann)
-    ann.set_defaults(func=_cmd_bench_ann)
-    roo = bsub.add_parser("roo", help="ROO vs impression-level training of one HSTU ranker: speed, memory, NE, storage")
-    _bench_roo_arguments(roo)
-    roo.set_defaults(func=_cmd_bench_roo)
-    ret = bsub.add_parser("retrieval", help="the quality table: exact, int8 + Bloom, + OverArch, + Value Model")
-    _bench_retrieval_arguments(ret)
-    ret.set_defaults(func=_cmd_bench_retrieval)
-    srv = bsub.add_parser(
-        "serve", help="the HTTP server under load: max QPS at a P99 budget, batched vs not, swap + live updates"
-    )
-    _bench_serve_arguments(srv)
-    srv.set_defaults(func=_cmd_bench_serve)
-    sh = bsub.add_parser("shards", help="item-sharded serving on Ray Serve, 1 vs 2 shards, beside one process")
-    sh.add_argument("--quick", action="store_true", help="20,000 items and short steps (a few minutes)")
-    sh.add_argument("--items", type=int, help="catalogue size (default 1,000,000)")
-    sh.add_argument("--snapshots", help="directory to build the snapshot in and reuse it from")
-    sh.add_argument("--json", help="write the rows and the summary here")
-    sh.set_defaults(func=_cmd_bench_shards)
+    for bench in _benchmarks():
+        bp = bsub.add_parser(bench.name, help=bench.help)
+        bench.add_arguments(bp)
+        bp.set_defaults(func=bench.run)
 
     sv = sub.add_parser("serve", help="the published model over HTTP: retrieve, rank, live items, metrics")
     sv.add_argument("--snapshot", required=True)

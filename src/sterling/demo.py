@@ -15,17 +15,14 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from sterling.cli import format_recommendations
 from sterling.data.schema import DatasetPaths
 from sterling.data.stats import dataset_stats, format_stats
-from sterling.data.synth import SynthConfig, generate
+from sterling.data.synth import DEMO_VALUE, SynthConfig, generate
+from sterling.query import format_recommendations
 from sterling.retrieval.publish import load_model, publish
 from sterling.train.loop import TrainConfig, train
 
-__all__ = ["DEMO_FILTERS", "DEMO_VALUE", "run_demo"]
-
-#: The demo's Value Model: clicks first, likes and shares as bonuses.
-DEMO_VALUE = "click + 0.5*like^0.5 + 0.25*share"
+__all__ = ["DEMO_FILTERS", "run_demo"]
 
 #: Filters the demo shows: a broad one, a multi-valued IN with NOT, a numeric range, and an
 #: unknown value (matches nothing, by design).

@@ -15,8 +15,8 @@ from sterling.data.schema import read_roles
 from sterling.data.synth import SynthConfig, generate
 from sterling.models.towers import ItemTerms, TwoTower, TwoTowerConfig
 from sterling.snapshot import read_snapshot
-from sterling.train.distributed import run_ranks, train_distributed
-from sterling.train.loop import TrainConfig, backward_step, train
+from sterling.train.distributed import run_ranks
+from sterling.train.loop import TrainConfig, backward_step, train, train_distributed
 from sterling.train.losses import TwoTowerObjective
 
 pytestmark = [

@@ -18,7 +18,9 @@ from sterling.data.schema import DatasetPaths
 from sterling.data.synth import SynthConfig, generate
 from sterling.models.overarch import MLPOverArch, MoLOverArch
 from sterling.models.towers import ItemTerms
-from sterling.train.loop import TrainConfig, encode_catalog, holdout_requests, load_checkpoint, train
+from sterling.train.checkpoint import load_checkpoint
+from sterling.train.encode import encode_catalog
+from sterling.train.loop import TrainConfig, train
 from sterling.train.overarch import (
     OverArchTrainConfig,
     _candidates,
@@ -28,6 +30,7 @@ from sterling.train.overarch import (
     overarch_loss,
     train_overarch,
 )
+from sterling.train.split import holdout_requests
 
 # ---- the losses ------------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ distinct filter; that is the price a FAISS user pays for them, and the table sho
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import platform
@@ -38,9 +39,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sterling.bench.report import write_json
+from sterling.bench.report import Benchmark, write_json
 from sterling.index.attributes import AttributeStore
 from sterling.index.item_index import IndexConfig, ItemIndex
+from sterling.testing.embeddings import structured
 
 __all__ = ["AnnBenchConfig", "Catalogue", "make_catalogue", "run"]
 
@@ -87,17 +89,6 @@ class Catalogue:
     store: AttributeStore  # the same attributes, for exact filter evaluation
     queries: np.ndarray  # float32 [Q, D]
     filters: dict[str, list[str]]  # selectivity label → Q filter strings
-
-
-def structured(rng: np.random.Generator, n: int, d: int, intrinsic: int = 10) -> np.ndarray:
-    """float32 [n, d], unit norm: the recipe of ``faiss.contrib.datasets.SyntheticDataset`` (a
-    ``intrinsic``-dimensional Gaussian mapped linearly into d dimensions, then through sin with
-    random per-dimension frequencies, so the data lie near a curved low-dimensional manifold, as
-    learned embeddings do), normalised for inner-product search."""
-    basis = rng.random((intrinsic, d))
-    frequency = rng.random(d) * 4 + 0.1
-    x = np.sin((rng.standard_normal((n, intrinsic)) @ basis) * frequency).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def make_catalogue(cfg: AnnBenchConfig) -> Catalogue:
@@ -472,7 +463,7 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path)
 
 
-def add_arguments(p) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="100k items, fewer configurations (under a minute)")
     p.add_argument("--n", type=int, help="catalogue size (default 1,000,000; 100,000 with --quick)")
     p.add_argument("--json", dest="json_path", help="write the rows and the machine here")
@@ -491,7 +482,7 @@ def add_arguments(p) -> None:
     )
 
 
-def cli(args) -> int:
+def cli(args: argparse.Namespace) -> int:
     cfg = AnnBenchConfig.quick() if args.quick else AnnBenchConfig()
     if args.n:
         cfg = replace(cfg, n=args.n)
@@ -511,3 +502,11 @@ def cli(args) -> int:
     if args.plot:
         plot(result, Path(args.plot))
     return 0
+
+
+BENCHMARK = Benchmark(
+    "ann",
+    "filtered top-k: sterling vs FAISS (flat, IVF-SQ8, pre-filter) and hnswlib",
+    add_arguments,
+    cli,
+)

@@ -1,11 +1,33 @@
-"""What every benchmark does with its result: the JSON file beside the printed table."""
+"""What every benchmark shares: its declaration as a ``sterling bench`` sub-command
+(:class:`Benchmark`, one ``BENCHMARK`` per module, from which :mod:`sterling.cli` builds the
+sub-commands) and the JSON file beside its printed table."""
 
 from __future__ import annotations
 
+import argparse
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["write_json"]
+__all__ = ["Benchmark", "write_json"]
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One ``sterling bench NAME`` sub-command.
+
+    Args:
+        name (str): the sub-command.
+        help (str): its line in ``sterling bench --help``.
+        add_arguments (Callable[[argparse.ArgumentParser], None]): adds its options to a parser.
+        run (Callable[[argparse.Namespace], int]): runs it on the parsed options; the exit status.
+    """
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
 
 
 def write_json(path: str | Path | None, result: dict) -> None:

@@ -19,6 +19,7 @@ tower → rounding → OverArch item state), reporting both rates and whether th
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -28,17 +29,22 @@ import numpy as np
 import torch
 
 from sterling.bench.ann import DEFAULT_MOVIELENS, machine
-from sterling.bench.report import write_json
+from sterling.bench.report import Benchmark, write_json
 from sterling.data.batch import ItemCatalog, RequestBatch, RequestReader
 from sterling.data.items import read_items
 from sterling.data.movielens import load_movielens
 from sterling.data.schema import DatasetPaths
 from sterling.data.synth import SynthConfig, generate
 from sterling.models.towers import ItemTerms
-from sterling.retrieval.model import RetrievalModel, UserInputs
-from sterling.retrieval.publish import cache_rows, load_model, publish
-from sterling.train.loop import TrainConfig, encode_catalog, holdout_requests, load_checkpoint, train
+from sterling.retrieval.inputs import UserInputs
+from sterling.retrieval.item_table import cache_rows
+from sterling.retrieval.model import RetrievalModel
+from sterling.retrieval.publish import load_model, publish
+from sterling.train.checkpoint import load_checkpoint
+from sterling.train.encode import encode_catalog
+from sterling.train.loop import TrainConfig, train
 from sterling.train.metrics import recall_at_k
+from sterling.train.split import holdout_requests
 
 __all__ = ["RetrievalBenchConfig", "ROWS", "run"]
 
@@ -179,15 +185,16 @@ def _ranking(
 ) -> dict:
     """The ranking entry point with the cache against recomputing the item side per request."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    n = len(model.ids)
-    item_ids = [model.ids[torch.randint(n, (x.batch_size, cfg.rank_candidates), generator=gen)] for x in inputs]
+    ids = model.index.ids
+    n = len(ids)
+    item_ids = [ids[torch.randint(n, (x.batch_size, cfg.rank_candidates), generator=gen)] for x in inputs]
     catalog = ItemCatalog(ckpt.item_ids)
 
     def recomputed(x: UserInputs, ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             users, queries = model.encode(x)
             rows = torch.from_numpy(catalog.rows(ids.reshape(-1).numpy()))
-            state = cache_rows(ckpt.model.encode_items(rows, item_terms), model.overarch, model.cache.dtype)
+            state = cache_rows(ckpt.model.encode_items(rows, item_terms), model.overarch, model.items.dtype)
             history, mask = model.history(x)
             logits = model.overarch(users, queries, history, mask, state.float().view(*ids.shape, -1))
         return torch.sigmoid(logits)
@@ -248,7 +255,7 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(p) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a small synthetic run (smoke test)")
     p.add_argument(
         "--movielens",
@@ -259,7 +266,7 @@ def add_arguments(p) -> None:
     p.add_argument("--json", metavar="PATH", help="write the result as JSON")
 
 
-def cli(args) -> int:
+def cli(args: argparse.Namespace) -> int:
     cfg = RetrievalBenchConfig.quick() if args.quick else RetrievalBenchConfig()
     ml = None if args.movielens in (None, "none") or args.quick else Path(args.movielens)
     if ml is not None and not ml.is_dir():
@@ -269,3 +276,11 @@ def cli(args) -> int:
     print(format_table(result))
     write_json(args.json, result)
     return 0
+
+
+BENCHMARK = Benchmark(
+    "retrieval",
+    "the quality table: exact, int8 + Bloom, + OverArch, + Value Model",
+    add_arguments,
+    cli,
+)

@@ -25,13 +25,14 @@ histories of 200-400 events, the regime of the issue), and MovieLens pseudo-requ
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from sterling.bench.ann import DEFAULT_MOVIELENS, machine
-from sterling.bench.report import write_json
+from sterling.bench.report import Benchmark, write_json
 from sterling.data.movielens import load_movielens
 from sterling.data.stats import dataset_stats
 from sterling.data.synth import SynthConfig, generate
@@ -236,7 +237,7 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(p) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a small dataset and budget (about a minute)")
     p.add_argument("--json", dest="json_path", help="write the rows, storage, summary and machine here")
     p.add_argument("--impressions", type=int, help="training impressions of the impression and roo arms")
@@ -248,7 +249,7 @@ def add_arguments(p) -> None:
     )
 
 
-def cli(args) -> int:
+def cli(args: argparse.Namespace) -> int:
     bench = RooBenchConfig.quick() if args.quick else RooBenchConfig()
     if args.impressions:
         bench = replace(bench, impressions=args.impressions)
@@ -259,3 +260,11 @@ def cli(args) -> int:
     print(format_table(result))
     write_json(args.json_path, result)
     return 0
+
+
+BENCHMARK = Benchmark(
+    "roo",
+    "ROO vs impression-level training of one HSTU ranker: speed, memory, NE, storage",
+    add_arguments,
+    cli,
+)

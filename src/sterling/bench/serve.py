@@ -1,10 +1,10 @@
 """``sterling bench serve``: the HTTP server under load, with and without micro-batching, and during a
 snapshot swap with live item updates.
 
-Set-up: a synthetic served-model snapshot (:func:`~sterling.bench.serve_snapshot.build_serving_snapshot`,
+Set-up: a synthetic served-model snapshot (:func:`~sterling.testing.snapshots.build_serving_snapshot`,
 1,000,000 items by default; a second one, other weights over the same catalogue, to swap to), each mode's server started
 as its own process (``sterling serve``) on 127.0.0.1, and the request mix of
-:func:`~sterling.bench.serve_snapshot.request_mix` (histories of 10-100 items, filters from none to
+:func:`~sterling.testing.snapshots.request_mix` (histories of 10-100 items, filters from none to
 rare, k from 10 to 100).
 
 Load: an **open-loop** generator (aiohttp) sends requests at a fixed offered rate for a few seconds
@@ -32,6 +32,7 @@ bounds of what the server alone could do.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -48,8 +49,8 @@ from pathlib import Path
 import numpy as np
 
 from sterling.bench.ann import machine
-from sterling.bench.report import write_json
-from sterling.bench.serve_snapshot import build_serving_snapshot, request_mix
+from sterling.bench.report import Benchmark, write_json
+from sterling.testing.snapshots import build_serving_snapshot, request_mix
 
 __all__ = ["ServeBenchConfig", "format_table", "run"]
 
@@ -321,7 +322,7 @@ def index_recall(snapshot: Path, mix: list[dict], n: int) -> dict:
     _, queries = model.encode(inputs)
     b, t, d = queries.shape
     filters = [r["filter"] for r in reqs for _ in range(t)]
-    k0, nlist = model.config.k0, model.centroids.shape[0]
+    k0, nlist = model.config.k0, model.index.executor_tensors()["centroids"].shape[0]
     served = model.index.search(queries.reshape(b * t, d), k=k0, filter=filters, nprobe=model.config.nprobe).ids
     exact = model.index.search(queries.reshape(b * t, d), k=k0, filter=filters, nprobe=nlist).ids
     hits = total = 0
@@ -420,14 +421,14 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(p) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="20,000 items and short steps (about a minute)")
     p.add_argument("--items", type=int, help="catalogue size (default 1,000,000)")
     p.add_argument("--snapshots", help="directory to build the snapshots in and reuse them from")
     p.add_argument("--json", help="write the rows and the summary here")
 
 
-def cli(args) -> int:
+def cli(args: argparse.Namespace) -> int:
     cfg = ServeBenchConfig.quick() if args.quick else ServeBenchConfig()
     if args.items:
         cfg = ServeBenchConfig(**{**asdict(cfg), "num_items": args.items})
@@ -437,3 +438,11 @@ def cli(args) -> int:
     print(format_table(result))
     write_json(args.json, result)
     return 0
+
+
+BENCHMARK = Benchmark(
+    "serve",
+    "the HTTP server under load: max QPS at a P99 budget, batched vs not, swap + live updates",
+    add_arguments,
+    cli,
+)

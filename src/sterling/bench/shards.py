@@ -2,7 +2,7 @@
 single-process server, in one run (``[ray]`` and ``[serve]`` extras).
 
 Set-up: the synthetic served-model snapshot of ``sterling bench serve``
-(:func:`~sterling.bench.serve_snapshot.build_serving_snapshot`, 1,000,000 items by default), split
+(:func:`~sterling.testing.snapshots.build_serving_snapshot`, 1,000,000 items by default), split
 into 1 and 2 item shards (:func:`~sterling.serving.shards.split_snapshot`); each server in its own
 process on 127.0.0.1 (``sterling serve`` and ``sterling serve --engine ray --shards N``), all with
 the same micro-batching. Load: the open-loop ladder of ``bench serve`` on its request mix; the
@@ -19,6 +19,7 @@ machine's cores (2 here), so sharding cannot add compute; it shows the cost of t
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import random
@@ -29,10 +30,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from sterling.bench.ann import machine
-from sterling.bench.report import write_json
+from sterling.bench.report import Benchmark, write_json
 from sterling.bench.serve import ServeBenchConfig, ServerProcess, Step, best_qps, index_recall, ladder
-from sterling.bench.serve_snapshot import build_serving_snapshot, request_mix
 from sterling.serving.shards import split_snapshot
+from sterling.testing.snapshots import build_serving_snapshot, request_mix
 
 __all__ = ["ShardsBenchConfig", "run"]
 
@@ -165,7 +166,14 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def cli(args) -> int:
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="20,000 items and short steps (a few minutes)")
+    p.add_argument("--items", type=int, help="catalogue size (default 1,000,000)")
+    p.add_argument("--snapshots", help="directory to build the snapshot in and reuse it from")
+    p.add_argument("--json", help="write the rows and the summary here")
+
+
+def cli(args: argparse.Namespace) -> int:
     cfg = ShardsBenchConfig.quick() if args.quick else ShardsBenchConfig()
     if args.items:
         cfg = replace(cfg, load=replace(cfg.load, num_items=args.items))
@@ -175,3 +183,11 @@ def cli(args) -> int:
     print(format_table(result))
     write_json(args.json, result)
     return 0
+
+
+BENCHMARK = Benchmark(
+    "shards",
+    "item-sharded serving on Ray Serve, 1 vs 2 shards, beside one process",
+    add_arguments,
+    cli,
+)

@@ -71,6 +71,9 @@ ROLES = Roles(
     attributes=("category", "language", "region", "creator", "tags", "year"),
     display=("title",),
 )
+#: The Value Model over the synthetic tasks (the demo's and the synthetic served snapshot's):
+#: clicks first, likes and shares as bonuses.
+DEMO_VALUE = "click + 0.5*like^0.5 + 0.25*share"
 DAY = 86_400
 
 

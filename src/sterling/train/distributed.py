@@ -10,10 +10,12 @@ batch; DDP averages gradients, so each rank back-propagates ``world × its loss`
 the single-process update of the same global batch (equal up to float summation order:
 ``tests/train/test_distributed.py``). Backend: gloo on CPU, nccl on GPU.
 
+A leaf of :mod:`sterling.train`: the trainers call it (``sterling.train.loop.train_distributed``).
+
 Example::
 
-    from sterling.train.distributed import train_distributed
-    report = train_distributed(Path("runs/synth"), Path("runs/ckpt"), TrainConfig(), nproc=2)
+    from sterling.train.distributed import run_ranks
+    report = run_ranks(train, (Path("runs/synth"), Path("runs/ckpt"), TrainConfig(), print), nproc=2)
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["rank_and_world", "run_ranks", "shard_bounds", "train_distributed"]
+__all__ = ["rank_and_world", "run_ranks", "shard_bounds"]
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -84,11 +86,3 @@ def run_ranks(fn: Callable, args: tuple, nproc: int):
             start_method="spawn",
         )
         return pickle.loads(Path(result_path).read_bytes())
-
-
-def train_distributed(data_dir: Path, out_dir: Path, cfg, nproc: int, log: Callable[[str], None] = print):
-    """:func:`sterling.train.loop.train` on ``nproc`` processes; rank 0 evaluates, writes the
-    checkpoint and returns the report (the other ranks log nothing)."""
-    from sterling.train.loop import train
-
-    return run_ranks(train, (Path(data_dir), Path(out_dir), cfg, log), nproc)

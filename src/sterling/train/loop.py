@@ -1,10 +1,10 @@
 """Training loop of the thin two-tower model on request-level (ROO) data, with a held-out
-evaluation and a checkpoint in the snapshot format.
+evaluation and a checkpoint (:mod:`sterling.train.checkpoint`).
 
-Split: each user's last request (users with at least two requests) is held out; the model trains on
-the rest. Evaluation is full-catalogue: the held-out request's user embedding searches every item
-(exact, through :class:`~sterling.ItemIndex`), and recall@k counts the request's engaged items
-found, beside a most-popular baseline. AUC per task is computed on the held-out impressions.
+Split: each user's last request (users with at least two requests) is held out
+(:mod:`sterling.train.split`); the model trains on the rest. Evaluation is full-catalogue: the
+held-out request's user embedding searches every item (exact, through :class:`~sterling.ItemIndex`),
+and recall@k counts the request's engaged items found, beside a most-popular baseline. AUC per task is computed on the held-out impressions.
 """
 
 from __future__ import annotations
@@ -24,15 +24,16 @@ from sterling.data.batch import ItemCatalog, RequestBatch, RequestReader
 from sterling.data.items import read_items
 from sterling.data.schema import DatasetPaths, read_roles
 from sterling.index.item_index import ItemIndex
-from sterling.models.overarch import OverArch, OverArchConfig, make_overarch
 from sterling.models.towers import ItemTerms, TwoTower, TwoTowerConfig
-from sterling.snapshot import read_snapshot, write_snapshot
-from sterling.train.distributed import rank_and_world, shard_bounds
+from sterling.train.checkpoint import write_checkpoint
+from sterling.train.distributed import rank_and_world, run_ranks, shard_bounds
+from sterling.train.encode import encode_catalog, encode_requests
 from sterling.train.losses import TwoTowerObjective
 from sterling.train.metrics import auc, recall_at_k
 from sterling.train.overarch import OverArchTrainConfig, train_overarch
+from sterling.train.split import holdout_requests
 
-__all__ = ["Checkpoint", "TrainConfig", "TrainReport", "holdout_requests", "load_checkpoint", "train"]
+__all__ = ["TrainConfig", "TrainReport", "train", "train_distributed"]
 
 
 @dataclass(frozen=True)
@@ -80,41 +81,13 @@ class TrainReport:
     metrics: dict = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class Checkpoint:
-    """A trained model, its OverArch (if one was trained), the item ids of its catalogue (row
-    order) and the run's metadata."""
-
-    model: TwoTower
-    overarch: OverArch | None
-    item_ids: np.ndarray
-    meta: dict
-
-    @property
-    def term_vocab(self) -> tuple[str, ...]:
-        """The attribute-term vocabulary the item tower was trained with."""
-        return tuple(self.meta["item_terms"])
-
-
-def holdout_requests(requests_path: Path) -> np.ndarray:
-    """Request ids ``int64 [H]``: the latest request of every user who has at least two."""
-    t = pq.read_table(requests_path, columns=["request_id", "user_id", "ts"]).sort_by(
-        [("user_id", "ascending"), ("ts", "ascending"), ("request_id", "ascending")]
-    )
-    users = t.column("user_id").to_numpy()
-    ids = t.column("request_id").to_numpy()
-    last = np.flatnonzero(np.append(users[1:] != users[:-1], True))
-    first = np.flatnonzero(np.insert(users[1:] != users[:-1], 0, True))
-    return ids[last[last != first]]
-
-
 def train(
     data_dir: Path, out_dir: Path, cfg: TrainConfig = TrainConfig(), log: Callable[[str], None] = print
 ) -> TrainReport:
     """Train on ``data_dir`` (request format), evaluate on the held-out requests, write a checkpoint
-    to ``out_dir``. Inside a torch.distributed process group (:func:`sterling.train.distributed.
-    train_distributed`) each rank trains on its share of every batch's requests, and rank 0 alone
-    evaluates, trains the OverArch stage and writes the checkpoint."""
+    to ``out_dir``. Inside a torch.distributed process group (:func:`train_distributed`) each rank
+    trains on its share of every batch's requests, and rank 0 alone evaluates, trains the OverArch
+    stage and writes the checkpoint."""
     rank, world = rank_and_world()
     if rank != 0:
         log = _silent
@@ -176,24 +149,21 @@ def train(
     )
     for name, value in metrics.items():
         log(f"  {name}: {value:.4f}")
-    meta = {
-        "kind": "checkpoint",
-        "model": model_cfg.to_json(),
-        "train": asdict(cfg),
-        "item_terms": list(item_terms.vocab),
-        "data_dir": str(Path(data_dir).resolve()),
-        "metrics": metrics,
-        "overarch": None,
-    }
-    files = {"model": {k: v.detach().contiguous() for k, v in model.state_dict().items()}}
-    files["model"]["catalog.item_ids"] = torch.from_numpy(np.ascontiguousarray(item_ids))
+    arch = None
     if cfg.overarch is not None:
         vectors = encode_catalog(model, item_terms, len(catalog))
         arch = train_overarch(model, reader, vectors, holdout, cfg.overarch, retrieval_task, log)
-        meta["overarch"] = arch.cfg.to_json()
-        files["overarch"] = {k: v.detach().contiguous() for k, v in arch.state_dict().items()}
-    path = write_snapshot(Path(out_dir), files, meta)
+    run = {"train": asdict(cfg), "data_dir": str(Path(data_dir).resolve()), "metrics": metrics}
+    path = write_checkpoint(Path(out_dir), model, item_ids, item_terms, arch, run)
     return TrainReport(path, steps, train_s, seen / max(train_s, 1e-9), metrics)
+
+
+def train_distributed(
+    data_dir: Path, out_dir: Path, cfg: TrainConfig, nproc: int, log: Callable[[str], None] = print
+) -> TrainReport:
+    """:func:`train` on ``nproc`` processes (:func:`sterling.train.distributed.run_ranks`); rank 0
+    evaluates, writes the checkpoint and returns the report (the other ranks log nothing)."""
+    return run_ranks(train, (Path(data_dir), Path(out_dir), cfg, log), nproc)
 
 
 def backward_step(
@@ -232,25 +202,6 @@ def item_counts(
         impressions += torch.bincount(batch.item_rows, minlength=num_items)
         engagements.index_add_(0, batch.item_rows, batch.labels[:, retrieval_task])
     return impressions / impressions.sum(), engagements
-
-
-@torch.no_grad()
-def encode_catalog(model: TwoTower, item_terms: ItemTerms, num_items: int, chunk: int = 8192) -> torch.Tensor:
-    """Embeddings ``float [N, D]`` of every item, in catalogue order."""
-    return torch.cat(
-        [model.encode_items(torch.arange(s, min(s + chunk, num_items)), item_terms) for s in range(0, num_items, chunk)]
-    )
-
-
-@torch.no_grad()
-def encode_requests(model: TwoTower, batch: RequestBatch, item_vectors: torch.Tensor) -> torch.Tensor:
-    """User embeddings ``[R, D]`` of a batch's requests, reading history through ``item_vectors [N, D]``."""
-    return model.encode_users(
-        item_vectors[batch.history_items],
-        batch.history_actions,
-        batch.history_offsets,
-        {**batch.context, **batch.user_features},
-    )
 
 
 @torch.no_grad()
@@ -293,21 +244,3 @@ def evaluate(
     for t, name in enumerate(model.cfg.tasks):
         metrics[f"auc_{name}"] = auc(s[:, t], y[:, t])
     return metrics
-
-
-def load_checkpoint(path: Path) -> Checkpoint:
-    """Load a checkpoint written by :func:`train` (checksums verified, no pickle)."""
-    snap = read_snapshot(Path(path))
-    if snap.meta.get("kind") != "checkpoint":
-        raise ValueError(f"{path} is a snapshot of kind {snap.meta.get('kind')!r}, not a training checkpoint")
-    tensors = dict(snap.tensors["model"])
-    item_ids = tensors.pop("catalog.item_ids").numpy()
-    model = TwoTower(TwoTowerConfig.from_json(snap.meta["model"]))
-    model.load_state_dict(tensors)
-    model.eval()
-    arch = None
-    if snap.meta.get("overarch") is not None:
-        arch = make_overarch(OverArchConfig(**snap.meta["overarch"]))
-        arch.load_state_dict(snap.tensors["overarch"])
-        arch.eval()
-    return Checkpoint(model, arch, item_ids, snap.meta)

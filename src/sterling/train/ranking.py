@@ -20,7 +20,7 @@ faster way to compute the *same* gradient, not a reweighted objective; with a pe
 request of 50 impressions would count as much as a request of 1. DLRM-v3 averages the same way.
 
 **Held-out evaluation.** Each user's last request (users with at least two) is held out, as in
-:mod:`sterling.train.loop`; its impressions are scored in ROO mode (identical predictions, see
+:mod:`sterling.train.split`; its impressions are scored in ROO mode (identical predictions, see
 ``tests/models/test_ranker.py``) and each task gets AUC, NE and GAUC (grouped by request).
 """
 
@@ -41,8 +41,8 @@ from sterling.data.batch import ItemCatalog, RequestBatch, RequestReader
 from sterling.data.items import read_items
 from sterling.data.schema import DatasetPaths, read_roles
 from sterling.models.ranker import MODES, RankerConfig, SequenceRanker
-from sterling.train.loop import holdout_requests
 from sterling.train.metrics import auc, gauc, ne
+from sterling.train.split import holdout_requests
 
 __all__ = ["RankingConfig", "RankingReport", "accumulate_gradient", "peak_rss_mb", "ranking_loss", "train_ranker"]
 

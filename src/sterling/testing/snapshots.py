@@ -1,4 +1,5 @@
-"""A large served-model snapshot built without training, and a request mix, for the serving load test.
+"""A large served-model snapshot built without training, and a request mix: the serving load test's
+and the serving tests' fixture.
 
 :func:`build_serving_snapshot` writes what :func:`sterling.retrieval.publish.publish` writes (through
 :func:`~sterling.retrieval.publish.write_model_snapshot`) over a synthetic catalogue and randomly
@@ -6,8 +7,9 @@ initialised, seeded towers (1,000,000 items: about 30 s and 3.6 GB of memory on 
 on disk):
 
 * **item embeddings** ``float [N, D]``, unit norm: the curved low-dimensional manifold of
-  :func:`sterling.bench.ann.structured`, shifted towards one of 20 category centres, so the items
-  cluster like learned embeddings do and an IVF index probing a few lists finds the nearest ones;
+  :func:`sterling.testing.embeddings.structured`, shifted towards one of 20 category centres, so
+  the items cluster like learned embeddings do and an IVF index probing a few lists finds the
+  nearest ones;
 * **attributes** in the vocabulary of :mod:`sterling.data.synth` (whose filters therefore apply):
   ``category`` (20, skewed; the embedding's cluster), ``tags`` (1-4 of 60, mostly the category's
   own three), ``language`` (8, skewed), ``region`` (1-3 of 10), ``creator`` (Zipf over ``N / 20``
@@ -36,14 +38,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sterling.bench.ann import structured
-from sterling.data.synth import CATEGORIES, LANGUAGE_SHARES, LANGUAGES, REGIONS, ROLES, TAG_SUFFIXES
-from sterling.demo import DEMO_VALUE
+from sterling.data.synth import (
+    CATEGORIES,
+    DEMO_VALUE,
+    LANGUAGE_SHARES,
+    LANGUAGES,
+    REGIONS,
+    ROLES,
+    TAG_SUFFIXES,
+)
 from sterling.index.item_index import IndexConfig
 from sterling.models.overarch import OverArchConfig, make_overarch
 from sterling.models.towers import TaskQueries, TwoTowerConfig, UserTower
-from sterling.retrieval.model import RetrievalModel, ServingConfig
+from sterling.retrieval.config import ServingConfig
+from sterling.retrieval.model import RetrievalModel
 from sterling.retrieval.publish import load_model, write_model_snapshot
+from sterling.testing.embeddings import structured
 
 __all__ = ["build_serving_snapshot", "request_mix"]
 
@@ -192,7 +202,10 @@ def request_mix(model: RetrievalModel | str | Path, n: int, seed: int = 0) -> li
     if not isinstance(model, RetrievalModel):
         model = load_model(Path(model))
     ids = model.index.ids.tolist()  # IVF order: neighbours sit together
-    rng, span = random.Random(seed), len(ids) // model.centroids.shape[0]  # an IVF list's length
+    rng, span = (
+        random.Random(seed),
+        len(ids) // model.index.executor_tensors()["centroids"].shape[0],
+    )  # an IVF list's length
     weights, templates = zip(*_FILTERS)
     out = []
     for _ in range(n):

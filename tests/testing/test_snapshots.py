@@ -9,12 +9,12 @@ from collections import Counter
 import pytest
 import torch
 
-from sterling.bench.serve_snapshot import TAGS, build_serving_snapshot, request_mix
 from sterling.data.synth import CATEGORIES, LANGUAGES, REGIONS
 from sterling.index.filter import And, Compare, Not, Or, Term, parse
 from sterling.models.overarch import MoLOverArch
 from sterling.retrieval.publish import load_model
 from sterling.snapshot import read_snapshot
+from sterling.testing.snapshots import TAGS, build_serving_snapshot, request_mix
 
 N = 3_000
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "=": operator.eq, "!=": operator.ne}
@@ -52,10 +52,10 @@ def passes(node, item: dict) -> bool:
 
 
 def test_the_snapshot_is_a_published_model_of_the_demo_towers(model):
-    assert len(model.index) == N and model.dim == 64 and model.cache.dtype == torch.float16
+    assert len(model.index) == N and model.dim == 64 and model.static_tensors()["cache"].dtype == torch.float16
     assert model.config.tasks == ("click", "like", "share") and model.config.k0 == 200 and model.config.nprobe == 32
     assert model.config.features == ("surface", "hour", "age_bucket", "country")
-    assert isinstance(model.overarch, MoLOverArch) and model.value_model is not None
+    assert isinstance(model.overarch, MoLOverArch) and model.values.configured is not None
     assert model.meta["towers"]["num_items"] == N and model.meta["source"] == {
         "synthetic": {"num_items": N, "dim": 64, "seed": 3, "model_seed": None}
     }

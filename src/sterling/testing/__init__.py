@@ -1,0 +1,1 @@
+"""Fixtures shared by tests and benchmarks: synthetic embeddings and synthetic served snapshots."""
