@@ -23,6 +23,9 @@ demo: $(STAMP)
 	$(BIN)/sterling demo
 
 test: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 clean:
