@@ -1,4 +1,5 @@
-"""BloomIndex: superset of the exact filter for any order and range, exact plans, layout, FPR."""
+"""BloomIndex: plans (run by ops/plan_program) are supersets of the exact filter for any order and
+row subset, exact plans are exact, layout, hashing, snapshots, FPR."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import math
 import numpy as np
 import pytest
 import torch
-from filter_oracle import catalogues, filter_trees, render, schema, zipf_catalogue
+from filter_oracle import catalogues, filter_trees, oracle, render, schema, zipf_catalogue
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sterling.index.attributes import AttributeStore
 from sterling.index.bloom import BloomConfig, BloomIndex, term_positions
+from sterling.index.bloom_plan import BloomPlan
 from sterling.index.filter import FilterError, In, Not, Term, parse
+from sterling.ops.plan_program import encode, plan_mask, plan_words
 
 configs = st.builds(
     BloomConfig,
@@ -29,29 +32,25 @@ configs = st.builds(
 )
 
 
+def mask_of(index: BloomIndex, plan: BloomPlan) -> torch.Tensor:
+    """bool [N]: the rows that may pass ``plan``, by the kernels' plan interpreter."""
+    return plan_mask(index.bits, encode([plan]), 0, torch.arange(len(index)))
+
+
 @st.composite
-def row_ranges(draw: st.DrawFn, n: int) -> list[tuple[int, int]]:
-    """Up to 5 ranges [start, end) of [0, n), possibly empty, overlapping or unaligned."""
-    out = []
+def row_subsets(draw: st.DrawFn, n: int) -> torch.Tensor:
+    """int64 [M]: up to 5 ranges [start, end) of [0, n) concatenated, possibly empty, overlapping or
+    unaligned (the rows of probed clusters)."""
+    out = [torch.zeros(0, dtype=torch.int64)]
     for _ in range(draw(st.integers(1, 5))):
         a, b = draw(st.integers(0, n)), draw(st.integers(0, n))
-        out.append((min(a, b), max(a, b)))
-    return out
-
-
-def keep_bits(start: int, end: int) -> torch.Tensor:
-    """int64 [covering words] with 1 bits exactly at rows [start, end)."""
-    words = range(start // 64, (end + 63) // 64) if end > start else range(0)
-    out = []
-    for w in words:
-        value = sum(1 << j for j in range(64) if start <= 64 * w + j < end)
-        out.append(value - (1 << 64) if value >= 1 << 63 else value)
-    return torch.tensor(out, dtype=torch.int64)
+        out.append(torch.arange(min(a, b), max(a, b)))
+    return torch.cat(out)
 
 
 @settings(max_examples=50, deadline=None)
 @given(data=st.data(), catalogue=catalogues(max_size=150), config=configs)
-def test_mask_is_superset_for_any_order_and_range(
+def test_mask_is_superset_for_any_order_and_rows(
     data: st.DataObject, catalogue: list[dict], config: BloomConfig
 ) -> None:
     kinds = schema(catalogue)
@@ -63,9 +62,9 @@ def test_mask_is_superset_for_any_order_and_range(
         return
     for _ in range(4):
         tree = data.draw(filter_trees(kinds))
-        exact = store.evaluate(tree)[order]  # in index row order
+        exact = torch.tensor([oracle(tree, catalogue[i], kinds) for i in order.tolist()], dtype=torch.bool)
         plan = index.compile(tree)
-        mask = index.mask(plan)
+        mask = mask_of(index, plan)  # in index row order
         assert mask.shape == (n,)
         assert not bool((exact & ~mask).any()), f"dropped a passing item: {tree}"
         if plan.exact:
@@ -76,20 +75,8 @@ def test_mask_is_superset_for_any_order_and_range(
         assert index.compile(text) == plan
         assert torch.equal(index.candidates(plan), torch.nonzero(mask).squeeze(1))
 
-        ranges = data.draw(row_ranges(n))
-        assert torch.equal(index.mask(plan, ranges), torch.cat([mask[s:e] for s, e in ranges]))
-        assert torch.equal(
-            index.candidates(plan, ranges),
-            torch.cat([s + torch.nonzero(mask[s:e]).squeeze(1) for s, e in ranges]),
-        )
-        words, full = index.words(plan, ranges), index.words(plan)
-        assert torch.equal(
-            words,
-            torch.cat(
-                [full[s // 64 : (e + 63) // 64] & keep_bits(s, e) for s, e in ranges if e > s]
-                + [torch.zeros(0, dtype=torch.int64)]
-            ),
-        )
+        rows = data.draw(row_subsets(n))
+        assert torch.equal(plan_mask(index.bits, encode([plan]), 0, rows), mask[rows])
 
 
 def test_naive_not_would_drop_items_but_plan_does_not() -> None:
@@ -100,9 +87,9 @@ def test_naive_not_would_drop_items_but_plan_does_not() -> None:
     index = BloomIndex.build(AttributeStore.build(catalogue), config=config)
     assert index.layout()["hashed"] == 1
     positive = index.compile("tag:rare")
-    assert index.mask(positive).all() and not positive.exact  # every item collides
+    assert mask_of(index, positive).all() and not positive.exact  # every item collides
     negated = index.compile("NOT tag:rare")
-    assert index.mask(negated).all() and not negated.exact
+    assert mask_of(index, negated).all() and not negated.exact
     assert index.compile("NOT tag:rare AND NOT tag:t0").constant is True
     assert index.compile("tag:zzz").constant is False  # an unknown value: exactly empty
     assert index.compile("NOT tag:zzz").exact
@@ -127,7 +114,7 @@ def test_dedicated_bits_and_numeric_buckets_are_exact() -> None:
     ]:
         plan = index.compile(text)
         assert plan.exact, text
-        assert torch.equal(index.mask(plan), store.evaluate_filter(text)), text
+        assert torch.equal(mask_of(index, plan), store.evaluate_filter(text)), text
 
 
 def test_numeric_buckets_straddle_boundaries_as_supersets() -> None:
@@ -138,10 +125,10 @@ def test_numeric_buckets_straddle_boundaries_as_supersets() -> None:
     for text in ["year >= 1991", "NOT year >= 1991", "year:1990", "NOT year != 1990",
                  "year < 1950", "NOT year < 2100", "year IN (1950, 2019)"]:  # fmt: skip
         plan = index.compile(text)
-        mask, exact = index.mask(plan), store.evaluate_filter(text)
+        mask, exact = mask_of(index, plan), store.evaluate_filter(text)
         assert not bool((exact & ~mask).any()), text
         assert int(mask.sum()) <= int(exact.sum()) + 750 // 4 * 2 + 1, text
-    assert index.mask(index.compile("NOT year >= 1991"))[700:].all()  # missing years kept
+    assert mask_of(index, index.compile("NOT year >= 1991"))[700:].all()  # missing years kept
     assert index.compile("year < 1950").constant is False
     assert index.compile("NOT year < 2100").exact  # exactly the items without a year
 
@@ -160,13 +147,7 @@ def test_bits_layout_is_transposed_in_row_order() -> None:
             plan = index.compile(Term(name, value))
             assert plan.exact and len(plan.rows) == 1
             assert torch.equal(unpacked[plan.rows[0]], store.evaluate(Term(name, value))[order])
-            # a contiguous row range is a contiguous run of words of that bit row
-            for start, end in [(0, 300), (5, 6), (64, 128), (63, 129), (100, 100), (200, 300)]:
-                words = index.words(plan, [(start, end)])
-                stop = (end + 63) // 64 if end > start else start // 64
-                expected = index.bits[plan.rows[0], start // 64 : stop]
-                assert len(words) == len(expected)
-                assert torch.equal(words, expected & keep_bits(start, end))
+            assert torch.equal(plan_words(index.bits, encode([plan]), 0), index.bits[plan.rows[0]])
 
 
 def test_hash_is_stable_across_processes() -> None:
@@ -202,8 +183,6 @@ def test_errors_match_the_attribute_store() -> None:
         assert str(bloom_error.value) == str(store_error.value)
     with pytest.raises(FilterError, match="position 6"):
         index.compile("genre:")
-    with pytest.raises(ValueError, match="0 <= start <= end <= 1"):
-        index.mask(index.compile("genre:Drama"), [(0, 2)])
     with pytest.raises(ValueError, match="permutation"):
         BloomIndex.build(store, torch.tensor([1]))
     with pytest.raises(ValueError, match="num_hashes"):
@@ -213,16 +192,17 @@ def test_errors_match_the_attribute_store() -> None:
 def test_empty_catalogue_and_items_without_attributes() -> None:
     empty = BloomIndex.build(AttributeStore.build([{"g": "a", "y": 1}]).take(torch.zeros(0)))
     for text in ["NOT g IN (a, b)", "g:a", "y >= 1", "NOT y >= 1"]:
-        assert empty.mask(empty.compile(text)).shape == (0,)
-    assert empty.words(empty.compile(Not(In("g", ("a",))))).shape == (0,)
+        assert mask_of(empty, empty.compile(text)).shape == (0,)
+        assert empty.candidates(empty.compile(text)).shape == (0,)
+    assert plan_words(empty.bits, encode([empty.compile(Not(In("g", ("a",))))]), 0).shape == (0,)
     with pytest.raises(FilterError, match="unknown feature 'x'"):
         BloomIndex.build(AttributeStore.build([])).compile("x:1")
     store = AttributeStore.build([{}, {"g": "a"}, {}])
     index = BloomIndex.build(store)
     plan = index.compile("NOT g:a")
-    assert index.mask(plan).tolist() == [True, False, True]
-    assert index.words(plan, [(0, 0), (3, 3)]).shape == (0,)
-    assert index.mask(plan, []).shape == (0,)
+    assert mask_of(index, plan).tolist() == [True, False, True]
+    assert index.candidates(plan).tolist() == [0, 2]  # the padding bits of the word never count
+    assert index.candidates(index.compile("NOT g:zzz")).tolist() == [0, 1, 2]
 
 
 @settings(max_examples=15, deadline=None)
@@ -238,7 +218,7 @@ def test_snapshot_round_trip(data: st.DataObject, catalogue: list[dict], config:
         tree = data.draw(filter_trees(kinds))
         plan = index.compile(tree)
         assert loaded.compile(tree) == plan
-        assert torch.equal(loaded.words(plan), index.words(plan))
+        assert torch.equal(loaded.candidates(plan), index.candidates(plan))
 
 
 def test_from_parts_rejects_inconsistent_parts() -> None:
@@ -272,7 +252,7 @@ def test_realistic_catalogue_false_positive_rate_and_memory() -> None:
             exact = np.zeros(n, dtype=bool)  # the term's exact mask, in index row order
             exact[rank[entry_rows[value_ids == vid]]] = True
             plan = index.compile(Term(name, column.vocab[vid]))
-            mask = index.mask(plan).numpy()
+            mask = mask_of(index, plan).numpy()
             assert not (exact & ~mask).any()
             if plan.exact:
                 exact_terms += 1
@@ -296,5 +276,4 @@ def test_module_docstring_example() -> None:
     index = BloomIndex.build(store)
     plan = index.compile("NOT year >= 1990")
     assert plan.exact
-    assert index.mask(plan).tolist() == [False, True, True]
-    assert index.mask(plan, [(1, 3)]).tolist() == [True, True]
+    assert index.candidates(plan).tolist() == [1, 2]

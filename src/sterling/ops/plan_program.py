@@ -1,6 +1,6 @@
 """Bloom filter plans as flat integer programs, the form every kernel of the filtered scan reads.
 
-A :class:`~sterling.index.bloom.BloomPlan` is a postfix program over Bloom bit rows. For kernels,
+A :class:`~sterling.index.bloom_plan.BloomPlan` is a postfix program over Bloom bit rows. For kernels,
 G plans are concatenated into three tensors (:class:`PlanProgram`):
 
 - ``ops`` int64 [T, 3]: one ``(code, a, b)`` per instruction;
