@@ -59,7 +59,8 @@ import numpy as np
 import torch
 
 from sterling.index.attributes import AttributeStore
-from sterling.index.bloom import BloomConfig, BloomIndex, BloomPlan
+from sterling.index.bloom import BloomConfig, BloomIndex
+from sterling.index.bloom_plan import BloomPlan
 from sterling.index.filter import FilterNode, parse
 from sterling.index.id_map import IdMap
 from sterling.index.ivf import IVFLayout, kmeans
