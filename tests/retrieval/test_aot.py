@@ -26,7 +26,7 @@ def test_aot_package_equals_eager(tmp_path):
     assert (snap / "program.pt2").is_file() and (snap / "program.aoti.pt2").is_file()
     model = load_model(snap)
     compiled = load_package(snap / "program.aoti.pt2")
-    ids = model.ids
+    ids = model.index.ids
     for histories, filters in (
         ([[int(ids[0]), int(ids[4])], [int(ids[2])], []], ["language:en", None, "year >= 2010"]),
         ([[int(ids[9])]], None),

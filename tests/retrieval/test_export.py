@@ -69,7 +69,7 @@ def test_loaded_snapshot_and_exported_program_equal_the_eager_model(published):
     loaded = publishing.load_model(snap)
     eager = _compose_in_memory(snap)
     program = load_program((snap / "program.pt2").read_bytes())
-    ids = loaded.ids.tolist()
+    ids = loaded.index.ids.tolist()
     for picks, filters in CASES:
         histories = [[ids[i] for i in row] for row in picks]
         inputs = loaded.inputs(histories)
@@ -87,9 +87,13 @@ def test_loaded_snapshot_and_exported_program_equal_the_eager_model(published):
 def test_the_published_value_model_and_its_overrides(published):
     _, _, _, snap = published
     model = publishing.load_model(snap)
-    assert model.value_model is not None and model.value_model.formula == FORMULA and model.overarch is not None
+    assert (
+        model.values.configured is not None
+        and model.values.configured.formula == FORMULA
+        and model.overarch is not None
+    )
     plain = publishing.load_model(snap, use_overarch=False, value_formula=None)
-    assert plain.overarch is None and plain.value_model is None
+    assert plain.overarch is None and plain.values.configured is None
 
 
 def test_a_tampered_program_is_refused(published, tmp_path):
@@ -174,12 +178,12 @@ def test_the_snapshot_holds_the_program_only_when_exported(published, tmp_path):
     assert not (plain / "program.pt2").exists()
     assert "program.pt2" not in read_snapshot(plain).manifest["files"]
     a, b = publishing.load_model(plain), publishing.load_model(snap)
-    inputs = a.inputs([a.ids[:6].tolist()])
+    inputs = a.inputs([a.index.ids[:6].tolist()])
     # published without a formula and given it at load == published with it
     x = publishing.load_model(plain, value_formula=FORMULA)(inputs, filter="language:en", k=10)
     y = b(inputs, filter="language:en", k=10)
     assert torch.equal(x.ids, y.ids) and torch.equal(x.scores, y.scores)
-    assert np.array_equal(a.ids.numpy(), b.ids.numpy())
+    assert np.array_equal(a.index.ids.numpy(), b.index.ids.numpy())
 
 
 def test_a_tampered_program_byte_anywhere_is_refused(published, tmp_path):
@@ -214,7 +218,8 @@ def test_the_published_cache_and_weights_are_the_checkpoints(published):
     the checkpoint's; the index stores those embeddings."""
     from sterling.data.items import read_items
     from sterling.models.towers import ItemTerms
-    from sterling.train.loop import encode_catalog, load_checkpoint
+    from sterling.train.checkpoint import load_checkpoint
+    from sterling.train.encode import encode_catalog
 
     _, data, ckpt_path, snap = published
     ckpt = load_checkpoint(ckpt_path)
@@ -222,12 +227,14 @@ def test_the_published_cache_and_weights_are_the_checkpoints(published):
     item_ids, attributes, _ = read_items(data / "items.parquet")
     vectors = encode_catalog(ckpt.model, ItemTerms.build(attributes, vocab=ckpt.term_vocab), len(item_ids))
     position = {int(i): r for r, i in enumerate(item_ids.tolist())}
-    rows = [position[int(i)] for i in model.ids]  # segment order → catalogue rows
-    assert rows != sorted(rows) and model.centroids.shape[0] == 8 and model.config.nprobe == 2
+    rows = [position[int(i)] for i in model.index.ids]  # segment order → catalogue rows
+    assert (
+        rows != sorted(rows) and model.index.executor_tensors()["centroids"].shape[0] == 8 and model.config.nprobe == 2
+    )
     with torch.no_grad():
         want = ckpt.overarch.item_state(vectors[rows].to(torch.float16).float()).to(torch.float16)
-    assert model.cache.dtype == torch.float16 and torch.equal(model.cache, want)
-    stored = model.codes.float() * model.scales[:, None]
+    assert model.static_tensors()["cache"].dtype == torch.float16 and torch.equal(model.static_tensors()["cache"], want)
+    stored = model.index.executor_tensors()["codes"].float() * model.index.executor_tensors()["scales"][:, None]
     assert (stored - vectors[rows]).abs().max() < 0.02  # int8 codes of the same vectors
     for name, value in ckpt.model.user_tower.state_dict().items():
         assert torch.equal(model.user_tower.state_dict()[name], value)
@@ -249,7 +256,7 @@ def test_run_program_checks_k(published):
     _, _, _, snap = published
     loaded = publishing.load_model(snap)
     program = load_program((snap / "program.pt2").read_bytes())
-    inputs = loaded.inputs([[int(loaded.ids[0])], []])
+    inputs = loaded.inputs([[int(loaded.index.ids[0])], []])
     plan = loaded.plan(2, None)
     for k, message in (
         (0, "k must be an int >= 1"),

@@ -9,8 +9,9 @@ import torch
 from test_model import NLIST, TASKS, D, compose
 
 from sterling.index.item_index import IndexConfig, ItemIndex
-from sterling.retrieval.model import RetrievalModel, Trace
-from sterling.retrieval.publish import cache_rows
+from sterling.retrieval.item_table import cache_rows
+from sterling.retrieval.model import RetrievalModel
+from sterling.retrieval.rank import Trace
 
 EXACT = IndexConfig(nlist=NLIST, nprobe=NLIST)
 FILTERS = [None, "genre:drama", "genre:new AND year >= 2000", "NOT genre:comedy"]
@@ -31,7 +32,7 @@ def rebuilt(model: RetrievalModel, catalogue: dict[int, tuple[torch.Tensor, dict
     ids = torch.tensor(sorted(catalogue))
     emb = torch.stack([catalogue[int(i)][0] for i in ids])
     index = ItemIndex.build(emb, [catalogue[int(i)][1] for i in ids], ids=ids, config=EXACT)
-    cache = model._cache(model.rows_of(index.executor_tensors()["ids"])).to(model.cache.dtype)
+    cache = model.index.table_rows(model.rows_of(index.executor_tensors()["ids"]))
     return RetrievalModel(model.user_tower, model.task_queries, index, cache, overarch, model.config).eval()
 
 
@@ -64,7 +65,7 @@ def test_updates_answer_like_a_model_composed_over_the_new_catalogue(kind, seed)
     rank_ids = torch.tensor([added[:4] + replaced[:2]] * len(histories))
     torch.testing.assert_close(model.rank(inputs, rank_ids), reference.rank(ref_inputs, rank_ids))
     model.compact()  # the model's own rows now match the index's
-    assert model.fresh.ids.numel() == 0 and len(model.ids) == len(catalogue)
+    assert model.index.fresh_items == 0 and len(model.index.ids) == len(catalogue)
     live = [h for h in histories if not set(h) & set(gone)]
     for flt in FILTERS:
         got, want = model(model.inputs(live), filter=flt, k=20), reference(reference.inputs(live), filter=flt, k=20)
@@ -75,7 +76,10 @@ def test_an_upserted_item_is_found_and_a_deleted_one_never():
     model, _, ids = compose("mlp", k0=600, config=EXACT)
     target, vector = 10**7, torch.nn.functional.normalize(torch.randn(1, D), dim=-1)
     model.upsert([target], vector, [{"genre": ["unique"], "year": 1}])
-    assert torch.equal(model._cache(model.rows_of([target])), cache_rows(vector, model.overarch, torch.float16).float())
+    assert torch.equal(
+        model.index.table_rows(model.rows_of([target])).float(),
+        cache_rows(vector, model.overarch, torch.float16).float(),
+    )
     got = model.recommend([int(ids[0])], filter="genre:unique", k=5)
     assert got.ids[0].tolist() == [target, -1, -1, -1, -1]
     model.delete([target])
@@ -98,7 +102,7 @@ def test_a_bad_update_changes_nothing():
     ):
         with pytest.raises(ValueError):
             call()
-    assert model.fresh.ids.numel() == 0
+    assert model.index.fresh_items == 0
     assert torch.equal(model(inputs, k=10).ids, before.ids)
 
 
@@ -109,9 +113,9 @@ def test_self_compaction_on_upsert_keeps_the_model_consistent():
     added = list(range(5 * 10**6, 5 * 10**6 + 12))
     vectors, attributes = new_items(rng, added)
     model.upsert(added[:6], vectors[:6], attributes[:6])
-    assert model.fresh.ids.numel() == 6
+    assert model.index.fresh_items == 6
     model.upsert(added[6:], vectors[6:], attributes[6:])  # 12 >= compact_at: the index compacts itself
-    assert model.index.fresh_items == 0 and model.fresh.ids.numel() == 0
+    assert model.index.fresh_items == 0
     got = model.recommend(added[:3], filter="genre:new", k=50).ids[0]
     want = {i for i, a in zip(added, attributes) if "new" in a["genre"]}
     assert want <= set(got.tolist())
@@ -133,7 +137,7 @@ def test_trace_names_every_stage_and_counts_candidates():
     model, _, ids = compose("mol", k0=25)
     trace = Trace()
     model(model.inputs([[int(ids[0])], []]), filter=["genre:drama", None], k=10, trace=trace)
-    assert set(trace.seconds) == {"user_tower", "filter", "ann", "overarch", "value_model"}
+    assert set(trace.seconds) == {"user_tower", "ann", "overarch", "value_model"}
     assert all(s >= 0 for s in trace.seconds.values())
     assert trace.candidates.shape == (2,) and 25 <= int(trace.candidates.min()) <= len(TASKS) * 25
 
@@ -157,7 +161,7 @@ def test_an_empty_batch_is_answered_empty(kind):
 
 def test_the_parts_must_fit_together():
     model, _, _ = compose("mol", k0=20)
-    parts = (model.user_tower, model.task_queries, model.index, model.cache, model.overarch)
+    parts = (model.user_tower, model.task_queries, model.index, model.static_tensors()["cache"], model.overarch)
     config = model.config
     for changes, message in (
         ({"features": ("weather",)}, "not the user tower's"),
@@ -168,3 +172,31 @@ def test_the_parts_must_fit_together():
             RetrievalModel(*parts, replace(config, **changes))
     with pytest.raises(ValueError, match="features must be a tuple"):
         replace(config, features="surface")
+
+
+def test_an_upsert_is_stored_once_and_quantized_once_and_a_filter_parsed_once(monkeypatch):
+    """One owner of item rows: an upsert through the model quantizes each embedding once and adds
+    one index row holding both its code and its cache row (no second store); a request's filter is
+    parsed once, from the service's check down to the fresh rows' exact check."""
+    from sterling.index import filter as filter_module
+    from sterling.index import item_index as item_index_module
+
+    model, _, _ = compose("mol", k0=50)
+    quantized, parsed = [], []
+    quantize, parse = item_index_module.quantize, filter_module._Parser.parse
+    monkeypatch.setattr(
+        item_index_module, "quantize", lambda x, *a, **kw: quantized.append(len(x)) or quantize(x, *a, **kw)
+    )
+    monkeypatch.setattr(filter_module._Parser, "parse", lambda self: parsed.append(self) or parse(self))
+    rows_before = len(model.index.executor_tensors()["ids"])
+    vectors, attributes = new_items(random.Random(5), [7 * 10**6, 7 * 10**6 + 1])
+    model.upsert([7 * 10**6, 7 * 10**6 + 1], vectors, attributes)
+    assert quantized == [2]
+    rows, found = model.index.rows_of(torch.tensor([7 * 10**6, 7 * 10**6 + 1]))
+    assert bool(found.all()) and rows.tolist() == [rows_before, rows_before + 1]  # one row space: main, then fresh
+    assert torch.equal(model.index.table_rows(rows), model.items.rows_for(vectors))  # the cache row lives in that row
+    expr = "genre:new OR year >= 1990"
+    model.check_filter(expr)  # the service's check
+    explain = model.index.search(torch.randn(2, D), k=10, filter=expr, explain=True).explain
+    model(model.inputs([[]]), filter=expr, k=10)
+    assert len(parsed) == 1 and {"fresh_items": 2, "plan": "exact"} in explain  # the fresh rows were searched

@@ -16,8 +16,9 @@ from sterling.index.filter import FilterError
 from sterling.models.overarch import OverArchConfig, make_overarch
 from sterling.models.towers import TaskQueries, TwoTowerConfig, UserTower
 from sterling.models.value_model import ValueModel
-from sterling.retrieval.model import RetrievalModel, ServingConfig
-from sterling.retrieval.publish import cache_rows
+from sterling.retrieval.config import ServingConfig
+from sterling.retrieval.item_table import cache_rows
+from sterling.retrieval.model import RetrievalModel
 
 TASKS = ("click", "like", "share")
 N, D, NLIST = 600, 16, 8
@@ -94,7 +95,7 @@ def passes(attrs: dict, flt: str | None) -> bool:
 
 
 def requests(model: RetrievalModel, rng: random.Random, b: int):
-    ids = model.ids.tolist()
+    ids = model.index.ids.tolist()
     histories = [rng.sample(ids, rng.randint(0, 20)) for _ in range(b)]
     features = [{"surface": rng.randint(0, 5)} for _ in range(b)]
     return model.inputs(histories, features=features)
@@ -104,8 +105,10 @@ def exact_candidates(
     model: RetrievalModel, queries: torch.Tensor, flt: str | None, attrs_of: dict, k0: int
 ) -> list[int]:
     """Segment rows of the exact filtered top-k0 of each task query of one request, merged."""
-    stored = model.codes.float() * model.scales[:, None]  # [N, D]
-    ok = torch.tensor([passes(attrs_of[int(i)], flt) for i in model.ids])
+    stored = (
+        model.index.executor_tensors()["codes"].float() * model.index.executor_tensors()["scales"][:, None]
+    )  # [N, D]
+    ok = torch.tensor([passes(attrs_of[int(i)], flt) for i in model.index.ids])
     rows = set()
     for q in queries:  # [T, D]
         s = (stored @ q).masked_fill(~ok, float("-inf"))
@@ -124,13 +127,13 @@ def test_without_overarch_probing_every_list_is_exact_filtered_top_k(seed, k):
     inputs = requests(model, rng, 3)
     out = model(inputs, filter=filters, k=k)
     _, queries = model.encode(inputs)
-    stored = model.codes.float() * model.scales[:, None]
+    stored = model.index.executor_tensors()["codes"].float() * model.index.executor_tensors()["scales"][:, None]
     for b, flt in enumerate(filters):
         s = stored @ queries[b, 0].detach()  # the primary task
-        ok = torch.tensor([passes(attrs_of[int(i)], flt) for i in model.ids])
+        ok = torch.tensor([passes(attrs_of[int(i)], flt) for i in model.index.ids])
         want = torch.topk(s.masked_fill(~ok, float("-inf")), min(k, N))
         count = min(k, int(ok.sum()))
-        assert out.ids[b, :count].tolist() == model.ids[want.indices[:count]].tolist()
+        assert out.ids[b, :count].tolist() == model.index.ids[want.indices[:count]].tolist()
         torch.testing.assert_close(out.scores[b, :count], want.values[:count], rtol=1e-5, atol=1e-5)
         assert (out.ids[b, count:] == -1).all() and torch.isneginf(out.scores[b, count:]).all()
         assert all(passes(attrs_of[i], flt) for i in out.ids[b, :count].tolist())
@@ -161,13 +164,13 @@ def test_overarch_is_applied_to_the_exact_candidate_set(kind, formula):
                     queries[b : b + 1],
                     history[b : b + 1],
                     mask[b : b + 1],
-                    model.cache[rows][None].float(),
+                    model.static_tensors()["cache"][rows][None].float(),
                 )
             )[0]  # [M, T]
             value = probs[:, 0] if vm is None else vm(probs)
             top = torch.topk(value, min(k, len(rows)))
             count = len(top.values)
-            assert out.ids[b, :count].tolist() == model.ids[rows[top.indices]].tolist()
+            assert out.ids[b, :count].tolist() == model.index.ids[rows[top.indices]].tolist()
             torch.testing.assert_close(out.scores[b, :count], top.values, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(out.task_scores[b, :count], probs[top.indices], rtol=1e-5, atol=1e-6)
             if vm is not None:  # the ranking score is the formula of the returned task scores
@@ -212,7 +215,7 @@ def test_rank_from_the_cache_equals_recomputing_the_item_side(kind):
     assert cached.shape == (2, 7, len(TASKS)) and cached.dtype == torch.float32
     assert torch.equal(cached, want)
     # the user side reads the history through the cache too: the fp16-rounded embeddings
-    history_positions = [int((ids == i).nonzero()) for i in model.ids[inputs.history_rows]]
+    history_positions = [int((ids == i).nonzero()) for i in model.index.ids[inputs.history_rows]]
     with torch.no_grad():
         plain_users = model.user_tower(
             emb.to(torch.float16).float()[history_positions],
@@ -242,7 +245,7 @@ def test_rank_without_overarch_is_the_inner_product_with_the_stored_vectors():
 
 def test_bad_input_is_refused_with_a_clear_error():
     model, _, _ = compose("mlp", k0=20)
-    known = int(model.ids[0])
+    known = int(model.index.ids[0])
     with pytest.raises(ValueError, match="unknown item ids \\[3\\]"):
         model.inputs([[known, 3]])
     with pytest.raises(ValueError, match="unknown features \\['colour'\\]"):
@@ -260,14 +263,16 @@ def test_bad_input_is_refused_with_a_clear_error():
     with pytest.raises(FilterError, match="colour"):
         model(inputs, filter="colour:red", k=5)
     with pytest.raises(ValueError, match="cache"):
-        RetrievalModel(model.user_tower, model.task_queries, model.index, model.cache[:-1], None, model.config)
+        RetrievalModel(
+            model.user_tower, model.task_queries, model.index, model.static_tensors()["cache"][:-1], None, model.config
+        )
     with pytest.raises(ValueError, match="primary task 'views'"):
         ServingConfig(tasks=TASKS, primary_task="views")
 
 
 def test_empty_and_long_histories():
     model, _, _ = compose("mol", k0=20)
-    ids = model.ids.tolist()
+    ids = model.index.ids.tolist()
     inputs = model.inputs([[], ids[:50]])  # the long one keeps its latest max_history = 12 events
     assert inputs.history_offsets.tolist() == [0, 0, 12]
     assert model.rows_of(torch.tensor(ids[38:50])).tolist() == inputs.history_rows.tolist()
@@ -278,7 +283,7 @@ def test_empty_and_long_histories():
 def test_non_finite_value_model_scores_keep_their_items():
     """A formula may give NaN or ±inf; every candidate still fills a slot, ranked NaN last."""
     model, attrs, ids = compose("mlp", k0=20, nprobe=NLIST, formula="log(click - 0.5)", seed=3)
-    inputs = model.inputs([model.ids[:5].tolist()])
+    inputs = model.inputs([model.index.ids[:5].tolist()])
     out = model(inputs, k=8)
     assert (out.ids >= 0).all()  # 600 passing items: all 8 slots hold one
     scores = out.scores[0]
@@ -291,26 +296,28 @@ def test_non_finite_value_model_scores_keep_their_items():
     torch.testing.assert_close(scores, torch.log(out.task_scores[0, :, 0] - 0.5), equal_nan=True)
 
 
-def test_an_index_with_fresh_items_or_changed_since_is_refused():
+def test_the_index_keeps_the_item_table_in_step():
+    """The model's item state lives in the index beside the rows: an upsert straight into the
+    index without the items' table rows is refused and changes nothing; the exported path and a
+    new model need a compacted index."""
     model, _, _ = compose(None, k0=20)
-    inputs = model.inputs([[int(model.ids[0])]])
-    model.index.upsert(torch.tensor([10**9]), torch.randn(1, D), [{"genre": ["drama"], "year": 2000}])
-    for call in (
-        lambda: model(inputs, k=5),
-        lambda: model.plan(1, None),
-        lambda: model.rank(inputs, model.ids[:3][None]),
-    ):
-        with pytest.raises(ValueError, match="index changed"):
-            call()
+    item = [{"genre": ["drama"], "year": 2000}]
+    with pytest.raises(ValueError, match="item table"):
+        model.index.upsert(torch.tensor([10**9]), torch.randn(1, D), item)
+    assert model.index.fresh_items == 0 and not bool(model.index.rows_of(torch.tensor([10**9]))[1])
+    model.upsert(torch.tensor([10**9]), torch.randn(1, D), item)
+    with pytest.raises(ValueError, match="compact"):
+        model.plan(1, None)
+    cache = model.index.table_rows(torch.arange(len(model.index)))
     with pytest.raises(ValueError, match="1 fresh items"):
-        RetrievalModel(model.user_tower, model.task_queries, model.index, model.cache, None, model.config)
+        RetrievalModel(model.user_tower, model.task_queries, model.index, cache, None, model.config)
 
 
 def test_rank_and_inputs_check_types_and_shapes():
     model, _, _ = compose("mol", k0=20)
-    inputs = model.inputs([[int(model.ids[0])], []])
-    assert model.rank(inputs, model.ids[:6].view(2, 3)).shape == (2, 3, len(TASKS))
-    for bad in (model.ids[:3], model.ids[:6].view(3, 2), model.ids[:6].view(2, 3).float()):
+    inputs = model.inputs([[int(model.index.ids[0])], []])
+    assert model.rank(inputs, model.index.ids[:6].view(2, 3)).shape == (2, 3, len(TASKS))
+    for bad in (model.index.ids[:3], model.index.ids[:6].view(3, 2), model.index.ids[:6].view(2, 3).float()):
         with pytest.raises(ValueError, match="item_ids must be integer"):
             model.rank(inputs, bad)
     with pytest.raises(ValueError, match="history item ids must be 64-bit integers, got 1.5"):
@@ -458,11 +465,14 @@ def test_the_value_model_ranks_by_its_formula_of_the_task_scores(kind):
             _, queries = model.encode(inputs)
         for r, flt in enumerate(filters):
             rows = torch.tensor(exact_candidates(model, queries[r], flt, attrs_of, k0), dtype=torch.int64)
-            stored = model.codes[rows].float() * model.scales[rows][:, None]
+            stored = (
+                model.index.executor_tensors()["codes"][rows].float()
+                * model.index.executor_tensors()["scales"][rows][:, None]
+            )
             per_task = stored @ queries[r].T  # [M, T]
             value = per_task[:, 0] + 0.5 * per_task[:, 1]
             top = torch.topk(value, min(k, len(rows)))
-            assert out.ids[r, : len(top.values)].tolist() == model.ids[rows[top.indices]].tolist()
+            assert out.ids[r, : len(top.values)].tolist() == model.index.ids[rows[top.indices]].tolist()
             torch.testing.assert_close(out.scores[r, : len(top.values)], top.values, rtol=1e-5, atol=1e-5)
     else:  # the task scores are probabilities
         assert ((out.task_scores[valid] > 0) & (out.task_scores[valid] < 1)).all()
@@ -501,7 +511,7 @@ def test_an_item_retrieved_by_several_task_queries_appears_once(kind):
 def test_history_holds_the_latest_events_of_each_request():
     model, _, _ = compose("mol", k0=20)  # max_history = 12
     rng = random.Random(9)
-    all_ids = model.ids.tolist()
+    all_ids = model.index.ids.tolist()
     histories = [rng.sample(all_ids, n) for n in (0, 1, 12, 13, 30, 5)]
     actions = [[rng.randint(0, 9) for _ in h] for h in histories]
     inputs = model.inputs(histories, actions)
@@ -513,7 +523,7 @@ def test_history_holds_the_latest_events_of_each_request():
         assert int(mask[r].sum()) == len(latest)
         assert (history[r][~mask[r]] == 0).all()
         rows = model.rows_of(torch.tensor(latest, dtype=torch.int64))
-        want = model.cache[rows, :D].float()
+        want = model.static_tensors()["cache"][rows, :D].float()
         assert torch.equal(history[r][mask[r]], want)  # oldest first
     with pytest.raises(ValueError, match="2 histories, 1 action lists"):
         model.inputs([[], []], actions=[[]])
@@ -566,7 +576,7 @@ def test_execute_answers_like_forward_under_random_filters(seed, kind, nprobe, s
 
 def test_more_bad_input():
     model, _, ids = compose(None, k0=20)
-    inputs = model.inputs([[int(model.ids[0])], []])
+    inputs = model.inputs([[int(model.index.ids[0])], []])
     with pytest.raises(ValueError, match="1 filters for 2 requests"):
         model.plan(2, ["genre:drama"])
     with pytest.raises(ValueError, match="1 filters for 2 requests"):
@@ -575,6 +585,6 @@ def test_more_bad_input():
         model(inputs, filter=["genre:drama", "year >= "], k=3)
     assert err.value.position == len("year >= ")
     with pytest.raises(ValueError, match="unknown item ids \\[1, 2\\]"):
-        model.inputs([[2, int(model.ids[0]), 1]])
+        model.inputs([[2, int(model.index.ids[0]), 1]])
     with pytest.raises(ValueError, match="k must be an int"):
         model(inputs, k=None)

@@ -16,12 +16,12 @@ pytest.importorskip("fastapi")
 ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
 serve = pytest.importorskip("ray.serve", reason="the [ray] extra is not installed")
 
-from sterling.bench.serve_snapshot import build_serving_snapshot  # noqa: E402
 from sterling.index.search import IndexConfig  # noqa: E402
 from sterling.retrieval.publish import load_model  # noqa: E402
 from sterling.serving.ray_app import build_app  # noqa: E402
 from sterling.serving.server import BackgroundServer, ServerConfig  # noqa: E402
 from sterling.serving.shards import split_snapshot  # noqa: E402
+from sterling.testing.snapshots import build_serving_snapshot  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -84,7 +84,7 @@ def servers(tmp_path_factory):
 
 def test_sharded_app_answers_like_the_single_server(servers):
     single, sharded = servers
-    ids = single.service.model.ids.numpy()
+    ids = single.service.model.index.ids.numpy()
     rng = np.random.default_rng(0)
     for i in range(12):
         body = {
@@ -119,7 +119,7 @@ def test_sharded_app_speaks_the_same_api(servers):
 def test_hot_reload_across_the_shards(servers, tmp_path):
     single, sharded = servers
     root = Path(single.service.info.path).parent
-    body = {"history": single.service.model.ids[:6].tolist(), "filter": "year >= 2000", "k": 20}
+    body = {"history": single.service.model.index.ids[:6].tolist(), "filter": "year >= 2000", "k": 20}
     before = call(sharded, "/v1/retrieve", body)[1]
     other = load_model(root / "other")
     want = other(other.inputs([body["history"]]), filter="year >= 2000", k=20)

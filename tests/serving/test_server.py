@@ -15,13 +15,13 @@ import torch
 pytest.importorskip("fastapi")
 aiohttp = pytest.importorskip("aiohttp")
 
-from sterling.bench.serve_snapshot import build_serving_snapshot  # noqa: E402
 from sterling.data.synth import SynthConfig, generate  # noqa: E402
 from sterling.retrieval.publish import load_model  # noqa: E402
 from sterling.serving.batcher import BatcherConfig  # noqa: E402
 from sterling.serving.server import BackgroundServer, ServerConfig  # noqa: E402
 from sterling.serving.service import Limits  # noqa: E402
 from sterling.serving.users import UserStore  # noqa: E402
+from sterling.testing.snapshots import build_serving_snapshot  # noqa: E402
 
 TOKEN = "s3cret"
 N = 3_000
@@ -76,7 +76,7 @@ def call(server, path, body=None, token=None, raw: bytes | None = None, method=N
 
 
 def history(server, n=5, offset=0):
-    return server.service.model.ids[offset : offset + n].tolist()
+    return server.service.model.index.ids[offset : offset + n].tolist()
 
 
 # ---- the endpoints -------------------------------------------------------------------------------
@@ -106,7 +106,7 @@ def test_retrieve_answers_what_the_model_answers(server):
         if flt == "language:en":
             assert all(a["language"] == "en" for a in model.index.attributes_of(out["ids"]))
         assert out["snapshot"] == server.service.info.version
-        assert {"queue", "user_tower", "filter", "ann", "overarch", "value_model", "total"} <= set(out["timing_ms"])
+        assert {"queue", "user_tower", "ann", "overarch", "value_model", "total"} <= set(out["timing_ms"])
 
 
 def test_retrieve_returns_only_the_asked_tasks(server):
@@ -186,7 +186,7 @@ def test_metrics_count_requests_stages_batches_and_the_index(server):
     assert status == 200
     assert 'sterling_requests_total{endpoint="/v1/retrieve",status="200"}' in text
     assert 'sterling_requests_total{endpoint="/v1/retrieve",status="400"}' in text
-    for stage in ("queue", "user_tower", "filter", "ann", "overarch", "value_model"):
+    for stage in ("queue", "user_tower", "ann", "overarch", "value_model"):
         assert f'sterling_stage_latency_seconds_count{{stage="{stage}"}}' in text
     assert "sterling_batch_size_count" in text and "sterling_candidates_after_filter_count" in text
     assert (
@@ -202,7 +202,7 @@ def test_users_by_id(snapshots, tmp_path):
     store = UserStore.read(users_path)
     model = load_model(a)
     # the users' timelines name items of the synthetic dataset: give the store this catalogue's ids instead
-    ids = model.ids.tolist()
+    ids = model.index.ids.tolist()
     store_items = [ids[i % len(ids)] for i in range(len(store.items))]
     import pyarrow.parquet as pq
 
@@ -638,7 +638,7 @@ def test_a_batch_of_good_and_bad_requests_answers_each_on_its_own(snapshots):
             return run_batch(key, queries, waited)
 
         batcher._run_batch = gated
-        ids = s.service.model.ids.tolist()
+        ids = s.service.model.index.ids.tolist()
         bodies = [{"history": ids[i : i + 4], "k": 5} for i in range(40)]
         bodies[5]["history"] = [123456789012]
         bodies[22]["features"] = {"weather": 1}

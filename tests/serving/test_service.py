@@ -52,8 +52,8 @@ def test_a_swapped_out_model_is_freed(tmp_path):
     import gc
     import weakref
 
-    from sterling.bench.serve_snapshot import build_serving_snapshot
     from sterling.serving.service import Service
+    from sterling.testing.snapshots import build_serving_snapshot
 
     a = build_serving_snapshot(tmp_path / "a", num_items=500, seed=1, k0=50)
     b = build_serving_snapshot(tmp_path / "b", num_items=500, seed=1, model_seed=2, k0=50)
@@ -70,9 +70,9 @@ def test_a_swapped_out_model_is_freed(tmp_path):
 def test_the_update_log_stays_bounded_and_survives_swaps(tmp_path, monkeypatch):
     import asyncio
 
-    from sterling.bench.serve_snapshot import build_serving_snapshot
     from sterling.serving import service as service_module
     from sterling.serving.service import Service
+    from sterling.testing.snapshots import build_serving_snapshot
 
     monkeypatch.setattr(service_module, "_MERGE_LOG_AT", 4)
     a = build_serving_snapshot(tmp_path / "a", num_items=500, seed=1, k0=50)

@@ -9,11 +9,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sterling.bench.serve_snapshot import build_serving_snapshot
 from sterling.index.search import IndexConfig
 from sterling.retrieval.publish import load_model
 from sterling.serving.shards import Candidates, ShardedModel, merge_topk, shard_of, shard_paths, split_snapshot
 from sterling.snapshot import SnapshotError
+from sterling.testing.snapshots import build_serving_snapshot
 
 N, NLIST = 2_000, 16
 FILTERS = [
@@ -124,7 +124,7 @@ def test_updates_through_the_shards_answer_like_the_single_model(tmp_path, monke
         for model in (single, sharded):
             model.upsert(ids, vectors, attributes)
     assert single.delete([existing[0], 10**9]) == sharded.delete([existing[0], 10**9]) == 2
-    assert len(sharded.index) == len(single.index) and sharded.index.fresh_items == single.index.fresh_items
+    assert sharded.size() == single.size()
     history = [10**9 + 2, existing[1], existing[0], 10**9 + 1] + single.index.ids[5:9].tolist()
     for flt in (None, "category:fresh", "year >= 2030"):
         want = single(single.inputs([history]), filter=flt, k=20)
@@ -154,7 +154,7 @@ def test_a_shard_without_items_answers_nothing(tmp_path):
 
 def test_a_bad_upsert_changes_no_shard(models):
     _, sharded, _ = models
-    before = (len(sharded.index), sharded.index.fresh_items)
+    before = sharded.size()
     vectors = torch.zeros(3, sharded.dim)
     for ids, emb, attrs, message in (
         ([2, 1, 1], vectors, [{}] * 3, "distinct"),
@@ -163,4 +163,4 @@ def test_a_bad_upsert_changes_no_shard(models):
     ):
         with pytest.raises(ValueError, match=message):
             sharded.upsert(ids, emb, attrs)
-    assert (len(sharded.index), sharded.index.fresh_items) == before
+    assert sharded.size() == before

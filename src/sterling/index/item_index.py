@@ -289,8 +289,10 @@ class ItemIndex:
     def vectors(self, rows: torch.Tensor) -> torch.Tensor:
         """float32 [..., D]: the stored (int8, dequantized) vectors of ``rows`` int64 [...] (>= 0)."""
         state = self._state
-        codes = state.gather(state.main.codes.codes, state.fresh.codes.codes, rows)
-        return dequantize(Int8Codes(codes, state.gather(state.main.codes.scales, state.fresh.codes.scales, rows)))
+        flat = rows.reshape(-1)
+        codes = state.gather(state.main.codes.codes, state.fresh.codes.codes, flat)
+        scales = state.gather(state.main.codes.scales, state.fresh.codes.scales, flat)
+        return dequantize(Int8Codes(codes, scales)).view(*rows.shape, self.dim)
 
     def set_table(self, table: torch.Tensor) -> None:
         """Gives every row a row of an item table (``[N + F, S]``, any dtype): per-item state kept by
@@ -365,7 +367,7 @@ class ItemIndex:
         filters = _filters(filter, q.shape[0])
         scores, rows, records = state.main.search(q, filters, k, nprobe, state.alive)
         if len(state.fresh.ids):
-            fresh_scores, fresh_rows = _search_fresh(state.fresh, q, filters, k)
+            fresh_scores, fresh_rows = _search_fresh(state, q, filters, k)
             fresh_rows = torch.where(fresh_rows >= 0, len(state.main) + fresh_rows, -1)
             scores, pick = torch.cat([scores, fresh_scores], 1).topk(k, dim=1)
             rows = torch.cat([rows, fresh_rows], 1).gather(1, pick)
@@ -698,16 +700,20 @@ def _compacted(state: _State, config: IndexConfig) -> _State:
 
 
 def _search_fresh(
-    fresh: _Fresh, q: torch.Tensor, filters: list[str | None], k: int
+    state: _State, q: torch.Tensor, filters: list[str | None], k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact filtered top-k over the live fresh rows: scores float32 [B, k], fresh rows int64 [B, k]."""
+    """Exact filtered top-k over the live fresh rows: scores float32 [B, k], fresh rows int64 [B, k].
+    Each filter is the one the main segment parsed and compiled (cached), not parsed again."""
+    fresh = state.fresh
     b = q.shape[0]
     scores = torch.full((b, k), float("-inf"))
     rows = torch.full((b, k), -1, dtype=torch.int64)
     vectors = dequantize(fresh.codes)
     for expr in dict.fromkeys(filters):
         group = torch.tensor([i for i, f in enumerate(filters) if f == expr])
-        mask = fresh.live if expr is None else fresh.live & fresh.attributes.evaluate_filter(expr)
+        mask = (
+            fresh.live if expr is None else fresh.live & fresh.attributes.evaluate(state.main.compiled(expr).node, expr)
+        )
         scores[group], rows[group] = filtered_topk(q[group], vectors, mask, k)
     return scores, rows
 

@@ -5,7 +5,7 @@ top-K0 with widening → merge → OverArch → Value Model → top-K0) is trace
 ``ExportedProgram`` whose constants hold the index and the embedding cache. Its inputs are plain
 tensors (``B`` requests, ``L`` history events in all, both dynamic; ``T`` tasks, ``W`` = ⌈N/64⌉)::
 
-    history_rows     int64 [L]      segment rows of the history items (RetrievalModel.inputs)
+    history_rows     int64 [L]      the index's rows of the history items (RetrievalModel.inputs)
     history_actions  int64 [L]
     history_offsets  int64 [B + 1]
     features         int64 [B, F]
@@ -34,28 +34,35 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sterling.retrieval.model import RetrievalModel, UserInputs
+from sterling.retrieval.inputs import UserInputs
+from sterling.retrieval.model import RetrievalModel
 
 __all__ = ["aot_package", "check_compiler", "export_program", "load_package", "load_program", "run_program"]
 
 
 class _Forward(nn.Module):
-    """:meth:`RetrievalModel.execute` with tensor arguments only."""
+    """:meth:`RetrievalModel.execute` with tensor arguments only; the index's tensors and the cache
+    (:meth:`RetrievalModel.static_tensors`) are its buffers, so the program's constants."""
 
     def __init__(self, model: RetrievalModel) -> None:
         super().__init__()
         self.model = model
+        self.names = []
+        for name, value in model.static_tensors().items():
+            self.register_buffer(f"static_{name}", value, persistent=False)
+            self.names.append(name)
 
     def forward(self, history_rows, history_actions, history_offsets, features, probes, allowed):
         inputs = UserInputs(history_rows, history_actions, history_offsets, features)
-        out = self.model.execute(inputs, probes, allowed, self.model.config.k0)
+        static = {name: getattr(self, f"static_{name}") for name in self.names}
+        out = self.model.execute(inputs, probes, allowed, self.model.config.k0, static)
         return out.ids, out.scores, out.task_scores
 
 
 def _example(model: RetrievalModel) -> tuple[torch.Tensor, ...]:
     """Example inputs: 2 requests, 3 + 2 history events, no filter."""
     inputs = UserInputs(
-        history_rows=torch.tensor([0, 1, 2, 0, 1]) % max(len(model.ids), 1),
+        history_rows=torch.tensor([0, 1, 2, 0, 1]) % max(len(model.index), 1),
         history_actions=torch.ones(5, dtype=torch.int64),
         history_offsets=torch.tensor([0, 3, 5]),
         features=torch.zeros(2, len(model.config.features), dtype=torch.int64),

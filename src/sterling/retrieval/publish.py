@@ -15,7 +15,7 @@ The publish flow of SilverTorch §1.4, on a laptop:
    (:mod:`sterling.retrieval.export`).
 
 Steps 3-6 are :func:`write_model_snapshot`, which takes the towers and item embeddings themselves
-(e.g. the untrained synthetic model of :mod:`sterling.bench.serve_snapshot`).
+(e.g. the untrained synthetic model of :mod:`sterling.testing.snapshots`).
 
 Loading verifies every checksum and parses only safetensors (no pickle).
 """
@@ -35,13 +35,15 @@ from sterling.data.items import read_items
 from sterling.index.item_index import IndexConfig, ItemIndex
 from sterling.models.overarch import OverArch, OverArchConfig, make_overarch
 from sterling.models.towers import ItemTerms, TaskQueries, TwoTowerConfig, UserTower
+from sterling.retrieval.config import ServingConfig
 from sterling.retrieval.export import aot_package, check_compiler, export_program
-from sterling.retrieval.fresh import item_cache_rows
-from sterling.retrieval.model import RetrievalModel, ServingConfig
+from sterling.retrieval.item_table import cache_rows
+from sterling.retrieval.model import RetrievalModel
 from sterling.snapshot import SnapshotError, read_snapshot, write_snapshot
-from sterling.train.loop import encode_catalog, load_checkpoint
+from sterling.train.checkpoint import load_checkpoint
+from sterling.train.encode import encode_catalog
 
-__all__ = ["cache_rows", "load_model", "publish", "write_model_snapshot"]
+__all__ = ["load_model", "publish", "write_model_snapshot"]
 
 _KIND = "retrieval_model"
 
@@ -177,14 +179,6 @@ def write_model_snapshot(
     program = export_program(_compose(meta, files["model"], index, cache))
     blobs = {"program.pt2": program} | ({"program.aoti.pt2": aot_package(program)} if aot else {})
     return write_snapshot(Path(out_dir), files, meta, blobs=blobs)
-
-
-def cache_rows(vectors: torch.Tensor, overarch: OverArch | None, dtype: torch.dtype) -> torch.Tensor:
-    """The embedding cache of items ``vectors`` (item tower outputs ``float [M, D]``) as ``dtype
-    [M, S]``: OverArch's item state of the embeddings rounded to ``dtype`` (its first ``D`` columns
-    are those embeddings; without an OverArch, ``S = D``). Ranking gathers these rows instead of
-    re-running the item tower."""
-    return item_cache_rows(vectors, None if overarch is None else overarch.item_state, dtype)
 
 
 #: The :class:`ServingConfig` fields a loaded model may change (the rest describe the weights).

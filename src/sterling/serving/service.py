@@ -29,8 +29,9 @@ from typing import Any
 
 import torch
 
-from sterling.retrieval.model import RetrievalModel, Trace
+from sterling.retrieval.model import RetrievalModel
 from sterling.retrieval.publish import load_model
+from sterling.retrieval.rank import Trace
 from sterling.serving.batcher import BatcherConfig, MicroBatcher
 from sterling.serving.metrics import STAGES, ServingMetrics
 from sterling.serving.shards import SHARDS_FILE
@@ -239,8 +240,7 @@ class Service:
             return {
                 "upserted": len(update.ids),
                 "deleted": deleted,
-                "items": len(self.model.index),
-                "fresh_items": self.model.index.fresh_items,
+                **self.model.size()._asdict(),
             }
 
         return await self.batcher.call(apply)
@@ -282,8 +282,7 @@ class Service:
             "version": info.version,
             "created_at": info.created_at,
             "loaded_at": info.loaded_at,
-            "items": len(model.index),
-            "fresh_items": model.index.fresh_items,
+            **model.size()._asdict(),
             "dim": model.dim,
             "tasks": list(model.config.tasks),
             "features": list(model.config.features),
@@ -313,7 +312,7 @@ class Service:
         return model, SnapshotInfo(str(path), hashlib.sha256(manifest).hexdigest()[:16], str(created))
 
     def _publish_state(self) -> None:
-        self.metrics.served(self.info.version, self.info.path, len(self.model.index), self.model.index.fresh_items)
+        self.metrics.served(self.info.version, self.info.path, *self.model.size())
 
     def _formula(self, name: str | None) -> str | None:
         return None if name in (None, "default") else self.formulas[name]

@@ -35,10 +35,12 @@ from pathlib import Path
 
 import torch
 
-from sterling.index.search import find_sorted
-from sterling.retrieval.fresh import gather_rows
-from sterling.retrieval.model import Candidates, RetrievalModel, Retrieved, Trace, UserInputs, parse_inputs
+from sterling.index.id_map import IdMap
+from sterling.retrieval.inputs import UserInputs, parse_inputs
+from sterling.retrieval.model import RetrievalModel
 from sterling.retrieval.publish import load_model
+from sterling.retrieval.rank import Candidates, Retrieved, Trace
+from sterling.retrieval.served import ItemCount
 from sterling.snapshot import MANIFEST, SnapshotError, read_snapshot, write_snapshot
 
 __all__ = [
@@ -139,24 +141,23 @@ class ShardSearcher:
     def history_table(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every item's external id ``int64 [n]`` (distinct) and the cached embedding a history
         reads for it (its newest row; cache dtype ``[n, D]``)."""
-        model = self.model
-        ids = torch.unique(torch.cat([model.ids, model.fresh.ids]))
-        rows, _ = model.lookup(ids)
-        return ids, gather_rows(model.cache[:, : model.dim], model.fresh.cache[:, : model.dim], rows)
+        index = self.model.index
+        ids = index.ids
+        return ids, index.table_rows(index.rows_of(ids)[0], self.model.dim)
 
     def search(self, queries: torch.Tensor, filters: list[str | None]) -> Candidates:
         """This shard's filtered top-K0 of the task queries ``[Q, D]``, with their item state."""
-        return self.model.search_candidates(queries, filters)
+        return self.model.search(queries, filters)
 
     @torch.no_grad()
     def states(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """bool ``[M]`` (the shard holds the id) and float32 ``[M, S]`` item states (0 elsewhere)."""
-        rows, found = self.model.lookup(torch.as_tensor(ids, dtype=torch.int64))
-        return found, self.model.states_of(rows, found)
+        rows, found = self.model.index.rows_of(torch.as_tensor(ids, dtype=torch.int64))
+        return found, self.model.items.states_of(rows)
 
-    def size(self) -> tuple[int, int]:
+    def size(self) -> ItemCount:
         """Live items and fresh (upserted, not yet compacted) items."""
-        return len(self.model.index), self.model.index.fresh_items
+        return self.model.size()
 
     def upsert(self, ids: torch.Tensor, embeddings: torch.Tensor, attributes: list[dict]) -> None:
         self.model.upsert(ids, embeddings, attributes)
@@ -188,54 +189,40 @@ class HistoryTable:
     MERGE_AT = 4096
 
     def __init__(self, ids: torch.Tensor, vectors: torch.Tensor) -> None:
-        self.main = _sorted_rows(ids, vectors)
-        self.fresh = _sorted_rows(ids[:0], vectors[:0])
+        self.main = (IdMap.build(ids), vectors)
+        self.fresh = (IdMap.build(ids[:0]), vectors[:0])
 
     def vectors_of(self, ids: torch.Tensor) -> torch.Tensor:
         """float32 ``[L, D]`` of ``ids`` ``[L]`` (an upserted row over the loaded one); a
         ValueError names unknown ids."""
-        (main_ids, main_vectors), (fresh_ids, fresh_vectors) = self.main, self.fresh
-        rows, found = find_sorted(main_ids, torch.arange(len(main_ids)), ids)
-        fresh_rows, fresh_found = find_sorted(fresh_ids, torch.arange(len(fresh_ids)), ids)
+        (main_map, main_vectors), (fresh_map, fresh_vectors) = self.main, self.fresh
+        rows, found = main_map.lookup(ids)
+        fresh_rows, fresh_found = fresh_map.lookup(ids)
         if not bool((found | fresh_found).all()):
             raise ValueError(
                 f"unknown item ids {ids[~(found | fresh_found)].unique()[:10].tolist()} (not in the index)"
             )
         out = main_vectors[rows.clamp(min=0)].float()
-        if not len(fresh_ids):
+        if not len(fresh_map):
             return out
         return torch.where(fresh_found[:, None], fresh_vectors[fresh_rows.clamp(min=0)].float(), out)
 
     def upsert(self, ids: torch.Tensor, embeddings: torch.Tensor) -> None:
         """Set (or add) the rows of ``ids``, as a shard's cache stores them (rounded to its dtype)."""
-        fresh_ids, fresh_vectors = self.fresh
-        keep = ~torch.isin(fresh_ids, ids)
-        self.fresh = _sorted_rows(
-            torch.cat([fresh_ids[keep], ids]), torch.cat([fresh_vectors[keep], embeddings.to(fresh_vectors.dtype)])
-        )
-        if len(self.fresh[0]) >= self.MERGE_AT:
-            (main_ids, main_vectors), (fresh_ids, fresh_vectors) = self.main, self.fresh
-            keep = ~torch.isin(main_ids, fresh_ids)
-            self.main = _sorted_rows(
-                torch.cat([main_ids[keep], fresh_ids]), torch.cat([main_vectors[keep], fresh_vectors])
+        fresh_map, fresh_vectors = self.fresh
+        rows = torch.arange(len(fresh_vectors), len(fresh_vectors) + len(ids))
+        fresh_vectors = torch.cat([fresh_vectors, embeddings.to(fresh_vectors.dtype)])
+        fresh_map = IdMap.build(torch.cat([fresh_map.sorted_ids, ids]), torch.cat([fresh_map.rows, rows]))
+        self.fresh = (fresh_map, fresh_vectors)
+        if len(fresh_vectors) >= self.MERGE_AT:
+            main_map, main_vectors = self.main
+            merged = IdMap.build(
+                torch.cat([main_map.sorted_ids, fresh_map.sorted_ids]),
+                torch.cat([main_map.rows, len(main_vectors) + fresh_map.rows]),
             )
-            self.fresh = _sorted_rows(fresh_ids[:0], fresh_vectors[:0])
-
-
-def _sorted_rows(ids: torch.Tensor, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    order = torch.argsort(ids)
-    return ids[order], vectors[order]
-
-
-@dataclass(frozen=True)
-class ShardedIndexSize:
-    """What the server reports of a sharded index: ``len()`` and ``fresh_items`` over the shards."""
-
-    items: int
-    fresh_items: int
-
-    def __len__(self) -> int:
-        return self.items
+            vectors = torch.cat([main_vectors, fresh_vectors])[merged.rows]  # each id's current row only
+            self.main = (IdMap(merged.sorted_ids, torch.arange(len(merged))), vectors)
+            self.fresh = (IdMap.build(ids[:0]), fresh_vectors[:0])
 
 
 class ShardedModel:
@@ -255,7 +242,7 @@ class ShardedModel:
         self.meta, self.overarch, self.dim = head.meta, head.overarch, head.dim
         tables = self._fan_out("history_table")
         self.history = HistoryTable(torch.cat([i for i, _ in tables]), torch.cat([v for _, v in tables]))
-        self._refresh_size()
+        self._size = self._count()
 
     @classmethod
     def local(cls, path: Path) -> ShardedModel:
@@ -275,9 +262,14 @@ class ShardedModel:
             raise ValueError(f"unknown item ids {ids[~found].unique()[:10].tolist()} (not in the index)")
         return torch.stack([v for _, v in parts]).sum(0)  # each id is found on one shard, zeros elsewhere
 
-    def _refresh_size(self) -> None:
+    def size(self) -> ItemCount:
+        """Live items and fresh items, over the shards (counted at load and after each update,
+        so that asking never waits on the shards)."""
+        return self._size
+
+    def _count(self) -> ItemCount:
         sizes = self._fan_out("size")
-        self.index = ShardedIndexSize(sum(n for n, _ in sizes), sum(f for _, f in sizes))
+        return ItemCount(sum(n for n, _ in sizes), sum(f for _, f in sizes))
 
     def check_filter(self, expr: str) -> None:
         """A FilterError names a malformed filter (checked here: every shard's index knows the
@@ -363,7 +355,7 @@ class ShardedModel:
         for p in pending:
             p.result()
         self.history.upsert(ids, torch.as_tensor(embeddings)[:, : self.dim])
-        self._refresh_size()
+        self._size = self._count()
 
     def delete(self, ids: torch.Tensor | Sequence[int]) -> int:
         """Delete ``ids`` on their shards; returns how many live items went."""
@@ -372,7 +364,7 @@ class ShardedModel:
         owner = shard_of(ids, len(self.shards))
         pending = [call("delete", ids[owner == s]) for s, call in enumerate(self.shards)]
         removed = sum(p.result() for p in pending)
-        self._refresh_size()
+        self._size = self._count()
         return removed
 
 

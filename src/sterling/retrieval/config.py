@@ -1,0 +1,65 @@
+"""ServingConfig: how the served model answers (tasks, features, K0, probes, Value Model)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+from sterling.models.value_model import ValueModel
+
+__all__ = ["ServingConfig"]
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """How the composed model answers.
+
+    Args:
+        tasks (tuple[str, ...]): task names ``T``, in the order of the task queries and scores.
+        features (tuple[str, ...]): the user tower's context + user features, in order.
+        k0 (int): candidates each task query takes from the index.
+        nprobe (int | None): lists probed (None: the index's default).
+        primary_task (str): the ranking score when there is no Value Model.
+        value_formula (str | None): the Value Model's formula over the task probabilities.
+        max_history (int): most recent history events read.
+        use_overarch (bool): re-score with the OverArch (when the model has one); False ranks the
+            index's candidates by inner product.
+    """
+
+    tasks: tuple[str, ...]
+    features: tuple[str, ...] = ()
+    k0: int = 1000
+    nprobe: int | None = None
+    primary_task: str | None = None
+    value_formula: str | None = None
+    max_history: int = 100
+    use_overarch: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tasks, str) or not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks must be a non-empty tuple of distinct names, got {self.tasks!r}")
+        if isinstance(self.features, str) or len(set(self.features)) != len(self.features):
+            raise ValueError(f"features must be a tuple of distinct names, got {self.features!r}")
+        for name in ("k0", "max_history"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.nprobe is not None and (
+            isinstance(self.nprobe, bool) or not isinstance(self.nprobe, int) or self.nprobe < 1
+        ):
+            raise ValueError(f"nprobe must be None or an int >= 1, got {self.nprobe!r}")
+        if self.value_formula is not None:
+            ValueModel(self.value_formula, self.tasks)  # a FormulaError here, never at query time
+        if self.primary_task is not None and self.primary_task not in self.tasks:
+            raise ValueError(f"primary task {self.primary_task!r} is not one of the tasks {list(self.tasks)}")
+
+    @property
+    def primary(self) -> int:
+        return 0 if self.primary_task is None else self.tasks.index(self.primary_task)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> ServingConfig:
+        return cls(**{**d, "tasks": tuple(d["tasks"]), "features": tuple(d["features"])})

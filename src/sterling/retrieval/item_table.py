@@ -1,0 +1,81 @@
+"""ItemTable: the served model's per-item state, keyed by the index's rows.
+
+Each item's cache row ``[S]`` holds its item-tower embedding rounded to the cache dtype (the first
+``D`` columns: what the user tower reads for a history item) followed by OverArch's cached item
+state (what ranking reads for a candidate); without an OverArch it is the rounded embedding alone
+(``S = D``). The rows live in the :class:`~sterling.index.item_index.ItemIndex` as its item table
+(:meth:`~sterling.index.item_index.ItemIndex.set_table`), so the index is the one owner of item
+rows: an upsert adds an item's code and its cache row in one step, compaction reorders both, and no
+second row space, id map or version token exists beside it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sterling.index.item_index import ItemIndex
+from sterling.models.overarch import OverArch
+
+__all__ = ["ItemTable", "cache_rows"]
+
+
+def cache_rows(vectors: torch.Tensor, overarch: OverArch | None, dtype: torch.dtype) -> torch.Tensor:
+    """The cache rows ``dtype [M, S]`` of item-tower outputs ``float [M, D]``: OverArch's item
+    state (its first ``D`` columns are the embeddings) of the embeddings rounded to ``dtype``;
+    without an OverArch, the rounded embeddings (``S = D``). Ranking gathers these rows instead of
+    re-running the item tower."""
+    rounded = vectors.to(dtype).float()
+    with torch.no_grad():
+        state = rounded if overarch is None else overarch.item_state(rounded)
+    return state.to(dtype)
+
+
+class ItemTable:
+    """What the served model reads per item, by the index's rows (int64, ``>= 0``).
+
+    Args:
+        index (ItemIndex): holds the rows and, as its item table, their cache rows.
+        dim (int): ``D``, the embedding width (the history reads the first ``D`` cache columns).
+        overarch (OverArch | None): the OverArch whose item state the cache rows hold (None: the
+            model has none, its cache rows are the rounded embeddings).
+        dtype (torch.dtype): the cache dtype (float16 / bfloat16).
+        ranks_by_state (bool): ranking reads the cached item state; False: the index's stored
+            vectors (ranking by inner product).
+    """
+
+    def __init__(
+        self,
+        index: ItemIndex,
+        dim: int,
+        overarch: OverArch | None,
+        dtype: torch.dtype,
+        ranks_by_state: bool,
+    ) -> None:
+        self.index = index
+        self.dim = dim
+        self.overarch = overarch
+        self.dtype = dtype
+        self.ranks_by_state = ranks_by_state
+
+    def rows_for(self, vectors: torch.Tensor) -> torch.Tensor:
+        """The cache rows ``[M, S]`` of new items' embeddings ``float [M, D]`` (:func:`cache_rows`)."""
+        return cache_rows(vectors, self.overarch, self.dtype)
+
+    def history(self, rows: torch.Tensor) -> torch.Tensor:
+        """float32 ``[..., D]``: the cached embeddings of ``rows [...]`` (what the user tower reads)."""
+        return self.index.table_rows(rows, self.dim).float()
+
+    def state(self, rows: torch.Tensor) -> torch.Tensor:
+        """float32 ``[..., S]``: what ranking reads of candidate ``rows [...]``: the cached OverArch
+        item state, or without an OverArch the index's stored vectors (``S = D``)."""
+        if not self.ranks_by_state:
+            return self.index.vectors(rows)
+        return self.index.table_rows(rows).float()
+
+    def states_of(self, rows: torch.Tensor) -> torch.Tensor:
+        """float32 ``[..., S]``: :meth:`state` where ``rows >= 0``, 0 where a slot is empty (-1)."""
+        found = rows >= 0
+        width = self.index.table_rows(rows[:0]).shape[-1] if self.ranks_by_state else self.dim
+        out = torch.zeros(*rows.shape, width)
+        out[found] = self.state(rows[found])
+        return out
