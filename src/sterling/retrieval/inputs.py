@@ -11,7 +11,7 @@ import torch
 
 from sterling.retrieval.config import ServingConfig
 
-__all__ = ["UserInputs", "check_k", "padded", "parse_inputs", "per_query"]
+__all__ = ["UserInputs", "check_item_ids", "check_k", "padded", "parse_inputs", "per_query"]
 
 
 @dataclass(frozen=True)
@@ -111,3 +111,11 @@ def per_query(filter: str | Sequence[str | None] | None, b: int, t: int) -> list
 def check_k(k: int, k0: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= k0:
         raise ValueError(f"k must be an int in [1, k0 = {k0}], got {k!r}")
+
+
+def check_item_ids(item_ids: torch.Tensor | Sequence[Sequence[int]], batch_size: int) -> torch.Tensor:
+    """int64 ``[B, M]``: the items a ranking request scores, checked against its ``B`` requests."""
+    item_ids = torch.as_tensor(item_ids)
+    if item_ids.is_floating_point() or item_ids.dim() != 2 or item_ids.shape[0] != batch_size:
+        raise ValueError(f"item_ids must be integer [B = {batch_size}, M], got {item_ids.dtype} {list(item_ids.shape)}")
+    return item_ids.to(torch.int64)

@@ -39,7 +39,7 @@ from sterling.models.overarch import OverArch
 from sterling.models.towers import TaskQueries, UserTower
 from sterling.ops.reference.masked_ivf_topk import masked_ivf_topk
 from sterling.retrieval.config import ServingConfig
-from sterling.retrieval.inputs import UserInputs, check_k, padded, parse_inputs, per_query
+from sterling.retrieval.inputs import UserInputs, check_item_ids, check_k, padded, parse_inputs, per_query
 from sterling.retrieval.item_table import ItemTable
 from sterling.retrieval.rank import Candidates, Retrieved, Trace, ValueModels, merge_candidates, top_k
 from sterling.retrieval.served import ItemCount
@@ -326,12 +326,8 @@ class RetrievalModel(nn.Module):
         """Per-task scores ``[B, M, T]`` of given items ``int64 [B, M]`` (the ranking entry point):
         OverArch's probabilities over the items' cached state (the item tower never runs), or
         without an OverArch the task queries' inner products."""
-        item_ids = torch.as_tensor(item_ids)
-        if item_ids.is_floating_point() or item_ids.dim() != 2 or item_ids.shape[0] != inputs.batch_size:
-            raise ValueError(
-                f"item_ids must be integer [B = {inputs.batch_size}, M], got {item_ids.dtype} {list(item_ids.shape)}"
-            )
-        rows = self.rows_of(item_ids.to(torch.int64))
+        item_ids = check_item_ids(item_ids, inputs.batch_size)
+        rows = self.rows_of(item_ids)
         if inputs.batch_size == 0:
             return torch.zeros(0, item_ids.shape[1], len(self.config.tasks))
         users, queries = self.encode(inputs)

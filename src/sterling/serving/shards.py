@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from sterling.index.id_map import IdMap
-from sterling.retrieval.inputs import UserInputs, parse_inputs
+from sterling.retrieval.inputs import UserInputs, check_item_ids, parse_inputs
 from sterling.retrieval.model import RetrievalModel
 from sterling.retrieval.publish import load_model
 from sterling.retrieval.rank import Candidates, Retrieved, Trace
@@ -315,12 +315,8 @@ class ShardedModel:
     @torch.no_grad()
     def rank(self, inputs: UserInputs, item_ids: torch.Tensor) -> torch.Tensor:
         """:meth:`RetrievalModel.rank`: per-task scores ``[B, M, T]`` of given items ``[B, M]``."""
-        item_ids = torch.as_tensor(item_ids)
-        if item_ids.is_floating_point() or item_ids.dim() != 2 or item_ids.shape[0] != inputs.batch_size:
-            raise ValueError(
-                f"item_ids must be integer [B = {inputs.batch_size}, M], got {item_ids.dtype} {list(item_ids.shape)}"
-            )
-        state = self._states(item_ids.to(torch.int64).reshape(-1))
+        item_ids = check_item_ids(item_ids, inputs.batch_size)
+        state = self._states(item_ids.reshape(-1))
         if inputs.batch_size == 0:
             return torch.zeros(0, item_ids.shape[1], len(self.config.tasks))
         users, queries = self.head.encode(inputs)
