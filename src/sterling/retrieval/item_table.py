@@ -75,7 +75,7 @@ class ItemTable:
     def states_of(self, rows: torch.Tensor) -> torch.Tensor:
         """float32 ``[..., S]``: :meth:`state` where ``rows >= 0``, 0 where a slot is empty (-1)."""
         found = rows >= 0
-        width = self.index.table_rows(rows[:0]).shape[-1] if self.ranks_by_state else self.dim
-        out = torch.zeros(*rows.shape, width)
-        out[found] = self.state(rows[found])
+        state = self.state(rows[found])  # [F, S]
+        out = state.new_zeros(*rows.shape, state.shape[-1])
+        out[found] = state
         return out

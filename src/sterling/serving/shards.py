@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -300,17 +300,7 @@ class ShardedModel:
 
     __call__ = forward
 
-    def recommend(
-        self,
-        history: Sequence[int],
-        filter: str | None = None,
-        k: int = 10,
-        actions: Sequence[int] | None = None,
-        features: Mapping[str, int] | None = None,
-    ) -> Retrieved:
-        """:meth:`RetrievalModel.recommend`: top-``k`` for one user's history of item ids."""
-        inputs = self.inputs([list(history)], None if actions is None else [list(actions)], [dict(features or {})])
-        return self(inputs, filter=filter, k=k)
+    recommend = RetrievalModel.recommend  # the same one-user call over this model's inputs and forward
 
     @torch.no_grad()
     def rank(self, inputs: UserInputs, item_ids: torch.Tensor) -> torch.Tensor:
