@@ -66,6 +66,7 @@ def _worker(rank: int, world: int, port: int, threads: int, fn: Callable, args: 
         result = fn(*args)
         if rank == 0:  # a file: a pipe would block on a large result until the parent, joining, reads it
             Path(result_path).write_bytes(pickle.dumps(result))
+        dist.barrier()  # every rank done before any tears its gloo pairs down (a rank torn down early aborted its peer)
     finally:
         dist.destroy_process_group()
 
