@@ -10,9 +10,8 @@ from hypothesis import strategies as st
 
 from sterling.index.attributes import AttributeStore
 from sterling.index.bloom import BloomIndex
-from sterling.index.search import pack_rows
 from sterling.ops.ivf_scan import Kernel, encode, ivf_scan
-from sterling.ops.plan_program import ALL, AND, ANY, NONE, OR, TRUE, PlanProgram, bit_of, plan_mask
+from sterling.ops.plan_program import ALL, AND, ANY, NONE, OR, TRUE, PlanProgram, bit_of, pack_rows, plan_mask
 
 
 def random_bits(gen: torch.Generator, rows: int, n: int, density: float) -> torch.Tensor:

@@ -44,8 +44,7 @@ def test_triton_equals_brute_force(p: dict) -> None:
 @pytest.mark.parametrize("d", [1, 16, 64, 100, 128])
 def test_mask_densities_and_dimensions(density: float, d: int) -> None:
     """Filters passing 0%, 1%, 50% and 100% of the rows, at every supported width."""
-    from sterling.index.search import pack_rows
-    from sterling.ops.plan_program import ANY, PlanProgram
+    from sterling.ops.plan_program import ANY, PlanProgram, pack_rows
 
     gen = torch.Generator().manual_seed(int(density * 100) + d)
     n, b = 400, 3

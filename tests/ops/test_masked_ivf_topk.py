@@ -5,7 +5,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sterling.index.search import pack_rows
+from sterling.ops.plan_program import pack_rows
 from sterling.ops.reference.masked_ivf_topk import masked_ivf_topk
 
 

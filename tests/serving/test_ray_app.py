@@ -16,7 +16,7 @@ pytest.importorskip("fastapi")
 ray = pytest.importorskip("ray", reason="the [ray] extra is not installed")
 serve = pytest.importorskip("ray.serve", reason="the [ray] extra is not installed")
 
-from sterling.index.search import IndexConfig  # noqa: E402
+from sterling.index.config import IndexConfig  # noqa: E402
 from sterling.retrieval.publish import load_model  # noqa: E402
 from sterling.serving.ray_app import build_app  # noqa: E402
 from sterling.serving.server import BackgroundServer, ServerConfig  # noqa: E402

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sterling.index.search import IndexConfig
+from sterling.index.config import IndexConfig
 from sterling.retrieval.publish import load_model
 from sterling.serving.shards import Candidates, ShardedModel, merge_topk, shard_of, shard_paths, split_snapshot
 from sterling.snapshot import SnapshotError

@@ -18,7 +18,7 @@ Systems (peers need the ``[bench]`` extra; a missing peer is skipped and said so
 * ``faiss-prefilter``: gather the passing items, ``IndexFlatIP`` over them.
 * ``hnswlib``: HNSW (M 16, ef_construction 200) with a filter function, at several ef.
 * ``sterling``: :class:`~sterling.ItemIndex` (IVF + int8 + Bloom with the planner of
-  :mod:`sterling.index.search`) at several nprobe, and at ``nprobe = nlist`` (exact).
+  :mod:`sterling.index.segment`) at several nprobe, and at ``nprobe = nlist`` (exact).
 
 FAISS applies one selector to a whole ``search`` call, so per-query filters cost it one call per
 distinct filter; that is the price a FAISS user pays for them, and the table shows it.

@@ -2,9 +2,9 @@
 
 An index is one immutable state, swapped atomically:
 
-- a **main segment** (:class:`~sterling.index.search.Segment`): items in IVF order as int8 codes
+- a **main segment** (:class:`~sterling.index.segment.Segment`): items in IVF order as int8 codes
   with per-item scales, the exact attribute store and the Bloom index, searched by the planner of
-  :mod:`sterling.index.search` (probe → partial Bloom → fused int8 scan → exact check, widening
+  :mod:`sterling.index.segment` (probe → partial Bloom → fused int8 scan → exact check, widening
   until k results or the catalogue is exhausted);
 - **tombstones**: packed live-row words over the main segment; a deleted or replaced item's bit is
   cleared, and the fused scan skips it like a filtered row;
@@ -43,11 +43,12 @@ import torch
 
 from sterling.index.attributes import AttributeStore
 from sterling.index.bloom import BloomIndex
+from sterling.index.config import IndexConfig, auto_nlist
 from sterling.index.id_map import IdMap
 from sterling.index.quant import Int8Codes, dequantize, quantize
-from sterling.index.search import IndexConfig, Segment, auto_nlist, pack_rows
+from sterling.index.segment import Segment
 from sterling.ops.filtered_topk import filtered_topk
-from sterling.ops.plan_program import bit_of
+from sterling.ops.plan_program import bit_of, pack_rows
 from sterling.snapshot import SnapshotError, read_snapshot, write_snapshot
 
 __all__ = ["IndexConfig", "ItemIndex", "QueryPlan", "SearchResult"]
@@ -440,7 +441,7 @@ class ItemIndex:
 
     def executor_tensors(self) -> dict[str, torch.Tensor]:
         """The static inputs of the tensor-only search over the main segment
-        (:meth:`~sterling.index.search.Segment.executor_tensors`): ``centroids``, ``row_list``,
+        (:meth:`~sterling.index.segment.Segment.executor_tensors`): ``centroids``, ``row_list``,
         ``codes``, ``scales`` and ``ids`` (the external id of every row)."""
         return self._state.main.executor_tensors()
 

@@ -1,6 +1,6 @@
 """Exact top-k over int8 rows dispatcher: validates once, then routes to a kernel.
 
-The pre-filtering plan of the index (:mod:`sterling.index.search`): the rows passing a selective
+The pre-filtering plan of the index (:mod:`sterling.index.segment`): the rows passing a selective
 filter shared by a batch of queries are gathered once and every query scores all of them. The
 score of row ``r`` for query ``b`` is ``dot(queries[b], codes[r]) * scales[r]`` in float32, the
 inner product with the stored (dequantized) vector, as in :func:`sterling.ops.ivf_scan.ivf_scan`.

@@ -39,6 +39,7 @@ __all__ = [
     "TRUE",
     "PlanProgram",
     "bit_of",
+    "pack_rows",
     "encode",
     "plan_mask",
     "plan_words",
@@ -128,6 +129,15 @@ def encode(plans: Sequence[_Plan]) -> PlanProgram:
         torch.tensor(starts, dtype=torch.int64),
         depth,
     )
+
+
+def pack_rows(mask: torch.Tensor) -> torch.Tensor:
+    """int64 [ceil(N / 64)]: bool [N] packed 64 rows per word, row r in bit r % 64 of word r // 64."""
+    n = mask.shape[0]
+    padded = torch.zeros((n + 63) // 64 * 64, dtype=torch.int64)
+    padded[:n] = mask.to(torch.int64)
+    shifts = torch.arange(64, dtype=torch.int64)
+    return (padded.view(-1, 64) << shifts).sum(1)  # distinct bits: sum == OR (bit 63 wraps to sign)
 
 
 def bit_of(words: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

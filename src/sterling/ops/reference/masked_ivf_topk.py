@@ -2,7 +2,7 @@
 
 The executor half of a planned search: :meth:`sterling.index.item_index.ItemIndex.plan` (host
 side, Python) turns the filters into per-query allowed-row words and first probe counts; this
-function returns what :meth:`sterling.index.search.Segment.search` returns for them, with static
+function returns what :meth:`sterling.index.segment.Segment.search` returns for them, with static
 shapes and no data-dependent control flow, so it traces under ``torch.export.export`` (the batch
 dimension may be dynamic).
 
@@ -46,7 +46,7 @@ def masked_ivf_topk(
         scales (torch.Tensor): float32 [N], one scale per row.
         probes (torch.Tensor): int64 [B], the lists each query probes first (0: none, >= C: all).
         allowed (torch.Tensor): int64 [B, W], W = ceil(N / 64): the rows each query may return,
-            row r in bit ``r % 64`` of word ``r // 64`` (:func:`sterling.index.search.pack_rows`).
+            row r in bit ``r % 64`` of word ``r // 64`` (:func:`sterling.ops.plan_program.pack_rows`).
         k (int): results per query, k >= 1 (beyond N only pads).
 
     Returns:

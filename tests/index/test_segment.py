@@ -10,8 +10,10 @@ from hypothesis import strategies as st
 
 from sterling.index.attributes import AttributeStore
 from sterling.index.bloom import BloomConfig
-from sterling.index.search import IndexConfig, Segment, auto_nlist, pack_rows
+from sterling.index.config import IndexConfig, auto_nlist
+from sterling.index.segment import Segment
 from sterling.ops.kernel import Kernel
+from sterling.ops.plan_program import pack_rows
 
 try:  # the Triton scan (on CPU tensors under the interpreter, see tests/conftest.py)
     import triton  # noqa: F401

@@ -7,19 +7,9 @@ and the Bloom index in the same row order. It keeps no float copy of the embeddi
 inner products with the stored vectors ``codes * scale``, and "exact" below means exact with
 respect to those vectors.
 
-**Planner.** Each distinct filter of a batch is parsed, compiled into a Bloom plan and given an
-estimated selectivity ``s`` (the share of a fixed random sample of rows that passes, exactly; the
-same sample gives the Bloom pass's share, so the false-positive ratio) once, then cached. Its
-queries probe ``nprobe * s^(-1/3)`` lists: the filtered top-k of an independent filter is the
-unfiltered top-k/s thinned out, which spreads over more lists as s falls (measured on the
-``bench ann`` data: a 10% filter needs about 2x the probes of a 50% one for the same recall, a 1%
-filter about 4x), and at least enough lists to expect ``min_candidates * k`` passing rows. When
-that is half the lists or more, or ``s <= scan_selectivity``, the plan is a **scan** of all lists,
-which the Bloom words make a filter-then-scan (a filtered row costs one bit test). A filter shared
-by ``gather_queries`` or more queries and expected to pass at most ``gather_rows`` rows is
-answered instead by **gathering** its passing rows once and one int8 matrix product (FAISS's
-pre-filtering, exact; :func:`sterling.ops.int8_topk.int8_topk`) when that is cheaper: a gathered
-row costs about ``gather_cost`` probed rows, so when ``gather_cost * s * nlist <= probes``. A filter whose Bloom plan is constant false returns nothing without a scan.
+**Planner** (:mod:`sterling.index.planner`): each distinct filter of a batch is compiled once
+(cached), given a selectivity estimate and answered by an IVF probe of some lists, a scan of all
+lists, gathering its passing rows (pre-filtering), or nothing at all (a constant-false filter).
 
 **Scan** (:func:`sterling.ops.ivf_scan.ivf_scan`, one fused kernel per batch): for every probed
 cluster, the query's plan program over the cluster's Bloom words only (the partial mask of
@@ -49,7 +39,6 @@ exact top-k) as static-shape tensor ops that ``torch.export`` traces
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field
@@ -59,130 +48,20 @@ import numpy as np
 import torch
 
 from sterling.index.attributes import AttributeStore
-from sterling.index.bloom import BloomConfig, BloomIndex
-from sterling.index.bloom_plan import BloomPlan
-from sterling.index.filter import FilterNode, parse
+from sterling.index.bloom import BloomIndex
+from sterling.index.config import IndexConfig, auto_nlist
 from sterling.index.id_map import IdMap
 from sterling.index.ivf import IVFLayout, kmeans
+from sterling.index.planner import CompiledFilter, FilterPlan, compile_filter, plan_batch
 from sterling.index.quant import Int8Codes, quantize
 from sterling.ops.int8_topk import int8_topk
 from sterling.ops.ivf_scan import Kernel, encode, ivf_scan
-from sterling.ops.plan_program import bit_of, plan_words
+from sterling.ops.plan_program import bit_of, pack_rows
 
-__all__ = ["IndexConfig", "Segment", "auto_nlist", "pack_rows"]
+__all__ = ["Segment"]
 
 _PLAN_CACHE_SIZE = 4096
 _WORDS_CACHE_SIZE = 256  # filter_words entries: N / 8 bytes each (32 MiB at a million rows)
-
-
-def auto_nlist(n: int) -> int:
-    """Lists for ``n`` items: the power of two nearest √n (1,000,000 → 1,024), 1 below 4,096 items."""
-    return 1 if n < 4096 else 2 ** round(math.log2(math.sqrt(n)))
-
-
-def pack_rows(mask: torch.Tensor) -> torch.Tensor:
-    """int64 [ceil(N / 64)]: bool [N] packed 64 rows per word, row r in bit r % 64 of word r // 64."""
-    n = mask.shape[0]
-    padded = torch.zeros((n + 63) // 64 * 64, dtype=torch.int64)
-    padded[:n] = mask.to(torch.int64)
-    shifts = torch.arange(64, dtype=torch.int64)
-    return (padded.view(-1, 64) << shifts).sum(1)  # distinct bits: sum == OR (bit 63 wraps to sign)
-
-
-@dataclass(frozen=True)
-class IndexConfig:
-    """How an index (and each of its segments) is built and searched.
-
-    Args:
-        nlist (int | None): IVF lists; None picks :func:`auto_nlist`.
-        nprobe (int): lists probed per query by default.
-        scan_selectivity (float): filters estimated to pass at most this share of items are
-            answered by a scan of all lists.
-        min_candidates (float): probe enough lists to expect this many passing rows per result.
-        gather_queries (int), gather_rows (int), gather_cost (float): a filter shared by at
-            least ``gather_queries`` queries and expected to pass at most ``gather_rows`` rows is
-            answered by gathering its passing rows once (pre-filtering) and an int8 matrix product
-            when its rows, at ``gather_cost`` probed rows each, cost less than its planned probes
-            (measured at 1M × 64, 256 queries, 2 cores: a gathered row scored by every query
-            costs 5-7x a probed row of the fused scan).
-        sample_size (int): rows sampled for selectivity estimates.
-        kmeans_iters (int): Lloyd iterations. seed (int): k-means and sampling seed.
-        bloom (BloomConfig): Bloom index sizing.
-        kernel (Kernel | None): the filtered int8 scan implementation; None (the default) picks
-            by machine: the Triton kernel on the GPU when CUDA is available (the lists' codes,
-            scales and Bloom words are copied to it once), the numba CPU kernel otherwise. Ops
-            without a GPU kernel (the gather plan's ``int8_topk``) run on the CPU.
-        compact_at (int): :class:`~sterling.index.item_index.ItemIndex` folds its fresh segment
-            into the main one (:meth:`~sterling.index.item_index.ItemIndex.compact`) once it holds
-            this many items.
-    """
-
-    nlist: int | None = None
-    nprobe: int = 32
-    scan_selectivity: float = 0.002
-    min_candidates: float = 16.0
-    gather_queries: int = 8
-    gather_rows: int = 131072
-    gather_cost: float = 6.0
-    sample_size: int = 16384
-    kmeans_iters: int = 10
-    seed: int = 0
-    bloom: BloomConfig = field(default_factory=BloomConfig)
-    kernel: Kernel | None = None
-    compact_at: int = 65536
-
-    def __post_init__(self) -> None:
-        for name in ("nprobe", "sample_size", "kmeans_iters", "compact_at", "gather_queries", "gather_rows"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if self.nlist is not None and (
-            isinstance(self.nlist, bool) or not isinstance(self.nlist, int) or self.nlist < 1
-        ):
-            raise ValueError(f"nlist must be None or an int >= 1, got {self.nlist!r}")
-        if not 0.0 <= self.scan_selectivity <= 1.0:
-            raise ValueError(f"scan_selectivity must be in [0, 1], got {self.scan_selectivity!r}")
-        if not (isinstance(self.min_candidates, (int, float)) and self.min_candidates >= 0):
-            raise ValueError(f"min_candidates must be >= 0, got {self.min_candidates!r}")
-        if not (isinstance(self.gather_cost, (int, float)) and self.gather_cost >= 0):
-            raise ValueError(f"gather_cost must be >= 0, got {self.gather_cost!r}")
-        if isinstance(self.bloom, dict):
-            object.__setattr__(self, "bloom", BloomConfig(**self.bloom))
-        if self.kernel is not None:
-            object.__setattr__(self, "kernel", Kernel(self.kernel))
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-serialisable fields (``IndexConfig(**config.to_json())`` rebuilds it)."""
-        out = dataclasses.asdict(self)
-        out["kernel"] = None if self.kernel is None else self.kernel.value
-        return out
-
-
-@dataclass(frozen=True)
-class _Filter:
-    """One filter expression, compiled for a segment."""
-
-    node: FilterNode
-    plan: BloomPlan
-    share: float  # estimated share of rows passing
-    bloom_share: float  # estimated share of rows the Bloom plan lets through (>= share)
-
-    def candidates_factor(self) -> float:
-        """How many Bloom candidates to keep per verified result: 1 for an exact plan, else 1.5x
-        the estimated Bloom-to-exact ratio (false positives are dropped after the scan; the margin
-        absorbs the spread of the estimate, a starved query is scanned again)."""
-        return 1.0 if self.plan.exact else 1.5 * max(1.0, self.bloom_share / max(self.share, 1e-9))
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """How the queries sharing one filter are answered."""
-
-    filter: _Filter | None  # None: no filter
-    share: float  # estimated share of rows passing
-    queries: int  # queries of the batch with this filter
-    probes: int  # lists the scan probes first (nlist: all); 0: no scan (nothing passes, or gathered)
-    gather: bool  # answered by gathering the passing rows (exact, as a scan of all lists)
 
 
 @dataclass(frozen=True)
@@ -209,7 +88,7 @@ class Segment:
     bloom: BloomIndex
     sample: torch.Tensor
     config: IndexConfig
-    _filters: dict[str, _Filter] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _filters: dict[str, CompiledFilter] = field(default_factory=dict, init=False, repr=False, compare=False)
     _words: dict[str | None, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
@@ -342,23 +221,15 @@ class Segment:
             return tuple(a.cuda() for a in arrays)
         return arrays
 
-    def compiled(self, expr: str) -> _Filter:
+    def compiled(self, expr: str) -> CompiledFilter:
         """``expr`` parsed, compiled to a Bloom plan and its selectivity estimated (cached)."""
         cached = self._filters.get(expr)
         if cached is None:
-            node = parse(expr)
-            plan = self.bloom.compile(node, expr)
-            share = bloom_share = 0.0
-            if len(self):
-                rows, inside = self._sample_rows
-                share = float(self.attributes.evaluate_rows(node, rows, expr).float().mean())
-                if not plan.exact:
-                    words = plan_words(self.bloom.bits, encode([plan]), 0, self.sample) & inside
-                    bloom_share = int(np.unpackbits(words.numpy().view(np.uint8)).sum()) / len(rows)
-                bloom_share = max(bloom_share, share)
+            rows, inside = self._sample_rows
+            compiled = compile_filter(expr, self.bloom, self.attributes, rows, self.sample, inside)
             if len(self._filters) >= _PLAN_CACHE_SIZE:
                 self._filters.clear()
-            cached = self._filters[expr] = _Filter(node, plan, share, bloom_share)
+            cached = self._filters[expr] = compiled
         return cached
 
     def filter_words(self, expr: str | None) -> torch.Tensor:
@@ -380,25 +251,9 @@ class Segment:
         plans = self._plan(filters, k, nprobe)
         return torch.tensor([self.nlist if plans[f].gather else plans[f].probes for f in filters], dtype=torch.int64)
 
-    def _plan(self, filters: list[str | None], k: int, nprobe: int | None) -> dict[str | None, _Plan]:
-        """The plan of every distinct filter of a batch (the planner of the module docstring)."""
-        nprobe = min(nprobe or self.config.nprobe, self.nlist)
-        cfg = self.config
-        plans = {}
-        for expr in dict.fromkeys(filters):
-            flt = None if expr is None else self.compiled(expr)
-            share = 1.0 if flt is None else flt.share
-            constant = None if flt is None else flt.plan.constant
-            probes = 0 if len(self) == 0 or constant is False else self._probes(share, nprobe, k)
-            count = filters.count(expr)
-            gather = (
-                count >= cfg.gather_queries
-                and share * len(self) <= cfg.gather_rows
-                and probes > 0
-                and cfg.gather_cost * share * self.nlist <= probes
-            )
-            plans[expr] = _Plan(flt, share, count, 0 if gather else probes, gather)
-        return plans
+    def _plan(self, filters: list[str | None], k: int, nprobe: int | None) -> dict[str | None, FilterPlan]:
+        """The plan of every distinct filter of a batch (:func:`sterling.index.planner.plan_batch`)."""
+        return plan_batch(filters, self.compiled, k, nprobe, len(self), self.nlist, self.config)
 
     def search(
         self,
@@ -473,7 +328,7 @@ class Segment:
         return scores, rows, explain
 
     def _gathered(
-        self, q: torch.Tensor, flt: _Filter | None, k: int, alive: torch.Tensor | None
+        self, q: torch.Tensor, flt: CompiledFilter | None, k: int, alive: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-filtering for queries sharing one selective filter: its passing live rows (Bloom
         candidates, checked exactly) scored by one int8 matrix product (:mod:`sterling.ops.int8_topk`)."""
@@ -483,7 +338,7 @@ class Segment:
         kernel = Kernel.CPU if self._scan_kernel is Kernel.TRITON else self._scan_kernel
         return int8_topk(q, self.codes.codes, self.codes.row_scales(), passing, k, kernel=kernel)
 
-    def _passing(self, flt: _Filter | None, alive: torch.Tensor | None) -> torch.Tensor:
+    def _passing(self, flt: CompiledFilter | None, alive: torch.Tensor | None) -> torch.Tensor:
         """int64 [M], ascending: the live rows (all if ``alive`` is None) passing ``flt`` exactly:
         its Bloom candidates, checked against the attribute store unless the plan is exact."""
         passing = torch.arange(len(self)) if flt is None else self.bloom.candidates(flt.plan)
@@ -493,20 +348,11 @@ class Segment:
             passing = passing[self.attributes.evaluate_rows(flt.node, passing)]
         return passing
 
-    def _probes(self, share: float, nprobe: int, k: int) -> int:
-        """Lists to probe for a filter passing ``share`` of the rows (``nlist``: a scan)."""
-        if share <= self.config.scan_selectivity:
-            return self.nlist
-        per_list = share * len(self) / self.nlist
-        needed = math.ceil(self.config.min_candidates * k / per_list)
-        probes = max(math.ceil(nprobe * share ** (-1 / 3)), needed)
-        return self.nlist if 2 * probes >= self.nlist else probes
-
     def _search(
         self,
         q: torch.Tensor,
         filters: list[str | None],
-        compiled: dict[str | None, _Filter | None],
+        compiled: dict[str | None, CompiledFilter | None],
         k: int,
         probes: torch.Tensor,
         alive: torch.Tensor | None,
