@@ -151,7 +151,9 @@ class UserTower(nn.Module):
         history_actions: torch.Tensor,
         history_offsets: torch.Tensor,
         features: dict[str, torch.Tensor],
+        timestamps: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """User embeddings ``[R, D]`` (``timestamps`` unused: the sequence towers' interface)."""
         cfg = self.cfg
         starts = torch.arange(history_offsets.shape[0] - 1)  # gathers, not slices: no
         lengths = history_offsets[starts + 1] - history_offsets[starts]  # [R]  size-1 guards in export
@@ -167,6 +169,10 @@ class UserTower(nn.Module):
             self.features[n](features[n] % cfg.hash_buckets) for n in cfg.context_features + cfg.user_features
         ]
         return F.normalize(pooled + self.mlp(torch.cat(parts, dim=-1)), dim=-1)  # [R, D]
+
+    def index_vectors(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The index's vectors of item-tower outputs ``[M, D]``: the outputs themselves."""
+        return embeddings
 
 
 class TaskQueries(nn.Module):

@@ -26,6 +26,8 @@ class UserInputs:
         history_vectors (torch.Tensor | None): float32 ``[L, D]``, the history's cached embeddings
             when they come from elsewhere (the shards of :mod:`sterling.serving.shards`); then
             ``history_rows`` is not read.
+        history_ts (torch.Tensor | None): int64 ``[L]`` event times in seconds (HSTU's time bias;
+            None: every gap is 0). The two-tower user tower does not read them.
     """
 
     history_rows: torch.Tensor
@@ -33,6 +35,7 @@ class UserInputs:
     history_offsets: torch.Tensor
     features: torch.Tensor
     history_vectors: torch.Tensor | None = None
+    history_ts: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:

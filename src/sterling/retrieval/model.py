@@ -36,6 +36,7 @@ from torch import nn
 
 from sterling.index.item_index import ItemIndex, QueryPlan
 from sterling.models.overarch import OverArch
+from sterling.models.sequence_tower import SequenceUserTower
 from sterling.models.towers import TaskQueries, UserTower
 from sterling.ops.reference.masked_ivf_topk import masked_ivf_topk
 from sterling.retrieval.config import ServingConfig
@@ -55,7 +56,8 @@ class RetrievalModel(nn.Module):
     :class:`~sterling.retrieval.served.ServedModel`).
 
     Args:
-        user_tower (UserTower): history (through the cached embeddings) + features → ``[B, D]``.
+        user_tower (UserTower | SequenceUserTower): history (through the cached embeddings) +
+            features → ``[B, D]``: the two-tower's pooled tower, or an HSTU / SASRec encoder.
         task_queries (TaskQueries): ``[B, D]`` → ``[B, T, D]``.
         index (ItemIndex): the compacted item index (int8 IVF + Bloom + exact attributes); the
             model keeps ``cache`` in it as its item table.
@@ -67,7 +69,7 @@ class RetrievalModel(nn.Module):
 
     def __init__(
         self,
-        user_tower: UserTower,
+        user_tower: UserTower | SequenceUserTower,
         task_queries: TaskQueries,
         index: ItemIndex,
         cache: torch.Tensor,
@@ -177,7 +179,7 @@ class RetrievalModel(nn.Module):
         """User embeddings ``[B, D]`` and task queries ``[B, T, D]``."""
         history = self._history_of(inputs)  # [L, D]
         feats = {n: inputs.features[:, i] for i, n in enumerate(self.config.features)}
-        users = self.user_tower(history, inputs.history_actions, inputs.history_offsets, feats)
+        users = self.user_tower(history, inputs.history_actions, inputs.history_offsets, feats, inputs.history_ts)
         return users, self.task_queries(users)
 
     @torch.no_grad()
@@ -346,7 +348,8 @@ class RetrievalModel(nn.Module):
             raise ValueError(
                 f"embeddings must be float [M, D] of dimension D = {self.dim}, got {vectors.dtype} {list(vectors.shape)}"
             )
-        self.index.upsert(ids, vectors, attributes, table=self.items.rows_for(vectors.float()))
+        index_vectors = self.user_tower.index_vectors(vectors.float())
+        self.index.upsert(ids, index_vectors, attributes, table=self.items.rows_for(vectors.float()))
 
     def delete(self, ids: torch.Tensor | Sequence[int]) -> int:
         """Remove items from search (their rows stay until compaction, for the histories that name

@@ -1,0 +1,115 @@
+"""A sequential encoder (HSTU or SASRec) as the served user tower.
+
+The next-item retriever of :mod:`sterling.train.sequence_model` embeds a user's timeline as tokens
+``√D · E[item]``, encodes them causally, and takes the L2-normalised output at the **last** event
+as the query for the next item; items are scored by the inner product with their L2-normalised
+embeddings ``Ê``. Served, the same computation reads the history's ``E`` rows from the item table
+(the served model's cache, by the index's rows) and the index holds ``Ê``::
+
+    history embeddings E[h]                         [L, D]   jagged, B requests (no padding)
+      → tokens √D · E[h]                            [L, D]
+      → encoder (causal mask, no candidates)        [L, D]   HSTU: relative position + time bias
+      → the output at each history's last event     [B, D]
+      → L2 normalise                                [B, D]   the user embedding (one query)
+
+It has the signature of :class:`~sterling.models.towers.UserTower` (plus optional timestamps), so
+:class:`~sterling.retrieval.model.RetrievalModel` composes either. A request without history gets
+the zero vector (every item scores 0). Actions and features are not read: the retriever trains
+on item sequences alone. Timestamps (int64 seconds ``[L]``) feed HSTU's time bias; without them
+every gap is 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sterling.models.ranker import make_encoder
+
+__all__ = ["SequenceTowerConfig", "SequenceUserTower"]
+
+ENCODERS = ("hstu", "sasrec")
+
+
+@dataclass(frozen=True)
+class SequenceTowerConfig:
+    """Sizes of a served sequence tower (those of the retriever it was trained as).
+
+    Args:
+        encoder (str): ``"hstu"`` or ``"sasrec"``.
+        dim (int): token and embedding width ``D``.
+        num_layers (int), num_heads (int): encoder depth and heads.
+        max_len (int): most recent events read (the encoder's positions are ``max_len + 1``).
+    """
+
+    encoder: str
+    dim: int
+    num_layers: int
+    num_heads: int
+    max_len: int
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        if min(self.dim, self.num_layers, self.num_heads, self.max_len) < 1:
+            raise ValueError(f"dim, num_layers, num_heads and max_len must be >= 1, got {self}")
+
+    @property
+    def context_features(self) -> tuple[str, ...]:
+        return ()
+
+    @property
+    def user_features(self) -> tuple[str, ...]:
+        return ()
+
+    @property
+    def max_history(self) -> int:
+        return self.max_len
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class SequenceUserTower(nn.Module):
+    """history item embeddings ``[L, D]`` (jagged, offsets ``[B + 1]``) → user embeddings ``[B, D]``.
+
+    Args:
+        cfg (SequenceTowerConfig): sizes.
+
+    Example::
+
+        tower = SequenceUserTower(SequenceTowerConfig("hstu", 16, 2, 1, 50))
+        users = tower(torch.randn(7, 16), torch.ones(7, dtype=torch.int64), torch.tensor([0, 4, 7]), {})  # [2, 16]
+    """
+
+    def __init__(self, cfg: SequenceTowerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = make_encoder(cfg.encoder, cfg.dim, cfg.num_layers, cfg.num_heads, cfg.max_len + 1, 0.0)
+
+    def forward(
+        self,
+        history_vectors: torch.Tensor,
+        history_actions: torch.Tensor,
+        history_offsets: torch.Tensor,
+        features: dict[str, torch.Tensor],
+        timestamps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        b = history_offsets.shape[0] - 1
+        if history_vectors.shape[0] == 0:
+            return history_vectors.new_zeros(b, self.cfg.dim)
+        ts = torch.zeros_like(history_actions) if timestamps is None else timestamps  # [L]
+        tokens = history_vectors * math.sqrt(self.cfg.dim)  # [L, D]
+        out = self.encoder(tokens, history_offsets, ts, torch.zeros(b, dtype=torch.int64))  # [L, D]
+        last = (history_offsets[1:] - 1).clamp(min=0)  # [B]
+        has_history = (history_offsets[1:] > history_offsets[:-1])[:, None]  # [B, 1]
+        return torch.where(has_history, F.normalize(out[last], dim=-1), 0.0)  # [B, D]
+
+    def index_vectors(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """The index's vectors of item embeddings ``E [M, D]``: L2-normalised (the retriever scores
+        by cosine)."""
+        return F.normalize(embeddings.float(), dim=-1)
