@@ -1,0 +1,128 @@
+"""The next-item model that retrieval training (:mod:`sterling.train.retrieval`) fits, and its
+configuration: HSTU or SASRec over item-id embeddings (HSTU paper §4.1.1, spec ``roo.md`` §7.2).
+
+**Model** (:class:`SequenceRetriever`). One item-id embedding table ``E [N, D]``. A user's timeline
+(item rows, oldest first, at most ``max_len`` events) becomes tokens ``√D · E[item]`` (dropout);
+the user tower (:func:`~sterling.models.ranker.make_encoder`: HSTU or SASRec, ``num_targets = 0``,
+so the mask is plain causal) encodes them, and the output at every position, L2-normalised, is a
+query for the **next** item. Items are scored by the inner product with their L2-normalised
+embeddings (cosine), divided by ``temperature`` in the loss. The same table embeds the inputs and
+the outputs, as in GR. HSTU's relative time bias reads the gaps between the events' timestamps (a
+query's time is its own event's; GR uses the next event's). Batches are jagged (values + offsets);
+only the encoder's attention pads, to the longest sequence of the batch::
+
+    items, ts                       int64 [L]      jagged, offsets [B + 1]
+      → tokens √D · E[items]        [L, D]         dropout
+      → encoder (causal)            [L, D]
+      → L2 normalise                [L, D]         position i: the query for event i + 1
+
+Saved and loaded by :mod:`sterling.train.sequence_checkpoint`; served as the user tower of
+:mod:`sterling.models.sequence_tower`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sterling.models.ranker import make_encoder
+
+__all__ = ["ENCODERS", "RetrievalConfig", "SequenceRetriever"]
+
+ENCODERS = ("hstu", "sasrec")
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """One retrieval training run (defaults: GR's ML-1M configuration, spec ``roo.md`` §7.2).
+
+    Args:
+        encoder (str): user tower, ``"hstu"`` or ``"sasrec"``.
+        dim (int): item embedding and token width ``D`` (50).
+        num_layers (int): encoder layers / blocks (2).
+        num_heads (int): attention heads (1).
+        max_len (int): most recent events per sequence, in training and evaluation (200).
+        dropout (float): on the input tokens and inside the encoder (0.2).
+        epochs (int): passes over the training sequences.
+        batch_size (int): sequences (users) per step (128).
+        lr (float): Adam learning rate (1e-3; betas 0.9, 0.98 as GR; no weight decay).
+        num_negatives (int): uniform random items added to the batch's candidates (128).
+        temperature (float): softmax temperature of the cosine logits (0.05).
+        eval_every (int): validate every this many epochs (0: only after training). Ignored when
+            validation runs every epoch (a checkpoint directory or ``patience``).
+        eval_chunk (int): users per evaluation chunk (bounds the ``[chunk, N]`` score matrix).
+        seed (int): seed of the parameters, the shuffling and the negatives.
+        max_steps (int | None): stop after this many steps (smoke runs).
+        patience (int | None): stop after this many validations in a row without a better
+            validation NDCG@10 (validates every epoch; None: run every epoch).
+    """
+
+    encoder: str = "hstu"
+    dim: int = 50
+    num_layers: int = 2
+    num_heads: int = 1
+    max_len: int = 200
+    dropout: float = 0.2
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-3
+    num_negatives: int = 128
+    temperature: float = 0.05
+    eval_every: int = 0
+    eval_chunk: int = 256
+    seed: int = 0
+    max_steps: int | None = None
+    patience: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        if min(self.dim, self.num_layers, self.num_heads, self.max_len, self.batch_size, self.eval_chunk) < 1:
+            raise ValueError("dim, num_layers, num_heads, max_len, batch_size and eval_chunk must be positive")
+        if self.max_len < 2:
+            raise ValueError("max_len must be at least 2 (an input and its next item)")
+        if self.num_negatives < 0 or self.epochs < 0 or self.eval_every < 0 or self.temperature <= 0:
+            raise ValueError("num_negatives, epochs and eval_every must be >= 0 and temperature > 0")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience must be >= 1 or None, got {self.patience}")
+
+
+class SequenceRetriever(nn.Module):
+    """Item-id embeddings and a sequential user tower; every position's output is a next-item query.
+
+    Args:
+        num_items (int): rows of the item table (the catalogue).
+        cfg (RetrievalConfig): sizes.
+
+    Example::
+
+        model = SequenceRetriever(1000, RetrievalConfig(encoder="sasrec", dim=16))
+        q = model(items, ts, offsets)            # [L, 16], unit norm
+        scores = q @ model.item_vectors().T      # [L, 1000]
+    """
+
+    def __init__(self, num_items: int, cfg: RetrievalConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_items = num_items
+        self.item_table = nn.Embedding(num_items, cfg.dim)
+        nn.init.normal_(self.item_table.weight, std=0.02)
+        self.input_dropout = nn.Dropout(cfg.dropout)
+        # max_len + 1: SASRec's recencies run 1..max_len, HSTU's relative positions 0..max_len-1.
+        self.encoder = make_encoder(cfg.encoder, cfg.dim, cfg.num_layers, cfg.num_heads, cfg.max_len + 1, cfg.dropout)
+
+    def item_vectors(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """L2-normalised item embeddings ``[n, D]`` of ``rows`` (default: the whole catalogue)."""
+        weight = self.item_table.weight if rows is None else self.item_table(rows)
+        return F.normalize(weight, dim=-1)
+
+    def forward(self, items: torch.Tensor, ts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Unit-norm queries ``[L, D]`` of the jagged sequences ``items``, ``ts`` (int64 ``[L]``,
+        offsets ``[B + 1]``): position ``i`` of a sequence encodes its events ``<= i``."""
+        x = self.input_dropout(self.item_table(items) * math.sqrt(self.cfg.dim))
+        num_targets = torch.zeros(offsets.numel() - 1, dtype=torch.int64)
+        return F.normalize(self.encoder(x, offsets, ts, num_targets), dim=-1)

@@ -1,0 +1,116 @@
+"""Sequence checkpoints of the HSTU / SASRec retrievers: the snapshot round trip, the errors of a
+wrong or corrupt snapshot, best-epoch selection, early stopping and ``sterling train --out``."""
+
+import json
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+from sterling.data.synth import SynthConfig, generate
+from sterling.snapshot import SnapshotError, write_snapshot
+from sterling.train.retrieval import (
+    RetrievalConfig,
+    SequenceRetriever,
+)
+from sterling.train.sequence_checkpoint import (
+    SequenceCheckpoint,
+    load_sequence_checkpoint,
+    write_sequence_checkpoint,
+)
+from sterling.train.sequence_model import RetrievalConfig as MovedConfig
+from sterling.train.sequence_model import SequenceRetriever as MovedRetriever
+
+SMALL = dict(dim=16, num_layers=1, max_len=20, dropout=0.0, batch_size=32, lr=3e-3, num_negatives=32)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    cfg = SynthConfig(
+        num_users=120,
+        num_items=150,
+        history_length=(10, 30),
+        requests_per_user=(1, 3),
+        max_interests=1,
+        candidate_pool=30,
+        popular_share=0.1,
+        seed=3,
+    )
+    return generate(cfg, tmp_path_factory.mktemp("seqckpt") / "synth")
+
+
+def _jagged(num_items: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    offsets = torch.tensor([0, 5, 6, 13])
+    items = torch.randint(num_items, (13,), generator=g)
+    ts = torch.cumsum(torch.randint(1, 1000, (13,), generator=g), 0)
+    return items, ts, offsets
+
+
+def test_the_model_and_config_are_the_same_objects_in_both_modules():
+    assert RetrievalConfig is MovedConfig and SequenceRetriever is MovedRetriever
+    with pytest.raises(ValueError, match="patience"):
+        RetrievalConfig(patience=0)
+    assert RetrievalConfig(patience=1).patience == 1
+
+
+@pytest.mark.parametrize("encoder", ["hstu", "sasrec"])
+def test_round_trip_gives_the_same_queries_and_item_ids(tmp_path, encoder):
+    torch.manual_seed(0)
+    cfg = RetrievalConfig(encoder=encoder, dim=8, num_layers=2, num_heads=2, max_len=10, dropout=0.3)
+    model = SequenceRetriever(40, cfg)
+    with torch.no_grad():  # move every parameter off its initial value
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    item_ids = np.arange(40, dtype=np.int64) * 7 + 1000
+    run = {"data_dir": "/data", "epoch": 3, "metrics": {"valid": {"ndcg@10": 0.25}}}
+    path = write_sequence_checkpoint(tmp_path / "ckpt", model, item_ids, run)
+
+    ckpt = load_sequence_checkpoint(path)
+    assert isinstance(ckpt, SequenceCheckpoint)
+    assert not ckpt.model.training and ckpt.model.cfg == cfg and ckpt.model.num_items == 40
+    assert ckpt.item_ids.dtype == np.int64 and np.array_equal(ckpt.item_ids, item_ids)
+    assert ckpt.meta["kind"] == "sequence_checkpoint" and ckpt.meta["num_items"] == 40
+    assert ckpt.meta["retrieval"] == asdict(cfg)
+    assert {k: ckpt.meta[k] for k in run} == run
+    model.eval()
+    items, ts, offsets = _jagged(40)
+    with torch.no_grad():
+        assert torch.equal(ckpt.model(items, ts, offsets), model(items, ts, offsets))
+        assert torch.equal(ckpt.model.item_vectors(), model.item_vectors())
+    # the tensors on disk: the state dict plus the catalogue's ids, no pickle
+    files = json.loads((path / "manifest.json").read_text())["files"]
+    assert set(files) == {"model.safetensors"}
+
+
+def test_write_checks_item_ids_and_reserved_keys(tmp_path):
+    model = SequenceRetriever(10, RetrievalConfig(dim=4, num_layers=1, max_len=4))
+    with pytest.raises(ValueError, match=r"item_ids must be \[10\]"):
+        write_sequence_checkpoint(tmp_path / "a", model, np.arange(9), {})
+    with pytest.raises(ValueError, match="kind"):
+        write_sequence_checkpoint(tmp_path / "b", model, np.arange(10), {"kind": "other"})
+
+
+def test_a_snapshot_of_another_kind_or_corrupt_is_refused(tmp_path):
+    other = write_snapshot(tmp_path / "other", {"model": {"w": torch.zeros(2)}}, {"kind": "checkpoint"})
+    with pytest.raises(ValueError, match=r"kind 'checkpoint', not a 'sequence_checkpoint'"):
+        load_sequence_checkpoint(other)
+
+    model = SequenceRetriever(10, RetrievalConfig(dim=4, num_layers=1, max_len=4))
+    path = write_sequence_checkpoint(tmp_path / "ckpt", model, np.arange(10), {})
+    data = bytearray((path / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (path / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(SnapshotError, match="checksum mismatch for model.safetensors"):
+        load_sequence_checkpoint(path)
+    with pytest.raises(SnapshotError, match="not a directory"):
+        load_sequence_checkpoint(tmp_path / "missing")
