@@ -13,6 +13,11 @@ from sterling.snapshot import SnapshotError, write_snapshot
 from sterling.train.retrieval import (
     RetrievalConfig,
     SequenceRetriever,
+    evaluate_ranks,
+    leave_last_out,
+    load_catalog_timelines,
+    ranking_metrics,
+    train_retrieval,
 )
 from sterling.train.sequence_checkpoint import (
     SequenceCheckpoint,
@@ -114,3 +119,67 @@ def test_a_snapshot_of_another_kind_or_corrupt_is_refused(tmp_path):
         load_sequence_checkpoint(path)
     with pytest.raises(SnapshotError, match="not a directory"):
         load_sequence_checkpoint(tmp_path / "missing")
+
+
+def _valid_ndcg(report):
+    return [p["valid"]["ndcg@10"] for p in report.curve]
+
+
+@pytest.mark.parametrize(
+    ("encoder", "lr", "best_is_last"),
+    # measured validation NDCG@10 per epoch: hstu at lr 1 [0.031, 0.069, 0.048, 0.019, 0.025] (a learning
+    # rate far too high: it peaks early), sasrec at 3e-2 [0.194, 0.191, 0.259, 0.317, 0.391]
+    [("hstu", 1.0, False), ("sasrec", 3e-2, True)],
+)
+def test_best_is_the_epoch_of_the_best_validation_ndcg(synth, tmp_path, encoder, lr, best_is_last):
+    cfg = RetrievalConfig(encoder=encoder, epochs=5, **{**SMALL, "lr": lr})
+    out = tmp_path / "ckpt"
+    report = train_retrieval(synth, cfg, log=lambda s: None, out_dir=out)
+    curve = _valid_ndcg(report)
+    assert len(curve) == 5 and all("valid" in p for p in report.curve)
+    best_epoch = int(np.argmax(curve)) + 1  # the first of equal maxima
+    assert report.best_epoch == best_epoch
+    assert report.valid == report.curve[best_epoch - 1]["valid"]
+
+    best, last = load_sequence_checkpoint(out / "best"), load_sequence_checkpoint(out / "last")
+    assert best.meta["epoch"] == best_epoch and last.meta["epoch"] == 5
+    assert best.meta["steps"] == report.curve[best_epoch - 1]["steps"] and last.meta["steps"] == report.steps
+    assert best.meta["metrics"] == {"valid": report.valid, "test": report.test}
+    assert best.meta["data_dir"] == report.data_dir and best.meta["retrieval"] == asdict(cfg)
+    timelines, item_ids = load_catalog_timelines(synth)
+    assert np.array_equal(best.item_ids, item_ids) and np.array_equal(last.item_ids, item_ids)
+
+    # the reported metrics are those of the saved models, evaluated again from disk
+    split = leave_last_out(timelines.offsets, timelines.item_rows, timelines.ts, cfg.max_len)
+    assert ranking_metrics(evaluate_ranks(best.model, split.test)) == report.test
+    assert ranking_metrics(evaluate_ranks(best.model, split.valid)) == report.valid
+    last_test = ranking_metrics(evaluate_ranks(last.model, split.test))
+    assert last.meta["metrics"]["test"] == last_test
+    assert (best_epoch == 5) == best_is_last  # both branches: the best weights restored, or kept
+    if best_is_last:
+        assert report.last_test == {} and last.meta["metrics"] == best.meta["metrics"]
+    else:
+        assert report.last_test == last_test and last.meta["metrics"]["valid"] == report.curve[-1]["valid"]
+        assert not torch.equal(best.model.item_table.weight, last.model.item_table.weight)
+
+
+def test_early_stopping_stops_after_patience_epochs_without_improvement(synth, tmp_path):
+    # lr = 0: the weights never change, so no epoch after the first improves
+    cfg = RetrievalConfig(encoder="sasrec", epochs=10, patience=2, **{**SMALL, "lr": 0.0})
+    lines = []
+    report = train_retrieval(synth, cfg, log=lines.append)
+    assert len(report.curve) == 3 and report.best_epoch == 1  # epoch 1, then 2 without improvement
+    assert len(set(_valid_ndcg(report))) == 1
+    assert report.last_test == report.test  # epoch 3's model, the same weights as epoch 1's
+    assert any("early stop" in line and "patience 2" in line for line in lines)
+    assert not (tmp_path / "best").exists()  # patience alone writes no checkpoint
+
+
+def test_early_stopping_on_a_learning_run_follows_the_curve(synth):
+    # lr 1 peaks early (the test above): it stops at the first validation that does not improve
+    cfg = RetrievalConfig(encoder="hstu", epochs=8, patience=1, **{**SMALL, "lr": 1.0})
+    report = train_retrieval(synth, cfg, log=lambda s: None)
+    curve = _valid_ndcg(report)
+    improved = [i == 0 or curve[i] > max(curve[:i]) for i in range(len(curve))]
+    assert len(curve) < 8 and all(improved[:-1]) and not improved[-1]
+    assert report.best_epoch == int(np.argmax(curve)) + 1

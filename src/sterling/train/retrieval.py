@@ -41,10 +41,18 @@ the catalogue (no sampling); the target's rank is the number of items scoring st
 ranking, as in GR. HR@10, NDCG@10, HR@50, NDCG@50 and MRR for validation and test, computed
 ``eval_chunk`` users at a time; a most-popular baseline (train-target counts) beside them.
 
+**Model selection and checkpoints.** With a checkpoint directory (``out_dir``) or ``patience``,
+the model is validated after every epoch; the epoch with the best validation NDCG@10 is the one
+reported (its weights are restored before the test evaluation; the last model's test metrics are
+kept beside them), and ``patience`` stops a run that has not improved for that many epochs. The
+test targets never select anything. ``out_dir/best`` and ``out_dir/last`` are sequence checkpoints
+(:mod:`sterling.train.sequence_checkpoint`), what ``sterling publish`` serves.
+
 Example::
 
-    report = train_retrieval(Path("runs/ml-1m-subset"), RetrievalConfig(encoder="hstu", epochs=20))
-    print(report.test["hr@10"], report.test["ndcg@10"])
+    report = train_retrieval(Path("runs/ml-1m-subset"), RetrievalConfig(encoder="hstu", epochs=20, patience=3),
+                             out_dir=Path("runs/hstu"))
+    print(report.best_epoch, report.test["hr@10"], report.test["ndcg@10"])   # runs/hstu/best, runs/hstu/last
 """
 
 from __future__ import annotations
@@ -65,6 +73,7 @@ from sterling.data.items import read_items
 from sterling.data.schema import DatasetPaths
 from sterling.models import jagged
 from sterling.train.metrics import hit_rate, ndcg, target_ranks
+from sterling.train.sequence_checkpoint import write_sequence_checkpoint
 from sterling.train.sequence_model import RetrievalConfig, SequenceRetriever
 
 __all__ = [
@@ -77,6 +86,7 @@ __all__ = [
     "batch_loss",
     "evaluate_ranks",
     "leave_last_out",
+    "load_catalog_timelines",
     "load_timelines",
     "popularity_ranks",
     "ranking_metrics",
@@ -284,10 +294,16 @@ class RetrievalReport:
         train_events (int): tokens of the training sequences (one epoch).
         steps (int), epochs (float): optimiser steps and passes done.
         train_s (float): wall time of the training loop (periodic validation included).
-        valid, test (dict): HR@k, NDCG@k, MRR after the last step (keys ``hr@10`` … ``mrr``).
+        valid, test (dict): HR@k, NDCG@k, MRR (keys ``hr@10`` … ``mrr``) of the reported model: the
+            best epoch's when validation ran every epoch (``best_epoch``), else the last step's.
         popular_test (dict): the same for the most-popular baseline on the test targets.
         curve (list[dict]): per epoch: epoch, steps, mean loss, elapsed seconds, and ``valid``
-            metrics every ``eval_every`` epochs.
+            metrics every ``eval_every`` epochs (every epoch with a checkpoint directory or
+            ``patience``).
+        best_epoch (int | None): the epoch (1-based) with the best validation NDCG@10, when
+            validation ran every epoch; None otherwise.
+        last_test (dict): the test metrics of the last epoch's model when it is not the reported
+            one ({} when it is, or when no best was selected).
     """
 
     config: RetrievalConfig
@@ -302,6 +318,8 @@ class RetrievalReport:
     test: dict[str, float]
     popular_test: dict[str, float]
     curve: list[dict] = field(default_factory=list)
+    best_epoch: int | None = None
+    last_test: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {**asdict(self), "config": asdict(self.config)}
@@ -313,12 +331,23 @@ class RetrievalReport:
         return path
 
 
-def load_timelines(data_dir: Path) -> tuple[UserTimelines, int]:
-    """The users table of a request-format dataset and the catalogue size."""
+def load_catalog_timelines(data_dir: Path) -> tuple[UserTimelines, np.ndarray]:
+    """The users table of a request-format dataset and the catalogue's item ids (int64 ``[N]``,
+    row order: ``items.parquet``'s)."""
     paths = DatasetPaths(Path(data_dir))
     item_ids, _, _ = read_items(paths.items)
     catalog = ItemCatalog(item_ids)
-    return UserTimelines.read(paths.users, catalog), len(catalog)
+    return UserTimelines.read(paths.users, catalog), catalog.item_ids
+
+
+def load_timelines(data_dir: Path) -> tuple[UserTimelines, int]:
+    """The users table of a request-format dataset and the catalogue size."""
+    timelines, item_ids = load_catalog_timelines(data_dir)
+    return timelines, len(item_ids)
+
+
+#: The validation metric that selects the best epoch and drives early stopping.
+SELECT_BY = "ndcg@10"
 
 
 def train_retrieval(
@@ -326,11 +355,31 @@ def train_retrieval(
     cfg: RetrievalConfig = RetrievalConfig(),
     log: Callable[[str], None] = print,
     json_path: Path | None = None,
+    out_dir: Path | None = None,
 ) -> RetrievalReport:
     """Train a :class:`SequenceRetriever` on the timelines of ``data_dir`` (sterling's request
-    format: ``users.parquet`` + ``items.parquet``) and evaluate it on the leave-last-out targets."""
+    format: ``users.parquet`` + ``items.parquet``) and evaluate it on the leave-last-out targets.
+
+    With ``out_dir`` or ``cfg.patience``, the model is validated after every epoch (``eval_every``
+    is ignored) and the best validation NDCG@10 selects the reported model: its weights are
+    restored before the final evaluation, so ``valid`` / ``test`` are the best epoch's
+    (``best_epoch``; the last model's test metrics are ``last_test``). ``cfg.patience`` stops the
+    run after that many validations in a row without improvement. ``out_dir`` receives two
+    checkpoints (:func:`~sterling.train.sequence_checkpoint.write_sequence_checkpoint`):
+    ``out_dir/best``, rewritten whenever validation improves, and ``out_dir/last``, written at the
+    end; their meta holds ``data_dir``, ``epoch``, ``steps`` and ``metrics`` (``valid``, and
+    ``test`` once the run is done).
+
+    Args:
+        data_dir (Path): the dataset.
+        cfg (RetrievalConfig): the run.
+        log (Callable[[str], None]): progress lines.
+        json_path (Path | None): also write the report here.
+        out_dir (Path | None): the checkpoint directory (None: no checkpoints).
+    """
     torch.manual_seed(cfg.seed)
-    timelines, num_items = load_timelines(Path(data_dir))
+    timelines, item_ids = load_catalog_timelines(Path(data_dir))
+    num_items = len(item_ids)
     split = leave_last_out(timelines.offsets, timelines.item_rows, timelines.ts, cfg.max_len)
     model = SequenceRetriever(num_items, cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98))
@@ -338,15 +387,25 @@ def train_retrieval(
     train = split.train
     if len(train) == 0:
         raise ValueError(f"{data_dir}: no user has two events to train on")
+    every_epoch = out_dir is not None or cfg.patience is not None
+    if every_epoch and len(split.valid) == 0:
+        raise ValueError(f"{data_dir}: no user has three events to validate on (needed by checkpoints and patience)")
+    data_dir_txt = str(Path(data_dir).resolve())
     log(
         f"retrieval ({cfg.encoder}): {num_items:,} items, {len(train):,} training sequences "
         f"({int(train.offsets[-1]):,} events), {len(split.test):,} evaluated users"
     )
 
+    def save(name: str, epoch: int, at_step: int, metrics: dict) -> Path:
+        run = {"data_dir": data_dir_txt, "epoch": epoch, "steps": at_step, "metrics": metrics}
+        return write_sequence_checkpoint(Path(out_dir) / name, model, item_ids, run)
+
     steps, curve, t0 = 0, [], time.perf_counter()
     epochs_done = 0.0
     per_epoch = math.ceil(len(train) / cfg.batch_size)
     done = cfg.max_steps is not None and cfg.max_steps <= 0
+    best: dict | None = None  # epoch, steps, valid, state (a copy of the weights)
+    stale = 0  # validations in a row without improvement
     for epoch in range(cfg.epochs):
         if done:
             break
@@ -367,20 +426,63 @@ def train_retrieval(
         epochs_done = epoch + (i + 1) / per_epoch
         elapsed = time.perf_counter() - t0
         point = {"epoch": round(epochs_done, 3), "steps": steps, "loss": total / (i + 1), "train_s": elapsed}
-        if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs and not done:
+        periodic = cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs and not done
+        if every_epoch or periodic:
             point["valid"] = ranking_metrics(evaluate_ranks(model, split.valid, cfg.eval_chunk))
         curve.append(point)
         valid = point.get("valid", {})
         valid_txt = "".join(f", valid {k.upper()} {valid[k]:.4f}" for k in ("hr@10", "ndcg@10") if k in valid)
-        log(f"  epoch {epoch + 1}/{cfg.epochs}: loss {point['loss']:.4f}, {steps} steps, {elapsed:.1f}s{valid_txt}")
+        note = ""
+        if every_epoch:
+            if best is None or valid[SELECT_BY] > best["valid"][SELECT_BY]:
+                state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best, stale = {"epoch": epoch + 1, "steps": steps, "valid": valid, "state": state}, 0
+                note = " (best)"
+                if out_dir is not None:
+                    save("best", epoch + 1, steps, {"valid": valid})
+            else:
+                stale += 1
+                note = f" (best: epoch {best['epoch']})"
+        log(
+            f"  epoch {epoch + 1}/{cfg.epochs}: loss {point['loss']:.4f}, {steps} steps, {elapsed:.1f}s{valid_txt}{note}"
+        )
+        if cfg.patience is not None and stale >= cfg.patience and epoch + 1 < cfg.epochs and not done:
+            log(
+                f"  early stop: no better validation {SELECT_BY.upper()} in {stale} epochs "
+                f"(patience {cfg.patience}; best: epoch {best['epoch']})"
+            )
+            break
     train_s = time.perf_counter() - t0
+    last_epoch = len(curve)
 
-    valid = ranking_metrics(evaluate_ranks(model, split.valid, cfg.eval_chunk))
-    test = ranking_metrics(evaluate_ranks(model, split.test, cfg.eval_chunk))
+    # the last model
+    last_valid = curve[-1]["valid"] if every_epoch and curve else None
+    if last_valid is None:
+        last_valid = ranking_metrics(evaluate_ranks(model, split.valid, cfg.eval_chunk))
+    last_test = ranking_metrics(evaluate_ranks(model, split.test, cfg.eval_chunk))
+    if out_dir is not None:
+        path = save("last", last_epoch, steps, {"valid": last_valid, "test": last_test})
+        log(f"  wrote the last model (epoch {last_epoch}) to {path}")
+    # the reported model: the best epoch's when there is one
+    valid, test, best_epoch = last_valid, last_test, None
+    if best is not None:
+        best_epoch = best["epoch"]
+        if best_epoch != last_epoch:
+            model.load_state_dict(best["state"])
+            valid, test = best["valid"], ranking_metrics(evaluate_ranks(model, split.test, cfg.eval_chunk))
+        else:
+            last_test = {}
+        if out_dir is not None:  # the final metrics beside the same weights
+            path = save("best", best_epoch, best["steps"], {"valid": valid, "test": test})
+            log(f"  best validation {SELECT_BY.upper()}: epoch {best_epoch} of {last_epoch}; wrote {path}")
+        else:
+            log(f"  best validation {SELECT_BY.upper()}: epoch {best_epoch} of {last_epoch} (the reported model)")
+    else:
+        last_test = {}
     popular = ranking_metrics(popularity_ranks(train, split.test, num_items))
     report = RetrievalReport(
         config=cfg,
-        data_dir=str(Path(data_dir).resolve()),
+        data_dir=data_dir_txt,
         num_items=num_items,
         num_users=len(split.test),
         train_events=int(train.offsets[-1]),
@@ -391,8 +493,11 @@ def train_retrieval(
         test=test,
         popular_test=popular,
         curve=curve,
+        best_epoch=best_epoch,
+        last_test=last_test,
     )
-    for name, metrics in (("valid", valid), ("test", test), ("popular (test)", popular)):
+    label = "" if best_epoch is None else f" (epoch {best_epoch})"
+    for name, metrics in ((f"valid{label}", valid), (f"test{label}", test), ("popular (test)", popular)):
         log(f"  {name}: " + ", ".join(f"{k.upper()} {v:.4f}" for k, v in metrics.items()))
     if json_path is not None:
         log(f"  wrote {report.write_json(json_path)}")
