@@ -8,7 +8,7 @@ Sub-commands::
     sterling data convert SRC OUT [--order time]    request rows ⇄ impression rows (lossless, streaming)
     sterling data stats DIR [--json]                sizes of both formats
     sterling train --data DIR --out CKPT [--nproc N]   two-tower + OverArch on request batches (DDP), held-out recall
-    sterling train --model hstu|sasrec --data DIR   next-item retrieval, leave-last-out HR@k / NDCG@k
+    sterling train --model hstu|sasrec --data DIR [--out CKPT] [--patience N]   next-item retrieval, leave-last-out HR@k / NDCG@k
     sterling publish --checkpoint CKPT --data DIR --out SNAP [--value FORMULA] [--export]
     sterling query --snapshot SNAP --user ID [--filter EXPR] [-k 10] [--json]
     sterling serve --snapshot SNAP [--port 8000] [--users PATH] [--engine ray --shards N --replicas R]   HTTP server
@@ -76,7 +76,7 @@ def _cmd_stats(args: argparse.Namespace) -> None:
 
 
 RETRIEVAL_MODELS = ("hstu", "sasrec")
-_RETRIEVAL_ONLY = ("max_len", "layers", "lr", "dropout", "eval_every")
+_RETRIEVAL_ONLY = ("max_len", "layers", "lr", "dropout", "eval_every", "patience")
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -126,8 +126,6 @@ def _log_to_stderr(message: str) -> None:
 def _train_retrieval(args: argparse.Namespace) -> None:
     from sterling.train.retrieval import RetrievalConfig, train_retrieval
 
-    if args.out is not None:
-        raise ValueError("--out: a retrieval run writes no checkpoint (use --json PATH for the report)")
     if args.nproc != 1:
         raise ValueError("--nproc: data-parallel training is for --model two-tower")
     given = {
@@ -138,6 +136,7 @@ def _train_retrieval(args: argparse.Namespace) -> None:
         "lr": args.lr,
         "dropout": args.dropout,
         "eval_every": args.eval_every,
+        "patience": args.patience,
     }
     cfg = RetrievalConfig(
         encoder=args.model,
@@ -148,7 +147,8 @@ def _train_retrieval(args: argparse.Namespace) -> None:
     to_stdout = args.json == "-"
     log = (lambda s: print(s, file=sys.stderr)) if to_stdout else print
     path = Path(args.json) if args.json and not to_stdout else None
-    report = train_retrieval(Path(args.data), cfg, log=log, json_path=path)
+    out = Path(args.out) if args.out is not None else None
+    report = train_retrieval(Path(args.data), cfg, log=log, json_path=path, out_dir=out)
     if to_stdout:
         print(json.dumps(report.to_json(), indent=2))
         return
@@ -158,8 +158,18 @@ def _train_retrieval(args: argparse.Namespace) -> None:
         f"{report.epochs:g} epochs, {report.steps} steps, {report.train_s:.0f}s"
     )
     print(f"  {'':<16}" + "".join(f"{n.upper():>9}" for n in names))
-    for label, metrics in (("valid", report.valid), ("test", report.test), ("popular (test)", report.popular_test)):
+    rows = [("valid", report.valid), ("test", report.test)]
+    if report.best_epoch is not None:
+        rows = [(f"{label} (ep {report.best_epoch})", metrics) for label, metrics in rows]
+        if report.last_test:
+            rows.append(("test (last)", report.last_test))
+    for label, metrics in (*rows, ("popular (test)", report.popular_test)):
         print(f"  {label:<16}" + "".join(f"{metrics[n]:>9.4f}" for n in names))
+    if out is not None:
+        best = (
+            f"{out / 'best'} (epoch {report.best_epoch})" if report.best_epoch is not None else "no best (no epoch ran)"
+        )
+        print(f"checkpoints: {best}, {out / 'last'}")
 
 
 def _cmd_publish(args: argparse.Namespace) -> None:
@@ -316,7 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--model", choices=("two-tower", *RETRIEVAL_MODELS), default="two-tower")
     t.add_argument("--data", required=True, metavar="DIR", help="request-format dataset directory")
-    t.add_argument("--out", metavar="DIR", help="checkpoint directory (two-tower, required there)")
+    t.add_argument(
+        "--out",
+        metavar="DIR",
+        help="checkpoint directory (required with two-tower); hstu|sasrec: writes DIR/best (the best "
+        "validation NDCG@10 epoch, validating every epoch) and DIR/last (the last epoch)",
+    )
     t.add_argument(
         "--epochs", type=int, metavar="N", help="passes over the training data (default: 5 two-tower, 20 retrieval)"
     )
@@ -343,7 +358,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--layers", type=int, metavar="N", help="encoder layers (2)")
     r.add_argument("--lr", type=float, help="Adam learning rate (1e-3)")
     r.add_argument("--dropout", type=float, metavar="P", help="input and encoder dropout (0.2)")
-    r.add_argument("--eval-every", type=int, metavar="N", help="validate every N epochs (0: at the end only)")
+    r.add_argument(
+        "--eval-every",
+        type=int,
+        metavar="N",
+        help="validate every N epochs (0: at the end only; every epoch with --out)",
+    )
+    r.add_argument(
+        "--patience",
+        type=int,
+        metavar="N",
+        help="stop after N epochs without a better validation NDCG@10 (validates every epoch; the best epoch is reported)",
+    )
     t.set_defaults(func=_cmd_train)
 
     pub = sub.add_parser("publish", help="checkpoint + items → one snapshot")

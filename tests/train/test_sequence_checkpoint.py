@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from sterling.cli import main
 from sterling.data.synth import SynthConfig, generate
 from sterling.snapshot import SnapshotError, write_snapshot
 from sterling.train.retrieval import (
@@ -183,3 +184,21 @@ def test_early_stopping_on_a_learning_run_follows_the_curve(synth):
     improved = [i == 0 or curve[i] > max(curve[:i]) for i in range(len(curve))]
     assert len(curve) < 8 and all(improved[:-1]) and not improved[-1]
     assert report.best_epoch == int(np.argmax(curve)) + 1
+
+
+def test_cli_out_writes_best_and_last(synth, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", "--model", "hstu", "--data", str(synth), "--out", str(out), "--epochs", "2"]
+    argv += ["--dim", "16", "--max-len", "20", "--layers", "1", "--patience", "3", "--json", str(tmp_path / "r.json")]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert str(out / "best") in printed and str(out / "last") in printed
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["config"]["patience"] == 3 and report["best_epoch"] in (1, 2)
+    for name in ("best", "last"):
+        ckpt = load_sequence_checkpoint(out / name)
+        assert ckpt.model.cfg.encoder == "hstu" and ckpt.model.cfg.dim == 16
+    assert load_sequence_checkpoint(out / "last").meta["epoch"] == 2
+    assert load_sequence_checkpoint(out / "best").meta["epoch"] == report["best_epoch"]
+    assert main(["train", "--data", str(synth), "--out", str(tmp_path / "tt"), "--patience", "2"]) == 2
+    assert "--patience" in capsys.readouterr().err
