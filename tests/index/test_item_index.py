@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from sterling import IndexConfig, ItemIndex, SearchResult
 from sterling.index.bloom import BloomIndex
 from sterling.index.filter import FilterError
+from sterling.ops.reference.masked_ivf_topk import masked_ivf_topk
 from sterling.snapshot import SnapshotError, write_snapshot
 
 
@@ -98,6 +99,47 @@ def test_filtered_search_matches_brute_force(data: st.DataObject, index: tuple) 
     passes = [(lambda a: True) if t is None else (lambda a, t=t: oracle(t, a, kinds)) for t in trees]
     brute_force_check(exact_search(built, queries, k, texts), queries, k, items, passes)
     brute_force_check(built.search(queries, k=k, filter=texts), queries, k, items, passes, exact=False)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), index=indexes())
+def test_excluded_ids_are_part_of_the_filter(data: st.DataObject, index: tuple) -> None:
+    """Per-query excluded ids never come back and the rest is the exact filtered top-k without
+    them (so k come back while k pass), with fresh rows too; the tensor-only plan agrees."""
+    catalogue, embeddings, ids, config, gen = index
+    built = ItemIndex.build(embeddings, catalogue, ids=ids, config=config)
+    kinds = schema(catalogue)
+    b = data.draw(st.integers(1, 3))
+    queries = torch.randn(b, embeddings.shape[1], generator=gen)
+    k = data.draw(st.integers(1, len(catalogue) + 2))
+    tree = data.draw(st.one_of(st.none(), filter_trees(kinds))) if kinds else None
+    text = None if tree is None else render(tree, data.draw(st.randoms(use_true_random=False)))
+    pool = ids.tolist() + [10**9]  # an unknown id is ignored
+    exclude = [data.draw(st.lists(st.sampled_from(pool), max_size=len(pool))) for _ in range(b)]
+    plan = built.plan(k, text, nprobe=1 << 20, batch=b, exclude=exclude)
+    if len(ids) and data.draw(st.booleans()):  # a fresh row, excluded in query 0
+        new = int(ids.max()) + 1
+        built.upsert([new], torch.randn(1, embeddings.shape[1], generator=gen), [catalogue[0]])
+        catalogue = {**{int(i): catalogue[r] for r, i in enumerate(ids)}, new: catalogue[0]}
+        exclude[0] = [*exclude[0], new]
+    else:
+        catalogue = {int(i): catalogue[r] for r, i in enumerate(ids)}
+    items = stored(built, catalogue)
+    passes = [
+        (lambda a, i, q=q: i not in set(exclude[q]))
+        if tree is None
+        else (lambda a, i, q=q: i not in set(exclude[q]) and oracle(tree, a, kinds))
+        for q in range(b)
+    ]
+    res = built.search(queries, k=k, filter=text, nprobe=1 << 20, exclude=exclude)
+    keyed = {i: (e, (i, a)) for i, (e, a) in items.items()}
+    brute_force_check(res, queries, k, keyed, [lambda ia, q=q: passes[q](ia[1], ia[0]) for q in range(b)])
+    if len(ids) and len(catalogue) == len(ids):  # the executor covers a non-empty main segment only
+        tensors = built.executor_tensors()
+        row_ids = tensors.pop("ids")
+        _, rows = masked_ivf_topk(queries, **tensors, probes=plan.probes, allowed=plan.allowed, k=k)
+        got = torch.where(rows >= 0, row_ids[rows.clamp(min=0)], -1)
+        assert got.tolist() == res.ids.tolist()
 
 
 @settings(max_examples=30, deadline=None)

@@ -82,24 +82,46 @@ def history(server, n=5, offset=0):
 # ---- the endpoints -------------------------------------------------------------------------------
 
 
+def test_retrieve_never_answers_the_history_or_excluded_ids_and_still_answers_k(server):
+    model = server.service.model
+    hist = history(server, 7)
+    body = {"history": hist, "features": {"surface": "home"}, "k": 20, "exclude_seen": False}
+    status, plain, _ = call(server, "/v1/retrieve", body)
+    assert status == 200, plain
+    shown = plain["ids"][:5]
+    status, out, _ = call(server, "/v1/retrieve", {**body, "exclude_seen": True, "exclude_ids": shown})
+    assert status == 200, out
+    assert len(out["ids"]) == 20 and not set(out["ids"]) & (set(hist) | set(shown))
+    kept = [i for i in plain["ids"] if i not in set(hist) | set(shown)]
+    assert out["ids"][: len(kept)] == kept  # the rest keep their order
+    assert model.config.k0 >= 20
+    status, out, _ = call(server, "/v1/retrieve", {**body, "exclude_ids": "x"})
+    assert status == 422
+
+
 def test_retrieve_answers_what_the_model_answers(server):
     model = server.service.model
-    for flt, k, value in (
-        (None, 10, None),
-        ("language:en", 20, None),
-        ("year >= 2000 AND NOT kids:1", 5, "engagement"),
-        ("category:music OR tags IN (music-live)", 50, "clicks"),
+    for flt, k, value, seen in (
+        (None, 10, None, True),
+        ("language:en", 20, None, False),
+        ("year >= 2000 AND NOT kids:1", 5, "engagement", True),
+        ("category:music OR tags IN (music-live)", 50, "clicks", None),
     ):
         body = {"history": history(server, 7), "features": {"surface": "home", "hour": 3}, "filter": flt, "k": k}
         if value:
             body["value"] = value
+        if seen is not None:
+            body["exclude_seen"] = seen
         status, out, _ = call(server, "/v1/retrieve", body)
         assert status == 200, out
         inputs = model.inputs([body["history"]], features=[{"surface": __import__("zlib").crc32(b"home"), "hour": 3}])
         formula = dict(FORMULAS).get(value)
-        want = model(inputs, filter=[flt], k=k, value=formula)
+        exclude = None if seen is False else [body["history"]]  # the history is excluded by default
+        want = model(inputs, filter=[flt], k=k, value=formula, exclude=exclude)
         found = int((want.ids[0] >= 0).sum())
         assert out["ids"] == want.ids[0, :found].tolist() and len(out["ids"]) == min(k, found)
+        if exclude:
+            assert not set(out["ids"]) & set(body["history"])
         torch.testing.assert_close(torch.tensor(out["scores"]), want.scores[0, :found])
         assert set(out["task_scores"]) == {"click", "like", "share"}
         torch.testing.assert_close(torch.tensor(out["task_scores"]["like"]), want.task_scores[0, :found, 1])
@@ -217,10 +239,10 @@ def test_users_by_id(snapshots, tmp_path):
         status, out, _ = call(s, "/v1/retrieve", {"user_id": user, "k": 5})
         assert status == 200, out
         events, actions, features = UserStore.read(tmp_path / "users.parquet").get(user, model.config.max_history)
-        want = model(model.inputs([events], [actions], [features]), k=5)
+        want = model(model.inputs([events], [actions], [features]), k=5, exclude=[events])  # the stored history
         assert out["ids"] == want.ids[0][want.ids[0] >= 0].tolist()
         status, both, _ = call(s, "/v1/retrieve", {"user_id": user, "history": ids[:2], "k": 5})
-        want = model(model.inputs([events + ids[:2]], [actions + [1, 1]], [features]), k=5)
+        want = model(model.inputs([events + ids[:2]], [actions + [1, 1]], [features]), k=5, exclude=[events + ids[:2]])
         assert status == 200 and both["ids"] == want.ids[0][want.ids[0] >= 0].tolist()
         status, err, _ = call(s, "/v1/retrieve", {"user_id": 10**12})
         assert status == 404 and err["error"]["code"] == "unknown_user"
@@ -674,7 +696,8 @@ def test_a_batch_of_good_and_bad_requests_answers_each_on_its_own(snapshots):
             good = [(h, f) for h, f in batch if h != [123456789012] and "weather" not in f]
             runs = [good] if len(good) == len(batch) else [[g] for g in good]
             for run in runs:
-                want = model(model.inputs([h for h, _ in run], None, [f for _, f in run]), k=5).ids
+                inputs = model.inputs([h for h, _ in run], None, [f for _, f in run])
+                want = model(inputs, k=5, exclude=[h for h, _ in run]).ids
                 for (h, _), row in zip(run, want):
                     assert got[tuple(h)]["ids"] == row[row != -1].tolist()
                     assert got[tuple(h)]["timing_ms"]["batch_size"] == len(run)

@@ -2,12 +2,16 @@
 update in order) and the swapped-out model being freed."""
 
 import random
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from test_model import D, compose
 
 from sterling.serving.service import Update
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "retrieval"))  # collected before or after tests/retrieval
+from test_model import D, compose  # noqa: E402
 
 
 def random_updates(rng: random.Random, known: list[int], n: int) -> list[Update]:

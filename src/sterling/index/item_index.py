@@ -340,6 +340,7 @@ class ItemIndex:
         filter: str | Sequence[str | None] | None = None,
         nprobe: int | None = None,
         explain: bool = False,
+        exclude: Sequence[Sequence[int] | None] | None = None,
     ) -> SearchResult:
         """Filtered top-k by inner product.
 
@@ -351,6 +352,10 @@ class ItemIndex:
             nprobe (int | None): IVF lists probed at least (default ``config.nprobe``); the
                 planner probes more for selective filters, and ``nprobe >= nlist`` is exact.
             explain (bool): attach the plan of every distinct filter to the result.
+            exclude (Sequence[Sequence[int] | None] | None): per query, external ids it must not
+                return (a user's history, items already shown; unknown ids are ignored), part of
+                its filter: the k results are the best of the rest, so k still come back when k
+                items pass.
 
         Returns:
             SearchResult: ids int64 [B, k] and scores float32 [B, k]; where fewer than k items
@@ -366,15 +371,40 @@ class ItemIndex:
             raise ValueError(f"queries have dimension {q.shape[1]}, the index has {self.dim}")
         _check_k_nprobe(k, nprobe)
         filters = _filters(filter, q.shape[0])
-        scores, rows, records = state.main.search(q, filters, k, nprobe, state.alive)
+        excluded = self._excluded_rows(exclude, q.shape[0])  # [B, E], -1 padded
+        wide = k + excluded.shape[1]  # the best k + E hold the best k not excluded
+        scores, rows, records = state.main.search(q, filters, wide, nprobe, state.alive)
         if len(state.fresh.ids):
-            fresh_scores, fresh_rows = _search_fresh(state, q, filters, k)
+            fresh_scores, fresh_rows = _search_fresh(state, q, filters, wide)
             fresh_rows = torch.where(fresh_rows >= 0, len(state.main) + fresh_rows, -1)
-            scores, pick = torch.cat([scores, fresh_scores], 1).topk(k, dim=1)
+            scores, pick = torch.cat([scores, fresh_scores], 1).topk(wide, dim=1)
             rows = torch.cat([rows, fresh_rows], 1).gather(1, pick)
             records.append({"fresh_items": int(state.fresh.live.sum()), "plan": "exact"})
+        if excluded.shape[1]:
+            keep = (rows >= 0) & ~(rows[:, :, None] == excluded[:, None, :]).any(-1)  # [B, k + E]
+            first = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :k]  # kept, in score order
+            kept = keep.gather(1, first)
+            scores = scores.gather(1, first).masked_fill(~kept, float("-inf"))
+            rows = rows.gather(1, first).masked_fill(~kept, -1)
         ids = torch.where(rows >= 0, state.gather(state.main.ids, state.fresh.ids, rows.clamp(min=0)), -1)
         return SearchResult(ids, scores, rows, records if explain else None)
+
+    def _excluded_rows(self, exclude: Sequence[Sequence[int] | None] | None, b: int) -> torch.Tensor:
+        """int64 [B, E]: the rows of each query's excluded ids that the index holds (its newest
+        row: older ones are never returned), padded with -1; E = 0 without exclusions."""
+        if exclude is None:
+            return torch.zeros(b, 0, dtype=torch.int64)
+        if isinstance(exclude, (str, bytes)) or not isinstance(exclude, Sequence) or len(exclude) != b:
+            got = f"{len(exclude)} lists" if isinstance(exclude, Sequence) else type(exclude).__name__
+            raise ValueError(f"exclude must be None or a list of {b} id lists (one per query), got {got}")
+        per_query = []
+        for ids in exclude:
+            rows, found = self.rows_of(_as_ids([] if ids is None else ids, "excluded ids"))
+            per_query.append(rows[found].unique())
+        out = torch.full((b, max((len(r) for r in per_query), default=0)), -1, dtype=torch.int64)
+        for i, rows in enumerate(per_query):
+            out[i, : len(rows)] = rows
+        return out
 
     def check_filter(self, expr: str) -> None:
         """Parses ``expr`` and compiles it over the index's features (cached, as a search would).
@@ -392,6 +422,7 @@ class ItemIndex:
         filter: str | Sequence[str | None] | None = None,
         nprobe: int | None = None,
         batch: int | None = None,
+        exclude: Sequence[Sequence[int] | None] | None = None,
     ) -> QueryPlan:
         """The plan of a search, for the tensor-only executor: what :meth:`search` decides on the
         host (probe counts, the rows each filter lets through) without the queries.
@@ -408,6 +439,8 @@ class ItemIndex:
             nprobe (int | None): as in :meth:`search`.
             batch (int | None): B, the number of queries; default the length of a ``filter``
                 list, else 1.
+            exclude (Sequence[Sequence[int] | None] | None): as in :meth:`search`: the excluded
+                rows' bits are cleared from each query's ``allowed`` words.
 
         Returns:
             QueryPlan: probes int64 [B] and allowed int64 [B, ceil(N / 64)]; each distinct
@@ -437,6 +470,12 @@ class ItemIndex:
             allowed[[i for i, f in enumerate(filters) if f == expr]] = main.filter_words(expr)
         if state.alive is not None:
             allowed &= state.alive
+        excluded = self._excluded_rows(exclude, batch)  # [B, E]
+        query, slot = torch.nonzero(excluded >= 0, as_tuple=True)
+        row = excluded[query, slot]
+        clear = torch.zeros_like(allowed)  # distinct bits per (query, word): their sum is their OR
+        clear.index_put_((query, row >> 6), torch.ones_like(row) << (row & 63), accumulate=True)
+        allowed &= ~clear
         return QueryPlan(probes, allowed)
 
     def executor_tensors(self) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ import torch
 
 from sterling.retrieval.config import ServingConfig
 
-__all__ = ["UserInputs", "check_item_ids", "check_k", "padded", "parse_inputs", "per_query"]
+__all__ = ["UserInputs", "check_item_ids", "check_k", "padded", "parse_inputs", "per_query", "per_query_exclude"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,15 @@ def per_query(filter: str | Sequence[str | None] | None, b: int, t: int) -> list
     if len(filters) != b:
         raise ValueError(f"{len(filters)} filters for {b} requests")
     return [f for f in filters for _ in range(t)]
+
+
+def per_query_exclude(exclude: Sequence[Sequence[int]] | None, b: int, t: int) -> list[Sequence[int]] | None:
+    """Each request's excluded ids for its T task queries (request-major), or None."""
+    if exclude is None:
+        return None
+    if isinstance(exclude, (str, bytes)) or len(exclude) != b:
+        raise ValueError(f"exclude must be a list of {b} id lists (one per request), got {len(exclude)}")
+    return [ids for ids in exclude for _ in range(t)]
 
 
 def check_k(k: int, k0: int) -> None:

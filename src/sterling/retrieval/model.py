@@ -40,15 +40,24 @@ from sterling.models.sequence_tower import SequenceUserTower
 from sterling.models.towers import TaskQueries, UserTower
 from sterling.ops.reference.masked_ivf_topk import masked_ivf_topk
 from sterling.retrieval.config import ServingConfig
-from sterling.retrieval.inputs import UserInputs, check_item_ids, check_k, padded, parse_inputs, per_query
+from sterling.retrieval.inputs import (
+    UserInputs,
+    check_item_ids,
+    check_k,
+    padded,
+    parse_inputs,
+    per_query,
+    per_query_exclude,
+)
 from sterling.retrieval.item_table import ItemTable
 from sterling.retrieval.rank import Candidates, Retrieved, Trace, ValueModels, merge_candidates, top_k
 from sterling.retrieval.served import ItemCount
 
 __all__ = ["RetrievalModel", "Search"]
 
-Search = Callable[[torch.Tensor, list], Candidates]
-"""``search(queries [Q, D], filters: Q expressions or None) → Candidates [Q, K0]``."""
+Search = Callable[[torch.Tensor, list, list | None], Candidates]
+"""``search(queries [Q, D], filters: Q expressions or None, exclude: Q id lists or None) →
+Candidates [Q, K0]``."""
 
 
 class RetrievalModel(nn.Module):
@@ -157,11 +166,20 @@ class RetrievalModel(nn.Module):
         search): a FilterError names the position of a malformed filter or an unknown feature."""
         self.index.check_filter(expr)
 
-    def plan(self, batch_size: int, filter: str | Sequence[str | None] | None) -> QueryPlan:
-        """The index's host-side plan for ``B`` requests (one filter each, or one for all): per
-        task query, the lists to probe and the rows the filter allows (exact, live)."""
-        filters = per_query(filter, batch_size, len(self.config.tasks))
-        return self.index.plan(self.config.k0, filters, self.config.nprobe)
+    def plan(
+        self,
+        batch_size: int,
+        filter: str | Sequence[str | None] | None,
+        exclude: Sequence[Sequence[int]] | None = None,
+    ) -> QueryPlan:
+        """The index's host-side plan for ``B`` requests (one filter each, or one for all; ``B``
+        lists of excluded ids or None): per task query, the lists to probe and the rows the filter
+        allows (exact, live, not excluded)."""
+        t = len(self.config.tasks)
+        filters = per_query(filter, batch_size, t)
+        return self.index.plan(
+            self.config.k0, filters, self.config.nprobe, exclude=per_query_exclude(exclude, batch_size, t)
+        )
 
     # ---- the model -----------------------------------------------------------------------------
 
@@ -190,11 +208,13 @@ class RetrievalModel(nn.Module):
         k: int = 100,
         value: str | None = None,
         trace: Trace | None = None,
+        exclude: Sequence[Sequence[int]] | None = None,
     ) -> Retrieved:
         """Top-``k`` for ``B`` requests under their filters (one string for all, or B), with the
         index's fused kernels; ``value`` replaces the configured Value Model formula; ``trace``
-        collects the time per stage."""
-        return self.retrieve(inputs, self.search, filter, k, value, trace)
+        collects the time per stage; ``exclude``: per request, item ids never to answer (its
+        history, items already shown), part of its filter, so ``k`` still come back."""
+        return self.retrieve(inputs, self.search, filter, k, value, trace, exclude)
 
     @torch.no_grad()
     def retrieve(
@@ -205,8 +225,9 @@ class RetrievalModel(nn.Module):
         k: int = 100,
         value: str | None = None,
         trace: Trace | None = None,
+        exclude: Sequence[Sequence[int]] | None = None,
     ) -> Retrieved:
-        """:meth:`forward` with the candidates from ``search(queries [B·T, D], filters)``: this
+        """:meth:`forward` with the candidates from ``search(queries [B·T, D], filters, exclude)``: this
         model's index (:meth:`search`), or the merged shards of
         :class:`sterling.serving.shards.ShardedModel`."""
         check_k(k, self.config.k0)
@@ -217,18 +238,21 @@ class RetrievalModel(nn.Module):
             users, queries = self.encode(inputs)  # [B, D], [B, T, D]
         b, t, d = queries.shape
         filters = per_query(filter, b, t)
+        excluded = per_query_exclude(exclude, b, t)
         with trace.stage("ann"):
-            found = search(queries.reshape(b * t, d), filters)  # [B·T, K0] ids, scores, [B·T, K0, S] state
+            found = search(queries.reshape(b * t, d), filters, excluded)  # [B·T, K0] ids, scores, [B·T, K0, S] state
         k0 = found.ids.shape[1]
         return self.rank_candidates(
             inputs, users, queries, found.ids.view(b, t, k0), found.state.view(b, t, k0, -1), k, value, trace
         )
 
     @torch.no_grad()
-    def search(self, queries: torch.Tensor, filters: list[str | None]) -> Candidates:
-        """The index's filtered top-K0 of task queries ``[Q, D]`` (one filter each), with the item
-        state of each candidate gathered by its row."""
-        found = self.index.search(queries, k=self.config.k0, filter=filters, nprobe=self.config.nprobe)
+    def search(
+        self, queries: torch.Tensor, filters: list[str | None], exclude: list[Sequence[int]] | None = None
+    ) -> Candidates:
+        """The index's filtered top-K0 of task queries ``[Q, D]`` (one filter each; ``exclude``:
+        one id list each, or None), with the item state of each candidate gathered by its row."""
+        found = self.index.search(queries, k=self.config.k0, filter=filters, nprobe=self.config.nprobe, exclude=exclude)
         return Candidates(found.ids, found.scores, self.items.states_of(found.rows))
 
     def rank_candidates(
@@ -318,10 +342,12 @@ class RetrievalModel(nn.Module):
         k: int = 10,
         actions: Sequence[int] | None = None,
         features: Mapping[str, int] | None = None,
+        exclude_seen: bool = False,
     ) -> Retrieved:
-        """Top-``k`` for one user from the item ids of their history (oldest first)."""
+        """Top-``k`` for one user from the item ids of their history (oldest first);
+        ``exclude_seen`` leaves the history's items out of the answer."""
         inputs = self.inputs([list(history)], None if actions is None else [list(actions)], [dict(features or {})])
-        return self(inputs, filter=filter, k=k)
+        return self(inputs, filter=filter, k=k, exclude=[list(history)] if exclude_seen else None)
 
     @torch.no_grad()
     def rank(self, inputs: UserInputs, item_ids: torch.Tensor) -> torch.Tensor:

@@ -2,11 +2,14 @@
 
 The publish flow of SilverTorch §1.4, on a laptop:
 
-1. load the checkpoint (two-tower model, optional OverArch);
-2. **embedding evaluator**: the item tower encodes every item;
+1. load the checkpoint: a two-tower model (optional OverArch) of ``sterling train``, or a next-item
+   HSTU / SASRec retriever of ``sterling train --model hstu|sasrec``, whose encoder becomes the
+   user tower (:mod:`sterling.models.sequence_tower`; one task, ``next``, no OverArch);
+2. **embedding evaluator**: the item tower encodes every item (the retriever: its item table);
 3. **index builder**: int8 codes + IVF (k-means) + Bloom index + exact attributes, in one item order;
 4. **embedding cache**: per item, in the index's order, the item embedding (rounded to fp16 / bf16,
-   what the user tower reads for histories) and OverArch's item-side state (computed once here;
+   what the user tower reads for histories; the index holds the tower's ``index_vectors`` of it,
+   the embedding itself for the two-tower, L2-normalised for a retriever) and OverArch's item-side state (computed once here;
    ranking gathers it instead of re-running the item tower);
 5. **composer**: user tower + task queries + OverArch + Value Model formula + index + cache;
 6. the snapshot: ``index.safetensors``, ``cache.safetensors``, ``model.safetensors`` and a manifest
@@ -34,18 +37,22 @@ from sterling.data.batch import ItemCatalog
 from sterling.data.items import read_items
 from sterling.index.item_index import IndexConfig, ItemIndex
 from sterling.models.overarch import OverArch, OverArchConfig, make_overarch
+from sterling.models.sequence_tower import SequenceTowerConfig, SequenceUserTower
 from sterling.models.towers import ItemTerms, TaskQueries, TwoTowerConfig, UserTower
 from sterling.retrieval.config import ServingConfig
 from sterling.retrieval.export import aot_package, check_compiler, export_program
 from sterling.retrieval.item_table import cache_rows
 from sterling.retrieval.model import RetrievalModel
-from sterling.snapshot import SnapshotError, read_snapshot, write_snapshot
+from sterling.snapshot import SnapshotError, read_snapshot, verify_snapshot, write_snapshot
 from sterling.train.checkpoint import load_checkpoint
 from sterling.train.encode import encode_catalog
+from sterling.train.sequence_checkpoint import load_sequence_checkpoint
 
 __all__ = ["load_model", "publish", "write_model_snapshot"]
 
 _KIND = "retrieval_model"
+#: The next-item task of a served sequence retriever.
+NEXT_TASK = "next"
 
 
 def publish(
@@ -77,6 +84,8 @@ def publish(
     """
     if aot:
         check_compiler()  # before the work, not after it
+    if verify_snapshot(checkpoint)["meta"].get("kind") == "sequence_checkpoint":
+        return _publish_sequence(checkpoint, items_path, out_dir, index_config, k0, nprobe, value_formula, export, aot)
     ckpt = load_checkpoint(checkpoint)
     cfg = ckpt.model.cfg
     primary = ckpt.meta["train"].get("retrieval_task")  # the task training retrieved for
@@ -89,12 +98,7 @@ def publish(
         value_formula=value_formula,
         max_history=cfg.max_history,
     )  # bad settings and formulas fail here
-    item_ids, attributes, _ = read_items(Path(items_path))
-    if not np.array_equal(item_ids, ckpt.item_ids):
-        raise ValueError(
-            f"{items_path} lists {len(item_ids):,} items that differ from the {len(ckpt.item_ids):,} "
-            "items the checkpoint was trained on; publish with the training data's items.parquet"
-        )
+    item_ids, attributes = _catalogue(items_path, ckpt.item_ids)
     overarch = ckpt.overarch if use_overarch else None
     cache_dtype = getattr(torch, (ckpt.meta["train"].get("overarch") or {}).get("cache_dtype", "float16"))
     vectors = encode_catalog(ckpt.model, ItemTerms.build(attributes, vocab=ckpt.term_vocab), len(item_ids))
@@ -116,10 +120,61 @@ def publish(
     )
 
 
+def _publish_sequence(
+    checkpoint: Path,
+    items_path: Path,
+    out_dir: Path,
+    index_config: IndexConfig,
+    k0: int,
+    nprobe: int | None,
+    value_formula: str | None,
+    export: bool,
+    aot: bool,
+) -> Path:
+    """:func:`publish` of a next-item retriever: its encoder as the user tower, its item table as
+    the item embeddings (L2-normalised in the index), one task (:data:`NEXT_TASK`), no OverArch."""
+    ckpt = load_sequence_checkpoint(checkpoint)
+    cfg = ckpt.model.cfg
+    towers = SequenceTowerConfig(cfg.encoder, cfg.dim, cfg.num_layers, cfg.num_heads, cfg.max_len)
+    user_tower = SequenceUserTower(towers)
+    user_tower.encoder.load_state_dict(ckpt.model.encoder.state_dict())
+    serving = ServingConfig(
+        tasks=(NEXT_TASK,), k0=k0, nprobe=nprobe, value_formula=value_formula, max_history=cfg.max_len
+    )  # bad settings and formulas fail here
+    item_ids, attributes = _catalogue(items_path, ckpt.item_ids)
+    return write_model_snapshot(
+        Path(out_dir),
+        towers,
+        user_tower.eval(),
+        TaskQueries(cfg.dim, 1),  # zero-initialised: the user embedding itself
+        None,
+        item_ids,
+        attributes,
+        ckpt.model.item_table.weight.detach().float(),
+        serving,
+        index_config,
+        export=export,
+        aot=aot,
+        source={"data_dir": ckpt.meta.get("data_dir"), "metrics": ckpt.meta.get("metrics", {})},
+    )
+
+
+def _catalogue(items_path: Path, trained_ids: np.ndarray) -> tuple[np.ndarray, list[dict]]:
+    """The item ids and attributes of ``items_path``, checked against the ids a checkpoint was
+    trained on (same items, same order)."""
+    item_ids, attributes, _ = read_items(Path(items_path))
+    if not np.array_equal(item_ids, trained_ids):
+        raise ValueError(
+            f"{items_path} lists {len(item_ids):,} items that differ from the {len(trained_ids):,} "
+            "items the checkpoint was trained on; publish with the training data's items.parquet"
+        )
+    return item_ids, attributes
+
+
 def write_model_snapshot(
     out_dir: Path,
-    towers: TwoTowerConfig,
-    user_tower: UserTower,
+    towers: TwoTowerConfig | SequenceTowerConfig,
+    user_tower: UserTower | SequenceUserTower,
     task_queries: TaskQueries,
     overarch: OverArch | None,
     item_ids: np.ndarray,
@@ -137,13 +192,14 @@ def write_model_snapshot(
 
     Args:
         out_dir (Path): the snapshot directory (replaced if it holds a snapshot).
-        towers (TwoTowerConfig): the sizes ``user_tower`` and ``task_queries`` were built with.
-        user_tower (UserTower): history + features → ``[B, D]``.
-        task_queries (TaskQueries): ``[B, D]`` → ``[B, T, D]``, ``T = len(towers.tasks)``.
+        towers (TwoTowerConfig | SequenceTowerConfig): the sizes ``user_tower`` was built with.
+        user_tower (UserTower | SequenceUserTower): history + features → ``[B, D]``.
+        task_queries (TaskQueries): ``[B, D]`` → ``[B, T, D]``, ``T = len(serving.tasks)``.
         overarch (OverArch | None): the re-scorer (None: rank by inner product).
         item_ids (np.ndarray): int64 ``[N]`` unique external ids.
         attributes (Sequence[Mapping[str, Any]]): ``N`` attribute dicts, in ``item_ids`` order.
-        vectors (torch.Tensor): float ``[N, D]`` item tower outputs, in ``item_ids`` order.
+        vectors (torch.Tensor): float ``[N, D]`` item embeddings, in ``item_ids`` order: what the
+            cache holds; the index holds ``user_tower.index_vectors(vectors)``.
         serving (ServingConfig): how the model answers.
         index_config (IndexConfig): how the index is built and searched.
         cache_dtype (torch.dtype): float16 or bfloat16, the embedding cache's dtype.
@@ -153,7 +209,7 @@ def write_model_snapshot(
     """
     if aot:
         check_compiler()  # before the work, not after it
-    index = ItemIndex.build(vectors, attributes, ids=item_ids, config=index_config)
+    index = ItemIndex.build(user_tower.index_vectors(vectors), attributes, ids=item_ids, config=index_config)
     segment_ids = index.executor_tensors()["ids"].numpy()
     cache = cache_rows(vectors[ItemCatalog(item_ids).rows(segment_ids)], overarch, cache_dtype)
     index_meta, index_tensors = index.to_snapshot_parts()
@@ -165,6 +221,7 @@ def write_model_snapshot(
         "kind": _KIND,
         "serving": serving.to_json(),
         "towers": towers.to_json(),
+        "user_tower": "sequence" if isinstance(user_tower, SequenceUserTower) else "two_tower",
         "overarch": None if overarch is None else overarch.cfg.to_json(),
         "index": index_meta,
         "source": source or {},
@@ -217,11 +274,15 @@ def load_model(path: Path, **overrides) -> RetrievalModel:
 
 def _compose(meta: dict, weights: dict[str, torch.Tensor], index: ItemIndex, cache: torch.Tensor) -> RetrievalModel:
     """The :class:`RetrievalModel` of a snapshot's parts."""
-    towers = TwoTowerConfig.from_json(meta["towers"])
-    user_tower, task_queries = UserTower(towers), TaskQueries(towers.dim, len(towers.tasks))
+    serving = ServingConfig.from_json(meta["serving"])
+    if meta.get("user_tower", "two_tower") == "sequence":
+        user_tower: UserTower | SequenceUserTower = SequenceUserTower(SequenceTowerConfig(**meta["towers"]))
+    else:
+        user_tower = UserTower(TwoTowerConfig.from_json(meta["towers"]))
+    task_queries = TaskQueries(index.dim, len(serving.tasks))
     overarch = None if meta["overarch"] is None else make_overarch(OverArchConfig(**meta["overarch"]))
     for prefix, module in (("user_tower.", user_tower), ("task_queries.", task_queries), ("overarch.", overarch)):
         if module is not None:
             module.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
-    model = RetrievalModel(user_tower, task_queries, index, cache, overarch, ServingConfig.from_json(meta["serving"]))
+    model = RetrievalModel(user_tower, task_queries, index, cache, overarch, serving)
     return model.eval()

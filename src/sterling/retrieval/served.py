@@ -52,6 +52,7 @@ class ServedModel(Protocol):
         k: int = 100,
         value: str | None = None,
         trace: Trace | None = None,
+        exclude: Sequence[Sequence[int]] | None = None,
     ) -> Retrieved: ...
 
     def recommend(
@@ -61,6 +62,7 @@ class ServedModel(Protocol):
         k: int = 10,
         actions: Sequence[int] | None = None,
         features: Mapping[str, int] | None = None,
+        exclude_seen: bool = False,
     ) -> Retrieved: ...
 
     def rank(self, inputs: UserInputs, item_ids: torch.Tensor) -> torch.Tensor: ...

@@ -4,7 +4,9 @@ Endpoints (OpenAPI at ``/docs`` and ``/openapi.json``):
 
 - ``POST /v1/retrieve``: a user (``user_id`` from the user store and/or ``history`` of item ids,
   ``features``), ``filter``, ``k``, optional ``tasks`` and ``value`` (a named Value Model) →
-  ids, scores, per-task scores, the snapshot version and the time per stage;
+  ids, scores, per-task scores, the snapshot version and the time per stage. The items of the
+  user's history are never answered (``exclude_seen``, default true; false allows them), nor
+  ``exclude_ids``; both are part of the filter, so ``k`` items still come back;
 - ``POST /v1/rank``: a user and ``item_ids`` → per-task and value scores from the cached item state;
 - ``POST /v1/items``: upsert (id, embedding, attributes) and delete items, live (bearer token);
 - ``POST /v1/admin/reload``: swap in a snapshot (bearer token);
@@ -36,7 +38,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sterling.index.filter import FilterError
@@ -112,6 +114,10 @@ class UserPart(_Strict):
 class RetrieveRequest(UserPart):
     filter: StrictStr | None = Field(None, description="filter expression, e.g. 'genre:Drama AND year >= 1990'")
     k: StrictInt = Field(10, description="results wanted")
+    exclude_seen: StrictBool = Field(
+        True, description="leave out the items of the user's history (stored and sent); k still come back"
+    )
+    exclude_ids: list[Id] = Field(default_factory=list, description="item ids never to answer (e.g. already shown)")
 
 
 class RankRequest(UserPart):
@@ -310,7 +316,13 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.post("/v1/retrieve", summary="Top-k items for a user under a filter")
     async def retrieve(req: RetrieveRequest) -> dict:
         start = time.perf_counter()
-        out = await service.retrieve(_user(service, req, filter=req.filter, k=req.k))
+        asks = {
+            "filter": req.filter,
+            "k": req.k,
+            "exclude_seen": req.exclude_seen,
+            "exclude_ids": list(req.exclude_ids),
+        }
+        out = await service.retrieve(_user(service, req, **asks))
         out["timing_ms"]["total"] = 1e3 * (time.perf_counter() - start)
         return out
 

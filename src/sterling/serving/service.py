@@ -53,7 +53,7 @@ class Limits:
 
     Args:
         max_k (int | None): most results per request (None: the model's ``k0``).
-        max_history (int): most history events a request may carry.
+        max_history (int): most history events a request may carry (and most ids it excludes).
         max_filter_chars (int): longest filter expression.
         max_rank_items (int): most items one rank request scores.
         max_update_items (int): most items one update upserts or deletes.
@@ -80,6 +80,12 @@ class Query:
     items: list[int] | None = None  # rank: the items to score
     tasks: tuple[str, ...] | None = None
     value: str | None = None  # a Value Model *name*
+    exclude_seen: bool = False  # retrieve: never answer an item of the history (stored + sent)
+    exclude_ids: list[int] | None = None  # retrieve: nor these
+
+    def excluded(self) -> list[int]:
+        """The item ids this request must not be answered with."""
+        return (self.history if self.exclude_seen else []) + list(self.exclude_ids or [])
 
 
 @dataclass(frozen=True)
@@ -211,6 +217,8 @@ class Service:
             raise ValueError(f"unknown tasks {unknown}; the model scores {list(model.config.tasks)}")
         if q.value is not None and q.value != "default" and q.value not in self.formulas:
             raise ValueError(f"unknown value formula {q.value!r}; this server has {['default', *self.formulas]}")
+        if q.exclude_ids is not None and len(q.exclude_ids) > self.limits.max_history:
+            raise ValueError(f"{len(q.exclude_ids)} excluded ids, more than the limit {self.limits.max_history}")
         if q.items is not None and not 1 <= len(q.items) <= self.limits.max_rank_items:
             raise ValueError(f"rank takes 1 to {self.limits.max_rank_items} items, got {len(q.items)}")
 
@@ -363,8 +371,14 @@ class Service:
             return out
         inputs = model.inputs([q.history for q in queries], [q.actions for q in queries], [q.features for q in queries])
         trace = Trace()
+        exclude = [q.excluded() for q in queries]
         result = model(
-            inputs, filter=[q.filter for q in queries], k=max(q.k for q in queries), value=formula, trace=trace
+            inputs,
+            filter=[q.filter for q in queries],
+            k=max(q.k for q in queries),
+            value=formula,
+            trace=trace,
+            exclude=exclude if any(exclude) else None,
         )
         for stage in STAGES[1:]:
             self.metrics.stage.labels(stage=stage).observe(trace.seconds.get(stage, 0.0))

@@ -145,9 +145,12 @@ class ShardSearcher:
         ids = index.ids
         return ids, index.table_rows(index.rows_of(ids)[0], self.model.dim)
 
-    def search(self, queries: torch.Tensor, filters: list[str | None]) -> Candidates:
-        """This shard's filtered top-K0 of the task queries ``[Q, D]``, with their item state."""
-        return self.model.search(queries, filters)
+    def search(
+        self, queries: torch.Tensor, filters: list[str | None], exclude: list[Sequence[int]] | None = None
+    ) -> Candidates:
+        """This shard's filtered top-K0 of the task queries ``[Q, D]`` (``exclude``: per query, ids
+        not to return; those of other shards are ignored), with their item state."""
+        return self.model.search(queries, filters, exclude)
 
     @torch.no_grad()
     def states(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,12 +294,15 @@ class ShardedModel:
         k: int = 100,
         value: str | None = None,
         trace: Trace | None = None,
+        exclude: Sequence[Sequence[int]] | None = None,
     ) -> Retrieved:
         """:meth:`RetrievalModel.forward` over the shards: the same answer with every list probed."""
-        return self.head.retrieve(inputs, self._search, filter, k, value, trace)
+        return self.head.retrieve(inputs, self._search, filter, k, value, trace, exclude)
 
-    def _search(self, queries: torch.Tensor, filters: list[str | None]) -> Candidates:
-        return merge_topk(self._fan_out("search", queries, filters), self.config.k0)
+    def _search(
+        self, queries: torch.Tensor, filters: list[str | None], exclude: list[Sequence[int]] | None = None
+    ) -> Candidates:
+        return merge_topk(self._fan_out("search", queries, filters, exclude), self.config.k0)
 
     __call__ = forward
 
