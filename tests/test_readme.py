@@ -146,3 +146,35 @@ def test_readme_curl_examples_run_on_the_demo_data(tmp_path, monkeypatch):
         assert set(answers["/v1/rank"][0]) >= {"task_scores"}, answers["/v1/rank"]
         assert answers["/v1/items"] and answers["/v1/admin/reload"][0]["version"]
         assert server.service.model.index.fresh_items >= 1  # the upsert reached the model
+
+
+@pytest.mark.timeout(180)
+def test_readme_hstu_commands_train_publish_and_query(tmp_path, monkeypatch, capsys):
+    """The HSTU block as written (in ``runs/``, training cut to 2 steps): train → publish → query,
+    and the answer holds none of the user's history."""
+    from dataclasses import replace
+
+    from sterling import cli
+    from sterling.train.retrieval import train_retrieval
+
+    (block,) = [commands for commands in readme_commands() if any("--model hstu" in c for c in commands)]
+    everything = [c for commands in readme_commands() for c in commands]
+    train_line, publish_line, query_line = block
+    train_args = cli.build_parser().parse_args(_sterling(train_line))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(_sterling(_writer(everything, "sterling data synth", train_args.data))) == 0
+    parsed = cli.build_parser().parse_args(_sterling(train_line.replace("--epochs 20", "--epochs 1")))
+    assert parsed.model == "hstu" and parsed.patience == 3
+    from sterling.train.retrieval import RetrievalConfig
+
+    quick = replace(RetrievalConfig(encoder="hstu", dim=16, num_layers=1, max_len=50), max_steps=2, patience=3)
+    train_retrieval(Path(train_args.data), quick, log=lambda _: None, out_dir=Path(train_args.out))
+    assert cli.main(_sterling(publish_line)) == 0
+    capsys.readouterr()
+    assert cli.main(_sterling(query_line) + ["--json"]) == 0
+    answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(answer["results"]) == 10
+    from sterling.query import _user_history
+
+    history, _, _ = _user_history(Path(train_args.data), 3, 50)
+    assert not {r["id"] for r in answer["results"]} & set(history.tolist())

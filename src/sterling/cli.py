@@ -204,7 +204,11 @@ def _cmd_query(args: argparse.Namespace) -> None:
     from sterling.retrieval.publish import load_model
 
     rec = load_model(Path(args.snapshot))
-    print(format_recommendations(rec, args.user, args.history, args.filter, args.k, args.data, args.json))
+    print(
+        format_recommendations(
+            rec, args.user, args.history, args.filter, args.k, args.data, args.json, not args.include_seen
+        )
+    )
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
@@ -450,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--filter", help='e.g. "genre:Drama AND NOT year:1995"')
     q.add_argument("-k", type=int, default=10)
     q.add_argument("--json", action="store_true")
+    q.add_argument("--include-seen", action="store_true", help="allow items of the user's history in the answer")
     q.set_defaults(func=_cmd_query)
     return p
 

@@ -25,20 +25,28 @@ def format_recommendations(
     k: int,
     data: str | None,
     as_json: bool,
+    exclude_seen: bool = True,
 ) -> str:
     """Run one query of ``rec`` and render it as a table (or JSON): for ``user`` (their history and
     features from ``data``, default the dataset the model was trained on) or for ``history``
-    (comma-separated item ids, oldest first), at most ``k`` items passing ``filter``."""
+    (comma-separated item ids, oldest first), at most ``k`` items passing ``filter``, none of the
+    history's unless ``exclude_seen`` is False."""
     features: dict[str, int] = {}
     data_dir = Path(data) if data else Path(rec.meta["source"]["data_dir"] or "")
     if history is not None:
         items = np.array([int(x) for x in history.split(",") if x.strip()], dtype=np.int64)
         actions = None
     else:
-        items, actions, features = _user_history(data_dir, user, rec.config.max_history)
+        items, actions, stored = _user_history(data_dir, user, rec.config.max_history)
+        features = {f: v for f, v in stored.items() if f in rec.config.features}  # those the model reads
     k = min(k, rec.config.k0)
     res = rec.recommend(
-        items.tolist(), filter=filter, k=k, actions=None if actions is None else actions.tolist(), features=features
+        items.tolist(),
+        filter=filter,
+        k=k,
+        actions=None if actions is None else actions.tolist(),
+        features=features,
+        exclude_seen=exclude_seen,
     )
     ids = [i for i in res.ids[0].tolist() if i >= 0]
     scores = res.scores[0, : len(ids)].tolist()

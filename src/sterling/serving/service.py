@@ -189,7 +189,8 @@ class Service:
         if user_id is not None:
             if self.users is None:
                 raise LookupError("this server has no user store (start it with --users): send the history")
-            events, acts, feats = self.users.get(user_id, self.model.config.max_history)
+            events, acts, stored = self.users.get(user_id, self.model.config.max_history)
+            feats = {f: v for f, v in stored.items() if f in self.model.config.features}  # those the model reads
         history = list(history or [])
         if len(history) > self.limits.max_history:  # the request's own events: the stored ones are bounded
             raise ValueError(f"a history of {len(history)} events is longer than the limit {self.limits.max_history}")
