@@ -132,21 +132,67 @@ class HSTULayer(nn.Module):
         timestamps: torch.Tensor,
         mask: torch.Tensor,
     ) -> torch.Tensor:
+        return self.forward_with_keys(x, offsets, positions, timestamps, mask)[0]
+
+    def forward_with_keys(
+        self,
+        x: torch.Tensor,
+        offsets: torch.Tensor,
+        positions: torch.Tensor,
+        timestamps: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The layer's output ``[L, D]`` and its keys ``[B, n, H, a]`` and values ``[B, n, H, v]``
+        (padded), which candidates attending to these tokens reuse (:meth:`attend`)."""
         cfg = self.cfg
         h, a, v = cfg.num_heads, cfg.attention_dim, cfg.value_dim
-        n = mask.shape[-1]
-        u, val, q, k = F.silu(self.uvqk(self.norm(x))).split([h * v, h * v, h * a, h * a], dim=-1)  # [L, ·]
-        qp = jagged.to_padded(q, offsets, n).view(-1, n, h, a)  # [B, n, H, a]
-        kp = jagged.to_padded(k, offsets, n).view(-1, n, h, a)
-        vp = jagged.to_padded(val, offsets, n).view(-1, n, h, v)  # [B, n, H, v]
+        b, n = offsets.shape[0] - 1, mask.shape[-1]
+        u, val, q, k = self._uvqk(x)  # [L, ·]
+        qp = jagged.to_padded(q, offsets, n).view(b, n, h, a)  # [B, n, H, a]
+        kp = jagged.to_padded(k, offsets, n).view(b, n, h, a)
+        vp = jagged.to_padded(val, offsets, n).view(b, n, h, v)  # [B, n, H, v]
         pos = jagged.to_padded(positions, offsets, n)  # [B, n]
         ts = jagged.to_padded(timestamps, offsets, n)
         scores = torch.einsum("bihd,bjhd->bhij", qp, kp) / math.sqrt(a)  # [B, H, n, n]
         scores = scores + self.bias(pos, ts)[:, None]
         attn = F.silu(scores) / cfg.norm_len * mask[:, None]  # [B, H, n, n]
-        o = torch.einsum("bhij,bjhd->bihd", attn, vp).reshape(-1, n, h * v)  # [B, n, H·v]
-        o = jagged.from_padded(o, offsets)  # [L, H·v]
-        return x + self.out(self.dropout(u * self.out_norm(o)))  # [L, D]
+        o = torch.einsum("bhij,bjhd->bihd", attn, vp).reshape(b, n, h * v)  # [B, n, H·v]
+        return self._update(x, u, jagged.from_padded(o, offsets)), kp, vp
+
+    def attend(
+        self,
+        y: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        gap_bias: torch.Tensor,
+        time_gap: torch.Tensor,
+        allowed: torch.Tensor,
+    ) -> torch.Tensor:
+        """Candidates ``y [B, m, D]`` (padded per request) through this layer, each attending to its
+        request's history (``keys [B, n, H, a]``, ``values [B, n, H, v]`` from
+        :meth:`forward_with_keys`, allowed ``[B, n]``) and to itself only: ``gap_bias [B, 1, n]``
+        is the position bias of the candidates' position minus each history position,
+        ``time_gap [B, m, n]`` the time gaps (seconds)."""
+        cfg = self.cfg
+        h, a, v = cfg.num_heads, cfg.attention_dim, cfg.value_dim
+        b, m, _ = y.shape
+        u, val, q, k = self._uvqk(y)  # [B, m, ·]
+        q, k, val = q.view(b, m, h, a), k.view(b, m, h, a), val.view(b, m, h, v)
+        bias = gap_bias + self.bias.time[_time_bucket(time_gap, self.bias.time_buckets)]  # [B, m, n]
+        scores = torch.einsum("bihd,bjhd->bhij", q, keys) / math.sqrt(a) + bias[:, None]  # [B, H, m, n]
+        attn = F.silu(scores) / cfg.norm_len * allowed[:, None, None, :]
+        own_bias = self.bias.position[0] + self.bias.time[0]  # gap 0, time gap 0
+        own = F.silu((q * k).sum(-1) / math.sqrt(a) + own_bias) / cfg.norm_len  # [B, m, H]
+        o = torch.einsum("bhij,bjhd->bihd", attn, values) + own[..., None] * val  # [B, m, H, v]
+        return self._update(y, u, o.reshape(b, m, h * v))
+
+    def _uvqk(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cfg = self.cfg
+        h, a, v = cfg.num_heads, cfg.attention_dim, cfg.value_dim
+        return F.silu(self.uvqk(self.norm(x))).split([h * v, h * v, h * a, h * a], dim=-1)
+
+    def _update(self, x: torch.Tensor, u: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        return x + self.out(self.dropout(u * self.out_norm(o)))
 
 
 class HSTU(nn.Module):
@@ -180,3 +226,47 @@ class HSTU(nn.Module):
         for layer in self.layers:
             x = layer(x, offsets, positions, timestamps, mask)
         return self.norm(x)
+
+    def encode_candidates(
+        self,
+        history: torch.Tensor,
+        history_offsets: torch.Tensor,
+        history_ts: torch.Tensor,
+        candidates: torch.Tensor,
+        candidate_offsets: torch.Tensor,
+        candidate_ts: torch.Tensor,
+        chunk: int = 256,
+    ) -> torch.Tensor:
+        """Encoded candidates ``[C, D]`` of ``B`` requests (M-FALCON, HSTU paper §3.4): the history
+        (jagged ``[L, D]``, offsets ``[B + 1]``, ``int64 [L]`` seconds) runs through the layers once,
+        keeping each layer's keys and values; the candidates (jagged ``[C, D]``, offsets
+        ``[B + 1]``, ``int64 [C]`` seconds) then attend to them ``chunk`` per request at a time.
+        Equal to :meth:`forward` over ``[history ‖ candidates]`` with ``num_targets`` the candidate
+        counts (the target-aware mask: a candidate sees the history and itself), at the cost of
+        ``C × L`` attention instead of ``(L + C)²``, and with the history's work done once for
+        all of its candidates."""
+        cfg = self.cfg
+        b = history_offsets.shape[0] - 1
+        h_lens, c_lens = jagged.lengths(history_offsets), jagged.lengths(candidate_offsets)
+        n, m = (int(h_lens.max()) if b else 0), (int(c_lens.max()) if b else 0)
+        none = torch.zeros(b, dtype=torch.int64)
+        mask = target_aware_mask(history_offsets, none, n).to(history.dtype)  # causal: history only
+        positions = token_positions(history_offsets, none)  # [L]
+        allowed = (torch.arange(n)[None, :] < h_lens[:, None]).to(history.dtype)  # [B, n]
+        h_ts = jagged.to_padded(history_ts, history_offsets, n)  # [B, n]
+        gap = (h_lens[:, None] - torch.arange(n)[None, :]).clamp(0, cfg.norm_len - 1)  # [B, n]
+        layers = []
+        x = history
+        for layer in self.layers:  # the history once: keep every layer's keys and values
+            x, keys, values = layer.forward_with_keys(x, history_offsets, positions, history_ts, mask)
+            layers.append((layer, keys, values))
+        y = jagged.to_padded(candidates, candidate_offsets, m)  # [B, m, D]
+        c_ts = jagged.to_padded(candidate_ts, candidate_offsets, m)  # [B, m]
+        out = []
+        for s in range(0, m, chunk):  # candidates of a chunk never see each other: chunks are independent
+            part, time_gap = y[:, s : s + chunk], c_ts[:, s : s + chunk, None] - h_ts[:, None, :]  # [B, c, n]
+            for layer, keys, values in layers:
+                part = layer.attend(part, keys, values, layer.bias.position[gap][:, None, :], time_gap, allowed)
+            out.append(part)
+        y = torch.cat(out, 1) if out else y
+        return self.norm(jagged.from_padded(y, candidate_offsets))  # [C, D]
