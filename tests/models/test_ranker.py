@@ -90,6 +90,29 @@ def test_roo_equals_impression_mode(encoder: str, shape: list[tuple[int, int]], 
 
 
 @pytest.mark.parametrize("encoder", ["hstu", "sasrec"])
+@settings(max_examples=20, deadline=None)
+@given(shape=requests, seed=st.integers(0, 2**16), chunk=st.integers(1, 4))
+def test_the_served_stage_scores_as_the_trained_forward(encoder: str, shape, seed: int, chunk: int) -> None:
+    """score_candidates over given embeddings (HSTU: M-FALCON in chunks) equals forward in roo mode."""
+    batch = random_batch(torch.Generator().manual_seed(seed), [h for h, _ in shape], [k for _, k in shape])
+    model = make_model(encoder).eval()
+    with torch.no_grad():
+        want = model(batch, "roo")
+        got = model.score_candidates(
+            model.items(batch.history_items),
+            batch.history_actions,
+            batch.history_offsets,
+            batch.history_ts,
+            model.items(batch.item_rows),
+            batch.impression_offsets,
+            batch.ts[batch.impression_to_request()],
+            positions=batch.positions,
+            chunk=chunk,
+        )
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("encoder", ["hstu", "sasrec"])
 def test_a_request_scores_the_same_alone_and_in_a_batch(encoder: str) -> None:
     gen = torch.Generator().manual_seed(1)
     batch = random_batch(gen, [7, 0, 12], [3, 2, 5])

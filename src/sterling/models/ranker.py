@@ -121,13 +121,24 @@ class SequenceRanker(nn.Module):
 
     def history_tokens(self, batch: RequestBatch) -> torch.Tensor:
         """``[L, D]``: the batch's history events as tokens."""
-        actions = batch.history_actions.clamp(0, self.cfg.num_actions - 1)
-        return self.items(batch.history_items) + self.actions(actions)
+        return self.event_tokens(self.items(batch.history_items), batch.history_actions)
 
     def candidate_tokens(self, batch: RequestBatch) -> torch.Tensor:
         """``[K, D]``: the impressions as candidate tokens (TARGET action: no labels)."""
-        position = self.positions(batch.positions.clamp(0, self.cfg.num_positions - 1))
-        return self.items(batch.item_rows) + self.actions.weight[self.cfg.num_actions] + position
+        return self.target_tokens(self.items(batch.item_rows), batch.positions)
+
+    def event_tokens(self, items: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """``[L, D]``: history events of item embeddings ``[L, D]`` and action bitmasks ``[L]``."""
+        return items + self.actions(actions.clamp(0, self.cfg.num_actions - 1))
+
+    def target_tokens(self, items: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``[K, D]``: candidates of item embeddings ``[K, D]`` at served ``positions [K]``."""
+        position = self.positions(positions.clamp(0, self.cfg.num_positions - 1))
+        return items + self.actions.weight[self.cfg.num_actions] + position
+
+    def task_logits(self, encoded: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Per-task logits ``[K, T]`` of encoded candidates ``[K, D]`` and their item embeddings."""
+        return self.head(torch.cat([encoded, encoded * items], -1))
 
     def forward(self, batch: RequestBatch, mode: str = "roo") -> torch.Tensor:
         """Per-task logits ``[K, T]`` of the batch's impressions, in batch order."""
@@ -150,4 +161,39 @@ class SequenceRanker(nn.Module):
         tokens, offsets, at = jagged.concat(history, h_offsets, candidates, c_offsets)
         timestamps, _, _ = jagged.concat(h_ts, h_offsets, c_ts, c_offsets)
         out = self.encoder(tokens, offsets, timestamps, num_targets)[at]  # [K, D]
-        return self.head(torch.cat([out, out * self.items(batch.item_rows)], -1))  # [K, T]
+        return self.task_logits(out, self.items(batch.item_rows))  # [K, T]
+
+    @torch.no_grad()
+    def score_candidates(
+        self,
+        history_items: torch.Tensor,
+        history_actions: torch.Tensor,
+        history_offsets: torch.Tensor,
+        history_ts: torch.Tensor,
+        candidate_items: torch.Tensor,
+        candidate_offsets: torch.Tensor,
+        candidate_ts: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        chunk: int = 256,
+    ) -> torch.Tensor:
+        """Per-task logits ``[C, T]`` of ``B`` requests' candidates, the served ranking stage: item
+        embeddings are given (the served model's cache), not looked up. History: embeddings ``[L,
+        D]``, actions, seconds ``[L]``, offsets ``[B + 1]``; candidates: embeddings ``[C, D]``,
+        offsets ``[B + 1]``, seconds ``[C]`` and served ``positions [C]`` (default 0: a retrieved
+        candidate has no slot yet). HSTU scores them with M-FALCON
+        (:meth:`~sterling.models.hstu.HSTU.encode_candidates`: the history's keys and values once,
+        ``chunk`` candidates at a time); SASRec in one target-aware pass. Either equals
+        :meth:`forward` in ``roo`` mode on the same inputs."""
+        history = self.event_tokens(history_items, history_actions)  # [L, D]
+        if positions is None:
+            positions = torch.zeros(candidate_items.shape[0], dtype=torch.int64)
+        candidates = self.target_tokens(candidate_items, positions)  # [C, D]
+        if isinstance(self.encoder, HSTU):
+            out = self.encoder.encode_candidates(
+                history, history_offsets, history_ts, candidates, candidate_offsets, candidate_ts, chunk
+            )
+        else:
+            tokens, offsets, at = jagged.concat(history, history_offsets, candidates, candidate_offsets)
+            timestamps, _, _ = jagged.concat(history_ts, history_offsets, candidate_ts, candidate_offsets)
+            out = self.encoder(tokens, offsets, timestamps, jagged.lengths(candidate_offsets))[at]
+        return self.task_logits(out, candidate_items)  # [C, T]
