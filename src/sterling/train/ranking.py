@@ -22,10 +22,15 @@ request of 50 impressions would count as much as a request of 1. DLRM-v3 average
 **Held-out evaluation.** Each user's last request (users with at least two) is held out, as in
 :mod:`sterling.train.split`; its impressions are scored in ROO mode (identical predictions, see
 ``tests/models/test_ranker.py``) and each task gets AUC, NE and GAUC (grouped by request).
+
+**Checkpoint.** With ``out_dir``, the trained model (the last step's weights) is written there as a
+ranker checkpoint (:mod:`sterling.train.ranker_checkpoint`, what a served ranking stage loads),
+with the run's data directory, config, steps and held-out metrics in its metadata.
 """
 
 from __future__ import annotations
 
+import math
 import resource
 import sys
 import time
@@ -42,6 +47,7 @@ from sterling.data.items import read_items
 from sterling.data.schema import DatasetPaths, read_roles
 from sterling.models.ranker import MODES, RankerConfig, SequenceRanker
 from sterling.train.metrics import auc, gauc, ne
+from sterling.train.ranker_checkpoint import write_ranker_checkpoint
 from sterling.train.split import holdout_requests
 
 __all__ = ["RankingConfig", "RankingReport", "accumulate_gradient", "peak_rss_mb", "ranking_loss", "train_ranker"]
@@ -61,7 +67,8 @@ class RankingConfig:
         lr (float): Adam learning rate.
         max_impressions (int | None): stop once this many training impressions were seen.
         max_seconds (float | None): stop after this much training time.
-        epochs (int): passes over the training requests (an upper bound with the two limits).
+        max_steps (int | None): stop after this many optimiser steps.
+        epochs (int): passes over the training requests (an upper bound with the three limits).
         seed (int): parameter seed.
     """
 
@@ -77,6 +84,7 @@ class RankingConfig:
     lr: float = 1e-3
     max_impressions: int | None = None
     max_seconds: float | None = None
+    max_steps: int | None = None
     epochs: int = 1
     seed: int = 0
 
@@ -87,7 +95,8 @@ class RankingConfig:
 
 @dataclass(frozen=True)
 class RankingReport:
-    """What a run measured: training throughput and held-out quality per task."""
+    """What a run measured: training throughput and held-out quality per task, and where the
+    trained model was written (``checkpoint``: None without ``out_dir``)."""
 
     config: dict
     impressions: int
@@ -101,6 +110,7 @@ class RankingReport:
     auc: dict[str, float] = field(default_factory=dict)
     ne: dict[str, float] = field(default_factory=dict)
     gauc: dict[str, float] = field(default_factory=dict)
+    checkpoint: str | None = None
 
 
 def peak_rss_mb() -> float:
@@ -151,10 +161,23 @@ def accumulate_gradient(model: SequenceRanker, batch: RequestBatch, mode: str, m
 
 
 def train_ranker(
-    data_dir: Path, cfg: RankingConfig = RankingConfig(), log: Callable[[str], None] = print
+    data_dir: Path,
+    cfg: RankingConfig = RankingConfig(),
+    log: Callable[[str], None] = print,
+    out_dir: Path | None = None,
 ) -> RankingReport:
     """Train a ranker on ``data_dir`` (request format) in ``cfg.mode`` and evaluate it on the
-    held-out requests."""
+    held-out requests.
+
+    Args:
+        data_dir (Path): a request-format dataset.
+        cfg (RankingConfig): the run.
+        log (Callable[[str], None]): progress lines.
+        out_dir (Path | None): where to write the trained model as a ranker checkpoint
+            (:func:`~sterling.train.ranker_checkpoint.write_ranker_checkpoint`; meta ``data_dir``,
+            ``ranking`` (``asdict(cfg)``), ``steps``, ``impressions``, ``metrics`` {``auc`` | ``ne``
+            | ``gauc``: {task: value, None where undefined}}); None: write nothing.
+    """
     torch.manual_seed(cfg.seed)
     paths = DatasetPaths(Path(data_dir))
     item_ids, _, _ = read_items(paths.items)
@@ -192,8 +215,10 @@ def train_ranker(
             train_s += time.perf_counter() - t0
             steps, impressions = steps + 1, impressions + batch.num_impressions
             requests, history_events = requests + batch.num_requests, history_events + batch.history_items.numel()
-            if (cfg.max_impressions is not None and impressions >= cfg.max_impressions) or (
-                cfg.max_seconds is not None and train_s >= cfg.max_seconds
+            if (
+                (cfg.max_impressions is not None and impressions >= cfg.max_impressions)
+                or (cfg.max_seconds is not None and train_s >= cfg.max_seconds)
+                or (cfg.max_steps is not None and steps >= cfg.max_steps)
             ):
                 done = True
                 break
@@ -204,6 +229,17 @@ def train_ranker(
         f"({impressions / max(train_s, 1e-9):,.0f}/s), {steps} steps"
     )
     quality = evaluate_ranker(model, reader, holdout)
+    checkpoint = None
+    if out_dir is not None:
+        run = {
+            "data_dir": str(paths.root.resolve()),
+            "ranking": asdict(cfg),
+            "steps": steps,
+            "impressions": impressions,
+            "metrics": {m: {t: _json_float(v) for t, v in per_task.items()} for m, per_task in quality.items()},
+        }
+        checkpoint = str(write_ranker_checkpoint(Path(out_dir), model, catalog.item_ids, run))
+        log(f"  wrote the ranker to {checkpoint}")
     return RankingReport(
         config=asdict(cfg),
         impressions=impressions,
@@ -215,7 +251,13 @@ def train_ranker(
         mean_impressions_per_request=impressions / max(requests, 1),
         mean_history_len=history_events / max(requests, 1),
         **quality,
+        checkpoint=checkpoint,
     )
+
+
+def _json_float(value: float) -> float | None:
+    """``value``, or None where it is NaN (undefined: a task without both labels held out)."""
+    return None if math.isnan(value) else float(value)
 
 
 @torch.no_grad()
