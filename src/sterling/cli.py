@@ -9,6 +9,7 @@ Sub-commands::
     sterling data stats DIR [--json]                sizes of both formats
     sterling train --data DIR --out CKPT [--nproc N]   two-tower + OverArch on request batches (DDP), held-out recall
     sterling train --model hstu|sasrec --data DIR [--out CKPT] [--patience N]   next-item retrieval, leave-last-out HR@k / NDCG@k
+    sterling train --ranker --data DIR [--out CKPT] [--encoder hstu|sasrec]   request-level ranker (ROO), held-out AUC / NE / GAUC
     sterling publish --checkpoint CKPT --data DIR --out SNAP [--value FORMULA] [--export]
     sterling query --snapshot SNAP --user ID [--filter EXPR] [-k 10] [--json]
     sterling serve --snapshot SNAP [--port 8000] [--users PATH] [--engine ray --shards N --replicas R]   HTTP server
@@ -76,14 +77,30 @@ def _cmd_stats(args: argparse.Namespace) -> None:
 
 
 RETRIEVAL_MODELS = ("hstu", "sasrec")
-_RETRIEVAL_ONLY = ("max_len", "layers", "lr", "dropout", "eval_every", "patience")
+_SEQUENCE_ONLY = ("max_len", "layers", "lr", "dropout")  # --model hstu|sasrec or --ranker
+_RETRIEVAL_ONLY = ("eval_every", "patience")
+_RANKER_ONLY = ("encoder", "heads", "token_budget", "max_impressions")
+
+
+def _flags(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
+    """The options of ``names`` given on the command line, as flags (``--max-len``)."""
+    return [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) is not None]
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
+    if args.ranker:
+        _train_ranker(args)
+        return
+    ranker_only = _flags(args, _RANKER_ONLY)
+    if ranker_only:
+        raise ValueError(f"{', '.join(ranker_only)}: only with --ranker")
     if args.model in RETRIEVAL_MODELS:
         _train_retrieval(args)
         return
-    given = [f"--{name.replace('_', '-')}" for name in _RETRIEVAL_ONLY if getattr(args, name) is not None]
+    sequence_only = _flags(args, _SEQUENCE_ONLY)
+    if sequence_only:
+        raise ValueError(f"{', '.join(sequence_only)}: only with --model hstu or sasrec, or --ranker")
+    given = _flags(args, _RETRIEVAL_ONLY)
     if given:
         raise ValueError(f"{', '.join(given)}: only with --model hstu or sasrec")
     if args.out is None:
@@ -121,6 +138,68 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 def _log_to_stderr(message: str) -> None:
     print(message, file=sys.stderr)
+
+
+def _nan_to_none(value):
+    """``value`` (JSON-like) with every NaN float replaced by None, so it is strict JSON."""
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(v) for v in value]
+    return None if isinstance(value, float) and value != value else value
+
+
+def _train_ranker(args: argparse.Namespace) -> None:
+    """``train --ranker``: the request-level ranker, ROO mode (sterling.train.ranking)."""
+    from dataclasses import asdict
+
+    from sterling.train.ranking import RankingConfig, train_ranker
+
+    if args.model is not None:
+        raise ValueError(
+            f"--ranker trains the request-level ranker; --model {args.model} picks another model "
+            "(its user tower is chosen with --encoder hstu|sasrec)"
+        )
+    if args.nproc != 1:
+        raise ValueError("--nproc: data-parallel training is for --model two-tower")
+    retrieval_only = _flags(args, _RETRIEVAL_ONLY)
+    if retrieval_only:
+        raise ValueError(f"{', '.join(retrieval_only)}: only with --model hstu or sasrec")
+    given = {
+        "encoder": args.encoder,
+        "epochs": args.epochs,
+        "dim": args.dim,
+        "num_layers": args.layers,
+        "num_heads": args.heads,
+        "max_history": args.max_len,
+        "lr": args.lr,
+        "dropout": args.dropout,
+        "token_budget": args.token_budget,
+        "max_impressions": args.max_impressions,
+        "max_steps": args.max_steps,
+    }
+    cfg = RankingConfig(mode="roo", seed=args.seed, **{k: v for k, v in given.items() if v is not None})
+    if cfg.dim % cfg.num_heads:
+        raise ValueError(f"--dim {cfg.dim} is not a multiple of --heads {cfg.num_heads}")
+    to_stdout = args.json == "-"
+    log = _log_to_stderr if to_stdout else print
+    out = Path(args.out) if args.out is not None else None
+    report = train_ranker(Path(args.data), cfg, log=log, out_dir=out)
+    result = _nan_to_none(asdict(report))
+    if to_stdout:
+        print(json.dumps(result, indent=2))
+        return
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        f"ranker ({cfg.encoder}, roo) on {args.data}: {report.requests:,} requests, {report.impressions:,} "
+        f"impressions, {report.steps} steps, {report.train_s:.1f}s"
+    )
+    print(f"  {'held out':<10}{'AUC':>9}{'NE':>9}{'GAUC':>9}")
+    for task in report.auc:
+        print(f"  {task:<10}" + "".join(f"{getattr(report, m)[task]:>9.4f}" for m in ("auc", "ne", "gauc")))
+    print(f"checkpoint: {report.checkpoint}" if report.checkpoint else "checkpoint: none (no --out)")
 
 
 def _train_retrieval(args: argparse.Namespace) -> None:
@@ -323,24 +402,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser(
         "train",
-        help="train the two-tower model, or an HSTU / SASRec next-item retriever",
+        help="train the two-tower model, an HSTU / SASRec next-item retriever, or the request-level ranker",
         description="--model two-tower (default): the two-tower model on request batches, held-out recall, a "
         "checkpoint in --out. --model hstu|sasrec: a next-item retriever on the users' timelines, leave-last-out "
-        "split, full-corpus HR@10/NDCG@10/HR@50/NDCG@50 (sterling.train.retrieval).",
+        "split, full-corpus HR@10/NDCG@10/HR@50/NDCG@50 (sterling.train.retrieval). --ranker: the multi-task "
+        "sequential ranker trained ROO-style on request rows, held-out AUC/NE/GAUC per task, a ranker checkpoint "
+        "in --out (sterling.train.ranking).",
     )
-    t.add_argument("--model", choices=("two-tower", *RETRIEVAL_MODELS), default="two-tower")
+    t.add_argument(
+        "--model", choices=("two-tower", *RETRIEVAL_MODELS), help="the retrieval model to train (default: two-tower)"
+    )
+    t.add_argument(
+        "--ranker",
+        action="store_true",
+        help="train the request-level multi-task ranker instead (ROO: each request's history encoded once)",
+    )
     t.add_argument("--data", required=True, metavar="DIR", help="request-format dataset directory")
     t.add_argument(
         "--out",
         metavar="DIR",
         help="checkpoint directory (required with two-tower); hstu|sasrec: writes DIR/best (the best "
-        "validation NDCG@10 epoch, validating every epoch) and DIR/last (the last epoch)",
+        "validation NDCG@10 epoch, validating every epoch) and DIR/last (the last epoch); --ranker: the "
+        "trained ranker",
     )
     t.add_argument(
-        "--epochs", type=int, metavar="N", help="passes over the training data (default: 5 two-tower, 20 retrieval)"
+        "--epochs",
+        type=int,
+        metavar="N",
+        help="passes over the training data (default: 5 two-tower, 20 retrieval, 1 ranker)",
     )
     t.add_argument("--max-steps", type=int, metavar="N", help="stop after this many steps (smoke runs)")
-    t.add_argument("--dim", type=int, metavar="D", help="embedding width (default: 64 two-tower, 50 retrieval)")
+    t.add_argument(
+        "--dim", type=int, metavar="D", help="embedding width (default: 64 two-tower, 50 retrieval, 64 ranker)"
+    )
     t.add_argument("--seed", type=int, default=0, metavar="N")
     t.add_argument(
         "--nproc",
@@ -357,11 +451,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="the report as JSON: on stdout (logs to stderr), or written to PATH",
     )
-    r = t.add_argument_group("retrieval options (--model hstu|sasrec; defaults: GR's ML-1M set-up)")
-    r.add_argument("--max-len", type=int, metavar="N", help="most recent events per sequence (200)")
-    r.add_argument("--layers", type=int, metavar="N", help="encoder layers (2)")
-    r.add_argument("--lr", type=float, help="Adam learning rate (1e-3)")
-    r.add_argument("--dropout", type=float, metavar="P", help="input and encoder dropout (0.2)")
+    r = t.add_argument_group(
+        "sequence options (--model hstu|sasrec: defaults, GR's ML-1M set-up, in parentheses; --ranker: in brackets)"
+    )
+    r.add_argument("--max-len", type=int, metavar="N", help="most recent events per sequence (200) [200]")
+    r.add_argument("--layers", type=int, metavar="N", help="encoder layers (2) [2]")
+    r.add_argument("--lr", type=float, help="Adam learning rate (1e-3) [1e-3]")
+    r.add_argument("--dropout", type=float, metavar="P", help="input and encoder dropout (0.2) [0.1]")
+    r = t.add_argument_group("retrieval options (--model hstu|sasrec)")
     r.add_argument(
         "--eval-every",
         type=int,
@@ -374,6 +471,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="stop after N epochs without a better validation NDCG@10 (validates every epoch; the best epoch is reported)",
     )
+    rk = t.add_argument_group("ranker options (--ranker)")
+    rk.add_argument("--encoder", choices=RETRIEVAL_MODELS, help="the ranker's user tower (hstu)")
+    rk.add_argument("--heads", type=int, metavar="N", help="attention heads (1)")
+    rk.add_argument(
+        "--token-budget", type=int, metavar="N", help="history events + impressions per step, whole requests (16384)"
+    )
+    rk.add_argument("--max-impressions", type=int, metavar="N", help="stop after this many training impressions")
     t.set_defaults(func=_cmd_train)
 
     pub = sub.add_parser("publish", help="checkpoint + items → one snapshot")
