@@ -270,6 +270,7 @@ def _cmd_publish(args: argparse.Namespace) -> None:
             use_overarch=not args.no_overarch,
             export=args.export,
             aot=args.aot,
+            ranker=None if args.ranker is None else Path(args.ranker),
         )
         if args.shards is not None:
             from sterling.serving.shards import split_snapshot
@@ -492,6 +493,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="Value Model over the task probabilities, e.g. 'click + 0.5*like^0.5' (default: primary task)",
     )
     pub.add_argument("--no-overarch", action="store_true", help="rank the ANN candidates by inner product")
+    pub.add_argument(
+        "--ranker",
+        metavar="CKPT",
+        help="a `train --ranker` checkpoint of the same items: the request-level ranker scores the candidates",
+    )
     pub.add_argument("--export", action="store_true", help="also write program.pt2, the torch.export forward")
     pub.add_argument(
         "--aot",

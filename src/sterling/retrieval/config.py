@@ -15,7 +15,8 @@ class ServingConfig:
     """How the composed model answers.
 
     Args:
-        tasks (tuple[str, ...]): task names ``T``, in the order of the task queries and scores.
+        tasks (tuple[str, ...]): task names ``T``, in the order of the scores (and of the task
+            queries unless ``queries`` names them).
         features (tuple[str, ...]): the user tower's context + user features, in order.
         k0 (int): candidates each task query takes from the index.
         nprobe (int | None): lists probed (None: the index's default).
@@ -24,6 +25,10 @@ class ServingConfig:
         max_history (int): most recent history events read.
         use_overarch (bool): re-score with the OverArch (when the model has one); False ranks the
             index's candidates by inner product.
+        queries (tuple[str, ...]): the task queries the index answers, when they are not ``tasks``
+            (a next-item retriever's one query ``next`` under a ranker scoring click, like, ...).
+        use_ranker (bool): score the candidates with the request-level ranker (when the model has
+            one; it replaces the OverArch); False falls back to the OverArch or inner products.
     """
 
     tasks: tuple[str, ...]
@@ -34,10 +39,14 @@ class ServingConfig:
     value_formula: str | None = None
     max_history: int = 100
     use_overarch: bool = True
+    queries: tuple[str, ...] = ()
+    use_ranker: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.tasks, str) or not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks must be a non-empty tuple of distinct names, got {self.tasks!r}")
+        if isinstance(self.queries, str) or len(set(self.queries)) != len(self.queries):
+            raise ValueError(f"queries must be a tuple of distinct names, got {self.queries!r}")
         if isinstance(self.features, str) or len(set(self.features)) != len(self.features):
             raise ValueError(f"features must be a tuple of distinct names, got {self.features!r}")
         for name in ("k0", "max_history"):
@@ -54,6 +63,11 @@ class ServingConfig:
             raise ValueError(f"primary task {self.primary_task!r} is not one of the tasks {list(self.tasks)}")
 
     @property
+    def query_tasks(self) -> tuple[str, ...]:
+        """The task queries the index answers: ``queries`` if given, else ``tasks``."""
+        return self.queries or self.tasks
+
+    @property
     def primary(self) -> int:
         return 0 if self.primary_task is None else self.tasks.index(self.primary_task)
 
@@ -62,4 +76,11 @@ class ServingConfig:
 
     @classmethod
     def from_json(cls, d: Mapping) -> ServingConfig:
-        return cls(**{**d, "tasks": tuple(d["tasks"]), "features": tuple(d["features"])})
+        return cls(
+            **{
+                **d,
+                "tasks": tuple(d["tasks"]),
+                "features": tuple(d["features"]),
+                "queries": tuple(d.get("queries", ())),
+            }
+        )

@@ -80,8 +80,13 @@ def _example(model: RetrievalModel) -> tuple[torch.Tensor, ...]:
 
 def export_program(model: RetrievalModel) -> bytes:
     """``torch.export`` the whole forward of ``model`` and serialise it (``.pt2`` bytes)."""
+    if model.ranker is not None:
+        raise ValueError(
+            "a model with a request-level ranker does not export yet (its jagged M-FALCON pass has "
+            "data-dependent shapes): publish it without --export"
+        )
     requests, events = torch.export.Dim("requests", min=2), torch.export.Dim("events", min=0)
-    queries = requests * len(model.config.tasks)
+    queries = requests * len(model.config.query_tasks)
     dynamic = ({0: events}, {0: events}, {0: requests + 1}, {0: requests}, {0: queries}, {0: queries})
     with torch.no_grad():
         program = torch.export.export(_Forward(model.eval()), _example(model), dynamic_shapes=dynamic)

@@ -41,6 +41,9 @@ class ItemTable:
         dtype (torch.dtype): the cache dtype (float16 / bfloat16).
         ranks_by_state (bool): ranking reads the cached item state; False: the index's stored
             vectors (ranking by inner product).
+        ranker_dim (int): the request-level ranker's item embedding width ``Dr``: the last ``Dr``
+            cache columns (0: no ranker). An upserted item gets zeros there (the ranker embeds
+            the ids it was trained on).
     """
 
     def __init__(
@@ -50,8 +53,10 @@ class ItemTable:
         overarch: OverArch | None,
         dtype: torch.dtype,
         ranks_by_state: bool,
+        ranker_dim: int = 0,
     ) -> None:
         self.index = index
+        self.ranker_dim = ranker_dim
         self.dim = dim
         self.overarch = overarch
         self.dtype = dtype
@@ -59,11 +64,16 @@ class ItemTable:
 
     def rows_for(self, vectors: torch.Tensor) -> torch.Tensor:
         """The cache rows ``[M, S]`` of new items' embeddings ``float [M, D]`` (:func:`cache_rows`)."""
-        return cache_rows(vectors, self.overarch, self.dtype)
+        rows = cache_rows(vectors, self.overarch, self.dtype)
+        return torch.cat([rows, rows.new_zeros(rows.shape[0], self.ranker_dim)], 1)
 
     def history(self, rows: torch.Tensor) -> torch.Tensor:
         """float32 ``[..., D]``: the cached embeddings of ``rows [...]`` (what the user tower reads)."""
         return self.index.table_rows(rows, self.dim).float()
+
+    def ranker_items(self, rows: torch.Tensor) -> torch.Tensor:
+        """float32 ``[..., Dr]``: the ranker's item embeddings of ``rows [...]``."""
+        return self.index.table_rows(rows)[..., -self.ranker_dim :].float()
 
     def state(self, rows: torch.Tensor) -> torch.Tensor:
         """float32 ``[..., S]``: what ranking reads of candidate ``rows [...]``: the cached OverArch

@@ -36,6 +36,7 @@ from torch import nn
 
 from sterling.index.item_index import ItemIndex, QueryPlan
 from sterling.models.overarch import OverArch
+from sterling.models.ranker import SequenceRanker
 from sterling.models.sequence_tower import SequenceUserTower
 from sterling.models.towers import TaskQueries, UserTower
 from sterling.ops.reference.masked_ivf_topk import masked_ivf_topk
@@ -74,6 +75,9 @@ class RetrievalModel(nn.Module):
             output (first ``D`` columns; the history reads it) followed by OverArch's item state.
         overarch (OverArch | None): the re-scorer (None: rank by inner product).
         config (ServingConfig): how it answers.
+        ranker (SequenceRanker | None): the request-level ranker (``config.use_ranker``: it scores
+            the candidates in place of the OverArch); its item embeddings are the cache's last
+            ``ranker.cfg.dim`` columns.
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class RetrievalModel(nn.Module):
         cache: torch.Tensor,
         overarch: OverArch | None,
         config: ServingConfig,
+        ranker: SequenceRanker | None = None,
     ) -> None:
         super().__init__()
         if index.fresh_items or len(index.executor_tensors()["ids"]) != len(index):
@@ -92,11 +97,12 @@ class RetrievalModel(nn.Module):
                 "cover: compact() it and publish again"
             )
         n, d = len(index), index.dim
+        ranker_dim = 0 if ranker is None else ranker.cfg.dim
         width = d if overarch is None or not config.use_overarch else overarch.state_dim
         if (
             cache.shape[0] != n
-            or cache.shape[1] < width
-            or (overarch is not None and cache.shape[1] != overarch.state_dim)
+            or cache.shape[1] < width + ranker_dim
+            or (overarch is not None and cache.shape[1] != overarch.state_dim + ranker_dim)
         ):
             raise ValueError(
                 f"the cache holds {tuple(cache.shape)} for an index of {n} items and an item state of width {width}"
@@ -116,19 +122,32 @@ class RetrievalModel(nn.Module):
             raise ValueError(
                 f"the OverArch scores {overarch.cfg.num_tasks} tasks, the model serves {len(config.tasks)}"
             )
-        if task_queries.proj.out_features != len(config.tasks) * d:
+        if ranker is not None and tuple(ranker.cfg.tasks) != tuple(config.tasks):
+            raise ValueError(
+                f"the ranker scores the tasks {list(ranker.cfg.tasks)}, the model serves {list(config.tasks)}"
+            )
+        queries = config.query_tasks
+        if task_queries.proj.out_features != len(queries) * d:
             raise ValueError(
                 f"the task queries give {task_queries.proj.out_features // d} queries for the "
-                f"{len(config.tasks)} tasks {list(config.tasks)}"
+                f"{len(queries)} queries {list(queries)}"
+            )
+        scored = (overarch is not None and config.use_overarch) or (ranker is not None and config.use_ranker)
+        if not scored and queries != config.tasks:
+            raise ValueError(
+                f"without an OverArch or a ranker the scores are the queries' {list(queries)}, "
+                f"not the tasks {list(config.tasks)}"
             )
         self.user_tower = user_tower
         self.task_queries = task_queries
-        self.overarch = overarch if config.use_overarch else None
+        self.ranker = ranker if config.use_ranker else None
+        self.overarch = overarch if config.use_overarch and self.ranker is None else None
         self.values = ValueModels(config.value_formula, config.tasks, config.primary)
         self.config = config
         self.index = index
         index.set_table(cache)
-        self.items = ItemTable(index, d, overarch, cache.dtype, self.overarch is not None)
+        by_state = self.overarch is not None or self.ranker is not None
+        self.items = ItemTable(index, d, overarch, cache.dtype, by_state, ranker_dim)
         self.meta: dict = {}  # the snapshot's metadata, when loaded from one
 
     @property
@@ -175,7 +194,7 @@ class RetrievalModel(nn.Module):
         """The index's host-side plan for ``B`` requests (one filter each, or one for all; ``B``
         lists of excluded ids or None): per task query, the lists to probe and the rows the filter
         allows (exact, live, not excluded)."""
-        t = len(self.config.tasks)
+        t = len(self.config.query_tasks)
         filters = per_query(filter, batch_size, t)
         return self.index.plan(
             self.config.k0, filters, self.config.nprobe, exclude=per_query_exclude(exclude, batch_size, t)
@@ -284,13 +303,39 @@ class RetrievalModel(nn.Module):
     def task_scores_of(
         self, inputs: UserInputs, users: torch.Tensor, queries: torch.Tensor, state: torch.Tensor
     ) -> torch.Tensor:
-        """Per-task scores ``[B, M, T]`` of candidates with item ``state`` ``[B, M, S]``: OverArch's
-        probabilities, or (without an OverArch) the task queries' inner products with the index's
-        stored vectors."""
+        """Per-task scores ``[B, M, T]`` of candidates with item ``state`` ``[B, M, S]``: the
+        ranker's probabilities, OverArch's, or (with neither) the task queries' inner products with
+        the index's stored vectors."""
+        if self.ranker is not None:
+            return self.ranker_scores(inputs, state[..., -self.ranker.cfg.dim :])
         if self.overarch is None:
             return torch.einsum("btd,bmd->bmt", queries, state)
         history, mask = self.history(inputs)
-        return torch.sigmoid(self.overarch(users, queries, history, mask, state))
+        return torch.sigmoid(self.overarch(users, queries, history, mask, state[..., : self.overarch.state_dim]))
+
+    def ranker_scores(self, inputs: UserInputs, candidates: torch.Tensor) -> torch.Tensor:
+        """The ranker's per-task probabilities ``[B, M, T]`` of ``M`` candidates per request (their
+        ranker item embeddings ``[B, M, Dr]``): one pass per request over ``[history ‖
+        candidates]`` with the target-aware mask (M-FALCON: the history's keys and values once).
+        A candidate's time is its request's latest history event (0 without timestamps)."""
+        if inputs.history_vectors is not None and inputs.history_rows.numel() and int(inputs.history_rows.min()) < 0:
+            raise ValueError("the ranker reads the history by the index's rows (not served by shards yet)")
+        b, m, dr = candidates.shape
+        offsets = inputs.history_offsets
+        ts = inputs.history_ts if inputs.history_ts is not None else torch.zeros_like(inputs.history_actions)
+        latest = torch.zeros(b, dtype=torch.int64)
+        has = offsets[1:] > offsets[:-1]
+        latest[has] = ts[(offsets[1:] - 1)[has]]
+        logits = self.ranker.score_candidates(
+            self.items.ranker_items(inputs.history_rows),
+            inputs.history_actions,
+            offsets,
+            ts,
+            candidates.reshape(b * m, dr),
+            torch.arange(b + 1) * m,
+            latest.repeat_interleave(m),
+        )  # [B·M, T]
+        return torch.sigmoid(logits).view(b, m, -1)
 
     def value_of(self, task_scores: torch.Tensor, value: str | None = None) -> torch.Tensor:
         """Ranking scores ``[...]`` of per-task scores ``[..., T]`` (:class:`ValueModels`)."""
@@ -321,7 +366,7 @@ class RetrievalModel(nn.Module):
         )
         rows = rows.view(b, t, -1)
         ids = torch.where(rows >= 0, static["ids"][rows.clamp(min=0)], -1)
-        if self.overarch is None:
+        if self.overarch is None and self.ranker is None:
             state = static["codes"][rows.clamp(min=0)].float() * static["scales"][rows.clamp(min=0)][..., None]
         else:
             state = cache[rows.clamp(min=0)].float()

@@ -37,6 +37,7 @@ from sterling.data.batch import ItemCatalog
 from sterling.data.items import read_items
 from sterling.index.item_index import IndexConfig, ItemIndex
 from sterling.models.overarch import OverArch, OverArchConfig, make_overarch
+from sterling.models.ranker import RankerConfig, SequenceRanker
 from sterling.models.sequence_tower import SequenceTowerConfig, SequenceUserTower
 from sterling.models.towers import ItemTerms, TaskQueries, TwoTowerConfig, UserTower
 from sterling.retrieval.config import ServingConfig
@@ -46,6 +47,7 @@ from sterling.retrieval.model import RetrievalModel
 from sterling.snapshot import SnapshotError, read_snapshot, verify_snapshot, write_snapshot
 from sterling.train.checkpoint import load_checkpoint
 from sterling.train.encode import encode_catalog
+from sterling.train.ranker_checkpoint import load_ranker_checkpoint
 from sterling.train.sequence_checkpoint import load_sequence_checkpoint
 
 __all__ = ["load_model", "publish", "write_model_snapshot"]
@@ -66,6 +68,7 @@ def publish(
     use_overarch: bool = True,
     export: bool = False,
     aot: bool = False,
+    ranker: Path | None = None,
 ) -> Path:
     """Compose and write the served model of ``checkpoint`` over the items of ``items_path``.
 
@@ -81,22 +84,34 @@ def publish(
         use_overarch (bool): compose the checkpoint's OverArch (if it has one).
         export (bool): also write the ``torch.export`` program of the forward.
         aot (bool): also write its AOTInductor package (implies ``export``; needs a C++ compiler).
+        ranker (Path | None): a request-level ranker checkpoint (``sterling train --ranker``) of
+            the same catalogue: it scores the candidates (in place of the OverArch) and its tasks
+            are the served ones.
     """
     if aot:
         check_compiler()  # before the work, not after it
+    ranker_model = None
+    if ranker is not None:
+        found = load_ranker_checkpoint(ranker)
+        _catalogue(items_path, found.item_ids)
+        ranker_model = found.model
     if verify_snapshot(checkpoint)["meta"].get("kind") == "sequence_checkpoint":
-        return _publish_sequence(checkpoint, items_path, out_dir, index_config, k0, nprobe, value_formula, export, aot)
+        return _publish_sequence(
+            checkpoint, items_path, out_dir, index_config, k0, nprobe, value_formula, export, aot, ranker_model
+        )
     ckpt = load_checkpoint(checkpoint)
     cfg = ckpt.model.cfg
     primary = ckpt.meta["train"].get("retrieval_task")  # the task training retrieved for
+    tasks = cfg.tasks if ranker_model is None else ranker_model.cfg.tasks
     serving = ServingConfig(
-        tasks=cfg.tasks,
+        tasks=tasks,
         features=cfg.context_features + cfg.user_features,
         k0=k0,
         nprobe=nprobe,
-        primary_task=primary,
+        primary_task=primary if primary in tasks else None,
         value_formula=value_formula,
         max_history=cfg.max_history,
+        queries=() if tasks == cfg.tasks else cfg.tasks,
     )  # bad settings and formulas fail here
     item_ids, attributes = _catalogue(items_path, ckpt.item_ids)
     overarch = ckpt.overarch if use_overarch else None
@@ -117,6 +132,7 @@ def publish(
         export=export,
         aot=aot,
         source={"data_dir": ckpt.meta.get("data_dir"), "metrics": ckpt.meta.get("metrics", {})},
+        ranker=ranker_model,
     )
 
 
@@ -130,6 +146,7 @@ def _publish_sequence(
     value_formula: str | None,
     export: bool,
     aot: bool,
+    ranker: SequenceRanker | None,
 ) -> Path:
     """:func:`publish` of a next-item retriever: its encoder as the user tower, its item table as
     the item embeddings (L2-normalised in the index), one task (:data:`NEXT_TASK`), no OverArch."""
@@ -138,8 +155,14 @@ def _publish_sequence(
     towers = SequenceTowerConfig(cfg.encoder, cfg.dim, cfg.num_layers, cfg.num_heads, cfg.max_len)
     user_tower = SequenceUserTower(towers)
     user_tower.encoder.load_state_dict(ckpt.model.encoder.state_dict())
+    tasks = (NEXT_TASK,) if ranker is None else ranker.cfg.tasks
     serving = ServingConfig(
-        tasks=(NEXT_TASK,), k0=k0, nprobe=nprobe, value_formula=value_formula, max_history=cfg.max_len
+        tasks=tasks,
+        k0=k0,
+        nprobe=nprobe,
+        value_formula=value_formula,
+        max_history=cfg.max_len,
+        queries=() if ranker is None else (NEXT_TASK,),
     )  # bad settings and formulas fail here
     item_ids, attributes = _catalogue(items_path, ckpt.item_ids)
     return write_model_snapshot(
@@ -156,6 +179,7 @@ def _publish_sequence(
         export=export,
         aot=aot,
         source={"data_dir": ckpt.meta.get("data_dir"), "metrics": ckpt.meta.get("metrics", {})},
+        ranker=ranker,
     )
 
 
@@ -186,6 +210,7 @@ def write_model_snapshot(
     export: bool = False,
     aot: bool = False,
     source: dict | None = None,
+    ranker: SequenceRanker | None = None,
 ) -> Path:
     """Write the served model of given towers over a catalogue's item embeddings: the index
     builder, the embedding cache and the composer of :func:`publish`, without a checkpoint.
@@ -206,23 +231,33 @@ def write_model_snapshot(
         export (bool): also write the ``torch.export`` program of the forward.
         aot (bool): also write its AOTInductor package (implies ``export``; needs a C++ compiler).
         source (dict | None): where the model came from (JSON), kept in the manifest.
+        ranker (SequenceRanker | None): a request-level ranker trained on the same catalogue (its
+            item table in ``item_ids`` row order): its item embeddings become the cache's last
+            columns, its other weights the model's.
     """
     if aot:
         check_compiler()  # before the work, not after it
     index = ItemIndex.build(user_tower.index_vectors(vectors), attributes, ids=item_ids, config=index_config)
     segment_ids = index.executor_tensors()["ids"].numpy()
-    cache = cache_rows(vectors[ItemCatalog(item_ids).rows(segment_ids)], overarch, cache_dtype)
+    in_segment = ItemCatalog(item_ids).rows(segment_ids)
+    cache = cache_rows(vectors[in_segment], overarch, cache_dtype)
+    if ranker is not None:
+        ranker_items = ranker.items.weight.detach()[torch.from_numpy(in_segment)].to(cache_dtype)
+        cache = torch.cat([cache, ranker_items], 1)
     index_meta, index_tensors = index.to_snapshot_parts()
     weights = {f"user_tower.{k}": v for k, v in user_tower.state_dict().items()}
     weights |= {f"task_queries.{k}": v for k, v in task_queries.state_dict().items()}
     if overarch is not None:
         weights |= {f"overarch.{k}": v for k, v in overarch.state_dict().items()}
+    if ranker is not None:  # its item table lives in the cache
+        weights |= {f"ranker.{k}": v for k, v in ranker.state_dict().items() if k != "items.weight"}
     meta = {
         "kind": _KIND,
         "serving": serving.to_json(),
         "towers": towers.to_json(),
         "user_tower": "sequence" if isinstance(user_tower, SequenceUserTower) else "two_tower",
         "overarch": None if overarch is None else overarch.cfg.to_json(),
+        "ranker": None if ranker is None else ranker.cfg.to_json(),
         "index": index_meta,
         "source": source or {},
     }
@@ -239,7 +274,7 @@ def write_model_snapshot(
 
 
 #: The :class:`ServingConfig` fields a loaded model may change (the rest describe the weights).
-OVERRIDABLE = ("k0", "nprobe", "primary_task", "value_formula", "use_overarch")
+OVERRIDABLE = ("k0", "nprobe", "primary_task", "value_formula", "use_overarch", "use_ranker")
 
 
 def load_model(path: Path, **overrides) -> RetrievalModel:
@@ -279,10 +314,20 @@ def _compose(meta: dict, weights: dict[str, torch.Tensor], index: ItemIndex, cac
         user_tower: UserTower | SequenceUserTower = SequenceUserTower(SequenceTowerConfig(**meta["towers"]))
     else:
         user_tower = UserTower(TwoTowerConfig.from_json(meta["towers"]))
-    task_queries = TaskQueries(index.dim, len(serving.tasks))
+    task_queries = TaskQueries(index.dim, len(serving.query_tasks))
     overarch = None if meta["overarch"] is None else make_overarch(OverArchConfig(**meta["overarch"]))
-    for prefix, module in (("user_tower.", user_tower), ("task_queries.", task_queries), ("overarch.", overarch)):
+    ranker = None
+    if meta.get("ranker") is not None:  # its item table is the cache's last columns: no rows of its own
+        ranker = SequenceRanker(RankerConfig.from_json({**meta["ranker"], "num_items": 0}))
+        weights = {**weights, "ranker.items.weight": ranker.items.weight.detach()}
+    modules = (
+        ("user_tower.", user_tower),
+        ("task_queries.", task_queries),
+        ("overarch.", overarch),
+        ("ranker.", ranker),
+    )
+    for prefix, module in modules:
         if module is not None:
             module.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
-    model = RetrievalModel(user_tower, task_queries, index, cache, overarch, serving)
+    model = RetrievalModel(user_tower, task_queries, index, cache, overarch, serving, ranker)
     return model.eval()
