@@ -1,4 +1,5 @@
-"""``sterling bench retrieval``: the quality table of SilverTorch's Table 3, in kind.
+"""``sterling bench retrieval``: the quality table of SilverTorch's Table 3, in kind, and the
+served sequential user towers (HSTU, SASRec) and most-popular beside it.
 
 On each dataset: train the two-tower model and its OverArch (``sterling train`` defaults), publish,
 and answer every held-out request (each user's last) over the whole catalogue, four ways:
@@ -9,8 +10,29 @@ and answer every held-out request (each user's last) over the whole catalogue, f
 * ``overarch``: + OverArch over the merged per-task candidates, ranked by the primary task;
 * ``overarch_vm``: + the Value Model over the task probabilities.
 
+Beside them, the same held-out requests answered by:
+
+* ``most_popular``: the items ranked by their count as positives of the primary task in the training
+  requests (every request but the held-out ones; ties by catalogue row), one list for every request;
+* ``hstu``, ``sasrec``: :func:`~sterling.train.retrieval.train_retrieval` (same budget for both:
+  :attr:`RetrievalBenchConfig.sequence`, its encoder replaced) on the users' timelines **cut at
+  their held-out request**: every event at or after the held-out request's ts is dropped from
+  ``users.parquet`` (a truncated copy in the bench's temporary directory, beside ``items.parquet``
+  and no ``requests.parquet``), so the request's engaged items are in a training sequence only when
+  they also occur before it (checked). ``train_retrieval``'s own leave-last-out split runs on these
+  cut timelines (validation selects the best epoch; ``patience`` stops). The best checkpoint is
+  published with the bench's ``k0`` / ``nprobe`` and served: the request's history (timeline
+  events before its ts, the latest ``max_len``) → :meth:`RetrievalModel.inputs` with the events'
+  timestamps (``history_ts``, HSTU's time bias as in training) → top K. One run per seed of
+  :attr:`RetrievalBenchConfig.seeds`; the row holds the mean and the standard error over seeds
+  (``recall@K_se``; None with one seed) and each seed's numbers under ``per_seed``.
+
 Recall@K counts the held-out request's engaged items (positives of the primary task) in the top K;
-QPS is requests answered per second at the given batch size (model only, inputs prepared).
+``recall@K_unseen`` is the same with the user's whole history (every timeline event before the
+request) excluded from the answer (``exclude=`` of the served model; masked for ``exact``; dropped
+from the list for ``most_popular``); the engaged items themselves are not changed, so an engaged
+item the user had seen before can no longer be found. QPS is requests answered per second at the
+given batch size (model only, inputs prepared).
 
 Ranking with the embedding cache: the same held-out requests each rank ``rank_candidates`` items
 with :meth:`RetrievalModel.rank` (item state gathered from the cache) and by recomputing it (item
@@ -20,20 +42,24 @@ tower → rounding → OverArch item state), reporting both rates and whether th
 from __future__ import annotations
 
 import argparse
+import math
+import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from sterling.bench.ann import DEFAULT_MOVIELENS, machine
 from sterling.bench.report import Benchmark, write_json
-from sterling.data.batch import ItemCatalog, RequestBatch, RequestReader
+from sterling.data.batch import ItemCatalog, RequestBatch, RequestReader, UserTimelines
 from sterling.data.items import read_items
 from sterling.data.movielens import load_movielens
-from sterling.data.schema import DatasetPaths
+from sterling.data.schema import TIMELINE_COLUMNS, TIMELINE_TS, USER_ID, DatasetPaths, write_table
 from sterling.data.synth import SynthConfig, generate
 from sterling.models.towers import ItemTerms
 from sterling.retrieval.inputs import UserInputs
@@ -44,12 +70,28 @@ from sterling.train.checkpoint import load_checkpoint
 from sterling.train.encode import encode_catalog
 from sterling.train.loop import TrainConfig, train
 from sterling.train.metrics import recall_at_k
+from sterling.train.retrieval import RetrievalConfig, train_retrieval
 from sterling.train.split import holdout_requests
 
-__all__ = ["RetrievalBenchConfig", "ROWS", "run"]
+__all__ = [
+    "ROWS",
+    "SEQUENCE_ROWS",
+    "TWO_TOWER_ROWS",
+    "HeldOut",
+    "RetrievalBenchConfig",
+    "most_popular",
+    "relative_gains",
+    "run",
+    "truncated_dataset",
+]
 
-ROWS = ("exact", "int8_bloom", "overarch", "overarch_vm")
-KS = (20, 100, 200, 500)
+TWO_TOWER_ROWS = ("exact", "int8_bloom", "overarch", "overarch_vm")
+SEQUENCE_ROWS = ("hstu", "sasrec")
+ROWS = ("most_popular", *TWO_TOWER_ROWS, *SEQUENCE_ROWS)
+KS = (20, 50, 100, 200, 500)
+#: The cut-off of the relative comparison printed under the table.
+COMPARE_AT = 50
+_NO_LIMIT = 1 << 40
 
 
 @dataclass(frozen=True)
@@ -59,6 +101,10 @@ class RetrievalBenchConfig:
     Args:
         synth (SynthConfig): the synthetic dataset.
         train (TrainConfig): two-tower + OverArch training.
+        sequence (RetrievalConfig): the HSTU and SASRec runs (the encoder and seed are replaced per
+            row and seed; the rest, the budget included, is the same for both): GR's sizes (dim 50,
+            max_len 200), at most 30 epochs, stopped after 5 without a better validation NDCG@10.
+        seeds (tuple[int, ...]): one sequence run per seed and encoder.
         k0 (int): candidates per task query.
         nprobe (int | None): lists probed (None: the index default).
         value_formula (str | None): the Value Model of the last row (None: a default over the tasks).
@@ -69,6 +115,8 @@ class RetrievalBenchConfig:
 
     synth: SynthConfig = SynthConfig()
     train: TrainConfig = TrainConfig()
+    sequence: RetrievalConfig = RetrievalConfig(epochs=30, patience=5)
+    seeds: tuple[int, ...] = (0, 1)
     k0: int = 1000
     nprobe: int | None = None
     value_formula: str | None = None
@@ -83,6 +131,8 @@ class RetrievalBenchConfig:
         return cls(
             synth=replace(SynthConfig(), num_users=300, num_items=1000),
             train=TrainConfig(epochs=1, overarch=OverArchTrainConfig(epochs=1)),
+            sequence=RetrievalConfig(dim=16, num_layers=1, max_len=50, epochs=1, batch_size=64, num_negatives=32),
+            seeds=(0,),
             k0=600,
             batch=32,
         )
@@ -106,21 +156,56 @@ def user_inputs(model: RetrievalModel, batch: RequestBatch, item_ids: np.ndarray
     )
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """The held-out requests (``H``), in file order, as every row answers them.
+
+    Attributes:
+        inputs (list[UserInputs]): the two-tower model's inputs, in batches (``slices``).
+        slices (list[slice]): the requests of each batch.
+        relevant (list[set[int]]): each request's engaged item ids (primary task).
+        user_ids, ts (np.ndarray): int64 ``[H]``.
+        history, history_ts (list[np.ndarray]): each request's whole history (timeline events
+            before its ts, oldest first): item ids and event times, int64.
+    """
+
+    inputs: list[UserInputs]
+    slices: list[slice]
+    relevant: list[set[int]]
+    user_ids: np.ndarray
+    ts: np.ndarray
+    history: list[np.ndarray] = field(repr=False)
+    history_ts: list[np.ndarray] = field(repr=False)
+
+    def seen(self, part: slice) -> list[list[int]]:
+        """The history item ids of the requests ``part`` (what ``exclude_seen`` leaves out)."""
+        return [h.tolist() for h in self.history[part]]
+
+
 def _held_out(
     data_dir: Path, model: RetrievalModel, item_ids: np.ndarray, max_history: int, primary: int, batch: int
-) -> tuple[list[UserInputs], list[set[int]]]:
-    """The held-out requests in batches of ``batch``, and each one's engaged item ids."""
+) -> HeldOut:
+    """The held-out requests in batches of ``batch``, each one's engaged item ids and whole history."""
     reader = RequestReader(data_dir, ItemCatalog(item_ids), max_history, token_budget=10**9)
-    inputs, relevant = [], []
+    inputs, slices, relevant, users, ts = [], [], [], [], []
     for full in reader.batches(only=holdout_requests(DatasetPaths(data_dir).requests)):
         for lo in range(0, full.num_requests, batch):
             part = full.requests(lo, min(lo + batch, full.num_requests))
             inputs.append(user_inputs(model, part, item_ids))
+            slices.append(slice(len(relevant), len(relevant) + part.num_requests))
             owner = part.impression_to_request().numpy()
             engaged = part.labels[:, primary].numpy() > 0
             ids = item_ids[part.item_rows.numpy()]
             relevant += [set(ids[engaged & (owner == r)].tolist()) for r in range(part.num_requests)]
-    return inputs, relevant
+            users.append(part.user_ids.numpy())
+            ts.append(part.ts.numpy())
+    users = np.concatenate(users) if users else np.zeros(0, dtype=np.int64)
+    ts = np.concatenate(ts) if ts else np.zeros(0, dtype=np.int64)
+    timelines = reader.timelines
+    start, end = timelines.history_bounds(users, ts, _NO_LIMIT)
+    history = [item_ids[timelines.item_rows[a:b]] for a, b in zip(start, end)]
+    history_ts = [timelines.ts[a:b].copy() for a, b in zip(start, end)]
+    return HeldOut(inputs, slices, relevant, users, ts, history, history_ts)
 
 
 def _timed(answer, inputs: list[UserInputs]) -> tuple[torch.Tensor, float]:
@@ -133,6 +218,166 @@ def _timed(answer, inputs: list[UserInputs]) -> tuple[torch.Tensor, float]:
     return torch.cat(out), sum(x.batch_size for x in inputs) / best
 
 
+def _recalls(ranked: torch.Tensor, unseen: torch.Tensor, relevant: list[set[int]]) -> dict[str, float]:
+    """``recall@K`` of ``ranked`` and ``recall@K_unseen`` of ``unseen`` (ids ``[H, >= max(KS)]``)."""
+    out = {f"recall@{k}": recall_at_k(ranked, relevant, k) for k in KS}
+    return out | {f"recall@{k}_unseen": recall_at_k(unseen, relevant, k) for k in KS}
+
+
+def _recall_keys() -> list[str]:
+    return [f"recall@{k}{tail}" for tail in ("", "_unseen") for k in KS]
+
+
+def _log_row(log, name: str, row: str, out: dict, note: str = "") -> None:
+    seen = " ".join(f"{out[f'recall@{k}']:.4f}" for k in KS)
+    unseen = " ".join(f"{out[f'recall@{k}_unseen']:.4f}" for k in KS)
+    log(f"  {name:<14} {row:<12} R@{'/'.join(map(str, KS))} {seen} | unseen {unseen}{note}")
+
+
+# ------------------------------------------------------------------------------------ most popular
+
+
+def most_popular(data_dir: Path, item_ids: np.ndarray, primary: int) -> np.ndarray:
+    """Every catalogue item id ``int64 [N]``, most engaged first: the count of each item as a
+    positive of task ``primary`` in the training requests (all but :func:`holdout_requests`), ties
+    broken by catalogue row. The held-out requests are never read."""
+    reader = RequestReader(data_dir, ItemCatalog(item_ids), 1, token_budget=10**9)
+    counts = np.zeros(len(item_ids), dtype=np.int64)
+    for batch in reader.batches(exclude=holdout_requests(DatasetPaths(data_dir).requests)):
+        engaged = batch.labels[:, primary].numpy() > 0
+        np.add.at(counts, batch.item_rows.numpy()[engaged], 1)
+    return item_ids[np.lexsort((np.arange(len(item_ids)), -counts))]
+
+
+def _top_without(ranked: np.ndarray, seen: list[np.ndarray], k: int) -> torch.Tensor:
+    """ids ``[H, k]``: the first ``k`` of ``ranked`` not in each request's ``seen`` (-1 padded)."""
+    out = np.full((len(seen), k), -1, dtype=np.int64)
+    for r, s in enumerate(seen):
+        keep = ranked[~np.isin(ranked, s)][:k]
+        out[r, : len(keep)] = keep
+    return torch.from_numpy(out)
+
+
+def _popular_row(data_dir: Path, name: str, item_ids: np.ndarray, primary: int, held: HeldOut, log) -> dict:
+    kmax = max(KS)
+    ranked = most_popular(data_dir, item_ids, primary)
+    top = torch.from_numpy(ranked[:kmax]).expand(len(held.relevant), -1)
+    out = {"row": "most_popular", "dataset": name, "requests": len(held.relevant), "qps": None}
+    out |= {"value_formula": None, "seeds": None}
+    out |= _recalls(top, _top_without(ranked, held.history, kmax), held.relevant)
+    out |= {f"{key}_se": None for key in _recall_keys()}
+    _log_row(log, name, "most_popular", out)
+    return out
+
+
+# ------------------------------------------------------------------------------ sequence models
+
+
+def truncated_dataset(data_dir: Path, out_dir: Path, user_ids: np.ndarray, ts: np.ndarray) -> Path:
+    """A copy of ``data_dir`` for training on the past only: ``users.parquet`` with each user of
+    ``user_ids`` keeping only the timeline events before its ``ts`` (other users whole), and
+    ``items.parquet``; no ``requests.parquet``. Returns ``out_dir``."""
+    paths, out = DatasetPaths(data_dir), DatasetPaths(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = pq.read_table(paths.users)
+    users = table.column(USER_ID).to_numpy()
+    order = np.argsort(users, kind="stable")
+    at = order[np.minimum(np.searchsorted(users[order], user_ids), len(users) - 1)]
+    if len(at) and not np.array_equal(users[at], user_ids):
+        raise ValueError(f"{paths.users}: held-out users missing from the users table")
+    cut = np.full(len(users), np.iinfo(np.int64).max, dtype=np.int64)
+    cut[at] = ts
+    event_ts = table.column(TIMELINE_TS).combine_chunks()
+    lengths = np.diff(event_ts.offsets.to_numpy().astype(np.int64))
+    owner = np.repeat(np.arange(len(users)), lengths)
+    keep = event_ts.flatten().to_numpy() < cut[owner]
+    offsets = np.zeros(len(users) + 1, dtype=np.int32)
+    np.cumsum(np.bincount(owner[keep], minlength=len(users)), out=offsets[1:])
+    for name in TIMELINE_COLUMNS:
+        i = table.schema.get_field_index(name)
+        values = table.column(name).combine_chunks().flatten().filter(pa.array(keep))
+        column = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values).cast(table.schema.field(i).type)
+        table = table.set_column(i, table.schema.field(i), column)
+    write_table(table.replace_schema_metadata(pq.read_schema(paths.users).metadata), out.path("users"))
+    shutil.copyfile(paths.items, out.path("items"))
+    return out_dir
+
+
+def _check_no_leak(seq_data: Path, item_ids: np.ndarray, held: HeldOut) -> None:
+    """Every held-out user's training timeline is exactly its held-out request's history."""
+    catalog = ItemCatalog(item_ids)
+    timelines = UserTimelines.read(DatasetPaths(seq_data).users, catalog)
+    u = timelines.user_index(held.user_ids)
+    for i, (a, b) in enumerate(zip(timelines.offsets[u], timelines.offsets[u + 1])):
+        if not (
+            np.array_equal(item_ids[timelines.item_rows[a:b]], held.history[i])
+            and np.array_equal(timelines.ts[a:b], held.history_ts[i])
+            and (b == a or timelines.ts[b - 1] < held.ts[i])
+        ):
+            raise RuntimeError(f"user {held.user_ids[i]}: the training timeline is not the held-out history")
+
+
+def _sequence_inputs(model: RetrievalModel, held: HeldOut) -> list[UserInputs]:
+    """The held-out requests' inputs of a served sequence model: the latest ``max_history`` events
+    before each request, with their timestamps (HSTU's time bias)."""
+    keep = model.config.max_history
+    out = []
+    for part in held.slices:
+        hs, ts = held.history[part], held.history_ts[part]
+        x = model.inputs([h[-keep:].tolist() for h in hs])
+        stamps = np.concatenate([t[-keep:] for t in ts]) if ts else np.zeros(0, dtype=np.int64)
+        out.append(replace(x, history_ts=torch.from_numpy(stamps.astype(np.int64))))
+    return out
+
+
+def _mean_se(values: list[float]) -> tuple[float, float | None]:
+    """The mean and the standard error of the mean (None with one value)."""
+    a = np.asarray(values, dtype=np.float64)
+    se = float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else None
+    return float(a.mean()), se
+
+
+def _sequence_rows(
+    data_dir: Path, name: str, item_ids: np.ndarray, held: HeldOut, cfg: RetrievalBenchConfig, work: Path, log
+) -> list[dict]:
+    """The ``hstu`` and ``sasrec`` rows: trained on the cut timelines, published, served."""
+    seq_data = truncated_dataset(data_dir, work / "sequence-data", held.user_ids, held.ts)
+    _check_no_leak(seq_data, item_ids, held)
+    items = DatasetPaths(data_dir).items
+    kmax = max(KS)
+    rows = []
+    for encoder in SEQUENCE_ROWS:
+        per_seed = []
+        for seed in cfg.seeds:
+            rc = replace(cfg.sequence, encoder=encoder, seed=seed)
+            out = work / f"{encoder}-{seed}"
+            log(f"  {name:<14} {encoder} seed {seed}: training on the timelines cut at the held-out requests")
+            t0 = time.perf_counter()
+            report = train_retrieval(seq_data, rc, log=lambda s: log(f"    {s}"), out_dir=out / "checkpoint")
+            train_s = time.perf_counter() - t0
+            snapshot = publish(out / "checkpoint" / "best", items, out / "snapshot", k0=cfg.k0, nprobe=cfg.nprobe)
+            model = load_model(snapshot)
+            inputs = _sequence_inputs(model, held)
+            ranked, qps = _timed(lambda x, m=model: m(x, k=kmax).ids, inputs)
+            unseen = torch.cat([model(x, k=kmax, exclude=held.seen(p)).ids for x, p in zip(inputs, held.slices)])
+            one = {"seed": seed, "qps": qps, "train_s": train_s, "best_epoch": report.best_epoch}
+            one |= {"epochs": report.epochs, "valid": report.valid, "test": report.test}
+            one |= _recalls(ranked, unseen, held.relevant)
+            _log_row(log, name, f"{encoder}/{seed}", one, f"  {qps:,.0f} QPS, best epoch {report.best_epoch}")
+            per_seed.append(one)
+        row = {"row": encoder, "dataset": name, "requests": len(held.relevant), "value_formula": None}
+        row |= {"qps": float(np.mean([s["qps"] for s in per_seed])), "seeds": list(cfg.seeds)}
+        for key in _recall_keys():
+            row[key], row[f"{key}_se"] = _mean_se([s[key] for s in per_seed])
+        row["config"] = asdict(replace(cfg.sequence, encoder=encoder))
+        row["per_seed"] = per_seed
+        rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------- the table
+
+
 def _dataset_rows(data_dir: Path, name: str, cfg: RetrievalBenchConfig, work: Path, log) -> tuple[list[dict], dict]:
     report = train(data_dir, work / "checkpoint", cfg.train, log=lambda s: log(f"  {s}"))
     snapshot = publish(report.checkpoint, DatasetPaths(data_dir).items, work / "snapshot", k0=cfg.k0, nprobe=cfg.nprobe)
@@ -143,40 +388,50 @@ def _dataset_rows(data_dir: Path, name: str, cfg: RetrievalBenchConfig, work: Pa
     item_ids, attributes, _ = read_items(DatasetPaths(data_dir).items)
     vectors = encode_catalog(ckpt.model, ItemTerms.build(attributes, vocab=ckpt.term_vocab), len(item_ids))
     primary = model.config.primary
-    inputs, relevant = _held_out(data_dir, model, item_ids, model.config.max_history, primary, cfg.batch)
+    held = _held_out(data_dir, model, item_ids, model.config.max_history, primary, cfg.batch)
+    inputs = held.inputs
     kmax = max(KS)
     variants = {
         "int8_bloom": load_model(snapshot, use_overarch=False),
         "overarch": load_model(snapshot, value_formula=None),
         "overarch_vm": load_model(snapshot, value_formula=formula),
     }
+    catalog = ItemCatalog(item_ids)
 
-    def exact(x: UserInputs) -> torch.Tensor:
+    def exact(x: UserInputs, seen: list[list[int]] | None = None) -> torch.Tensor:
         with torch.no_grad():
             _, queries = model.encode(x)
-            top = torch.topk(queries[:, primary] @ vectors.T, min(kmax, len(item_ids)), dim=1).indices
-        return torch.from_numpy(item_ids)[top]
+            scores = queries[:, primary] @ vectors.T
+            for r, ids in enumerate(seen or []):
+                scores[r, torch.from_numpy(catalog.rows(np.asarray(ids, dtype=np.int64)))] = float("-inf")
+            top = torch.topk(scores, min(kmax, len(item_ids)), dim=1)
+        ids = torch.from_numpy(item_ids)[top.indices]
+        return ids.masked_fill(torch.isinf(top.values), -1)
 
     answers = {"exact": exact}
-    answers |= {row: (lambda x, m=m: m(x, k=kmax).ids) for row, m in variants.items()}
-    rows = []
-    for row in ROWS:
+    answers |= {row: (lambda x, seen=None, m=m: m(x, k=kmax, exclude=seen).ids) for row, m in variants.items()}
+    rows = [_popular_row(data_dir, name, item_ids, primary, held, log)]
+    for row in TWO_TOWER_ROWS:
         ranked, qps = _timed(answers[row], inputs)
+        unseen = torch.cat([answers[row](x, held.seen(p)) for x, p in zip(inputs, held.slices)])
         out = {
             "row": row,
             "dataset": name,
-            "requests": len(relevant),
+            "requests": len(held.relevant),
             "qps": qps,
             "value_formula": formula if row == "overarch_vm" else None,
+            "seeds": [cfg.seed],
         }
-        out |= {f"recall@{k}": recall_at_k(ranked, relevant, k) for k in KS}
-        log(f"  {name:<14} {row:<12} " + "  ".join(f"R@{k} {out[f'recall@{k}']:.4f}" for k in KS) + f"  {qps:,.0f} QPS")
+        out |= _recalls(ranked, unseen, held.relevant)
+        out |= {f"{key}_se": None for key in _recall_keys()}
+        _log_row(log, name, row, out, f"  {qps:,.0f} QPS")
         rows.append(out)
     ranking = _ranking(model, ckpt, ItemTerms.build(attributes, vocab=ckpt.term_vocab), inputs, cfg, name)
     log(
         f"  {name:<14} ranking {cfg.rank_candidates} items/request: cache {ranking['cached_qps']:,.0f} vs recompute "
         f"{ranking['recompute_qps']:,.0f} requests/s ({ranking['speedup']:.1f}x), identical scores: {ranking['identical']}"
     )
+    rows += _sequence_rows(data_dir, name, item_ids, held, cfg, work, log)
     return rows, ranking
 
 
@@ -234,17 +489,63 @@ def run(cfg: RetrievalBenchConfig, movielens: Path | None = None, log=print) -> 
             found, ranked = _dataset_rows(data, name, cfg, work / name, log)
             rows += found
             ranking.append(ranked)
-    return {"machine": machine(), "config": asdict(cfg), "rows": rows, "ranking": ranking}
+    result = {"machine": machine(), "config": asdict(cfg), "rows": rows, "ranking": ranking}
+    return result | {"relative": relative_gains(result)}
+
+
+def relative_gains(result: dict, k: int = COMPARE_AT) -> list[dict]:
+    """Per dataset and sequence row: its recall@k (and ``_unseen``) relative to ``most_popular`` and
+    to the best two-tower row (``recall / baseline - 1``)."""
+    out = []
+    for name in dict.fromkeys(r["dataset"] for r in result["rows"]):
+        rows = {r["row"]: r for r in result["rows"] if r["dataset"] == name}
+        for row in SEQUENCE_ROWS:
+            if row not in rows:
+                continue
+            gain = {"dataset": name, "row": row, "k": k}
+            for tail in ("", "_unseen"):
+                key = f"recall@{k}{tail}"
+                best = max(TWO_TOWER_ROWS, key=lambda t: rows[t][key])
+                gain[f"two_tower{tail}"] = best
+                gain[f"vs_two_tower{tail}"] = _gain(rows[row][key], rows[best][key])
+                gain[f"vs_most_popular{tail}"] = _gain(rows[row][key], rows["most_popular"][key])
+            out.append(gain)
+    return out
+
+
+def _gain(value: float, baseline: float) -> float:
+    return value / baseline - 1 if baseline > 0 else float("nan")
+
+
+def _cell(r: dict, key: str) -> str:
+    se = r.get(f"{key}_se")
+    return f"{r[key]:.4f}" + (f"±{se:.4f}" if se is not None else "")
 
 
 def format_table(result: dict) -> str:
-    head = f"{'dataset':<14} {'row':<12} " + " ".join(f"{'R@' + str(k):>8}" for k in KS) + f" {'QPS':>9}"
-    lines = [head, "-" * len(head)]
-    for r in result["rows"]:
+    width = 13
+    lines = []
+    for tail, title in (
+        ("", "recall@K (history included)"),
+        ("_unseen", "recall@K, the history excluded (exclude_seen)"),
+    ):
+        head = f"{'dataset':<14} {'row':<12} " + " ".join(f"{'R@' + str(k):>{width}}" for k in KS)
+        head += f" {'QPS':>9}" if not tail else ""
+        lines += [title, head, "-" * len(head)]
+        for r in result["rows"]:
+            line = f"{r['dataset']:<14} {r['row']:<12} " + " ".join(
+                f"{_cell(r, f'recall@{k}{tail}'):>{width}}" for k in KS
+            )
+            if not tail:
+                line += f" {r['qps']:>9,.0f}" if r.get("qps") is not None else f" {'-':>9}"
+            lines.append(line)
+        lines.append("")
+    lines.append(f"recall@{COMPARE_AT} of the sequence rows relative to most_popular and the best two-tower row")
+    for g in relative_gains(result):
         lines.append(
-            f"{r['dataset']:<14} {r['row']:<12} "
-            + " ".join(f"{r[f'recall@{k}']:>8.4f}" for k in KS)
-            + f" {r['qps']:>9,.0f}"
+            f"{g['dataset']:<14} {g['row']:<7} vs most_popular {g['vs_most_popular']:+.1%} "
+            f"(unseen {g['vs_most_popular_unseen']:+.1%}), vs {g['two_tower']} {g['vs_two_tower']:+.1%} "
+            f"(unseen, vs {g['two_tower_unseen']}: {g['vs_two_tower_unseen']:+.1%})"
         )
     lines += ["", f"{'dataset':<14} {'ranking: cached':>16} {'recomputed':>11} {'speed-up':>9} identical"]
     for r in result["ranking"]:
@@ -263,11 +564,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="MovieLens directory ('none' to skip; default: %(default)s when present)",
     )
+    p.add_argument("--seeds", metavar="LIST", help="seeds of the hstu / sasrec rows (default: 0,1; --quick: 0)")
+    p.add_argument("--epochs", type=int, metavar="N", help="most epochs of the hstu / sasrec runs (default: 30)")
+    p.add_argument(
+        "--patience", type=int, metavar="N", help="stop a hstu / sasrec run after N epochs without a better validation"
+    )
+    p.add_argument("--threads", type=int, metavar="N", help="torch threads (default: torch's)")
     p.add_argument("--json", metavar="PATH", help="write the result as JSON")
 
 
 def cli(args: argparse.Namespace) -> int:
     cfg = RetrievalBenchConfig.quick() if args.quick else RetrievalBenchConfig()
+    if args.seeds:
+        cfg = replace(cfg, seeds=tuple(int(s) for s in args.seeds.split(",") if s.strip()))
+    if args.epochs is not None:
+        cfg = replace(cfg, sequence=replace(cfg.sequence, epochs=args.epochs))
+    if args.patience is not None:
+        cfg = replace(cfg, sequence=replace(cfg.sequence, patience=args.patience))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ml = None if args.movielens in (None, "none") or args.quick else Path(args.movielens)
     if ml is not None and not ml.is_dir():
         print(f"MovieLens data not found at {ml}; synthetic only")
@@ -280,7 +595,7 @@ def cli(args: argparse.Namespace) -> int:
 
 BENCHMARK = Benchmark(
     "retrieval",
-    "the quality table: exact, int8 + Bloom, + OverArch, + Value Model",
+    "the quality table: most-popular, the two-tower (exact, int8 + Bloom, + OverArch, + Value Model), HSTU, SASRec",
     add_arguments,
     cli,
 )
