@@ -474,14 +474,16 @@ def _ranking(
     }
 
 
-def run(cfg: RetrievalBenchConfig, movielens: Path | None = None, log=print) -> dict:
-    """Every row on the synthetic default (and on ``movielens`` when given)."""
+def run(cfg: RetrievalBenchConfig, movielens: Path | None = None, log=print, synthetic: bool = True) -> dict:
+    """Every row on the synthetic default (unless ``synthetic`` is False) and on ``movielens`` when given."""
     torch.manual_seed(cfg.seed)
     rows, ranking = [], []
     with tempfile.TemporaryDirectory(prefix="sterling-bench-retrieval-") as tmp:
         work = Path(tmp)
-        log(f"synthetic default: {cfg.synth.num_users:,} users, {cfg.synth.num_items:,} items")
-        datasets = [("synthetic", generate(cfg.synth, work / "synthetic" / "data"))]
+        datasets = []
+        if synthetic:
+            log(f"synthetic default: {cfg.synth.num_users:,} users, {cfg.synth.num_items:,} items")
+            datasets.append(("synthetic", generate(cfg.synth, work / "synthetic" / "data")))
         if movielens is not None:
             log(f"MovieLens: {movielens}")
             datasets.append((movielens.name, load_movielens(movielens, work / movielens.name / "data")))
@@ -569,6 +571,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--patience", type=int, metavar="N", help="stop a hstu / sasrec run after N epochs without a better validation"
     )
+    p.add_argument("--no-synthetic", action="store_true", help="skip the synthetic dataset (MovieLens only)")
     p.add_argument("--threads", type=int, metavar="N", help="torch threads (default: torch's)")
     p.add_argument("--json", metavar="PATH", help="write the result as JSON")
 
@@ -587,7 +590,10 @@ def cli(args: argparse.Namespace) -> int:
     if ml is not None and not ml.is_dir():
         print(f"MovieLens data not found at {ml}; synthetic only")
         ml = None
-    result = run(cfg, ml)
+    if args.no_synthetic and ml is None:
+        print("--no-synthetic without MovieLens data: nothing to run")
+        return 2
+    result = run(cfg, ml, synthetic=not args.no_synthetic)
     print(format_table(result))
     write_json(args.json, result)
     return 0
