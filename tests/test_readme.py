@@ -150,8 +150,8 @@ def test_readme_curl_examples_run_on_the_demo_data(tmp_path, monkeypatch):
 
 @pytest.mark.timeout(180)
 def test_readme_hstu_commands_train_publish_and_query(tmp_path, monkeypatch, capsys):
-    """The HSTU block as written (in ``runs/``, training cut to 2 steps): train → publish → query,
-    and the answer holds none of the user's history."""
+    """The HSTU block as written (in ``runs/``, training cut to 2 steps): train the retriever and
+    the ranker → publish → query, and the answer holds none of the user's history."""
     from dataclasses import replace
 
     from sterling import cli
@@ -159,7 +159,7 @@ def test_readme_hstu_commands_train_publish_and_query(tmp_path, monkeypatch, cap
 
     (block,) = [commands for commands in readme_commands() if any("--model hstu" in c for c in commands)]
     everything = [c for commands in readme_commands() for c in commands]
-    train_line, publish_line, query_line = block
+    train_line, ranker_line, publish_line, query_line = block
     train_args = cli.build_parser().parse_args(_sterling(train_line))
     monkeypatch.chdir(tmp_path)
     assert cli.main(_sterling(_writer(everything, "sterling data synth", train_args.data))) == 0
@@ -169,6 +169,7 @@ def test_readme_hstu_commands_train_publish_and_query(tmp_path, monkeypatch, cap
 
     quick = replace(RetrievalConfig(encoder="hstu", dim=16, num_layers=1, max_len=50), max_steps=2, patience=3)
     train_retrieval(Path(train_args.data), quick, log=lambda _: None, out_dir=Path(train_args.out))
+    assert cli.main(_sterling(ranker_line) + ["--max-steps", "2", "--dim", "16", "--layers", "1"]) == 0
     assert cli.main(_sterling(publish_line)) == 0
     capsys.readouterr()
     assert cli.main(_sterling(query_line) + ["--json"]) == 0

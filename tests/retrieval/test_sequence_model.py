@@ -152,3 +152,18 @@ def test_publish_serves_a_trained_retrievers_checkpoint(tmp_path):
     scores = (stored @ user).index_fill(0, rows, float("-inf"))
     assert answer.ids[0].tolist() == torch.from_numpy(ckpt.item_ids)[scores.topk(5).indices].tolist()
     assert not set(answer.ids[0].tolist()) & set(history)
+
+
+def test_the_exported_program_answers_as_the_eager_sequence_model(served):
+    from sterling.retrieval.export import export_program, load_program, run_program
+
+    _, item_ids, _, loaded = served
+    program = load_program(export_program(loaded))
+    for hs, flt in (([[0, 4, 9], [], [7] * 3 + [8] * (MAX_LEN - 3)], "genre:b"), ([[5, 1]], None)):
+        inputs = loaded.inputs([[int(item_ids[i]) for i in h] for h in hs])
+        plan = loaded.plan(len(hs), flt)
+        want = loaded(inputs, filter=flt, k=10)
+        ids, scores, _ = run_program(program, inputs, plan.probes, plan.allowed, k=10)
+        torch.testing.assert_close(scores, want.scores, rtol=1e-4, atol=1e-4)
+        for b, h in enumerate(hs):  # an empty history scores every item 0: ties in any order
+            assert ids[b].tolist() == want.ids[b].tolist() if h else (ids[b] >= 0).all()

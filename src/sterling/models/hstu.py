@@ -69,9 +69,10 @@ class HSTUConfig:
         return asdict(self)
 
 
-def token_positions(offsets: torch.Tensor, num_targets: torch.Tensor) -> torch.Tensor:
-    """int64 ``[L]``: each token's position in its sequence, candidates all at the history length."""
-    row, col = jagged.row_and_column(offsets)
+def token_positions(offsets: torch.Tensor, num_targets: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    """int64 ``[L]``: each token's position in its sequence, candidates all at the history length
+    (``total``: ``L``, known without a host sync)."""
+    row, col = jagged.row_and_column(offsets, total)
     history = jagged.lengths(offsets) - num_targets
     return torch.minimum(col, history[row])
 
@@ -157,7 +158,7 @@ class HSTULayer(nn.Module):
         scores = scores + self.bias(pos, ts)[:, None]
         attn = F.silu(scores) / cfg.norm_len * mask[:, None]  # [B, H, n, n]
         o = torch.einsum("bhij,bjhd->bihd", attn, vp).reshape(b, n, h * v)  # [B, n, H·v]
-        return self._update(x, u, jagged.from_padded(o, offsets)), kp, vp
+        return self._update(x, u, jagged.from_padded(o, offsets, x.shape[0])), kp, vp
 
     def attend(
         self,
@@ -215,14 +216,21 @@ class HSTU(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim)
 
     def forward(
-        self, x: torch.Tensor, offsets: torch.Tensor, timestamps: torch.Tensor, num_targets: torch.Tensor
+        self,
+        x: torch.Tensor,
+        offsets: torch.Tensor,
+        timestamps: torch.Tensor,
+        num_targets: torch.Tensor,
+        max_len: int | None = None,
     ) -> torch.Tensor:
         """Encoded tokens ``[L, D]`` of jagged ``x [L, D]`` (offsets ``[B + 1]``, timestamps
-        ``int64 [L]`` in seconds, the last ``num_targets [B]`` tokens of each sequence candidates)."""
+        ``int64 [L]`` in seconds, the last ``num_targets [B]`` tokens of each sequence candidates).
+        ``max_len`` (at least the longest sequence) pads to a static width: no host sync, so
+        ``torch.export`` traces it; the result is the same."""
         lens = jagged.lengths(offsets)
-        n = int(lens.max()) if lens.numel() else 0
+        n = max_len if max_len is not None else (int(lens.max()) if lens.numel() else 0)
         mask = target_aware_mask(offsets, num_targets, n).to(x.dtype)  # [B, n, n]
-        positions = token_positions(offsets, num_targets)  # [L]
+        positions = token_positions(offsets, num_targets, x.shape[0])  # [L]
         for layer in self.layers:
             x = layer(x, offsets, positions, timestamps, mask)
         return self.norm(x)

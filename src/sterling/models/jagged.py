@@ -23,10 +23,14 @@ def _offsets(lens: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def row_and_column(offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int64 ``[L]`` each: the row of every value and its position within the row."""
-    lens = lengths(offsets)
-    row = torch.repeat_interleave(torch.arange(lens.numel()), lens)
+def row_and_column(offsets: torch.Tensor, total: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 ``[L]`` each: the row of every value and its position within the row. With ``total``
+    (``L``, the values' length) given, no host sync (``torch.export`` traces it)."""
+    if total is None:
+        lens = lengths(offsets)
+        row = torch.repeat_interleave(torch.arange(lens.numel()), lens)
+    else:
+        row = torch.searchsorted(offsets, torch.arange(total), right=True) - 1
     return row, torch.arange(row.numel()) - offsets[row]
 
 
@@ -35,15 +39,16 @@ def to_padded(values: torch.Tensor, offsets: torch.Tensor, max_len: int | None =
     longest row (or ``max_len``, which must be at least that)."""
     lens = lengths(offsets)
     n = int(lens.max()) if max_len is None and lens.numel() else (max_len or 0)
-    row, col = row_and_column(offsets)
+    row, col = row_and_column(offsets, values.shape[0])
     out = values.new_zeros((lens.numel(), n, *values.shape[1:]))
     out[row, col] = values
     return out
 
 
-def from_padded(padded: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Jagged values ``[L, ...]`` of the rows of ``padded [B, N, ...]`` (the inverse of :func:`to_padded`)."""
-    row, col = row_and_column(offsets)
+def from_padded(padded: torch.Tensor, offsets: torch.Tensor, total: int | None = None) -> torch.Tensor:
+    """Jagged values ``[L, ...]`` of the rows of ``padded [B, N, ...]`` (the inverse of
+    :func:`to_padded`; ``total``: ``L``, known without a host sync)."""
+    row, col = row_and_column(offsets, total)
     return padded[row, col]
 
 

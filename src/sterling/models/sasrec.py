@@ -89,18 +89,24 @@ class SASRec(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim)
 
     def forward(
-        self, x: torch.Tensor, offsets: torch.Tensor, timestamps: torch.Tensor, num_targets: torch.Tensor
+        self,
+        x: torch.Tensor,
+        offsets: torch.Tensor,
+        timestamps: torch.Tensor,
+        num_targets: torch.Tensor,
+        max_len: int | None = None,
     ) -> torch.Tensor:
         """Encoded tokens ``[L, D]`` of jagged ``x [L, D]`` (offsets ``[B + 1]``; ``timestamps``
-        unused, kept for the shared interface; the last ``num_targets [B]`` tokens are candidates)."""
+        unused, kept for the shared interface; the last ``num_targets [B]`` tokens are candidates;
+        ``max_len`` as in :meth:`sterling.models.hstu.HSTU.forward`)."""
         lens = jagged.lengths(offsets)
-        n = int(lens.max()) if lens.numel() else 0
-        row, _ = jagged.row_and_column(offsets)
-        recency = (lens - num_targets)[row] - token_positions(offsets, num_targets)  # [L]
+        n = max_len if max_len is not None else (int(lens.max()) if lens.numel() else 0)
+        row, _ = jagged.row_and_column(offsets, x.shape[0])
+        recency = (lens - num_targets)[row] - token_positions(offsets, num_targets, x.shape[0])  # [L]
         x = x + self.position(recency.clamp(max=self.cfg.max_len - 1))
         # padding rows attend to themselves (a row with no allowed key would be NaN); discarded below
         allowed = target_aware_mask(offsets, num_targets, n) | torch.eye(n, dtype=torch.bool)
         padded = jagged.to_padded(x, offsets, n)  # [B, n, D]
         for block in self.blocks:
             padded = block(padded, allowed)
-        return self.norm(jagged.from_padded(padded, offsets))
+        return self.norm(jagged.from_padded(padded, offsets, x.shape[0]))

@@ -99,15 +99,14 @@ class SequenceUserTower(nn.Module):
         features: dict[str, torch.Tensor],
         timestamps: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        b = history_offsets.shape[0] - 1
-        if history_vectors.shape[0] == 0:
-            return history_vectors.new_zeros(b, self.cfg.dim)
+        b, total = history_offsets.shape[0] - 1, history_vectors.shape[0]
         ts = torch.zeros_like(history_actions) if timestamps is None else timestamps  # [L]
         tokens = history_vectors * math.sqrt(self.cfg.dim)  # [L, D]
-        out = self.encoder(tokens, history_offsets, ts, torch.zeros(b, dtype=torch.int64))  # [L, D]
-        last = (history_offsets[1:] - 1).clamp(min=0)  # [B]
-        has_history = (history_offsets[1:] > history_offsets[:-1])[:, None]  # [B, 1]
-        return torch.where(has_history, F.normalize(out[last], dim=-1), 0.0)  # [B, D]
+        width = self.cfg.max_len if torch.compiler.is_compiling() else None  # static under torch.export
+        out = self.encoder(tokens, history_offsets, ts, torch.zeros(b, dtype=torch.int64), width)  # [L, D]
+        out = torch.cat([F.normalize(out, dim=-1), out.new_zeros(1, out.shape[1])])  # [L + 1, D]: a zero row
+        has_history = history_offsets[1:] > history_offsets[:-1]  # [B]
+        return out[torch.where(has_history, history_offsets[1:] - 1, total)]  # [B, D]; no history → 0
 
     def index_vectors(self, embeddings: torch.Tensor) -> torch.Tensor:
         """The index's vectors of item embeddings ``E [M, D]``: L2-normalised (the retriever scores
