@@ -4,13 +4,16 @@ One forward pass, top to bottom::
 
     history rows, actions, features                   (B requests, L history events in all)
       → cached item embeddings of the history          [L, D]    the item table, no item tower
-      → user tower                                     [B, D]
+      → user tower                                     [B, D]    pooled two-tower, or HSTU / SASRec
       → one query per task                             [B, T, D]
       → the item index, all B·T queries one batch      [B·T, K0] plan → probe → partial Bloom → int8
-                                                                 scan → exact check → top-K0
+                                                                 scan → exact check → top-K0, minus
+                                                                 each request's excluded ids
       → gather the candidates' item state              [B·T, K0, S] by the index's rows
       → merge each request's T lists, drop duplicates  [B, M]    M = T·K0 slots
-      → OverArch over the item state                   [B, M, T] per-task probabilities
+      → OverArch over the item state                   [B, M, T] per-task probabilities; or the
+                                                                 request-level ranker over [history ‖
+                                                                 candidates] (M-FALCON, one pass each)
       → Value Model over the task probabilities        [B, M]
       → top-k                                          [B, k]    ids, scores, per-task scores
 
@@ -292,7 +295,7 @@ class RetrievalModel(nn.Module):
         b, t, k0 = ids.shape
         merged, order, valid = merge_candidates(ids)  # [B, M]
         flat = state.reshape(b, t * k0, state.shape[-1])
-        with trace.stage("overarch"):
+        with trace.stage("overarch" if self.ranker is None else "ranker"):
             slots = flat.gather(1, order[..., None].expand(-1, -1, flat.shape[2]))  # [B, M, S]
             task_scores = self.task_scores_of(inputs, users, queries, slots)  # [B, M, T]
         with trace.stage("value_model"):
@@ -318,8 +321,6 @@ class RetrievalModel(nn.Module):
         ranker item embeddings ``[B, M, Dr]``): one pass per request over ``[history ‖
         candidates]`` with the target-aware mask (M-FALCON: the history's keys and values once).
         A candidate's time is its request's latest history event (0 without timestamps)."""
-        if inputs.history_vectors is not None and inputs.history_rows.numel() and int(inputs.history_rows.min()) < 0:
-            raise ValueError("the ranker reads the history by the index's rows (not served by shards yet)")
         b, m, dr = candidates.shape
         offsets = inputs.history_offsets
         ts = inputs.history_ts if inputs.history_ts is not None else torch.zeros_like(inputs.history_actions)

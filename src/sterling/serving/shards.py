@@ -241,6 +241,11 @@ class ShardedModel:
     """
 
     def __init__(self, head: RetrievalModel, shards: Sequence[Callable], updates: str | None = None) -> None:
+        if head.ranker is not None:
+            raise ValueError(
+                "a model with a request-level ranker is not served by shards yet (the ingress keeps the "
+                "history's retrieval embeddings only): serve it whole, or load it with use_ranker=False"
+            )
         self.head, self.shards, self.config, self._no_updates = head, list(shards), head.config, updates
         self.meta, self.overarch, self.dim = head.meta, head.overarch, head.dim
         tables = self._fan_out("history_table")
