@@ -31,19 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from sterling.models.ranker import RankerConfig, SequenceRanker
-from sterling.snapshot import read_snapshot, write_snapshot
+from sterling.train.catalog_checkpoint import load_weights, read_catalog_checkpoint, write_catalog_checkpoint
 
 __all__ = ["KIND", "RankerCheckpoint", "load_ranker_checkpoint", "write_ranker_checkpoint"]
 
 #: The snapshot kind (``meta["kind"]``) of a ranker checkpoint.
 KIND = "ranker_checkpoint"
-#: The tensor file (``model.safetensors``) and the name of the catalogue's item ids in it.
-_FILE = "model"
-_ITEM_IDS = "catalog.item_ids"
-_RESERVED = ("kind", "ranker")
 
 
 @dataclass(frozen=True)
@@ -77,17 +72,8 @@ def write_ranker_checkpoint(out_dir: Path, model: SequenceRanker, item_ids: np.n
     Returns:
         Path: the checkpoint's directory.
     """
-    num_items = model.cfg.num_items
-    item_ids = np.ascontiguousarray(item_ids, dtype=np.int64)
-    if item_ids.ndim != 1 or len(item_ids) != num_items:
-        raise ValueError(f"item_ids must be [{num_items}] (one per item row), got shape {item_ids.shape}")
-    clash = sorted(set(run) & set(_RESERVED))
-    if clash:
-        raise ValueError(f"run metadata may not set {clash}: the checkpoint writes them")
-    meta = {**run, "kind": KIND, "ranker": model.cfg.to_json()}
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tensors[_ITEM_IDS] = torch.from_numpy(item_ids.copy())
-    return write_snapshot(Path(out_dir), {_FILE: tensors}, meta)
+    config = {"ranker": model.cfg.to_json()}
+    return write_catalog_checkpoint(out_dir, KIND, model, item_ids, model.cfg.num_items, config, run)
 
 
 def load_ranker_checkpoint(path: Path) -> RankerCheckpoint:
@@ -99,23 +85,10 @@ def load_ranker_checkpoint(path: Path) -> RankerCheckpoint:
         ValueError: a snapshot of another kind, or tensors that do not fit the config.
     """
     path = Path(path)
-    snap = read_snapshot(path)
-    kind = snap.meta.get("kind")
-    if kind != KIND:
-        raise ValueError(f"{path} is a snapshot of kind {kind!r}, not a {KIND!r} (sterling train --ranker)")
+    meta, tensors, item_ids = read_catalog_checkpoint(path, KIND, "sterling train --ranker")
     try:
-        cfg = RankerConfig.from_json(snap.meta["ranker"])
+        cfg = RankerConfig.from_json(meta["ranker"])
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path}: the checkpoint's ranker config cannot be read: {e}") from None
-    tensors = dict(snap.tensors.get(_FILE, {}))
-    if _ITEM_IDS not in tensors:
-        raise ValueError(f"{path}: no {_ITEM_IDS} tensor in {_FILE}.safetensors")
-    item_ids = tensors.pop(_ITEM_IDS).numpy().copy()
-    if item_ids.shape != (cfg.num_items,):
-        raise ValueError(f"{path}: {_ITEM_IDS} has shape {item_ids.shape}, the config says {cfg.num_items} items")
-    model = SequenceRanker(cfg)
-    try:
-        model.load_state_dict(tensors)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: the tensors do not fit a {cfg.encoder} ranker of its config: {e}") from None
-    return RankerCheckpoint(model.eval(), item_ids, snap.meta)
+    model = load_weights(SequenceRanker(cfg), tensors, item_ids, cfg.num_items, path)
+    return RankerCheckpoint(model, item_ids, meta)

@@ -28,19 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from sterling.snapshot import read_snapshot, write_snapshot
+from sterling.train.catalog_checkpoint import load_weights, read_catalog_checkpoint, write_catalog_checkpoint
 from sterling.train.sequence_model import RetrievalConfig, SequenceRetriever
 
 __all__ = ["KIND", "SequenceCheckpoint", "load_sequence_checkpoint", "write_sequence_checkpoint"]
 
 #: The snapshot kind (``meta["kind"]``) of a sequence checkpoint.
 KIND = "sequence_checkpoint"
-#: The tensor file (``model.safetensors``) and the name of the catalogue's item ids in it.
-_FILE = "model"
-_ITEM_IDS = "catalog.item_ids"
-_RESERVED = ("kind", "retrieval", "num_items")
 
 
 @dataclass(frozen=True)
@@ -73,16 +68,8 @@ def write_sequence_checkpoint(out_dir: Path, model: SequenceRetriever, item_ids:
     Returns:
         Path: the checkpoint's directory.
     """
-    item_ids = np.ascontiguousarray(item_ids, dtype=np.int64)
-    if item_ids.ndim != 1 or len(item_ids) != model.num_items:
-        raise ValueError(f"item_ids must be [{model.num_items}] (one per item row), got shape {item_ids.shape}")
-    clash = sorted(set(run) & set(_RESERVED))
-    if clash:
-        raise ValueError(f"run metadata may not set {clash}: the checkpoint writes them")
-    meta = {**run, "kind": KIND, "retrieval": dataclasses.asdict(model.cfg), "num_items": model.num_items}
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tensors[_ITEM_IDS] = torch.from_numpy(item_ids.copy())
-    return write_snapshot(Path(out_dir), {_FILE: tensors}, meta)
+    config = {"retrieval": dataclasses.asdict(model.cfg), "num_items": model.num_items}
+    return write_catalog_checkpoint(out_dir, KIND, model, item_ids, model.num_items, config, run)
 
 
 def load_sequence_checkpoint(path: Path) -> SequenceCheckpoint:
@@ -94,24 +81,11 @@ def load_sequence_checkpoint(path: Path) -> SequenceCheckpoint:
         ValueError: a snapshot of another kind, or tensors that do not fit the config.
     """
     path = Path(path)
-    snap = read_snapshot(path)
-    kind = snap.meta.get("kind")
-    if kind != KIND:
-        raise ValueError(f"{path} is a snapshot of kind {kind!r}, not a {KIND!r} (sterling train --model hstu|sasrec)")
+    meta, tensors, item_ids = read_catalog_checkpoint(path, KIND, "sterling train --model hstu|sasrec")
     try:
-        cfg = RetrievalConfig(**snap.meta["retrieval"])
-        num_items = int(snap.meta["num_items"])
+        cfg = RetrievalConfig(**meta["retrieval"])
+        num_items = int(meta["num_items"])
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path}: the checkpoint's retrieval config cannot be read: {e}") from None
-    tensors = dict(snap.tensors.get(_FILE, {}))
-    if _ITEM_IDS not in tensors:
-        raise ValueError(f"{path}: no {_ITEM_IDS} tensor in {_FILE}.safetensors")
-    item_ids = tensors.pop(_ITEM_IDS).numpy().copy()
-    if item_ids.shape != (num_items,):
-        raise ValueError(f"{path}: {_ITEM_IDS} has shape {item_ids.shape}, meta says {num_items} items")
-    model = SequenceRetriever(num_items, cfg)
-    try:
-        model.load_state_dict(tensors)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: the tensors do not fit a {cfg.encoder} retriever of its config: {e}") from None
-    return SequenceCheckpoint(model.eval(), item_ids, snap.meta)
+    model = load_weights(SequenceRetriever(num_items, cfg), tensors, item_ids, num_items, path)
+    return SequenceCheckpoint(model, item_ids, meta)
