@@ -26,6 +26,21 @@ Modes:
 Recall stands next to speed: the served index's recall@k0 of the task queries of the mix against the
 exact filtered top-k0 (every list probed), on the same snapshot.
 
+Towers (``--towers``, one block of rows each, side by side in one run): ``two_tower`` (the demo's
+pooled tower, three task queries, the MoL OverArch over up to 3·K0 merged candidates), ``hstu`` /
+``sasrec`` (a sequence user tower, one ``next`` query, candidates by cosine) and ``hstu+ranker`` /
+``sasrec+ranker`` (the ``next`` query's K0 candidates scored by a request-level ranker, then the
+demo's Value Model); see :func:`~sterling.testing.snapshots.build_serving_snapshot`. Each step
+records the mean time per stage of its answers (the server's ``timing_ms``: ``queue``,
+``user_tower``, ``ann``, ``overarch`` or ``ranker``, ``value_model``; a batched forward's stage
+times are its whole batch's).
+
+Per-candidate cost: in process, beside the load test, the scoring stage alone
+(:meth:`~sterling.retrieval.model.RetrievalModel.task_scores_of`) for ``B`` requests of
+``cost_candidates`` candidates after a ``cost_history``-event history: the MoL OverArch of the
+two-tower model against the HSTU and SASRec rankers (M-FALCON / one target-aware pass), in µs per
+candidate.
+
 The client runs on the same 2 cores as the server (as a laptop would), so the figures are lower
 bounds of what the server alone could do.
 """
@@ -50,11 +65,15 @@ import numpy as np
 
 from sterling.bench.ann import machine
 from sterling.bench.report import Benchmark, write_json
-from sterling.testing.snapshots import build_serving_snapshot, request_mix
+from sterling.testing.snapshots import TOWERS, build_serving_snapshot, request_mix
 
-__all__ = ["ServeBenchConfig", "format_table", "run"]
+__all__ = ["ServeBenchConfig", "candidate_cost", "format_table", "parse_towers", "run"]
 
 MODES = ("batched", "unbatched", "swap_and_update")
+#: What ``--towers all`` runs.
+ALL_TOWERS = ("two_tower", "hstu", "hstu+ranker", "sasrec", "sasrec+ranker")
+#: The scorers of the per-candidate cost: (tower, ranker) of their snapshots.
+COST_SCORERS = {"mol_overarch": ("two_tower", False), "hstu_ranker": ("hstu", True), "sasrec_ranker": ("sasrec", True)}
 _TOKEN = "bench-token"
 _LIVE_CREATOR = 10**9  # live items' creator values start here: unique, unlike any catalogue creator
 
@@ -78,6 +97,14 @@ class ServeBenchConfig:
         recall_requests (int): requests of the mix whose recall is measured.
         max_inflight (int): most requests the client has open at once.
         seed (int): seed of the snapshots and the mix.
+        towers (tuple[str, ...]): the served models compared, in order (:func:`parse_towers`).
+        cost_candidates (int): candidates per request of the per-candidate cost.
+        cost_history (int): history events per request of the per-candidate cost.
+        cost_batches (tuple[int, ...]): requests per scoring call of the per-candidate cost.
+        cost_seconds (float): time spent timing each of its cells.
+        cost_items (int): catalogue size of its (small) snapshots.
+        cost_threads (int): torch threads while timing it (1: CPU time per candidate, which the
+            other load on a shared machine does not inflate through intra-op thread contention).
     """
 
     num_items: int = 1_000_000
@@ -94,6 +121,13 @@ class ServeBenchConfig:
     recall_requests: int = 200
     max_inflight: int = 256
     seed: int = 0
+    towers: tuple[str, ...] = ("two_tower",)
+    cost_candidates: int = 200
+    cost_history: int = 100
+    cost_batches: tuple[int, ...] = (1, 8)
+    cost_seconds: float = 1.0
+    cost_items: int = 5_000
+    cost_threads: int = 1
     snapshot_dir: Path | None = field(default=None, compare=False)  # reuse / keep the snapshots here
 
     @classmethod
@@ -107,7 +141,31 @@ class ServeBenchConfig:
             updates_per_s=10.0,
             mix_size=300,
             recall_requests=50,
+            cost_seconds=0.3,
         )
+
+
+def parse_towers(spec: str, ranker: bool = False) -> tuple[str, ...]:
+    """The towers of ``--towers`` (comma-separated: ``two_tower``, ``hstu``, ``sasrec``, a sequence
+    tower with ``+ranker``, or ``all``); ``ranker``: every sequence tower with its ranker."""
+    out: list[str] = []
+    for name in (n.strip() for n in spec.split(",")):
+        for n in ALL_TOWERS if name == "all" else (name,):
+            tower, _, extra = n.partition("+")
+            if tower not in TOWERS or extra not in ("", "ranker") or (extra and tower == "two_tower"):
+                raise ValueError(
+                    f"unknown tower {n!r}: expected {', '.join(TOWERS)}, hstu+ranker, sasrec+ranker or all"
+                )
+            n = f"{tower}+ranker" if ranker and tower != "two_tower" else n
+            if n not in out:
+                out.append(n)
+    return tuple(out)
+
+
+def _variant(name: str) -> tuple[str, bool]:
+    """(tower, ranker) of a :func:`parse_towers` name."""
+    tower, _, extra = name.partition("+")
+    return tower, extra == "ranker"
 
 
 @dataclass
@@ -121,10 +179,24 @@ class Step:
     p99_ms: float
     errors: int
     requests: int
+    tower: str = ""
+    stages_ms: dict[str, float] = field(default_factory=dict)  # mean of the answers' timing_ms per stage
+    batch_size: float = 0.0  # mean requests per forward of the answers
 
     @classmethod
-    def of(cls, mode: str, rate: float, latencies: list[float], errors: int, seconds: float) -> Step:
+    def of(
+        cls,
+        mode: str,
+        rate: float,
+        latencies: list[float],
+        errors: int,
+        seconds: float,
+        timings: list[dict] | None = None,
+        tower: str = "",
+    ) -> Step:
         lat = np.array(latencies) * 1e3 if latencies else np.array([float("nan")])
+        timings = timings or []
+        names = dict.fromkeys(k for t in timings for k in t if k != "batch_size")
         return cls(
             mode,
             rate,
@@ -133,6 +205,9 @@ class Step:
             float(np.percentile(lat, 99)),
             errors,
             len(latencies) + errors,
+            tower,
+            {k: float(np.mean([t.get(k, 0.0) for t in timings])) for k in names},
+            float(np.mean([t.get("batch_size", 1) for t in timings])) if timings else 0.0,
         )
 
 
@@ -198,9 +273,17 @@ async def _post(session, url: str, body: dict, token: str | None = None) -> tupl
 
 
 async def _load(
-    session, url: str, mix: list[dict], rate: float, seconds: float, max_inflight: int, versions: set | None = None
+    session,
+    url: str,
+    mix: list[dict],
+    rate: float,
+    seconds: float,
+    max_inflight: int,
+    versions: set | None = None,
+    timings: list | None = None,
 ) -> tuple[list[float], int]:
-    """Open-loop: request i is due at ``start + i / rate``; its latency counts from then."""
+    """Open-loop: request i is due at ``start + i / rate``; its latency counts from then (``timings``
+    collects the answers' ``timing_ms``)."""
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(max_inflight)
     latencies: list[float] = []
@@ -223,12 +306,14 @@ async def _load(
         latencies.append(loop.time() - due)
         if versions is not None:
             versions.add(body["snapshot"])
+        if timings is not None:
+            timings.append(body.get("timing_ms", {}))
 
     await asyncio.gather(*(one(i) for i in range(max(1, int(rate * seconds)))))
     return latencies, errors
 
 
-async def ladder(url: str, mode: str, mix: list[dict], cfg: ServeBenchConfig, log) -> list[Step]:
+async def ladder(url: str, mode: str, mix: list[dict], cfg: ServeBenchConfig, log, tower: str = "") -> list[Step]:
     import aiohttp
 
     steps = []
@@ -236,8 +321,9 @@ async def ladder(url: str, mode: str, mix: list[dict], cfg: ServeBenchConfig, lo
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=cfg.max_inflight), timeout=timeout) as s:
         await _load(s, url, mix, 20, 1.0, cfg.max_inflight)  # warm the connections and the server
         for rate in cfg.rates:
-            latencies, errors = await _load(s, url, mix, rate, cfg.step_seconds, cfg.max_inflight)
-            step = Step.of(mode, rate, latencies, errors, cfg.step_seconds)
+            timings: list[dict] = []
+            latencies, errors = await _load(s, url, mix, rate, cfg.step_seconds, cfg.max_inflight, timings=timings)
+            step = Step.of(mode, rate, latencies, errors, cfg.step_seconds, timings, tower)
             steps.append(step)
             log(_row(step))
             if step.p99_ms > 4 * cfg.p99_budget_ms or step.achieved_qps < 0.8 * rate:
@@ -246,14 +332,21 @@ async def ladder(url: str, mode: str, mix: list[dict], cfg: ServeBenchConfig, lo
 
 
 async def _swap_and_update(
-    url: str, snapshots: tuple[Path, Path], mix: list[dict], rate: float, dim: int, cfg: ServeBenchConfig, log
+    url: str,
+    snapshots: tuple[Path, Path],
+    mix: list[dict],
+    rate: float,
+    dim: int,
+    cfg: ServeBenchConfig,
+    log,
+    tower: str = "",
 ) -> tuple[Step, dict]:
     """Steady load while items are upserted / deleted and the snapshot swapped; then check every
     acknowledged update is visible."""
     import aiohttp
 
     rng = np.random.default_rng(cfg.seed + 7)
-    upserted, deleted, failures, versions = [], [], [], set()
+    upserted, deleted, failures, versions, timings = [], [], [], set(), []
     swaps: list[dict] = []
 
     async def updates(s) -> None:
@@ -291,7 +384,7 @@ async def _swap_and_update(
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=cfg.max_inflight), timeout=timeout) as s:
         (latencies, errors), _, _ = await asyncio.gather(
-            _load(s, url, mix, rate, cfg.swap_seconds, cfg.max_inflight, versions), updates(s), reloads(s)
+            _load(s, url, mix, rate, cfg.swap_seconds, cfg.max_inflight, versions, timings), updates(s), reloads(s)
         )
         visible = 0  # acknowledged updates whose effect holds: a live upsert found; a delete (and its upsert) absent
         for item in upserted + deleted:
@@ -299,7 +392,7 @@ async def _swap_and_update(
             status, body = await _post(s, url + "/v1/retrieve", {"history": [], "filter": f"creator:{creator}", "k": 1})
             live = item in upserted
             visible += (1 if live else 2) * int(status == 200 and body["ids"] == ([item] if live else []))
-    step = Step.of("swap_and_update", rate, latencies, errors + len(failures), cfg.swap_seconds)
+    step = Step.of("swap_and_update", rate, latencies, errors + len(failures), cfg.swap_seconds, timings, tower)
     log(_row(step))
     return step, {
         "updates_acknowledged": len(upserted) + 2 * len(deleted),
@@ -340,54 +433,171 @@ def index_recall(snapshot: Path, mix: list[dict], n: int) -> dict:
 
 
 def run(cfg: ServeBenchConfig, log=print) -> dict:
-    """Build (or reuse) the snapshots, run the three modes, return the rows and the summary."""
+    """Build (or reuse) the snapshots, run the three modes per tower and the per-candidate cost,
+    return the rows and the summaries (the first tower's also at the top level, as before towers)."""
+    parse_towers(",".join(cfg.towers))  # a bad name fails before the work
     with tempfile.TemporaryDirectory(prefix="sterling-serve-") as tmp:
         root = Path(cfg.snapshot_dir or tmp)
         root.mkdir(parents=True, exist_ok=True)
-        snapshots = []
-        for model_seed in (cfg.seed, cfg.seed + 1):
-            path = root / f"serve-{cfg.num_items}-{cfg.seed}-{model_seed}"
-            if not (path / "manifest.json").is_file():
-                start = time.perf_counter()
-                build_serving_snapshot(path, num_items=cfg.num_items, seed=cfg.seed, model_seed=model_seed)
-                log(f"built {path} ({cfg.num_items:,} items) in {time.perf_counter() - start:.0f} s")
-            snapshots.append(path)
-        mix = request_mix(snapshots[0], cfg.mix_size, seed=cfg.seed)
-        mix = [{"history": r["history"], "filter": r["filter"], "k": r["k"]} for r in mix]
-        random.Random(cfg.seed).shuffle(mix)
-        recall = index_recall(snapshots[0], mix, cfg.recall_requests)
-        log(
-            f"served index recall@{recall['k0']} = {recall['recall_at_k0']:.3f} (nprobe {recall['nprobe']} of "
-            f"{recall['nlist']})"
-        )
-        log(f"{'mode':<16} {'offered':>8} {'achieved':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
         rows: list[Step] = []
-        best: dict[str, float] = {}
-        for mode, batch in (("batched", cfg.max_batch), ("unbatched", 1)):
-            with ServerProcess(snapshots[0], batch, cfg.max_wait_ms, root / f"server-{mode}.log") as server:
-                steps = asyncio.run(ladder(server.url, mode, mix, cfg, log))
+        variants: dict[str, dict] = {}
+        for name in cfg.towers:
+            steps, variants[name] = _run_tower(root, name, cfg, log)
             rows += steps
-            best[mode] = best_qps(steps, cfg.p99_budget_ms)
-        rate = max(cfg.rates[0], cfg.swap_share * best["batched"])
-        with ServerProcess(snapshots[0], cfg.max_batch, cfg.max_wait_ms, root / "server-swap.log") as server:
-            dim = json.loads(urllib.request.urlopen(server.url + "/v1/snapshot").read())["dim"]
-            swap_step, swap = asyncio.run(
-                _swap_and_update(server.url, (snapshots[0], snapshots[1]), mix, rate, dim, cfg, log)
-            )
-        rows.append(swap_step)
-        best["swap_and_update"] = best_qps([swap_step], cfg.p99_budget_ms)
+        cost = candidate_cost(root, cfg, log)
+    first = variants[cfg.towers[0]]
     return {
         "machine": machine() | {"client": "aiohttp open loop, same machine as the server"},
         "config": {k: v for k, v in asdict(cfg).items() if k != "snapshot_dir"},
         "rows": [asdict(r) for r in rows],
         "p99_budget_ms": cfg.p99_budget_ms,
+        "towers": list(cfg.towers),
+        "variants": variants,
+        "candidate_cost": cost,
+        **{k: first[k] for k in ("max_qps_at_p99_budget", "updates_acknowledged", "updates_visible", "swap", "recall")},
+        "snapshot": first["snapshot"],
+    }
+
+
+def _snapshot_path(root: Path, name: str, cfg: ServeBenchConfig, model_seed: int) -> Path:
+    """Where a tower's snapshot is built (the two-tower's under its name from before towers)."""
+    prefix = "serve" if name == "two_tower" else f"serve-{name.replace('+', '-')}"
+    return root / f"{prefix}-{cfg.num_items}-{cfg.seed}-{model_seed}"
+
+
+def _run_tower(root: Path, name: str, cfg: ServeBenchConfig, log) -> tuple[list[Step], dict]:
+    """The three modes on one tower's snapshot: its steps and summary."""
+    tower, ranker = _variant(name)
+    snapshots = []
+    for model_seed in (cfg.seed, cfg.seed + 1):
+        path = _snapshot_path(root, name, cfg, model_seed)
+        if not (path / "manifest.json").is_file():
+            start = time.perf_counter()
+            build_serving_snapshot(
+                path, num_items=cfg.num_items, seed=cfg.seed, model_seed=model_seed, tower=tower, ranker=ranker
+            )
+            log(f"built {path} ({cfg.num_items:,} items, {name}) in {time.perf_counter() - start:.0f} s")
+        snapshots.append(path)
+    mix = request_mix(snapshots[0], cfg.mix_size, seed=cfg.seed)
+    mix = [{"history": r["history"], "filter": r["filter"], "k": r["k"]} for r in mix]
+    random.Random(cfg.seed).shuffle(mix)
+    recall = index_recall(snapshots[0], mix, cfg.recall_requests)
+    log(
+        f"{name}: served index recall@{recall['k0']} = {recall['recall_at_k0']:.3f} (nprobe {recall['nprobe']} of "
+        f"{recall['nlist']})"
+    )
+    log(_HEADER)
+    steps: list[Step] = []
+    best: dict[str, float] = {}
+    for mode, batch in (("batched", cfg.max_batch), ("unbatched", 1)):
+        log_path = root / f"server-{name.replace('+', '-')}-{mode}.log"
+        with ServerProcess(snapshots[0], batch, cfg.max_wait_ms, log_path) as server:
+            ladder_steps = asyncio.run(ladder(server.url, mode, mix, cfg, log, tower=name))
+        steps += ladder_steps
+        best[mode] = best_qps(ladder_steps, cfg.p99_budget_ms)
+    rate = max(cfg.rates[0], cfg.swap_share * best["batched"])
+    log_path = root / f"server-{name.replace('+', '-')}-swap.log"
+    with ServerProcess(snapshots[0], cfg.max_batch, cfg.max_wait_ms, log_path) as server:
+        described = json.loads(urllib.request.urlopen(server.url + "/v1/snapshot").read())
+        swap_step, swap = asyncio.run(
+            _swap_and_update(server.url, (snapshots[0], snapshots[1]), mix, rate, described["dim"], cfg, log, name)
+        )
+    steps.append(swap_step)
+    best["swap_and_update"] = best_qps([swap_step], cfg.p99_budget_ms)
+    batched = [s for s in steps if s.mode == "batched"]
+    at_best = max(
+        (s for s in batched if s.achieved_qps == best["batched"] and s.p99_ms <= cfg.p99_budget_ms),
+        key=lambda s: s.offered_qps,
+        default=batched[0],
+    )
+    summary = {
+        "tower": tower,
+        "ranker": ranker,
         "max_qps_at_p99_budget": best,
         "updates_acknowledged": swap["updates_acknowledged"],
         "updates_visible": swap["updates_visible"],
         "swap": swap,
         "recall": recall,
-        "snapshot": {"num_items": cfg.num_items, "k0": recall["k0"], "overarch": "mol"},
+        "snapshot": {
+            "num_items": cfg.num_items,
+            "k0": recall["k0"],
+            "tower": tower,
+            "scorer": "ranker" if ranker else "mol" if tower == "two_tower" else "cosine",
+            "tasks": described["tasks"],
+            "queries": described["serving"].get("queries") or described["tasks"],
+        },
+        "stages_ms": {  # per stage: one request per forward at the lowest rate; batched at its best step
+            "unbatched": next(s.stages_ms for s in steps if s.mode == "unbatched"),
+            "batched": at_best.stages_ms,
+            "batched_offered_qps": at_best.offered_qps,
+            "batched_mean_batch": at_best.batch_size,
+        },
     }
+    return steps, summary
+
+
+def candidate_cost(root: Path, cfg: ServeBenchConfig, log=print) -> dict:
+    """The scoring stage alone, in process: per scorer of :data:`COST_SCORERS` and batch size ``B``
+    of ``cost_batches``, the median time of :meth:`RetrievalModel.task_scores_of` for ``B``
+    requests of ``cost_candidates`` candidates after ``cost_history`` events, and per candidate,
+    on ``cost_threads`` torch threads."""
+    import torch
+
+    m, h = cfg.cost_candidates, cfg.cost_history
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.cost_threads)
+    try:
+        rows = _cost_rows(root, cfg, log)
+    finally:
+        torch.set_num_threads(threads)
+    return {"candidates": m, "history": h, "threads": cfg.cost_threads, "rows": rows}
+
+
+def _cost_rows(root: Path, cfg: ServeBenchConfig, log) -> list[dict]:
+    """The rows of :func:`candidate_cost`."""
+    import torch
+
+    from sterling.retrieval.publish import load_model
+
+    m, h = cfg.cost_candidates, cfg.cost_history
+    rows = []
+    for scorer, (tower, ranker) in COST_SCORERS.items():
+        path = root / f"cost-{scorer}-{cfg.cost_items}-{cfg.seed}"
+        if not (path / "manifest.json").is_file():
+            build_serving_snapshot(path, num_items=cfg.cost_items, seed=cfg.seed, tower=tower, ranker=ranker, k0=m)
+        model = load_model(path)
+        ids = model.index.ids
+        rng = np.random.default_rng(cfg.seed)
+        for b in cfg.cost_batches:
+            inputs = model.inputs([ids[rng.integers(0, len(ids), h)].tolist() for _ in range(b)])
+            with torch.no_grad():
+                users, queries = model.encode(inputs)
+                state = model.items.state(torch.from_numpy(rng.integers(0, len(ids), (b, m))))  # [B, M, S]
+                seconds = _median_time(model.task_scores_of, (inputs, users, queries, state), cfg.cost_seconds)
+            rows.append(
+                {
+                    "scorer": scorer,
+                    "batch": b,
+                    "candidates": m,
+                    "history": h,
+                    "ms": 1e3 * seconds,
+                    "us_per_candidate": 1e6 * seconds / (b * m),
+                }
+            )
+            log(_cost_row(rows[-1]))
+    return rows
+
+
+def _median_time(fn, args: tuple, seconds: float) -> float:
+    """The median seconds of ``fn(*args)`` over repeats for about ``seconds`` (at least 3, after 2 warm-ups)."""
+    fn(*args), fn(*args)
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while len(times) < 3 or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 def best_qps(steps: list[Step], budget_ms: float) -> float:
@@ -395,29 +605,65 @@ def best_qps(steps: list[Step], budget_ms: float) -> float:
     return max(ok, default=0.0)
 
 
+_HEADER = f"{'tower':<15} {'mode':<16} {'offered':>8} {'achieved':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"
+
+
 def _row(s: Step) -> str:
-    return f"{s.mode:<16} {s.offered_qps:>8.0f} {s.achieved_qps:>9.1f} {s.p50_ms:>8.1f} {s.p99_ms:>8.1f} {s.errors:>7d}"
+    row = f"{s.mode:<16} {s.offered_qps:>8.0f} {s.achieved_qps:>9.1f} {s.p50_ms:>8.1f} {s.p99_ms:>8.1f} {s.errors:>7d}"
+    return f"{s.tower:<15} {row}" if s.tower else row
+
+
+def _stages(stages: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.1f}" for k, v in stages.items() if k not in ("queue", "total")) + " ms"
+
+
+def _cost_row(r: dict) -> str:
+    return (
+        f"{r['scorer']:<15} B={r['batch']:<3d} {r['batch'] * r['candidates']:>6d} candidates {r['ms']:>8.2f} ms "
+        f"{r['us_per_candidate']:>8.2f} us/candidate"
+    )
 
 
 def format_table(result: dict) -> str:
-    """The rows and the summary as text."""
-    lines = [f"{'mode':<16} {'offered':>8} {'achieved':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"]
+    """The rows and the summaries as text: per tower its steps, then per tower its max QPS at the
+    budget, stage times, updates and recall, then the per-candidate cost."""
+    lines = [_HEADER]
     lines += [_row(Step(**r)) for r in result["rows"]]
-    best = result["max_qps_at_p99_budget"]
-    lines.append(
-        f"max QPS at P99 <= {result['p99_budget_ms']:.0f} ms: "
-        + ", ".join(f"{m} {q:.0f}" for m, q in best.items())
-        + (f" (batching {best['batched'] / best['unbatched']:.1f}x)" if best.get("unbatched") else "")
-    )
-    lines.append(
-        f"updates acknowledged {result['updates_acknowledged']}, visible afterwards "
-        f"{result['updates_visible']}; swaps {[(s['status'], round(s['seconds'], 1)) for s in result['swap']['swaps']]}"
-    )
-    r = result["recall"]
-    lines.append(
-        f"served index recall@{r['k0']} {r['recall_at_k0']:.3f} (nprobe {r['nprobe']} of {r['nlist']}), "
-        f"{result['snapshot']['num_items']:,} items"
-    )
+    budget = result["p99_budget_ms"]
+    for name, v in result.get("variants", {"": result}).items():
+        best = v["max_qps_at_p99_budget"]
+        lines.append(
+            f"{name + ': ' if name else ''}max QPS at P99 <= {budget:.0f} ms: "
+            + ", ".join(f"{m} {q:.0f}" for m, q in best.items())
+            + (f" (batching {best['batched'] / best['unbatched']:.1f}x)" if best.get("unbatched") else "")
+        )
+        if "stages_ms" in v:
+            st = v["stages_ms"]
+            lines.append(
+                f"  stages: unbatched {_stages(st['unbatched'])}; batched at {st['batched_offered_qps']:.0f}/s "
+                f"(mean batch {st['batched_mean_batch']:.1f}) {_stages(st['batched'])}"
+            )
+        lines.append(
+            f"  updates acknowledged {v['updates_acknowledged']}, visible afterwards "
+            f"{v['updates_visible']}; swaps {[(s['status'], round(s['seconds'], 1)) for s in v['swap']['swaps']]}"
+        )
+        r = v["recall"]
+        lines.append(
+            f"  served index recall@{r['k0']} {r['recall_at_k0']:.3f} (nprobe {r['nprobe']} of {r['nlist']}), "
+            f"{v['snapshot']['num_items']:,} items"
+        )
+    if len(result.get("variants", {})) > 1:
+        lines.append(
+            f"max QPS at P99 <= {budget:.0f} ms, batched: "
+            + ", ".join(f"{n} {v['max_qps_at_p99_budget']['batched']:.0f}" for n, v in result["variants"].items())
+        )
+    if "candidate_cost" in result:
+        c = result["candidate_cost"]
+        lines.append(
+            f"scoring cost per candidate (history {c['history']}, {c['candidates']} candidates a request, "
+            f"{c['threads']} thread{'s' if c['threads'] > 1 else ''}):"
+        )
+        lines += [_cost_row(r) for r in c["rows"]]
     return "\n".join(lines)
 
 
@@ -425,6 +671,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="20,000 items and short steps (about a minute)")
     p.add_argument("--items", type=int, help="catalogue size (default 1,000,000)")
     p.add_argument("--snapshots", help="directory to build the snapshots in and reuse them from")
+    p.add_argument(
+        "--tower",
+        "--towers",
+        dest="towers",
+        default="two_tower",
+        help="served models, comma-separated, side by side: two_tower, hstu, sasrec, hstu+ranker, "
+        "sasrec+ranker, or all (default two_tower)",
+    )
+    p.add_argument("--ranker", action="store_true", help="score each sequence tower's candidates with a ranker")
     p.add_argument("--json", help="write the rows and the summary here")
 
 
@@ -434,6 +689,7 @@ def cli(args: argparse.Namespace) -> int:
         cfg = ServeBenchConfig(**{**asdict(cfg), "num_items": args.items})
     if args.snapshots:
         cfg = ServeBenchConfig(**{**asdict(cfg), "snapshot_dir": Path(args.snapshots)})
+    cfg = ServeBenchConfig(**{**asdict(cfg), "towers": parse_towers(args.towers, args.ranker)})
     result = run(cfg)
     print(format_table(result))
     write_json(args.json, result)
@@ -442,7 +698,7 @@ def cli(args: argparse.Namespace) -> int:
 
 BENCHMARK = Benchmark(
     "serve",
-    "the HTTP server under load: max QPS at a P99 budget, batched vs not, swap + live updates",
+    "the HTTP server under load: max QPS at a P99 budget, batched vs not, swap + live updates, per tower",
     add_arguments,
     cli,
 )

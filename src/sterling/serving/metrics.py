@@ -6,8 +6,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 __all__ = ["ServingMetrics", "STAGES"]
 
-#: The stages of a forward (:class:`sterling.retrieval.model.Trace`), plus the wait in the batcher.
-STAGES = ("queue", "user_tower", "ann", "overarch", "value_model")
+#: The stages of a forward (:class:`sterling.retrieval.model.Trace`), plus the wait in the batcher
+#: (``ranker``: the request-level ranker's scoring, in place of ``overarch``).
+STAGES = ("queue", "user_tower", "ann", "overarch", "ranker", "value_model")
 
 _LATENCY = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5)
 _SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)

@@ -15,10 +15,19 @@ on disk):
   own three), ``language`` (8, skewed), ``region`` (1-3 of 10), ``creator`` (Zipf over ``N / 20``
   creators, numbered from 1000 by popularity), ``year`` (1950-2025, recent years likelier), plus
   ``kids`` (0 / 1, likelier in some categories);
-* **model**: the towers of the synthetic demo (tasks ``click``, ``like``, ``share``; its context and
-  user features), a Mixture-of-Logits OverArch and the demo's Value Model. The user tower reads
-  histories from the embedding cache, so no item tower (and no ``N``-row id table) is built: the
-  item embeddings stand for its outputs.
+* **model** (``tower="two_tower"``, the default): the towers of the synthetic demo (tasks
+  ``click``, ``like``, ``share``; its context and user features), a Mixture-of-Logits OverArch and
+  the demo's Value Model. The user tower reads histories from the embedding cache, so no item tower
+  (and no ``N``-row id table) is built: the item embeddings stand for its outputs.
+* **model** (``tower="hstu"`` or ``"sasrec"``): what ``publish`` makes of a next-item retriever —
+  a seeded random HSTU (1 head) or SASRec (2 heads) encoder as the user tower (``dim`` wide, 2
+  layers, the latest 100 events; no features), its one query ``next`` (the user embedding itself),
+  the index over the L2-normalised item embeddings. Without ``ranker`` the model serves the single
+  task ``next`` by cosine, with no OverArch and no Value Model; with ``ranker`` a seeded random
+  request-level :class:`~sterling.models.ranker.SequenceRanker` of the same encoder kind
+  (``ranker_dim`` wide, 2 layers; its item table a fixed random projection of the item embeddings,
+  so similar items look alike to it) scores the ``next`` query's candidates for the demo's tasks,
+  and the demo's Value Model ranks them.
 
 :func:`request_mix` draws the load test's requests: histories of 10-100 items around one to three
 interests, a mix of filters from none to rare, and ``k`` from 10 to 100.
@@ -49,13 +58,20 @@ from sterling.data.synth import (
 )
 from sterling.index.item_index import IndexConfig
 from sterling.models.overarch import OverArchConfig, make_overarch
+from sterling.models.ranker import RankerConfig, SequenceRanker
+from sterling.models.sequence_tower import SequenceTowerConfig, SequenceUserTower
 from sterling.models.towers import TaskQueries, TwoTowerConfig, UserTower
 from sterling.retrieval.config import ServingConfig
 from sterling.retrieval.model import RetrievalModel
-from sterling.retrieval.publish import load_model, write_model_snapshot
+from sterling.retrieval.publish import NEXT_TASK, load_model, write_model_snapshot
 from sterling.testing.embeddings import structured
 
-__all__ = ["build_serving_snapshot", "request_mix"]
+__all__ = ["TOWERS", "build_serving_snapshot", "request_mix"]
+
+#: The user towers :func:`build_serving_snapshot` builds.
+TOWERS = ("two_tower", "hstu", "sasrec")
+_SEQUENCE_HEADS = {"hstu": 1, "sasrec": 2}
+_SEQUENCE_LAYERS, _SEQUENCE_MAX_LEN = 2, 100
 
 
 TAGS = tuple(f"{c}-{s}" for c in CATEGORIES for s in TAG_SUFFIXES)
@@ -74,6 +90,9 @@ def build_serving_snapshot(
     nprobe: int = 32,
     value_formula: str | None = DEMO_VALUE,
     index_config: IndexConfig = IndexConfig(),
+    tower: str = "two_tower",
+    ranker: bool = False,
+    ranker_dim: int = 64,
 ) -> Path:
     """Write a served model over ``num_items`` synthetic items to ``out_dir`` (see the module doc).
 
@@ -86,17 +105,31 @@ def build_serving_snapshot(
         seed (int): seed of the catalogue (and of the weights, unless ``model_seed`` is given).
         model_seed (int | None): seed of the weights alone: another model over the same catalogue,
             as a retrained model's snapshot would be.
-        overarch (str | None): OverArch kind ("mol" or "mlp"); None ranks by inner product.
+        overarch (str | None): OverArch kind ("mol" or "mlp"); None ranks by inner product. The
+            two-tower's only: a sequence tower has none.
         k0 (int): candidates per task query (the largest ``k`` a request may ask for).
         nprobe (int): IVF lists each task query probes at least.
-        value_formula (str | None): the Value Model over the task probabilities.
+        value_formula (str | None): the Value Model over the task probabilities (the demo's, by
+            default; a sequence tower without ``ranker`` serves ``next`` alone and takes none).
         index_config (IndexConfig): how the index is built (its ``nlist`` defaults to ~√N).
+        tower (str): the user tower, one of :data:`TOWERS`.
+        ranker (bool): score a sequence tower's candidates with a request-level ranker.
+        ranker_dim (int): the ranker's token width.
     """
+    if tower not in TOWERS:
+        raise ValueError(f"tower must be one of {TOWERS}, got {tower!r}")
+    if ranker and tower == "two_tower":
+        raise ValueError("the ranker stage follows a sequence tower (hstu or sasrec), not the two-tower")
     rng = np.random.default_rng(seed)
     category = rng.choice(len(CATEGORIES), num_items, p=rng.permutation(_CATEGORY_SHARES / _CATEGORY_SHARES.sum()))
     vectors = _embeddings(rng, category, dim)
     ids = np.sort(rng.choice(np.arange(1, 20 * num_items + 1), num_items, replace=False))
     attributes, num_terms = _attributes(rng, category)
+    if tower != "two_tower":
+        return _sequence_snapshot(
+            Path(out_dir), tower, ranker, ranker_dim, ids, attributes, vectors, seed, model_seed, k0, nprobe,
+            value_formula if ranker else None, index_config,
+        )  # fmt: skip
     towers = TwoTowerConfig(
         num_items=num_items,
         num_terms=num_terms,
@@ -137,6 +170,79 @@ def build_serving_snapshot(
         serving,
         index_config,
         source=source,
+    )
+
+
+def _sequence_snapshot(
+    out_dir: Path,
+    tower: str,
+    ranker: bool,
+    ranker_dim: int,
+    ids: np.ndarray,
+    attributes: list[dict],
+    vectors: np.ndarray,
+    seed: int,
+    model_seed: int | None,
+    k0: int,
+    nprobe: int,
+    value_formula: str | None,
+    index_config: IndexConfig,
+) -> Path:
+    """:func:`build_serving_snapshot` with an HSTU / SASRec user tower (and a ranker)."""
+    n, dim = vectors.shape
+    towers = SequenceTowerConfig(tower, dim, _SEQUENCE_LAYERS, _SEQUENCE_HEADS[tower], _SEQUENCE_MAX_LEN)
+    tasks = tuple(ROLES.labels) if ranker else (NEXT_TASK,)
+    serving = ServingConfig(
+        tasks=tasks,
+        k0=k0,
+        nprobe=nprobe,
+        value_formula=value_formula,
+        max_history=towers.max_history,
+        queries=(NEXT_TASK,) if ranker else (),
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed if model_seed is None else model_seed)
+        user_tower = SequenceUserTower(towers).eval()
+        task_queries = TaskQueries(dim, 1)  # zero-initialised: the user embedding itself
+        scorer = None
+        if ranker:
+            cfg = RankerConfig(
+                num_items=n,
+                tasks=tasks,
+                encoder=tower,
+                dim=ranker_dim,
+                num_layers=2,
+                num_heads=_SEQUENCE_HEADS[tower],
+                dropout=0.0,
+            )
+            scorer = SequenceRanker(cfg)
+            projection = torch.randn(dim, ranker_dim) / dim**0.5  # [D, Dr]: items near in D stay near
+            with torch.no_grad():
+                scorer.items.weight.copy_(torch.from_numpy(vectors) @ projection * dim**0.5)
+            scorer.eval()
+    source = {
+        "synthetic": {
+            "num_items": n,
+            "dim": dim,
+            "seed": seed,
+            "model_seed": model_seed,
+            "tower": tower,
+            "ranker": ranker_dim if ranker else None,
+        }
+    }
+    return write_model_snapshot(
+        out_dir,
+        towers,
+        user_tower,
+        task_queries,
+        None,
+        ids,
+        attributes,
+        torch.from_numpy(vectors),
+        serving,
+        index_config,
+        source=source,
+        ranker=scorer,
     )
 
 
