@@ -16,7 +16,8 @@ Sub-commands::
     sterling bench ann [--quick] [--json PATH] [--plot PATH]   filtered search vs FAISS / hnswlib
     sterling bench roo [--quick] [--json PATH]      ROO vs impression-level training
     sterling bench retrieval [--quick] [--json PATH]   recall@K / QPS: exact, int8+Bloom, +OverArch, +VM
-    sterling bench serve [--quick] [--json PATH]    the HTTP server under load: batched, unbatched, swap + updates
+    sterling bench serve [--quick] [--towers two_tower,hstu,hstu+ranker] [--json PATH]
+                                                    the HTTP server under load: batched, unbatched, swap + updates
     sterling bench shards [--quick] [--json PATH]   Ray Serve item shards (1 vs 2) beside the single-process server
 
 Errors in the input (a malformed filter, a corrupt snapshot, a missing file) print one line naming

@@ -63,7 +63,8 @@ class Retrieved:
 @dataclass
 class Trace:
     """What one forward spent, for metrics: seconds per stage (``user_tower``; ``ann``, the index's
-    whole filtered search: plan, Bloom mask, int8 scan, exact check; ``overarch``; ``value_model``)
+    whole filtered search: plan, Bloom mask, int8 scan, exact check; ``overarch`` or ``ranker``, the
+    scoring stage; ``value_model``)
     and the candidates each request kept after the filter and the merge (int64 ``[B]``)."""
 
     seconds: dict[str, float] = field(default_factory=dict)
