@@ -328,6 +328,8 @@ BAD_UPDATES = [
     ({"upsert": [{"id": -1, "embedding": [0.1] * 64}]}, 400, "reserved"),  # -1 pads results
     ({"upsert": [{"id": 1, "embedding": [0.1] * 64, "attributes": {"year": "old"}}]}, 400, "year"),
     ({"upsert": [{"id": 1, "embedding": [0.1] * 64, "vector": [1]}]}, 422, "vector"),
+    # a snapshot without an item tower (published from embeddings) cannot embed an item itself
+    ({"upsert": [{"id": 1, "embedding": [0.1] * 64}, {"id": 2, "attributes": {}}]}, 400, "no item tower"),
 ]
 
 

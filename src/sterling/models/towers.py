@@ -119,6 +119,15 @@ class ItemTower(nn.Module):
         x = torch.cat([self.ids(rows), t], dim=-1)  # [M, 2H]
         return F.normalize(self.mlp(x), dim=-1)  # [M, D]
 
+    def cold(self, item_terms: ItemTerms) -> torch.Tensor:
+        """Embeddings ``[M, D]`` of items the id table does not hold (every row of ``item_terms``):
+        a zero id embedding beside the mean of their attribute terms, through the MLP."""
+        m = item_terms.offsets.numel() - 1
+        if m == 0:
+            return torch.zeros(0, self.mlp[-1].out_features)
+        t = self.terms(item_terms.terms, item_terms.offsets[:-1])  # [M, H]; no terms → 0
+        return F.normalize(self.mlp(torch.cat([torch.zeros_like(t), t], dim=-1)), dim=-1)  # [M, D]
+
 
 class UserTower(nn.Module):
     """history item embeddings + actions + recency, context and user features → embedding ``[R, D]``.

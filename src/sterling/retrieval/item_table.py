@@ -7,16 +7,24 @@ state (what ranking reads for a candidate); without an OverArch it is the rounde
 (:meth:`~sterling.index.item_index.ItemIndex.set_table`), so the index is the one owner of item
 rows: an upsert adds an item's code and its cache row in one step, compaction reorders both, and no
 second row space, id map or version token exists beside it.
+
+:class:`ItemEncoder` is the item tower the served model keeps for fresh items (SilverTorch's
+embedding evaluator): an item upserted with its attributes alone is embedded as :func:`publish
+<sterling.retrieval.publish.publish>` embeds an item its checkpoint's catalogue does not hold.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import torch
 
 from sterling.index.item_index import ItemIndex
 from sterling.models.overarch import OverArch
+from sterling.models.towers import ItemTerms, ItemTower, TwoTowerConfig
 
-__all__ = ["ItemTable", "cache_rows"]
+__all__ = ["ItemEncoder", "ItemTable", "cache_rows"]
 
 
 def cache_rows(vectors: torch.Tensor, overarch: OverArch | None, dtype: torch.dtype) -> torch.Tensor:
@@ -89,3 +97,49 @@ class ItemTable:
         out = state.new_zeros(*rows.shape, state.shape[-1])
         out[found] = state
         return out
+
+
+class ItemEncoder:
+    """The two-tower item tower over attributes alone: embeddings of *cold* items, those the
+    checkpoint's id table does not hold. An item's id embedding is zero and its attribute terms
+    (one per ``feature=value``) outside the trained vocabulary are dropped (``ItemTerms.build``),
+    so an item is embedded from the terms it shares with the catalogue the tower was trained on.
+
+    Args:
+        tower (ItemTower): its term table and MLP are read (never its id table).
+        vocab (tuple[str, ...]): the attribute-term vocabulary the tower was trained with.
+    """
+
+    PREFIX = "item_tower."
+
+    def __init__(self, tower: ItemTower, vocab: Sequence[str]) -> None:
+        self.tower = tower.eval()
+        self.vocab = tuple(vocab)
+
+    @property
+    def dim(self) -> int:
+        return self.tower.mlp[-1].out_features
+
+    @torch.no_grad()
+    def __call__(self, attributes: Sequence[Mapping]) -> torch.Tensor:
+        """float32 ``[M, D]``: the L2-normalised embeddings of ``M`` items' attribute dicts."""
+        return self.tower.cold(ItemTerms.build(list(attributes), vocab=self.vocab)).float()
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """What a snapshot carries (under :attr:`PREFIX`): the term table and the MLP, not the
+        ``[N, H]`` id table."""
+        return {
+            f"{self.PREFIX}{k}": v.detach()
+            for k, v in self.tower.state_dict().items()
+            if k.startswith(("terms.", "mlp."))
+        }
+
+    @classmethod
+    def from_weights(
+        cls, towers: TwoTowerConfig, vocab: Sequence[str], weights: Mapping[str, torch.Tensor]
+    ) -> ItemEncoder:
+        """The encoder of a snapshot's :meth:`weights` (``weights`` may hold other modules' too)."""
+        tower = ItemTower(replace(towers, num_items=0))  # no id table: every item is cold
+        found = {k[len(cls.PREFIX) :]: v for k, v in weights.items() if k.startswith(cls.PREFIX)}
+        tower.load_state_dict({**found, "ids.weight": tower.ids.weight.detach()})
+        return cls(tower, vocab)

@@ -53,7 +53,7 @@ from sterling.retrieval.inputs import (
     per_query,
     per_query_exclude,
 )
-from sterling.retrieval.item_table import ItemTable
+from sterling.retrieval.item_table import ItemEncoder, ItemTable
 from sterling.retrieval.rank import Candidates, Retrieved, Trace, ValueModels, merge_candidates, top_k
 from sterling.retrieval.served import ItemCount
 
@@ -81,6 +81,8 @@ class RetrievalModel(nn.Module):
         ranker (SequenceRanker | None): the request-level ranker (``config.use_ranker``: it scores
             the candidates in place of the OverArch); its item embeddings are the cache's last
             ``ranker.cfg.dim`` columns.
+        item_encoder (ItemEncoder | None): the two-tower item tower over attributes, which embeds
+            items upserted without an embedding (None: every upsert brings its embedding).
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class RetrievalModel(nn.Module):
         overarch: OverArch | None,
         config: ServingConfig,
         ranker: SequenceRanker | None = None,
+        item_encoder: ItemEncoder | None = None,
     ) -> None:
         super().__init__()
         if index.fresh_items or len(index.executor_tensors()["ids"]) != len(index):
@@ -141,8 +144,11 @@ class RetrievalModel(nn.Module):
                 f"without an OverArch or a ranker the scores are the queries' {list(queries)}, "
                 f"not the tasks {list(config.tasks)}"
             )
+        if item_encoder is not None and item_encoder.dim != d:
+            raise ValueError(f"the item encoder embeds in width {item_encoder.dim}, the index holds {d}")
         self.user_tower = user_tower
         self.task_queries = task_queries
+        self.item_encoder = item_encoder  # a plain object, not a submodule: not in the exported program
         self.ranker = ranker if config.use_ranker else None
         self.overarch = overarch if config.use_overarch and self.ranker is None else None
         self.values = ValueModels(config.value_formula, config.tasks, config.primary)
@@ -409,12 +415,41 @@ class RetrievalModel(nn.Module):
 
     # ---- live items ----------------------------------------------------------------------------
 
+    def embed_items(self, attributes: Sequence[Mapping]) -> torch.Tensor:
+        """float32 ``[M, D]``: the item tower's embeddings of ``M`` items from their attribute
+        dicts alone, exactly as :func:`~sterling.retrieval.publish.publish` embeds an item its
+        checkpoint's catalogue does not hold (a *cold* item: zero id embedding, attribute terms
+        outside the trained vocabulary dropped). An id the catalogue holds is embedded cold too:
+        the served model carries no id table. A ValueError says why a model cannot embed items."""
+        if self.item_encoder is not None:
+            return self.item_encoder(attributes)
+        if isinstance(self.user_tower, SequenceUserTower):
+            raise ValueError(
+                "this model's retriever (HSTU / SASRec) embeds items by id only, it has no item tower over "
+                "attributes: upsert each item with its embedding"
+            )
+        raise ValueError(
+            "this snapshot carries no item tower (published without one, e.g. by an older sterling or "
+            "from embeddings): upsert each item with its embedding, or publish the checkpoint again"
+        )
+
     def upsert(
-        self, ids: torch.Tensor | Sequence[int], embeddings: torch.Tensor, attributes: Sequence[Mapping]
+        self,
+        ids: torch.Tensor | Sequence[int],
+        embeddings: torch.Tensor | None = None,
+        attributes: Sequence[Mapping] = (),
     ) -> None:
-        """Insert or replace items (``ids int64 [M]``, distinct; item-tower ``embeddings float [M, D]``;
+        """Insert or replace items (``ids int64 [M]``, distinct; item-tower ``embeddings float [M, D]``,
+        or None: the item tower embeds them from their attributes, :meth:`embed_items`;
         attribute dicts): one new index row each, holding the int8 code and the cache row;
         visible to the next forward. A bad argument is a ValueError and changes nothing."""
+        if embeddings is None:
+            if len(attributes) != len(ids):
+                raise ValueError(
+                    f"an upsert without embeddings takes one attribute dict per id (the item tower embeds "
+                    f"them): got {len(ids)} ids and {len(attributes)} dicts"
+                )
+            embeddings = self.embed_items(attributes)
         vectors = torch.as_tensor(embeddings)
         if vectors.dim() != 2 or vectors.shape[1] != self.dim or not vectors.is_floating_point():
             raise ValueError(

@@ -5,13 +5,17 @@ The publish flow of SilverTorch §1.4, on a laptop:
 1. load the checkpoint: a two-tower model (optional OverArch) of ``sterling train``, or a next-item
    HSTU / SASRec retriever of ``sterling train --model hstu|sasrec``, whose encoder becomes the
    user tower (:mod:`sterling.models.sequence_tower`; one task, ``next``, no OverArch);
-2. **embedding evaluator**: the item tower encodes every item (the retriever: its item table);
+2. **embedding evaluator**: the item tower encodes every item (the retriever: its item table); an
+   item of the items file the checkpoint's catalogue does not hold is encoded *cold* (zero id
+   embedding, its known attribute terms), as the served model embeds an item upserted without an
+   embedding (:class:`~sterling.retrieval.item_table.ItemEncoder`, in the snapshot);
 3. **index builder**: int8 codes + IVF (k-means) + Bloom index + exact attributes, in one item order;
 4. **embedding cache**: per item, in the index's order, the item embedding (rounded to fp16 / bf16,
    what the user tower reads for histories; the index holds the tower's ``index_vectors`` of it,
    the embedding itself for the two-tower, L2-normalised for a retriever) and OverArch's item-side state (computed once here;
    ranking gathers it instead of re-running the item tower);
-5. **composer**: user tower + task queries + OverArch + Value Model formula + index + cache;
+5. **composer**: user tower + task queries + OverArch + Value Model formula + index + cache (+ the
+   two-tower's item tower over attributes, without its id table, for fresh items);
 6. the snapshot: ``index.safetensors``, ``cache.safetensors``, ``model.safetensors`` and a manifest
    naming every config; optionally (``export=True``) ``program.pt2``, the ``torch.export`` program of
    the whole forward, and (``aot=True``) ``program.aoti.pt2``, its AOTInductor package
@@ -42,7 +46,7 @@ from sterling.models.sequence_tower import SequenceTowerConfig, SequenceUserTowe
 from sterling.models.towers import ItemTerms, TaskQueries, TwoTowerConfig, UserTower
 from sterling.retrieval.config import ServingConfig
 from sterling.retrieval.export import aot_package, check_compiler, export_program
-from sterling.retrieval.item_table import cache_rows
+from sterling.retrieval.item_table import ItemEncoder, cache_rows
 from sterling.retrieval.model import RetrievalModel
 from sterling.snapshot import SnapshotError, read_snapshot, verify_snapshot, write_snapshot
 from sterling.train.checkpoint import load_checkpoint
@@ -74,7 +78,11 @@ def publish(
 
     Args:
         checkpoint (Path): a training checkpoint (:func:`sterling.train.loop.train`).
-        items_path (Path): the catalogue the model was trained on (same items, same order).
+        items_path (Path): the catalogue: every item the checkpoint was trained on, in any order;
+            a two-tower checkpoint's items file may hold more items, which its item tower embeds
+            *cold* (zero id embedding, the attribute terms it knows), as the served model embeds
+            an item upserted without an embedding. A next-item retriever or a ranker embeds items
+            by id: their items file lists exactly the trained items, in their order.
         out_dir (Path): the snapshot directory (replaced if it holds a snapshot).
         index_config (IndexConfig): how the index is built and searched.
         k0 (int): candidates per task query handed to OverArch.
@@ -93,7 +101,7 @@ def publish(
     ranker_model = None
     if ranker is not None:
         found = load_ranker_checkpoint(ranker)
-        _catalogue(items_path, found.item_ids)
+        _catalogue(items_path, found.item_ids)  # the ranker's item table is in this order
         ranker_model = found.model
     if verify_snapshot(checkpoint)["meta"].get("kind") == "sequence_checkpoint":
         return _publish_sequence(
@@ -113,10 +121,18 @@ def publish(
         max_history=cfg.max_history,
         queries=() if tasks == cfg.tasks else cfg.tasks,
     )  # bad settings and formulas fail here
-    item_ids, attributes = _catalogue(items_path, ckpt.item_ids)
+    item_ids, attributes, rows = _catalogue(items_path, ckpt.item_ids, cold=True)
     overarch = ckpt.overarch if use_overarch else None
     cache_dtype = getattr(torch, (ckpt.meta["train"].get("overarch") or {}).get("cache_dtype", "float16"))
-    vectors = encode_catalog(ckpt.model, ItemTerms.build(attributes, vocab=ckpt.term_vocab), len(item_ids))
+    encoder = ItemEncoder(ckpt.model.item_tower, ckpt.term_vocab)
+    trained = [{}] * len(ckpt.item_ids)  # the trained items' attributes, in the checkpoint's row order
+    for i in np.flatnonzero(rows >= 0):
+        trained[rows[i]] = attributes[i]
+    warm = encode_catalog(ckpt.model, ItemTerms.build(trained, vocab=ckpt.term_vocab), len(trained))
+    vectors = warm.new_empty(len(item_ids), warm.shape[1])
+    known = torch.from_numpy(rows >= 0)
+    vectors[known] = warm[torch.from_numpy(rows[rows >= 0])]
+    vectors[~known] = encoder([attributes[i] for i in np.flatnonzero(rows < 0)])
     return write_model_snapshot(
         Path(out_dir),
         cfg,
@@ -133,6 +149,7 @@ def publish(
         aot=aot,
         source={"data_dir": ckpt.meta.get("data_dir"), "metrics": ckpt.meta.get("metrics", {})},
         ranker=ranker_model,
+        item_encoder=encoder,
     )
 
 
@@ -164,7 +181,7 @@ def _publish_sequence(
         max_history=cfg.max_len,
         queries=() if ranker is None else (NEXT_TASK,),
     )  # bad settings and formulas fail here
-    item_ids, attributes = _catalogue(items_path, ckpt.item_ids)
+    item_ids, attributes, _ = _catalogue(items_path, ckpt.item_ids)
     return write_model_snapshot(
         Path(out_dir),
         towers,
@@ -183,16 +200,32 @@ def _publish_sequence(
     )
 
 
-def _catalogue(items_path: Path, trained_ids: np.ndarray) -> tuple[np.ndarray, list[dict]]:
-    """The item ids and attributes of ``items_path``, checked against the ids a checkpoint was
-    trained on (same items, same order)."""
+def _catalogue(
+    items_path: Path, trained_ids: np.ndarray, cold: bool = False
+) -> tuple[np.ndarray, list[dict], np.ndarray]:
+    """The item ids and attributes of ``items_path`` and each item's row in the checkpoint's
+    catalogue ``trained_ids`` (int64, -1: an item it does not hold). Every trained item must be
+    there; with ``cold`` in any order and beside other items, without it alone and in order."""
     item_ids, attributes, _ = read_items(Path(items_path))
-    if not np.array_equal(item_ids, trained_ids):
+    order = np.argsort(trained_ids, kind="stable")
+    at = np.searchsorted(trained_ids[order], item_ids).clip(max=max(len(trained_ids) - 1, 0))
+    found = trained_ids[order][at] == item_ids if len(trained_ids) else np.zeros(len(item_ids), bool)
+    rows = np.where(found, order[at], -1).astype(np.int64)
+    if cold and int(found.sum()) < len(trained_ids):  # ids are unique in both
+        held = np.zeros(len(trained_ids), bool)
+        held[rows[found]] = True
         raise ValueError(
-            f"{items_path} lists {len(item_ids):,} items that differ from the {len(trained_ids):,} "
-            "items the checkpoint was trained on; publish with the training data's items.parquet"
+            f"{items_path}'s items differ from the {len(trained_ids):,} the checkpoint was trained on: it lacks "
+            f"{int((~held).sum()):,} of them (e.g. {trained_ids[~held][:5].tolist()}); publish with the training "
+            "data's items (more items may be added: the item tower embeds them cold)"
         )
-    return item_ids, attributes
+    if not cold and not np.array_equal(item_ids, trained_ids):
+        raise ValueError(
+            f"{items_path} lists {len(item_ids):,} items that differ from the {len(trained_ids):,} items the "
+            "checkpoint was trained on; a next-item retriever or a ranker embeds items by id: publish it with "
+            "the training data's items.parquet (same items, same order)"
+        )
+    return item_ids, attributes, rows
 
 
 def write_model_snapshot(
@@ -211,6 +244,7 @@ def write_model_snapshot(
     aot: bool = False,
     source: dict | None = None,
     ranker: SequenceRanker | None = None,
+    item_encoder: ItemEncoder | None = None,
 ) -> Path:
     """Write the served model of given towers over a catalogue's item embeddings: the index
     builder, the embedding cache and the composer of :func:`publish`, without a checkpoint.
@@ -234,6 +268,9 @@ def write_model_snapshot(
         ranker (SequenceRanker | None): a request-level ranker trained on the same catalogue (its
             item table in ``item_ids`` row order): its item embeddings become the cache's last
             columns, its other weights the model's.
+        item_encoder (ItemEncoder | None): the two-tower's item tower over attributes (its term
+            table, MLP and term vocabulary): the loaded model embeds items upserted without an
+            embedding with it (None: upserts need their embedding).
     """
     if aot:
         check_compiler()  # before the work, not after it
@@ -251,6 +288,8 @@ def write_model_snapshot(
         weights |= {f"overarch.{k}": v for k, v in overarch.state_dict().items()}
     if ranker is not None:  # its item table lives in the cache
         weights |= {f"ranker.{k}": v for k, v in ranker.state_dict().items() if k != "items.weight"}
+    if item_encoder is not None:
+        weights |= item_encoder.weights()
     meta = {
         "kind": _KIND,
         "serving": serving.to_json(),
@@ -258,6 +297,7 @@ def write_model_snapshot(
         "user_tower": "sequence" if isinstance(user_tower, SequenceUserTower) else "two_tower",
         "overarch": None if overarch is None else overarch.cfg.to_json(),
         "ranker": None if ranker is None else ranker.cfg.to_json(),
+        "item_tower": None if item_encoder is None else {"term_vocab": list(item_encoder.vocab)},
         "index": index_meta,
         "source": source or {},
     }
@@ -329,5 +369,10 @@ def _compose(meta: dict, weights: dict[str, torch.Tensor], index: ItemIndex, cac
     for prefix, module in modules:
         if module is not None:
             module.load_state_dict({k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)})
-    model = RetrievalModel(user_tower, task_queries, index, cache, overarch, serving, ranker)
+    encoder = None  # absent from sequence snapshots and those published before it
+    if meta.get("item_tower") is not None:
+        encoder = ItemEncoder.from_weights(
+            TwoTowerConfig.from_json(meta["towers"]), meta["item_tower"]["term_vocab"], weights
+        )
+    model = RetrievalModel(user_tower, task_queries, index, cache, overarch, serving, ranker, encoder)
     return model.eval()

@@ -8,7 +8,8 @@ Endpoints (OpenAPI at ``/docs`` and ``/openapi.json``):
   user's history are never answered (``exclude_seen``, default true; false allows them), nor
   ``exclude_ids``; both are part of the filter, so ``k`` items still come back;
 - ``POST /v1/rank``: a user and ``item_ids`` → per-task and value scores from the cached item state;
-- ``POST /v1/items``: upsert (id, embedding, attributes) and delete items, live (bearer token);
+- ``POST /v1/items``: upsert (id, embedding, attributes) and delete items, live (bearer token); an
+  upsert without an embedding is embedded by the model's item tower from its attributes;
 - ``POST /v1/admin/reload``: swap in a snapshot (bearer token);
 - ``GET /v1/snapshot``, ``GET /healthz``, ``GET /readyz``, ``GET /metrics`` (Prometheus).
 
@@ -126,7 +127,11 @@ class RankRequest(UserPart):
 
 class ItemIn(_Strict):
     id: Id
-    embedding: list[Number] = Field(description="the item tower's embedding, D floats")
+    embedding: list[Number] | None = Field(
+        None,
+        description="the item tower's embedding, D floats; left out, the served two-tower model's item "
+        "tower embeds the item from its attributes (as publish embeds an item its checkpoint never saw)",
+    )
     attributes: dict[str, AttributeValue] = Field(default_factory=dict)
 
 
@@ -332,12 +337,17 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.post("/v1/items", summary="Upsert and delete items, live", dependencies=[Depends(authorized)])
     async def items(req: ItemsRequest) -> dict:
-        dims = {len(i.embedding) for i in req.upsert}
+        dims = {len(i.embedding) for i in req.upsert if i.embedding is not None}
         if len(dims) > 1:
             raise ValueError(f"the embeddings have different lengths {sorted(dims)}")
-        embeddings = torch.tensor([i.embedding for i in req.upsert], dtype=torch.float32).view(
-            len(req.upsert), dims.pop() if dims else 0
-        )
+        if all(i.embedding is not None for i in req.upsert):
+            embeddings: torch.Tensor | list = torch.tensor([i.embedding for i in req.upsert], dtype=torch.float32).view(
+                len(req.upsert), dims.pop() if dims else 0
+            )
+        else:  # those left out are embedded on the model thread, by the model that applies the update
+            embeddings = [
+                None if i.embedding is None else torch.tensor(i.embedding, dtype=torch.float32) for i in req.upsert
+            ]
         update = Update(
             [i.id for i in req.upsert], embeddings, [dict(i.attributes) for i in req.upsert], list(req.delete)
         )

@@ -90,23 +90,43 @@ class Query:
 
 @dataclass(frozen=True)
 class Update:
-    """One acknowledged item update: upserts (ids, embeddings, attributes) and deletes."""
+    """One acknowledged item update: upserts (ids, embeddings, attributes) and deletes.
+
+    ``embeddings`` is float32 ``[M, D]``, or one ``[D]`` vector or None per upsert: None asks the
+    model the update is applied to for the item's embedding (its item tower over the attributes,
+    :meth:`RetrievalModel.embed_items`), so a snapshot swapped in embeds it with its own tower.
+    """
 
     ids: list[int]
-    embeddings: torch.Tensor  # float32 [M, D]
+    embeddings: torch.Tensor | Sequence[torch.Tensor | None]
     attributes: list[dict]
     deletes: list[int]
 
     def apply(self, model: RetrievalModel) -> int:
         """Upserts, then deletes; returns the number deleted."""
         if self.ids:
-            model.upsert(self.ids, self.embeddings, self.attributes)
+            model.upsert(self.ids, self.vectors(model), self.attributes)
         return model.delete(self.deletes) if self.deletes else 0
+
+    def vectors(self, model: RetrievalModel) -> torch.Tensor:
+        """float32 ``[M, D]``: the upserts' embeddings, those not given embedded by ``model``
+        (before anything changes: a model that cannot embed items raises a ValueError here)."""
+        if isinstance(self.embeddings, torch.Tensor):
+            return self.embeddings
+        rows = list(self.embeddings)
+        cold = [i for i, e in enumerate(rows) if e is None]
+        if cold:
+            for i, e in zip(cold, model.embed_items([self.attributes[i] for i in cold])):
+                rows[i] = e
+        widths = sorted({len(e) for e in rows})
+        if len(widths) > 1:
+            raise ValueError(f"the embeddings have different lengths {widths}; the model's are {model.dim} floats")
+        return torch.stack(rows) if rows else torch.zeros(0, model.dim)
 
     @staticmethod
     def merged(updates: Sequence[Update]) -> Update:
         """One update with the effect of ``updates`` applied in order: each id's last operation."""
-        last: dict[int, tuple[torch.Tensor, dict] | None] = {}  # id → (embedding, attributes), None: deleted
+        last: dict[int, tuple[torch.Tensor | None, dict] | None] = {}  # id → (embedding, attributes), None: deleted
         for u in updates:
             for i, e, a in zip(u.ids, u.embeddings, u.attributes):
                 last.pop(i, None)
@@ -115,8 +135,12 @@ class Update:
                 last.pop(i, None)
                 last[i] = None
         ids = [i for i, v in last.items() if v is not None]
-        dim = updates[0].embeddings.shape[1] if updates else 0
-        vectors = torch.stack([last[i][0] for i in ids]) if ids else torch.zeros(0, dim)
+        given = [last[i][0] for i in ids]
+        if any(e is None for e in given):  # some are embedded by the model they are applied to
+            vectors: torch.Tensor | list = given
+        else:
+            dim = next((u.embeddings.shape[1] for u in updates if isinstance(u.embeddings, torch.Tensor)), 0)
+            vectors = torch.stack(given) if ids else torch.zeros(0, dim)
         return Update(ids, vectors, [last[i][1] for i in ids], [i for i, v in last.items() if v is None])
 
 

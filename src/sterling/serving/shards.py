@@ -327,12 +327,24 @@ class ShardedModel:
         if self._no_updates:
             raise ValueError(self._no_updates)
 
-    def upsert(self, ids: torch.Tensor | Sequence[int], embeddings: torch.Tensor, attributes: Sequence[dict]) -> None:
-        """Each item to its shard (``shard_of``), where the shard's model adds it. The arguments'
+    def embed_items(self, attributes: Sequence[dict]) -> torch.Tensor:
+        """:meth:`RetrievalModel.embed_items`, at the ingress (every shard carries the same item tower)."""
+        return self.head.embed_items(attributes)
+
+    def upsert(
+        self,
+        ids: torch.Tensor | Sequence[int],
+        embeddings: torch.Tensor | None = None,
+        attributes: Sequence[dict] = (),
+    ) -> None:
+        """Each item to its shard (``shard_of``), where the shard's model adds it; ``embeddings``
+        None: the item tower embeds them here first (:meth:`embed_items`). The arguments'
         shapes, ids and values are checked here first, so a bad one changes no shard (a shard may
         still refuse an attribute its store cannot hold, after the others took theirs)."""
         self._check_updates()
         ids = torch.as_tensor(ids, dtype=torch.int64)
+        if embeddings is None:
+            embeddings = self.embed_items(attributes)
         embeddings = torch.as_tensor(embeddings, dtype=torch.float32)
         if ids.dim() != 1 or embeddings.shape != (len(ids), self.dim) or len(attributes) != len(ids):
             raise ValueError(
