@@ -26,6 +26,11 @@ Beside them, the same held-out requests answered by:
   timestamps (``history_ts``, HSTU's time bias as in training) → top K. One run per seed of
   :attr:`RetrievalBenchConfig.seeds`; the row holds the mean and the standard error over seeds
   (``recall@K_se``; None with one seed) and each seed's numbers under ``per_seed``.
+* ``hstu+ranker``: each seed's served HSTU with the request-level ranker as its scoring stage
+  (``publish(..., ranker=)``): a :class:`~sterling.models.ranker.SequenceRanker` trained ROO-style
+  (:func:`~sterling.train.ranking.train_ranker`, :attr:`RetrievalBenchConfig.ranker`) on every
+  request but the held-out ones, re-scoring the K0 candidates of the index by the primary task's
+  probability: does the ranker raise recall over the index's own order (the ``hstu`` row)?
 
 Recall@K counts the held-out request's engaged items (positives of the primary task) in the top K;
 ``recall@K_unseen`` is the same with the user's whole history (every timeline event before the
@@ -70,6 +75,7 @@ from sterling.train.checkpoint import load_checkpoint
 from sterling.train.encode import encode_catalog
 from sterling.train.loop import TrainConfig, train
 from sterling.train.metrics import recall_at_k
+from sterling.train.ranking import RankingConfig, train_ranker
 from sterling.train.retrieval import RetrievalConfig, train_retrieval
 from sterling.train.split import holdout_requests
 
@@ -87,7 +93,8 @@ __all__ = [
 
 TWO_TOWER_ROWS = ("exact", "int8_bloom", "overarch", "overarch_vm")
 SEQUENCE_ROWS = ("hstu", "sasrec")
-ROWS = ("most_popular", *TWO_TOWER_ROWS, *SEQUENCE_ROWS)
+RANKER_ROW = "hstu+ranker"
+ROWS = ("most_popular", *TWO_TOWER_ROWS, *SEQUENCE_ROWS, RANKER_ROW)
 KS = (20, 50, 100, 200, 500)
 #: The cut-off of the relative comparison printed under the table.
 COMPARE_AT = 50
@@ -105,6 +112,7 @@ class RetrievalBenchConfig:
             row and seed; the rest, the budget included, is the same for both): GR's sizes (dim 50,
             max_len 200), at most 30 epochs, stopped after 5 without a better validation NDCG@10.
         seeds (tuple[int, ...]): one sequence run per seed and encoder.
+        ranker (RankingConfig): the ranker of the ``hstu+ranker`` row (its seed replaced per seed).
         k0 (int): candidates per task query.
         nprobe (int | None): lists probed (None: the index default).
         value_formula (str | None): the Value Model of the last row (None: a default over the tasks).
@@ -117,6 +125,7 @@ class RetrievalBenchConfig:
     train: TrainConfig = TrainConfig()
     sequence: RetrievalConfig = RetrievalConfig(epochs=30, patience=5)
     seeds: tuple[int, ...] = (0, 1)
+    ranker: RankingConfig = RankingConfig(dim=32, num_layers=2, epochs=2)
     k0: int = 1000
     nprobe: int | None = None
     value_formula: str | None = None
@@ -133,6 +142,7 @@ class RetrievalBenchConfig:
             train=TrainConfig(epochs=1, overarch=OverArchTrainConfig(epochs=1)),
             sequence=RetrievalConfig(dim=16, num_layers=1, max_len=50, epochs=1, batch_size=64, num_negatives=32),
             seeds=(0,),
+            ranker=RankingConfig(dim=16, num_layers=1, epochs=1, max_steps=3),
             k0=600,
             batch=32,
         )
@@ -346,6 +356,7 @@ def _sequence_rows(
     items = DatasetPaths(data_dir).items
     kmax = max(KS)
     rows = []
+    ranked_by_ranker = []
     for encoder in SEQUENCE_ROWS:
         per_seed = []
         for seed in cfg.seeds:
@@ -365,14 +376,48 @@ def _sequence_rows(
             one |= _recalls(ranked, unseen, held.relevant)
             _log_row(log, name, f"{encoder}/{seed}", one, f"  {qps:,.0f} QPS, best epoch {report.best_epoch}")
             per_seed.append(one)
-        row = {"row": encoder, "dataset": name, "requests": len(held.relevant), "value_formula": None}
-        row |= {"qps": float(np.mean([s["qps"] for s in per_seed])), "seeds": list(cfg.seeds)}
-        for key in _recall_keys():
-            row[key], row[f"{key}_se"] = _mean_se([s[key] for s in per_seed])
-        row["config"] = asdict(replace(cfg.sequence, encoder=encoder))
-        row["per_seed"] = per_seed
-        rows.append(row)
+            if encoder == "hstu":
+                ranked_by_ranker.append(_ranker_seed(data_dir, name, held, cfg, seed, out, log))
+        rows.append(_seeds_row(encoder, name, held, cfg, per_seed, asdict(replace(cfg.sequence, encoder=encoder))))
+    rows.append(_seeds_row(RANKER_ROW, name, held, cfg, ranked_by_ranker, asdict(cfg.ranker)))
     return rows
+
+
+def _seeds_row(
+    row_name: str, name: str, held: HeldOut, cfg: RetrievalBenchConfig, per_seed: list, config: dict
+) -> dict:
+    """A row of per-seed results: mean and standard error of every recall, the seeds kept."""
+    row = {"row": row_name, "dataset": name, "requests": len(held.relevant), "value_formula": None}
+    row |= {"qps": float(np.mean([s["qps"] for s in per_seed])), "seeds": list(cfg.seeds)}
+    for key in _recall_keys():
+        row[key], row[f"{key}_se"] = _mean_se([s[key] for s in per_seed])
+    return row | {"config": config, "per_seed": per_seed}
+
+
+def _ranker_seed(
+    data_dir: Path, name: str, held: HeldOut, cfg: RetrievalBenchConfig, seed: int, out: Path, log
+) -> dict:
+    """One seed of the ``hstu+ranker`` row: train the ranker on the non-held-out requests, publish
+    this seed's HSTU with it, answer the held-out requests."""
+    log(f"  {name:<14} ranker seed {seed}: ROO training on every request but the held-out ones")
+    t0 = time.perf_counter()
+    ranking = train_ranker(
+        data_dir, replace(cfg.ranker, seed=seed), log=lambda s: log(f"    {s}"), out_dir=out / "ranker"
+    )
+    train_s = time.perf_counter() - t0
+    items = DatasetPaths(data_dir).items
+    snapshot = publish(
+        out / "checkpoint" / "best", items, out / "snapshot-ranker", k0=cfg.k0, nprobe=cfg.nprobe, ranker=out / "ranker"
+    )
+    model = load_model(snapshot)
+    inputs = _sequence_inputs(model, held)
+    kmax = max(KS)
+    ranked, qps = _timed(lambda x, m=model: m(x, k=kmax).ids, inputs)
+    unseen = torch.cat([model(x, k=kmax, exclude=held.seen(p)).ids for x, p in zip(inputs, held.slices)])
+    one = {"seed": seed, "qps": qps, "train_s": train_s, "ranker_auc": ranking.auc, "ranker_ne": ranking.ne}
+    one |= _recalls(ranked, unseen, held.relevant)
+    _log_row(log, name, f"{RANKER_ROW}/{seed}", one, f"  {qps:,.0f} QPS")
+    return one
 
 
 # ------------------------------------------------------------------------------------- the table
@@ -549,6 +594,15 @@ def format_table(result: dict) -> str:
             f"(unseen {g['vs_most_popular_unseen']:+.1%}), vs {g['two_tower']} {g['vs_two_tower']:+.1%} "
             f"(unseen, vs {g['two_tower_unseen']}: {g['vs_two_tower_unseen']:+.1%})"
         )
+    lines.append("recall@20 of the ranker stage over the index's own order (hstu+ranker vs hstu)")
+    for name in dict.fromkeys(r["dataset"] for r in result["rows"]):
+        rows = {r["row"]: r for r in result["rows"] if r["dataset"] == name}
+        if RANKER_ROW in rows and "hstu" in rows:
+            a, b = rows[RANKER_ROW], rows["hstu"]
+            lines.append(
+                f"{name:<14} {a['recall@20']:.4f} vs {b['recall@20']:.4f} ({_gain(a['recall@20'], b['recall@20']):+.1%}); "
+                f"unseen {a['recall@20_unseen']:.4f} vs {b['recall@20_unseen']:.4f}"
+            )
     lines += ["", f"{'dataset':<14} {'ranking: cached':>16} {'recomputed':>11} {'speed-up':>9} identical"]
     for r in result["ranking"]:
         lines.append(

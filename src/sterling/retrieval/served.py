@@ -72,7 +72,10 @@ class ServedModel(Protocol):
     def value_of(self, task_scores: torch.Tensor, value: str | None = None) -> torch.Tensor: ...
 
     def upsert(
-        self, ids: torch.Tensor | Sequence[int], embeddings: torch.Tensor, attributes: Sequence[Mapping]
+        self,
+        ids: torch.Tensor | Sequence[int],
+        embeddings: torch.Tensor | None = None,
+        attributes: Sequence[Mapping] = (),
     ) -> None: ...
 
     def delete(self, ids: torch.Tensor | Sequence[int]) -> int: ...
