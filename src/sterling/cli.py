@@ -8,7 +8,7 @@ Sub-commands::
     sterling data convert SRC OUT [--order time]    request rows ⇄ impression rows (lossless, streaming)
     sterling data stats DIR [--json]                sizes of both formats
     sterling train --data DIR --out CKPT [--nproc N]   two-tower + OverArch on request batches (DDP), held-out recall
-    sterling train --model hstu|sasrec --data DIR [--out CKPT] [--patience N]   next-item retrieval, leave-last-out HR@k / NDCG@k
+    sterling train --model hstu|sasrec --data DIR [--out CKPT] [--patience N] [--multi-task]   next-item retrieval, leave-last-out HR@k / NDCG@k
     sterling train --ranker --data DIR [--out CKPT] [--encoder hstu|sasrec]   request-level ranker (ROO), held-out AUC / NE / GAUC
     sterling publish --checkpoint CKPT --data DIR --out SNAP [--value FORMULA] [--export]
     sterling query --snapshot SNAP --user ID [--filter EXPR] [-k 10] [--json]
@@ -79,7 +79,7 @@ def _cmd_stats(args: argparse.Namespace) -> None:
 
 RETRIEVAL_MODELS = ("hstu", "sasrec")
 _SEQUENCE_ONLY = ("max_len", "layers", "lr", "dropout")  # --model hstu|sasrec or --ranker
-_RETRIEVAL_ONLY = ("eval_every", "patience")
+_RETRIEVAL_ONLY = ("eval_every", "patience", "multi_task")
 _RANKER_ONLY = ("encoder", "heads", "token_budget", "max_impressions")
 
 
@@ -217,6 +217,7 @@ def _train_retrieval(args: argparse.Namespace) -> None:
         "dropout": args.dropout,
         "eval_every": args.eval_every,
         "patience": args.patience,
+        "multi_task": args.multi_task,
     }
     cfg = RetrievalConfig(
         encoder=args.model,
@@ -245,6 +246,13 @@ def _train_retrieval(args: argparse.Namespace) -> None:
             rows.append(("test (last)", report.last_test))
     for label, metrics in (*rows, ("popular (test)", report.popular_test)):
         print(f"  {label:<16}" + "".join(f"{metrics[n]:>9.4f}" for n in names))
+    if report.tasks:
+        print(f"  {'HR@10 per task':<16}{'query':>9}{'next':>9}   (users whose held-out event has the task)")
+        for task in report.tasks:
+            for label, metrics in rows:
+                nan = float("nan")  # no held-out event of the task
+                got, base = metrics.get(f"hr@10:{task}", nan), metrics.get(f"hr@10:{task}(next)", nan)
+                print(f"  {task + ' ' + label.split()[0]:<16}{got:>9.4f}{base:>9.4f}")
     if out is not None:
         best = (
             f"{out / 'best'} (epoch {report.best_epoch})" if report.best_epoch is not None else "no best (no epoch ran)"
@@ -472,6 +480,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="stop after N epochs without a better validation NDCG@10 (validates every epoch; the best epoch is reported)",
+    )
+    r.add_argument(
+        "--multi-task",
+        action="store_true",
+        default=None,
+        help="also train one task query per label of the data (action bit j = label j: click/like/share, "
+        "MovieLens like/love) on the next events with that action, beside the next-item query; "
+        "reports per-task HR@10",
     )
     rk = t.add_argument_group("ranker options (--ranker)")
     rk.add_argument("--encoder", choices=RETRIEVAL_MODELS, help="the ranker's user tower (hstu)")

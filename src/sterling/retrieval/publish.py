@@ -166,27 +166,41 @@ def _publish_sequence(
     ranker: SequenceRanker | None,
 ) -> Path:
     """:func:`publish` of a next-item retriever: its encoder as the user tower, its item table as
-    the item embeddings (L2-normalised in the index), one task (:data:`NEXT_TASK`), no OverArch."""
+    the item embeddings (L2-normalised in the index), no OverArch. A single-task retriever has one
+    task query, :data:`NEXT_TASK` (the user embedding itself). A multi-task one (``sterling train
+    --model hstu --multi-task``) serves ``(NEXT_TASK, *its tasks)``: the next query first (a zero
+    residual, so the user embedding itself), then its trained task queries; each task's score of a
+    candidate is its query's inner product with the candidate's stored vector, and the answer is
+    ranked by the primary task's (``next`` unless a Value Model formula is given, or
+    ``load_model(primary_task=...)`` picks a task). With a ranker, the ranker's tasks are the
+    served ones and these are the queries that retrieve its candidates."""
     ckpt = load_sequence_checkpoint(checkpoint)
     cfg = ckpt.model.cfg
     towers = SequenceTowerConfig(cfg.encoder, cfg.dim, cfg.num_layers, cfg.num_heads, cfg.max_len)
     user_tower = SequenceUserTower(towers)
     user_tower.encoder.load_state_dict(ckpt.model.encoder.state_dict())
-    tasks = (NEXT_TASK,) if ranker is None else ranker.cfg.tasks
+    names = (NEXT_TASK, *ckpt.model.tasks)
+    tasks = names if ranker is None else ranker.cfg.tasks
     serving = ServingConfig(
         tasks=tasks,
         k0=k0,
         nprobe=nprobe,
+        primary_task=NEXT_TASK if ranker is None and ckpt.model.tasks else None,  # next: tasks[0] either way
         value_formula=value_formula,
         max_history=cfg.max_len,
-        queries=() if ranker is None else (NEXT_TASK,),
+        queries=() if ranker is None else names,
     )  # bad settings and formulas fail here
     item_ids, attributes, _ = _catalogue(items_path, ckpt.item_ids)
+    queries = TaskQueries(cfg.dim, len(names))  # zero-initialised: next is the user embedding itself
+    if ckpt.model.task_queries is not None:  # the trained heads after next's zero rows
+        with torch.no_grad():
+            queries.proj.weight[cfg.dim :] = ckpt.model.task_queries.proj.weight
+            queries.proj.bias[cfg.dim :] = ckpt.model.task_queries.proj.bias
     return write_model_snapshot(
         Path(out_dir),
         towers,
         user_tower.eval(),
-        TaskQueries(cfg.dim, 1),  # zero-initialised: the user embedding itself
+        queries,
         None,
         item_ids,
         attributes,

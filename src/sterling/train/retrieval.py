@@ -35,11 +35,26 @@ grows with its popularity, but a batch of 128 MovieLens users covers most of the
 1,290 of ML-100K's 1,682 items, 2,480 of the ML-1M subset's 3,883, so the softmax is close to a
 full one). GR samples 128 uniform negatives per position and masks only those equal to the positive.
 
+**Multi-task** (``RetrievalConfig.multi_task``, ``sterling train --model hstu --multi-task``): the
+tasks are the dataset's labels (``users.parquet``'s roles; action bit ``j`` of a timeline event is
+task ``j``: synthetic click / like / share, MovieLens like (rating >= 4) / love (5)). The model
+adds one task query per task over every position's output
+(:meth:`~sterling.train.sequence_model.SequenceRetriever.all_queries`); the **next** query is the
+plain output, as in a single-task model, not one of the task heads. The loss is the next query's
+sampled softmax (as above) **plus, per task, the same sampled softmax of that task's query over
+only the positions whose next event has the task's bit** (the other positions are masked out of
+that task's loss; a task without a positive in the batch adds 0). Every head shares one candidate
+set and its same-user mask (:func:`multi_task_loss`); each head's loss is the mean over its own
+positions, and the heads are summed with weight 1.
+
 **Evaluation: full corpus.** The query at the last position of the history scores every item of
 the catalogue (no sampling); the target's rank is the number of items scoring strictly higher
 (:func:`~sterling.train.metrics.target_ranks`). History items are **not** excluded from the
 ranking, as in GR. HR@10, NDCG@10, HR@50, NDCG@50 and MRR for validation and test, computed
-``eval_chunk`` users at a time; a most-popular baseline (train-target counts) beside them.
+``eval_chunk`` users at a time; a most-popular baseline (train-target counts) beside them. A
+multi-task model adds, per task, ``hr@10:<task>``: the HR@10 of the task's query over the users
+whose held-out event has the task's bit, and ``hr@10:<task>(next)``: the next query's on the same
+users (:func:`task_metrics`). Model selection reads the next query's NDCG@10 either way.
 
 **Model selection and checkpoints.** With a checkpoint directory (``out_dir``) or ``patience``,
 the model is validated after every epoch; the epoch with the best validation NDCG@10 is the one
@@ -65,12 +80,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
 from sterling.data.batch import ItemCatalog, UserTimelines
 from sterling.data.items import read_items
-from sterling.data.schema import DatasetPaths
+from sterling.data.schema import DatasetPaths, read_roles
 from sterling.models import jagged
 from sterling.train.metrics import hit_rate, ndcg, target_ranks
 from sterling.train.sequence_checkpoint import write_sequence_checkpoint
@@ -87,10 +103,15 @@ __all__ = [
     "evaluate_ranks",
     "leave_last_out",
     "load_catalog_timelines",
+    "load_task_names",
     "load_timelines",
+    "multi_task_loss",
     "popularity_ranks",
+    "query_ranks",
     "ranking_metrics",
     "sampled_softmax_loss",
+    "task_bits",
+    "task_metrics",
     "train_retrieval",
 ]
 
@@ -103,12 +124,14 @@ CUTOFFS = (10, 50)
 @dataclass(frozen=True)
 class Sequences:
     """Jagged event sequences: ``items``, ``ts`` int64 ``[L]`` (oldest first within a row),
-    ``offsets`` int64 ``[B + 1]``, ``users`` int64 ``[B]`` (the timeline row of each sequence)."""
+    ``offsets`` int64 ``[B + 1]``, ``users`` int64 ``[B]`` (the timeline row of each sequence),
+    ``actions`` int64 ``[L]`` the events' action bitmasks (None: not loaded)."""
 
     items: torch.Tensor
     ts: torch.Tensor
     offsets: torch.Tensor
     users: torch.Tensor
+    actions: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.users.numel())
@@ -116,15 +139,18 @@ class Sequences:
     def rows(self, rows: torch.Tensor) -> Sequences:
         """The sequences ``rows [M]``, in that order."""
         index, offsets = jagged.gather_rows(self.offsets, rows)
-        return Sequences(self.items[index], self.ts[index], offsets, self.users[rows])
+        actions = None if self.actions is None else self.actions[index]
+        return Sequences(self.items[index], self.ts[index], offsets, self.users[rows], actions)
 
 
 @dataclass(frozen=True)
 class EvalSet:
-    """Histories and the next item of each: ``targets`` int64 ``[B]``."""
+    """Histories and the next item of each: ``targets`` int64 ``[B]``, and its action bitmask
+    ``target_actions`` int64 ``[B]`` (None: not loaded)."""
 
     history: Sequences
     targets: torch.Tensor
+    target_actions: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.history)
@@ -140,7 +166,13 @@ class LeaveLastOut:
 
 
 def _ranges(
-    offsets: np.ndarray, items: np.ndarray, ts: np.ndarray, users: np.ndarray, start: np.ndarray, end: np.ndarray
+    offsets: np.ndarray,
+    items: np.ndarray,
+    ts: np.ndarray,
+    users: np.ndarray,
+    start: np.ndarray,
+    end: np.ndarray,
+    actions: np.ndarray | None = None,
 ) -> Sequences:
     """The event ranges ``[start[i], end[i])`` as jagged sequences."""
     lens = end - start
@@ -148,26 +180,34 @@ def _ranges(
     np.cumsum(lens, out=out_offsets[1:])
     index = np.repeat(start - out_offsets[:-1], lens) + np.arange(out_offsets[-1])
     t = torch.from_numpy
-    return Sequences(t(items[index].copy()), t(ts[index].copy()), t(out_offsets), t(users.copy()))
+    acts = None if actions is None else t(actions[index].copy())
+    return Sequences(t(items[index].copy()), t(ts[index].copy()), t(out_offsets), t(users.copy()), acts)
 
 
-def leave_last_out(offsets: np.ndarray, items: np.ndarray, ts: np.ndarray, max_len: int) -> LeaveLastOut:
+def leave_last_out(
+    offsets: np.ndarray, items: np.ndarray, ts: np.ndarray, max_len: int, actions: np.ndarray | None = None
+) -> LeaveLastOut:
     """Split timelines (``offsets [U + 1]``, ``items``, ``ts`` ``[E]``, oldest first per user) into
-    training sequences and validation / test histories with their targets (module docstring)."""
+    training sequences and validation / test histories with their targets (module docstring);
+    with the events' action bitmasks ``actions [E]``, the sequences carry theirs and the held-out
+    sets their targets'."""
     offsets, items, ts = (np.asarray(a, dtype=np.int64) for a in (offsets, items, ts))
+    if actions is not None:
+        actions = np.asarray(actions, dtype=np.int64)
     first, stop = offsets[:-1], offsets[1:]
     evaluated = (stop - first) >= 3
     train_end = np.where(evaluated, stop - 2, stop)
     train_start = np.maximum(first, train_end - max_len)
     keep = (train_end - train_start) >= 2
     rows = np.arange(len(first), dtype=np.int64)
-    train = _ranges(offsets, items, ts, rows[keep], train_start[keep], train_end[keep])
+    train = _ranges(offsets, items, ts, rows[keep], train_start[keep], train_end[keep], actions)
 
     def held_out(target: np.ndarray) -> EvalSet:
         u = rows[evaluated]
         at = target[evaluated]
-        history = _ranges(offsets, items, ts, u, np.maximum(first[evaluated], at - max_len), at)
-        return EvalSet(history, torch.from_numpy(items[at].copy()))
+        history = _ranges(offsets, items, ts, u, np.maximum(first[evaluated], at - max_len), at, actions)
+        target_actions = None if actions is None else torch.from_numpy(actions[at].copy())
+        return EvalSet(history, torch.from_numpy(items[at].copy()), target_actions)
 
     return LeaveLastOut(train, held_out(stop - 2), held_out(stop - 1))
 
@@ -199,10 +239,63 @@ def sampled_softmax_loss(
     Returns:
         torch.Tensor: the mean cross-entropy (a scalar).
     """
+    candidates, positive, mask = _candidates(targets, owner, seq_items, seq_offsets, negatives)
+    logits = (queries / temperature) @ embed(candidates).T  # [P, C]
+    return F.cross_entropy(logits.masked_fill(mask, float("-inf")), positive)
+
+
+def multi_task_loss(
+    queries: torch.Tensor,
+    targets: torch.Tensor,
+    counts: torch.Tensor,
+    owner: torch.Tensor,
+    seq_items: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    negatives: torch.Tensor,
+    embed: Callable[[torch.Tensor], torch.Tensor],
+    temperature: float,
+) -> torch.Tensor:
+    """Per head, the sampled softmax of :func:`sampled_softmax_loss` over the positions it counts.
+
+    Every head scores the same candidates (the batch's targets, all of them, and ``negatives``)
+    with the same same-user mask; head ``h``'s loss is the mean cross-entropy over the positions
+    with ``counts[:, h]`` (0 where it counts none). A head counting every position is exactly
+    :func:`sampled_softmax_loss` of its queries.
+
+    Args:
+        queries (torch.Tensor): float ``[P, H, D]`` unit-norm queries, per position and head.
+        counts (torch.Tensor): bool ``[P, H]``: position ``p``'s target is a positive of head ``h``.
+        targets, owner, seq_items, seq_offsets, negatives, embed, temperature: as
+            :func:`sampled_softmax_loss`.
+
+    Returns:
+        torch.Tensor: float ``[H]`` the heads' losses.
+    """
+    candidates, positive, mask = _candidates(targets, owner, seq_items, seq_offsets, negatives)
+    vectors = embed(candidates)  # [C, D]
+    losses = []
+    for h in range(queries.shape[1]):
+        keep = counts[:, h]
+        if not bool(keep.any()):
+            losses.append(queries.new_zeros(()))
+            continue
+        logits = (queries[keep, h] / temperature) @ vectors.T  # [P_h, C]
+        losses.append(F.cross_entropy(logits.masked_fill(mask[keep], float("-inf")), positive[keep]))
+    return torch.stack(losses)
+
+
+def _candidates(
+    targets: torch.Tensor,
+    owner: torch.Tensor,
+    seq_items: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    negatives: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The de-duplicated candidates ``[C]`` (sorted), each position's positive column ``[P]`` and
+    the same-user mask ``[P, C]`` (True: out of the position's softmax)."""
     p = targets.numel()
     candidates, inverse = torch.unique(torch.cat([targets, negatives]), return_inverse=True)  # sorted [C]
     positive = inverse[:p]  # [P]
-    logits = (queries / temperature) @ embed(candidates).T  # [P, C]
     # member[b, c]: candidate c is an item of batch sequence b
     row, _ = jagged.row_and_column(seq_offsets)
     at = torch.searchsorted(candidates, seq_items).clamp(max=candidates.numel() - 1)
@@ -211,7 +304,12 @@ def sampled_softmax_loss(
     member[row[hit], at[hit]] = True
     mask = member[owner]  # [P, C]
     mask[torch.arange(p), positive] = False
-    return F.cross_entropy(logits.masked_fill(mask, float("-inf")), positive)
+    return candidates, positive, mask
+
+
+def task_bits(actions: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """bool ``[n, T]``: action bitmasks ``[n]`` → whether each event has task ``j``'s bit ``j``."""
+    return ((actions[:, None] >> torch.arange(num_tasks)) & 1).bool()
 
 
 def _trained_positions(offsets: torch.Tensor) -> torch.Tensor:
@@ -223,10 +321,28 @@ def _trained_positions(offsets: torch.Tensor) -> torch.Tensor:
 
 
 def batch_loss(model: SequenceRetriever, batch: Sequences, negatives: torch.Tensor) -> torch.Tensor:
-    """The loss of one batch of training sequences (every position with a next item is trained)."""
+    """The loss of one batch of training sequences (every position with a next item is trained);
+    a multi-task model's adds each task's loss over the positions whose next event has its bit
+    (module docstring; the batch needs its ``actions``)."""
     queries = model(batch.items, batch.ts, batch.offsets)  # [L, D]
     anchor = _trained_positions(batch.offsets)  # [P]
     owner, _ = jagged.row_and_column(batch.offsets)
+    if model.tasks:
+        if batch.actions is None:
+            raise ValueError("a multi-task retriever trains on sequences with their actions")
+        bits = task_bits(batch.actions[anchor + 1], len(model.tasks))  # [P, T]
+        counts = torch.cat([torch.ones(len(anchor), 1, dtype=torch.bool), bits], 1)  # next: every position
+        return multi_task_loss(
+            model.all_queries(queries[anchor]),
+            batch.items[anchor + 1],
+            counts,
+            owner[anchor],
+            batch.items,
+            batch.offsets,
+            negatives,
+            model.item_vectors,
+            model.cfg.temperature,
+        ).sum()
     return sampled_softmax_loss(
         queries[anchor],
         batch.items[anchor + 1],
@@ -245,7 +361,14 @@ def batch_loss(model: SequenceRetriever, batch: Sequences, negatives: torch.Tens
 @torch.no_grad()
 def evaluate_ranks(model: SequenceRetriever, data: EvalSet, chunk: int = 256) -> torch.Tensor:
     """int64 ``[B]``: the full-corpus rank of each target (items scoring strictly higher), the query
-    being the output at the history's last position; ``chunk`` users at a time."""
+    being the output at the history's last position (the next query); ``chunk`` users at a time."""
+    return query_ranks(model, data, chunk)[:, 0]
+
+
+@torch.no_grad()
+def query_ranks(model: SequenceRetriever, data: EvalSet, chunk: int = 256) -> torch.Tensor:
+    """int64 ``[B, 1 + T]``: :func:`evaluate_ranks` for each of the model's queries at the
+    history's last position (column 0: next; then each task's)."""
     was_training = model.training
     model.eval()
     items = model.item_vectors()  # [N, D]
@@ -253,10 +376,34 @@ def evaluate_ranks(model: SequenceRetriever, data: EvalSet, chunk: int = 256) ->
     for s in range(0, len(data), chunk):
         rows = torch.arange(s, min(s + chunk, len(data)))
         h = data.history.rows(rows)
-        queries = model(h.items, h.ts, h.offsets)[h.offsets[1:] - 1]  # [b, D]
-        ranks.append(target_ranks(queries @ items.T, data.targets[rows]))
+        heads = model.all_queries(model(h.items, h.ts, h.offsets)[h.offsets[1:] - 1])  # [b, 1 + T, D]
+        targets = data.targets[rows]
+        ranks.append(torch.stack([target_ranks(heads[:, j] @ items.T, targets) for j in range(heads.shape[1])], 1))
     model.train(was_training)
-    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.int64)
+    return torch.cat(ranks) if ranks else torch.zeros(0, 1 + len(model.tasks), dtype=torch.int64)
+
+
+def task_metrics(ranks: torch.Tensor, target_actions: torch.Tensor, tasks: tuple[str, ...], k: int = 10) -> dict:
+    """Per task ``t`` (bit ``j``) of :func:`query_ranks`' ``[B, 1 + T]``, over the targets with the
+    bit: ``hr@k:t``, the HR@k of the task's query, and ``hr@k:t(next)``, the next query's (a task
+    no target has is left out: checkpoint metadata holds no NaN)."""
+    bits = task_bits(target_actions, len(tasks))
+    out = {}
+    for j, task in enumerate(tasks):
+        has = bits[:, j]
+        if not bool(has.any()):
+            continue
+        out[f"hr@{k}:{task}"] = hit_rate(ranks[has, 1 + j], k)
+        out[f"hr@{k}:{task}(next)"] = hit_rate(ranks[has, 0], k)
+    return out
+
+
+def _evaluate(model: SequenceRetriever, data: EvalSet, chunk: int) -> dict[str, float]:
+    """:func:`ranking_metrics` of the next query, and a multi-task model's :func:`task_metrics`."""
+    if not model.tasks:
+        return ranking_metrics(evaluate_ranks(model, data, chunk))
+    ranks = query_ranks(model, data, chunk)
+    return {**ranking_metrics(ranks[:, 0]), **task_metrics(ranks, data.target_actions, model.tasks)}
 
 
 def ranking_metrics(ranks: torch.Tensor, cutoffs: tuple[int, ...] = CUTOFFS) -> dict[str, float]:
@@ -302,6 +449,8 @@ class RetrievalReport:
             ``patience``).
         best_epoch (int | None): the epoch (1-based) with the best validation NDCG@10, when
             validation ran every epoch; None otherwise.
+        tasks (tuple[str, ...]): a multi-task model's task names (their metrics are the
+            ``hr@10:<task>`` keys of ``valid`` / ``test``); ``()`` for a single-task one.
         last_test (dict): the test metrics of the last epoch's model when it is not the reported
             one ({} when it is, or when no best was selected).
     """
@@ -320,6 +469,7 @@ class RetrievalReport:
     curve: list[dict] = field(default_factory=list)
     best_epoch: int | None = None
     last_test: dict[str, float] = field(default_factory=dict)
+    tasks: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
         return {**asdict(self), "config": asdict(self.config)}
@@ -338,6 +488,13 @@ def load_catalog_timelines(data_dir: Path) -> tuple[UserTimelines, np.ndarray]:
     item_ids, _, _ = read_items(paths.items)
     catalog = ItemCatalog(item_ids)
     return UserTimelines.read(paths.users, catalog), catalog.item_ids
+
+
+def load_task_names(data_dir: Path) -> tuple[str, ...]:
+    """The task names of a request-format dataset: its labels (``users.parquet``'s roles), label
+    ``j`` being bit ``j`` of a timeline event's action."""
+    path = DatasetPaths(Path(data_dir)).users
+    return read_roles(pq.read_schema(path), str(path)).labels
 
 
 def load_timelines(data_dir: Path) -> tuple[UserTimelines, int]:
@@ -380,8 +537,12 @@ def train_retrieval(
     torch.manual_seed(cfg.seed)
     timelines, item_ids = load_catalog_timelines(Path(data_dir))
     num_items = len(item_ids)
-    split = leave_last_out(timelines.offsets, timelines.item_rows, timelines.ts, cfg.max_len)
-    model = SequenceRetriever(num_items, cfg)
+    tasks = load_task_names(Path(data_dir)) if cfg.multi_task else ()
+    if cfg.multi_task and not tasks:
+        raise ValueError(f"{data_dir}: multi-task training needs the dataset's labels; users.parquet names none")
+    actions = timelines.actions if cfg.multi_task else None
+    split = leave_last_out(timelines.offsets, timelines.item_rows, timelines.ts, cfg.max_len, actions)
+    model = SequenceRetriever(num_items, cfg, tasks)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(cfg.seed)
     train = split.train
@@ -394,6 +555,7 @@ def train_retrieval(
     log(
         f"retrieval ({cfg.encoder}): {num_items:,} items, {len(train):,} training sequences "
         f"({int(train.offsets[-1]):,} events), {len(split.test):,} evaluated users"
+        + (f"; tasks next + {', '.join(tasks)}" if tasks else "")
     )
 
     def save(name: str, epoch: int, at_step: int, metrics: dict) -> Path:
@@ -428,7 +590,7 @@ def train_retrieval(
         point = {"epoch": round(epochs_done, 3), "steps": steps, "loss": total / (i + 1), "train_s": elapsed}
         periodic = cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs and not done
         if every_epoch or periodic:
-            point["valid"] = ranking_metrics(evaluate_ranks(model, split.valid, cfg.eval_chunk))
+            point["valid"] = _evaluate(model, split.valid, cfg.eval_chunk)
         curve.append(point)
         valid = point.get("valid", {})
         valid_txt = "".join(f", valid {k.upper()} {valid[k]:.4f}" for k in ("hr@10", "ndcg@10") if k in valid)
@@ -458,8 +620,8 @@ def train_retrieval(
     # the last model
     last_valid = curve[-1]["valid"] if every_epoch and curve else None
     if last_valid is None:
-        last_valid = ranking_metrics(evaluate_ranks(model, split.valid, cfg.eval_chunk))
-    last_test = ranking_metrics(evaluate_ranks(model, split.test, cfg.eval_chunk))
+        last_valid = _evaluate(model, split.valid, cfg.eval_chunk)
+    last_test = _evaluate(model, split.test, cfg.eval_chunk)
     if out_dir is not None:
         path = save("last", last_epoch, steps, {"valid": last_valid, "test": last_test})
         log(f"  wrote the last model (epoch {last_epoch}) to {path}")
@@ -469,7 +631,7 @@ def train_retrieval(
         best_epoch = best["epoch"]
         if best_epoch != last_epoch:
             model.load_state_dict(best["state"])
-            valid, test = best["valid"], ranking_metrics(evaluate_ranks(model, split.test, cfg.eval_chunk))
+            valid, test = best["valid"], _evaluate(model, split.test, cfg.eval_chunk)
         else:
             last_test = {}
         if out_dir is not None:  # the final metrics beside the same weights
@@ -495,6 +657,7 @@ def train_retrieval(
         curve=curve,
         best_epoch=best_epoch,
         last_test=last_test,
+        tasks=tasks,
     )
     label = "" if best_epoch is None else f" (epoch {best_epoch})"
     for name, metrics in ((f"valid{label}", valid), (f"test{label}", test), ("popular (test)", popular)):

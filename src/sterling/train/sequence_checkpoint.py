@@ -6,10 +6,13 @@ Layout (one snapshot directory, kind ``"sequence_checkpoint"``)::
     manifest.json         meta: {"kind": "sequence_checkpoint",
                                  "retrieval": asdict(RetrievalConfig),   the model's sizes
                                  "num_items": N,
+                                 "tasks": [...],   a multi-task model's task names, head order
+                                                   ([] single-task; absent in older checkpoints)
                                  **run}            e.g. data_dir, epoch, steps, metrics
     model.safetensors     the SequenceRetriever's state_dict:
                             item_table.weight      float32 [N, D]
                             encoder.*              the HSTU / SASRec encoder
+                            task_queries.proj.*    multi-task only: weight [T·D, D], bias [T·D]
                           and catalog.item_ids     int64 [N]   external item ids, in row order
 
 Read back without pickle, every checksum verified (:func:`~sterling.snapshot.read_snapshot`).
@@ -46,8 +49,8 @@ class SequenceCheckpoint:
         model (SequenceRetriever): the model, in eval mode.
         item_ids (np.ndarray): int64 ``[N]`` external item ids; row ``i`` of the item table is item
             ``item_ids[i]``.
-        meta (dict): the snapshot's metadata: ``kind``, ``retrieval`` (the config), ``num_items``
-            and the run's keys (``data_dir``, ``epoch``, ``metrics`` …).
+        meta (dict): the snapshot's metadata: ``kind``, ``retrieval`` (the config), ``num_items``,
+            ``tasks`` (a multi-task model's task names) and the run's keys (``data_dir``, ``epoch``, ``metrics`` …).
     """
 
     model: SequenceRetriever
@@ -63,12 +66,12 @@ def write_sequence_checkpoint(out_dir: Path, model: SequenceRetriever, item_ids:
         model (SequenceRetriever): the model (its ``cfg`` and ``state_dict``, item table ``[N, D]``).
         item_ids (np.ndarray): int64 ``[N]`` the catalogue's external item ids, in row order.
         run (dict): JSON metadata of the run (data directory, epoch, metrics …); may not use the
-            keys ``kind``, ``retrieval``, ``num_items``.
+            keys ``kind``, ``retrieval``, ``num_items``, ``tasks``.
 
     Returns:
         Path: the checkpoint's directory.
     """
-    config = {"retrieval": dataclasses.asdict(model.cfg), "num_items": model.num_items}
+    config = {"retrieval": dataclasses.asdict(model.cfg), "num_items": model.num_items, "tasks": list(model.tasks)}
     return write_catalog_checkpoint(out_dir, KIND, model, item_ids, model.num_items, config, run)
 
 
@@ -85,7 +88,9 @@ def load_sequence_checkpoint(path: Path) -> SequenceCheckpoint:
     try:
         cfg = RetrievalConfig(**meta["retrieval"])
         num_items = int(meta["num_items"])
-    except (KeyError, TypeError) as e:
+        tasks = tuple(meta.get("tasks", ()))
+        module = SequenceRetriever(num_items, cfg, tasks)
+    except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: the checkpoint's retrieval config cannot be read: {e}") from None
-    model = load_weights(SequenceRetriever(num_items, cfg), tensors, item_ids, num_items, path)
+    model = load_weights(module, tensors, item_ids, num_items, path)
     return SequenceCheckpoint(model, item_ids, meta)

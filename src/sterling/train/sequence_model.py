@@ -16,6 +16,13 @@ only the encoder's attention pads, to the longest sequence of the batch::
       → encoder (causal)            [L, D]
       → L2 normalise                [L, D]         position i: the query for event i + 1
 
+**Multi-task** (``RetrievalConfig.multi_task``, the model built with the dataset's task names, e.g.
+``("click", "like", "share")``): a :class:`~sterling.models.towers.TaskQueries` over that output
+(one zero-initialised residual per task, L2-normalised) gives one more query per task and
+position, ``[L, T, D]``, trained on the next events that carry the task's action bit. The plain
+output stays the **next** query (:data:`NEXT`, not one of the T heads): ``all_queries`` is
+``[L, 1 + T, D]``, ``next`` first, the order the served model's task queries take.
+
 Saved and loaded by :mod:`sterling.train.sequence_checkpoint`; served as the user tower of
 :mod:`sterling.models.sequence_tower`.
 """
@@ -30,10 +37,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from sterling.models.ranker import make_encoder
+from sterling.models.towers import TaskQueries
 
-__all__ = ["ENCODERS", "RetrievalConfig", "SequenceRetriever"]
+__all__ = ["ENCODERS", "NEXT", "RetrievalConfig", "SequenceRetriever"]
 
 ENCODERS = ("hstu", "sasrec")
+#: The name of the plain next-item query (the encoder's output itself).
+NEXT = "next"
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,8 @@ class RetrievalConfig:
         max_steps (int | None): stop after this many steps (smoke runs).
         patience (int | None): stop after this many validations in a row without a better
             validation NDCG@10 (validates every epoch; None: run every epoch).
+        multi_task (bool): also train one task query per task of the dataset (its labels: action
+            bit ``j`` is task ``j``) beside the next query (module docstring).
     """
 
     encoder: str = "hstu"
@@ -77,6 +89,7 @@ class RetrievalConfig:
     seed: int = 0
     max_steps: int | None = None
     patience: int | None = None
+    multi_task: bool = False
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:
@@ -97,23 +110,42 @@ class SequenceRetriever(nn.Module):
     Args:
         num_items (int): rows of the item table (the catalogue).
         cfg (RetrievalConfig): sizes.
+        tasks (tuple[str, ...]): the task names of a multi-task model (``cfg.multi_task``; task
+            ``j`` is action bit ``j``), in head order; ``()`` for a single-task one.
 
     Example::
 
         model = SequenceRetriever(1000, RetrievalConfig(encoder="sasrec", dim=16))
         q = model(items, ts, offsets)            # [L, 16], unit norm
         scores = q @ model.item_vectors().T      # [L, 1000]
+        heads = model.all_queries(q)             # [L, 1 + T, 16]: next, then each task's query
     """
 
-    def __init__(self, num_items: int, cfg: RetrievalConfig) -> None:
+    def __init__(self, num_items: int, cfg: RetrievalConfig, tasks: tuple[str, ...] = ()) -> None:
         super().__init__()
+        tasks = tuple(tasks)
+        if cfg.multi_task != bool(tasks):
+            raise ValueError(
+                f"a multi-task retriever needs task names and a single-task one none (multi_task={cfg.multi_task}, "
+                f"tasks={tasks})"
+            )
+        if len(set(tasks)) != len(tasks) or NEXT in tasks or len(tasks) > 8:
+            raise ValueError(f"tasks must be at most 8 distinct names other than {NEXT!r}, got {tasks}")
         self.cfg = cfg
         self.num_items = num_items
+        self.tasks = tasks
         self.item_table = nn.Embedding(num_items, cfg.dim)
         nn.init.normal_(self.item_table.weight, std=0.02)
         self.input_dropout = nn.Dropout(cfg.dropout)
         # max_len + 1: SASRec's recencies run 1..max_len, HSTU's relative positions 0..max_len-1.
         self.encoder = make_encoder(cfg.encoder, cfg.dim, cfg.num_layers, cfg.num_heads, cfg.max_len + 1, cfg.dropout)
+        # only a multi-task model has the module: a single-task state_dict is unchanged
+        self.task_queries = TaskQueries(cfg.dim, len(tasks)) if tasks else None
+
+    @property
+    def query_names(self) -> tuple[str, ...]:
+        """The names of :meth:`all_queries`' heads: ``("next", *tasks)``."""
+        return (NEXT, *self.tasks)
 
     def item_vectors(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """L2-normalised item embeddings ``[n, D]`` of ``rows`` (default: the whole catalogue)."""
@@ -126,3 +158,10 @@ class SequenceRetriever(nn.Module):
         x = self.input_dropout(self.item_table(items) * math.sqrt(self.cfg.dim))
         num_targets = torch.zeros(offsets.numel() - 1, dtype=torch.int64)
         return F.normalize(self.encoder(x, offsets, ts, num_targets), dim=-1)
+
+    def all_queries(self, queries: torch.Tensor) -> torch.Tensor:
+        """Unit-norm queries ``[L, 1 + T, D]`` of :meth:`forward`'s ``[L, D]``: the next query
+        itself, then each task's (``T = 0`` for a single-task model)."""
+        if self.task_queries is None:
+            return queries[:, None, :]
+        return torch.cat([queries[:, None, :], self.task_queries(queries)], 1)
