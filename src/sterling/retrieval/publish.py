@@ -4,7 +4,8 @@ The publish flow of SilverTorch §1.4, on a laptop:
 
 1. load the checkpoint: a two-tower model (optional OverArch) of ``sterling train``, or a next-item
    HSTU / SASRec retriever of ``sterling train --model hstu|sasrec``, whose encoder becomes the
-   user tower (:mod:`sterling.models.sequence_tower`; one task, ``next``, no OverArch);
+   user tower (:mod:`sterling.models.sequence_tower`; the query ``next``, plus one per task of a
+   ``--multi-task`` retriever; no OverArch);
 2. **embedding evaluator**: the item tower encodes every item (the retriever: its item table); an
    item of the items file the checkpoint's catalogue does not hold is encoded *cold* (zero id
    embedding, its known attribute terms), as the served model embeds an item upserted without an
