@@ -30,7 +30,6 @@ the result is the exact filtered top-k (up to ties).
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -42,20 +41,26 @@ import numpy as np
 import torch
 
 from sterling.index.attributes import AttributeStore
-from sterling.index.bloom import BloomIndex
-from sterling.index.config import IndexConfig, auto_nlist
-from sterling.index.id_map import IdMap
+from sterling.index.checks import (
+    as_ids,
+    as_matrix,
+    check_attribute_count,
+    check_k_nprobe,
+    check_unique,
+    checked_item_ids,
+    filters_per_query,
+)
+from sterling.index.config import IndexConfig
+from sterling.index.parts import state_from_parts, state_to_parts
 from sterling.index.quant import Int8Codes, dequantize, quantize
 from sterling.index.segment import Segment
-from sterling.ops.filtered_topk import filtered_topk
-from sterling.ops.plan_program import bit_of, pack_rows
+from sterling.index.state import IndexState, compacted, empty_fresh, locate, search_fresh, without
 from sterling.snapshot import SnapshotError, read_snapshot, write_snapshot
 
 __all__ = ["IndexConfig", "ItemIndex", "QueryPlan", "SearchResult"]
 
 _SNAPSHOT_FILE = "index"
 _SNAPSHOT_META = "item_index"
-_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -96,94 +101,6 @@ class QueryPlan:
     allowed: torch.Tensor
 
 
-@dataclass(frozen=True)
-class _Fresh:
-    """The rows upserted since the last compaction, rows ``N + r`` of the index (``r < F``), in
-    arrival order: append-only until :meth:`ItemIndex.compact`, so a row handed out stays valid (a
-    replaced or deleted item's row is cleared in ``live``)."""
-
-    ids: torch.Tensor  # int64 [F]
-    codes: Int8Codes  # int8 [F, D], float32 [F]
-    attributes: AttributeStore  # F items
-    live: torch.Tensor  # bool [F]
-    id_map: IdMap  # id → its newest fresh row r
-    table: torch.Tensor | None  # [F, S]: the rows' item table rows (ItemIndex.set_table)
-
-    def kept(self, rows: torch.Tensor) -> _Fresh:
-        """The fresh rows ``rows`` (int64 [M], ascending) alone, renumbered ``0..M-1``."""
-        ids = self.ids[rows]
-        table = None if self.table is None else self.table[rows]
-        return _Fresh(ids, self.codes.take(rows), self.attributes.take(rows), self.live[rows], IdMap.build(ids), table)
-
-    def appended(
-        self, ids: torch.Tensor, codes: Int8Codes, attributes: Sequence[Mapping[str, Any]], table: torch.Tensor | None
-    ) -> _Fresh:
-        rows = torch.arange(len(self.ids), len(self.ids) + len(ids))
-        merged = IdMap.build(torch.cat([self.id_map.sorted_ids, ids]), torch.cat([self.id_map.rows, rows]))
-        return _Fresh(
-            torch.cat([self.ids, ids]),
-            Int8Codes(torch.cat([self.codes.codes, codes.codes]), torch.cat([self.codes.scales, codes.scales])),
-            self.attributes.append(attributes),
-            torch.cat([self.live, torch.ones(len(ids), dtype=torch.bool)]),
-            merged,
-            None if self.table is None else torch.cat([self.table, table.to(self.table.dtype)]),
-        )
-
-
-@dataclass(frozen=True)
-class _State:
-    """One immutable version of the index: rows ``[0, N)`` the main segment, ``[N, N + F)`` fresh."""
-
-    main: Segment
-    alive: torch.Tensor | None  # int64 [ceil(N / 64)] live words over main rows; None: all live
-    fresh: _Fresh
-    table: torch.Tensor | None  # [N, S]: the main rows' item table rows; None: no table
-
-    @functools.cached_property
-    def live_rows(self) -> torch.Tensor:
-        """int64 [M]: the main rows not deleted."""
-        if self.alive is None:
-            return torch.arange(len(self.main))
-        return torch.nonzero(bit_of(self.alive, torch.arange(len(self.main)))).view(-1)
-
-    def rows_of(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The newest row of each id (int64 [...], -1 where none: its fresh row, else its main row,
-        deleted or not) and bool [...] found."""
-        rows, found = self.main.id_map.lookup(ids)
-        if len(self.fresh.ids):
-            fresh, in_fresh = self.fresh.id_map.lookup(ids)
-            rows = torch.where(in_fresh, len(self.main) + fresh, rows)
-            found = found | in_fresh
-        return rows, found
-
-    def live(self, rows: torch.Tensor) -> torch.Tensor:
-        """bool [...]: whether each row (int64 [...], >= 0) holds a live item."""
-        n = len(self.main)
-        main_live = (
-            torch.ones_like(rows, dtype=torch.bool)
-            if self.alive is None
-            else bit_of(self.alive, rows.clamp(max=max(n - 1, 0)))
-        )
-        if not len(self.fresh.ids):
-            return main_live
-        fresh_live = self.fresh.live[(rows - n).clamp(min=0, max=len(self.fresh.ids) - 1)]
-        return torch.where(rows >= n, fresh_live, main_live)
-
-    def gather(self, main: torch.Tensor, fresh: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """``main [N, ...]`` and ``fresh [F, ...]`` stacked as the index's rows, at ``rows`` int64
-        [...] (in ``[0, N + F)``), without copying either."""
-        n = main.shape[0]
-        if not len(fresh):
-            return main[rows] if n else main.new_zeros(*rows.shape, *main.shape[1:])
-        out = main[rows.clamp(max=max(n - 1, 0))] if n else fresh.new_zeros(*rows.shape, *fresh.shape[1:])
-        is_fresh = rows >= n
-        out[is_fresh] = fresh[rows[is_fresh] - n]
-        return out
-
-    def __len__(self) -> int:
-        return len(self.live_rows) + int(self.fresh.live.sum())
-
-
 class ItemIndex:
     """A searchable set of items with D-dimensional embeddings and attribute dicts.
 
@@ -200,7 +117,7 @@ class ItemIndex:
         res.ids  # int64 [2, 2], drawn from {10, 12}
     """
 
-    def __init__(self, state: _State, config: IndexConfig) -> None:
+    def __init__(self, state: IndexState, config: IndexConfig) -> None:
         self._state = state
         self._config = config
         self._lock = threading.Lock()
@@ -227,16 +144,16 @@ class ItemIndex:
         Raises:
             ValueError: wrong shapes or dtypes, non-finite values, duplicate ids, bad attributes.
         """
-        emb = _as_matrix(embeddings, "embeddings")
+        emb = as_matrix(embeddings, "embeddings")
         n = emb.shape[0]
-        ids_ = torch.arange(n) if ids is None else _item_ids(ids)
+        ids_ = torch.arange(n) if ids is None else checked_item_ids(ids)
         if len(ids_) != n:
             raise ValueError(f"got {len(ids_)} ids for {n} embeddings")
-        _check_unique(ids_)
-        _check_attribute_count(attributes, n)
+        check_unique(ids_)
+        check_attribute_count(attributes, n)
         store = AttributeStore.build(attributes)
         main = Segment.build(emb, store, ids_, config)
-        return cls(_State(main, None, _empty_fresh(main, None), None), config)
+        return cls(IndexState(main, None, empty_fresh(main, None), None), config)
 
     def __len__(self) -> int:
         return len(self._state)
@@ -325,13 +242,13 @@ class ItemIndex:
         n = len(state.main)
         return [
             state.main.attributes.decode([r])[0] if r < n else state.fresh.attributes.decode([r - n])[0]
-            for r in _locate(state, _as_ids(ids, "ids")).tolist()
+            for r in locate(state, as_ids(ids, "ids")).tolist()
         ]
 
     def embeddings_of(self, ids: torch.Tensor | np.ndarray | Sequence[int]) -> torch.Tensor:
         """float32 [M, D]: the stored (int8, dequantized) embeddings of external ``ids``; unknown
         ids are a ValueError."""
-        return self.vectors(_locate(self._state, _as_ids(ids, "ids")))
+        return self.vectors(locate(self._state, as_ids(ids, "ids")))
 
     def search(
         self,
@@ -366,16 +283,16 @@ class ItemIndex:
             ValueError: wrong query shape, dtype, non-finite values, or a bad k, filter or nprobe.
         """
         state = self._state
-        q = _as_matrix(queries, "queries", allow_vector=True)
+        q = as_matrix(queries, "queries", allow_vector=True)
         if q.shape[1] != self.dim:
             raise ValueError(f"queries have dimension {q.shape[1]}, the index has {self.dim}")
-        _check_k_nprobe(k, nprobe)
-        filters = _filters(filter, q.shape[0])
+        check_k_nprobe(k, nprobe)
+        filters = filters_per_query(filter, q.shape[0])
         excluded = self._excluded_rows(exclude, q.shape[0])  # [B, E], -1 padded
         wide = k + excluded.shape[1]  # the best k + E hold the best k not excluded
         scores, rows, records = state.main.search(q, filters, wide, nprobe, state.alive)
         if len(state.fresh.ids):
-            fresh_scores, fresh_rows = _search_fresh(state, q, filters, wide)
+            fresh_scores, fresh_rows = search_fresh(state, q, filters, wide)
             fresh_rows = torch.where(fresh_rows >= 0, len(state.main) + fresh_rows, -1)
             scores, pick = torch.cat([scores, fresh_scores], 1).topk(wide, dim=1)
             rows = torch.cat([rows, fresh_rows], 1).gather(1, pick)
@@ -399,7 +316,7 @@ class ItemIndex:
             raise ValueError(f"exclude must be None or a list of {b} id lists (one per query), got {got}")
         per_query = []
         for ids in exclude:
-            rows, found = self.rows_of(_as_ids([] if ids is None else ids, "excluded ids"))
+            rows, found = self.rows_of(as_ids([] if ids is None else ids, "excluded ids"))
             per_query.append(rows[found].unique())
         out = torch.full((b, max((len(r) for r in per_query), default=0)), -1, dtype=torch.int64)
         for i, rows in enumerate(per_query):
@@ -452,12 +369,12 @@ class ItemIndex:
                 executor covers the main segment only: :meth:`compact` first).
         """
         state = self._state
-        _check_k_nprobe(k, nprobe)
+        check_k_nprobe(k, nprobe)
         if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 0):
             raise ValueError(f"batch must be None or an int >= 0, got {batch!r}")
         if batch is None:
             batch = len(filter) if isinstance(filter, Sequence) and not isinstance(filter, str) else 1
-        filters = _filters(filter, batch)
+        filters = filters_per_query(filter, batch)
         if len(state.fresh.ids):
             raise ValueError(
                 f"the index holds {len(state.fresh.ids)} fresh items, which the executor does not "
@@ -503,12 +420,12 @@ class ItemIndex:
             table (torch.Tensor | None): [M, S], the items' item table rows: required when the
                 index holds a table (:meth:`set_table`), refused otherwise.
         """
-        new_ids = _item_ids(ids)
-        emb = _as_matrix(embeddings, "embeddings")
+        new_ids = checked_item_ids(ids)
+        emb = as_matrix(embeddings, "embeddings")
         if len(new_ids) != emb.shape[0]:
             raise ValueError(f"got {len(new_ids)} ids for {emb.shape[0]} embeddings")
-        _check_unique(new_ids)
-        _check_attribute_count(attributes, len(new_ids))
+        check_unique(new_ids)
+        check_attribute_count(attributes, len(new_ids))
         if emb.shape[1] != self.dim:
             raise ValueError(f"embeddings have dimension {emb.shape[1]}, the index has {self.dim}")
         with self._lock:
@@ -523,11 +440,11 @@ class ItemIndex:
                 raise ValueError(
                     f"table rows must be [{len(new_ids)}, {state.table.shape[1]}], got {list(table.shape)}"
                 )
-            state, _ = _without(state, new_ids)
+            state, _ = without(state, new_ids)
             fresh = state.fresh.appended(new_ids, quantize(emb), attributes, table)
             self._state = replace(state, fresh=fresh)
             if len(fresh.ids) >= self._config.compact_at:
-                self._state = _compacted(self._state, self._config)
+                self._state = compacted(self._state, self._config)
 
     def delete(self, ids: torch.Tensor | np.ndarray | Sequence[int]) -> int:
         """Removes items by external id, visible to the next search; unknown ids are ignored.
@@ -535,16 +452,16 @@ class ItemIndex:
         Returns:
             int: the number of items removed.
         """
-        gone = _as_ids(ids, "ids")
+        gone = as_ids(ids, "ids")
         with self._lock:
-            self._state, removed = _without(self._state, gone)
+            self._state, removed = without(self._state, gone)
             return removed
 
     def compact(self) -> None:
         """Folds the fresh items into the main segment and drops deleted rows (searches keep
         running on the previous state meanwhile)."""
         with self._lock:
-            self._state = _compacted(self._state, self._config)
+            self._state = compacted(self._state, self._config)
 
     def shard(self, keep: torch.Tensor) -> ItemIndex:
         """The index of the items where ``keep`` (bool ``[N]`` over :attr:`ids`) is true, for an
@@ -569,92 +486,16 @@ class ItemIndex:
             self._config,
         )
         table = None if state.table is None else state.table[rows]
-        return ItemIndex(_State(segment, None, _empty_fresh(segment, table), table), self._config)
+        return ItemIndex(IndexState(segment, None, empty_fresh(segment, table), table), self._config)
 
     def to_snapshot_parts(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """The index as JSON metadata and named tensors, for embedding in a larger snapshot."""
-        state = self._state
-        main, fresh = state.main, state.fresh.kept(torch.nonzero(state.fresh.live).view(-1))
-        meta = {
-            "format": _FORMAT,
-            "config": self._config.to_json(),
-            "num_items": len(main),
-            "num_fresh": len(fresh.ids),
-            "dim": self.dim,
-            "attributes": main.attributes.meta(),
-            "bloom": main.bloom.meta(),
-            "fresh_attributes": fresh.attributes.meta(),
-        }
-        tensors = {
-            "codes": main.codes.codes,
-            "scales": main.codes.scales,
-            "ids": main.ids,
-            "centroids": main.centroids,
-            "list_offsets": main.list_offsets,
-            "alive": pack_rows(torch.ones(len(main), dtype=torch.bool)) if state.alive is None else state.alive,
-            "fresh.ids": fresh.ids,
-            "fresh.codes": fresh.codes.codes,
-            "fresh.scales": fresh.codes.scales,
-        }
-        tensors.update({f"attr.{k}": v for k, v in main.attributes.to_tensors().items()})
-        tensors.update({f"bloom.{k}": v for k, v in main.bloom.to_tensors().items()})
-        tensors.update({f"fresh_attr.{k}": v for k, v in fresh.attributes.to_tensors().items()})
-        return meta, tensors
+        return state_to_parts(self._state, self._config)
 
     @classmethod
     def from_snapshot_parts(cls, meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> ItemIndex:
         """Rebuilds an index from :meth:`to_snapshot_parts`, checking shapes and dtypes."""
-        try:
-            if meta["format"] != _FORMAT:
-                raise ValueError(f"unsupported item index format {meta['format']!r} (this build reads {_FORMAT})")
-            config = IndexConfig(**meta["config"])
-            n, f, d = int(meta["num_items"]), int(meta["num_fresh"]), int(meta["dim"])
-            nlist = tensors["centroids"].shape[0]
-            _check_part(tensors, "codes", torch.int8, (n, d))
-            _check_part(tensors, "scales", torch.float32, (n,))
-            _check_part(tensors, "ids", torch.int64, (n,))
-            _check_part(tensors, "centroids", torch.float32, (nlist, d))
-            _check_part(tensors, "list_offsets", torch.int64, (nlist + 1,))
-            _check_part(tensors, "alive", torch.int64, ((n + 63) // 64,))
-            _check_part(tensors, "fresh.ids", torch.int64, (f,))
-            _check_part(tensors, "fresh.codes", torch.int8, (f, d))
-            _check_part(tensors, "fresh.scales", torch.float32, (f,))
-            offsets = tensors["list_offsets"]
-            if nlist < 1 or int(offsets[0]) != 0 or int(offsets[-1]) != n or bool((offsets.diff() < 0).any()):
-                raise ValueError(f"list_offsets must rise from 0 to {n}")
-            attributes = AttributeStore.from_parts(meta["attributes"], _prefixed(tensors, "attr."))
-            bloom = BloomIndex.from_parts(meta["bloom"], _prefixed(tensors, "bloom."))
-            fresh_attributes = AttributeStore.from_parts(meta["fresh_attributes"], _prefixed(tensors, "fresh_attr."))
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"item index snapshot parts are malformed: {e!r}") from None
-        if len(attributes) != n or len(bloom) != n or len(fresh_attributes) != f:
-            raise ValueError("attribute store, Bloom index and codes disagree on the number of items")
-        ids = tensors["ids"]
-        fresh_ids = tensors["fresh.ids"]
-        _check_unique(torch.cat([ids, fresh_ids]))
-        main = Segment.from_sorted(
-            Int8Codes(tensors["codes"], tensors["scales"]),
-            ids,
-            tensors["centroids"],
-            offsets,
-            attributes,
-            config,
-            bloom,
-        )
-        alive = tensors["alive"]
-        full = bool((alive == pack_rows(torch.ones(n, dtype=torch.bool))).all())
-        fresh = _Fresh(
-            fresh_ids,
-            Int8Codes(tensors["fresh.codes"], tensors["fresh.scales"]),
-            fresh_attributes,
-            torch.ones(f, dtype=torch.bool),
-            IdMap.build(fresh_ids),
-            None,
-        )
-        state = _State(main, None if full else alive, fresh, None)
-        if not full:  # a deleted main row may not hold an id a fresh item also holds
-            _check_unique(torch.cat([main.ids[state.live_rows], fresh_ids]))
-        return cls(state, config)
+        return cls(*state_from_parts(meta, tensors))
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Writes the index as a snapshot directory, atomically (``sterling.snapshot``)."""
@@ -668,174 +509,3 @@ class ItemIndex:
         if _SNAPSHOT_META not in snapshot.meta or _SNAPSHOT_FILE not in snapshot.tensors:
             raise SnapshotError(f"snapshot {path} holds no item index")
         return cls.from_snapshot_parts(snapshot.meta[_SNAPSHOT_META], snapshot.tensors[_SNAPSHOT_FILE])
-
-
-def _empty_fresh(main: Segment, table: torch.Tensor | None) -> _Fresh:
-    d = main.centroids.shape[1]
-    none = torch.zeros(0, dtype=torch.int64)
-    return _Fresh(
-        none,
-        Int8Codes(torch.zeros(0, d, dtype=torch.int8), torch.zeros(0)),
-        main.attributes.take(none),
-        torch.zeros(0, dtype=torch.bool),
-        IdMap.build(none),
-        None if table is None else table[:0],
-    )
-
-
-def _locate(state: _State, ids: torch.Tensor) -> torch.Tensor:
-    """int64 [M]: the row of each live item of ``ids``; unknown or deleted ids are a ValueError."""
-    rows, found = state.rows_of(ids)
-    missing = ~found
-    missing[found] = ~state.live(rows[found])
-    if bool(missing.any()):
-        raise ValueError(f"unknown ids: {ids[missing][:10].tolist()}")
-    return rows
-
-
-def _without(state: _State, ids: torch.Tensor) -> tuple[_State, int]:
-    """The state with ``ids`` removed (their rows tombstoned; the rows stay until compaction) and
-    how many live items that removed."""
-    rows, found = state.rows_of(ids)
-    rows = rows[found]
-    rows = rows[state.live(rows)].unique()
-    if not len(rows):
-        return state, 0
-    n = len(state.main)
-    main_rows, fresh_rows = rows[rows < n], rows[rows >= n] - n
-    alive = state.alive
-    if len(main_rows):
-        dead = torch.zeros(n, dtype=torch.bool)
-        dead[main_rows] = True
-        alive = (pack_rows(torch.ones(n, dtype=torch.bool)) if alive is None else alive) & ~pack_rows(dead)
-    fresh = state.fresh
-    if len(fresh_rows):
-        live = fresh.live.clone()
-        live[fresh_rows] = False
-        fresh = replace(fresh, live=live)
-    return replace(state, alive=alive, fresh=fresh), len(rows)
-
-
-def _compacted(state: _State, config: IndexConfig) -> _State:
-    """One main segment holding every live item: live main rows and live fresh rows, each assigned
-    to its nearest existing centroid (k-means again when the catalogue outgrew the lists); the
-    item table follows its rows."""
-    main, fresh, live = state.main, state.fresh, state.live_rows
-    if state.alive is None and not len(fresh.ids):
-        return state
-    fresh = fresh.kept(torch.nonzero(fresh.live).view(-1))
-    codes = Int8Codes(
-        torch.cat([main.codes.codes[live], fresh.codes.codes]), torch.cat([main.codes.scales[live], fresh.codes.scales])
-    )
-    ids = torch.cat([main.ids[live], fresh.ids])
-    attributes = main.attributes.take(live).append(fresh.attributes.decode(range(len(fresh.ids))))
-    vectors = dequantize(codes)  # re-quantizing these gives the same codes
-    recluster = config.nlist is None and auto_nlist(len(ids)) >= 2 * main.nlist
-    segment = Segment.build(vectors, attributes, ids, config, centroids=None if recluster else main.centroids)
-    table = None
-    if state.table is not None:
-        before = torch.cat([state.table[live], fresh.table])
-        table = before[IdMap.build(ids).lookup(segment.ids)[0]]  # each row's table row follows its item
-    return _State(segment, None, _empty_fresh(segment, table), table)
-
-
-def _search_fresh(
-    state: _State, q: torch.Tensor, filters: list[str | None], k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact filtered top-k over the live fresh rows: scores float32 [B, k], fresh rows int64 [B, k].
-    Each filter is the one the main segment parsed and compiled (cached), not parsed again."""
-    fresh = state.fresh
-    b = q.shape[0]
-    scores = torch.full((b, k), float("-inf"))
-    rows = torch.full((b, k), -1, dtype=torch.int64)
-    vectors = dequantize(fresh.codes)
-    for expr in dict.fromkeys(filters):
-        group = torch.tensor([i for i, f in enumerate(filters) if f == expr])
-        mask = (
-            fresh.live if expr is None else fresh.live & fresh.attributes.evaluate(state.main.compiled(expr).node, expr)
-        )
-        scores[group], rows[group] = filtered_topk(q[group], vectors, mask, k)
-    return scores, rows
-
-
-def _prefixed(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def _check_part(tensors: Mapping[str, torch.Tensor], name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
-    t = tensors[name]
-    if t.dtype != dtype or tuple(t.shape) != shape:
-        short = str(dtype).removeprefix("torch.")
-        raise ValueError(
-            f"{name} should be {short} {list(shape)}, got {str(t.dtype).removeprefix('torch.')} {list(t.shape)}"
-        )
-
-
-def _as_matrix(x: Any, name: str, allow_vector: bool = False) -> torch.Tensor:
-    """float32 [M, D], an owned copy of ``x`` (detached: search is not differentiable), checked to
-    be floating point and finite."""
-    t = torch.as_tensor(x).detach()
-    if not t.is_floating_point():
-        raise ValueError(f"{name} must be floating point, got {t.dtype}")
-    if allow_vector and t.dim() == 1:
-        t = t.unsqueeze(0)
-    if t.dim() != 2 or t.shape[1] == 0:
-        want = "[B, D] or [D]" if allow_vector else "[N, D]"
-        raise ValueError(f"{name} must have shape {want} with D >= 1, got {list(t.shape)}")
-    t = t.to(torch.float32, copy=True).contiguous()
-    bad = ~torch.isfinite(t).all(dim=1)
-    if bool(bad.any()):
-        raise ValueError(f"{name} contain NaN or inf (row {int(bad.nonzero()[0])})")
-    return t
-
-
-def _item_ids(x: Any) -> torch.Tensor:
-    """int64 [M] ids of items to store; -1 is refused: results use it for an empty slot."""
-    ids = _as_ids(x, "ids")
-    if bool((ids == -1).any()):
-        raise ValueError("item id -1 is reserved: search results use it for an empty slot")
-    return ids
-
-
-def _as_ids(x: Any, name: str) -> torch.Tensor:
-    """int64 [M] from an integer tensor, array or sequence."""
-    t = torch.as_tensor(x)
-    if t.numel() and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
-        raise ValueError(f"{name} must be integers, got {t.dtype}")  # an empty list reads as float
-    if t.dim() != 1:
-        raise ValueError(f"{name} must have shape [M], got {list(t.shape)}")
-    return t.to(torch.int64, copy=True)
-
-
-def _check_unique(ids: torch.Tensor) -> None:
-    sorted_ids = torch.sort(ids).values
-    dup = sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]]
-    if len(dup):
-        raise ValueError(f"ids must be unique; id {int(dup[0])} appears more than once")
-
-
-def _check_attribute_count(attributes: Sequence[Mapping[str, Any]], n: int) -> None:
-    if not isinstance(attributes, Sequence) or isinstance(attributes, (str, bytes)):
-        raise ValueError(f"attributes must be a list of {n} dicts, got {type(attributes).__name__}")
-    if len(attributes) != n:
-        raise ValueError(f"got {len(attributes)} attribute dicts for {n} embeddings")
-
-
-def _check_k_nprobe(k: Any, nprobe: Any) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an int >= 1, got {k!r}")
-    if nprobe is not None and (isinstance(nprobe, bool) or not isinstance(nprobe, int) or nprobe < 1):
-        raise ValueError(f"nprobe must be None or an int >= 1, got {nprobe!r}")
-
-
-def _filters(filter: str | Sequence[str | None] | None, b: int) -> list[str | None]:
-    """One filter expression (or None) per query."""
-    if filter is None or isinstance(filter, str):
-        return [filter] * b
-    if not isinstance(filter, Sequence) or len(filter) != b:
-        got = f"{len(filter)} filters" if isinstance(filter, Sequence) else type(filter).__name__
-        raise ValueError(f"filter must be None, a str or a list of {b} str (one per query), got {got}")
-    for row, expr in enumerate(filter):
-        if expr is not None and not isinstance(expr, str):
-            raise ValueError(f"filter {row} must be a str or None, got {type(expr).__name__}")
-    return list(filter)
