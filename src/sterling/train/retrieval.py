@@ -82,15 +82,21 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 
 from sterling.data.batch import ItemCatalog, UserTimelines
 from sterling.data.items import read_items
 from sterling.data.schema import DatasetPaths, read_roles
-from sterling.models import jagged
 from sterling.train.metrics import hit_rate, ndcg, target_ranks
 from sterling.train.sequence_checkpoint import write_sequence_checkpoint
+from sterling.train.sequence_loss import (
+    batch_loss,
+    multi_task_loss,
+    sampled_softmax_loss,
+    task_bits,
+    trained_positions,
+)
 from sterling.train.sequence_model import RetrievalConfig, SequenceRetriever
+from sterling.train.sequence_split import EvalSet, LeaveLastOut, Sequences, leave_last_out
 
 __all__ = [
     "EvalSet",
@@ -116,243 +122,6 @@ __all__ = [
 ]
 
 CUTOFFS = (10, 50)
-
-
-# ---------------------------------------------------------------------------------------- split
-
-
-@dataclass(frozen=True)
-class Sequences:
-    """Jagged event sequences: ``items``, ``ts`` int64 ``[L]`` (oldest first within a row),
-    ``offsets`` int64 ``[B + 1]``, ``users`` int64 ``[B]`` (the timeline row of each sequence),
-    ``actions`` int64 ``[L]`` the events' action bitmasks (None: not loaded)."""
-
-    items: torch.Tensor
-    ts: torch.Tensor
-    offsets: torch.Tensor
-    users: torch.Tensor
-    actions: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return int(self.users.numel())
-
-    def rows(self, rows: torch.Tensor) -> Sequences:
-        """The sequences ``rows [M]``, in that order."""
-        index, offsets = jagged.gather_rows(self.offsets, rows)
-        actions = None if self.actions is None else self.actions[index]
-        return Sequences(self.items[index], self.ts[index], offsets, self.users[rows], actions)
-
-
-@dataclass(frozen=True)
-class EvalSet:
-    """Histories and the next item of each: ``targets`` int64 ``[B]``, and its action bitmask
-    ``target_actions`` int64 ``[B]`` (None: not loaded)."""
-
-    history: Sequences
-    targets: torch.Tensor
-    target_actions: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return len(self.history)
-
-
-@dataclass(frozen=True)
-class LeaveLastOut:
-    """The leave-last-out split of the module docstring."""
-
-    train: Sequences
-    valid: EvalSet
-    test: EvalSet
-
-
-def _ranges(
-    offsets: np.ndarray,
-    items: np.ndarray,
-    ts: np.ndarray,
-    users: np.ndarray,
-    start: np.ndarray,
-    end: np.ndarray,
-    actions: np.ndarray | None = None,
-) -> Sequences:
-    """The event ranges ``[start[i], end[i])`` as jagged sequences."""
-    lens = end - start
-    out_offsets = np.zeros(len(lens) + 1, dtype=np.int64)
-    np.cumsum(lens, out=out_offsets[1:])
-    index = np.repeat(start - out_offsets[:-1], lens) + np.arange(out_offsets[-1])
-    t = torch.from_numpy
-    acts = None if actions is None else t(actions[index].copy())
-    return Sequences(t(items[index].copy()), t(ts[index].copy()), t(out_offsets), t(users.copy()), acts)
-
-
-def leave_last_out(
-    offsets: np.ndarray, items: np.ndarray, ts: np.ndarray, max_len: int, actions: np.ndarray | None = None
-) -> LeaveLastOut:
-    """Split timelines (``offsets [U + 1]``, ``items``, ``ts`` ``[E]``, oldest first per user) into
-    training sequences and validation / test histories with their targets (module docstring);
-    with the events' action bitmasks ``actions [E]``, the sequences carry theirs and the held-out
-    sets their targets'."""
-    offsets, items, ts = (np.asarray(a, dtype=np.int64) for a in (offsets, items, ts))
-    if actions is not None:
-        actions = np.asarray(actions, dtype=np.int64)
-    first, stop = offsets[:-1], offsets[1:]
-    evaluated = (stop - first) >= 3
-    train_end = np.where(evaluated, stop - 2, stop)
-    train_start = np.maximum(first, train_end - max_len)
-    keep = (train_end - train_start) >= 2
-    rows = np.arange(len(first), dtype=np.int64)
-    train = _ranges(offsets, items, ts, rows[keep], train_start[keep], train_end[keep], actions)
-
-    def held_out(target: np.ndarray) -> EvalSet:
-        u = rows[evaluated]
-        at = target[evaluated]
-        history = _ranges(offsets, items, ts, u, np.maximum(first[evaluated], at - max_len), at, actions)
-        target_actions = None if actions is None else torch.from_numpy(actions[at].copy())
-        return EvalSet(history, torch.from_numpy(items[at].copy()), target_actions)
-
-    return LeaveLastOut(train, held_out(stop - 2), held_out(stop - 1))
-
-
-# ----------------------------------------------------------------------------------------- loss
-
-
-def sampled_softmax_loss(
-    queries: torch.Tensor,
-    targets: torch.Tensor,
-    owner: torch.Tensor,
-    seq_items: torch.Tensor,
-    seq_offsets: torch.Tensor,
-    negatives: torch.Tensor,
-    embed: Callable[[torch.Tensor], torch.Tensor],
-    temperature: float,
-) -> torch.Tensor:
-    """Sampled softmax over in-batch targets + shared random negatives, same-user items masked.
-
-    Args:
-        queries (torch.Tensor): float ``[P, D]`` unit-norm queries of the trained positions.
-        targets (torch.Tensor): int64 ``[P]`` the next item of each position.
-        owner (torch.Tensor): int64 ``[P]`` the batch sequence (row of ``seq_offsets``) of each position.
-        seq_items (torch.Tensor): int64 ``[L]`` the batch's sequences, offsets ``seq_offsets [B + 1]``.
-        negatives (torch.Tensor): int64 ``[M]`` random items shared by the batch.
-        embed (Callable): item rows ``[C]`` → unit-norm vectors ``[C, D]``.
-        temperature (float): logits are cosine / temperature.
-
-    Returns:
-        torch.Tensor: the mean cross-entropy (a scalar).
-    """
-    candidates, positive, mask = _candidates(targets, owner, seq_items, seq_offsets, negatives)
-    logits = (queries / temperature) @ embed(candidates).T  # [P, C]
-    return F.cross_entropy(logits.masked_fill(mask, float("-inf")), positive)
-
-
-def multi_task_loss(
-    queries: torch.Tensor,
-    targets: torch.Tensor,
-    counts: torch.Tensor,
-    owner: torch.Tensor,
-    seq_items: torch.Tensor,
-    seq_offsets: torch.Tensor,
-    negatives: torch.Tensor,
-    embed: Callable[[torch.Tensor], torch.Tensor],
-    temperature: float,
-) -> torch.Tensor:
-    """Per head, the sampled softmax of :func:`sampled_softmax_loss` over the positions it counts.
-
-    Every head scores the same candidates (the batch's targets, all of them, and ``negatives``)
-    with the same same-user mask; head ``h``'s loss is the mean cross-entropy over the positions
-    with ``counts[:, h]`` (0 where it counts none). A head counting every position is exactly
-    :func:`sampled_softmax_loss` of its queries.
-
-    Args:
-        queries (torch.Tensor): float ``[P, H, D]`` unit-norm queries, per position and head.
-        counts (torch.Tensor): bool ``[P, H]``: position ``p``'s target is a positive of head ``h``.
-        targets, owner, seq_items, seq_offsets, negatives, embed, temperature: as
-            :func:`sampled_softmax_loss`.
-
-    Returns:
-        torch.Tensor: float ``[H]`` the heads' losses.
-    """
-    candidates, positive, mask = _candidates(targets, owner, seq_items, seq_offsets, negatives)
-    vectors = embed(candidates)  # [C, D]
-    losses = []
-    for h in range(queries.shape[1]):
-        keep = counts[:, h]
-        if not bool(keep.any()):
-            losses.append(queries.new_zeros(()))
-            continue
-        logits = (queries[keep, h] / temperature) @ vectors.T  # [P_h, C]
-        losses.append(F.cross_entropy(logits.masked_fill(mask[keep], float("-inf")), positive[keep]))
-    return torch.stack(losses)
-
-
-def _candidates(
-    targets: torch.Tensor,
-    owner: torch.Tensor,
-    seq_items: torch.Tensor,
-    seq_offsets: torch.Tensor,
-    negatives: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The de-duplicated candidates ``[C]`` (sorted), each position's positive column ``[P]`` and
-    the same-user mask ``[P, C]`` (True: out of the position's softmax)."""
-    p = targets.numel()
-    candidates, inverse = torch.unique(torch.cat([targets, negatives]), return_inverse=True)  # sorted [C]
-    positive = inverse[:p]  # [P]
-    # member[b, c]: candidate c is an item of batch sequence b
-    row, _ = jagged.row_and_column(seq_offsets)
-    at = torch.searchsorted(candidates, seq_items).clamp(max=candidates.numel() - 1)
-    hit = candidates[at] == seq_items
-    member = torch.zeros(seq_offsets.numel() - 1, candidates.numel(), dtype=torch.bool)
-    member[row[hit], at[hit]] = True
-    mask = member[owner]  # [P, C]
-    mask[torch.arange(p), positive] = False
-    return candidates, positive, mask
-
-
-def task_bits(actions: torch.Tensor, num_tasks: int) -> torch.Tensor:
-    """bool ``[n, T]``: action bitmasks ``[n]`` → whether each event has task ``j``'s bit ``j``."""
-    return ((actions[:, None] >> torch.arange(num_tasks)) & 1).bool()
-
-
-def _trained_positions(offsets: torch.Tensor) -> torch.Tensor:
-    """int64 ``[P]``: every token of a jagged batch that has a next token in its sequence."""
-    has_next = torch.ones(int(offsets[-1]), dtype=torch.bool)
-    lens = jagged.lengths(offsets)
-    has_next[(offsets[1:] - 1)[lens > 0]] = False
-    return torch.nonzero(has_next).squeeze(1)
-
-
-def batch_loss(model: SequenceRetriever, batch: Sequences, negatives: torch.Tensor) -> torch.Tensor:
-    """The loss of one batch of training sequences (every position with a next item is trained);
-    a multi-task model's adds each task's loss over the positions whose next event has its bit
-    (module docstring; the batch needs its ``actions``)."""
-    queries = model(batch.items, batch.ts, batch.offsets)  # [L, D]
-    anchor = _trained_positions(batch.offsets)  # [P]
-    owner, _ = jagged.row_and_column(batch.offsets)
-    if model.tasks:
-        if batch.actions is None:
-            raise ValueError("a multi-task retriever trains on sequences with their actions")
-        bits = task_bits(batch.actions[anchor + 1], len(model.tasks))  # [P, T]
-        counts = torch.cat([torch.ones(len(anchor), 1, dtype=torch.bool), bits], 1)  # next: every position
-        return multi_task_loss(
-            model.all_queries(queries[anchor]),
-            batch.items[anchor + 1],
-            counts,
-            owner[anchor],
-            batch.items,
-            batch.offsets,
-            negatives,
-            model.item_vectors,
-            model.cfg.temperature,
-        ).sum()
-    return sampled_softmax_loss(
-        queries[anchor],
-        batch.items[anchor + 1],
-        owner[anchor],
-        batch.items,
-        batch.offsets,
-        negatives,
-        model.item_vectors,
-        model.cfg.temperature,
-    )
 
 
 # ----------------------------------------------------------------------------------- evaluation
@@ -419,7 +188,7 @@ def ranking_metrics(ranks: torch.Tensor, cutoffs: tuple[int, ...] = CUTOFFS) -> 
 def popularity_ranks(train: Sequences, data: EvalSet, num_items: int) -> torch.Tensor:
     """Ranks ``[B]`` under the most-popular baseline: items ordered by their count as a training
     target (ties broken by item row), the same list for every user."""
-    anchor = _trained_positions(train.offsets)
+    anchor = trained_positions(train.offsets)
     counts = torch.bincount(train.items[anchor + 1], minlength=num_items).double()
     score = counts - torch.arange(num_items, dtype=torch.float64) / (2 * num_items)  # unique scores
     order = torch.argsort(score, descending=True)
