@@ -20,12 +20,7 @@ from sterling.train.sequence_checkpoint import load_sequence_checkpoint, write_s
 D, MAX_LEN = 8, 10
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,7 @@ TASKS = ("click", "like", "share")
 SMALL = ["--dim", "8", "--layers", "1", "--max-len", "16", "--token-budget", "256"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

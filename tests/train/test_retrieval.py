@@ -35,13 +35,7 @@ def _timelines(lengths):
     return offsets, events, 10 * events
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops: one thread is faster here, and immune to a busy machine's oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _rows(seqs: Sequences):

@@ -31,12 +31,7 @@ from sterling.train.sequence_model import SequenceRetriever as MovedRetriever
 SMALL = dict(dim=16, num_layers=1, max_len=20, dropout=0.0, batch_size=32, lr=3e-3, num_negatives=32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
