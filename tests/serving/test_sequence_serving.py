@@ -65,9 +65,10 @@ def test_the_server_answers_what_the_sequence_model_answers(snapshot):
         assert set(ranked["task_scores"]) == {NEXT_TASK} and None not in ranked["scores"]
         embedding = (5 * torch.randn(D)).tolist()
         post(server, "/v1/items", {"upsert": [{"id": 7, "embedding": embedding, "attributes": {"genre": "a"}}]})
-        user = model.user_tower(
-            torch.tensor([embedding]).half().float(), torch.ones(1, dtype=torch.int64), torch.tensor([0, 1]), {}
-        )
+        with torch.no_grad():
+            user = model.user_tower(
+                torch.tensor([embedding]).half().float(), torch.ones(1, dtype=torch.int64), torch.tensor([0, 1]), {}
+            )
         out = post(server, "/v1/retrieve", {"history": [], "filter": "genre:a", "k": 3, "exclude_seen": False})
         assert out["ids"]  # an empty history answers too (every item scores 0)
         top = post(server, "/v1/rank", {"history": [7], "item_ids": [7]})
