@@ -2,6 +2,8 @@
 for each candidate alone after the history (target-aware), its order is theirs, and ``/v1/rank``'s
 entry point agrees."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -67,7 +69,7 @@ def test_the_ranker_scores_every_candidate_as_if_alone_and_orders_the_answer(ser
     histories = [rng.choice(N, n, replace=False).tolist() for n in (5, 1, 12)]
     stamps = [sorted(rng.integers(0, 10**6, len(h)).tolist()) for h in histories]
     inputs = model.inputs([[int(item_ids[r]) for r in h] for h in histories])
-    inputs = type(inputs)(**{**inputs.__dict__, "history_ts": torch.tensor([t for s in stamps for t in s])})
+    inputs = replace(inputs, history_ts=torch.tensor([t for s in stamps for t in s]))
     out = model(inputs, filter="kind:x", k=8)
     row_of = {int(i): r for r, i in enumerate(item_ids)}
     for b, (h, s) in enumerate(zip(histories, stamps)):

@@ -288,7 +288,7 @@ class ItemIndex:
             raise ValueError(f"queries have dimension {q.shape[1]}, the index has {self.dim}")
         check_k_nprobe(k, nprobe)
         filters = filters_per_query(filter, q.shape[0])
-        excluded = self._excluded_rows(exclude, q.shape[0])  # [B, E], -1 padded
+        excluded = _excluded_rows(state, exclude, q.shape[0])  # [B, E], -1 padded
         wide = k + excluded.shape[1]  # the best k + E hold the best k not excluded
         scores, rows, records = state.main.search(q, filters, wide, nprobe, state.alive)
         if len(state.fresh.ids):
@@ -305,23 +305,6 @@ class ItemIndex:
             rows = rows.gather(1, first).masked_fill(~kept, -1)
         ids = torch.where(rows >= 0, state.gather(state.main.ids, state.fresh.ids, rows.clamp(min=0)), -1)
         return SearchResult(ids, scores, rows, records if explain else None)
-
-    def _excluded_rows(self, exclude: Sequence[Sequence[int] | None] | None, b: int) -> torch.Tensor:
-        """int64 [B, E]: the rows of each query's excluded ids that the index holds (its newest
-        row: older ones are never returned), padded with -1; E = 0 without exclusions."""
-        if exclude is None:
-            return torch.zeros(b, 0, dtype=torch.int64)
-        if isinstance(exclude, (str, bytes)) or not isinstance(exclude, Sequence) or len(exclude) != b:
-            got = f"{len(exclude)} lists" if isinstance(exclude, Sequence) else type(exclude).__name__
-            raise ValueError(f"exclude must be None or a list of {b} id lists (one per query), got {got}")
-        per_query = []
-        for ids in exclude:
-            rows, found = self.rows_of(as_ids([] if ids is None else ids, "excluded ids"))
-            per_query.append(rows[found].unique())
-        out = torch.full((b, max((len(r) for r in per_query), default=0)), -1, dtype=torch.int64)
-        for i, rows in enumerate(per_query):
-            out[i, : len(rows)] = rows
-        return out
 
     def check_filter(self, expr: str) -> None:
         """Parses ``expr`` and compiles it over the index's features (cached, as a search would).
@@ -387,7 +370,7 @@ class ItemIndex:
             allowed[[i for i, f in enumerate(filters) if f == expr]] = main.filter_words(expr)
         if state.alive is not None:
             allowed &= state.alive
-        excluded = self._excluded_rows(exclude, batch)  # [B, E]
+        excluded = _excluded_rows(state, exclude, batch)  # [B, E]
         query, slot = torch.nonzero(excluded >= 0, as_tuple=True)
         row = excluded[query, slot]
         clear = torch.zeros_like(allowed)  # distinct bits per (query, word): their sum is their OR
@@ -509,3 +492,25 @@ class ItemIndex:
         if _SNAPSHOT_META not in snapshot.meta or _SNAPSHOT_FILE not in snapshot.tensors:
             raise SnapshotError(f"snapshot {path} holds no item index")
         return cls.from_snapshot_parts(snapshot.meta[_SNAPSHOT_META], snapshot.tensors[_SNAPSHOT_FILE])
+
+
+def _excluded_rows(state: IndexState, exclude: Sequence[Sequence[int] | None] | None, b: int) -> torch.Tensor:
+    """int64 [B, E]: the rows of ``state`` (the one the search reads) holding each query's excluded
+    ids (the newest row: older ones are never returned), padded with -1; E = 0 without exclusions.
+    A list shared by several queries (a request's T task queries) is looked up once."""
+    if exclude is None:
+        return torch.zeros(b, 0, dtype=torch.int64)
+    if isinstance(exclude, (str, bytes)) or not isinstance(exclude, Sequence) or len(exclude) != b:
+        got = f"{len(exclude)} lists" if isinstance(exclude, Sequence) else type(exclude).__name__
+        raise ValueError(f"exclude must be None or a list of {b} id lists (one per query), got {got}")
+    looked_up: dict[int, torch.Tensor] = {}  # by the list's identity
+    per_query = []
+    for ids in exclude:
+        if id(ids) not in looked_up:
+            rows, found = state.rows_of(as_ids([] if ids is None else ids, "excluded ids"))
+            looked_up[id(ids)] = rows[found].unique()
+        per_query.append(looked_up[id(ids)])
+    out = torch.full((b, max((len(r) for r in per_query), default=0)), -1, dtype=torch.int64)
+    for i, rows in enumerate(per_query):
+        out[i, : len(rows)] = rows
+    return out
