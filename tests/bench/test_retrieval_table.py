@@ -13,6 +13,7 @@ from sterling.bench.retrieval import (
     KS,
     ROWS,
     SEQUENCE_ROWS,
+    TWO_TOWER_ROWS,
     RetrievalBenchConfig,
     default_formula,
     format_table,
@@ -75,6 +76,13 @@ def test_rows_ranking_and_table():
     assert {"platform", "cpus", "torch"} <= set(result["machine"])
     table = format_table(result)
     assert all(row in table for row in ROWS) and "identical" in table and "±" in table and "exclude_seen" in table
+
+
+def test_sequence_rows_pick_the_sequence_models_run():
+    result = run(replace(TINY, sequence_rows=("sasrec",)), log=lambda s: None)
+    assert [r["row"] for r in result["rows"]] == ["most_popular", *TWO_TOWER_ROWS, "sasrec"]
+    with pytest.raises(ValueError, match="sequence_rows must be a non-empty subset"):
+        replace(TINY, sequence_rows=("hstu", "bert4rec"))
 
 
 def test_most_popular_is_the_training_engagement_count_and_deterministic(data):

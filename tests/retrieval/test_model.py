@@ -335,6 +335,9 @@ def test_rank_and_inputs_check_types_and_shapes():
         ({"tasks": ()}, "tasks must be"),
         ({"tasks": ("a", "a")}, "tasks must be"),
         ({"value_formula": "clik + 1"}, "unknown task 'clik'"),
+        ({"retrieval_temperature": 0.0}, "retrieval_temperature must be None or a finite number > 0"),
+        ({"retrieval_temperature": float("nan")}, "retrieval_temperature must be None or a finite number > 0"),
+        ({"retrieval_temperature": True}, "retrieval_temperature must be None or a finite number > 0"),
     ],
 )
 def test_serving_config_is_checked(kwargs, message):

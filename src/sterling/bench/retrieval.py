@@ -30,7 +30,10 @@ Beside them, the same held-out requests answered by:
   (``publish(..., ranker=)``): a :class:`~sterling.models.ranker.SequenceRanker` trained ROO-style
   (:func:`~sterling.train.ranking.train_ranker`, :attr:`RetrievalBenchConfig.ranker`) on every
   request but the held-out ones, re-scoring the K0 candidates of the index by the primary task's
-  probability: does the ranker raise recall over the index's own order (the ``hstu`` row)?
+  score, P(engage) × P(like | shown): the retriever's softmax over the candidates times the
+  ranker's probability (:meth:`~sterling.retrieval.model.RetrievalModel.engagement_prior`). Does
+  the ranker raise recall over the index's own order (the ``hstu`` row)? The held-out histories
+  carry their action bitmasks, as the ranker read them in training.
 
 Recall@K counts the held-out request's engaged items (positives of the primary task) in the top K;
 ``recall@K_unseen`` is the same with the user's whole history (every timeline event before the
@@ -113,6 +116,9 @@ class RetrievalBenchConfig:
             max_len 200), at most 30 epochs, stopped after 5 without a better validation NDCG@10.
         seeds (tuple[int, ...]): one sequence run per seed and encoder.
         ranker (RankingConfig): the ranker of the ``hstu+ranker`` row (its seed replaced per seed).
+        sequence_rows (tuple[str, ...]): which of ``hstu``, ``sasrec`` and ``hstu+ranker`` to run
+            (``hstu+ranker`` trains the ``hstu`` row's models too, and reports that row);
+            most-popular and the two-tower rows always run.
         k0 (int): candidates per task query.
         nprobe (int | None): lists probed (None: the index default).
         value_formula (str | None): the Value Model of the last row (None: a default over the tasks).
@@ -125,13 +131,21 @@ class RetrievalBenchConfig:
     train: TrainConfig = TrainConfig()
     sequence: RetrievalConfig = RetrievalConfig(epochs=30, patience=5)
     seeds: tuple[int, ...] = (0, 1)
-    ranker: RankingConfig = RankingConfig(dim=32, num_layers=2, epochs=2)
+    ranker: RankingConfig = RankingConfig(dim=32, num_layers=2, epochs=2, token_budget=2048, micro_tokens=2048)
+    sequence_rows: tuple[str, ...] = (*SEQUENCE_ROWS, RANKER_ROW)
     k0: int = 1000
     nprobe: int | None = None
     value_formula: str | None = None
     batch: int = 64
     rank_candidates: int = 500
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = set(self.sequence_rows) - {*SEQUENCE_ROWS, RANKER_ROW}
+        if unknown or not self.sequence_rows:
+            raise ValueError(
+                f"sequence_rows must be a non-empty subset of {[*SEQUENCE_ROWS, RANKER_ROW]}, got {list(self.sequence_rows)}"
+            )
 
     @classmethod
     def quick(cls) -> RetrievalBenchConfig:
@@ -175,8 +189,9 @@ class HeldOut:
         slices (list[slice]): the requests of each batch.
         relevant (list[set[int]]): each request's engaged item ids (primary task).
         user_ids, ts (np.ndarray): int64 ``[H]``.
-        history, history_ts (list[np.ndarray]): each request's whole history (timeline events
-            before its ts, oldest first): item ids and event times, int64.
+        history, history_ts, history_actions (list[np.ndarray]): each request's whole history
+            (timeline events before its ts, oldest first): item ids, event times and action
+            bitmasks, int64.
     """
 
     inputs: list[UserInputs]
@@ -186,6 +201,7 @@ class HeldOut:
     ts: np.ndarray
     history: list[np.ndarray] = field(repr=False)
     history_ts: list[np.ndarray] = field(repr=False)
+    history_actions: list[np.ndarray] = field(repr=False)
 
     def seen(self, part: slice) -> list[list[int]]:
         """The history item ids of the requests ``part`` (what ``exclude_seen`` leaves out)."""
@@ -215,7 +231,8 @@ def _held_out(
     start, end = timelines.history_bounds(users, ts, _NO_LIMIT)
     history = [item_ids[timelines.item_rows[a:b]] for a, b in zip(start, end)]
     history_ts = [timelines.ts[a:b].copy() for a, b in zip(start, end)]
-    return HeldOut(inputs, slices, relevant, users, ts, history, history_ts)
+    history_actions = [timelines.actions[a:b].copy() for a, b in zip(start, end)]
+    return HeldOut(inputs, slices, relevant, users, ts, history, history_ts, history_actions)
 
 
 def _timed(answer, inputs: list[UserInputs]) -> tuple[torch.Tensor, float]:
@@ -329,12 +346,14 @@ def _check_no_leak(seq_data: Path, item_ids: np.ndarray, held: HeldOut) -> None:
 
 def _sequence_inputs(model: RetrievalModel, held: HeldOut) -> list[UserInputs]:
     """The held-out requests' inputs of a served sequence model: the latest ``max_history`` events
-    before each request, with their timestamps (HSTU's time bias)."""
+    before each request, with their action bitmasks (what a ranker stage reads) and timestamps
+    (HSTU's time bias)."""
     keep = model.config.max_history
     out = []
     for part in held.slices:
         hs, ts = held.history[part], held.history_ts[part]
-        x = model.inputs([h[-keep:].tolist() for h in hs])
+        actions = [a[-keep:].tolist() for a in held.history_actions[part]]
+        x = model.inputs([h[-keep:].tolist() for h in hs], actions)
         stamps = np.concatenate([t[-keep:] for t in ts]) if ts else np.zeros(0, dtype=np.int64)
         out.append(replace(x, history_ts=torch.from_numpy(stamps.astype(np.int64))))
     return out
@@ -357,7 +376,8 @@ def _sequence_rows(
     kmax = max(KS)
     rows = []
     ranked_by_ranker = []
-    for encoder in SEQUENCE_ROWS:
+    wanted = set(cfg.sequence_rows) | ({"hstu"} if RANKER_ROW in cfg.sequence_rows else set())
+    for encoder in (e for e in SEQUENCE_ROWS if e in wanted):
         per_seed = []
         for seed in cfg.seeds:
             rc = replace(cfg.sequence, encoder=encoder, seed=seed)
@@ -376,10 +396,11 @@ def _sequence_rows(
             one |= _recalls(ranked, unseen, held.relevant)
             _log_row(log, name, f"{encoder}/{seed}", one, f"  {qps:,.0f} QPS, best epoch {report.best_epoch}")
             per_seed.append(one)
-            if encoder == "hstu":
+            if encoder == "hstu" and RANKER_ROW in cfg.sequence_rows:
                 ranked_by_ranker.append(_ranker_seed(data_dir, name, held, cfg, seed, out, log))
         rows.append(_seeds_row(encoder, name, held, cfg, per_seed, asdict(replace(cfg.sequence, encoder=encoder))))
-    rows.append(_seeds_row(RANKER_ROW, name, held, cfg, ranked_by_ranker, asdict(cfg.ranker)))
+    if ranked_by_ranker:
+        rows.append(_seeds_row(RANKER_ROW, name, held, cfg, ranked_by_ranker, asdict(cfg.ranker)))
     return rows
 
 
@@ -625,6 +646,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--patience", type=int, metavar="N", help="stop a hstu / sasrec run after N epochs without a better validation"
     )
+    p.add_argument(
+        "--sequence-rows",
+        metavar="LIST",
+        help=f"which of {','.join((*SEQUENCE_ROWS, RANKER_ROW))} to run (default: all; the others always run)",
+    )
     p.add_argument("--no-synthetic", action="store_true", help="skip the synthetic dataset (MovieLens only)")
     p.add_argument("--threads", type=int, metavar="N", help="torch threads (default: torch's)")
     p.add_argument("--json", metavar="PATH", help="write the result as JSON")
@@ -638,6 +664,12 @@ def cli(args: argparse.Namespace) -> int:
         cfg = replace(cfg, sequence=replace(cfg.sequence, epochs=args.epochs))
     if args.patience is not None:
         cfg = replace(cfg, sequence=replace(cfg.sequence, patience=args.patience))
+    if args.sequence_rows:
+        try:
+            cfg = replace(cfg, sequence_rows=tuple(r.strip() for r in args.sequence_rows.split(",") if r.strip()))
+        except ValueError as e:
+            print(f"--sequence-rows: {e}")
+            return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     ml = None if args.movielens in (None, "none") or args.quick else Path(args.movielens)

@@ -29,6 +29,11 @@ class ServingConfig:
             (a next-item retriever's one query ``next`` under a ranker scoring click, like, ...).
         use_ranker (bool): score the candidates with the request-level ranker (when the model has
             one; it replaces the OverArch); False falls back to the OverArch or inner products.
+        retrieval_temperature (float | None): with a ranker, the softmax temperature the retriever
+            was trained with: a task's score is then P(engage = candidate) × P(task | shown), the
+            first query's softmax over the request's candidates times the ranker's probability
+            (:meth:`~sterling.retrieval.model.RetrievalModel.engagement_prior`); None: the
+            ranker's probability alone.
     """
 
     tasks: tuple[str, ...]
@@ -41,6 +46,7 @@ class ServingConfig:
     use_overarch: bool = True
     queries: tuple[str, ...] = ()
     use_ranker: bool = True
+    retrieval_temperature: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.tasks, str) or not self.tasks or len(set(self.tasks)) != len(self.tasks):
@@ -57,6 +63,14 @@ class ServingConfig:
             isinstance(self.nprobe, bool) or not isinstance(self.nprobe, int) or self.nprobe < 1
         ):
             raise ValueError(f"nprobe must be None or an int >= 1, got {self.nprobe!r}")
+        if self.retrieval_temperature is not None and (
+            isinstance(self.retrieval_temperature, bool)
+            or not isinstance(self.retrieval_temperature, (int, float))
+            or not 0 < self.retrieval_temperature < float("inf")
+        ):
+            raise ValueError(
+                f"retrieval_temperature must be None or a finite number > 0, got {self.retrieval_temperature!r}"
+            )
         if self.value_formula is not None:
             ValueModel(self.value_formula, self.tasks)  # a FormulaError here, never at query time
         if self.primary_task is not None and self.primary_task not in self.tasks:

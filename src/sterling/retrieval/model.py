@@ -303,24 +303,49 @@ class RetrievalModel(nn.Module):
         flat = state.reshape(b, t * k0, state.shape[-1])
         with trace.stage("overarch" if self.ranker is None else "ranker"):
             slots = flat.gather(1, order[..., None].expand(-1, -1, flat.shape[2]))  # [B, M, S]
-            task_scores = self.task_scores_of(inputs, users, queries, slots)  # [B, M, T]
+            task_scores = self.task_scores_of(inputs, users, queries, slots, valid)  # [B, M, T]
         with trace.stage("value_model"):
             answer = top_k(merged, valid, task_scores, self.values(task_scores, value), k)
         trace.candidates = valid.sum(1)
         return answer
 
     def task_scores_of(
-        self, inputs: UserInputs, users: torch.Tensor, queries: torch.Tensor, state: torch.Tensor
+        self,
+        inputs: UserInputs,
+        users: torch.Tensor,
+        queries: torch.Tensor,
+        state: torch.Tensor,
+        valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-task scores ``[B, M, T]`` of candidates with item ``state`` ``[B, M, S]``: the
-        ranker's probabilities, OverArch's, or (with neither) the task queries' inner products with
-        the index's stored vectors."""
+        """Per-task scores ``[B, M, T]`` of candidates with item ``state`` ``[B, M, S]`` (``valid``
+        bool ``[B, M]``: the real ones; default all): the ranker's probabilities (times the
+        :meth:`engagement_prior` with ``config.retrieval_temperature``), OverArch's, or (with
+        neither) the task queries' inner products with the index's stored vectors."""
         if self.ranker is not None:
-            return self.ranker_scores(inputs, state[..., -self.ranker.cfg.dim :])
+            scores = self.ranker_scores(inputs, state[..., -self.ranker.cfg.dim :])
+            if self.config.retrieval_temperature is None:
+                return scores
+            return scores * self.engagement_prior(queries, state, valid)[..., None]
         if self.overarch is None:
             return torch.einsum("btd,bmd->bmt", queries, state)
         history, mask = self.history(inputs)
         return torch.sigmoid(self.overarch(users, queries, history, mask, state[..., : self.overarch.state_dim]))
+
+    def engagement_prior(
+        self, queries: torch.Tensor, state: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """P(the request's next engagement is candidate ``m``) ``[B, M]``: the softmax over each
+        request's ``valid`` candidates (0 elsewhere) of the first task query's ``[B, T, D]`` inner
+        product with a candidate's index vector (of its cached embedding, ``state[..., :D]``) over
+        ``config.retrieval_temperature``: the distribution the retriever was trained to give,
+        restricted to the candidates. A ranker trained on impressions gives P(task | shown); their
+        product ranks by P(engage and task) (measured in ``docs/benchmarks.md``)."""
+        vectors = self.user_tower.index_vectors(state[..., : self.dim].float())  # [B, M, D]
+        logits = torch.einsum("bd,bmd->bm", queries[:, 0], vectors) / self.config.retrieval_temperature
+        if valid is None:
+            return torch.softmax(logits, -1)
+        logits = logits.masked_fill(~valid, torch.finfo(logits.dtype).min)
+        return torch.softmax(logits, -1) * valid
 
     def ranker_scores(self, inputs: UserInputs, candidates: torch.Tensor) -> torch.Tensor:
         """The ranker's per-task probabilities ``[B, M, T]`` of ``M`` candidates per request (their

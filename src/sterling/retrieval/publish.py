@@ -121,6 +121,7 @@ def publish(
         value_formula=value_formula,
         max_history=cfg.max_history,
         queries=() if tasks == cfg.tasks else cfg.tasks,
+        retrieval_temperature=None if ranker_model is None else cfg.temperature,
     )  # bad settings and formulas fail here
     item_ids, attributes, rows = _catalogue(items_path, ckpt.item_ids, cold=True)
     overarch = ckpt.overarch if use_overarch else None
@@ -190,6 +191,7 @@ def _publish_sequence(
         value_formula=value_formula,
         max_history=cfg.max_len,
         queries=() if ranker is None else names,
+        retrieval_temperature=None if ranker is None else cfg.temperature,
     )  # bad settings and formulas fail here
     item_ids, attributes, _ = _catalogue(items_path, ckpt.item_ids)
     queries = TaskQueries(cfg.dim, len(names))  # zero-initialised: next is the user embedding itself
