@@ -4,26 +4,31 @@ independent count, the cached ranking equal to recomputing, and sequence trainin
 sees a held-out request."""
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from sterling.bench.retrieval import (
     KS,
     ROWS,
     SEQUENCE_ROWS,
     TWO_TOWER_ROWS,
+    HeldOut,
     RetrievalBenchConfig,
     default_formula,
     format_table,
     most_popular,
     run,
+    shown_quality,
     truncated_dataset,
 )
 from sterling.data.items import read_items
 from sterling.data.synth import SynthConfig, generate
 from sterling.train.loop import TrainConfig
+from sterling.train.metrics import task_metrics
 from sterling.train.overarch import OverArchTrainConfig
 from sterling.train.retrieval import RetrievalConfig
 from sterling.train.split import holdout_requests
@@ -71,11 +76,41 @@ def test_rows_ranking_and_table():
             assert r[f"{key}_se"] == pytest.approx(np.std(values, ddof=1) / np.sqrt(2))
     assert all(by_row[r][f"{k}_se"] is None for r in ("most_popular", "exact") for k in KEYS)
     assert {(g["dataset"], g["row"]) for g in result["relative"]} == {("synthetic", n) for n in SEQUENCE_ROWS}
+    for shown in (by_row["overarch"]["shown"], *(s["shown"] for s in by_row["hstu+ranker"]["per_seed"])):
+        assert set(shown) == {"auc", "gauc", "ne"} and all(set(m) == {"click", "like", "share"} for m in shown.values())
+        assert all(0.0 <= v <= 1.0 for v in shown["auc"].values() if not np.isnan(v))
     (ranking,) = result["ranking"]
     assert ranking["identical"] and ranking["max_abs_diff"] == 0.0 and ranking["cached_qps"] > 0
     assert {"platform", "cpus", "torch"} <= set(result["machine"])
     table = format_table(result)
     assert all(row in table for row in ROWS) and "identical" in table and "±" in table and "exclude_seen" in table
+    assert "synthetic      click    overarch " in table
+
+
+def test_shown_quality_scores_each_request_s_impressions_as_a_loop_would():
+    """Requests of different sizes padded into one ``rank`` call: the metrics are those of each
+    request's own impressions, grouped by request."""
+
+    class Scorer:
+        config = SimpleNamespace(tasks=("click", "like"))
+
+        def rank(self, inputs, ids):  # [B, M] -> [B, M, 2], a fixed function of the id
+            return torch.stack([torch.sigmoid(ids / 7.0 - 3), torch.sigmoid(2 - ids / 5.0)], -1)
+
+    rng = np.random.default_rng(0)
+    shown = [rng.choice(40, n, replace=False).astype(np.int64) for n in (3, 1, 6, 2, 5)]
+    labels = [(rng.random((len(s), 2)) < 0.5).astype(np.float32) for s in shown]
+    held = HeldOut(
+        [SimpleNamespace()] * 2, [slice(0, 3), slice(3, 5)], [], np.zeros(5), np.zeros(5), [], [], [], shown, labels
+    )
+    got = shown_quality(Scorer(), held)
+    ids = torch.from_numpy(np.concatenate(shown)).float()
+    logits = torch.stack([ids / 7.0 - 3, 2 - ids / 5.0], -1)
+    groups = torch.cat([torch.full((len(s),), r) for r, s in enumerate(shown)])
+    want = task_metrics(logits, torch.from_numpy(np.concatenate(labels)), groups, ("click", "like"))
+    for metric in want:
+        for task in want[metric]:
+            assert got[metric][task] == pytest.approx(want[metric][task], rel=1e-4, nan_ok=True), (metric, task)
 
 
 def test_sequence_rows_pick_the_sequence_models_run():

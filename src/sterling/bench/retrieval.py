@@ -77,7 +77,7 @@ from sterling.retrieval.publish import load_model, publish
 from sterling.train.checkpoint import load_checkpoint
 from sterling.train.encode import encode_catalog
 from sterling.train.loop import TrainConfig, train
-from sterling.train.metrics import recall_at_k
+from sterling.train.metrics import recall_at_k, task_metrics
 from sterling.train.ranking import RankingConfig, train_ranker
 from sterling.train.retrieval import RetrievalConfig, train_retrieval
 from sterling.train.split import holdout_requests
@@ -91,6 +91,7 @@ __all__ = [
     "most_popular",
     "relative_gains",
     "run",
+    "shown_quality",
     "truncated_dataset",
 ]
 
@@ -192,6 +193,8 @@ class HeldOut:
         history, history_ts, history_actions (list[np.ndarray]): each request's whole history
             (timeline events before its ts, oldest first): item ids, event times and action
             bitmasks, int64.
+        shown, labels (list[np.ndarray]): each request's impressions: item ids int64 ``[k]`` and
+            labels float32 ``[k, T]``.
     """
 
     inputs: list[UserInputs]
@@ -202,6 +205,8 @@ class HeldOut:
     history: list[np.ndarray] = field(repr=False)
     history_ts: list[np.ndarray] = field(repr=False)
     history_actions: list[np.ndarray] = field(repr=False)
+    shown: list[np.ndarray] = field(repr=False)
+    labels: list[np.ndarray] = field(repr=False)
 
     def seen(self, part: slice) -> list[list[int]]:
         """The history item ids of the requests ``part`` (what ``exclude_seen`` leaves out)."""
@@ -213,7 +218,7 @@ def _held_out(
 ) -> HeldOut:
     """The held-out requests in batches of ``batch``, each one's engaged item ids and whole history."""
     reader = RequestReader(data_dir, ItemCatalog(item_ids), max_history, token_budget=10**9)
-    inputs, slices, relevant, users, ts = [], [], [], [], []
+    inputs, slices, relevant, users, ts, shown, labels = [], [], [], [], [], [], []
     for full in reader.batches(only=holdout_requests(DatasetPaths(data_dir).requests)):
         for lo in range(0, full.num_requests, batch):
             part = full.requests(lo, min(lo + batch, full.num_requests))
@@ -223,6 +228,8 @@ def _held_out(
             engaged = part.labels[:, primary].numpy() > 0
             ids = item_ids[part.item_rows.numpy()]
             relevant += [set(ids[engaged & (owner == r)].tolist()) for r in range(part.num_requests)]
+            shown += [ids[owner == r] for r in range(part.num_requests)]
+            labels += [part.labels.numpy()[owner == r] for r in range(part.num_requests)]
             users.append(part.user_ids.numpy())
             ts.append(part.ts.numpy())
     users = np.concatenate(users) if users else np.zeros(0, dtype=np.int64)
@@ -232,7 +239,25 @@ def _held_out(
     history = [item_ids[timelines.item_rows[a:b]] for a, b in zip(start, end)]
     history_ts = [timelines.ts[a:b].copy() for a, b in zip(start, end)]
     history_actions = [timelines.actions[a:b].copy() for a, b in zip(start, end)]
-    return HeldOut(inputs, slices, relevant, users, ts, history, history_ts, history_actions)
+    return HeldOut(inputs, slices, relevant, users, ts, history, history_ts, history_actions, shown, labels)
+
+
+def shown_quality(model: RetrievalModel, held: HeldOut) -> dict[str, dict[str, float]]:
+    """AUC, NE and GAUC per task of ``model``'s scores (:meth:`RetrievalModel.rank`: OverArch's
+    probabilities) of the held-out requests' shown impressions: what the ranker's held-out metrics
+    (:func:`~sterling.train.ranking.evaluate_ranker`) measure of it, on the same requests."""
+    logits, labels, groups = [], [], []
+    for x, part in zip(held.inputs, held.slices):
+        shown = held.shown[part]
+        lengths = torch.tensor([len(s) for s in shown])
+        width = int(lengths.max())
+        ids = torch.from_numpy(np.stack([np.resize(s, width) for s in shown]))  # [B, width], repeats pad
+        scores = model.rank(x, ids)  # [B, width, T] probabilities
+        real = torch.arange(width) < lengths[:, None]
+        logits.append(torch.logit(scores[real].double(), eps=1e-7).float())
+        labels.append(torch.from_numpy(np.concatenate(held.labels[part])))
+        groups.append(torch.arange(part.start, part.stop).repeat_interleave(lengths))
+    return task_metrics(torch.cat(logits), torch.cat(labels), torch.cat(groups), model.config.tasks)
 
 
 def _timed(answer, inputs: list[UserInputs]) -> tuple[torch.Tensor, float]:
@@ -435,7 +460,8 @@ def _ranker_seed(
     kmax = max(KS)
     ranked, qps = _timed(lambda x, m=model: m(x, k=kmax).ids, inputs)
     unseen = torch.cat([model(x, k=kmax, exclude=held.seen(p)).ids for x, p in zip(inputs, held.slices)])
-    one = {"seed": seed, "qps": qps, "train_s": train_s, "ranker_auc": ranking.auc, "ranker_ne": ranking.ne}
+    one = {"seed": seed, "qps": qps, "train_s": train_s}
+    one["shown"] = {"auc": ranking.auc, "ne": ranking.ne, "gauc": ranking.gauc}
     one |= _recalls(ranked, unseen, held.relevant)
     _log_row(log, name, f"{RANKER_ROW}/{seed}", one, f"  {qps:,.0f} QPS")
     return one
@@ -490,6 +516,8 @@ def _dataset_rows(data_dir: Path, name: str, cfg: RetrievalBenchConfig, work: Pa
         }
         out |= _recalls(ranked, unseen, held.relevant)
         out |= {f"{key}_se": None for key in _recall_keys()}
+        if row == "overarch":
+            out["shown"] = shown_quality(variants[row], held)
         _log_row(log, name, row, out, f"  {qps:,.0f} QPS")
         rows.append(out)
     ranking = _ranking(model, ckpt, ItemTerms.build(attributes, vocab=ckpt.term_vocab), inputs, cfg, name)
@@ -624,6 +652,16 @@ def format_table(result: dict) -> str:
                 f"{name:<14} {a['recall@20']:.4f} vs {b['recall@20']:.4f} ({_gain(a['recall@20'], b['recall@20']):+.1%}); "
                 f"unseen {a['recall@20_unseen']:.4f} vs {b['recall@20_unseen']:.4f}"
             )
+    lines.append("held-out shown impressions, per task AUC / GAUC / NE: OverArch, then the ranker of each seed")
+    for name in dict.fromkeys(r["dataset"] for r in result["rows"]):
+        rows = {r["row"]: r for r in result["rows"] if r["dataset"] == name}
+        if RANKER_ROW in rows and "shown" in rows.get("overarch", {}):
+            ranker = [s["shown"] for s in rows[RANKER_ROW]["per_seed"]]
+            for task in rows["overarch"]["shown"]["auc"]:
+                cells = []
+                for who in (rows["overarch"]["shown"], *ranker):
+                    cells.append("/".join(f"{who[m][task]:.3f}" for m in ("auc", "gauc", "ne")))
+                lines.append(f"{name:<14} {task:<8} overarch {cells[0]}  ranker {'  '.join(cells[1:])}")
     lines += ["", f"{'dataset':<14} {'ranking: cached':>16} {'recomputed':>11} {'speed-up':>9} identical"]
     for r in result["ranking"]:
         lines.append(

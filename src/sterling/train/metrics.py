@@ -1,7 +1,7 @@
 """Evaluation metrics in plain torch.
 
 * Ranking (per task of a multi-task model): :func:`auc`, :func:`gauc` (AUC within each request,
-  averaged over requests) and :func:`ne` (normalized entropy).
+  averaged over requests) and :func:`ne` (normalized entropy); :func:`task_metrics`, all three per task.
 * Retrieval over the *whole catalogue* (no sampled negatives): :func:`recall_at_k` for sets of
   relevant items, and, for next-item (leave-last-out) evaluation as in the generative-recommenders
   (HSTU) benchmarks, :func:`target_ranks` followed by :func:`hit_rate` and :func:`ndcg`.
@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["auc", "gauc", "hit_rate", "ndcg", "ne", "recall_at_k", "target_ranks"]
+__all__ = ["auc", "gauc", "hit_rate", "ndcg", "ne", "recall_at_k", "target_ranks", "task_metrics"]
 
 # Default bound on the elements of one [chunk, N] comparison in target_ranks (16 Mi bools = 16 MiB).
 _RANK_CHUNK_ELEMENTS = 1 << 24
@@ -167,6 +167,19 @@ def ne(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None 
         return float("nan")
     entropy = -(p * math.log(p) + (1 - p) * math.log1p(-p))
     return bce / entropy
+
+
+def task_metrics(
+    logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor, tasks: tuple[str, ...]
+) -> dict[str, dict[str, float]]:
+    """``{"auc" | "ne" | "gauc": {task: value}}`` of a multi-task model's pre-sigmoid ``logits [n, T]``
+    against ``labels [n, T]``, GAUC grouped by ``groups [n]`` (the request of each impression)."""
+    out: dict[str, dict[str, float]] = {"auc": {}, "ne": {}, "gauc": {}}
+    for t, name in enumerate(tasks):
+        out["auc"][name] = auc(logits[:, t], labels[:, t])
+        out["ne"][name] = ne(logits[:, t], labels[:, t])
+        out["gauc"][name] = gauc(logits[:, t], labels[:, t], groups)
+    return out
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:

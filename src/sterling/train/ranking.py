@@ -46,7 +46,7 @@ from sterling.data.batch import ItemCatalog, RequestBatch, RequestReader
 from sterling.data.items import read_items
 from sterling.data.schema import DatasetPaths, read_roles
 from sterling.models.ranker import MODES, RankerConfig, SequenceRanker
-from sterling.train.metrics import auc, gauc, ne
+from sterling.train.metrics import task_metrics
 from sterling.train.ranker_checkpoint import write_ranker_checkpoint
 from sterling.train.split import holdout_requests
 
@@ -270,12 +270,6 @@ def evaluate_ranker(model: SequenceRanker, reader: RequestReader, holdout) -> di
         labels.append(batch.labels)
         groups.append(batch.request_ids[batch.impression_to_request()])
     model.train()
-    out: dict[str, dict[str, float]] = {"auc": {}, "ne": {}, "gauc": {}}
     if not logits:
-        return out
-    s, y, g = torch.cat(logits), torch.cat(labels), torch.cat(groups)
-    for t, name in enumerate(model.cfg.tasks):
-        out["auc"][name] = auc(s[:, t], y[:, t])
-        out["ne"][name] = ne(s[:, t], y[:, t])
-        out["gauc"][name] = gauc(s[:, t], y[:, t], g)
-    return out
+        return {"auc": {}, "ne": {}, "gauc": {}}
+    return task_metrics(torch.cat(logits), torch.cat(labels), torch.cat(groups), model.cfg.tasks)
