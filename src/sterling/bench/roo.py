@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -97,8 +98,8 @@ def _train_arm(data_dir: str, cfg: dict) -> dict:
 
 
 def _in_process(data_dir: Path, cfg: dict) -> dict:
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_train_arm, (str(data_dir), cfg))
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_train_arm, str(data_dir), cfg).result()
 
 
 def _arms(data_dir: Path, dataset: str, bench: RooBenchConfig, impressions: int, storage: dict, log) -> list[dict]:
