@@ -324,13 +324,13 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         value_formulas=tuple(formulas),
         batcher=BatcherConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue),
         limits=Limits(max_k=args.max_k),
+        snapshot_root=None if args.snapshot_root is None else Path(args.snapshot_root),
     )
     if args.engine == "ray":
         _serve_ray(config, args)
         return
     if args.shards is not None or args.replicas is not None:
         raise ValueError("--shards and --replicas: only with --engine ray")
-    print(f"sterling: serving {args.snapshot} on http://{args.host}:{args.port} (docs at /docs)", file=sys.stderr)
     serve(config, host=args.host, port=args.port)
 
 
@@ -538,6 +538,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="the published model over HTTP: retrieve, rank, live items, metrics")
     sv.add_argument("--snapshot", required=True)
+    sv.add_argument(
+        "--snapshot-root",
+        metavar="DIR",
+        help="/v1/admin/reload loads only snapshots under DIR (default: the parent of --snapshot)",
+    )
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--users", help="users.parquet, so requests may name a user_id")

@@ -98,6 +98,7 @@ def test_a_bad_update_changes_nothing():
         lambda: model.upsert([1, 1], torch.randn(2, D), [{"year": 1}] * 2),
         lambda: model.upsert([1], torch.randn(1, D + 1), [{"year": 1}]),
         lambda: model.upsert([1], torch.full((1, D), float("nan")), [{"year": 1}]),
+        lambda: model.upsert([1], torch.full((1, D), 1e30), [{"year": 1}]),  # finite, but not in the fp16 cache
         lambda: model.upsert([1], torch.randn(1, D), [{"colour": "red"}]),
     ):
         with pytest.raises(ValueError):

@@ -325,6 +325,7 @@ BAD_UPDATES = [
     ({"remove": [1]}, 422, "remove"),
     ({"upsert": [{"id": 1, "embedding": [10**400] + [0.1] * 63}]}, 422, "embedding"),  # no float holds it
     ({"upsert": [{"id": 1, "embedding": [1e39] + [0.1] * 63}]}, 400, "NaN or inf"),  # inf as float32
+    ({"upsert": [{"id": 1, "embedding": [1e30] + [0.1] * 63}]}, 400, "within ±65504"),  # overflows the fp16 cache
     ({"upsert": [{"id": -1, "embedding": [0.1] * 64}]}, 400, "reserved"),  # -1 pads results
     ({"upsert": [{"id": 1, "embedding": [0.1] * 64, "attributes": {"year": "old"}}]}, 400, "year"),
     ({"upsert": [{"id": 1, "embedding": [0.1] * 64, "vector": [1]}]}, 422, "vector"),
@@ -424,21 +425,55 @@ def test_json_content_types_are_read_as_json(server, content_type):
 
 
 def test_a_corrupt_or_missing_snapshot_is_refused_and_the_old_one_keeps_serving(server, tmp_path, snapshots):
-    _, a, _, _ = snapshots
-    corrupt = tmp_path / "corrupt"
+    root, a, _, _ = snapshots
+    corrupt = root / f"corrupt-{tmp_path.name}"
     shutil.copytree(a, corrupt)
     cache = corrupt / "cache.safetensors"
     data = bytearray(cache.read_bytes())
     data[len(data) // 2] ^= 0xFF
     cache.write_bytes(bytes(data))
     version = server.service.info.version
-    for path in (corrupt, tmp_path / "nowhere"):
+    for path in (corrupt, root / "nowhere"):
         status, out, _ = call(server, "/v1/admin/reload", {"path": str(path)}, token=TOKEN)
         assert status == 422 and out["error"]["code"] == "snapshot_refused", out
         assert "old one keeps serving" in out["error"]["message"]
         assert server.service.info.version == version
         assert call(server, "/v1/retrieve", {"history": history(server), "k": 3})[0] == 200
     assert call(server, "/healthz")[0] == 200
+
+
+def test_reload_loads_only_under_the_snapshot_root(server, tmp_path, snapshots):
+    """Any path outside the root (existing or not, through ``..`` or a symbolic link) is one 403
+    with one message: nothing is read there, and nothing says whether it exists."""
+    root, a, _, _ = snapshots
+    shutil.copytree(a, tmp_path / "outside")
+    link = root / f"link-{tmp_path.name}"
+    link.symlink_to(tmp_path / "outside")
+    version = server.service.info.version
+    messages = set()
+    for path in ("/etc", tmp_path / "outside", tmp_path / "nowhere", root / ".." / "x", link, "relative/snap"):
+        status, out, _ = call(server, "/v1/admin/reload", {"path": str(path)}, token=TOKEN)
+        assert status == 403 and out["error"]["code"] == "outside_snapshot_root", (path, out)
+        messages.add(out["error"]["message"])
+    assert len(messages) == 1 and str(root.resolve()) in messages.pop()
+    assert server.service.info.version == version
+    assert call(server, "/v1/snapshot")[1]["snapshot_root"] == str(root.resolve())
+
+
+def test_serve_refuses_a_busy_port_with_one_error_before_loading(snapshots, capsys):
+    from sterling.cli import main
+    from sterling.serving.server import bind
+
+    _, a, _, _ = snapshots
+    taken = bind("127.0.0.1", 0)
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        assert main(["serve", "--snapshot", str(a), "--port", str(port), "--insecure-no-auth"]) == 2
+    finally:
+        taken.close()
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "in use" in err and "serving" not in err, err
 
 
 def test_a_deeply_nested_filter_is_a_400_not_a_crash(snapshots):

@@ -480,8 +480,18 @@ class RetrievalModel(nn.Module):
             raise ValueError(
                 f"embeddings must be float [M, D] of dimension D = {self.dim}, got {vectors.dtype} {list(vectors.shape)}"
             )
+        limit = torch.finfo(self.items.dtype).max
+        largest = float(vectors.detach().abs().max()) if vectors.numel() else 0.0
+        if not largest <= limit:  # NaN too
+            raise ValueError(
+                f"embedding values must be finite (no NaN or inf) and within ±{limit:g} (the item cache "
+                f"is {self.items.dtype}), got {largest:g}"
+            )
+        table = self.items.rows_for(vectors.float())
+        if not bool(torch.isfinite(table).all()):
+            raise ValueError(f"these embeddings' item state overflows the item cache ({self.items.dtype})")
         index_vectors = self.user_tower.index_vectors(vectors.float())
-        self.index.upsert(ids, index_vectors, attributes, table=self.items.rows_for(vectors.float()))
+        self.index.upsert(ids, index_vectors, attributes, table=table)
 
     def delete(self, ids: torch.Tensor | Sequence[int]) -> int:
         """Remove items from search (their rows stay until compaction, for the histories that name

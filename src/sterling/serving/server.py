@@ -27,6 +27,8 @@ from __future__ import annotations
 import contextlib
 import hmac
 import logging
+import socket
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -45,7 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from sterling.index.filter import FilterError
 from sterling.models.value_model import FormulaError
 from sterling.serving.batcher import BatcherConfig, Overloaded
-from sterling.serving.service import Limits, ReloadInProgress, Service, Update
+from sterling.serving.service import Limits, OutsideSnapshotRoot, ReloadInProgress, Service, Update
 from sterling.serving.users import UnknownUser
 from sterling.snapshot import SnapshotError
 
@@ -76,6 +78,8 @@ class ServerConfig:
             :func:`serve` sets it).
         loader (Callable | None): loads a snapshot path as the served model (``Service``'s
             ``loader``; the Ray Serve ingress sets it).
+        snapshot_root (Path | None): ``/v1/admin/reload`` loads only snapshots under it (default:
+            the parent of ``snapshot``); any other path is one 403.
     """
 
     snapshot: Path
@@ -87,6 +91,7 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     freeze_gc: bool = False
     loader: Callable[[Path], Any] | None = None
+    snapshot_root: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.token and not self.allow_no_auth:
@@ -207,6 +212,7 @@ _ERRORS = (
     (ValueError, 400, "bad_request"),
     (Overloaded, 503, "overloaded"),
     (ReloadInProgress, 409, "conflict"),
+    (OutsideSnapshotRoot, 403, "outside_snapshot_root"),
 )
 
 
@@ -239,6 +245,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         config.limits,
         freeze_gc=config.freeze_gc,
         loader=config.loader,
+        snapshot_root=config.snapshot_root,
     )
 
     @contextlib.asynccontextmanager
@@ -382,12 +389,32 @@ def create_app(config: ServerConfig) -> FastAPI:
 
 
 def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run the server until interrupted."""
+    """Bind ``host:port`` (a busy port is one ValueError, before the model loads), load the model,
+    say on stderr that it serves, and serve until interrupted."""
     import uvicorn
 
-    uvicorn.run(
-        create_app(replace(config, freeze_gc=True)), host=host, port=port, log_level="warning", access_log=False
-    )
+    sock = bind(host, port)
+    try:
+        app = create_app(replace(config, freeze_gc=True))
+    except BaseException:
+        sock.close()
+        raise
+    bound = sock.getsockname()[1]
+    print(f"sterling: serving {config.snapshot} on http://{host}:{bound} (docs at /docs)", file=sys.stderr, flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (port 0: a free one), ready for uvicorn to listen on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
 
 
 class BackgroundServer:

@@ -38,13 +38,17 @@ from sterling.serving.shards import SHARDS_FILE
 from sterling.serving.users import UserStore, encode_feature
 from sterling.snapshot import MANIFEST, SnapshotError
 
-__all__ = ["Limits", "Query", "ReloadInProgress", "Service", "SnapshotInfo", "Update"]
+__all__ = ["Limits", "OutsideSnapshotRoot", "Query", "ReloadInProgress", "Service", "SnapshotInfo", "Update"]
 
 _MERGE_LOG_AT = 1024  # updates in the log before it is merged into one (each id's last operation)
 
 
 class ReloadInProgress(RuntimeError):
     """A reload was asked for while another one runs."""
+
+
+class OutsideSnapshotRoot(PermissionError):
+    """A reload of a path outside the snapshot root (the same error whether the path exists or not)."""
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,8 @@ class Service:
         loader (Callable[[Path], RetrievalModel] | None): loads a snapshot path as the served
             model (default :func:`load_model`; the Ray Serve ingress passes one that builds a
             :class:`~sterling.serving.shards.ShardedModel` over its shard deployments).
+        snapshot_root (Path | None): :meth:`reload` loads only snapshots under this directory
+            (symbolic links resolved; default: the parent of ``snapshot``).
     """
 
     def __init__(
@@ -181,8 +187,10 @@ class Service:
         limits: Limits = Limits(),
         freeze_gc: bool = False,
         loader: Callable[[Path], RetrievalModel] | None = None,
+        snapshot_root: Path | None = None,
     ) -> None:
         self.metrics = ServingMetrics()
+        self.snapshot_root = Path(snapshot_root if snapshot_root is not None else Path(snapshot).parent).resolve()
         self._loader = loader or load_model
         self.limits = limits
         self.users = None if users is None else UserStore.read(Path(users))
@@ -280,10 +288,14 @@ class Service:
 
     async def reload(self, path: Path | None) -> SnapshotInfo:
         """Swap in the snapshot at ``path`` (default: the current path again), or refuse it."""
+        path = Path(path or self.info.path)
+        if not path.resolve().is_relative_to(self.snapshot_root):
+            raise OutsideSnapshotRoot(
+                f"reload loads only snapshots under the snapshot root {self.snapshot_root} (--snapshot-root)"
+            )
         if not self._reloading.acquire(blocking=False):
             raise ReloadInProgress("a reload is already in progress")
         try:
-            path = Path(path or self.info.path)
             pending = await self.batcher.call(lambda: list(self._log))  # not merged again until the swap ends
             seen = len(pending)
             try:
@@ -312,6 +324,7 @@ class Service:
         model, info = self.model, self.info
         return {
             "path": info.path,
+            "snapshot_root": str(self.snapshot_root),
             "version": info.version,
             "created_at": info.created_at,
             "loaded_at": info.loaded_at,
