@@ -128,7 +128,7 @@ def test_hot_reload_across_the_shards(servers, tmp_path):
     after = call(sharded, "/v1/retrieve", body)[1]
     assert after["snapshot"] == info["version"] != before["snapshot"]
     assert after["ids"] == want.ids[0].tolist() != before["ids"]  # the other model's answer, from its shards
-    broken = tmp_path / "broken"
+    broken = root / f"broken-{tmp_path.name}"  # reload loads only under the served snapshot's parent
     shutil.copytree(root / "sharded", broken)
     described = json.loads((broken / "shards.json").read_text())
     described["manifests_sha256"][1] = "0" * 64
