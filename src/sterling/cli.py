@@ -325,6 +325,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         batcher=BatcherConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue),
         limits=Limits(max_k=args.max_k),
         snapshot_root=None if args.snapshot_root is None else Path(args.snapshot_root),
+        update_log=None if args.log is None else Path(args.log),
     )
     if args.engine == "ray":
         _serve_ray(config, args)
@@ -542,6 +543,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--snapshot-root",
         metavar="DIR",
         help="/v1/admin/reload loads only snapshots under DIR (default: the parent of --snapshot)",
+    )
+    sv.add_argument(
+        "--log",
+        metavar="PATH",
+        help="the SQLite update log: /v1/items answers once an update is committed there, and a restart replays it "
+        "(default: none, live updates are kept in memory only)",
     )
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)

@@ -466,7 +466,6 @@ def test_serve_refuses_a_busy_port_with_one_error_before_loading(snapshots, caps
 
     _, a, _, _ = snapshots
     taken = bind("127.0.0.1", 0)
-    taken.listen()
     port = taken.getsockname()[1]
     try:
         assert main(["serve", "--snapshot", str(a), "--port", str(port), "--insecure-no-auth"]) == 2

@@ -14,14 +14,14 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "retrieval"))  # collected be
 from test_model import D, compose  # noqa: E402
 
 
-def random_updates(rng: random.Random, known: list[int], n: int) -> list[Update]:
+def random_updates(rng: random.Random, known: list[int], n: int, dim: int = D) -> list[Update]:
     pool = known[:20] + list(range(10**9, 10**9 + 15))  # catalogue items and new ones, often repeated
     out = []
     for _ in range(n):
         ids = rng.sample(pool, rng.randint(0, 4))
         deletes = rng.sample(pool, rng.randint(0, 3))
         attrs = [{"genre": [rng.choice(["drama", "war", "new"])], "year": rng.randint(1980, 2020)} for _ in ids]
-        out.append(Update(ids, torch.randn(len(ids), D), attrs, deletes))
+        out.append(Update(ids, torch.randn(len(ids), dim), attrs, deletes))
     return out
 
 

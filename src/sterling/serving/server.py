@@ -48,6 +48,7 @@ from sterling.index.filter import FilterError
 from sterling.models.value_model import FormulaError
 from sterling.serving.batcher import BatcherConfig, Overloaded
 from sterling.serving.service import Limits, OutsideSnapshotRoot, ReloadInProgress, Service, Update
+from sterling.serving.update_log import UpdateLog
 from sterling.serving.users import UnknownUser
 from sterling.snapshot import SnapshotError
 
@@ -80,6 +81,9 @@ class ServerConfig:
             ``loader``; the Ray Serve ingress sets it).
         snapshot_root (Path | None): ``/v1/admin/reload`` loads only snapshots under it (default:
             the parent of ``snapshot``); any other path is one 403.
+        update_log (Path | None): the SQLite update log (:mod:`sterling.serving.update_log`):
+            ``/v1/items`` answers after its update is committed there, and a server started again
+            replays it. None: live updates are kept in memory only.
     """
 
     snapshot: Path
@@ -92,6 +96,7 @@ class ServerConfig:
     freeze_gc: bool = False
     loader: Callable[[Path], Any] | None = None
     snapshot_root: Path | None = None
+    update_log: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.token and not self.allow_no_auth:
@@ -246,12 +251,15 @@ def create_app(config: ServerConfig) -> FastAPI:
         freeze_gc=config.freeze_gc,
         loader=config.loader,
         snapshot_root=config.snapshot_root,
+        update_log=None if config.update_log is None else UpdateLog(config.update_log),
     )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         service.close()
+        if service.update_log is not None:
+            service.update_log.close()
 
     app = FastAPI(
         title="sterling", version="1", description="Index-as-model retrieval: one served model.", lifespan=lifespan
@@ -405,12 +413,14 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> No
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` (port 0: a free one), ready for uvicorn to listen on."""
+    """A TCP socket listening on ``host:port`` (port 0: a free one): connections wait in its
+    backlog until uvicorn accepts them."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(2048)
     except OSError as e:
         sock.close()
         raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None

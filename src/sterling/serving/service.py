@@ -19,13 +19,14 @@ import asyncio
 import gc
 import hashlib
 import json
+import logging
 import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -38,7 +39,12 @@ from sterling.serving.shards import SHARDS_FILE
 from sterling.serving.users import UserStore, encode_feature
 from sterling.snapshot import MANIFEST, SnapshotError
 
+if TYPE_CHECKING:
+    from sterling.serving.update_log import UpdateLog
+
 __all__ = ["Limits", "OutsideSnapshotRoot", "Query", "ReloadInProgress", "Service", "SnapshotInfo", "Update"]
+
+log = logging.getLogger("sterling.serving")
 
 _MERGE_LOG_AT = 1024  # updates in the log before it is merged into one (each id's last operation)
 
@@ -176,6 +182,10 @@ class Service:
             :class:`~sterling.serving.shards.ShardedModel` over its shard deployments).
         snapshot_root (Path | None): :meth:`reload` loads only snapshots under this directory
             (symbolic links resolved; default: the parent of ``snapshot``).
+        update_log (UpdateLog | None): the durable log of acknowledged updates
+            (:mod:`sterling.serving.update_log`): its entries are applied to the first snapshot
+            (those it refuses are skipped with a warning), and each update is committed to it
+            before :meth:`update` returns. None: updates live in memory only.
     """
 
     def __init__(
@@ -188,6 +198,7 @@ class Service:
         freeze_gc: bool = False,
         loader: Callable[[Path], RetrievalModel] | None = None,
         snapshot_root: Path | None = None,
+        update_log: UpdateLog | None = None,
     ) -> None:
         self.metrics = ServingMetrics()
         self.snapshot_root = Path(snapshot_root if snapshot_root is not None else Path(snapshot).parent).resolve()
@@ -195,9 +206,12 @@ class Service:
         self.limits = limits
         self.users = None if users is None else UserStore.read(Path(users))
         self.formulas = dict(value_formulas)
+        self.update_log = update_log
         self.model, self.info = self._load(Path(snapshot), [])
         self._log: list[Update] = []  # read and written on the model thread only
         self._updates = 0
+        if update_log is not None:
+            self._replay(update_log)
         self._reloading = threading.Lock()
         self.batcher = MicroBatcher(self._run_batch, batcher)
         self._publish_state()
@@ -270,7 +284,13 @@ class Service:
             )
 
         def apply() -> dict:
-            deleted = update.apply(self.model)  # a bad update raises before changing anything
+            seq = None if self.update_log is None else self.update_log.append(update)  # durable first
+            try:
+                deleted = update.apply(self.model)  # a bad update raises before changing anything
+            except Exception:
+                if seq is not None:
+                    self.update_log.discard(seq)
+                raise
             self._log.append(update)
             self._updates += 1
             if len(self._log) >= _MERGE_LOG_AT and not self._reloading.locked():
@@ -336,6 +356,9 @@ class Service:
             "value_formulas": {"default": model.config.value_formula, **self.formulas},
             "overarch": model.overarch is not None,
             "updates_applied": self._updates,
+            "update_log": None
+            if self.update_log is None
+            else {"path": str(self.update_log.path), "last_seq": self.update_log.last_seq},
             "users": 0 if self.users is None else len(self.users),
         }
 
@@ -343,6 +366,19 @@ class Service:
         self.batcher.close()
 
     # ---- the model thread --------------------------------------------------------------------
+
+    def _replay(self, update_log: UpdateLog) -> None:
+        """Apply the log's entries to the model just loaded, in order (before the batcher serves)."""
+        for seq, update in update_log.entries():
+            try:
+                update.apply(self.model)
+            except ValueError as e:  # logged, then refused: it was never acknowledged
+                log.warning("update %d of %s is refused by %s and skipped: %s", seq, update_log.path, self.info.path, e)
+                continue
+            self._log.append(update)
+            self._updates += 1
+        if len(self._log) > 1:
+            self._log = [Update.merged(self._log)]
 
     def _load(self, path: Path, updates: Sequence[Update]) -> tuple[RetrievalModel, SnapshotInfo]:
         """Load (checksums verified), apply ``updates``, warm up; any failure is an exception."""
