@@ -475,6 +475,20 @@ def test_serve_refuses_a_busy_port_with_one_error_before_loading(snapshots, caps
     assert f"cannot listen on 127.0.0.1:{port}" in err and "in use" in err and "serving" not in err, err
 
 
+def test_rank_never_answers_a_null_score(snapshots):
+    _, a, _, _ = snapshots
+    config = ServerConfig(a, allow_no_auth=True, value_formulas=(("broken", "log(click - click)"),))
+    with BackgroundServer(config) as s:
+        items = history(s, 3, offset=10)
+        body = {"history": history(s), "item_ids": items, "value": "broken"}
+        status, out, _ = call(s, "/v1/rank", body)
+        assert (
+            status == 400 and "no finite score" in out["error"]["message"] and str(items[0]) in out["error"]["message"]
+        )
+        status, out, _ = call(s, "/v1/rank", {**body, "value": None})
+        assert status == 200 and all(v is not None for v in out["scores"]), out
+
+
 def test_a_deeply_nested_filter_is_a_400_not_a_crash(snapshots):
     _, a, _, _ = snapshots
     with BackgroundServer(ServerConfig(a, allow_no_auth=True)) as s:  # the default limit: 2000 characters

@@ -433,6 +433,12 @@ class Service:
                     0
                 ]  # [M, T]
                 value = model.value_of(scores, formula)
+                bad = ~(torch.isfinite(value) & torch.isfinite(scores).all(-1))
+                if bool(bad.any()):
+                    raise ValueError(
+                        f"the value formula {formula or model.config.value_formula or model.config.tasks[0]!r} gives "
+                        f"no finite score for items {[q.items[i] for i in bad.nonzero()[:, 0].tolist()][:10]}"
+                    )
                 out.append(
                     {
                         "item_ids": q.items,
