@@ -39,7 +39,7 @@ from typing import Annotated, Any
 import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -56,7 +56,7 @@ __all__ = ["BackgroundServer", "ServerConfig", "create_app", "serve"]
 
 log = logging.getLogger("sterling.serve")
 
-Id = Annotated[int, Field(strict=True, ge=-(2**63), lt=2**63)]
+Id = Annotated[int, Field(strict=True, ge=-(2**63), le=2**63 - 1)]
 Int64 = Id  # an integer a 64-bit tensor holds (a larger one is a 422, not an overflow inside the server)
 Number = StrictFloat | Int64
 AttributeValue = StrictStr | StrictInt | StrictFloat | list[StrictStr | StrictInt]
@@ -152,6 +152,38 @@ class ItemsRequest(_Strict):
 
 class ReloadRequest(_Strict):
     path: StrictStr | None = Field(None, description="the snapshot directory (default: the current one)")
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")  # e.g. a filter error's position, a validation's problems
+    code: str = Field(description="a stable error code, e.g. bad_filter")
+    message: str = Field(description="what is wrong, for people")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+_STATUS_MEANS = {
+    400: "bad input: a filter, formula, item, feature, task or limit (the message names it)",
+    401: "a valid bearer token is required",
+    403: "a path outside the snapshot root",
+    404: "an unknown user",
+    409: "a reload is already in progress",
+    413: "the body is larger than the limit",
+    422: "the body does not match the schema, or a snapshot is refused",
+    500: "an unexpected error; the server logged it and keeps serving",
+    503: "overloaded: the queue is full",
+}
+
+
+def _responses(*statuses: int) -> dict:
+    """The OpenAPI ``responses`` of a route: each status with the JSON error body."""
+    return {s: {"model": ErrorBody, "description": _STATUS_MEANS[s]} for s in (*statuses, 500)}
+
+
+_QUERY_ERRORS = _responses(400, 404, 413, 422, 503)
+_WRITE_ERRORS = _responses(400, 401, 413, 422, 503)
 
 
 class BodyTooLarge(Exception):
@@ -314,6 +346,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error"),
             str(e.detail),
         )
+        response.headers.update(e.headers or {})  # 405's Allow (RFC 9110)
         if e.status_code == 401:
             response.headers["WWW-Authenticate"] = "Bearer"
         return response
@@ -333,7 +366,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     for error, status, code in _ERRORS:
         app.add_exception_handler(error, _answer_with(status, code))
 
-    @app.post("/v1/retrieve", summary="Top-k items for a user under a filter")
+    @app.post("/v1/retrieve", summary="Top-k items for a user under a filter", responses=_QUERY_ERRORS)
     async def retrieve(req: RetrieveRequest) -> dict:
         start = time.perf_counter()
         asks = {
@@ -346,11 +379,16 @@ def create_app(config: ServerConfig) -> FastAPI:
         out["timing_ms"]["total"] = 1e3 * (time.perf_counter() - start)
         return out
 
-    @app.post("/v1/rank", summary="Per-task and value scores of given items for a user")
+    @app.post("/v1/rank", summary="Per-task and value scores of given items for a user", responses=_QUERY_ERRORS)
     async def rank(req: RankRequest) -> dict:
         return await service.rank(_user(service, req, items=list(req.item_ids)))
 
-    @app.post("/v1/items", summary="Upsert and delete items, live", dependencies=[Depends(authorized)])
+    @app.post(
+        "/v1/items",
+        summary="Upsert and delete items, live",
+        dependencies=[Depends(authorized)],
+        responses=_WRITE_ERRORS,
+    )
     async def items(req: ItemsRequest) -> dict:
         dims = {len(i.embedding) for i in req.upsert if i.embedding is not None}
         if len(dims) > 1:
@@ -369,26 +407,38 @@ def create_app(config: ServerConfig) -> FastAPI:
         return await service.update(update)
 
     @app.post(
-        "/v1/admin/reload", summary="Swap in a snapshot (verified and warmed first)", dependencies=[Depends(authorized)]
+        "/v1/admin/reload",
+        summary="Swap in a snapshot (verified and warmed first)",
+        dependencies=[Depends(authorized)],
+        responses=_responses(400, 401, 403, 409, 413, 422),
     )
     async def reload(req: ReloadRequest | None = None) -> dict:
         info = await service.reload(None if req is None or req.path is None else Path(req.path))
         return {"path": info.path, "version": info.version, "created_at": info.created_at}
 
-    @app.get("/v1/snapshot", summary="The snapshot served")
+    @app.get("/v1/snapshot", summary="The snapshot served", responses=_responses())
     async def snapshot() -> dict:
         return service.describe()
 
-    @app.get("/healthz", summary="The process is up")
+    @app.get("/healthz", summary="The process is up", responses=_responses())
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="A model is loaded and warm, and its thread answers")
+    @app.get(
+        "/readyz",
+        summary="A model is loaded and warm, and its thread answers",
+        responses={503: {"description": "not ready: the model thread does not answer"}, **_responses()},
+    )
     async def readyz() -> JSONResponse:
         ready = service.batcher.alive
         return JSONResponse({"ready": ready, "version": service.info.version}, status_code=200 if ready else 503)
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {}}}, **_responses()},
+    )
     async def metrics() -> Response:
         return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
