@@ -54,15 +54,18 @@ def test_quick_runs_with_the_hstu_tower_and_its_ranker(tmp_path, monkeypatch, ca
     assert result["config"]["towers"] == ["hstu", "hstu+ranker"] and result["towers"] == ["hstu", "hstu+ranker"]
     for name, scorer, stage in (("hstu", "cosine", "overarch"), ("hstu+ranker", "ranker", "ranker")):
         rows = [r for r in result["rows"] if r["tower"] == name]
-        assert {r["mode"] for r in rows} == {"batched", "unbatched", "swap_and_update"}
+        assert {r["mode"] for r in rows} == {"batched", "unbatched", "swap_and_update", "swap_and_update_log"}
         assert all(r["errors"] == 0 and r["achieved_qps"] > 0 for r in rows)
         v = result["variants"][name]
         assert v["snapshot"]["scorer"] == scorer and v["snapshot"]["num_items"] == 1500
         assert {"user_tower", "ann", stage, "value_model"} <= set(v["stages_ms"]["unbatched"])
         assert v["updates_visible"] == v["updates_acknowledged"] > 0
+        durable = v["durable"]  # the same run with --log: nothing lost, and the append's cost
+        assert durable["updates_visible"] == durable["updates_acknowledged"] > 0 and durable["log_append_ms"] > 0
     assert result["variants"]["hstu+ranker"]["snapshot"]["tasks"] == ["click", "like", "share"]
     cost = {r["scorer"]: r for r in result["candidate_cost"]["rows"]}
     assert set(cost) == {"mol_overarch", "hstu_ranker", "sasrec_ranker"}
     assert all(r["us_per_candidate"] > 0 and r["batch"] == 2 and r["candidates"] == 20 for r in cost.values())
     table = format_table(result)
     assert "hstu+ranker" in table and "us/candidate" in table and "max QPS at P99 <= 50 ms, batched:" in table
+    assert "with --log (durable)" in table

@@ -69,7 +69,7 @@ from sterling.testing.snapshots import TOWERS, build_serving_snapshot, request_m
 
 __all__ = ["ServeBenchConfig", "candidate_cost", "format_table", "parse_towers", "run"]
 
-MODES = ("batched", "unbatched", "swap_and_update")
+MODES = ("batched", "unbatched", "swap_and_update", "swap_and_update_log")
 #: What ``--towers all`` runs.
 ALL_TOWERS = ("two_tower", "hstu", "hstu+ranker", "sasrec", "sasrec+ranker")
 #: The scorers of the per-candidate cost: (tower, ranker) of their snapshots.
@@ -340,9 +340,10 @@ async def _swap_and_update(
     cfg: ServeBenchConfig,
     log,
     tower: str = "",
+    mode: str = "swap_and_update",
 ) -> tuple[Step, dict]:
     """Steady load while items are upserted / deleted and the snapshot swapped; then check every
-    acknowledged update is visible."""
+    acknowledged update is visible (``mode``: the row's name)."""
     import aiohttp
 
     rng = np.random.default_rng(cfg.seed + 7)
@@ -392,7 +393,7 @@ async def _swap_and_update(
             status, body = await _post(s, url + "/v1/retrieve", {"history": [], "filter": f"creator:{creator}", "k": 1})
             live = item in upserted
             visible += (1 if live else 2) * int(status == 200 and body["ids"] == ([item] if live else []))
-    step = Step.of("swap_and_update", rate, latencies, errors + len(failures), cfg.swap_seconds, timings, tower)
+    step = Step.of(mode, rate, latencies, errors + len(failures), cfg.swap_seconds, timings, tower)
     log(_row(step))
     return step, {
         "updates_acknowledged": len(upserted) + 2 * len(deleted),
@@ -454,7 +455,10 @@ def run(cfg: ServeBenchConfig, log=print) -> dict:
         "towers": list(cfg.towers),
         "variants": variants,
         "candidate_cost": cost,
-        **{k: first[k] for k in ("max_qps_at_p99_budget", "updates_acknowledged", "updates_visible", "swap", "recall")},
+        **{
+            k: first[k]
+            for k in ("max_qps_at_p99_budget", "updates_acknowledged", "updates_visible", "swap", "durable", "recall")
+        },
         "snapshot": first["snapshot"],
     }
 
@@ -496,14 +500,26 @@ def _run_tower(root: Path, name: str, cfg: ServeBenchConfig, log) -> tuple[list[
         steps += ladder_steps
         best[mode] = best_qps(ladder_steps, cfg.p99_budget_ms)
     rate = max(cfg.rates[0], cfg.swap_share * best["batched"])
-    log_path = root / f"server-{name.replace('+', '-')}-swap.log"
-    with ServerProcess(snapshots[0], cfg.max_batch, cfg.max_wait_ms, log_path) as server:
-        described = json.loads(urllib.request.urlopen(server.url + "/v1/snapshot").read())
-        swap_step, swap = asyncio.run(
-            _swap_and_update(server.url, (snapshots[0], snapshots[1]), mix, rate, described["dim"], cfg, log, name)
-        )
-    steps.append(swap_step)
-    best["swap_and_update"] = best_qps([swap_step], cfg.p99_budget_ms)
+    swaps = {}
+    for mode in ("swap_and_update", "swap_and_update_log"):  # live updates in memory, then durable (--log)
+        log_path = root / f"server-{name.replace('+', '-')}-{mode}.log"
+        update_log = root / f"updates-{name.replace('+', '-')}.sqlite"
+        for stale in (update_log, update_log.with_name(update_log.name + "-wal")):
+            stale.unlink(missing_ok=True)
+        extra = ("--log", str(update_log)) if mode.endswith("_log") else ()
+        with ServerProcess(snapshots[0], cfg.max_batch, cfg.max_wait_ms, log_path, extra) as server:
+            described = json.loads(urllib.request.urlopen(server.url + "/v1/snapshot").read())
+            swap_step, swaps[mode] = asyncio.run(
+                _swap_and_update(
+                    server.url, (snapshots[0], snapshots[1]), mix, rate, described["dim"], cfg, log, name, mode
+                )
+            )
+        steps.append(swap_step)
+        best[mode] = best_qps([swap_step], cfg.p99_budget_ms)
+    swap, durable = swaps["swap_and_update"], swaps["swap_and_update_log"]
+    durable["p99_ms"] = {m: next(s.p99_ms for s in steps if s.mode == m) for m in swaps}
+    durable["offered_qps"] = rate
+    durable["log_append_ms"] = log_append_ms(root, described["dim"])
     batched = [s for s in steps if s.mode == "batched"]
     at_best = max(
         (s for s in batched if s.achieved_qps == best["batched"] and s.p99_ms <= cfg.p99_budget_ms),
@@ -517,6 +533,7 @@ def _run_tower(root: Path, name: str, cfg: ServeBenchConfig, log) -> tuple[list[
         "updates_acknowledged": swap["updates_acknowledged"],
         "updates_visible": swap["updates_visible"],
         "swap": swap,
+        "durable": durable,
         "recall": recall,
         "snapshot": {
             "num_items": cfg.num_items,
@@ -534,6 +551,30 @@ def _run_tower(root: Path, name: str, cfg: ServeBenchConfig, log) -> tuple[list[
         },
     }
     return steps, summary
+
+
+def log_append_ms(root: Path, dim: int, n: int = 200) -> float:
+    """The median time (ms) of committing one one-item upsert to an update log in ``root``: the
+    write path's fsync cost per update (:class:`~sterling.serving.update_log.UpdateLog`)."""
+    import torch
+
+    from sterling.serving.service import Update
+    from sterling.serving.update_log import UpdateLog
+
+    path = root / "append-cost.sqlite"
+    for stale in (path, path.with_name(path.name + "-wal")):
+        stale.unlink(missing_ok=True)
+    log = UpdateLog(path)
+    times = []
+    try:
+        for i in range(n):
+            update = Update([i], torch.randn(1, dim), [{"year": 2020}], [])
+            start = time.perf_counter()
+            log.append(update)
+            times.append(time.perf_counter() - start)
+    finally:
+        log.close()
+    return 1e3 * float(np.median(times))
 
 
 def candidate_cost(root: Path, cfg: ServeBenchConfig, log=print) -> dict:
@@ -647,6 +688,14 @@ def format_table(result: dict) -> str:
             f"  updates acknowledged {v['updates_acknowledged']}, visible afterwards "
             f"{v['updates_visible']}; swaps {[(s['status'], round(s['seconds'], 1)) for s in v['swap']['swaps']]}"
         )
+        if "durable" in v:
+            d = v["durable"]
+            lines.append(
+                f"  with --log (durable): updates acknowledged {d['updates_acknowledged']}, visible afterwards "
+                f"{d['updates_visible']}; P99 {d['p99_ms']['swap_and_update_log']:.1f} ms vs "
+                f"{d['p99_ms']['swap_and_update']:.1f} ms in memory at {d['offered_qps']:.0f}/s; one log append "
+                f"(fsync) {d['log_append_ms']:.2f} ms"
+            )
         r = v["recall"]
         lines.append(
             f"  served index recall@{r['k0']} {r['recall_at_k0']:.3f} (nprobe {r['nprobe']} of {r['nlist']}), "
