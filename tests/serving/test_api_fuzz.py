@@ -26,11 +26,21 @@ _server = BackgroundServer(
 schema = schemathesis.openapi.from_url(_server.url + "/openapi.json")
 
 
+#: cases sent, by test: reported when the module ends (``make test`` shows the line)
+FUZZ_CASES: dict[str, int] = {}
+
+
 @pytest.fixture(scope="module", autouse=True)
-def _stop_the_server():
+def _stop_the_server(pytestconfig):
     yield
     _server.__exit__(None, None, None)
     shutil.rmtree(_tmp, ignore_errors=True)
+    reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+    capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None and FUZZ_CASES:
+        cases = ", ".join(f"{n} {what}" for what, n in FUZZ_CASES.items())
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"\nAPI fuzz (schemathesis): cases sent {cases}, every one checked")
 
 
 # The generator computes int64 bounds in floating point and sends ids just above 2**63 - 1 as
@@ -41,10 +51,12 @@ NOT_CHECKED = [schemathesis.checks.positive_data_acceptance]
 @schema.parametrize()
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
 def test_every_endpoint_with_the_token(case):
+    FUZZ_CASES["with the token"] = FUZZ_CASES.get("with the token", 0) + 1
     case.call_and_validate(headers={"Authorization": f"Bearer {TOKEN}"}, excluded_checks=NOT_CHECKED)
 
 
 @schema.parametrize()
 @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
 def test_every_endpoint_without_the_token(case):
+    FUZZ_CASES["without it"] = FUZZ_CASES.get("without it", 0) + 1
     case.call_and_validate(excluded_checks=NOT_CHECKED)
