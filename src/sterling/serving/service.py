@@ -213,6 +213,7 @@ class Service:
         if update_log is not None:
             self._replay(update_log)
         self._reloading = threading.Lock()
+        self._writing = asyncio.Lock()  # binds to an event loop only while contended
         self.batcher = MicroBatcher(self._run_batch, batcher)
         self._publish_state()
         self._freeze_gc = freeze_gc
@@ -276,7 +277,8 @@ class Service:
         return await self.batcher.submit(("rank", query.value), query)
 
     async def update(self, update: Update) -> dict:
-        """Apply an update on the model thread; it is in every answer after this returns."""
+        """Apply an update on the model thread (committed to the update log first, if any); it is
+        in every answer after this returns."""
         if len(update.ids) + len(update.deletes) > self.limits.max_update_items:
             raise ValueError(
                 f"an update of {len(update.ids) + len(update.deletes)} items is larger than the limit "
@@ -284,13 +286,7 @@ class Service:
             )
 
         def apply() -> dict:
-            seq = None if self.update_log is None else self.update_log.append(update)  # durable first
-            try:
-                deleted = update.apply(self.model)  # a bad update raises before changing anything
-            except Exception:
-                if seq is not None:
-                    self.update_log.discard(seq)
-                raise
+            deleted = update.apply(self.model)  # a bad update raises before changing anything
             self._log.append(update)
             self._updates += 1
             if len(self._log) >= _MERGE_LOG_AT and not self._reloading.locked():
@@ -304,7 +300,16 @@ class Service:
                 **self.model.size()._asdict(),
             }
 
-        return await self.batcher.call(apply)
+        async with self._writing:  # one write at a time: the log's order is the order applied
+            seq = None
+            if self.update_log is not None:  # durable first, off the model thread (requests go on)
+                seq = await asyncio.to_thread(self.update_log.append, update)
+            try:
+                return await self.batcher.call(apply)
+            except Exception:  # refused, or never queued: not acknowledged, so not kept (a cancelled
+                if seq is not None:  # call keeps its entry: the model thread may still apply it)
+                    await asyncio.to_thread(self.update_log.discard, seq)
+                raise
 
     async def reload(self, path: Path | None) -> SnapshotInfo:
         """Swap in the snapshot at ``path`` (default: the current path again), or refuse it."""
