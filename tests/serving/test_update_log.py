@@ -11,6 +11,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -168,6 +169,70 @@ def test_acknowledged_updates_survive_sigkill(tmp_path):
         got = service.model.index.embeddings_of(kept)
         want = torch.tensor([upserted[i] for i in kept])
         torch.testing.assert_close(got.float(), want, rtol=0, atol=0.02)  # the index's int8 codes
+    finally:
+        service.close()
+        service.update_log.close()
+
+
+def test_twenty_sigkills_at_random_moments_lose_no_acknowledged_write(tmp_path):
+    """A writer thread sends two-item upserts and deletes while the main thread kills the server
+    (SIGKILL) at random moments, 20 times; each restart replays the log. In the end every
+    acknowledged write holds, and a write cut off by a kill is whole or absent, never half-applied."""
+    snapshot = build_serving_snapshot(tmp_path / "a", num_items=200, seed=2, k0=50)
+    log_path, port = tmp_path / "log.sqlite", _free_port()
+    url = f"http://127.0.0.1:{port}"
+    rng = random.Random(5)
+    live_ack: set[int] = set()  # pairs (by first id) upserted and acknowledged, not deleted since
+    deleted_ack: set[int] = set()
+    cut_off: list[int] = []  # pairs whose write was sent when a kill came: whole or absent
+    state = {"next_id": 10**12, "acked": 0}
+
+    def writer(stop: threading.Event) -> None:
+        wrng = random.Random(rng.random())
+        while not stop.is_set():
+            if live_ack and wrng.random() < 0.3:
+                first = wrng.choice(sorted(live_ack))
+                body = {"delete": [first, first + 1]}
+            else:
+                first = state["next_id"]
+                state["next_id"] += 2
+                body = {
+                    "upsert": [{"id": first + j, "embedding": [wrng.gauss(0, 1) for _ in range(64)]} for j in (0, 1)]
+                }
+            try:
+                status, _ = _post(url + "/v1/items", body, "t")
+            except OSError:
+                cut_off.append(first)
+                return
+            assert status == 200
+            state["acked"] += 1
+            if "delete" in body:
+                live_ack.discard(first)
+                deleted_ack.add(first)
+            else:
+                live_ack.add(first)
+
+    for _ in range(20):
+        proc = _start(snapshot, log_path, port)
+        stop = threading.Event()
+        thread = threading.Thread(target=writer, args=(stop,))
+        thread.start()
+        time.sleep(rng.uniform(0.05, 0.6))
+        proc.send_signal(signal.SIGKILL)  # while the writer is mid-stream
+        proc.wait()
+        stop.set()
+        thread.join()
+    service = Service(snapshot, update_log=UpdateLog(log_path))
+    try:
+        live = set(service.model.index.ids.tolist())
+        for first in live_ack - set(cut_off):
+            assert {first, first + 1} <= live, first  # acknowledged and not deleted since: present
+        for first in deleted_ack - set(cut_off):
+            assert not {first, first + 1} & live, first  # acknowledged deletes: absent
+        for first in cut_off:
+            assert len({first, first + 1} & live) in (0, 2), first  # whole or absent
+        assert state["acked"] > 20 and cut_off
+        print(f"20 kills, {state['acked']} acknowledged writes, {len(cut_off)} cut off by a kill, 0 lost")
     finally:
         service.close()
         service.update_log.close()
