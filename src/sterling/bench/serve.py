@@ -503,10 +503,11 @@ def _run_tower(root: Path, name: str, cfg: ServeBenchConfig, log) -> tuple[list[
     swaps = {}
     for mode in ("swap_and_update", "swap_and_update_log"):  # live updates in memory, then durable (--log)
         log_path = root / f"server-{name.replace('+', '-')}-{mode}.log"
-        update_log = root / f"updates-{name.replace('+', '-')}.sqlite"
-        for stale in (update_log, update_log.with_name(update_log.name + "-wal")):
-            stale.unlink(missing_ok=True)
-        extra = ("--log", str(update_log)) if mode.endswith("_log") else ()
+        extra = (
+            ("--log", str(_fresh_log(root / f"updates-{name.replace('+', '-')}.sqlite")))
+            if mode.endswith("_log")
+            else ()
+        )
         with ServerProcess(snapshots[0], cfg.max_batch, cfg.max_wait_ms, log_path, extra) as server:
             described = json.loads(urllib.request.urlopen(server.url + "/v1/snapshot").read())
             swap_step, swaps[mode] = asyncio.run(
@@ -553,6 +554,13 @@ def _run_tower(root: Path, name: str, cfg: ServeBenchConfig, log) -> tuple[list[
     return steps, summary
 
 
+def _fresh_log(path: Path) -> Path:
+    """``path`` with no update log there (an earlier run's database and its WAL removed)."""
+    for suffix in ("", "-wal", "-shm"):
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
+    return path
+
+
 def log_append_ms(root: Path, dim: int, n: int = 200) -> float:
     """The median time (ms) of committing one one-item upsert to an update log in ``root``: the
     write path's fsync cost per update (:class:`~sterling.serving.update_log.UpdateLog`)."""
@@ -561,10 +569,7 @@ def log_append_ms(root: Path, dim: int, n: int = 200) -> float:
     from sterling.serving.service import Update
     from sterling.serving.update_log import UpdateLog
 
-    path = root / "append-cost.sqlite"
-    for stale in (path, path.with_name(path.name + "-wal")):
-        stale.unlink(missing_ok=True)
-    log = UpdateLog(path)
+    log = UpdateLog(_fresh_log(root / "append-cost.sqlite"))
     times = []
     try:
         for i in range(n):

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -390,19 +389,9 @@ def create_app(config: ServerConfig) -> FastAPI:
         responses=_WRITE_ERRORS,
     )
     async def items(req: ItemsRequest) -> dict:
-        dims = {len(i.embedding) for i in req.upsert if i.embedding is not None}
-        if len(dims) > 1:
-            raise ValueError(f"the embeddings have different lengths {sorted(dims)}")
-        if all(i.embedding is not None for i in req.upsert):
-            embeddings: torch.Tensor | list = torch.tensor([i.embedding for i in req.upsert], dtype=torch.float32).view(
-                len(req.upsert), dims.pop() if dims else 0
-            )
-        else:  # those left out are embedded on the model thread, by the model that applies the update
-            embeddings = [
-                None if i.embedding is None else torch.tensor(i.embedding, dtype=torch.float32) for i in req.upsert
-            ]
-        update = Update(
-            [i.id for i in req.upsert], embeddings, [dict(i.attributes) for i in req.upsert], list(req.delete)
+        upserts = req.upsert
+        update = Update.of(
+            [i.id for i in upserts], [i.embedding for i in upserts], [dict(i.attributes) for i in upserts], req.delete
         )
         return await service.update(update)
 

@@ -112,6 +112,23 @@ class Update:
     attributes: list[dict]
     deletes: list[int]
 
+    @classmethod
+    def of(
+        cls, ids: list[int], embeddings: Sequence[Sequence[float] | None], attributes: list[dict], deletes: list[int]
+    ) -> Update:
+        """An update from plain values (a request's JSON, a log entry): one embedding per upsert, a
+        list of floats or None (the model embeds the item); a ValueError if their lengths differ."""
+        dims = {len(e) for e in embeddings if e is not None}
+        if len(dims) > 1:
+            raise ValueError(f"the embeddings have different lengths {sorted(dims)}")
+        if all(e is not None for e in embeddings):
+            vectors: torch.Tensor | list = torch.tensor(list(embeddings), dtype=torch.float32).view(
+                len(embeddings), dims.pop() if dims else 0
+            )
+        else:  # those left out are embedded on the model thread, by the model that applies the update
+            vectors = [None if e is None else torch.tensor(e, dtype=torch.float32) for e in embeddings]
+        return cls(list(ids), vectors, list(attributes), list(deletes))
+
     def apply(self, model: RetrievalModel) -> int:
         """Upserts, then deletes; returns the number deleted."""
         if self.ids:
@@ -441,8 +458,8 @@ class Service:
                 bad = ~(torch.isfinite(value) & torch.isfinite(scores).all(-1))
                 if bool(bad.any()):
                     raise ValueError(
-                        f"the value formula {formula or model.config.value_formula or model.config.tasks[0]!r} gives "
-                        f"no finite score for items {[q.items[i] for i in bad.nonzero()[:, 0].tolist()][:10]}"
+                        f"the value formula gives no finite score (NaN or inf) for items "
+                        f"{[q.items[i] for i in bad.nonzero()[:, 0].tolist()][:10]}"
                     )
                 out.append(
                     {

@@ -48,20 +48,14 @@ def encode_update(update: Update) -> bytes:
 def decode_update(data: bytes) -> Update:
     """The :class:`Update` of :func:`encode_update`'s bytes."""
     body = json.loads(data)
-    given = body["embeddings"]
-    if all(e is not None for e in given):
-        width = len(given[0]) if given else 0
-        embeddings: torch.Tensor | list = torch.tensor(given, dtype=torch.float32).view(len(given), width)
-    else:
-        embeddings = [None if e is None else torch.tensor(e, dtype=torch.float32) for e in given]
-    return Update(list(body["ids"]), embeddings, list(body["attributes"]), list(body["deletes"]))
+    return Update.of(body["ids"], body["embeddings"], body["attributes"], body["deletes"])
 
 
 class UpdateLog:
     """The durable, ordered log of acknowledged updates at ``path`` (created if missing).
 
-    Thread-safe; the server appends from its model thread only, so entries are in the order the
-    updates were applied.
+    Thread-safe. The service appends one update at a time, each before the model thread applies
+    it, so entries are in the order the updates were applied.
     """
 
     def __init__(self, path: Path) -> None:
