@@ -1,5 +1,6 @@
 """``sterling bench serve`` per tower: the tower names, and a tiny ``--quick --tower hstu`` run end to
-end (servers, ladder, swap, per-stage times, per-candidate cost) that produces rows."""
+end (servers, ladder, swap, sustained updates in memory and with the log, a restart on the log,
+per-stage times, per-candidate cost) that produces rows."""
 
 import json
 from dataclasses import replace
@@ -39,6 +40,8 @@ def test_quick_runs_with_the_hstu_tower_and_its_ranker(tmp_path, monkeypatch, ca
         step_seconds=1.0,
         swap_seconds=1.5,
         reloads=1,
+        sustained_seconds=1.0,
+        sustained_writers=2,
         mix_size=50,
         recall_requests=10,
         cost_batches=(2,),
@@ -54,7 +57,14 @@ def test_quick_runs_with_the_hstu_tower_and_its_ranker(tmp_path, monkeypatch, ca
     assert result["config"]["towers"] == ["hstu", "hstu+ranker"] and result["towers"] == ["hstu", "hstu+ranker"]
     for name, scorer, stage in (("hstu", "cosine", "overarch"), ("hstu+ranker", "ranker", "ranker")):
         rows = [r for r in result["rows"] if r["tower"] == name]
-        assert {r["mode"] for r in rows} == {"batched", "unbatched", "swap_and_update", "swap_and_update_log"}
+        assert {r["mode"] for r in rows} == {
+            "batched",
+            "unbatched",
+            "swap_and_update",
+            "swap_and_update_log",
+            "updates_sustained",
+            "updates_sustained_log",
+        }
         assert all(r["errors"] == 0 and r["achieved_qps"] > 0 for r in rows)
         v = result["variants"][name]
         assert v["snapshot"]["scorer"] == scorer and v["snapshot"]["num_items"] == 1500
@@ -62,10 +72,17 @@ def test_quick_runs_with_the_hstu_tower_and_its_ranker(tmp_path, monkeypatch, ca
         assert v["updates_visible"] == v["updates_acknowledged"] > 0
         durable = v["durable"]  # the same run with --log: nothing lost, and the append's cost
         assert durable["updates_visible"] == durable["updates_acknowledged"] > 0 and durable["log_append_ms"] > 0
+        d = v["durability"]  # updates as fast as acknowledged, in memory and with the log: none lost
+        for m in ("memory", "log"):
+            assert d["updates_per_s"][m] > 0 and d["updates_visible"][m] == d["updates_acknowledged"][m] > 0
+            assert d["lost"][m] == 0 and d["update_failures"][m] == 0 and d["p99_ms"][m] > 0
+        restart = d["after_restart"]  # after a SIGKILL, the log gives back both steps' updates
+        assert restart["lost"] == 0
+        assert restart["updates_acknowledged"] == durable["updates_acknowledged"] + d["updates_acknowledged"]["log"]
     assert result["variants"]["hstu+ranker"]["snapshot"]["tasks"] == ["click", "like", "share"]
     cost = {r["scorer"]: r for r in result["candidate_cost"]["rows"]}
     assert set(cost) == {"mol_overarch", "hstu_ranker", "sasrec_ranker"}
     assert all(r["us_per_candidate"] > 0 and r["batch"] == 2 and r["candidates"] == 20 for r in cost.values())
     table = format_table(result)
     assert "hstu+ranker" in table and "us/candidate" in table and "max QPS at P99 <= 50 ms, batched:" in table
-    assert "with --log (durable)" in table
+    assert "with --log (durable)" in table and "updates/s sustained" in table and "after a SIGKILL" in table

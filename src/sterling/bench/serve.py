@@ -21,7 +21,21 @@ Modes:
 * ``swap_and_update``: the batched server at a steady rate while items are upserted and deleted
   through ``POST /v1/items`` and the snapshot is swapped back and forth through
   ``POST /v1/admin/reload``; afterwards every acknowledged upsert must be retrievable (each live item
-  carries a unique ``creator`` value to filter on) and every acknowledged delete absent.
+  carries a unique ``creator`` value to filter on) and every acknowledged delete absent;
+* ``swap_and_update_log``: the same with the server's durable update log (``sterling serve --log``,
+  a fresh SQLite file): each ``/v1/items`` update is committed (fsync) before its 200;
+* ``updates_sustained`` / ``updates_sustained_log``: on the same two servers right after, the cost of
+  durability: ``sustained_writers`` writers send one- and two-item upserts through ``/v1/items``
+  as fast as they are acknowledged for ``sustained_seconds`` while the read mix goes on at the
+  swap step's offered rate; the acknowledged updates per second and the reads' P99, in memory and
+  with the log. Afterwards every acknowledged upsert is looked up (``lost``: acknowledged, not
+  found); the log's server is then killed (SIGKILL) and started again on its log, and every
+  acknowledged update of both its steps is checked once more after the replay. Beside them, in
+  process, the median time of one log append (one one-item upsert committed: the write path's
+  fsync cost per update).
+
+Every server is started explicitly with ``--no-log`` or a fresh ``--log``, so a re-run over reused
+snapshots never replays an earlier run's updates.
 
 Recall stands next to speed: the served index's recall@k0 of the task queries of the mix against the
 exact filtered top-k0 (every list probed), on the same snapshot.
@@ -75,7 +89,9 @@ ALL_TOWERS = ("two_tower", "hstu", "hstu+ranker", "sasrec", "sasrec+ranker")
 #: The scorers of the per-candidate cost: (tower, ranker) of their snapshots.
 COST_SCORERS = {"mol_overarch": ("two_tower", False), "hstu_ranker": ("hstu", True), "sasrec_ranker": ("sasrec", True)}
 _TOKEN = "bench-token"
+_LIVE_ID = 10**15  # live items' ids start here
 _LIVE_CREATOR = 10**9  # live items' creator values start here: unique, unlike any catalogue creator
+_SUSTAINED_OFFSET = 10**8  # the sustained step's items: ids and creators this far above the swap step's
 
 
 @dataclass(frozen=True)
@@ -93,6 +109,9 @@ class ServeBenchConfig:
         swap_share (float): its offered rate, as a share of the batched max QPS at the budget.
         updates_per_s (float): item updates per second during it (every third one a delete).
         reloads (int): snapshot swaps during it.
+        sustained_seconds (float): length of the sustained-updates step (per server: in memory, log).
+        sustained_writers (int): its concurrent writers, each sending its next upsert once the last
+            is acknowledged.
         mix_size (int): distinct requests drawn (cycled).
         recall_requests (int): requests of the mix whose recall is measured.
         max_inflight (int): most requests the client has open at once.
@@ -117,6 +136,8 @@ class ServeBenchConfig:
     swap_share: float = 0.5
     updates_per_s: float = 20.0
     reloads: int = 2
+    sustained_seconds: float = 10.0
+    sustained_writers: int = 4
     mix_size: int = 2000
     recall_requests: int = 200
     max_inflight: int = 256
@@ -139,6 +160,7 @@ class ServeBenchConfig:
             step_seconds=2.0,
             swap_seconds=5.0,
             updates_per_s=10.0,
+            sustained_seconds=4.0,
             mix_size=300,
             recall_requests=50,
             cost_seconds=0.3,
@@ -213,10 +235,20 @@ class Step:
 
 class ServerProcess:
     """``sterling serve`` in a child process on a free port of 127.0.0.1 (``extra``: more arguments,
-    e.g. ``--engine ray --shards 2``); a context manager that waits until it is ready."""
+    e.g. ``--engine ray --shards 2``); a context manager that waits until it is ready.
+
+    ``log_path`` takes the server's stderr; ``update_log``: the server's update log (``--log``), or
+    None for live updates in memory only (``--no-log``: never the default log beside a reused
+    snapshot, which would replay an earlier run's updates)."""
 
     def __init__(
-        self, snapshot: Path, max_batch: int, max_wait_ms: float, log_path: Path, extra: tuple[str, ...] = ()
+        self,
+        snapshot: Path,
+        max_batch: int,
+        max_wait_ms: float,
+        log_path: Path,
+        extra: tuple[str, ...] = (),
+        update_log: Path | None = None,
     ) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -237,6 +269,7 @@ class ServerProcess:
             str(max_wait_ms),
             "--max-queue",
             "100000",
+            *(("--no-log",) if update_log is None else ("--log", str(update_log))),
             *extra,
         ]
         self.log_path = log_path
@@ -257,6 +290,11 @@ class ServerProcess:
             except OSError:
                 time.sleep(0.2)
         raise RuntimeError("the server did not become ready in 10 minutes")
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crash: no shutdown code runs) and wait for it to go."""
+        self.proc.kill()
+        self.proc.wait()
 
     def __exit__(self, *exc: object) -> None:
         self.proc.terminate()
@@ -341,9 +379,10 @@ async def _swap_and_update(
     log,
     tower: str = "",
     mode: str = "swap_and_update",
-) -> tuple[Step, dict]:
+) -> tuple[Step, dict, tuple[list[int], list[int]]]:
     """Steady load while items are upserted / deleted and the snapshot swapped; then check every
-    acknowledged update is visible (``mode``: the row's name)."""
+    acknowledged update is visible (``mode``: the row's name). Returns the step, its summary and
+    the acknowledged (upserted and still live, deleted) item ids."""
     import aiohttp
 
     rng = np.random.default_rng(cfg.seed + 7)
@@ -359,18 +398,8 @@ async def _swap_and_update(
                 status, body = await _post(s, url + "/v1/items", {"delete": [victim]}, _TOKEN)
                 (deleted.append(victim) if status == 200 else (failures.append(body), upserted.insert(0, victim)))
                 continue
-            item = 10**15 + i
-            vector = rng.standard_normal(dim).astype(np.float32)
-            body = {
-                "upsert": [
-                    {
-                        "id": item,
-                        "embedding": (vector / np.linalg.norm(vector)).tolist(),
-                        "attributes": {"category": "music", "creator": _LIVE_CREATOR + i, "year": 2020},
-                    }
-                ]
-            }
-            status, answer = await _post(s, url + "/v1/items", body, _TOKEN)
+            item = _LIVE_ID + i
+            status, answer = await _post(s, url + "/v1/items", {"upsert": [_live_item(item, rng, dim)]}, _TOKEN)
             (upserted.append(item) if status == 200 else failures.append(answer))
 
     async def reloads(s) -> None:
@@ -387,23 +416,125 @@ async def _swap_and_update(
         (latencies, errors), _, _ = await asyncio.gather(
             _load(s, url, mix, rate, cfg.swap_seconds, cfg.max_inflight, versions, timings), updates(s), reloads(s)
         )
-        visible = 0  # acknowledged updates whose effect holds: a live upsert found; a delete (and its upsert) absent
-        for item in upserted + deleted:
-            creator = _LIVE_CREATOR + item - 10**15
-            status, body = await _post(s, url + "/v1/retrieve", {"history": [], "filter": f"creator:{creator}", "k": 1})
-            live = item in upserted
-            visible += (1 if live else 2) * int(status == 200 and body["ids"] == ([item] if live else []))
+        visible = await _swap_visible(s, url, upserted, deleted)
     step = Step.of(mode, rate, latencies, errors + len(failures), cfg.swap_seconds, timings, tower)
     log(_row(step))
-    return step, {
-        "updates_acknowledged": len(upserted) + 2 * len(deleted),
-        "updates_visible": visible,
-        "upserts_live": len(upserted),
-        "deletes": len(deleted),
-        "swaps": swaps,
-        "versions_seen": len(versions),
-        "update_failures": failures[:5],
+    return (
+        step,
+        {
+            "updates_acknowledged": len(upserted) + 2 * len(deleted),
+            "updates_visible": visible,
+            "upserts_live": len(upserted),
+            "deletes": len(deleted),
+            "swaps": swaps,
+            "versions_seen": len(versions),
+            "update_failures": failures[:5],
+        },
+        (upserted, deleted),
+    )
+
+
+def _live_item(item: int, rng: np.random.Generator, dim: int) -> dict:
+    """A live item of ``/v1/items``: a random unit embedding and its own ``creator`` (:func:`_creator`)."""
+    vector = rng.standard_normal(dim).astype(np.float32)
+    return {
+        "id": item,
+        "embedding": (vector / np.linalg.norm(vector)).tolist(),
+        "attributes": {"category": "music", "creator": _creator(item), "year": 2020},
     }
+
+
+def _creator(item: int) -> int:
+    """The unique ``creator`` value of a live item (no catalogue item has it)."""
+    return _LIVE_CREATOR + item - _LIVE_ID
+
+
+async def _found(s, url: str, item: int) -> bool | None:
+    """Whether the live ``item`` is served (a filter on its creator; None: the request failed)."""
+    status, body = await _post(s, url + "/v1/retrieve", {"history": [], "filter": f"creator:{_creator(item)}", "k": 1})
+    return body["ids"] == [item] if status == 200 else None
+
+
+async def _swap_visible(s, url: str, upserted: list[int], deleted: list[int]) -> int:
+    """Acknowledged updates of the swap step whose effect holds: a live upsert found; a delete (and
+    its upsert, 2 updates) absent."""
+    visible = 0
+    for item in upserted + deleted:
+        live = item in upserted
+        visible += (1 if live else 2) * int(await _found(s, url, item) is live)
+    return visible
+
+
+async def _served(s, url: str, items: list[int], group: int = 20, concurrency: int = 8) -> set[int]:
+    """Which of the live ``items`` are served: ``group`` at a time (``creator IN (…)``, k = the
+    group's size), each one missing from a group's answer asked once more on its own."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one_group(chunk: list[int]) -> set[int]:
+        async with gate:
+            creators = ", ".join(str(_creator(i)) for i in chunk)
+            body = {"history": [], "filter": f"creator IN ({creators})", "k": len(chunk)}
+            status, answer = await _post(s, url + "/v1/retrieve", body)
+            got = set(answer["ids"]) & set(chunk) if status == 200 else set()
+            return got | {i for i in chunk if i not in got and await _found(s, url, i)}
+
+    chunks = [items[i : i + group] for i in range(0, len(items), group)]
+    return set().union(*await asyncio.gather(*(one_group(c) for c in chunks)))
+
+
+async def _sustained_updates(
+    url: str, mix: list[dict], rate: float, dim: int, cfg: ServeBenchConfig, log, tower: str, mode: str
+) -> tuple[Step, dict, list[list[int]]]:
+    """``cfg.sustained_writers`` writers upsert one or two live items per ``/v1/items`` update, each
+    its next once the last is acknowledged, for ``cfg.sustained_seconds`` while the mix is read at
+    ``rate``; then every acknowledged upsert is looked up. Returns the reads' step, the summary and
+    the item ids of each acknowledged update."""
+    import aiohttp
+
+    rng = np.random.default_rng(cfg.seed + 11)
+    acknowledged: list[list[int]] = []
+    failures: list = []
+    count = 0
+    loop = asyncio.get_running_loop()
+    start = loop.time() + 0.05  # as the read load's first request
+    deadline = start + cfg.sustained_seconds
+
+    async def writer(s) -> None:
+        nonlocal count
+        await asyncio.sleep(max(0.0, start - loop.time()))
+        while loop.time() < deadline:
+            j, count = count, count + 1
+            items = [_LIVE_ID + _SUSTAINED_OFFSET + 2 * j + o for o in range(1 + j % 2)]  # one item, then two
+            try:
+                status, answer = await _post(
+                    s, url + "/v1/items", {"upsert": [_live_item(i, rng, dim) for i in items]}, _TOKEN
+                )
+            except Exception as e:  # noqa: BLE001 - a failed connection or a timeout is a failed update
+                status, answer = 0, repr(e)
+            (acknowledged.append(items) if status == 200 else failures.append(answer))
+
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=cfg.max_inflight), timeout=timeout) as s:
+        (latencies, errors), *_ = await asyncio.gather(
+            _load(s, url, mix, rate, cfg.sustained_seconds, cfg.max_inflight),
+            *(writer(s) for _ in range(cfg.sustained_writers)),
+        )
+        seconds = loop.time() - start  # the writers' last answers may come after the deadline
+        served = await _served(s, url, [i for items in acknowledged for i in items])
+    step = Step.of(mode, rate, latencies, errors, cfg.sustained_seconds, tower=tower)
+    visible = sum(all(i in served for i in items) for items in acknowledged)
+    summary = {
+        "updates_per_s": len(acknowledged) / seconds,
+        "items_per_s": sum(map(len, acknowledged)) / seconds,
+        "updates_acknowledged": len(acknowledged),
+        "updates_visible": visible,
+        "lost": len(acknowledged) - visible,
+        "update_failures": len(failures),
+        "update_failure_examples": failures[:5],
+        "seconds": seconds,
+    }
+    log(f"{_row(step)}  {summary['updates_per_s']:.0f} updates/s, {summary['lost']} lost")
+    return step, summary, acknowledged
 
 
 def index_recall(snapshot: Path, mix: list[dict], n: int) -> dict:
@@ -457,7 +588,15 @@ def run(cfg: ServeBenchConfig, log=print) -> dict:
         "candidate_cost": cost,
         **{
             k: first[k]
-            for k in ("max_qps_at_p99_budget", "updates_acknowledged", "updates_visible", "swap", "durable", "recall")
+            for k in (
+                "max_qps_at_p99_budget",
+                "updates_acknowledged",
+                "updates_visible",
+                "swap",
+                "durable",
+                "durability",
+                "recall",
+            )
         },
         "snapshot": first["snapshot"],
     }
@@ -500,27 +639,62 @@ def _run_tower(root: Path, name: str, cfg: ServeBenchConfig, log) -> tuple[list[
         steps += ladder_steps
         best[mode] = best_qps(ladder_steps, cfg.p99_budget_ms)
     rate = max(cfg.rates[0], cfg.swap_share * best["batched"])
-    swaps = {}
+    swaps, sustained = {}, {}
     for mode in ("swap_and_update", "swap_and_update_log"):  # live updates in memory, then durable (--log)
         log_path = root / f"server-{name.replace('+', '-')}-{mode}.log"
-        extra = (
-            ("--log", str(_fresh_log(root / f"updates-{name.replace('+', '-')}.sqlite")))
-            if mode.endswith("_log")
-            else ()
-        )
-        with ServerProcess(snapshots[0], cfg.max_batch, cfg.max_wait_ms, log_path, extra) as server:
+        updates = _fresh_log(root / f"updates-{name.replace('+', '-')}.sqlite") if mode.endswith("_log") else None
+        key = "log" if updates else "memory"
+        with ServerProcess(snapshots[0], cfg.max_batch, cfg.max_wait_ms, log_path, update_log=updates) as server:
             described = json.loads(urllib.request.urlopen(server.url + "/v1/snapshot").read())
-            swap_step, swaps[mode] = asyncio.run(
+            swap_step, swaps[mode], (upserted, deleted) = asyncio.run(
                 _swap_and_update(
                     server.url, (snapshots[0], snapshots[1]), mix, rate, described["dim"], cfg, log, name, mode
                 )
             )
-        steps.append(swap_step)
+            sustained_mode = mode.replace("swap_and_update", "updates_sustained")
+            sustained_step, sustained[key], acknowledged = asyncio.run(
+                _sustained_updates(server.url, mix, rate, described["dim"], cfg, log, name, sustained_mode)
+            )
+            if updates:
+                server.kill()  # a crash after the last acknowledgement: the log must give every update back
+        if updates:
+            restart_log = root / f"server-{name.replace('+', '-')}-restart.log"
+            sustained[key]["after_restart"] = _after_restart(
+                snapshots[0], cfg, restart_log, updates, (upserted, deleted), acknowledged
+            )
+        steps += [swap_step, sustained_step]
         best[mode] = best_qps([swap_step], cfg.p99_budget_ms)
     swap, durable = swaps["swap_and_update"], swaps["swap_and_update_log"]
     durable["p99_ms"] = {m: next(s.p99_ms for s in steps if s.mode == m) for m in swaps}
     durable["offered_qps"] = rate
     durable["log_append_ms"] = log_append_ms(root, described["dim"])
+    reads = {"memory": next(s for s in steps if s.mode == "updates_sustained")}
+    reads["log"] = next(s for s in steps if s.mode == "updates_sustained_log")
+    durability = {  # the cost of durability: in memory (--no-log) beside the log (--log), same offered reads
+        "offered_qps": rate,
+        "writers": cfg.sustained_writers,
+        "seconds": cfg.sustained_seconds,
+        **{
+            k: {m: v[k] for m, v in sustained.items()}
+            for k in (
+                "updates_per_s",
+                "items_per_s",
+                "updates_acknowledged",
+                "updates_visible",
+                "lost",
+                "update_failures",
+            )
+        },
+        "p50_ms": {m: s.p50_ms for m, s in reads.items()},
+        "p99_ms": {m: s.p99_ms for m, s in reads.items()},
+        "read_errors": {m: s.errors for m, s in reads.items()},
+        "swap_p99_ms": {
+            "memory": durable["p99_ms"]["swap_and_update"],
+            "log": durable["p99_ms"]["swap_and_update_log"],
+        },
+        "log_append_ms": durable["log_append_ms"],
+        "after_restart": sustained["log"]["after_restart"],
+    }
     batched = [s for s in steps if s.mode == "batched"]
     at_best = max(
         (s for s in batched if s.achieved_qps == best["batched"] and s.p99_ms <= cfg.p99_budget_ms),
@@ -535,6 +709,7 @@ def _run_tower(root: Path, name: str, cfg: ServeBenchConfig, log) -> tuple[list[
         "updates_visible": swap["updates_visible"],
         "swap": swap,
         "durable": durable,
+        "durability": durability,
         "recall": recall,
         "snapshot": {
             "num_items": cfg.num_items,
@@ -554,6 +729,43 @@ def _run_tower(root: Path, name: str, cfg: ServeBenchConfig, log) -> tuple[list[
     return steps, summary
 
 
+def _after_restart(
+    snapshot: Path,
+    cfg: ServeBenchConfig,
+    log_path: Path,
+    updates: Path,
+    swapped: tuple[list[int], list[int]],
+    sustained: list[list[int]],
+) -> dict:
+    """The server started again on its update log after a SIGKILL: the seconds until ready (the
+    replay included), and how many acknowledged updates of the swap step (``swapped``: the items
+    upserted and still live, those deleted) and of the sustained step (``sustained``: each update's
+    items) hold after the replay."""
+    upserted, deleted = swapped
+    start = time.perf_counter()
+    with ServerProcess(snapshot, cfg.max_batch, cfg.max_wait_ms, log_path, update_log=updates) as server:
+        ready_s = time.perf_counter() - start
+        described = json.loads(urllib.request.urlopen(server.url + "/v1/snapshot").read())
+
+        async def check() -> tuple[int, set[int]]:
+            import aiohttp
+
+            items = [i for update in sustained for i in update]
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
+                return await _swap_visible(s, server.url, upserted, deleted), await _served(s, server.url, items)
+
+        swap_visible, served = asyncio.run(check())
+    acknowledged = len(upserted) + 2 * len(deleted) + len(sustained)
+    visible = swap_visible + sum(all(i in served for i in update) for update in sustained)
+    return {
+        "ready_s": ready_s,
+        "log_last_seq": (described.get("update_log") or {}).get("last_seq"),
+        "updates_acknowledged": acknowledged,
+        "updates_visible": visible,
+        "lost": acknowledged - visible,
+    }
+
+
 def _fresh_log(path: Path) -> Path:
     """``path`` with no update log there (an earlier run's database and its WAL removed)."""
     for suffix in ("", "-wal", "-shm"):
@@ -566,8 +778,7 @@ def log_append_ms(root: Path, dim: int, n: int = 200) -> float:
     write path's fsync cost per update (:class:`~sterling.serving.update_log.UpdateLog`)."""
     import torch
 
-    from sterling.serving.service import Update
-    from sterling.serving.update_log import UpdateLog
+    from sterling.serving.update_log import Update, UpdateLog
 
     log = UpdateLog(_fresh_log(root / "append-cost.sqlite"))
     times = []
@@ -651,11 +862,11 @@ def best_qps(steps: list[Step], budget_ms: float) -> float:
     return max(ok, default=0.0)
 
 
-_HEADER = f"{'tower':<15} {'mode':<16} {'offered':>8} {'achieved':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"
+_HEADER = f"{'tower':<15} {'mode':<21} {'offered':>8} {'achieved':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"
 
 
 def _row(s: Step) -> str:
-    row = f"{s.mode:<16} {s.offered_qps:>8.0f} {s.achieved_qps:>9.1f} {s.p50_ms:>8.1f} {s.p99_ms:>8.1f} {s.errors:>7d}"
+    row = f"{s.mode:<21} {s.offered_qps:>8.0f} {s.achieved_qps:>9.1f} {s.p50_ms:>8.1f} {s.p99_ms:>8.1f} {s.errors:>7d}"
     return f"{s.tower:<15} {row}" if s.tower else row
 
 
@@ -668,6 +879,37 @@ def _cost_row(r: dict) -> str:
         f"{r['scorer']:<15} B={r['batch']:<3d} {r['batch'] * r['candidates']:>6d} candidates {r['ms']:>8.2f} ms "
         f"{r['us_per_candidate']:>8.2f} us/candidate"
     )
+
+
+def _durability(d: dict) -> list[str]:
+    """The cost of durability, in memory beside the log, as lines of :func:`format_table`."""
+    r = d["after_restart"]
+    rows = [
+        ("updates/s sustained", "updates_per_s", "{:.0f}"),
+        ("items/s sustained", "items_per_s", "{:.0f}"),
+        (f"read P50 ms at {d['offered_qps']:.0f}/s", "p50_ms", "{:.1f}"),
+        (f"read P99 ms at {d['offered_qps']:.0f}/s", "p99_ms", "{:.1f}"),
+        ("read errors", "read_errors", "{:d}"),
+        ("swap step P99 ms", "swap_p99_ms", "{:.1f}"),
+        ("updates acknowledged", "updates_acknowledged", "{:d}"),
+        ("updates lost", "lost", "{:d}"),
+        ("updates refused", "update_failures", "{:d}"),
+    ]
+    lines = [
+        f"  cost of durability ({d['writers']} writers, as fast as acknowledged, {d['seconds']:.0f} s, reads at "
+        f"{d['offered_qps']:.0f}/s):",
+        f"    {'':<24} {'in memory':>10} {'with --log':>11}",
+    ]
+    lines += [
+        f"    {label:<24} {fmt.format(d[key]['memory']):>10} {fmt.format(d[key]['log']):>11}"
+        for label, key, fmt in rows
+    ]
+    lines.append(
+        f"    one log append (fsync) {d['log_append_ms']:.2f} ms; after a SIGKILL and a restart on the log "
+        f"({r['ready_s']:.1f} s to ready): {r['updates_visible']} of {r['updates_acknowledged']} acknowledged "
+        f"updates hold, {r['lost']} lost"
+    )
+    return lines
 
 
 def format_table(result: dict) -> str:
@@ -701,6 +943,8 @@ def format_table(result: dict) -> str:
                 f"{d['p99_ms']['swap_and_update']:.1f} ms in memory at {d['offered_qps']:.0f}/s; one log append "
                 f"(fsync) {d['log_append_ms']:.2f} ms"
             )
+        if "durability" in v:
+            lines += _durability(v["durability"])
         r = v["recall"]
         lines.append(
             f"  served index recall@{r['k0']} {r['recall_at_k0']:.3f} (nprobe {r['nprobe']} of {r['nlist']}), "
