@@ -12,7 +12,8 @@ Sub-commands::
     sterling train --ranker --data DIR [--out CKPT] [--encoder hstu|sasrec]   request-level ranker (ROO), held-out AUC / NE / GAUC
     sterling publish --checkpoint CKPT --data DIR --out SNAP [--value FORMULA] [--export]
     sterling query --snapshot SNAP --user ID [--filter EXPR] [-k 10] [--json]
-    sterling serve --snapshot SNAP [--port 8000] [--users PATH] [--engine ray --shards N --replicas R]   HTTP server
+    sterling serve --snapshot SNAP [--port 8000] [--users PATH] [--log PATH | --no-log] [--engine ray --shards N --replicas R]   HTTP server
+    sterling snapshot compact --snapshot SNAP [--log PATH] [--out DIR]   fold the update log into a new snapshot
     sterling bench ann [--quick] [--json PATH] [--plot PATH]   filtered search vs FAISS / hnswlib
     sterling bench roo [--quick] [--json PATH]      ROO vs impression-level training
     sterling bench retrieval [--quick] [--json PATH]   recall@K / QPS: exact, int8+Bloom, +OverArch, +VM
@@ -306,6 +307,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     from sterling.serving.batcher import BatcherConfig
     from sterling.serving.server import ServerConfig, serve
     from sterling.serving.service import Limits
+    from sterling.serving.update_log import default_log_path
 
     formulas = []
     for named in args.value or []:
@@ -325,7 +327,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         batcher=BatcherConfig(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue),
         limits=Limits(max_k=args.max_k),
         snapshot_root=None if args.snapshot_root is None else Path(args.snapshot_root),
-        update_log=None if args.log is None else Path(args.log),
+        update_log=None if args.no_log else Path(args.log or default_log_path(Path(args.snapshot))),
     )
     if args.engine == "ray":
         _serve_ray(config, args)
@@ -358,6 +360,24 @@ def _serve_ray(config, args: argparse.Namespace) -> None:
             file=sys.stderr,
         )
         run(replace(config, snapshot=snapshot), host=args.host, port=args.port, replicas=replicas)
+
+
+def _cmd_compact(args: argparse.Namespace) -> None:
+    from sterling.serving.compaction import compact, compacted_path
+    from sterling.serving.update_log import UpdateLog, default_log_path
+
+    snapshot = Path(args.snapshot)
+    log_path = Path(args.log or default_log_path(snapshot))
+    if not log_path.is_file():
+        raise ValueError(f"no update log at {log_path} (--log PATH names it)")
+    log = UpdateLog(log_path)
+    try:
+        through = log.last_seq
+        out = Path(args.out) if args.out else compacted_path(snapshot.parent, through)
+        compact(snapshot, log, out, through)
+    finally:
+        log.close()
+    print(f"sterling: {out} holds {snapshot} with the updates of {log_path} through seq {through}; the log is trimmed")
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -544,11 +564,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="/v1/admin/reload loads only snapshots under DIR (default: the parent of --snapshot)",
     )
-    sv.add_argument(
+    durability = sv.add_mutually_exclusive_group()
+    durability.add_argument(
         "--log",
         metavar="PATH",
         help="the SQLite update log: /v1/items answers once an update is committed there, and a restart replays it "
-        "(default: none, live updates are kept in memory only)",
+        "(default: SNAPSHOT.updates.sqlite beside --snapshot)",
+    )
+    durability.add_argument(
+        "--no-log", action="store_true", help="keep live updates in memory only (lost when the process ends)"
     )
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
@@ -583,6 +607,17 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--shards", type=int, metavar="N", help="item shards (--engine ray; default: the snapshot's, or 1)")
     sv.add_argument("--replicas", type=int, metavar="R", help="replicas per shard (--engine ray; default 1)")
     sv.set_defaults(func=_cmd_serve)
+
+    sn = sub.add_parser("snapshot", help="snapshot maintenance").add_subparsers(dest="snapshot_command", required=True)
+    co = sn.add_parser(
+        "compact",
+        help="fold the update log into a new snapshot (fresh items in their IVF lists, deletes dropped), then trim "
+        "the log; for a stopped server (a running one: POST /v1/admin/compact)",
+    )
+    co.add_argument("--snapshot", required=True, help="the snapshot the server was started on (or serves)")
+    co.add_argument("--log", metavar="PATH", help="the update log (default: SNAPSHOT.updates.sqlite)")
+    co.add_argument("--out", metavar="DIR", help="the new snapshot (default: compacted-SEQ beside --snapshot)")
+    co.set_defaults(func=_cmd_compact)
 
     q = sub.add_parser("query", help="filtered top-k for one user from a published snapshot")
     q.add_argument("--snapshot", required=True)

@@ -356,3 +356,25 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_blob(path: str | os.PathLike[str], name: str) -> bytes | None:
+    """The bytes of the snapshot's file ``name`` (None if its manifest lists no such file), its
+    size and sha256 checked against the manifest.
+
+    Raises:
+        SnapshotError: the file is missing, truncated or modified.
+    """
+    path = Path(path)
+    entry = _read_manifest(path)["files"].get(name)
+    if entry is None:
+        return None
+    try:
+        data = (path / name).read_bytes()
+    except OSError as e:
+        raise SnapshotError(f"cannot read {name} of snapshot {path}: {e}") from None
+    if len(data) != entry["bytes"] or _sha256(data) != entry["sha256"]:
+        raise SnapshotError(
+            f"{name} of snapshot {path} does not match its manifest: the snapshot is corrupt or modified"
+        )
+    return data

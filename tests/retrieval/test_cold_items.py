@@ -17,8 +17,8 @@ from sterling.models.sequence_tower import SequenceTowerConfig, SequenceUserTowe
 from sterling.models.towers import TaskQueries
 from sterling.retrieval.config import ServingConfig
 from sterling.retrieval.publish import NEXT_TASK, load_model, publish, write_model_snapshot
-from sterling.serving.service import Update
 from sterling.serving.shards import ShardedModel, split_snapshot
+from sterling.serving.update_log import Update
 from sterling.train.loop import TrainConfig, train
 from sterling.train.overarch import OverArchTrainConfig
 

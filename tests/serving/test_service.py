@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sterling.serving.service import Update
+from sterling.serving.update_log import Update
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "retrieval"))  # collected before or after tests/retrieval
 from test_model import D, compose  # noqa: E402
@@ -71,17 +71,21 @@ def test_a_swapped_out_model_is_freed(tmp_path):
         gc.unfreeze()
 
 
-def test_the_update_log_stays_bounded_and_survives_swaps(tmp_path, monkeypatch):
+def test_updates_survive_swaps_compactions_and_a_restart(tmp_path):
+    """Updates interleaved with swaps to another snapshot, compactions and a swap back to a
+    published snapshot after a compaction (served with the updates the compacted one carries):
+    each item's last operation holds throughout, and a service started again on the first
+    snapshot with the same log serves the same items."""
     import asyncio
 
-    from sterling.serving import service as service_module
     from sterling.serving.service import Service
+    from sterling.serving.update_log import UpdateLog
     from sterling.testing.snapshots import build_serving_snapshot
 
-    monkeypatch.setattr(service_module, "_MERGE_LOG_AT", 4)
     a = build_serving_snapshot(tmp_path / "a", num_items=500, seed=1, k0=50)
     b = build_serving_snapshot(tmp_path / "b", num_items=500, seed=1, model_seed=2, k0=50)
-    service = Service(a)
+    log = UpdateLog(tmp_path / "a.updates.sqlite")
+    service = Service(a, update_log=log)
     rng = random.Random(0)
     live: dict[int, int] = {}
 
@@ -95,19 +99,31 @@ def test_the_update_log_stays_bounded_and_survives_swaps(tmp_path, monkeypatch):
                 live[item] = 5000 + step
                 vector = torch.nn.functional.normalize(torch.randn(1, 64), dim=1)
                 await service.update(Update([item], vector, [{"creator": live[item]}], []))
-            assert len(service._log) < 4 + 1
-            if step in (10, 20):
-                await service.reload(b if step == 10 else a)
+            if step in (8, 20):
+                await service.reload(b if step == 8 else a)
+            if step in (12, 25):
+                done = await service.compact()
+                assert done["compacted"] and service.info.path == done["snapshot"]
+                assert service.model.size().fresh_items == 0  # folded into the IVF lists
+                assert log.entries() == [] and log.base == (Path(done["snapshot"]), done["seq"])
 
-    try:
-        asyncio.run(scenario())
-        model = service.model
+    def check(model) -> None:
         for item in range(10**9, 10**9 + 8):
             if item in live:
                 got = model.recommend([], filter=f"creator:{live[item]}", k=5).ids[0].tolist()
                 assert got[0] == item and got[1:] == [-1] * 4
-        found = model.index.ids.tolist()
-        assert {i for i in found if i >= 10**9} == set(live)
+        assert {i for i in model.index.ids.tolist() if i >= 10**9} == set(live)
+
+    try:
+        asyncio.run(scenario())
+        check(service.model)
         assert service.describe()["updates_applied"] == 30
+        assert service.describe()["update_log"]["applied_seq"] == 30
     finally:
         service.close()
+    again = Service(a, update_log=log)  # the snapshot it was first started on: the log's base carries the rest
+    try:
+        check(again.model)
+    finally:
+        again.close()
+        log.close()

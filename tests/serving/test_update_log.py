@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sterling.serving.service import Service, Update
-from sterling.serving.update_log import UpdateLog
+from sterling.serving.service import Service
+from sterling.serving.update_log import Update, UpdateLog
 from sterling.testing.snapshots import build_serving_snapshot
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -59,8 +59,10 @@ def test_entries_round_trip_exactly_in_order(tmp_path, seed):
     assert [s for s, _ in got] == seqs and all(same(u, g) for u, (_, g) in zip(updates, got))
     assert [s for s, _ in log.entries(after=seqs[2])] == seqs[3:]
     log.discard(seqs[1])
-    log.trim(seqs[3])
+    assert log.base == (None, 0)
+    log.fold(tmp_path / "compacted", seqs[3])
     assert [s for s, _ in log.entries()] == seqs[4:] and log.last_seq == seqs[-1]
+    assert log.base == (tmp_path / "compacted", seqs[3])
     assert log.append(cold) == seqs[-1] + 1  # numbers are never reused
     log.close()
 
@@ -109,7 +111,9 @@ def test_a_service_replays_its_log_and_a_refused_update_is_not_logged(tmp_path):
     try:
         got = state(again.model)
         assert got["ids"] == want["ids"] and got["attrs"] == want["attrs"] and torch.equal(got["emb"], want["emb"])
-        assert again.describe()["updates_applied"] == len(updates)
+        assert (
+            again.describe()["update_log"]["applied_seq"] == len(updates) + 1
+        )  # the refused one's number is not reused
     finally:
         again.close()
         again.update_log.close()
@@ -177,8 +181,10 @@ def test_acknowledged_updates_survive_sigkill(tmp_path):
 
 def test_twenty_sigkills_at_random_moments_lose_no_acknowledged_write(tmp_path):
     """A writer thread sends two-item upserts and deletes while the main thread kills the server
-    (SIGKILL) at random moments, 20 times; each restart replays the log. In the end every
-    acknowledged write holds, and a write cut off by a kill is whole or absent, never half-applied."""
+    (SIGKILL) at random moments, 20 times, every other time while a compaction (``POST
+    /v1/admin/compact``) runs; each restart, on the snapshot it was first started on, serves it with
+    the log (and what the compactions folded). In the end every acknowledged write holds, and a
+    write cut off by a kill is whole or absent, never half-applied."""
     snapshot = build_serving_snapshot(tmp_path / "a", num_items=200, seed=2, k0=50)
     log_path, port = tmp_path / "log.sqlite", _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -213,16 +219,34 @@ def test_twenty_sigkills_at_random_moments_lose_no_acknowledged_write(tmp_path):
             else:
                 live_ack.add(first)
 
-    for _ in range(20):
+    compactions = {"answered": 0, "cut off": 0}
+
+    def compactor(answered: threading.Event) -> None:
+        try:
+            status, _ = _post(url + "/v1/admin/compact", {}, "t")
+        except (OSError, http.client.HTTPException):
+            return
+        assert status == 200
+        answered.set()
+
+    for kill in range(20):
         proc = _start(snapshot, log_path, port)
         stop = threading.Event()
         thread = threading.Thread(target=writer, args=(stop,))
         thread.start()
         time.sleep(rng.uniform(0.05, 0.6))
+        if kill % 2:  # kill while a compaction runs (or just after it)
+            answered = threading.Event()
+            compacting = threading.Thread(target=compactor, args=(answered,))
+            compacting.start()
+            time.sleep(rng.uniform(0.0, 0.8))  # a compaction here takes about 0.3 s
         proc.send_signal(signal.SIGKILL)  # while the writer is mid-stream
         proc.wait()
         stop.set()
         thread.join()
+        if kill % 2:
+            compacting.join()
+            compactions["answered" if answered.is_set() else "cut off"] += 1
     service = Service(snapshot, update_log=UpdateLog(log_path))
     try:
         live = set(service.model.index.ids.tolist())
@@ -233,7 +257,11 @@ def test_twenty_sigkills_at_random_moments_lose_no_acknowledged_write(tmp_path):
         for first in cut_off:
             assert len({first, first + 1} & live) in (0, 2), first  # whole or absent
         assert state["acked"] > 20 and cut_off
-        print(f"20 kills, {state['acked']} acknowledged writes, {len(cut_off)} cut off by a kill, 0 lost")
+        assert compactions["answered"] and compactions["cut off"]  # some folded, some killed midway
+        print(
+            f"20 kills, {compactions['cut off']} during a compaction ({compactions['answered']} compactions "
+            f"done), {state['acked']} acknowledged writes, {len(cut_off)} cut off by a kill, 0 lost"
+        )
     finally:
         service.close()
         service.update_log.close()

@@ -11,6 +11,7 @@ Endpoints (OpenAPI at ``/docs`` and ``/openapi.json``):
 - ``POST /v1/items``: upsert (id, embedding, attributes) and delete items, live (bearer token); an
   upsert without an embedding is embedded by the model's item tower from its attributes;
 - ``POST /v1/admin/reload``: swap in a snapshot (bearer token);
+- ``POST /v1/admin/compact``: fold the update log into a new snapshot and swap to it (bearer token);
 - ``GET /v1/snapshot``, ``GET /healthz``, ``GET /readyz``, ``GET /metrics`` (Prometheus).
 
 Every malformed request is answered 4xx with a JSON body ``{"error": {"code", "message", ...}}``:
@@ -82,7 +83,8 @@ class ServerConfig:
             the parent of ``snapshot``); any other path is one 403.
         update_log (Path | None): the SQLite update log (:mod:`sterling.serving.update_log`):
             ``/v1/items`` answers after its update is committed there, and a server started again
-            replays it. None: live updates are kept in memory only.
+            serves the snapshot with its updates. None: a log in memory (live updates are gone
+            with the process).
     """
 
     snapshot: Path
@@ -282,15 +284,14 @@ def create_app(config: ServerConfig) -> FastAPI:
         freeze_gc=config.freeze_gc,
         loader=config.loader,
         snapshot_root=config.snapshot_root,
-        update_log=None if config.update_log is None else UpdateLog(config.update_log),
+        update_log=UpdateLog(config.update_log),
     )
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         service.close()
-        if service.update_log is not None:
-            service.update_log.close()
+        service.update_log.close()
 
     app = FastAPI(
         title="sterling", version="1", description="Index-as-model retrieval: one served model.", lifespan=lifespan
@@ -404,6 +405,15 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def reload(req: ReloadRequest | None = None) -> dict:
         info = await service.reload(None if req is None or req.path is None else Path(req.path))
         return {"path": info.path, "version": info.version, "created_at": info.created_at}
+
+    @app.post(
+        "/v1/admin/compact",
+        summary="Fold the update log into a new snapshot under the snapshot root, and swap to it",
+        dependencies=[Depends(authorized)],
+        responses=_responses(400, 401, 409, 413, 422),
+    )
+    async def compact() -> dict:
+        return await service.compact()
 
     @app.get("/v1/snapshot", summary="The snapshot served", responses=_responses())
     async def snapshot() -> dict:

@@ -5,17 +5,22 @@ retrieve and rank requests in batches, item updates and the final step of a swap
 arrival order. So an acknowledged update is in every later answer, and a swap lands between two
 batches: requests in flight finish on the old model.
 
+Every update is committed to the update log (:mod:`sterling.serving.update_log`; on disk, or in
+memory without one) before it is applied, and numbered there: the model thread keeps the sequence
+number of the last update applied. A snapshot is served with the log's updates it does not hold
+(:func:`~sterling.serving.compaction.pending_updates`): at start, on a swap and after a compaction.
+
 A swap (:meth:`Service.reload`) loads the new snapshot on another thread (checksums verified),
-applies the live updates acknowledged so far, answers a warm-up request, and only then hands the
-model thread a short step that applies the updates acknowledged meanwhile and switches. A snapshot
-that fails any of this is refused and the old model keeps serving. Updates are kept (the
-*update log*, merged into each id's last operation whenever it reaches 1,024 updates, so it holds
-at most one entry per item touched) and applied to every snapshot swapped in: none is lost by a swap.
+applies the updates acknowledged so far, answers a warm-up request, and only then hands the model
+thread a short step that applies the updates acknowledged meanwhile and switches. A snapshot that
+fails any of this is refused and the old model keeps serving. A compaction (:meth:`Service.compact`)
+writes the served state as a new snapshot, folds the log into it and swaps to it the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import json
@@ -23,10 +28,10 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -34,23 +39,20 @@ from sterling.retrieval.model import RetrievalModel
 from sterling.retrieval.publish import load_model
 from sterling.retrieval.rank import Trace
 from sterling.serving.batcher import BatcherConfig, MicroBatcher
+from sterling.serving.compaction import compact, compacted_path, pending_updates
 from sterling.serving.metrics import STAGES, ServingMetrics
 from sterling.serving.shards import SHARDS_FILE
+from sterling.serving.update_log import Update, UpdateLog
 from sterling.serving.users import UserStore, encode_feature
 from sterling.snapshot import MANIFEST, SnapshotError
 
-if TYPE_CHECKING:
-    from sterling.serving.update_log import UpdateLog
-
-__all__ = ["Limits", "OutsideSnapshotRoot", "Query", "ReloadInProgress", "Service", "SnapshotInfo", "Update"]
+__all__ = ["Limits", "OutsideSnapshotRoot", "Query", "ReloadInProgress", "Service", "SnapshotInfo"]
 
 log = logging.getLogger("sterling.serving")
 
-_MERGE_LOG_AT = 1024  # updates in the log before it is merged into one (each id's last operation)
-
 
 class ReloadInProgress(RuntimeError):
-    """A reload was asked for while another one runs."""
+    """A reload or compaction was asked for while another one runs."""
 
 
 class OutsideSnapshotRoot(PermissionError):
@@ -99,79 +101,6 @@ class Query:
 
 
 @dataclass(frozen=True)
-class Update:
-    """One acknowledged item update: upserts (ids, embeddings, attributes) and deletes.
-
-    ``embeddings`` is float32 ``[M, D]``, or one ``[D]`` vector or None per upsert: None asks the
-    model the update is applied to for the item's embedding (its item tower over the attributes,
-    :meth:`RetrievalModel.embed_items`), so a snapshot swapped in embeds it with its own tower.
-    """
-
-    ids: list[int]
-    embeddings: torch.Tensor | Sequence[torch.Tensor | None]
-    attributes: list[dict]
-    deletes: list[int]
-
-    @classmethod
-    def of(
-        cls, ids: list[int], embeddings: Sequence[Sequence[float] | None], attributes: list[dict], deletes: list[int]
-    ) -> Update:
-        """An update from plain values (a request's JSON, a log entry): one embedding per upsert, a
-        list of floats or None (the model embeds the item); a ValueError if their lengths differ."""
-        dims = {len(e) for e in embeddings if e is not None}
-        if len(dims) > 1:
-            raise ValueError(f"the embeddings have different lengths {sorted(dims)}")
-        if all(e is not None for e in embeddings):
-            vectors: torch.Tensor | list = torch.tensor(list(embeddings), dtype=torch.float32).view(
-                len(embeddings), dims.pop() if dims else 0
-            )
-        else:  # those left out are embedded on the model thread, by the model that applies the update
-            vectors = [None if e is None else torch.tensor(e, dtype=torch.float32) for e in embeddings]
-        return cls(list(ids), vectors, list(attributes), list(deletes))
-
-    def apply(self, model: RetrievalModel) -> int:
-        """Upserts, then deletes; returns the number deleted."""
-        if self.ids:
-            model.upsert(self.ids, self.vectors(model), self.attributes)
-        return model.delete(self.deletes) if self.deletes else 0
-
-    def vectors(self, model: RetrievalModel) -> torch.Tensor:
-        """float32 ``[M, D]``: the upserts' embeddings, those not given embedded by ``model``
-        (before anything changes: a model that cannot embed items raises a ValueError here)."""
-        if isinstance(self.embeddings, torch.Tensor):
-            return self.embeddings
-        rows = list(self.embeddings)
-        cold = [i for i, e in enumerate(rows) if e is None]
-        if cold:
-            for i, e in zip(cold, model.embed_items([self.attributes[i] for i in cold])):
-                rows[i] = e
-        widths = sorted({len(e) for e in rows})
-        if len(widths) > 1:
-            raise ValueError(f"the embeddings have different lengths {widths}; the model's are {model.dim} floats")
-        return torch.stack(rows) if rows else torch.zeros(0, model.dim)
-
-    @staticmethod
-    def merged(updates: Sequence[Update]) -> Update:
-        """One update with the effect of ``updates`` applied in order: each id's last operation."""
-        last: dict[int, tuple[torch.Tensor | None, dict] | None] = {}  # id → (embedding, attributes), None: deleted
-        for u in updates:
-            for i, e, a in zip(u.ids, u.embeddings, u.attributes):
-                last.pop(i, None)
-                last[i] = (e, a)
-            for i in u.deletes:
-                last.pop(i, None)
-                last[i] = None
-        ids = [i for i, v in last.items() if v is not None]
-        given = [last[i][0] for i in ids]
-        if any(e is None for e in given):  # some are embedded by the model they are applied to
-            vectors: torch.Tensor | list = given
-        else:
-            dim = next((u.embeddings.shape[1] for u in updates if isinstance(u.embeddings, torch.Tensor)), 0)
-            vectors = torch.stack(given) if ids else torch.zeros(0, dim)
-        return Update(ids, vectors, [last[i][1] for i in ids], [i for i, v in last.items() if v is None])
-
-
-@dataclass(frozen=True)
 class SnapshotInfo:
     """The snapshot served: its path, version (sha256 of its manifest, 16 hex) and creation time."""
 
@@ -199,10 +128,11 @@ class Service:
             :class:`~sterling.serving.shards.ShardedModel` over its shard deployments).
         snapshot_root (Path | None): :meth:`reload` loads only snapshots under this directory
             (symbolic links resolved; default: the parent of ``snapshot``).
-        update_log (UpdateLog | None): the durable log of acknowledged updates
-            (:mod:`sterling.serving.update_log`): its entries are applied to the first snapshot
-            (those it refuses are skipped with a warning), and each update is committed to it
-            before :meth:`update` returns. None: updates live in memory only.
+        update_log (UpdateLog | None): the log of acknowledged updates
+            (:mod:`sterling.serving.update_log`): the first snapshot is served with the updates
+            it does not hold (one it refuses is an error: the service does not start without an
+            acknowledged update), and each update is committed to it before :meth:`update`
+            returns. None: a log in memory (updates are gone with the process).
     """
 
     def __init__(
@@ -223,12 +153,10 @@ class Service:
         self.limits = limits
         self.users = None if users is None else UserStore.read(Path(users))
         self.formulas = dict(value_formulas)
-        self.update_log = update_log
-        self.model, self.info = self._load(Path(snapshot), [])
-        self._log: list[Update] = []  # read and written on the model thread only
+        self.update_log = update_log if update_log is not None else UpdateLog(None)
+        self._applied_seq = 0  # the last update applied to the served model (model thread)
+        self.model, self.info, self._applied_seq = self._load(Path(snapshot), self.update_log.last_seq)
         self._updates = 0
-        if update_log is not None:
-            self._replay(update_log)
         self._reloading = threading.Lock()
         self._writing = asyncio.Lock()  # binds to an event loop only while contended
         self.batcher = MicroBatcher(self._run_batch, batcher)
@@ -302,12 +230,10 @@ class Service:
                 f"{self.limits.max_update_items}"
             )
 
-        def apply() -> dict:
+        def apply(seq: int) -> dict:
             deleted = update.apply(self.model)  # a bad update raises before changing anything
-            self._log.append(update)
+            self._applied_seq = seq
             self._updates += 1
-            if len(self._log) >= _MERGE_LOG_AT and not self._reloading.locked():
-                self._log = [Update.merged(self._log)]  # bounded by the distinct items touched
             self.metrics.updates.labels(op="upsert").inc(len(update.ids))
             self.metrics.updates.labels(op="delete").inc(deleted)
             self._publish_state()
@@ -318,15 +244,12 @@ class Service:
             }
 
         async with self._writing:  # one write at a time: the log's order is the order applied
-            seq = None
-            if self.update_log is not None:  # durable first, off the model thread (requests go on)
-                seq = await asyncio.to_thread(self.update_log.append, update)
+            seq = await asyncio.to_thread(self.update_log.append, update)  # durable first, off the model thread
             try:
-                return await self.batcher.call(apply)
+                return await self.batcher.call(lambda: apply(seq))
             except Exception:  # refused, or never queued: not acknowledged, so not kept (a cancelled
-                if seq is not None:  # call keeps its entry: the model thread may still apply it)
-                    await asyncio.to_thread(self.update_log.discard, seq)
-                raise
+                await asyncio.to_thread(self.update_log.discard, seq)  # call keeps its entry: the
+                raise  # model thread may still apply it
 
     async def reload(self, path: Path | None) -> SnapshotInfo:
         """Swap in the snapshot at ``path`` (default: the current path again), or refuse it."""
@@ -335,31 +258,58 @@ class Service:
             raise OutsideSnapshotRoot(
                 f"reload loads only snapshots under the snapshot root {self.snapshot_root} (--snapshot-root)"
             )
-        if not self._reloading.acquire(blocking=False):
-            raise ReloadInProgress("a reload is already in progress")
-        try:
-            pending = await self.batcher.call(lambda: list(self._log))  # not merged again until the swap ends
-            seen = len(pending)
+        with self._swapping():
+            return await self._swap(path)
+
+    async def compact(self) -> dict:
+        """Write the served state (snapshot + live updates) as a new snapshot under the snapshot
+        root, ``compacted-<seq>``, fold the update log into it and swap to it; what was done."""
+        with self._swapping():
+            through = self._applied_seq  # every update up to it is applied (and acknowledged)
+            base, base_seq = self.update_log.base
+            if through <= base_seq and Path(self.info.path) == base:
+                return {"compacted": False, "snapshot": self.info.path, "seq": through}
+            out = compacted_path(self.snapshot_root, through)
             try:
-                model, info = await asyncio.to_thread(self._load, path, pending)
+                await asyncio.to_thread(compact, Path(self.info.path), self.update_log, out, through, self._loader)
             except (SnapshotError, ValueError, OSError) as e:
                 self.metrics.reloads.labels(result="refused").inc()
-                raise SnapshotError(f"snapshot {path} refused, the old one keeps serving: {e}") from None
+                raise SnapshotError(f"compaction of {self.info.path} failed, it keeps serving: {e}") from None
+            info = await self._swap(out)
+            return {"compacted": True, "snapshot": info.path, "seq": through}
 
-            def switch() -> SnapshotInfo:
-                if len(self._log) > seen:  # acknowledged while the new model was loading
-                    Update.merged(self._log[seen:]).apply(model)
-                self.model, self.info = model, info
-                self._publish_state()
-                if self._freeze_gc:
-                    gc.freeze()
-                return info
-
-            info = await self.batcher.call(switch)
-            self.metrics.reloads.labels(result="swapped").inc()
-            return info
+    @contextlib.contextmanager
+    def _swapping(self) -> Iterator[None]:
+        """One swap (reload or compaction) at a time; another one meanwhile is refused."""
+        if not self._reloading.acquire(blocking=False):
+            raise ReloadInProgress("a reload or compaction is already in progress")
+        try:
+            yield
         finally:
             self._reloading.release()
+
+    async def _swap(self, path: Path) -> SnapshotInfo:
+        """Load ``path`` with the updates applied so far, then switch to it between two batches."""
+        seen = self._applied_seq
+        try:
+            model, info, _ = await asyncio.to_thread(self._load, path, seen)
+        except (SnapshotError, ValueError, OSError) as e:
+            self.metrics.reloads.labels(result="refused").inc()
+            raise SnapshotError(f"snapshot {path} refused, the old one keeps serving: {e}") from None
+
+        def switch() -> SnapshotInfo:
+            if self._applied_seq > seen:  # acknowledged while the new model was loading
+                meanwhile = [u for _, u in self.update_log.entries(after=seen, through=self._applied_seq)]
+                Update.merged(meanwhile).apply(model)
+            self.model, self.info = model, info
+            self._publish_state()
+            if self._freeze_gc:
+                gc.freeze()
+            return info
+
+        info = await self.batcher.call(switch)
+        self.metrics.reloads.labels(result="swapped").inc()
+        return info
 
     def describe(self) -> dict:
         """What ``GET /v1/snapshot`` answers."""
@@ -378,9 +328,7 @@ class Service:
             "value_formulas": {"default": model.config.value_formula, **self.formulas},
             "overarch": model.overarch is not None,
             "updates_applied": self._updates,
-            "update_log": None
-            if self.update_log is None
-            else {"path": str(self.update_log.path), "last_seq": self.update_log.last_seq},
+            "update_log": self._log_state(),
             "users": 0 if self.users is None else len(self.users),
         }
 
@@ -389,31 +337,37 @@ class Service:
 
     # ---- the model thread --------------------------------------------------------------------
 
-    def _replay(self, update_log: UpdateLog) -> None:
-        """Apply the log's entries to the model just loaded, in order (before the batcher serves)."""
-        for seq, update in update_log.entries():
-            try:
-                update.apply(self.model)
-            except ValueError as e:  # logged, then refused: it was never acknowledged
-                log.warning("update %d of %s is refused by %s and skipped: %s", seq, update_log.path, self.info.path, e)
-                continue
-            self._log.append(update)
-            self._updates += 1
-        if len(self._log) > 1:
-            self._log = [Update.merged(self._log)]
+    def _log_state(self) -> dict:
+        base, base_seq = self.update_log.base
+        return {
+            "path": None if self.update_log.path is None else str(self.update_log.path),
+            "durable": self.update_log.durable,
+            "last_seq": self.update_log.last_seq,
+            "applied_seq": self._applied_seq,
+            "base": None if base is None else str(base),
+            "base_seq": base_seq,
+        }
 
-    def _load(self, path: Path, updates: Sequence[Update]) -> tuple[RetrievalModel, SnapshotInfo]:
-        """Load (checksums verified), apply ``updates``, warm up; any failure is an exception."""
+    def _load(self, path: Path, through: int) -> tuple[RetrievalModel, SnapshotInfo, int]:
+        """Load (checksums verified), apply the log's updates through ``through`` it does not
+        hold, warm up; the model, its info and ``through``. Any failure is an exception."""
         described_by = next((path / name for name in (MANIFEST, SHARDS_FILE) if (path / name).is_file()), None)
         manifest = described_by.read_bytes() if described_by is not None else b""
         model = self._loader(path)
         for formula in self.formulas.values():
             model.value_of(torch.zeros(1, len(model.config.tasks)), formula)  # a FormulaError names a bad one
+        updates = pending_updates(path, self.update_log, through)
         if updates:
-            Update.merged(updates).apply(model)
+            try:
+                Update.merged(updates).apply(model)
+            except ValueError as e:
+                raise ValueError(
+                    f"{path} refuses the acknowledged updates of the update log {self.update_log.path} ({e}); serve "
+                    "a snapshot they fit, or start with another --log (or --no-log) to serve it without them"
+                ) from None
         model.recommend([], k=min(10, model.config.k0))  # warm-up: the first query compiles plans and kernels
         created = json.loads(manifest).get("created_at", "") if manifest else ""
-        return model, SnapshotInfo(str(path), hashlib.sha256(manifest).hexdigest()[:16], str(created))
+        return model, SnapshotInfo(str(path), hashlib.sha256(manifest).hexdigest()[:16], str(created)), through
 
     def _publish_state(self) -> None:
         self.metrics.served(self.info.version, self.info.path, *self.model.size())

@@ -1,0 +1,154 @@
+"""Compaction: fold the update log into a new snapshot, then trim the log.
+
+A served model is a snapshot plus the live updates of its update log
+(:mod:`sterling.serving.update_log`). Compaction writes that state as a snapshot of its own (the
+fresh items placed in their IVF lists, deleted items dropped, :meth:`RetrievalModel.compact`),
+atomically, and then, in one log transaction, records it as the log's *base* and trims the entries
+it holds. A compacted snapshot's manifest says which log and through which sequence number
+(``meta["update_log"] = {"id": ..., "seq": ...}``), and it carries those updates folded into one
+(``updates.json``, each item's last operation, in the log's encoding), so that a snapshot
+published later is served with them too.
+
+What a snapshot is served with (:func:`pending_updates`)::
+
+    the log's own compacted snapshot (same log id, seq >= the log's base seq):
+        the entries after its seq
+    any other snapshot (a fresh publish, an older compaction, a server started again on the
+    snapshot it was first started on):
+        the base snapshot's carried updates, then the entries after the base seq
+
+A crash anywhere in between leaves either the log as it was (the new snapshot is an unused
+directory) or the log folded: both give the acknowledged state on the next start.
+
+Example::
+
+    out = compact(Path("runs/snap"), UpdateLog(Path("runs/snap.updates.sqlite")), Path("runs/compacted-42"))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sterling.retrieval.model import RetrievalModel
+from sterling.retrieval.publish import load_model
+from sterling.serving.shards import SHARDS_FILE
+from sterling.serving.update_log import Update, UpdateLog, decode_update, encode_update
+from sterling.snapshot import MANIFEST, SnapshotError, read_blob, read_snapshot, verify_snapshot, write_snapshot
+
+__all__ = [
+    "CARRIED_FILE",
+    "LogPosition",
+    "carried_update",
+    "compact",
+    "compacted_path",
+    "pending_updates",
+    "position_of",
+]
+
+CARRIED_FILE = "updates.json"  # a compacted snapshot's updates through its seq, folded into one
+
+
+@dataclass(frozen=True)
+class LogPosition:
+    """How far into which update log a compacted snapshot holds the updates."""
+
+    log_id: str
+    seq: int
+
+
+def position_of(snapshot: Path) -> LogPosition | None:
+    """The log position a compacted snapshot holds (None: a published or sharded snapshot)."""
+    if not (Path(snapshot) / MANIFEST).is_file():
+        return None
+    held = verify_snapshot(snapshot)["meta"].get("update_log")
+    return None if held is None else LogPosition(str(held["id"]), int(held["seq"]))
+
+
+def carried_update(snapshot: Path) -> Update | None:
+    """The updates a compacted snapshot holds, folded into one (None: it carries none)."""
+    data = read_blob(snapshot, CARRIED_FILE) if (Path(snapshot) / MANIFEST).is_file() else None
+    return None if data is None else decode_update(data)
+
+
+def pending_updates(snapshot: Path, log: UpdateLog, through: int | None = None) -> list[Update]:
+    """The updates that, applied in order to the snapshot at ``snapshot``, give the acknowledged
+    state through sequence number ``through`` (default: the whole log)."""
+    own = position_of(snapshot)
+    base, base_seq = log.base
+    if own is not None and own.log_id == log.id and own.seq >= base_seq:
+        return [u for _, u in log.entries(after=own.seq, through=through)]
+    return _folded_base(log) + [u for _, u in log.entries(after=base_seq, through=through)]
+
+
+def _folded_base(log: UpdateLog) -> list[Update]:
+    """The updates the log's base snapshot carries (those trimmed from the log), as a list."""
+    base, base_seq = log.base
+    if base is None:
+        return []
+    try:
+        carried = carried_update(base)
+    except (SnapshotError, OSError) as e:
+        raise SnapshotError(
+            f"the update log {log.path} was compacted into {base}, which holds its updates through seq "
+            f"{base_seq}, but it cannot be read: {e}"
+        ) from None
+    return [] if carried is None else [carried]
+
+
+def compacted_path(root: Path, through: int) -> Path:
+    """A new directory name for the snapshot compacted through ``through`` under ``root``:
+    ``compacted-<seq>`` (``.1``, ``.2``, … if taken: never over an earlier one, which may be the
+    log's base)."""
+    out, again = Path(root) / f"compacted-{through}", 0
+    while out.exists():
+        again += 1
+        out = Path(root) / f"compacted-{through}.{again}"
+    return out
+
+
+def compact(
+    snapshot: Path,
+    log: UpdateLog,
+    out: Path,
+    through: int | None = None,
+    loader: Callable[[Path], RetrievalModel] = load_model,
+) -> Path:
+    """Write ``snapshot`` with the log's updates through ``through`` (default: all) folded in to
+    ``out`` (atomically), then fold the log into it: record it as the base and trim the entries.
+
+    Raises:
+        ValueError: a sharded snapshot (compact the whole one, then split it), or ``out`` is
+            ``snapshot``.
+        SnapshotError: a snapshot that cannot be read or written.
+    """
+    snapshot, out = Path(snapshot), Path(out)
+    if (snapshot / SHARDS_FILE).is_file():
+        raise ValueError(f"{snapshot} is a sharded snapshot: compact the whole snapshot, then split it again")
+    if out.resolve() == snapshot.resolve():
+        raise ValueError(f"the compacted snapshot must go to a new path, not over {snapshot}, which it reads")
+    through = log.last_seq if through is None else through
+    snap = read_snapshot(snapshot)
+    model = loader(snapshot)
+    pending = pending_updates(snapshot, log, through)
+    if pending:
+        Update.merged(pending).apply(model)
+    model.compact()
+    _, base_seq = log.base
+    carried = Update.merged(_folded_base(log) + [u for _, u in log.entries(after=base_seq, through=through)])
+    index_meta, index_tensors = model.index.to_snapshot_parts()
+    meta = {
+        **snap.meta,
+        "index": index_meta,
+        "update_log": {"id": log.id, "seq": through},
+        "compacted_from": str(snapshot),
+    }
+    files = {
+        "index": index_tensors,
+        "cache": {"state": model.static_tensors()["cache"]},
+        "model": snap.tensors["model"],
+    }
+    write_snapshot(out, files, meta, blobs={CARRIED_FILE: encode_update(carried)})
+    log.fold(out, through)
+    return out
