@@ -66,10 +66,16 @@ def position_of(snapshot: Path) -> LogPosition | None:
     return None if held is None else LogPosition(str(held["id"]), int(held["seq"]))
 
 
-def carried_update(snapshot: Path) -> Update | None:
-    """The updates a compacted snapshot holds, folded into one (None: it carries none)."""
-    data = read_blob(snapshot, CARRIED_FILE) if (Path(snapshot) / MANIFEST).is_file() else None
-    return None if data is None else decode_update(data)
+def carried_update(snapshot: Path) -> Update:
+    """The updates a compacted snapshot holds, folded into one.
+
+    Raises:
+        SnapshotError: ``snapshot`` is missing, damaged or not a compacted snapshot.
+    """
+    data = read_blob(snapshot, CARRIED_FILE)
+    if data is None:
+        raise SnapshotError(f"{snapshot} is not a compacted snapshot (its manifest lists no {CARRIED_FILE})")
+    return decode_update(data)
 
 
 def pending_updates(snapshot: Path, log: UpdateLog, through: int | None = None) -> list[Update]:
@@ -88,13 +94,12 @@ def _folded_base(log: UpdateLog) -> list[Update]:
     if base is None:
         return []
     try:
-        carried = carried_update(base)
+        return [carried_update(base)]
     except (SnapshotError, OSError) as e:
         raise SnapshotError(
             f"the update log {log.path} was compacted into {base}, which holds its updates through seq "
             f"{base_seq}, but it cannot be read: {e}"
         ) from None
-    return [] if carried is None else [carried]
 
 
 def compacted_path(root: Path, through: int) -> Path:

@@ -266,12 +266,12 @@ class Service:
         root, ``compacted-<seq>``, fold the update log into it and swap to it; what was done."""
         with self._swapping():
             through = self._applied_seq  # every update up to it is applied (and acknowledged)
-            base, base_seq = self.update_log.base
-            if through <= base_seq and Path(self.info.path) == base:
-                return {"compacted": False, "snapshot": self.info.path, "seq": through}
-            out = compacted_path(self.snapshot_root, through)
+            served = Path(self.info.path)
             try:
-                await asyncio.to_thread(compact, Path(self.info.path), self.update_log, out, through, self._loader)
+                if not await asyncio.to_thread(pending_updates, served, self.update_log, through):
+                    return {"compacted": False, "snapshot": self.info.path, "seq": through}  # nothing to fold
+                out = compacted_path(self.snapshot_root, through)
+                await asyncio.to_thread(compact, served, self.update_log, out, through, self._loader)
             except (SnapshotError, ValueError, OSError) as e:
                 self.metrics.reloads.labels(result="refused").inc()
                 raise SnapshotError(f"compaction of {self.info.path} failed, it keeps serving: {e}") from None
