@@ -305,9 +305,9 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     import os
 
     from sterling.serving.batcher import BatcherConfig
+    from sterling.serving.compaction import default_log_path
     from sterling.serving.server import ServerConfig, serve
     from sterling.serving.service import Limits
-    from sterling.serving.update_log import default_log_path
 
     formulas = []
     for named in args.value or []:
@@ -363,8 +363,8 @@ def _serve_ray(config, args: argparse.Namespace) -> None:
 
 
 def _cmd_compact(args: argparse.Namespace) -> None:
-    from sterling.serving.compaction import compact, compacted_path
-    from sterling.serving.update_log import UpdateLog, default_log_path
+    from sterling.serving.compaction import compact, compacted_path, default_log_path
+    from sterling.serving.update_log import UpdateLog
 
     snapshot = Path(args.snapshot)
     log_path = Path(args.log or default_log_path(snapshot))

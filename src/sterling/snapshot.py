@@ -169,7 +169,7 @@ def read_snapshot(path: str | os.PathLike[str]) -> Snapshot:
 
 
 def _verify(path: Path, load: bool) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
-    manifest = _read_manifest(path)
+    manifest = read_manifest(path)
     listed = manifest["files"]
     for file in sorted(p.name for p in path.iterdir() if p.name != MANIFEST):
         if file not in listed:
@@ -199,7 +199,13 @@ def _verify(path: Path, load: bool) -> tuple[dict[str, Any], dict[str, dict[str,
     return manifest, tensors
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The snapshot's manifest, its format checked (its files are not: :func:`verify_snapshot`).
+
+    Raises:
+        SnapshotError: not a directory, no manifest, or not a sterling manifest of a known version.
+    """
+    path = Path(path)
     if not path.is_dir():
         raise SnapshotError(f"snapshot {path} is not a directory")
     file = path / MANIFEST
@@ -366,7 +372,7 @@ def read_blob(path: str | os.PathLike[str], name: str) -> bytes | None:
         SnapshotError: the file is missing, truncated or modified.
     """
     path = Path(path)
-    entry = _read_manifest(path)["files"].get(name)
+    entry = read_manifest(path)["files"].get(name)
     if entry is None:
         return None
     try:

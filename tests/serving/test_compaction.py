@@ -11,8 +11,8 @@ import torch
 
 from sterling.cli import main
 from sterling.retrieval.publish import load_model
-from sterling.serving.compaction import compact, compacted_path, pending_updates, position_of
-from sterling.serving.update_log import Update, UpdateLog, default_log_path
+from sterling.serving.compaction import compact, compacted_path, default_log_path, pending_updates, position_of
+from sterling.serving.update_log import Update, UpdateLog
 from sterling.snapshot import SnapshotError
 from sterling.testing.snapshots import build_serving_snapshot
 
@@ -98,6 +98,8 @@ def test_a_compacted_snapshot_records_its_log_position_and_is_never_overwritten(
         log.append(Update([NEW], torch.ones(1, DIM) / 8, [{"creator": 3}], []))
         out = compact(first, log, compacted_path(tmp_path, log.last_seq))
         assert out.name == "compacted-1" and position_of(out).log_id == log.id and position_of(first) is None
+        assert default_log_path(out) == log.path.resolve()  # served again with the log it was compacted from
+        assert default_log_path(first) == first.parent / "first.updates.sqlite"
         assert compacted_path(tmp_path, 1).name == "compacted-1.1"
         with pytest.raises(ValueError, match="new path"):
             compact(out, log, out)

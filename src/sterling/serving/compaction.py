@@ -35,7 +35,7 @@ from sterling.retrieval.model import RetrievalModel
 from sterling.retrieval.publish import load_model
 from sterling.serving.shards import SHARDS_FILE
 from sterling.serving.update_log import Update, UpdateLog, decode_update, encode_update
-from sterling.snapshot import MANIFEST, SnapshotError, read_blob, read_snapshot, verify_snapshot, write_snapshot
+from sterling.snapshot import MANIFEST, SnapshotError, read_blob, read_manifest, read_snapshot, write_snapshot
 
 __all__ = [
     "CARRIED_FILE",
@@ -43,6 +43,7 @@ __all__ = [
     "carried_update",
     "compact",
     "compacted_path",
+    "default_log_path",
     "pending_updates",
     "position_of",
 ]
@@ -52,18 +53,33 @@ CARRIED_FILE = "updates.json"  # a compacted snapshot's updates through its seq,
 
 @dataclass(frozen=True)
 class LogPosition:
-    """How far into which update log a compacted snapshot holds the updates."""
+    """How far into which update log (its id, and its path: None for a log in memory) a compacted
+    snapshot holds the updates."""
 
     log_id: str
     seq: int
+    path: Path | None
 
 
 def position_of(snapshot: Path) -> LogPosition | None:
     """The log position a compacted snapshot holds (None: a published or sharded snapshot)."""
     if not (Path(snapshot) / MANIFEST).is_file():
         return None
-    held = verify_snapshot(snapshot)["meta"].get("update_log")
-    return None if held is None else LogPosition(str(held["id"]), int(held["seq"]))
+    held = read_manifest(snapshot)["meta"].get("update_log")
+    if held is None:
+        return None
+    return LogPosition(str(held["id"]), int(held["seq"]), None if held.get("path") is None else Path(held["path"]))
+
+
+def default_log_path(snapshot: Path) -> Path:
+    """Where ``sterling serve`` keeps the update log of ``snapshot`` by default: the log a compacted
+    snapshot was compacted from (its entries after the snapshot's seq are the rest of the state),
+    else beside the snapshot, ``<snapshot>.updates.sqlite``."""
+    snapshot = Path(snapshot)
+    held = position_of(snapshot)
+    if held is not None and held.path is not None:
+        return held.path
+    return snapshot.parent / f"{snapshot.name}.updates.sqlite"
 
 
 def carried_update(snapshot: Path) -> Update:
@@ -146,7 +162,7 @@ def compact(
     meta = {
         **snap.meta,
         "index": index_meta,
-        "update_log": {"id": log.id, "seq": through},
+        "update_log": {"id": log.id, "seq": through, "path": None if log.path is None else str(log.path.resolve())},
         "compacted_from": str(snapshot),
     }
     files = {

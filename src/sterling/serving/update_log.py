@@ -37,7 +37,7 @@ import torch
 
 from sterling.retrieval.model import RetrievalModel
 
-__all__ = ["Update", "UpdateLog", "decode_update", "default_log_path", "encode_update"]
+__all__ = ["Update", "UpdateLog", "decode_update", "encode_update"]
 
 log = logging.getLogger("sterling.serving")
 
@@ -117,13 +117,6 @@ class Update:
             dim = next((u.embeddings.shape[1] for u in updates if isinstance(u.embeddings, torch.Tensor)), 0)
             vectors = torch.stack(given) if ids else torch.zeros(0, dim)
         return Update(ids, vectors, [last[i][1] for i in ids], [i for i, v in last.items() if v is None])
-
-
-def default_log_path(snapshot: Path) -> Path:
-    """Where ``sterling serve`` keeps the update log of ``snapshot`` by default: beside it,
-    ``<snapshot>.updates.sqlite``."""
-    snapshot = Path(snapshot)
-    return snapshot.parent / f"{snapshot.name}.updates.sqlite"
 
 
 def encode_update(update: Update) -> bytes:
