@@ -145,7 +145,10 @@ def test_readme_curl_examples_run_on_the_demo_data(tmp_path, monkeypatch):
         assert len(retrieved) == 2 and all(len(out["ids"]) == 5 for out in retrieved), retrieved
         assert set(answers["/v1/rank"][0]) >= {"task_scores"}, answers["/v1/rank"]
         assert answers["/v1/items"] and answers["/v1/admin/reload"][0]["version"]
-        assert server.service.model.index.fresh_items >= 1  # the upsert reached the model
+        (compacted,) = answers["/v1/admin/compact"]
+        assert compacted["compacted"] and server.service.info.path == compacted["snapshot"]
+        ids = set(server.service.model.index.ids.tolist())  # the update, through the reload and the compaction
+        assert 123456 in ids and 155 not in ids and server.service.model.index.fresh_items == 0
 
 
 @pytest.mark.timeout(180)
