@@ -8,6 +8,7 @@ import threading
 import time
 import urllib.request
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -627,7 +628,7 @@ def test_hot_swap_under_concurrent_requests_fails_no_request(server, snapshots):
     assert call(server, "/v1/snapshot")[1]["version"] == versions[a]
 
 
-def test_acknowledged_updates_are_visible_under_load_and_across_a_swap(server, snapshots):
+def test_acknowledged_updates_are_visible_under_load_across_a_swap_and_a_compaction(server, snapshots):
     _, a, b, _ = snapshots
     base = 10**13
 
@@ -648,7 +649,7 @@ def test_acknowledged_updates_are_visible_under_load_and_across_a_swap(server, s
         bodies = [{"history": history(server, 5, offset=i), "k": 10} for i in range(200)]
         load = asyncio.create_task(_retrieve_many(server.url, bodies, 8))
         loop = asyncio.get_running_loop()
-        acked, deleted = [], []
+        acked, deleted, compacted = [], [], {}
         for i in range(24):
             if await loop.run_in_executor(None, upsert, i) == 200:
                 acked.append(i)
@@ -656,6 +657,11 @@ def test_acknowledged_updates_are_visible_under_load_and_across_a_swap(server, s
                 await loop.run_in_executor(
                     None, lambda: call(server, "/v1/admin/reload", {"path": str(b)}, token=TOKEN)
                 )
+            if i == 16:
+                status, compacted, _ = await loop.run_in_executor(
+                    None, lambda: call(server, "/v1/admin/compact", token=TOKEN, method="POST")
+                )
+                assert status == 200 and compacted["compacted"], compacted
             if i % 4 == 3:
                 victim = acked.pop(0)
                 status = (
@@ -664,16 +670,17 @@ def test_acknowledged_updates_are_visible_under_load_and_across_a_swap(server, s
                     )
                 )[0]
                 (deleted if status == 200 else acked).append(victim)
-        return await load, acked, deleted
+        return await load, acked, deleted, compacted
 
-    answers, acked, deleted = asyncio.run(scenario())
-    assert all(status == 200 for status, _ in answers)
+    answers, acked, deleted, compacted = asyncio.run(scenario())
+    assert all(status == 200 for status, _ in answers)  # none failed during the swap or the compaction
     assert len(acked) == 18 and len(deleted) == 6
     for i in acked + deleted:
         status, out, _ = call(server, "/v1/retrieve", {"history": [], "filter": f"creator:{7 * 10**8 + i}", "k": 5})
         assert status == 200 and out["ids"] == ([base + i] if i in acked else []), (i, out)
     status, info, _ = call(server, "/v1/snapshot")
-    assert info["path"] == str(b) and info["fresh_items"] >= len(acked)
+    assert info["path"] == compacted["snapshot"] and Path(info["path"]).parent == b.parent
+    assert 0 < info["fresh_items"] < len(acked)  # those upserted since the compaction
     call(server, "/v1/admin/reload", {"path": str(a)}, token=TOKEN)
     for i in acked[:3]:  # still there after swapping back: the update log is applied to every snapshot
         assert call(server, "/v1/retrieve", {"history": [], "filter": f"creator:{7 * 10**8 + i}", "k": 5})[1][
