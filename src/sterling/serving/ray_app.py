@@ -3,24 +3,27 @@
 
 Deployments::
 
-    shard-0 … shard-{N-1}   ShardDeployment × R replicas: a ShardSearcher over one shard snapshot
-                            (its Bloom + int8 IVF index part and embedding cache)
+    shard-{s}-replica-{r}   ShardDeployment, one Serve replica each (s < N, r < R): a ShardSearcher
+                            over shard snapshot s (its Bloom + int8 IVF index part and embedding cache)
     ingress                 the same FastAPI app as ``sterling serve`` (:func:`create_app`), whose
                             model is a ShardedModel: user tower once, fan-out to the shards,
                             merge_topk, OverArch + Value Model
 
-The ingress calls the shards from its model thread through deployment handles (all shards first,
-then the results), so a request's shard searches run in parallel. Every deployment asks Ray for no
-CPU of its own: the tensors' thread pools share the machine's cores.
+A deployment per replica lets the ingress address every replica: it calls them from its model
+thread through deployment handles (all those a step asks first, then the results), so a request's
+shard searches run in parallel. A read goes to one replica of each shard, the next one each time;
+an update (``POST /v1/items``) goes to every replica of its shards, and its 200 comes after all have
+applied it. Each shard's updates carry sequence numbers and each read the number the ingress has
+acknowledged, so a request sent after a write's 200 sees the write, whichever replica answers it;
+a replica that Ray restarted (which reloads its snapshot) is sent the updates it lacks before it
+answers (:mod:`sterling.serving.shards`: the protocol). Every deployment asks Ray for no CPU of its
+own: the tensors' thread pools share the machine's cores.
 
 Hot reload (``POST /v1/admin/reload`` with another sharded snapshot of as many shards): the
-ingress loads the new shard-0 weights, and every shard call names the shard snapshot it is for, so
-the warm-up query has each shard load its new part beside the old one (a replica keeps two); the
-ingress then switches between two batches, as the single-process server does, with the live updates
-acknowledged meanwhile replayed onto the new shards. With ``--replicas`` above 1 the warm-up reaches
-one replica of each shard; the others load the new part on their first call (a slow request each).
-Limit: ``POST /v1/items`` needs ``--replicas 1`` (an update goes to one replica of its shard;
-replicas of a shard would diverge).
+ingress loads the new shard-0 weights, and every shard call names the shard snapshot and the
+ingress model it is for, so building the new model has every replica load its new part beside the
+old one (a replica keeps two); the ingress then switches between two batches, as the single-process
+server does, with the live updates acknowledged meanwhile replayed onto the new shards' replicas.
 
 Example::
 
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import uuid
 from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
@@ -47,18 +51,20 @@ def _deployments():
     """The deployment classes (Ray is imported only when the Ray engine is used)."""
     from ray import serve
 
-    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
     class ShardDeployment:
-        """One shard; a call names the shard snapshot it is for, loaded on first use (the current
-        one and the one a reload brings in are kept, so a swap never waits on a load twice)."""
+        """One replica of one shard. A call names the shard snapshot and the ingress model it is
+        for (``model``: each model numbers its updates from 1, so each has a searcher of its own),
+        loaded on its first call; the current one and the one a reload brings in are kept, so a swap
+        never waits on a load twice. A replica that lost its searcher (Ray restarted it, or a third
+        model's pushed it out) loads it again, with no update applied: the ingress catches it up."""
 
-        def __init__(self, path: str, digest: str) -> None:
-            self.searchers: OrderedDict[tuple[str, str], ShardSearcher] = OrderedDict()
+        def __init__(self) -> None:
+            self.searchers: OrderedDict[tuple[str, str, str], ShardSearcher] = OrderedDict()
             self.lock = threading.Lock()  # Serve runs sync methods on a thread pool
-            self._searcher(path, digest)
 
-        def _searcher(self, path: str, digest: str) -> ShardSearcher:
-            key = (path, digest)
+        def _searcher(self, path: str, digest: str, model: str) -> ShardSearcher:
+            key = (path, digest, model)
             with self.lock:
                 searcher = self.searchers.get(key)
             if searcher is None:  # loaded outside the lock: calls for the serving snapshot go on meanwhile
@@ -70,34 +76,28 @@ def _deployments():
                     self.searchers.popitem(last=False)
                 return searcher
 
-        def call(self, path: str, digest: str, method: str, *args):
-            return getattr(self._searcher(path, digest), method)(*args)
+        def call(self, path: str, digest: str, model: str, method: str, *args):
+            return getattr(self._searcher(path, digest, model), method)(*args)
 
     @serve.deployment(ray_actor_options={"num_cpus": 0})
     @serve.ingress()
     class Ingress:
-        async def __init__(self, config: ServerConfig, shards: list, replicas: int) -> None:
-            self.config, self.shards, self.replicas = config, shards, replicas
+        async def __init__(self, config: ServerConfig, shards: list[list]) -> None:
+            self.config, self.shards = config, shards  # per shard, a handle per replica
             # off the event loop: loading waits on the shards, which Serve forbids on the loop
             self._app = await asyncio.to_thread(create_app, replace(config, loader=self._load))
 
         def _load(self, path: Path) -> ShardedModel:
-            """The model of the sharded snapshot ``path``: its shard-0 weights here, and the shard
-            deployments asked for ``path``'s shards (which they load on first use)."""
+            """The model of the sharded snapshot ``path``: its shard-0 weights here, and every
+            shard replica asked for ``path``'s shard under a name of this model's own (each loads
+            it on its first call)."""
             paths, digests = shard_paths(path), shard_digests(path)
             if len(paths) != len(self.shards):
                 raise ValueError(f"{path} has {len(paths)} shards, the app runs {len(self.shards)}")
-            refuse = (
-                None
-                if self.replicas == 1
-                else (
-                    "live item updates need --replicas 1 with --engine ray (an update reaches one replica of its shard)"
-                )
-            )
+            model = uuid.uuid4().hex
             return ShardedModel(
                 ShardSearcher.load(paths[0], digests[0]).model,
-                [_caller(h, p, d) for h, p, d in zip(self.shards, paths, digests)],
-                refuse,
+                [[_caller(h, p, d, model) for h in replicas] for replicas, p, d in zip(self.shards, paths, digests)],
             )
 
         def __serve_build_asgi_app__(self):
@@ -106,9 +106,9 @@ def _deployments():
     return ShardDeployment, Ingress
 
 
-def _caller(handle, path: Path, digest: str):
+def _caller(handle, path: Path, digest: str, model: str):
     def call(method: str, *args):
-        return handle.call.remote(str(path), digest, method, *args)
+        return handle.call.remote(str(path), digest, model, method, *args)
 
     return call
 
@@ -120,10 +120,10 @@ def build_app(config: ServerConfig, replicas: int = 1):
         raise ValueError(f"replicas must be at least 1, not {replicas}")
     ShardDeployment, Ingress = _deployments()
     shards = [
-        ShardDeployment.options(name=f"shard-{s}", num_replicas=replicas).bind(str(p), d)
-        for s, (p, d) in enumerate(zip(shard_paths(config.snapshot), shard_digests(config.snapshot)))
+        [ShardDeployment.options(name=f"shard-{s}-replica-{r}").bind() for r in range(replicas)]
+        for s in range(len(shard_paths(config.snapshot)))
     ]
-    return Ingress.options(name="ingress").bind(config, shards, replicas)
+    return Ingress.options(name="ingress").bind(config, shards)
 
 
 def run(

@@ -23,6 +23,24 @@ the filter (its own widening), so a selective filter
 cannot starve the merge. With every list probed the result is the single-process model's exactly
 (``tests/serving/test_shards.py``); with fewer probes each shard plans its own (from its own
 selectivity estimate) and the two may differ, usually by the sharded one probing more.
+
+A shard may have several replicas (copies of one shard snapshot, each a :class:`ShardSearcher`).
+A read (search, item states, sizes) goes to one replica of each shard, each read to the next one;
+an update goes to every replica of the shards it touches, and is answered once all have applied
+it. Each shard's updates are numbered 1, 2, … in the order the ingress applies them (its
+*sequence numbers*, counted from the model's load), and the ingress keeps them:
+
+    replica: applies update ``seq`` only if it has applied 1 … seq - 1 (one already applied is
+             skipped; a gap is answered ``Behind(applied_seq)``, nothing applied)
+    read:    carries the shard's last sequence number; a replica that has not applied that far
+             (Ray restarted it: it reloaded its snapshot) answers ``Behind(applied_seq)`` instead
+    ingress: on ``Behind(a)``, sends that replica the shard's updates a + 1 … in one call, then asks
+             again (at most :attr:`ShardedModel.MAX_CATCH_UPS` times, then a RuntimeError)
+
+So a request sent after an update's answer is answered by replicas that hold the update
+(read-your-writes by sequence number), whichever replica answers it. The ingress keeps every update
+since the model loaded (a restarted replica may need them all): its memory grows with the updates
+until a reload or a compaction swaps in a new model, which numbers its own from 1.
 """
 
 from __future__ import annotations
@@ -44,7 +62,9 @@ from sterling.retrieval.served import ItemCount
 from sterling.snapshot import MANIFEST, SnapshotError, read_snapshot, write_snapshot
 
 __all__ = [
+    "Behind",
     "Candidates",
+    "LocalReplica",
     "ShardSearcher",
     "ShardedModel",
     "merge_topk",
@@ -119,10 +139,12 @@ def merge_topk(parts: Sequence[Candidates], k: int) -> Candidates:
 
 
 class ShardSearcher:
-    """The shard side: a :class:`RetrievalModel` over the shard's items answers for them."""
+    """The shard side, one replica: a :class:`RetrievalModel` over the shard's items answers for
+    them, reading (:meth:`read`) and updating (:meth:`apply`) by the shard's sequence numbers."""
 
     def __init__(self, model: RetrievalModel) -> None:
         self.model = model
+        self.applied_seq = 0  # this shard's updates 1 … applied_seq are applied (since the snapshot loaded)
 
     @classmethod
     def load(cls, path: Path, digest: str | None = None) -> ShardSearcher:
@@ -162,21 +184,59 @@ class ShardSearcher:
         """Live items and fresh (upserted, not yet compacted) items."""
         return self.model.size()
 
-    def upsert(self, ids: torch.Tensor, embeddings: torch.Tensor, attributes: list[dict]) -> None:
-        self.model.upsert(ids, embeddings, attributes)
+    def apply(self, first: int, updates: Sequence[tuple[str, tuple]]) -> list | Behind:
+        """Apply this shard's updates ``first``, ``first + 1``, … in order, each ``(method, args)``
+        (``"upsert"``: ids ``int64 [M]``, embeddings ``float32 [M, D]``, M attribute dicts;
+        ``"delete"``: ids ``int64 [M]``), skipping those already applied. Returns the results of
+        those applied now (a delete's: how many live items went), or :class:`Behind` (nothing
+        applied) when an update before ``first`` is missing."""
+        if first > self.applied_seq + 1:
+            return Behind(self.applied_seq)
+        results = []
+        for seq, (method, args) in enumerate(updates, first):
+            if seq > self.applied_seq:
+                results.append(getattr(self.model, method)(*args))  # a refused update raises, not applied
+                self.applied_seq = seq
+        return results
 
-    def delete(self, ids: torch.Tensor) -> int:
-        return self.model.delete(ids)
+    def read(self, seq: int, method: str, *args) -> object:
+        """``self.<method>(*args)`` (:meth:`search`, :meth:`states`, :meth:`size`,
+        :meth:`history_table`) once this shard's updates 1 … ``seq`` are applied; until then
+        :class:`Behind`, so no answer comes from a state older than the caller's."""
+        if self.applied_seq < seq:
+            return Behind(self.applied_seq)
+        return getattr(self, method)(*args)
 
 
 @dataclass(frozen=True)
-class _Done:
-    """A local shard call's result, shaped like a Ray Serve response (``.result()``)."""
+class Behind:
+    """A replica's answer when it lacks updates the call needs: it has applied its shard's updates
+    1 … ``applied_seq`` (0: none since its snapshot loaded)."""
 
-    value: object
+    applied_seq: int
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A local call, made when its result is asked for (as a Ray Serve response is awaited, and
+    with its exception raised there)."""
+
+    run: Callable[[], object]
 
     def result(self) -> object:
-        return self.value
+        return self.run()
+
+
+class LocalReplica:
+    """A shard replica in this process: ``replica(method, *args)`` → a pending result whose
+    ``.result()`` is ``searcher.<method>(*args)``, as a Ray Serve handle's. Replacing ``searcher``
+    with a freshly loaded one is what a restart does to a Ray Serve replica."""
+
+    def __init__(self, searcher: ShardSearcher) -> None:
+        self.searcher = searcher
+
+    def __call__(self, method: str, *args) -> _Pending:
+        return _Pending(lambda: getattr(self.searcher, method)(*args))
 
 
 class HistoryTable:
@@ -231,40 +291,119 @@ class HistoryTable:
 class ShardedModel:
     """The ingress: user tower, task queries, OverArch and Value Model over shards.
 
+    Reads go to one replica of each shard (each read to the next replica), updates to every replica
+    of the shards they touch, numbered per shard (the module's docstring: the protocol). Its
+    methods are called from one thread at a time, in order (the model thread).
+
     Args:
         head (RetrievalModel): a shard's model, whose weights and config the ingress uses (its
             index and cache are not read).
-        shards (Sequence[Callable]): per shard, ``call(method, *args)`` → a pending result whose
-            ``.result()`` is ``ShardSearcher.<method>(*args)`` (a local call, or a Ray Serve
-            handle's response): all shards are called before any result is awaited.
-        updates (str | None): why live item updates are refused (None: they are applied).
+        shards (Sequence[Sequence[Callable]]): per shard, its replicas, each ``call(method, *args)``
+            → a pending result whose ``.result()`` is ``ShardSearcher.<method>(*args)`` (a
+            :class:`LocalReplica`, or a Ray Serve handle's response): all the replicas a step
+            asks are called before any result is awaited.
     """
 
-    def __init__(self, head: RetrievalModel, shards: Sequence[Callable], updates: str | None = None) -> None:
+    MAX_CATCH_UPS = 3  # catch-ups of one replica for one call before it is an error
+
+    def __init__(self, head: RetrievalModel, shards: Sequence[Sequence[Callable]]) -> None:
         if head.ranker is not None:
             raise ValueError(
                 "a model with a request-level ranker is not served by shards yet (the ingress keeps the "
                 "history's retrieval embeddings only): serve it whole, or load it with use_ranker=False"
             )
-        self.head, self.shards, self.config, self._no_updates = head, list(shards), head.config, updates
+        self.shards = [list(replicas) for replicas in shards]
+        if not all(self.shards):
+            raise ValueError("every shard needs at least one replica")
+        self.head, self.config = head, head.config
         self.meta, self.overarch, self.dim = head.meta, head.overarch, head.dim
-        tables = self._fan_out("history_table")
+        # per shard, the updates applied since this model was built: (method, args) of seq 1, 2, …
+        self._updates: list[list[tuple[str, tuple]]] = [[] for _ in self.shards]
+        self._turn = 0  # reads so far: read t goes to replica t mod R of each shard
+        warming = [call("read", 0, "size") for replicas in self.shards for call in replicas[1:]]
+        tables = self._read("history_table")  # the first read: replica 0 of each shard, as the others load
+        for pending in warming:
+            pending.result()  # every replica has loaded its shard: none loads on a request
         self.history = HistoryTable(torch.cat([i for i, _ in tables]), torch.cat([v for _, v in tables]))
         self._size = self._count()
 
     @classmethod
-    def local(cls, path: Path) -> ShardedModel:
-        """All shards of the sharded snapshot ``path`` in this process (tests, one machine)."""
-        searchers = [ShardSearcher.load(p, d) for p, d in zip(shard_paths(path), shard_digests(path))]
-        return cls(searchers[0].model, [_local_call(s) for s in searchers])
+    def local(cls, path: Path, replicas: int = 1) -> ShardedModel:
+        """All shards of the sharded snapshot ``path`` in this process, ``replicas`` copies of each
+        (tests, one machine)."""
+        shards = [
+            [LocalReplica(ShardSearcher.load(p, d)) for _ in range(replicas)]
+            for p, d in zip(shard_paths(path), shard_digests(path))
+        ]
+        return cls(shards[0][0].searcher.model, shards)
 
-    def _fan_out(self, method: str, *args) -> list:
-        pending = [call(method, *args) for call in self.shards]
-        return [p.result() for p in pending]
+    def _read(self, method: str, *args) -> list:
+        """Per shard, ``ShardSearcher.<method>(*args)`` from one of its replicas, answered once that
+        replica has applied every update of its shard this model has applied."""
+        turn, self._turn = self._turn, self._turn + 1
+        chosen = [replicas[turn % len(replicas)] for replicas in self.shards]
+        requests = [("read", len(updates), method, *args) for updates in self._updates]
+        pending = [call(*request) for call, request in zip(chosen, requests)]
+        return [
+            self._settled(s, call, p, request, len(self._updates[s]))
+            for s, (call, p, request) in enumerate(zip(chosen, pending, requests))
+        ]
+
+    def _settled(self, shard: int, call: Callable, pending, request: tuple, needs: int) -> object:
+        """The answer to ``request``, sent to a replica of ``shard`` (``call``; ``pending``: its
+        response). A replica that answers :class:`Behind` is sent the shard's updates it lacks,
+        up to ``needs``, in order in one call, and asked again."""
+        answer = pending.result()
+        for _ in range(self.MAX_CATCH_UPS):
+            if not isinstance(answer, Behind):
+                return answer
+            call("apply", answer.applied_seq + 1, self._updates[shard][answer.applied_seq : needs]).result()
+            answer = call(*request).result()
+        if isinstance(answer, Behind):
+            raise RuntimeError(
+                f"a replica of shard {shard} has applied its updates 1 … {answer.applied_seq}, not 1 … {needs}, "
+                f"after {self.MAX_CATCH_UPS} catch-ups (is it restarting over and over?)"
+            )
+        return answer
+
+    def _update(self, parts: dict[int, tuple[str, tuple]]) -> dict[int, list[list]]:
+        """Apply ``parts[s]`` (``(method, args)``) to every replica of shard ``s`` as the shard's next
+        update; returns per shard each replica's :meth:`ShardSearcher.apply` result, once every
+        replica has applied it. A replica whose call fails (an exception) while another replica of
+        its shard applied the update is asked once more (caught up first if Ray restarted it); a
+        shard whose replicas all refuse the update does not count it. Then the first exception, if
+        any is left, is raised."""
+        sent = []
+        for s, update in parts.items():
+            self._updates[s].append(update)
+            request = ("apply", len(self._updates[s]), [update])
+            sent += [(s, call, call(*request), request) for call in self.shards[s]]
+        applied: dict[int, list[list]] = {s: [] for s in parts}
+        failed: list[tuple[int, Callable, tuple, Exception]] = []
+        for s, call, pending, request in sent:
+            try:
+                applied[s].append(self._settled(s, call, pending, request, request[1] - 1))
+            except Exception as e:  # once every replica has answered: asked again, or raised
+                failed.append((s, call, request, e))
+        refused: list[Exception] = []
+        for s, call, request, e in failed:
+            if applied[s]:  # a replica of the shard took it: this one failed on the way, not on the update
+                try:
+                    applied[s].append(self._settled(s, call, call(*request), request, request[1] - 1))
+                    continue
+                except Exception as again:
+                    e = again
+            refused.append(e)
+        for s in parts:
+            if not applied[s]:
+                self._updates[s].pop()  # no replica holds it
+        if refused:
+            raise refused[0]
+        return applied
 
     def _states(self, ids: torch.Tensor) -> torch.Tensor:
         """float32 ``[M, S]``: the item state of ``ids`` ``[M]``, each from its shard."""
-        parts = self._fan_out("states", ids)
+        parts = self._read("states", ids)
         found = torch.stack([f for f, _ in parts]).any(0)
         if not bool(found.all()):
             raise ValueError(f"unknown item ids {ids[~found].unique()[:10].tolist()} (not in the index)")
@@ -276,7 +415,7 @@ class ShardedModel:
         return self._size
 
     def _count(self) -> ItemCount:
-        sizes = self._fan_out("size")
+        sizes = self._read("size")
         return ItemCount(sum(n for n, _ in sizes), sum(f for _, f in sizes))
 
     def check_filter(self, expr: str) -> None:
@@ -307,7 +446,7 @@ class ShardedModel:
     def _search(
         self, queries: torch.Tensor, filters: list[str | None], exclude: list[Sequence[int]] | None = None
     ) -> Candidates:
-        return merge_topk(self._fan_out("search", queries, filters, exclude), self.config.k0)
+        return merge_topk(self._read("search", queries, filters, exclude), self.config.k0)
 
     __call__ = forward
 
@@ -323,10 +462,6 @@ class ShardedModel:
         users, queries = self.head.encode(inputs)
         return self.head.task_scores_of(inputs, users, queries, state.view(*item_ids.shape, -1))
 
-    def _check_updates(self) -> None:
-        if self._no_updates:
-            raise ValueError(self._no_updates)
-
     def embed_items(self, attributes: Sequence[dict]) -> torch.Tensor:
         """:meth:`RetrievalModel.embed_items`, at the ingress (every shard carries the same item tower)."""
         return self.head.embed_items(attributes)
@@ -337,11 +472,10 @@ class ShardedModel:
         embeddings: torch.Tensor | None = None,
         attributes: Sequence[dict] = (),
     ) -> None:
-        """Each item to its shard (``shard_of``), where the shard's model adds it; ``embeddings``
+        """Each item to its shard (``shard_of``), where every replica's model adds it; ``embeddings``
         None: the item tower embeds them here first (:meth:`embed_items`). The arguments'
         shapes, ids and values are checked here first, so a bad one changes no shard (a shard may
         still refuse an attribute its store cannot hold, after the others took theirs)."""
-        self._check_updates()
         ids = torch.as_tensor(ids, dtype=torch.int64)
         if embeddings is None:
             embeddings = self.embed_items(attributes)
@@ -356,29 +490,25 @@ class ShardedModel:
         if not bool(torch.isfinite(embeddings).all()):
             raise ValueError("upserted embeddings must be finite")
         owner = shard_of(ids, len(self.shards))
-        pending = []
-        for s, call in enumerate(self.shards):
+        parts = {}
+        for s in owner.unique().tolist():
             mine = torch.nonzero(owner == s).view(-1)
-            if len(mine):
-                pending.append(call("upsert", ids[mine], embeddings[mine], [attributes[i] for i in mine.tolist()]))
-        for p in pending:
-            p.result()
+            parts[s] = ("upsert", (ids[mine], embeddings[mine], [attributes[i] for i in mine.tolist()]))
+        self._update(parts)
         self.history.upsert(ids, torch.as_tensor(embeddings)[:, : self.dim])
         self._size = self._count()
 
     def delete(self, ids: torch.Tensor | Sequence[int]) -> int:
-        """Delete ``ids`` on their shards; returns how many live items went."""
-        self._check_updates()
+        """Delete ``ids`` on every replica of their shards; returns how many live items went (the
+        replicas of a shard apply the same updates in the same order, so they agree; a
+        RuntimeError if they do not)."""
         ids = torch.as_tensor(ids, dtype=torch.int64)
         owner = shard_of(ids, len(self.shards))
-        pending = [call("delete", ids[owner == s]) for s, call in enumerate(self.shards)]
-        removed = sum(p.result() for p in pending)
+        removed = 0
+        for s, answers in self._update({s: ("delete", (ids[owner == s],)) for s in owner.unique().tolist()}).items():
+            counts = {n for applied in answers for n in applied}
+            if len(counts) != 1:
+                raise RuntimeError(f"the replicas of shard {s} deleted {sorted(counts)} items each: they have diverged")
+            removed += counts.pop()
         self._size = self._count()
         return removed
-
-
-def _local_call(searcher: ShardSearcher) -> Callable:
-    def call(method: str, *args) -> _Done:
-        return _Done(getattr(searcher, method)(*args))
-
-    return call
