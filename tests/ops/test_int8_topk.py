@@ -72,7 +72,12 @@ def test_clustered_scores_keep_every_true_member() -> None:
     check(queries, codes, scales, None, 100, Kernel.CPU)
     cpu_rows = int8_topk(queries, codes, scales, None, 100)[1]
     ref_rows = int8_topk(queries, codes, scales, None, 100, kernel=Kernel.REFERENCE)[1]
-    assert (cpu_rows == ref_rows).float().mean() > 0.99  # float32 near-ties may swap neighbours
+    items = codes.float() * scales[:, None]
+    exact = queries @ items.T  # [32, 5000]
+    # where the two kernels' rows differ, they are float32 near-ties swapped: equal exact scores
+    atol = 1e-5 * float((queries.abs() @ items.abs().T).max())
+    torch.testing.assert_close(exact.gather(1, cpu_rows), exact.gather(1, ref_rows), rtol=0, atol=atol)
+    assert (cpu_rows == ref_rows).float().mean() > 0.9
 
 
 @pytest.mark.parametrize(
