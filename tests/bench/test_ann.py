@@ -79,3 +79,28 @@ def test_hnswlib_answers_a_filter_that_passes_fewer_than_k_items():
     found = _hnsw_filtered(index, x[0], ok, k=10)
     assert len(found) == 5 and set(found.tolist()) == set(np.flatnonzero(ok).tolist())
     assert len(_hnsw_filtered(index, x[0], np.zeros(500, dtype=bool), k=10)) == 0
+
+
+def test_the_plot_has_a_row_per_dataset_and_mode_and_one_legend(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from sterling.bench.ann import plot
+
+    result = run(TINY, modes=("per_query", "shared"), log=lambda s: None, systems=("faiss", "sterling"))
+    figures = []
+    real_savefig = plt.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        figures.append(fig)
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(plt.Figure, "savefig", keep)
+    plot(result, tmp_path / "ann.png")
+    assert (tmp_path / "ann.png").stat().st_size > 0
+    (fig,) = figures
+    assert len(fig.axes) == 2 * 3  # (synthetic × 2 modes) rows × 3 selectivities
+    (legend,) = fig.legends
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert {"faiss-flat", "sterling", f"batch {TINY.batch}", "batch 1"} <= set(labels)
+    assert all(ax.get_legend() is None for ax in fig.axes)
