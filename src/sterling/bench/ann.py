@@ -17,6 +17,10 @@ Systems (peers need the ``[bench]`` extra; a missing peer is skipped and said so
 * ``faiss-ivf-sq8``: ``IVF{nlist},SQ8`` + ``IDSelectorBitmap`` at several nprobe.
 * ``faiss-prefilter``: gather the passing items, ``IndexFlatIP`` over them.
 * ``hnswlib``: HNSW (M 16, ef_construction 200) with a filter function, at several ef.
+* ``lancedb``: LanceDB, IVF-PQ with refine at 1M items, HNSW-SQ below; ``prefilter`` where clauses.
+* ``milvus``: Milvus Lite (a local file), IVF_SQ8 at 1M items, HNSW below; ``filter=`` expressions.
+  Both are :mod:`sterling.bench.peers`: one call per query for per-query filters, one per batch
+  when the batch shares its filter.
 * ``sterling``: :class:`~sterling.ItemIndex` (IVF + int8 + Bloom with the planner of
   :mod:`sterling.index.segment`) at several nprobe, and at ``nprobe = nlist`` (exact).
 
@@ -27,6 +31,7 @@ distinct filter; that is the price a FAISS user pays for them, and the table sho
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import math
 import os
 import platform
@@ -39,12 +44,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sterling.bench.peers import PEERS
 from sterling.bench.report import Benchmark, write_json
 from sterling.index.attributes import AttributeStore
 from sterling.index.item_index import IndexConfig, ItemIndex
 from sterling.testing.embeddings import structured
 
 __all__ = ["AnnBenchConfig", "Catalogue", "make_catalogue", "run"]
+
+#: every system the benchmark knows, in the order they run (the default ``--systems``).
+SYSTEMS = ("faiss", "hnswlib", "sterling", "lancedb", "milvus")
 
 #: selectivity label → (feature, number of equally likely values): one value passes 1/values.
 SELECTIVITY_FEATURES = {"50%": ("half", 2), "10%": ("tenth", 10), "1%": ("hundredth", 100)}
@@ -198,7 +207,8 @@ def _timed_qps(
         results = []
         t0 = time.perf_counter()
         for s in range(0, limit, batch):
-            results.append(search(cat.queries[s : s + batch], filters[s : s + batch]))
+            end = min(s + batch, limit)
+            results.append(search(cat.queries[s:end], filters[s:end]))
         passes.append(time.perf_counter() - t0)
     return limit / float(np.median(passes)), np.concatenate(results)
 
@@ -354,6 +364,11 @@ def machine() -> dict:
         info["faiss"] = faiss.__version__
     except ImportError:
         pass
+    for package in ("hnswlib", "lancedb", "pymilvus", "milvus-lite"):
+        try:
+            info[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
     return info
 
 
@@ -367,7 +382,7 @@ def run(
     log=print,
     movielens: Path | None = None,
     synthetic: bool = True,
-    systems: tuple[str, ...] = ("faiss", "hnswlib", "sterling"),
+    systems: tuple[str, ...] = SYSTEMS,
 ) -> dict:
     """Run the benchmark on the synthetic catalogue and, given ``movielens``, on MovieLens item
     embeddings; returns ``{"machine": ..., "config": ..., "rows": [...], "skipped": [...]}``."""
@@ -389,7 +404,8 @@ def run(
     rows, skipped = [], []
     for cat, run_cfg in runs:
         built = []
-        for name, make in (("faiss", _faiss_systems), ("hnswlib", _hnsw_systems), ("sterling", _sterling_systems)):
+        makers = {"faiss": _faiss_systems, "hnswlib": _hnsw_systems, "sterling": _sterling_systems, **PEERS}
+        for name, make in makers.items():
             if name not in systems or (name == "hnswlib" and not run_cfg.hnsw_efs):
                 continue
             try:
@@ -411,8 +427,9 @@ def _measure(cat: Catalogue, cfg: AnnBenchConfig, systems: list, modes: tuple[st
             truth = ground_truth(cat, filters, cfg.k)
             for system, config, build_s, bytes_per_item, search in systems:
                 few = min(cfg.batch1_queries, cfg.queries)
-                # hnswlib calls a Python filter function per visited node: time it on fewer queries.
-                limit = few if system == "hnswlib" else cfg.queries
+                # hnswlib calls a Python filter function per visited node, and a Milvus Lite call
+                # costs tens of milliseconds (60 at 100k items): time them on fewer queries.
+                limit = few if system in ("hnswlib", "milvus") else cfg.queries
                 qps1, _ = _timed_qps(search, cat, filters, 1, few)
                 qps, found = _timed_qps(search, cat, filters, cfg.batch, limit)
                 row = {
@@ -507,7 +524,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="100k items, fewer configurations (1-1.5 min on 2 cores, 12-16 s of it the hnswlib build)",
+        help="100k items, fewer configurations (2-2.5 min on 2 cores, measured 134 s: 11-16 s of it the hnswlib "
+        "build, 14 s LanceDB's, 26 s Milvus Lite's; 51 s without lancedb and milvus)",
     )
     p.add_argument("--n", type=int, help="catalogue size (default 1,000,000; 100,000 with --quick)")
     p.add_argument("--json", dest="json_path", help="write the rows and the machine here")
@@ -515,8 +533,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["per_query", "shared", "both"], default="both")
     p.add_argument(
         "--systems",
-        default="faiss,hnswlib,sterling",
-        help="comma-separated subset of faiss, hnswlib, sterling (hnswlib builds 1M items in ~10 min)",
+        default=",".join(SYSTEMS),
+        help=f"comma-separated subset of {', '.join(SYSTEMS)} (hnswlib builds 1M items in ~10 min; "
+        "lancedb and milvus are LanceDB and Milvus Lite, skipped when not installed)",
     )
     p.add_argument(
         "--movielens",
@@ -535,9 +554,9 @@ def cli(args: argparse.Namespace) -> int:
     if movielens is None and DEFAULT_MOVIELENS.is_dir():
         movielens = DEFAULT_MOVIELENS
     systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
-    unknown = set(systems) - {"faiss", "hnswlib", "sterling"}
+    unknown = set(systems) - set(SYSTEMS)
     if unknown:
-        raise ValueError(f"unknown systems {sorted(unknown)}; choose from faiss, hnswlib, sterling")
+        raise ValueError(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
     result = run(
         cfg, modes, movielens=None if movielens is None or str(movielens) == "none" else movielens, systems=systems
     )
@@ -551,7 +570,7 @@ def cli(args: argparse.Namespace) -> int:
 
 BENCHMARK = Benchmark(
     "ann",
-    "filtered top-k: sterling vs FAISS (flat, IVF-SQ8, pre-filter) and hnswlib",
+    "filtered top-k: sterling vs FAISS (flat, IVF-SQ8, pre-filter), hnswlib, LanceDB and Milvus Lite",
     add_arguments,
     cli,
 )
