@@ -180,23 +180,28 @@ def _verify(path: Path, load: bool) -> tuple[dict[str, Any], dict[str, dict[str,
         if not file.is_file():
             raise SnapshotError(f"missing file {name} listed in the manifest of snapshot {path}")
         data = _read(file)
-        if len(data) != entry["bytes"]:
-            raise SnapshotError(
-                f"size mismatch for {name}: manifest {entry['bytes']} bytes, "
-                f"file {len(data)} bytes; the snapshot is truncated or was modified"
-            )
-        digest = _sha256(data)
-        if digest != entry["sha256"]:
-            raise SnapshotError(
-                f"checksum mismatch for {name}: manifest sha256 {entry['sha256'][:12]}..., "
-                f"file sha256 {digest[:12]}...; the snapshot is corrupt or was modified"
-            )
+        _check_listed(name, entry, data)
         if load and name.endswith(SUFFIX):
             try:
                 tensors[name[: -len(SUFFIX)]] = parse_safetensors(data)
             except ValueError as e:
                 raise SnapshotError(f"cannot parse {name} in snapshot {path}: {e}") from None
     return manifest, tensors
+
+
+def _check_listed(name: str, entry: Mapping[str, Any], data: bytes | torch.Tensor) -> None:
+    """A SnapshotError unless ``data`` has the size and sha256 the manifest lists for file ``name``."""
+    if len(data) != entry["bytes"]:
+        raise SnapshotError(
+            f"size mismatch for {name}: manifest {entry['bytes']} bytes, "
+            f"file {len(data)} bytes; the snapshot is truncated or was modified"
+        )
+    digest = _sha256(data)
+    if digest != entry["sha256"]:
+        raise SnapshotError(
+            f"checksum mismatch for {name}: manifest sha256 {entry['sha256'][:12]}..., "
+            f"file sha256 {digest[:12]}...; the snapshot is corrupt or was modified"
+        )
 
 
 def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -379,8 +384,5 @@ def read_blob(path: str | os.PathLike[str], name: str) -> bytes | None:
         data = (path / name).read_bytes()
     except OSError as e:
         raise SnapshotError(f"cannot read {name} of snapshot {path}: {e}") from None
-    if len(data) != entry["bytes"] or _sha256(data) != entry["sha256"]:
-        raise SnapshotError(
-            f"{name} of snapshot {path} does not match its manifest: the snapshot is corrupt or modified"
-        )
+    _check_listed(name, entry, data)
     return data

@@ -49,13 +49,13 @@ from sterling.retrieval.config import ServingConfig
 from sterling.retrieval.export import aot_package, check_compiler, export_program
 from sterling.retrieval.item_table import ItemEncoder, cache_rows
 from sterling.retrieval.model import RetrievalModel
-from sterling.snapshot import SnapshotError, read_snapshot, verify_snapshot, write_snapshot
+from sterling.snapshot import Snapshot, SnapshotError, read_snapshot, verify_snapshot, write_snapshot
 from sterling.train.checkpoint import load_checkpoint
 from sterling.train.encode import encode_catalog
 from sterling.train.ranker_checkpoint import load_ranker_checkpoint
 from sterling.train.sequence_checkpoint import load_sequence_checkpoint
 
-__all__ = ["load_model", "publish", "write_model_snapshot"]
+__all__ = ["load_model", "publish", "rewrite_snapshot", "write_model_snapshot"]
 
 _KIND = "retrieval_model"
 #: The next-item task of a served sequence retriever.
@@ -328,6 +328,23 @@ def write_model_snapshot(
     program = export_program(_compose(meta, files["model"], index, cache))
     blobs = {"program.pt2": program} | ({"program.aoti.pt2": aot_package(program)} if aot else {})
     return write_snapshot(Path(out_dir), files, meta, blobs=blobs)
+
+
+def rewrite_snapshot(
+    snap: Snapshot,
+    out_dir: Path,
+    index: ItemIndex,
+    cache: torch.Tensor,
+    meta: Mapping[str, Any] | None = None,
+    blobs: Mapping[str, bytes] | None = None,
+) -> Path:
+    """Write the published snapshot ``snap``'s model over another catalogue state: ``index`` and its
+    item table ``cache`` ``[N, S]`` (in ``index``'s row order), ``meta`` added to its manifest's
+    (a compacted or a shard snapshot says what it is there). Its exported programs are not carried
+    over (they were traced with the old index)."""
+    index_meta, index_tensors = index.to_snapshot_parts()
+    files = {"index": index_tensors, "cache": {"state": cache.contiguous()}, "model": snap.tensors["model"]}
+    return write_snapshot(Path(out_dir), files, {**snap.meta, **(meta or {}), "index": index_meta}, blobs=blobs)
 
 
 #: The :class:`ServingConfig` fields a loaded model may change (the rest describe the weights).

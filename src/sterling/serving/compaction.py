@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sterling.retrieval.model import RetrievalModel
-from sterling.retrieval.publish import load_model
+from sterling.retrieval.publish import load_model, rewrite_snapshot
 from sterling.serving.shards import SHARDS_FILE
 from sterling.serving.update_log import Update, UpdateLog, decode_update, encode_update
-from sterling.snapshot import MANIFEST, SnapshotError, read_blob, read_manifest, read_snapshot, write_snapshot
+from sterling.snapshot import MANIFEST, SnapshotError, read_blob, read_manifest, read_snapshot
 
 __all__ = [
     "CARRIED_FILE",
@@ -98,19 +98,20 @@ def pending_updates(snapshot: Path, log: UpdateLog, through: int | None = None) 
     """The updates that, applied in order to the snapshot at ``snapshot``, give the acknowledged
     state through sequence number ``through`` (default: the whole log)."""
     own = position_of(snapshot)
-    base, base_seq = log.base
-    if own is not None and own.log_id == log.id and own.seq >= base_seq:
+    if own is not None and own.log_id == log.id and own.seq >= log.base[1]:
         return [u for _, u in log.entries(after=own.seq, through=through)]
-    return _folded_base(log) + [u for _, u in log.entries(after=base_seq, through=through)]
+    return _all_updates(log, through)
 
 
-def _folded_base(log: UpdateLog) -> list[Update]:
-    """The updates the log's base snapshot carries (those trimmed from the log), as a list."""
+def _all_updates(log: UpdateLog, through: int | None) -> list[Update]:
+    """Every update of the log through ``through``: those its base snapshot carries (trimmed from
+    the log), then its entries after the base's seq."""
     base, base_seq = log.base
+    entries = [u for _, u in log.entries(after=base_seq, through=through)]
     if base is None:
-        return []
+        return entries
     try:
-        return [carried_update(base)]
+        return [carried_update(base), *entries]
     except (SnapshotError, OSError) as e:
         raise SnapshotError(
             f"the update log {log.path} was compacted into {base}, which holds its updates through seq "
@@ -150,26 +151,23 @@ def compact(
     if out.resolve() == snapshot.resolve():
         raise ValueError(f"the compacted snapshot must go to a new path, not over {snapshot}, which it reads")
     through = log.last_seq if through is None else through
-    snap = read_snapshot(snapshot)
     model = loader(snapshot)
     pending = pending_updates(snapshot, log, through)
     if pending:
         Update.merged(pending).apply(model)
     model.compact()
-    _, base_seq = log.base
-    carried = Update.merged(_folded_base(log) + [u for _, u in log.entries(after=base_seq, through=through)])
-    index_meta, index_tensors = model.index.to_snapshot_parts()
     meta = {
-        **snap.meta,
-        "index": index_meta,
         "update_log": {"id": log.id, "seq": through, "path": None if log.path is None else str(log.path.resolve())},
         "compacted_from": str(snapshot),
     }
-    files = {
-        "index": index_tensors,
-        "cache": {"state": model.static_tensors()["cache"]},
-        "model": snap.tensors["model"],
-    }
-    write_snapshot(out, files, meta, blobs={CARRIED_FILE: encode_update(carried)})
+    carried = Update.merged(_all_updates(log, through))
+    rewrite_snapshot(
+        read_snapshot(snapshot),
+        out,
+        model.index,
+        model.static_tensors()["cache"],
+        meta,
+        {CARRIED_FILE: encode_update(carried)},
+    )
     log.fold(out, through)
     return out

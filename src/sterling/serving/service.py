@@ -154,8 +154,8 @@ class Service:
         self.users = None if users is None else UserStore.read(Path(users))
         self.formulas = dict(value_formulas)
         self.update_log = update_log if update_log is not None else UpdateLog(None)
-        self._applied_seq = 0  # the last update applied to the served model (model thread)
-        self.model, self.info, self._applied_seq = self._load(Path(snapshot), self.update_log.last_seq)
+        self._applied_seq = self.update_log.last_seq  # the last update applied to the served model (model thread)
+        self.model, self.info = self._load(Path(snapshot), self._applied_seq)
         self._updates = 0
         self._reloading = threading.Lock()
         self._writing = asyncio.Lock()  # binds to an event loop only while contended
@@ -292,7 +292,7 @@ class Service:
         """Load ``path`` with the updates applied so far, then switch to it between two batches."""
         seen = self._applied_seq
         try:
-            model, info, _ = await asyncio.to_thread(self._load, path, seen)
+            model, info = await asyncio.to_thread(self._load, path, seen)
         except (SnapshotError, ValueError, OSError) as e:
             self.metrics.reloads.labels(result="refused").inc()
             raise SnapshotError(f"snapshot {path} refused, the old one keeps serving: {e}") from None
@@ -348,9 +348,9 @@ class Service:
             "base_seq": base_seq,
         }
 
-    def _load(self, path: Path, through: int) -> tuple[RetrievalModel, SnapshotInfo, int]:
+    def _load(self, path: Path, through: int) -> tuple[RetrievalModel, SnapshotInfo]:
         """Load (checksums verified), apply the log's updates through ``through`` it does not
-        hold, warm up; the model, its info and ``through``. Any failure is an exception."""
+        hold, warm up. Any failure is an exception."""
         described_by = next((path / name for name in (MANIFEST, SHARDS_FILE) if (path / name).is_file()), None)
         manifest = described_by.read_bytes() if described_by is not None else b""
         model = self._loader(path)
@@ -367,7 +367,7 @@ class Service:
                 ) from None
         model.recommend([], k=min(10, model.config.k0))  # warm-up: the first query compiles plans and kernels
         created = json.loads(manifest).get("created_at", "") if manifest else ""
-        return model, SnapshotInfo(str(path), hashlib.sha256(manifest).hexdigest()[:16], str(created)), through
+        return model, SnapshotInfo(str(path), hashlib.sha256(manifest).hexdigest()[:16], str(created))
 
     def _publish_state(self) -> None:
         self.metrics.served(self.info.version, self.info.path, *self.model.size())

@@ -56,10 +56,10 @@ import torch
 from sterling.index.id_map import IdMap
 from sterling.retrieval.inputs import UserInputs, check_item_ids, parse_inputs
 from sterling.retrieval.model import RetrievalModel
-from sterling.retrieval.publish import load_model
+from sterling.retrieval.publish import load_model, rewrite_snapshot
 from sterling.retrieval.rank import Candidates, Retrieved, Trace
 from sterling.retrieval.served import ItemCount
-from sterling.snapshot import MANIFEST, SnapshotError, read_snapshot, write_snapshot
+from sterling.snapshot import MANIFEST, SnapshotError, read_snapshot
 
 __all__ = [
     "Behind",
@@ -115,10 +115,8 @@ def split_snapshot(src: Path, out: Path, shards: int) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for s in range(shards):
         keep = owner == s
-        index_meta, index_tensors = index.shard(keep).to_snapshot_parts()
-        meta = {**snap.meta, "index": index_meta, "shard": {"index": s, "shards": shards, "source": str(src)}}
-        files = {"index": index_tensors, "cache": {"state": cache[keep].contiguous()}, "model": snap.tensors["model"]}
-        write_snapshot(out / f"shard-{s}", files, meta)
+        shard = {"shard": {"index": s, "shards": shards, "source": str(src)}}
+        rewrite_snapshot(snap, out / f"shard-{s}", index.shard(keep), cache[keep], shard)
     manifests = [hashlib.sha256((out / f"shard-{s}" / MANIFEST).read_bytes()).hexdigest() for s in range(shards)]
     (out / SHARDS_FILE).write_text(
         json.dumps({"shards": shards, "rule": "item_id mod shards", "manifests_sha256": manifests}) + "\n"
