@@ -81,7 +81,7 @@ def test_round_trip_gives_the_same_queries_and_item_ids(tmp_path, encoder):
     assert not ckpt.model.training and ckpt.model.cfg == cfg and ckpt.model.num_items == 40
     assert ckpt.item_ids.dtype == np.int64 and np.array_equal(ckpt.item_ids, item_ids)
     assert ckpt.meta["kind"] == "sequence_checkpoint" and ckpt.meta["num_items"] == 40
-    assert ckpt.meta["retrieval"] == asdict(cfg)
+    assert ckpt.meta["retrieval"] == json.loads(json.dumps(asdict(cfg)))  # as JSON: tuples read back as lists
     assert {k: ckpt.meta[k] for k in run} == run
     model.eval()
     items, ts, offsets = _jagged(40)
@@ -141,7 +141,7 @@ def test_best_is_the_epoch_of_the_best_validation_ndcg(synth, tmp_path, encoder,
     assert best.meta["epoch"] == best_epoch and last.meta["epoch"] == 5
     assert best.meta["steps"] == report.curve[best_epoch - 1]["steps"] and last.meta["steps"] == report.steps
     assert best.meta["metrics"] == {"valid": report.valid, "test": report.test}
-    assert best.meta["data_dir"] == report.data_dir and best.meta["retrieval"] == asdict(cfg)
+    assert best.meta["data_dir"] == report.data_dir and RetrievalConfig(**best.meta["retrieval"]) == cfg
     timelines, item_ids = load_catalog_timelines(synth)
     assert np.array_equal(best.item_ids, item_ids) and np.array_equal(last.item_ids, item_ids)
 

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Benchmark", "write_json"]
+import numpy as np
+
+__all__ = ["Benchmark", "mean_se", "write_json"]
 
 
 @dataclass(frozen=True)
@@ -38,3 +41,10 @@ def write_json(path: str | Path | None, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+def mean_se(values: list[float]) -> tuple[float, float | None]:
+    """The mean and the standard error of the mean (None with one value)."""
+    a = np.asarray(values, dtype=np.float64)
+    se = float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else None
+    return float(a.mean()), se

@@ -50,7 +50,6 @@ tower → rounding → OverArch item state), reporting both rates and whether th
 from __future__ import annotations
 
 import argparse
-import math
 import shutil
 import tempfile
 import time
@@ -63,7 +62,7 @@ import pyarrow.parquet as pq
 import torch
 
 from sterling.bench.ann import DEFAULT_MOVIELENS, machine
-from sterling.bench.report import Benchmark, write_json
+from sterling.bench.report import Benchmark, mean_se, write_json
 from sterling.data.batch import ItemCatalog, RequestBatch, RequestReader, UserTimelines
 from sterling.data.items import read_items
 from sterling.data.movielens import load_movielens
@@ -384,13 +383,6 @@ def _sequence_inputs(model: RetrievalModel, held: HeldOut) -> list[UserInputs]:
     return out
 
 
-def _mean_se(values: list[float]) -> tuple[float, float | None]:
-    """The mean and the standard error of the mean (None with one value)."""
-    a = np.asarray(values, dtype=np.float64)
-    se = float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else None
-    return float(a.mean()), se
-
-
 def _sequence_rows(
     data_dir: Path, name: str, item_ids: np.ndarray, held: HeldOut, cfg: RetrievalBenchConfig, work: Path, log
 ) -> list[dict]:
@@ -436,7 +428,7 @@ def _seeds_row(
     row = {"row": row_name, "dataset": name, "requests": len(held.relevant), "value_formula": None}
     row |= {"qps": float(np.mean([s["qps"] for s in per_seed])), "seeds": list(cfg.seeds)}
     for key in _recall_keys():
-        row[key], row[f"{key}_se"] = _mean_se([s[key] for s in per_seed])
+        row[key], row[f"{key}_se"] = mean_se([s[key] for s in per_seed])
     return row | {"config": config, "per_seed": per_seed}
 
 

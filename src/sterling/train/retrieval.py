@@ -86,10 +86,14 @@ import torch
 from sterling.data.batch import ItemCatalog, UserTimelines
 from sterling.data.items import read_items
 from sterling.data.schema import DatasetPaths, read_roles
+from sterling.models import jagged
 from sterling.train.metrics import hit_rate, ndcg, target_ranks
+from sterling.train.progress import progress_bar
 from sterling.train.sequence_checkpoint import write_sequence_checkpoint
 from sterling.train.sequence_loss import (
     batch_loss,
+    candidate_log_q,
+    full_softmax_loss,
     multi_task_loss,
     sampled_softmax_loss,
     task_bits,
@@ -105,8 +109,11 @@ __all__ = [
     "RetrievalReport",
     "SequenceRetriever",
     "Sequences",
+    "UNSEEN",
     "batch_loss",
+    "candidate_log_q",
     "evaluate_ranks",
+    "full_softmax_loss",
     "leave_last_out",
     "load_catalog_timelines",
     "load_task_names",
@@ -119,9 +126,12 @@ __all__ = [
     "task_bits",
     "task_metrics",
     "train_retrieval",
+    "warmup_schedule",
 ]
 
 CUTOFFS = (10, 50)
+#: The prefix of the metrics evaluated with the user's seen items excluded (``unseen/hr@10``).
+UNSEEN = "unseen/"
 
 
 # ----------------------------------------------------------------------------------- evaluation
@@ -135,21 +145,42 @@ def evaluate_ranks(model: SequenceRetriever, data: EvalSet, chunk: int = 256) ->
 
 
 @torch.no_grad()
-def query_ranks(model: SequenceRetriever, data: EvalSet, chunk: int = 256) -> torch.Tensor:
+def query_ranks(model: SequenceRetriever, data: EvalSet, chunk: int = 256, exclude_seen: bool = False) -> torch.Tensor:
     """int64 ``[B, 1 + T]``: :func:`evaluate_ranks` for each of the model's queries at the
-    history's last position (column 0: next; then each task's)."""
+    history's last position (column 0: next; then each task's); with ``exclude_seen``, the items
+    of the user's timeline before the target (``data.seen_items``) other than the target itself
+    are out of the ranking."""
+    return _ranks(model, data, chunk, (exclude_seen,))[0]
+
+
+def _ranks(model: SequenceRetriever, data: EvalSet, chunk: int, protocols: tuple[bool, ...]) -> list[torch.Tensor]:
+    """:func:`query_ranks` under each protocol of ``protocols`` (False: full corpus, True: seen
+    items excluded), encoding each history once."""
+    if any(protocols) and data.seen_items is None:
+        raise ValueError("excluding seen items needs the held-out set's seen items (leave_last_out keeps them)")
     was_training = model.training
     model.eval()
     items = model.item_vectors()  # [N, D]
-    ranks = []
+    out: list[list[torch.Tensor]] = [[] for _ in protocols]
     for s in range(0, len(data), chunk):
         rows = torch.arange(s, min(s + chunk, len(data)))
         h = data.history.rows(rows)
         heads = model.all_queries(model(h.items, h.ts, h.offsets)[h.offsets[1:] - 1])  # [b, 1 + T, D]
         targets = data.targets[rows]
-        ranks.append(torch.stack([target_ranks(heads[:, j] @ items.T, targets) for j in range(heads.shape[1])], 1))
+        scores = heads.transpose(0, 1) @ items.T  # [1 + T, b, N]
+        for ranks, exclude in zip(out, protocols, strict=True):
+            ranked = scores
+            if exclude:
+                index, offsets = jagged.gather_rows(data.seen_offsets, rows)
+                user, _ = jagged.row_and_column(offsets)
+                seen = data.seen_items[index]
+                other = seen != targets[user]
+                ranked = scores.clone()
+                ranked[:, user[other], seen[other]] = float("-inf")
+            ranks.append(torch.stack([target_ranks(head, targets) for head in ranked], 1))
     model.train(was_training)
-    return torch.cat(ranks) if ranks else torch.zeros(0, 1 + len(model.tasks), dtype=torch.int64)
+    width = 1 + len(model.tasks)
+    return [torch.cat(r) if r else torch.zeros(0, width, dtype=torch.int64) for r in out]
 
 
 def task_metrics(ranks: torch.Tensor, target_actions: torch.Tensor, tasks: tuple[str, ...], k: int = 10) -> dict:
@@ -167,12 +198,18 @@ def task_metrics(ranks: torch.Tensor, target_actions: torch.Tensor, tasks: tuple
     return out
 
 
-def _evaluate(model: SequenceRetriever, data: EvalSet, chunk: int) -> dict[str, float]:
-    """:func:`ranking_metrics` of the next query, and a multi-task model's :func:`task_metrics`."""
-    if not model.tasks:
-        return ranking_metrics(evaluate_ranks(model, data, chunk))
-    ranks = query_ranks(model, data, chunk)
-    return {**ranking_metrics(ranks[:, 0]), **task_metrics(ranks, data.target_actions, model.tasks)}
+def _evaluate(model: SequenceRetriever, data: EvalSet, cfg: RetrievalConfig) -> dict[str, float]:
+    """:func:`ranking_metrics` of the next query at ``cfg.cutoffs``, and a multi-task model's
+    :func:`task_metrics`; with ``cfg.exclude_seen`` the same again with seen items excluded, under
+    keys prefixed ``unseen/``."""
+    protocols = (False, True) if cfg.exclude_seen else (False,)
+    out = {}
+    for exclude, ranks in zip(protocols, _ranks(model, data, cfg.eval_chunk, protocols), strict=True):
+        metrics = ranking_metrics(ranks[:, 0], cfg.cutoffs)
+        if model.tasks:
+            metrics |= task_metrics(ranks, data.target_actions, model.tasks)
+        out |= {(UNSEEN + k if exclude else k): v for k, v in metrics.items()}
+    return out
 
 
 def ranking_metrics(ranks: torch.Tensor, cutoffs: tuple[int, ...] = CUTOFFS) -> dict[str, float]:
@@ -185,16 +222,26 @@ def ranking_metrics(ranks: torch.Tensor, cutoffs: tuple[int, ...] = CUTOFFS) -> 
     return out
 
 
-def popularity_ranks(train: Sequences, data: EvalSet, num_items: int) -> torch.Tensor:
+def popularity_ranks(train: Sequences, data: EvalSet, num_items: int, exclude_seen: bool = False) -> torch.Tensor:
     """Ranks ``[B]`` under the most-popular baseline: items ordered by their count as a training
-    target (ties broken by item row), the same list for every user."""
+    target (ties broken by item row), the same list for every user; with ``exclude_seen``, the
+    user's earlier items other than the target are out of the list (``data.seen_items``)."""
     anchor = trained_positions(train.offsets)
     counts = torch.bincount(train.items[anchor + 1], minlength=num_items).double()
     score = counts - torch.arange(num_items, dtype=torch.float64) / (2 * num_items)  # unique scores
     order = torch.argsort(score, descending=True)
     position = torch.empty(num_items, dtype=torch.int64)
     position[order] = torch.arange(num_items)
-    return position[data.targets]
+    ranks = position[data.targets]
+    if not exclude_seen:
+        return ranks
+    if data.seen_items is None:
+        raise ValueError("excluding seen items needs the held-out set's seen items (leave_last_out keeps them)")
+    user, _ = jagged.row_and_column(data.seen_offsets)
+    seen = torch.unique(user * num_items + data.seen_items)  # each (user, item) once
+    user, item = seen // num_items, seen % num_items
+    ahead = position[item] < ranks[user]  # a seen item above the target (never the target itself)
+    return ranks - torch.bincount(user[ahead], minlength=len(ranks))
 
 
 # ------------------------------------------------------------------------------------- training
@@ -272,6 +319,12 @@ def load_timelines(data_dir: Path) -> tuple[UserTimelines, int]:
     return timelines, len(item_ids)
 
 
+def warmup_schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear learning-rate warm-up, stepped once per optimiser step: step ``i`` (0-based) runs at
+    ``lr · min(1, (i + 1) / (steps + 1))``, so ``steps = 0`` is the plain ``lr`` throughout."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / (steps + 1)))
+
+
 #: The validation metric that selects the best epoch and drives early stopping.
 SELECT_BY = "ndcg@10"
 
@@ -313,17 +366,31 @@ def train_retrieval(
     split = leave_last_out(timelines.offsets, timelines.item_rows, timelines.ts, cfg.max_len, actions)
     model = SequenceRetriever(num_items, cfg, tasks)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98))
+    warmup = warmup_schedule(opt, cfg.warmup_steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     train = split.train
     if len(train) == 0:
         raise ValueError(f"{data_dir}: no user has two events to train on")
+    per_epoch = math.ceil(len(train) / cfg.batch_size)
+    loss_kind = cfg.resolved_loss(num_items)
+    log_q = None
+    if loss_kind == "sampled":
+        targets = train.items[trained_positions(train.offsets) + 1]
+        positions = targets.numel() / per_epoch  # trained positions per batch, on average
+        log_q = candidate_log_q(torch.bincount(targets, minlength=num_items), positions, cfg.num_negatives)
     every_epoch = out_dir is not None or cfg.patience is not None
     if every_epoch and len(split.valid) == 0:
         raise ValueError(f"{data_dir}: no user has three events to validate on (needed by checkpoints and patience)")
     data_dir_txt = str(Path(data_dir).resolve())
     log(
         f"retrieval ({cfg.encoder}): {num_items:,} items, {len(train):,} training sequences "
-        f"({int(train.offsets[-1]):,} events), {len(split.test):,} evaluated users"
+        f"({int(train.offsets[-1]):,} events), {len(split.test):,} evaluated users; "
+        + (
+            f"full softmax over {num_items:,} items"
+            if log_q is None
+            else f"sampled softmax, {cfg.num_negatives} negatives, logQ"
+        )
+        + f"; {torch.get_num_threads()} threads"
         + (f"; tasks next + {', '.join(tasks)}" if tasks else "")
     )
 
@@ -333,7 +400,6 @@ def train_retrieval(
 
     steps, curve, t0 = 0, [], time.perf_counter()
     epochs_done = 0.0
-    per_epoch = math.ceil(len(train) / cfg.batch_size)
     done = cfg.max_steps is not None and cfg.max_steps <= 0
     best: dict | None = None  # epoch, steps, valid, state (a copy of the weights)
     stale = 0  # validations in a row without improvement
@@ -343,23 +409,28 @@ def train_retrieval(
         model.train()
         order = torch.randperm(len(train), generator=gen)
         total = 0.0
+        bar = progress_bar(per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")
         for i, s in enumerate(range(0, len(train), cfg.batch_size)):  # noqa: B007 (i is read after the loop)
             batch = train.rows(order[s : s + cfg.batch_size])
-            negatives = torch.randint(num_items, (cfg.num_negatives,), generator=gen)
-            loss = batch_loss(model, batch, negatives)
+            negatives = None if log_q is None else torch.randint(num_items, (cfg.num_negatives,), generator=gen)
+            loss = batch_loss(model, batch, negatives, log_q)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            warmup.step()
             steps, total = steps + 1, total + loss.item()
+            bar.update()
+            bar.set_postfix(loss=f"{total / (i + 1):.4f}", refresh=False)
             if cfg.max_steps is not None and steps >= cfg.max_steps:
                 done = True
                 break
+        bar.close()
         epochs_done = epoch + (i + 1) / per_epoch
         elapsed = time.perf_counter() - t0
         point = {"epoch": round(epochs_done, 3), "steps": steps, "loss": total / (i + 1), "train_s": elapsed}
         periodic = cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs and not done
         if every_epoch or periodic:
-            point["valid"] = _evaluate(model, split.valid, cfg.eval_chunk)
+            point["valid"] = _evaluate(model, split.valid, cfg)
         curve.append(point)
         valid = point.get("valid", {})
         valid_txt = "".join(f", valid {k.upper()} {valid[k]:.4f}" for k in ("hr@10", "ndcg@10") if k in valid)
@@ -389,8 +460,8 @@ def train_retrieval(
     # the last model
     last_valid = curve[-1]["valid"] if every_epoch and curve else None
     if last_valid is None:
-        last_valid = _evaluate(model, split.valid, cfg.eval_chunk)
-    last_test = _evaluate(model, split.test, cfg.eval_chunk)
+        last_valid = _evaluate(model, split.valid, cfg)
+    last_test = _evaluate(model, split.test, cfg)
     if out_dir is not None:
         path = save("last", last_epoch, steps, {"valid": last_valid, "test": last_test})
         log(f"  wrote the last model (epoch {last_epoch}) to {path}")
@@ -400,7 +471,7 @@ def train_retrieval(
         best_epoch = best["epoch"]
         if best_epoch != last_epoch:
             model.load_state_dict(best["state"])
-            valid, test = best["valid"], _evaluate(model, split.test, cfg.eval_chunk)
+            valid, test = best["valid"], _evaluate(model, split.test, cfg)
         else:
             last_test = {}
         if out_dir is not None:  # the final metrics beside the same weights
@@ -410,7 +481,10 @@ def train_retrieval(
             log(f"  best validation {SELECT_BY.upper()}: epoch {best_epoch} of {last_epoch} (the reported model)")
     else:
         last_test = {}
-    popular = ranking_metrics(popularity_ranks(train, split.test, num_items))
+    popular = ranking_metrics(popularity_ranks(train, split.test, num_items), cfg.cutoffs)
+    if cfg.exclude_seen:
+        unseen = ranking_metrics(popularity_ranks(train, split.test, num_items, exclude_seen=True), cfg.cutoffs)
+        popular |= {UNSEEN + k: v for k, v in unseen.items()}
     report = RetrievalReport(
         config=cfg,
         data_dir=data_dir_txt,

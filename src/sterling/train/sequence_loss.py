@@ -1,9 +1,11 @@
-"""The losses of next-item retrieval (described in :mod:`sterling.train.retrieval`): the sampled
-softmax over in-batch targets and shared negatives with same-user items masked, and its per-task
-form for a ``--multi-task`` retriever."""
+"""The losses of next-item retrieval (described in :mod:`sterling.train.retrieval`): the full
+softmax over the whole catalogue, or the sampled softmax over in-batch targets and shared negatives
+with same-user items masked and an optional logQ correction; and their per-task form for a
+``--multi-task`` retriever."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -13,7 +15,15 @@ from sterling.models import jagged
 from sterling.train.sequence_model import SequenceRetriever
 from sterling.train.sequence_split import Sequences
 
-__all__ = ["batch_loss", "multi_task_loss", "sampled_softmax_loss", "task_bits", "trained_positions"]
+__all__ = [
+    "batch_loss",
+    "candidate_log_q",
+    "full_softmax_loss",
+    "multi_task_loss",
+    "sampled_softmax_loss",
+    "task_bits",
+    "trained_positions",
+]
 
 
 def sampled_softmax_loss(
@@ -25,6 +35,7 @@ def sampled_softmax_loss(
     negatives: torch.Tensor,
     embed: Callable[[torch.Tensor], torch.Tensor],
     temperature: float,
+    log_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sampled softmax over in-batch targets + shared random negatives, same-user items masked.
 
@@ -36,13 +47,39 @@ def sampled_softmax_loss(
         negatives (torch.Tensor): int64 ``[M]`` random items shared by the batch.
         embed (Callable): item rows ``[C]`` → unit-norm vectors ``[C, D]``.
         temperature (float): logits are cosine / temperature.
+        log_q (torch.Tensor | None): float ``[N]`` per item row, the log of its chance of being a
+            candidate (:func:`candidate_log_q`), subtracted from its logits (the logQ correction);
+            None: no correction.
 
     Returns:
         torch.Tensor: the mean cross-entropy (a scalar).
     """
-    candidates, positive, mask = _candidates(targets, owner, seq_items, seq_offsets, negatives)
-    logits = (queries / temperature) @ embed(candidates).T  # [P, C]
-    return F.cross_entropy(logits.masked_fill(mask, float("-inf")), positive)
+    counts = torch.ones(targets.numel(), 1, dtype=torch.bool)
+    return multi_task_loss(
+        queries[:, None], targets, counts, owner, seq_items, seq_offsets, negatives, embed, temperature, log_q
+    )[0]
+
+
+def full_softmax_loss(
+    queries: torch.Tensor,
+    targets: torch.Tensor,
+    vectors: torch.Tensor,
+    temperature: float,
+    counts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-entropy over the whole catalogue, per head (no masking, no sampling).
+
+    Args:
+        queries (torch.Tensor): float ``[P, H, D]`` unit-norm queries, per position and head.
+        targets (torch.Tensor): int64 ``[P]`` the next item (row) of each position.
+        vectors (torch.Tensor): float ``[N, D]`` every item's unit-norm vector.
+        temperature (float): logits are cosine / temperature.
+        counts (torch.Tensor | None): bool ``[P, H]``, the positions each head counts (None: all).
+
+    Returns:
+        torch.Tensor: float ``[H]`` the heads' mean cross-entropies (0 for a head counting none).
+    """
+    return _head_losses(queries, targets, counts, vectors, None, None, temperature)
 
 
 def multi_task_loss(
@@ -55,6 +92,7 @@ def multi_task_loss(
     negatives: torch.Tensor,
     embed: Callable[[torch.Tensor], torch.Tensor],
     temperature: float,
+    log_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per head, the sampled softmax of :func:`sampled_softmax_loss` over the positions it counts.
 
@@ -66,23 +104,56 @@ def multi_task_loss(
     Args:
         queries (torch.Tensor): float ``[P, H, D]`` unit-norm queries, per position and head.
         counts (torch.Tensor): bool ``[P, H]``: position ``p``'s target is a positive of head ``h``.
-        targets, owner, seq_items, seq_offsets, negatives, embed, temperature: as
+        targets, owner, seq_items, seq_offsets, negatives, embed, temperature, log_q: as
             :func:`sampled_softmax_loss`.
 
     Returns:
         torch.Tensor: float ``[H]`` the heads' losses.
     """
     candidates, positive, mask = _candidates(targets, owner, seq_items, seq_offsets, negatives)
-    vectors = embed(candidates)  # [C, D]
+    bias = None if log_q is None else log_q[candidates]  # [C]
+    return _head_losses(queries, positive, counts, embed(candidates), mask, bias, temperature)
+
+
+def _head_losses(
+    queries: torch.Tensor,
+    positive: torch.Tensor,
+    counts: torch.Tensor | None,
+    vectors: torch.Tensor,
+    mask: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    temperature: float,
+) -> torch.Tensor:
+    """float ``[H]``: per head ``h``, the mean cross-entropy of ``positive [P]`` (a column of
+    ``vectors [C, D]``) over the positions ``counts[:, h]`` counts (all when None; 0 for none),
+    logits ``queries [P, H, D] · vectors / temperature − bias [C]``, ``mask [P, C]`` out."""
     losses = []
     for h in range(queries.shape[1]):
-        keep = counts[:, h]
-        if not bool(keep.any()):
+        keep = slice(None) if counts is None else counts[:, h]
+        if counts is not None and not bool(keep.any()):
             losses.append(queries.new_zeros(()))
             continue
         logits = (queries[keep, h] / temperature) @ vectors.T  # [P_h, C]
-        losses.append(F.cross_entropy(logits.masked_fill(mask[keep], float("-inf")), positive[keep]))
+        if bias is not None:
+            logits = logits - bias
+        if mask is not None:
+            logits = logits.masked_fill(mask[keep], float("-inf"))
+        losses.append(F.cross_entropy(logits, positive[keep]))
     return torch.stack(losses)
+
+
+def candidate_log_q(target_counts: torch.Tensor, positions: float, num_negatives: int) -> torch.Tensor:
+    """float ``[N]``: the log of each item's chance of being a candidate of a sampled-softmax batch
+    (:func:`sampled_softmax_loss`), for the logQ correction.
+
+    A batch's candidates are its ``positions`` targets (each item ``i`` drawn with its share
+    ``p_i`` of ``target_counts [N]``, its count as a training target) and ``num_negatives``
+    uniform items, de-duplicated, so ``P(i is a candidate) = 1 − (1 − p_i)^positions ·
+    (1 − 1/N)^num_negatives``. An item that is never a target keeps the uniform draw's share."""
+    n = target_counts.numel()
+    p = target_counts.double() / max(float(target_counts.sum()), 1.0)
+    log_absent = positions * torch.log1p(-p.clamp(max=1 - 1e-12)) + num_negatives * math.log1p(-1 / max(n, 2))
+    return torch.log(-torch.expm1(log_absent)).clamp(min=-80.0).float()
 
 
 def _candidates(
@@ -121,36 +192,37 @@ def trained_positions(offsets: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(has_next).squeeze(1)
 
 
-def batch_loss(model: SequenceRetriever, batch: Sequences, negatives: torch.Tensor) -> torch.Tensor:
-    """The loss of one batch of training sequences (every position with a next item is trained);
-    a multi-task model's adds each task's loss over the positions whose next event has its bit
-    (module docstring; the batch needs its ``actions``)."""
+def batch_loss(
+    model: SequenceRetriever,
+    batch: Sequences,
+    negatives: torch.Tensor | None,
+    log_q: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The loss of one batch of training sequences (every position with a next item is trained):
+    the full softmax over the catalogue when ``negatives`` is None, else the sampled softmax with
+    those shared negatives (and the logQ correction ``log_q [N]`` when given); a multi-task model's
+    adds each task's loss over the positions whose next event has its bit (module docstring; the
+    batch needs its ``actions``)."""
     queries = model(batch.items, batch.ts, batch.offsets)  # [L, D]
     anchor = trained_positions(batch.offsets)  # [P]
-    owner, _ = jagged.row_and_column(batch.offsets)
+    counts = torch.ones(len(anchor), 1, dtype=torch.bool)  # next: every position
     if model.tasks:
         if batch.actions is None:
             raise ValueError("a multi-task retriever trains on sequences with their actions")
-        bits = task_bits(batch.actions[anchor + 1], len(model.tasks))  # [P, T]
-        counts = torch.cat([torch.ones(len(anchor), 1, dtype=torch.bool), bits], 1)  # next: every position
-        return multi_task_loss(
-            model.all_queries(queries[anchor]),
-            batch.items[anchor + 1],
-            counts,
-            owner[anchor],
-            batch.items,
-            batch.offsets,
-            negatives,
-            model.item_vectors,
-            model.cfg.temperature,
-        ).sum()
-    return sampled_softmax_loss(
-        queries[anchor],
-        batch.items[anchor + 1],
+        counts = torch.cat([counts, task_bits(batch.actions[anchor + 1], len(model.tasks))], 1)  # [P, 1 + T]
+    heads, targets = model.all_queries(queries[anchor]), batch.items[anchor + 1]  # [P, 1 + T, D], [P]
+    if negatives is None:
+        return full_softmax_loss(heads, targets, model.item_vectors(), model.cfg.temperature, counts).sum()
+    owner, _ = jagged.row_and_column(batch.offsets)
+    return multi_task_loss(
+        heads,
+        targets,
+        counts,
         owner[anchor],
         batch.items,
         batch.offsets,
         negatives,
         model.item_vectors,
         model.cfg.temperature,
-    )
+        log_q,
+    ).sum()

@@ -39,9 +39,15 @@ from torch import nn
 from sterling.models.ranker import make_encoder
 from sterling.models.towers import TaskQueries
 
-__all__ = ["ENCODERS", "NEXT", "RetrievalConfig", "SequenceRetriever"]
+__all__ = ["ENCODERS", "LOSSES", "NEXT", "RetrievalConfig", "SequenceRetriever"]
 
 ENCODERS = ("hstu", "sasrec")
+#: ``full``: softmax over the whole catalogue; ``sampled``: in-batch targets + shared negatives
+#: with the logQ correction; ``auto``: full when one step's logits fit :data:`FULL_SOFTMAX_LOGITS`.
+LOSSES = ("auto", "full", "sampled")
+#: The most logits (positions x items) one step of ``loss="auto"`` computes over the whole
+#: catalogue: 2**28 floats, 1 GiB (128 users x 200 events x 10,485 items).
+FULL_SOFTMAX_LOGITS = 1 << 28
 #: The name of the plain next-item query (the encoder's output itself).
 NEXT = "next"
 
@@ -60,8 +66,17 @@ class RetrievalConfig:
         epochs (int): passes over the training sequences.
         batch_size (int): sequences (users) per step (128).
         lr (float): Adam learning rate (1e-3; betas 0.9, 0.98 as GR; no weight decay).
-        num_negatives (int): uniform random items added to the batch's candidates (128).
+        loss (str): ``"full"`` softmax over the catalogue, ``"sampled"`` softmax (in-batch
+            targets + ``num_negatives`` uniform items, same-user items masked, logQ-corrected),
+            or ``"auto"``: full when ``batch_size * max_len * N <= FULL_SOFTMAX_LOGITS``
+            (:meth:`resolved_loss`).
+        num_negatives (int): uniform random items added to a sampled softmax's candidates (512).
         temperature (float): softmax temperature of the cosine logits (0.05).
+        warmup_steps (int): steps of linear learning-rate warm-up from 0 to ``lr`` (0: none).
+        cutoffs (tuple[int, ...]): the k of the reported HR@k / NDCG@k (10 is always reported:
+            it selects the best epoch).
+        exclude_seen (bool): also evaluate with the user's earlier items removed from the
+            ranking (keys ``unseen/hr@10`` …, beside the full-corpus ones).
         eval_every (int): validate every this many epochs (0: only after training). Ignored when
             validation runs every epoch (a checkpoint directory or ``patience``).
         eval_chunk (int): users per evaluation chunk (bounds the ``[chunk, N]`` score matrix).
@@ -82,8 +97,12 @@ class RetrievalConfig:
     epochs: int = 20
     batch_size: int = 128
     lr: float = 1e-3
-    num_negatives: int = 128
+    loss: str = "auto"
+    num_negatives: int = 512
     temperature: float = 0.05
+    warmup_steps: int = 0
+    cutoffs: tuple[int, ...] = (10, 50)
+    exclude_seen: bool = False
     eval_every: int = 0
     eval_chunk: int = 256
     seed: int = 0
@@ -102,6 +121,21 @@ class RetrievalConfig:
             raise ValueError("num_negatives, epochs and eval_every must be >= 0 and temperature > 0")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be >= 1 or None, got {self.patience}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        cutoffs = tuple(self.cutoffs)
+        if not cutoffs or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in cutoffs):
+            raise ValueError(f"cutoffs must be ints >= 1, got {self.cutoffs!r}")
+        object.__setattr__(self, "cutoffs", tuple(sorted(set(cutoffs) | {10})))
+
+    def resolved_loss(self, num_items: int) -> str:
+        """``"full"`` or ``"sampled"``: :attr:`loss`, with ``"auto"`` decided by the logits one
+        step would hold over ``num_items`` items."""
+        if self.loss != "auto":
+            return self.loss
+        return "full" if self.batch_size * self.max_len * num_items <= FULL_SOFTMAX_LOGITS else "sampled"
 
 
 class SequenceRetriever(nn.Module):

@@ -39,11 +39,15 @@ class Sequences:
 @dataclass(frozen=True)
 class EvalSet:
     """Histories and the next item of each: ``targets`` int64 ``[B]``, and its action bitmask
-    ``target_actions`` int64 ``[B]`` (None: not loaded)."""
+    ``target_actions`` int64 ``[B]`` (None: not loaded). ``seen_items`` int64 ``[S]`` (offsets
+    ``seen_offsets [B + 1]``): every item of the user's timeline before the target, the history
+    not cut to ``max_len`` (None: not kept), what evaluation with seen items excluded removes."""
 
     history: Sequences
     targets: torch.Tensor
     target_actions: torch.Tensor | None = None
+    seen_items: torch.Tensor | None = None
+    seen_offsets: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.history)
@@ -99,7 +103,8 @@ def leave_last_out(
         u = rows[evaluated]
         at = target[evaluated]
         history = _ranges(offsets, items, ts, u, np.maximum(first[evaluated], at - max_len), at, actions)
+        seen = _ranges(offsets, items, ts, u, first[evaluated], at)
         target_actions = None if actions is None else torch.from_numpy(actions[at].copy())
-        return EvalSet(history, torch.from_numpy(items[at].copy()), target_actions)
+        return EvalSet(history, torch.from_numpy(items[at].copy()), target_actions, seen.items, seen.offsets)
 
     return LeaveLastOut(train, held_out(stop - 2), held_out(stop - 1))
