@@ -160,7 +160,11 @@ def test_readme_hstu_commands_train_publish_and_query(tmp_path, monkeypatch, cap
     from sterling import cli
     from sterling.train.retrieval import train_retrieval
 
-    (block,) = [commands for commands in readme_commands() if any("--model hstu" in c for c in commands)]
+    (block,) = [
+        commands
+        for commands in readme_commands()
+        if any("--model hstu" in c for c in commands) and not any("data interactions" in c for c in commands)
+    ]
     everything = [c for commands in readme_commands() for c in commands]
     train_line, ranker_line, publish_line, query_line = block
     train_args = cli.build_parser().parse_args(_sterling(train_line))
@@ -182,3 +186,31 @@ def test_readme_hstu_commands_train_publish_and_query(tmp_path, monkeypatch, cap
 
     history, _, _ = _user_history(Path(train_args.data), 3, 50)
     assert not {r["id"] for r in answer["results"]} & set(history.tolist())
+
+
+@pytest.mark.timeout(180)
+def test_readme_interaction_log_commands_run(tmp_path, monkeypatch, capsys):
+    """The "Your own interaction log" block as written (in ``runs/``, on a small text log written
+    here, training cut to 2 steps of a small HSTU): load → train → publish → query."""
+    import numpy as np
+
+    from sterling import cli
+
+    (block,) = [commands for commands in readme_commands() if any("data interactions" in c for c in commands)]
+    load_line, train_line, publish_line, query_line = block
+    monkeypatch.chdir(tmp_path)
+    log = cli.build_parser().parse_args(_sterling(load_line)).src
+    rng = np.random.default_rng(0)
+    lines = [" ".join(map(str, [user, *rng.integers(1, 60, rng.integers(3, 15))])) for user in range(1, 40)]
+    Path(log).write_text("\n".join(lines) + "\n")
+    assert cli.main(_sterling(load_line)) == 0
+    assert cli.build_parser().parse_args(_sterling(train_line)).model == "hstu"
+    quick = ["--epochs", "1", "--max-steps", "2", "--dim", "16", "--layers", "1", "--max-len", "20"]
+    assert cli.main(_sterling(train_line) + quick) == 0
+    assert cli.main(_sterling(publish_line)) == 0
+    capsys.readouterr()
+    assert cli.main(_sterling(query_line) + ["--json"]) == 0
+    answer = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(answer["results"]) == 10
+    history = {int(item) for item in lines[0].split()[1:]}  # user 1's items are never recommended back
+    assert not {r["id"] for r in answer["results"]} & history

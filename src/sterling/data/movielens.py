@@ -44,23 +44,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from sterling.data.schema import (
-    ACTION,
-    ITEM_ID,
-    POSITION,
-    REQUEST_ID,
-    TS,
-    USER_ID,
-    DataError,
-    DatasetPaths,
-    Roles,
-    items_table,
-    requests_table,
-    users_table,
-    write_table,
-)
+from sterling.data.interactions import DEFAULT_WINDOW_S, Events, request_starts, write_dataset
+from sterling.data.schema import ITEM_ID, USER_ID, DataError
 
-DEFAULT_WINDOW_S = 600
 ML100K_GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
     "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
@@ -194,18 +180,6 @@ def _read_latest(src: Path) -> _Raw:
 READERS = {"ml-100k": _read_100k, "ml-1m": _read_1m, "ml-latest": _read_latest}
 
 
-def _request_starts(user: np.ndarray, ts: np.ndarray, window_s: int) -> np.ndarray:
-    """First rating of each request (ratings sorted by user, ts): see the module docstring."""
-    bounds = np.flatnonzero(np.concatenate([[True], user[1:] != user[:-1], [True]]))
-    starts = []
-    for begin, end in zip(bounds[:-1], bounds[1:]):
-        i = begin
-        while i < end:
-            starts.append(i)
-            i = begin + int(np.searchsorted(ts[begin:end], ts[i] + window_s, side="left"))
-    return np.array(starts, np.int64)
-
-
 def _lookup(ids: np.ndarray, wanted: np.ndarray, what: str, where: Path) -> np.ndarray:
     """Row of each ``wanted`` id in ``ids``; an unknown id is an error."""
     order = np.argsort(ids, kind="stable")
@@ -225,44 +199,18 @@ def load_movielens(src_dir: str | Path, out_dir: str | Path, window_s: int = DEF
     order = np.lexsort((raw.item, raw.ts, raw.user))
     user, item, rating, ts = raw.user[order], raw.item[order], raw.rating[order], raw.ts[order]
     _lookup(raw.items[ITEM_ID], np.unique(item), "item", src)
-    like, love = rating >= 4, rating == 5
-
-    starts = _request_starts(user, ts, window_s)
-    request_of_rating = np.repeat(np.arange(len(starts)), np.diff(np.concatenate([starts, [len(user)]])))
-    requests = {
-        REQUEST_ID: np.arange(1, len(starts) + 1, dtype=np.int64),
-        USER_ID: user[starts],
-        TS: ts[starts],
-        "hour": ((ts[starts] // 3600) % 24).astype(np.int8),
-    }
-    impressions = {
-        ITEM_ID: item,
-        POSITION: (np.arange(len(user)) - starts[request_of_rating]).astype(np.int16),
-        "like": like.astype(np.int8),
-        "love": love.astype(np.int8),
-        "rating": rating,
-    }
-    user_starts = np.flatnonzero(np.concatenate([[True], user[1:] != user[:-1]]))
-    user_ids = user[user_starts]
-    users = {USER_ID: user_ids}
+    users = {}
     if raw.users:
-        rows = _lookup(raw.users[USER_ID], user_ids, "user", src)
-        users.update({name: np.asarray(values)[rows] for name, values in raw.users.items() if name != USER_ID})
-    timeline = {ITEM_ID: item, ACTION: (like | love << 1).astype(np.int8), TS: ts}
-    roles = Roles(
-        format="requests",
-        context=("hour",),
-        user=tuple(name for name in users if name != USER_ID),
-        labels=("like", "love"),
-        impression_features=("rating",),
+        rows = _lookup(raw.users[USER_ID], np.unique(user), "user", src)
+        users = {name: np.asarray(values)[rows] for name, values in raw.users.items() if name != USER_ID}
+    labels = {"like": (rating >= 4).astype(np.int8), "love": (rating == 5).astype(np.int8)}
+    return write_dataset(
+        out_dir,
+        Events(user, item, ts, labels, {"rating": rating}),
+        request_starts(user, ts, window_s),
+        raw.items,
         attributes=("genre", "year"),
         display=("title",),
+        context=lambda request_ts: {"hour": ((request_ts // 3600) % 24).astype(np.int8)},
+        users=users,
     )
-    out = DatasetPaths(out_dir)
-    out.root.mkdir(parents=True, exist_ok=True)
-    write_table(
-        requests_table(roles, requests, np.concatenate([starts, [len(user)]]), impressions), out.path("requests")
-    )
-    write_table(users_table(roles, users, np.concatenate([user_starts, [len(user)]]), timeline), out.path("users"))
-    write_table(items_table(roles, raw.items), out.path("items"))
-    return out.root
