@@ -5,10 +5,13 @@ Sub-commands::
     sterling demo                                   synth → train → publish → filtered queries
     sterling data synth --out DIR                   synthetic request-level logs
     sterling data movielens SRC --out DIR           MovieLens (100K / 1M / latest-small) → request rows
+    sterling data interactions LOG --out DIR [--format text|pairs|csv|parquet] [--items FILE]   any interaction log → request rows
     sterling data convert SRC OUT [--order time]    request rows ⇄ impression rows (lossless, streaming)
     sterling data stats DIR [--json]                sizes of both formats
     sterling train --data DIR --out CKPT [--nproc N]   two-tower + OverArch on request batches (DDP), held-out recall
-    sterling train --model hstu|sasrec --data DIR [--out CKPT] [--patience N] [--multi-task]   next-item retrieval, leave-last-out HR@k / NDCG@k
+    sterling train --model hstu|sasrec --data DIR [--out CKPT] [--patience N] [--multi-task]
+                   [--loss auto|full|sampled] [--warmup-steps N] [--cutoffs 5,10,20] [--exclude-seen] [--threads N]
+                                                    next-item retrieval, leave-last-out HR@k / NDCG@k
     sterling train --ranker --data DIR [--out CKPT] [--encoder hstu|sasrec]   request-level ranker (ROO), held-out AUC / NE / GAUC
     sterling publish --checkpoint CKPT --data DIR --out SNAP [--value FORMULA] [--export]
     sterling query --snapshot SNAP --user ID [--filter EXPR] [-k 10] [--json]
@@ -17,6 +20,7 @@ Sub-commands::
     sterling bench ann [--quick] [--json PATH] [--plot PATH]   filtered search vs FAISS / hnswlib
     sterling bench roo [--quick] [--json PATH]      ROO vs impression-level training
     sterling bench retrieval [--quick] [--json PATH]   recall@K / QPS: exact, int8+Bloom, +OverArch, +VM
+    sterling bench quality [--quick] [--seeds 0,1] [--workdir DIR] [--json PATH]   HSTU vs SASRec, MovieLens
     sterling bench serve [--quick] [--towers two_tower,hstu,hstu+ranker] [--json PATH]
                                                     the HTTP server under load: batched, unbatched, swap + updates
     sterling bench shards [--quick] [--json PATH]   Ray Serve item shards (1 vs 2) beside the single-process server
@@ -59,6 +63,28 @@ def _cmd_movielens(args: argparse.Namespace) -> None:
     print(f"wrote {load_movielens(Path(args.src), Path(args.out), **kwargs)}")
 
 
+def _names(values: list[str] | None) -> tuple[str, ...]:
+    """Column names given as repeated options and/or comma lists."""
+    return tuple(name.strip() for value in values or () for name in value.split(",") if name.strip())
+
+
+def _cmd_interactions(args: argparse.Namespace) -> None:
+    from sterling.data.interactions import InteractionOptions, load_interactions
+
+    options = InteractionOptions(
+        format=args.format,
+        user_col=args.user_col,
+        item_col=args.item_col,
+        ts_col=args.ts_col,
+        label_cols=_names(args.label_col),
+        feature_cols=_names(args.feature_col),
+        items_path=Path(args.items) if args.items else None,
+        display_cols=_names(args.display_col),
+        **({"window_s": args.window_s} if args.window_s is not None else {}),
+    )
+    print(f"wrote {load_interactions(Path(args.src), Path(args.out), options)}")
+
+
 def _cmd_convert(args: argparse.Namespace) -> None:
     from sterling.data.group import impressions_to_requests, requests_to_impressions
     from sterling.data.schema import DatasetPaths
@@ -80,7 +106,16 @@ def _cmd_stats(args: argparse.Namespace) -> None:
 
 RETRIEVAL_MODELS = ("hstu", "sasrec")
 _SEQUENCE_ONLY = ("max_len", "layers", "lr", "dropout")  # --model hstu|sasrec or --ranker
-_RETRIEVAL_ONLY = ("eval_every", "patience", "multi_task")
+_RETRIEVAL_ONLY = (
+    "eval_every",
+    "patience",
+    "multi_task",
+    "loss",
+    "negatives",
+    "warmup_steps",
+    "cutoffs",
+    "exclude_seen",
+)
 _RANKER_ONLY = ("encoder", "heads", "token_budget", "max_impressions")
 
 
@@ -90,6 +125,9 @@ def _flags(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
+    from sterling.train.progress import set_threads
+
+    set_threads(args.threads)
     if args.ranker:
         _train_ranker(args)
         return
@@ -139,7 +177,23 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _log_to_stderr(message: str) -> None:
-    print(message, file=sys.stderr)
+    print(message, file=sys.stderr, flush=True)
+
+
+def _log(message: str) -> None:
+    """A progress line on stdout, flushed (it shows in a log file as it happens)."""
+    print(message, flush=True)
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    """``"5,10,20"`` → ``(5, 10, 20)``; a clear error for anything else."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated integers, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{option} takes comma-separated integers, got {text!r}")
+    return values
 
 
 def _nan_to_none(value):
@@ -205,7 +259,7 @@ def _train_ranker(args: argparse.Namespace) -> None:
 
 
 def _train_retrieval(args: argparse.Namespace) -> None:
-    from sterling.train.retrieval import RetrievalConfig, train_retrieval
+    from sterling.train.retrieval import UNSEEN, RetrievalConfig, train_retrieval
 
     if args.nproc != 1:
         raise ValueError("--nproc: data-parallel training is for --model two-tower")
@@ -219,6 +273,11 @@ def _train_retrieval(args: argparse.Namespace) -> None:
         "eval_every": args.eval_every,
         "patience": args.patience,
         "multi_task": args.multi_task,
+        "loss": args.loss,
+        "num_negatives": args.negatives,
+        "warmup_steps": args.warmup_steps,
+        "cutoffs": None if args.cutoffs is None else _int_list(args.cutoffs, "--cutoffs"),
+        "exclude_seen": args.exclude_seen,
     }
     cfg = RetrievalConfig(
         encoder=args.model,
@@ -227,14 +286,14 @@ def _train_retrieval(args: argparse.Namespace) -> None:
         **{k: v for k, v in given.items() if v is not None},
     )
     to_stdout = args.json == "-"
-    log = (lambda s: print(s, file=sys.stderr)) if to_stdout else print
+    log = _log_to_stderr if to_stdout else _log
     path = Path(args.json) if args.json and not to_stdout else None
     out = Path(args.out) if args.out is not None else None
     report = train_retrieval(Path(args.data), cfg, log=log, json_path=path, out_dir=out)
     if to_stdout:
         print(json.dumps(report.to_json(), indent=2))
         return
-    names = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr")
+    names = tuple(f"{m}@{k}" for k in cfg.cutoffs for m in ("hr", "ndcg")) + ("mrr",)
     print(
         f"{args.model} on {args.data}: {report.num_users:,} users, {report.num_items:,} items, "
         f"{report.epochs:g} epochs, {report.steps} steps, {report.train_s:.0f}s"
@@ -245,6 +304,8 @@ def _train_retrieval(args: argparse.Namespace) -> None:
         rows = [(f"{label} (ep {report.best_epoch})", metrics) for label, metrics in rows]
         if report.last_test:
             rows.append(("test (last)", report.last_test))
+    if cfg.exclude_seen:
+        rows += [(f"{label}, unseen", {n: m[UNSEEN + n] for n in names}) for label, m in rows]
     for label, metrics in (*rows, ("popular (test)", report.popular_test)):
         print(f"  {label:<16}" + "".join(f"{metrics[n]:>9.4f}" for n in names))
     if report.tasks:
@@ -388,9 +449,9 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 def _benchmarks() -> tuple[Benchmark, ...]:
     """The ``sterling bench`` sub-commands, in the order of ``sterling bench --help``."""
-    from sterling.bench import ann, retrieval, roo, serve, shards
+    from sterling.bench import ann, quality, retrieval, roo, serve, shards
 
-    return ann.BENCHMARK, roo.BENCHMARK, retrieval.BENCHMARK, serve.BENCHMARK, shards.BENCHMARK
+    return ann.BENCHMARK, roo.BENCHMARK, retrieval.BENCHMARK, quality.BENCHMARK, serve.BENCHMARK, shards.BENCHMARK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -415,6 +476,35 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True)
     m.add_argument("--window-s", type=int, help="seconds a request spans (see sterling.data.movielens)")
     m.set_defaults(func=_cmd_movielens)
+    it = dsub.add_parser(
+        "interactions",
+        help="any interaction log (CSV, Parquet, or SASRec-style text) → request-format dataset",
+        description="With timestamps, a user's interactions are grouped into requests by --window-s; without "
+        "them (text logs, or a table with no timestamp column) every interaction is its own request, at the "
+        "synthetic ts 0, 1, 2, ... = its position in the user's sequence, so the order is kept. String ids "
+        "are mapped to int64 ids 1..N (the mapping: OUT/ids.parquet). See sterling.data.interactions.",
+    )
+    it.add_argument("src", help="the log: .csv, .parquet, or text lines `user item [item ...]`, oldest first")
+    it.add_argument("--out", required=True)
+    it.add_argument(
+        "--format",
+        choices=("text", "pairs", "csv", "parquet"),
+        help="default: from the extension (.csv, .parquet; anything else: text); pairs: text, one `user item` a line",
+    )
+    it.add_argument("--user-col", default="user_id", help="CSV/Parquet user column (default: user_id)")
+    it.add_argument("--item-col", default="item_id", help="item column of the log and of --items (default: item_id)")
+    it.add_argument("--ts-col", help="unix-seconds timestamp column (default: `timestamp` when present)")
+    it.add_argument(
+        "--label-col",
+        action="append",
+        metavar="COLS",
+        help="0/1 label column(s), repeatable or comma list (default: one label `click` = 1)",
+    )
+    it.add_argument("--feature-col", action="append", metavar="COLS", help="impression feature column(s)")
+    it.add_argument("--items", help="item attribute table (CSV with |-separated lists, or Parquet)")
+    it.add_argument("--display-col", action="append", metavar="COLS", help="--items columns to show, not filter on")
+    it.add_argument("--window-s", type=int, help="seconds a request spans, with timestamps (default 600)")
+    it.set_defaults(func=_cmd_interactions)
     c = dsub.add_parser("convert", help="request format ⇄ impression format (direction from SRC)")
     c.add_argument("src")
     c.add_argument("out")
@@ -468,6 +558,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--seed", type=int, default=0, metavar="N")
     t.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch threads (default: the CPUs this process may use, affinity and cgroup quota)",
+    )
+    t.add_argument(
         "--nproc",
         type=int,
         default=1,
@@ -509,6 +605,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="also train one task query per label of the data (action bit j = label j: click/like/share, "
         "MovieLens like/love) on the next events with that action, beside the next-item query; "
         "reports per-task HR@10",
+    )
+    r.add_argument(
+        "--loss",
+        choices=("auto", "full", "sampled"),
+        help="full: softmax over the whole catalogue; sampled: in-batch targets + --negatives uniform items, "
+        "logQ-corrected; auto (default): full when one step's logits (batch x max-len x items) fit 1 GiB",
+    )
+    r.add_argument("--negatives", type=int, metavar="N", help="uniform negatives of the sampled softmax (512)")
+    r.add_argument("--warmup-steps", type=int, metavar="N", help="linear learning-rate warm-up steps (0)")
+    r.add_argument("--cutoffs", metavar="LIST", help="the k of HR@k / NDCG@k, e.g. 5,10,20 (10,50; 10 always)")
+    r.add_argument(
+        "--exclude-seen",
+        action="store_true",
+        default=None,
+        help="also evaluate with the items the user saw before the target removed from the ranking "
+        "(reported beside the full-corpus numbers, which select the best epoch)",
     )
     rk = t.add_argument_group("ranker options (--ranker)")
     rk.add_argument("--encoder", choices=RETRIEVAL_MODELS, help="the ranker's user tower (hstu)")

@@ -26,7 +26,10 @@ difference of the means, and two standard errors of it:
 
 ``z_seeds`` and ``z_users`` are the difference over each. The best checkpoint of each run is read
 back (:func:`~sterling.train.sequence_checkpoint.load_sequence_checkpoint`) to rank the test users
-one by one; its metrics equal the run's report (checked).
+one by one; its metrics equal the run's report (checked). A run whose folder under ``--workdir``
+already holds a finished run of the same configuration and data is read back, not trained again:
+runs can be split over processes (``--seeds 0`` and ``--seeds 1`` side by side, one thread each)
+and the table assembled by a last invocation over all of them.
 
 Example::
 
@@ -37,7 +40,10 @@ Example::
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -98,7 +104,7 @@ class QualityBenchConfig:
     encoders: tuple[str, ...] = ENCODERS
     seeds: tuple[int, ...] = (0, 1)
     sequence: RetrievalConfig = field(
-        default_factory=lambda: RetrievalConfig(epochs=40, patience=5, cutoffs=(5, 10, 20, 50), exclude_seen=True)
+        default_factory=lambda: RetrievalConfig(epochs=30, patience=4, cutoffs=(5, 10, 20, 50), exclude_seen=True)
     )
 
     def __post_init__(self) -> None:
@@ -131,10 +137,25 @@ def _paired(a: list[np.ndarray], b: list[np.ndarray]) -> tuple[float, float | No
     return float(d.mean()), (float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else None)
 
 
+def _trained(data_dir: Path, cfg: RetrievalConfig, out: Path, log) -> dict:
+    """The report (as JSON) of ``cfg`` trained into ``out``: read back when ``out`` holds a
+    finished run of the same configuration and data (``report.json`` is written last), else
+    trained now."""
+    done = out / "report.json"
+    if done.is_file():
+        report = json.loads(done.read_text())
+        same = report["config"] == json.loads(json.dumps(asdict(cfg)))
+        if same and report["data_dir"] == str(data_dir.resolve()) and (out / "best").is_dir():
+            log(f"  {out}: a finished run of this configuration; read back")
+            return report
+    return train_retrieval(data_dir, cfg, log=log, out_dir=out, json_path=done).to_json()
+
+
 def _one_run(data_dir: Path, cfg: RetrievalConfig, work: Path, log) -> dict:
-    """Train one encoder and seed; its report's metrics and the test users' per-user metrics."""
+    """Train one encoder and seed (or read a finished run back); its report's metrics and the test
+    users' per-user metrics."""
     out = work / f"{cfg.encoder}-seed{cfg.seed}"
-    report = train_retrieval(data_dir, cfg, log=log, out_dir=out)
+    report = _trained(data_dir, cfg, out, log)
     best = load_sequence_checkpoint(out / "best")
     timelines, _ = load_catalog_timelines(data_dir)
     split = leave_last_out(timelines.offsets, timelines.item_rows, timelines.ts, cfg.max_len)
@@ -144,17 +165,12 @@ def _one_run(data_dir: Path, cfg: RetrievalConfig, work: Path, log) -> dict:
         metrics = ranking_metrics(ranks, cfg.cutoffs)
         prefix = UNSEEN if exclude else ""
         for key, value in metrics.items():  # the checkpoint is the reported model
-            if not math.isclose(value, report.test[prefix + key], rel_tol=1e-9, abs_tol=1e-12):
-                raise RuntimeError(f"{out / 'best'}: test {prefix + key} {value} differs from the run's {report.test}")
+            if not math.isclose(value, report["test"][prefix + key], rel_tol=1e-9, abs_tol=1e-12):
+                raise RuntimeError(f"{out / 'best'}: test {prefix + key} {value} differs from the run's report")
         per_user |= {prefix + k: v for k, v in _user_metrics(ranks, 10).items()}
     return {
         "seed": cfg.seed,
-        "best_epoch": report.best_epoch,
-        "epochs": report.epochs,
-        "train_s": report.train_s,
-        "valid": report.valid,
-        "test": report.test,
-        "popular_test": report.popular_test,
+        **{k: report[k] for k in ("best_epoch", "epochs", "train_s", "valid", "test", "popular_test")},
         "per_user": per_user,
     }
 
@@ -208,6 +224,20 @@ def _dataset(data_dir: Path, name: str, cfg: QualityBenchConfig, work: Path, log
     return rows, comparisons
 
 
+def _converted(src: Path, data_dir: Path) -> Path:
+    """``src`` (MovieLens) converted into ``data_dir`` once: written beside it and renamed into
+    place, so processes sharing a work folder never read a half-written dataset."""
+    from sterling.data.movielens import load_movielens
+
+    if not data_dir.is_dir():
+        tmp = load_movielens(src, data_dir.with_name(f".{data_dir.name}-{os.getpid()}"))
+        try:
+            tmp.rename(data_dir)
+        except OSError:  # another process put it in place first
+            shutil.rmtree(tmp)
+    return data_dir
+
+
 def _synthetic(work: Path) -> Path:
     from sterling.data.synth import SynthConfig, generate
 
@@ -217,8 +247,6 @@ def _synthetic(work: Path) -> Path:
 def run(cfg: QualityBenchConfig, movielens_root: Path | None, work: Path, log=print) -> dict:
     """Every dataset of ``cfg`` found under ``movielens_root`` (``"synthetic"``: a small synthetic
     set); returns ``{"machine", "config", "rows", "comparisons", "published", "skipped"}``."""
-    from sterling.data.movielens import load_movielens
-
     rows, comparisons, skipped = [], [], []
     t0 = time.perf_counter()
     for name in cfg.datasets:
@@ -230,7 +258,7 @@ def run(cfg: QualityBenchConfig, movielens_root: Path | None, work: Path, log=pr
                 skipped.append({"dataset": name, "reason": f"not found under {movielens_root}"})
                 log(f"{name}: not found under {movielens_root}; skipped")
                 continue
-            data_dir = load_movielens(src, work / f"{name}-data")
+            data_dir = _converted(src, work / f"{name}-data")
         r, c = _dataset(data_dir, name, cfg, work, log)
         rows += r
         comparisons += c
@@ -285,10 +313,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--datasets", metavar="LIST", help="MovieLens folders to run (default: ml-100k,ml-1m-subset)")
     p.add_argument("--seeds", metavar="LIST", help="seeds per encoder (default: 0,1)")
-    p.add_argument("--epochs", type=int, metavar="N", help="most epochs per run (default: 40)")
+    p.add_argument("--epochs", type=int, metavar="N", help="most epochs per run (default: 30)")
     p.add_argument("--patience", type=int, metavar="N", help="stop a run after N epochs without a better validation")
     p.add_argument("--threads", type=int, metavar="N", help="torch threads (default: the CPUs this process may use)")
-    p.add_argument("--workdir", metavar="DIR", help="where data and checkpoints go (default: a temporary folder)")
+    p.add_argument(
+        "--workdir",
+        metavar="DIR",
+        help="where data and checkpoints go; finished runs found there are read back (default: a temporary folder)",
+    )
     p.add_argument("--json", metavar="PATH", help="write the result as JSON")
 
 

@@ -95,8 +95,18 @@ def _time_bucket(gap: torch.Tensor, buckets: int) -> torch.Tensor:
     return (torch.log(gap.abs().clamp(min=1).float()) / 0.301).long().clamp(0, buckets - 1)
 
 
+def relative_index(positions: torch.Tensor, timestamps: torch.Tensor, norm_len: int, buckets: int) -> torch.Tensor:
+    """int64 ``[B, n, n]``: the row of :meth:`RelativeBias.table` of each (query ``i``, key ``j``)
+    pair of padded ``positions``, ``timestamps [B, n]``: ``gap · buckets + bucket(t_i − t_j)``,
+    ``gap = clamp(p_i − p_j, 0, norm_len − 1)``. The same for every layer: computed once."""
+    gap = (positions[:, :, None] - positions[:, None, :]).clamp(0, norm_len - 1)  # [B, n, n]
+    dt = timestamps[:, :, None] - timestamps[:, None, :]  # [B, n, n]
+    return gap * buckets + _time_bucket(dt, buckets)
+
+
 class RelativeBias(nn.Module):
-    """``rab[b, i, j] = w_pos[p_i - p_j] + w_time[bucket(t_i - t_j)]`` (padded ``[B, n, n]``)."""
+    """``rab[b, i, j] = w_pos[p_i - p_j] + w_time[bucket(t_i - t_j)]`` (padded ``[B, n, n]``), read
+    from one ``[norm_len · time_buckets]`` table at :func:`relative_index`."""
 
     def __init__(self, norm_len: int, time_buckets: int) -> None:
         super().__init__()
@@ -104,11 +114,13 @@ class RelativeBias(nn.Module):
         self.position = nn.Parameter(torch.empty(norm_len).normal_(std=0.02))
         self.time = nn.Parameter(torch.empty(time_buckets).normal_(std=0.02))
 
-    def forward(self, positions: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
-        # positions, timestamps: padded [B, n]
-        gap = (positions[:, :, None] - positions[:, None, :]).clamp(0, self.norm_len - 1)  # [B, n, n]
-        dt = timestamps[:, :, None] - timestamps[:, None, :]  # [B, n, n]
-        return self.position[gap] + self.time[_time_bucket(dt, self.time_buckets)]
+    def table(self) -> torch.Tensor:
+        """``[norm_len · time_buckets]``: ``w_pos[g] + w_time[t]`` at row ``g · time_buckets + t``."""
+        return (self.position[:, None] + self.time[None, :]).reshape(-1)
+
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        """The bias at :func:`relative_index`'s ``index`` (any shape)."""
+        return self.table()[index]
 
 
 class HSTULayer(nn.Module):
@@ -126,25 +138,17 @@ class HSTULayer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        offsets: torch.Tensor,
-        positions: torch.Tensor,
-        timestamps: torch.Tensor,
-        mask: torch.Tensor,
+        self, x: torch.Tensor, offsets: torch.Tensor, bias_index: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
-        return self.forward_with_keys(x, offsets, positions, timestamps, mask)[0]
+        return self.forward_with_keys(x, offsets, bias_index, mask)[0]
 
     def forward_with_keys(
-        self,
-        x: torch.Tensor,
-        offsets: torch.Tensor,
-        positions: torch.Tensor,
-        timestamps: torch.Tensor,
-        mask: torch.Tensor,
+        self, x: torch.Tensor, offsets: torch.Tensor, bias_index: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The layer's output ``[L, D]`` and its keys ``[B, n, H, a]`` and values ``[B, n, H, v]``
-        (padded), which candidates attending to these tokens reuse (:meth:`attend`)."""
+        (padded), which candidates attending to these tokens reuse (:meth:`attend`); jagged
+        ``x [L, D]`` (offsets ``[B + 1]``), the relative bias at ``bias_index [B, n, n]``
+        (:func:`relative_index`), ``mask [B, n, n]``."""
         cfg = self.cfg
         h, a, v = cfg.num_heads, cfg.attention_dim, cfg.value_dim
         b, n = offsets.shape[0] - 1, mask.shape[-1]
@@ -152,10 +156,8 @@ class HSTULayer(nn.Module):
         qp = jagged.to_padded(q, offsets, n).view(b, n, h, a)  # [B, n, H, a]
         kp = jagged.to_padded(k, offsets, n).view(b, n, h, a)
         vp = jagged.to_padded(val, offsets, n).view(b, n, h, v)  # [B, n, H, v]
-        pos = jagged.to_padded(positions, offsets, n)  # [B, n]
-        ts = jagged.to_padded(timestamps, offsets, n)
         scores = torch.einsum("bihd,bjhd->bhij", qp, kp) / math.sqrt(a)  # [B, H, n, n]
-        scores = scores + self.bias(pos, ts)[:, None]
+        scores = scores + self.bias(bias_index)[:, None]
         attn = F.silu(scores) / cfg.norm_len * mask[:, None]  # [B, H, n, n]
         o = torch.einsum("bhij,bjhd->bihd", attn, vp).reshape(b, n, h * v)  # [B, n, H·v]
         return self._update(x, u, jagged.from_padded(o, offsets, x.shape[0])), kp, vp
@@ -230,10 +232,17 @@ class HSTU(nn.Module):
         lens = jagged.lengths(offsets)
         n = max_len if max_len is not None else (int(lens.max()) if lens.numel() else 0)
         mask = target_aware_mask(offsets, num_targets, n).to(x.dtype)  # [B, n, n]
-        positions = token_positions(offsets, num_targets, x.shape[0])  # [L]
+        index = self._relative_index(offsets, token_positions(offsets, num_targets, x.shape[0]), timestamps, n)
         for layer in self.layers:
-            x = layer(x, offsets, positions, timestamps, mask)
+            x = layer(x, offsets, index, mask)
         return self.norm(x)
+
+    def _relative_index(
+        self, offsets: torch.Tensor, positions: torch.Tensor, timestamps: torch.Tensor, n: int
+    ) -> torch.Tensor:
+        """:func:`relative_index` ``[B, n, n]`` of jagged ``positions``, ``timestamps [L]``."""
+        pos, ts = jagged.to_padded(positions, offsets, n), jagged.to_padded(timestamps, offsets, n)  # [B, n]
+        return relative_index(pos, ts, self.cfg.norm_len, self.cfg.time_buckets)
 
     def encode_candidates(
         self,
@@ -259,14 +268,14 @@ class HSTU(nn.Module):
         n, m = (int(h_lens.max()) if b else 0), (int(c_lens.max()) if b else 0)
         none = torch.zeros(b, dtype=torch.int64)
         mask = target_aware_mask(history_offsets, none, n).to(history.dtype)  # causal: history only
-        positions = token_positions(history_offsets, none)  # [L]
+        index = self._relative_index(history_offsets, token_positions(history_offsets, none), history_ts, n)
         allowed = (torch.arange(n)[None, :] < h_lens[:, None]).to(history.dtype)  # [B, n]
         h_ts = jagged.to_padded(history_ts, history_offsets, n)  # [B, n]
         gap = (h_lens[:, None] - torch.arange(n)[None, :]).clamp(0, cfg.norm_len - 1)  # [B, n]
         layers = []
         x = history
         for layer in self.layers:  # the history once: keep every layer's keys and values
-            x, keys, values = layer.forward_with_keys(x, history_offsets, positions, history_ts, mask)
+            x, keys, values = layer.forward_with_keys(x, history_offsets, index, mask)
             layers.append((layer, keys, values))
         y = jagged.to_padded(candidates, candidate_offsets, m)  # [B, m, D]
         c_ts = jagged.to_padded(candidate_ts, candidate_offsets, m)  # [B, m]
