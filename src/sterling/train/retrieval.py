@@ -22,18 +22,21 @@ evaluated; they train on their whole timeline (when it has two events or more). 
 but the last event (``ignore_last_n = 1``) and has no validation set; holding out two events costs
 each user one training target and keeps validation clean of the test target.
 
-**Loss: sampled softmax.** Every trained position ``p`` (query ``q_p``, target ``t_p``) is scored
-against one candidate set shared by the batch: the batch's distinct target items (in-batch
-positives) plus ``num_negatives`` uniform random items, **de-duplicated**, so each item is one
-column and a random draw equal to ``t_p`` *is* the positive column rather than a negative. Logits
-``q_p · ê_c / temperature``; the loss is the cross-entropy of the positive column, averaged over
-positions. **Same-user negatives are masked**: a candidate that is any item of the anchor's own
-sequence in the batch (other than ``t_p`` itself) is removed from ``p``'s softmax, so a user's other
-targets (past or future) are never pushed down as negatives. No logQ correction: the candidates are
-de-duplicated, so a frequent item is one column, not many (its chance of being a candidate still
-grows with its popularity, but a batch of 128 MovieLens users covers most of the catalogue: about
-1,290 of ML-100K's 1,682 items, 2,480 of the ML-1M subset's 3,883, so the softmax is close to a
-full one). GR samples 128 uniform negatives per position and masks only those equal to the positive.
+**Loss** (``RetrievalConfig.loss``). **Full softmax** (``"full"``, and ``"auto"`` when one step's
+logits, ``batch_size × max_len × N``, fit :data:`~sterling.train.sequence_model.FULL_SOFTMAX_LOGITS`,
+1 GiB: every MovieLens set): each trained position ``p`` (query ``q_p``, target ``t_p``) is scored
+against every item, logits ``q_p · ê / temperature``, cross-entropy of ``t_p``, averaged over
+positions. Nothing is masked: the user's other items are negatives like any other, which is what
+the evaluation (earlier items stay in the ranking) rewards. **Sampled softmax** (``"sampled"``, and
+``"auto"`` for larger catalogues): one candidate set shared by the batch, its distinct target items
+(in-batch positives) plus ``num_negatives`` uniform random items, **de-duplicated**, so each item is
+one column and a random draw equal to ``t_p`` *is* the positive column; a candidate that is any
+item of the anchor's own sequence in the batch (other than ``t_p``) is removed from ``p``'s
+softmax; and the **logQ correction**: each candidate's logit is lowered by the log of its chance of
+being a candidate (:func:`~sterling.train.sequence_loss.candidate_log_q`: frequent targets are
+candidates more often), so the sampled softmax estimates the full one. GR samples 128 uniform
+negatives per position and masks only those equal to the positive. ``warmup_steps`` ramps the
+learning rate linearly from 0 (:func:`warmup_schedule`).
 
 **Multi-task** (``RetrievalConfig.multi_task``, ``sterling train --model hstu --multi-task``): the
 tasks are the dataset's labels (``users.parquet``'s roles; action bit ``j`` of a timeline event is
@@ -41,20 +44,23 @@ task ``j``: synthetic click / like / share, MovieLens like (rating >= 4) / love 
 adds one task query per task over every position's output
 (:meth:`~sterling.train.sequence_model.SequenceRetriever.all_queries`); the **next** query is the
 plain output, as in a single-task model, not one of the task heads. The loss is the next query's
-sampled softmax (as above) **plus, per task, the same sampled softmax of that task's query over
-only the positions whose next event has the task's bit** (the other positions are masked out of
-that task's loss; a task without a positive in the batch adds 0). Every head shares one candidate
-set and its same-user mask (:func:`multi_task_loss`); each head's loss is the mean over its own
-positions, and the heads are summed with weight 1.
+softmax (as above) **plus, per task, the same softmax of that task's query over only the positions
+whose next event has the task's bit** (the other positions are masked out of that task's loss; a
+task without a positive in the batch adds 0). Every head shares one candidate set (and, sampled,
+its same-user mask: :func:`multi_task_loss`); each head's loss is the mean over its own positions,
+and the heads are summed with weight 1.
 
 **Evaluation: full corpus.** The query at the last position of the history scores every item of
 the catalogue (no sampling); the target's rank is the number of items scoring strictly higher
 (:func:`~sterling.train.metrics.target_ranks`). History items are **not** excluded from the
-ranking, as in GR. HR@10, NDCG@10, HR@50, NDCG@50 and MRR for validation and test, computed
-``eval_chunk`` users at a time; a most-popular baseline (train-target counts) beside them. A
+ranking, as in GR. HR@k and NDCG@k at ``cutoffs`` (10 always) and MRR for validation and test,
+computed ``eval_chunk`` users at a time; a most-popular baseline (train-target counts) beside them.
+With ``exclude_seen`` the same metrics again with every item of the user's timeline before the
+target (not only the last ``max_len``) removed from the ranking, under keys ``unseen/hr@10`` …
+(the common protocol on data without repeats; the most-popular list too). A
 multi-task model adds, per task, ``hr@10:<task>``: the HR@10 of the task's query over the users
 whose held-out event has the task's bit, and ``hr@10:<task>(next)``: the next query's on the same
-users (:func:`task_metrics`). Model selection reads the next query's NDCG@10 either way.
+users (:func:`task_metrics`). Model selection reads the next query's NDCG@10 (GR's protocol) either way.
 
 **Model selection and checkpoints.** With a checkpoint directory (``out_dir``) or ``patience``,
 the model is validated after every epoch; the epoch with the best validation NDCG@10 is the one

@@ -149,7 +149,8 @@ def candidate_log_q(target_counts: torch.Tensor, positions: float, num_negatives
     A batch's candidates are its ``positions`` targets (each item ``i`` drawn with its share
     ``p_i`` of ``target_counts [N]``, its count as a training target) and ``num_negatives``
     uniform items, de-duplicated, so ``P(i is a candidate) = 1 − (1 − p_i)^positions ·
-    (1 − 1/N)^num_negatives``. An item that is never a target keeps the uniform draw's share."""
+    (1 − 1/N)^num_negatives``, the targets taken as independent draws (an approximation: a
+    user's targets are not). An item that is never a target keeps the uniform draw's share."""
     n = target_counts.numel()
     p = target_counts.double() / max(float(target_counts.sum()), 1.0)
     log_absent = positions * torch.log1p(-p.clamp(max=1 - 1e-12)) + num_negatives * math.log1p(-1 / max(n, 2))
