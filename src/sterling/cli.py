@@ -24,6 +24,7 @@ Sub-commands::
     sterling bench serve [--quick] [--towers two_tower,hstu,hstu+ranker] [--json PATH]
                                                     the HTTP server under load: batched, unbatched, swap + updates
     sterling bench shards [--quick] [--json PATH]   Ray Serve item shards (1 vs 2) beside the single-process server
+    sterling bench stack [--quick] [--json PATH] [--plot PATH]   one model vs front + filter + FAISS ANN + ranking services
 
 Errors in the input (a malformed filter, a corrupt snapshot, a missing file) print one line naming
 the problem and exit with status 2.
@@ -449,9 +450,17 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 def _benchmarks() -> tuple[Benchmark, ...]:
     """The ``sterling bench`` sub-commands, in the order of ``sterling bench --help``."""
-    from sterling.bench import ann, quality, retrieval, roo, serve, shards
+    from sterling.bench import ann, quality, retrieval, roo, serve, shards, stack
 
-    return ann.BENCHMARK, roo.BENCHMARK, retrieval.BENCHMARK, quality.BENCHMARK, serve.BENCHMARK, shards.BENCHMARK
+    return (
+        ann.BENCHMARK,
+        roo.BENCHMARK,
+        retrieval.BENCHMARK,
+        quality.BENCHMARK,
+        serve.BENCHMARK,
+        shards.BENCHMARK,
+        stack.BENCHMARK,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
