@@ -279,17 +279,8 @@ class ServerProcess:
             )
 
     def __enter__(self) -> ServerProcess:
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError("the server did not become ready in 10 minutes")
+        wait_ready(self.proc, self.url, self.log_path, "the server")
+        return self
 
     def kill(self) -> None:
         """SIGKILL the server (a crash: no shutdown code runs) and wait for it to go."""
@@ -602,6 +593,33 @@ def run(cfg: ServeBenchConfig, log=print) -> dict:
     }
 
 
+def wait_ready(proc: subprocess.Popen, url: str, log_path: Path, what: str, timeout_s: float = 600) -> None:
+    """Wait until ``url``/readyz answers 200; a clear error (with the end of ``log_path``) when the
+    process exits first or ``timeout_s`` passes."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited: {log_path.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{what} did not become ready in {timeout_s:.0f} s")
+
+
+def cached_snapshot(path: Path, log=print, **build) -> Path:
+    """``path``, holding the synthetic served-model snapshot of
+    :func:`~sterling.testing.snapshots.build_serving_snapshot` with ``build``'s arguments: built
+    unless a complete one is there already (benchmarks reuse their ``--snapshots`` folder)."""
+    if not (path / "manifest.json").is_file():
+        start = time.perf_counter()
+        build_serving_snapshot(path, **build)
+        log(f"built {path} ({build['num_items']:,} items) in {time.perf_counter() - start:.0f} s")
+    return path
+
+
 def _snapshot_path(root: Path, name: str, cfg: ServeBenchConfig, model_seed: int) -> Path:
     """Where a tower's snapshot is built (the two-tower's under its name from before towers)."""
     prefix = "serve" if name == "two_tower" else f"serve-{name.replace('+', '-')}"
@@ -614,13 +632,8 @@ def _run_tower(root: Path, name: str, cfg: ServeBenchConfig, log) -> tuple[list[
     snapshots = []
     for model_seed in (cfg.seed, cfg.seed + 1):
         path = _snapshot_path(root, name, cfg, model_seed)
-        if not (path / "manifest.json").is_file():
-            start = time.perf_counter()
-            build_serving_snapshot(
-                path, num_items=cfg.num_items, seed=cfg.seed, model_seed=model_seed, tower=tower, ranker=ranker
-            )
-            log(f"built {path} ({cfg.num_items:,} items, {name}) in {time.perf_counter() - start:.0f} s")
-        snapshots.append(path)
+        build = {"num_items": cfg.num_items, "seed": cfg.seed, "model_seed": model_seed, "tower": tower}
+        snapshots.append(cached_snapshot(path, log, **build, ranker=ranker))
     mix = request_mix(snapshots[0], cfg.mix_size, seed=cfg.seed)
     mix = [{"history": r["history"], "filter": r["filter"], "k": r["k"]} for r in mix]
     random.Random(cfg.seed).shuffle(mix)
@@ -820,9 +833,8 @@ def _cost_rows(root: Path, cfg: ServeBenchConfig, log) -> list[dict]:
     rows = []
     for scorer, (tower, ranker) in COST_SCORERS.items():
         path = root / f"cost-{scorer}-{cfg.cost_items}-{cfg.seed}"
-        if not (path / "manifest.json").is_file():
-            build_serving_snapshot(path, num_items=cfg.cost_items, seed=cfg.seed, tower=tower, ranker=ranker, k0=m)
-        model = load_model(path)
+        build = {"num_items": cfg.cost_items, "seed": cfg.seed, "tower": tower, "ranker": ranker, "k0": m}
+        model = load_model(cached_snapshot(path, log, **build))
         ids = model.index.ids
         rng = np.random.default_rng(cfg.seed)
         for b in cfg.cost_batches:

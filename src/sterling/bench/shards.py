@@ -24,16 +24,23 @@ import asyncio
 import json
 import random
 import tempfile
-import time
 import urllib.request
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from sterling.bench.ann import machine
 from sterling.bench.report import Benchmark, write_json
-from sterling.bench.serve import ServeBenchConfig, ServerProcess, Step, best_qps, index_recall, ladder
+from sterling.bench.serve import (
+    ServeBenchConfig,
+    ServerProcess,
+    Step,
+    best_qps,
+    cached_snapshot,
+    index_recall,
+    ladder,
+)
 from sterling.serving.shards import split_snapshot
-from sterling.testing.snapshots import build_serving_snapshot, request_mix
+from sterling.testing.snapshots import request_mix
 
 __all__ = ["ShardsBenchConfig", "run"]
 
@@ -88,10 +95,7 @@ def run(cfg: ShardsBenchConfig, log=print) -> dict:
         root = Path(cfg.snapshot_dir or tmp)
         root.mkdir(parents=True, exist_ok=True)
         snapshot = root / f"serve-{load.num_items}-{load.seed}-{load.seed}"
-        if not (snapshot / "manifest.json").is_file():
-            start = time.perf_counter()
-            build_serving_snapshot(snapshot, num_items=load.num_items, seed=load.seed, model_seed=load.seed)
-            log(f"built {snapshot} ({load.num_items:,} items) in {time.perf_counter() - start:.0f} s")
+        cached_snapshot(snapshot, log, num_items=load.num_items, seed=load.seed, model_seed=load.seed)
         mix = [
             {"history": r["history"], "filter": r["filter"], "k": r["k"]}
             for r in request_mix(snapshot, load.mix_size, seed=load.seed)

@@ -45,16 +45,14 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from sterling.bench.ann import machine
 from sterling.bench.report import Benchmark, write_json
-from sterling.bench.serve import ServerProcess, Step, _load, best_qps
+from sterling.bench.serve import ServerProcess, Step, _load, best_qps, cached_snapshot, wait_ready
 from sterling.bench.stack_probe import exact_answers, recall_at_k, tune_nprobe
-from sterling.testing.snapshots import build_serving_snapshot, request_mix
+from sterling.testing.snapshots import request_mix
 
 __all__ = ["StackBenchConfig", "format_table", "run"]
 
@@ -102,17 +100,8 @@ class _Service:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
 
     def wait(self) -> _Service:
-        deadline = time.time() + 600
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the {self.role} service exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"the {self.role} service did not become ready in 10 minutes")
+        wait_ready(self.proc, self.url, self.log_path, f"the {self.role} service")
+        return self
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -215,10 +204,7 @@ def _run(cfg: StackBenchConfig, log, Pieces) -> dict:
         root = Path(cfg.snapshot_dir or tmp)
         root.mkdir(parents=True, exist_ok=True)
         snapshot = root / f"serve-{cfg.num_items}-{cfg.seed}-{cfg.seed}"
-        if not (snapshot / "manifest.json").is_file():
-            start = time.perf_counter()
-            build_serving_snapshot(snapshot, num_items=cfg.num_items, seed=cfg.seed, model_seed=cfg.seed)
-            log(f"built {snapshot} ({cfg.num_items:,} items) in {time.perf_counter() - start:.0f} s")
+        cached_snapshot(snapshot, log, num_items=cfg.num_items, seed=cfg.seed, model_seed=cfg.seed)
         pieces = Pieces.load(snapshot, keep_index=True)
         mix = [
             {"history": r["history"], "filter": r["filter"], "k": r["k"]}
