@@ -57,10 +57,11 @@ from sterling.bench.report import Benchmark, mean_se, write_json
 from sterling.train.progress import set_threads
 from sterling.train.retrieval import (
     UNSEEN,
+    EvalSet,
     RetrievalConfig,
     leave_last_out,
     load_catalog_timelines,
-    query_ranks,
+    protocol_ranks,
     ranking_metrics,
     train_retrieval,
 )
@@ -151,17 +152,16 @@ def _trained(data_dir: Path, cfg: RetrievalConfig, out: Path, log) -> dict:
     return train_retrieval(data_dir, cfg, log=log, out_dir=out, json_path=done).to_json()
 
 
-def _one_run(data_dir: Path, cfg: RetrievalConfig, work: Path, log) -> dict:
+def _one_run(data_dir: Path, cfg: RetrievalConfig, test: EvalSet, work: Path, log) -> dict:
     """Train one encoder and seed (or read a finished run back); its report's metrics and the test
     users' per-user metrics."""
     out = work / f"{cfg.encoder}-seed{cfg.seed}"
     report = _trained(data_dir, cfg, out, log)
     best = load_sequence_checkpoint(out / "best")
-    timelines, _ = load_catalog_timelines(data_dir)
-    split = leave_last_out(timelines.offsets, timelines.item_rows, timelines.ts, cfg.max_len)
     per_user = {}
-    for exclude in (False, True):
-        ranks = query_ranks(best.model, split.test, cfg.eval_chunk, exclude_seen=exclude)[:, 0]
+    protocols = (False, True)  # full corpus, seen items excluded: each history encoded once
+    for exclude, ranks in zip(protocols, protocol_ranks(best.model, test, cfg.eval_chunk, protocols), strict=True):
+        ranks = ranks[:, 0]
         metrics = ranking_metrics(ranks, cfg.cutoffs)
         prefix = UNSEEN if exclude else ""
         for key, value in metrics.items():  # the checkpoint is the reported model
@@ -177,13 +177,15 @@ def _one_run(data_dir: Path, cfg: RetrievalConfig, work: Path, log) -> dict:
 
 def _dataset(data_dir: Path, name: str, cfg: QualityBenchConfig, work: Path, log) -> tuple[list[dict], list[dict]]:
     """The rows (one per encoder) and the HSTU-vs-SASRec comparisons of one dataset."""
+    timelines, _ = load_catalog_timelines(data_dir)  # the test users, the same for every run
+    test = leave_last_out(timelines.offsets, timelines.item_rows, timelines.ts, cfg.sequence.max_len).test
     runs = {}
     for encoder in cfg.encoders:
         runs[encoder] = []
         for seed in cfg.seeds:
             log(f"{name}: {encoder}, seed {seed}")
             run_cfg = replace(cfg.sequence, encoder=encoder, seed=seed)
-            runs[encoder].append(_one_run(data_dir, run_cfg, work / name, log))
+            runs[encoder].append(_one_run(data_dir, run_cfg, test, work / name, log))
     rows = []
     for encoder, per_seed in runs.items():
         row = {"dataset": name, "model": encoder, "seeds": list(cfg.seeds)}

@@ -72,7 +72,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -204,6 +204,8 @@ class Step:
     tower: str = ""
     stages_ms: dict[str, float] = field(default_factory=dict)  # mean of the answers' timing_ms per stage
     batch_size: float = 0.0  # mean requests per forward of the answers
+    cpu_s_per_request: float | None = None  # CPU seconds of the measured processes per answer
+    rss_mb: float | None = None  # their resident memory after the step, summed
 
     @classmethod
     def of(
@@ -342,7 +344,30 @@ async def _load(
     return latencies, errors
 
 
-async def ladder(url: str, mode: str, mix: list[dict], cfg: ServeBenchConfig, log, tower: str = "") -> list[Step]:
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of ``pids`` (all their threads), from ``/proc/PID/stat``."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat(5))
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pids: list[int]) -> float:
+    """The resident memory of ``pids``, summed (MiB, ``VmRSS``)."""
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total / 1024
+
+
+async def ladder(
+    url: str, mode: str, mix: list[dict], cfg: ServeBenchConfig, log, tower: str = "", pids: tuple[int, ...] = ()
+) -> list[Step]:
+    """The open-loop steps at ``cfg.rates`` until saturation; with ``pids``, each step also holds
+    those processes' CPU seconds per answer and their summed resident memory."""
     import aiohttp
 
     steps = []
@@ -351,8 +376,12 @@ async def ladder(url: str, mode: str, mix: list[dict], cfg: ServeBenchConfig, lo
         await _load(s, url, mix, 20, 1.0, cfg.max_inflight)  # warm the connections and the server
         for rate in cfg.rates:
             timings: list[dict] = []
+            cpu = cpu_seconds(pids)
             latencies, errors = await _load(s, url, mix, rate, cfg.step_seconds, cfg.max_inflight, timings=timings)
             step = Step.of(mode, rate, latencies, errors, cfg.step_seconds, timings, tower)
+            if pids:
+                used = (cpu_seconds(pids) - cpu) / max(len(latencies), 1)
+                step = replace(step, cpu_s_per_request=used, rss_mb=rss_mb(pids))
             steps.append(step)
             log(_row(step))
             if step.p99_ms > 4 * cfg.p99_budget_ms or step.achieved_qps < 0.8 * rate:

@@ -50,7 +50,8 @@ from pathlib import Path
 
 from sterling.bench.ann import machine
 from sterling.bench.report import Benchmark, write_json
-from sterling.bench.serve import ServerProcess, Step, _load, best_qps, cached_snapshot, wait_ready
+from sterling.bench.serve import ServerProcess, Step, best_qps, cached_snapshot, wait_ready
+from sterling.bench.serve import ladder as serve_ladder
 from sterling.bench.stack_probe import exact_answers, recall_at_k, tune_nprobe
 from sterling.testing.snapshots import request_mix
 
@@ -111,45 +112,9 @@ class _Service:
             self.proc.kill()
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of ``pids`` (all their threads), from ``/proc/PID/stat``."""
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat(5))
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mb(pids: list[int]) -> float:
-    """The resident memory of ``pids``, summed (MiB, ``VmRSS``)."""
-    total = 0
-    for pid in pids:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1])
-    return total / 1024
-
-
 async def ladder(url: str, stack: str, pids: list[int], mix: list[dict], cfg: StackBenchConfig, log) -> list[dict]:
-    """The open-loop ladder of ``bench serve`` on ``url``, with CPU and memory of ``pids`` per step."""
-    import aiohttp
-
-    rows = []
-    timeout = aiohttp.ClientTimeout(total=30)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=cfg.max_inflight), timeout=timeout) as s:
-        await _load(s, url, mix, 20, 1.0, cfg.max_inflight)  # warm the connections and the services
-        for rate in cfg.rates:
-            timings: list[dict] = []
-            cpu = cpu_seconds(pids)
-            latencies, errors = await _load(s, url, mix, rate, cfg.step_seconds, cfg.max_inflight, timings=timings)
-            cpu = cpu_seconds(pids) - cpu
-            step = Step.of(stack, rate, latencies, errors, cfg.step_seconds, timings)
-            row = asdict(step) | {"cpu_s_per_request": cpu / max(len(latencies), 1), "rss_mb": rss_mb(pids)}
-            rows.append(row)
-            log(_row(row))
-            if step.p99_ms > 4 * cfg.p99_budget_ms or step.achieved_qps < 0.8 * rate:
-                break  # saturated: further steps only queue
-    return rows
+    """:func:`sterling.bench.serve.ladder` on ``url``, with CPU and memory of ``pids`` per step, as rows."""
+    return [asdict(step) for step in await serve_ladder(url, stack, mix, cfg, log, pids=tuple(pids))]
 
 
 async def _answers(url: str, mix: list[dict]) -> list[list[int]]:

@@ -126,6 +126,7 @@ __all__ = [
     "load_timelines",
     "multi_task_loss",
     "popularity_ranks",
+    "protocol_ranks",
     "query_ranks",
     "ranking_metrics",
     "sampled_softmax_loss",
@@ -156,10 +157,12 @@ def query_ranks(model: SequenceRetriever, data: EvalSet, chunk: int = 256, exclu
     history's last position (column 0: next; then each task's); with ``exclude_seen``, the items
     of the user's timeline before the target (``data.seen_items``) other than the target itself
     are out of the ranking."""
-    return _ranks(model, data, chunk, (exclude_seen,))[0]
+    return protocol_ranks(model, data, chunk, (exclude_seen,))[0]
 
 
-def _ranks(model: SequenceRetriever, data: EvalSet, chunk: int, protocols: tuple[bool, ...]) -> list[torch.Tensor]:
+def protocol_ranks(
+    model: SequenceRetriever, data: EvalSet, chunk: int, protocols: tuple[bool, ...]
+) -> list[torch.Tensor]:
     """:func:`query_ranks` under each protocol of ``protocols`` (False: full corpus, True: seen
     items excluded), encoding each history once."""
     if any(protocols) and data.seen_items is None:
@@ -210,7 +213,7 @@ def _evaluate(model: SequenceRetriever, data: EvalSet, cfg: RetrievalConfig) -> 
     keys prefixed ``unseen/``."""
     protocols = (False, True) if cfg.exclude_seen else (False,)
     out = {}
-    for exclude, ranks in zip(protocols, _ranks(model, data, cfg.eval_chunk, protocols), strict=True):
+    for exclude, ranks in zip(protocols, protocol_ranks(model, data, cfg.eval_chunk, protocols), strict=True):
         metrics = ranking_metrics(ranks[:, 0], cfg.cutoffs)
         if model.tasks:
             metrics |= task_metrics(ranks, data.target_actions, model.tasks)
