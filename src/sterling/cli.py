@@ -10,7 +10,8 @@ Sub-commands::
     sterling data stats DIR [--json]                sizes of both formats
     sterling train --data DIR --out CKPT [--nproc N]   two-tower + OverArch on request batches (DDP), held-out recall
     sterling train --model hstu|sasrec --data DIR [--out CKPT] [--patience N] [--multi-task]
-                   [--loss auto|full|sampled] [--warmup-steps N] [--cutoffs 5,10,20] [--exclude-seen] [--threads N]
+                   [--loss auto|full|sampled] [--warmup-steps N] [--lr-decay cosine] [--holdout 1|2]
+                   [--cutoffs 5,10,20] [--exclude-seen] [--threads N]
                                                     next-item retrieval, leave-last-out HR@k / NDCG@k
     sterling train --ranker --data DIR [--out CKPT] [--encoder hstu|sasrec]   request-level ranker (ROO), held-out AUC / NE / GAUC
     sterling publish --checkpoint CKPT --data DIR --out SNAP [--value FORMULA] [--export]
@@ -114,6 +115,8 @@ _RETRIEVAL_ONLY = (
     "loss",
     "negatives",
     "warmup_steps",
+    "lr_decay",
+    "holdout",
     "cutoffs",
     "exclude_seen",
 )
@@ -277,6 +280,8 @@ def _train_retrieval(args: argparse.Namespace) -> None:
         "loss": args.loss,
         "num_negatives": args.negatives,
         "warmup_steps": args.warmup_steps,
+        "lr_decay": args.lr_decay,
+        "holdout": args.holdout,
         "cutoffs": None if args.cutoffs is None else _int_list(args.cutoffs, "--cutoffs"),
         "exclude_seen": args.exclude_seen,
     }
@@ -300,7 +305,7 @@ def _train_retrieval(args: argparse.Namespace) -> None:
         f"{report.epochs:g} epochs, {report.steps} steps, {report.train_s:.0f}s"
     )
     print(f"  {'':<16}" + "".join(f"{n.upper():>9}" for n in names))
-    rows = [("valid", report.valid), ("test", report.test)]
+    rows = [(label, m) for label, m in (("valid", report.valid), ("test", report.test)) if m]  # holdout 1: no valid
     if report.best_epoch is not None:
         rows = [(f"{label} (ep {report.best_epoch})", metrics) for label, metrics in rows]
         if report.last_test:
@@ -317,9 +322,10 @@ def _train_retrieval(args: argparse.Namespace) -> None:
                 got, base = metrics.get(f"hr@10:{task}", nan), metrics.get(f"hr@10:{task}(next)", nan)
                 print(f"  {task + ' ' + label.split()[0]:<16}{got:>9.4f}{base:>9.4f}")
     if out is not None:
-        best = (
-            f"{out / 'best'} (epoch {report.best_epoch})" if report.best_epoch is not None else "no best (no epoch ran)"
-        )
+        if report.best_epoch is not None:
+            best = f"{out / 'best'} (epoch {report.best_epoch})"
+        else:
+            best = f"{out / 'best'} (the last model)" if cfg.holdout == 1 else "no best (no epoch ran)"
         print(f"checkpoints: {best}, {out / 'last'}")
 
 
@@ -623,6 +629,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--negatives", type=int, metavar="N", help="uniform negatives of the sampled softmax (512)")
     r.add_argument("--warmup-steps", type=int, metavar="N", help="linear learning-rate warm-up steps (0)")
+    r.add_argument(
+        "--lr-decay",
+        choices=("constant", "cosine"),
+        help="learning rate after the warm-up: constant (default) or cosine decay to 0 at the last planned step",
+    )
+    r.add_argument(
+        "--holdout",
+        type=int,
+        choices=(1, 2),
+        help="events kept out of training per user: 2 (default: validation + test targets) or 1 (GR's: only the "
+        "test target; no validation, so no --patience, and the last epoch is reported and written as best)",
+    )
     r.add_argument("--cutoffs", metavar="LIST", help="the k of HR@k / NDCG@k, e.g. 5,10,20 (10,50; 10 always)")
     r.add_argument(
         "--exclude-seen",

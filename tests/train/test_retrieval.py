@@ -76,6 +76,22 @@ def test_split_is_leave_last_out_and_never_leaks():
         assert history[-1] == target - 1  # the test history includes the validation item
 
 
+def test_holdout_1_trains_on_all_but_the_test_target():
+    lengths = [1, 2, 3, 7, 12]
+    offsets, items, ts = _timelines(lengths)
+    split = leave_last_out(offsets, items, ts, max_len=4, holdout=1)
+    ev = {u: list(range(offsets[u], offsets[u + 1])) for u in range(len(lengths))}
+    # GR's split: evaluated users (>= 3 events) train on all but their last event
+    assert split.train.users.tolist() == [1, 2, 3, 4]
+    assert _rows(split.train) == [ev[1], ev[2][:-1], ev[3][:-1][-4:], ev[4][:-1][-4:]]
+    two = leave_last_out(offsets, items, ts, max_len=4)  # the test set does not depend on the holdout
+    assert torch.equal(split.test.targets, two.test.targets) and _rows(split.test.history) == _rows(two.test.history)
+    for user, target in zip(split.test.history.users.tolist(), split.test.targets.tolist()):
+        assert max(dict(zip(split.train.users.tolist(), _rows(split.train)))[user]) == target - 1
+    with pytest.raises(ValueError, match="holdout"):
+        leave_last_out(offsets, items, ts, max_len=4, holdout=3)
+
+
 @pytest.mark.parametrize("encoder", ["hstu", "sasrec"])
 def test_a_position_query_does_not_see_its_target(encoder):
     """The query trained to predict item i+1 is a function of items <= i only."""

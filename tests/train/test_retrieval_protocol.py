@@ -3,6 +3,7 @@ evaluation with seen items excluded, the cut-offs, the warm-up and the CLI flags
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -22,12 +23,13 @@ from sterling.train.retrieval import (
     candidate_log_q,
     full_softmax_loss,
     leave_last_out,
+    lr_schedule,
     popularity_ranks,
     query_ranks,
     sampled_softmax_loss,
     train_retrieval,
-    warmup_schedule,
 )
+from sterling.train.sequence_checkpoint import load_sequence_checkpoint
 from sterling.train.sequence_model import FULL_SOFTMAX_LOGITS
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -188,24 +190,44 @@ def test_config_resolves_the_loss_and_always_reports_cutoff_10():
     assert cfg.resolved_loss(fits) == "full" and cfg.resolved_loss(fits + 1) == "sampled"
     assert RetrievalConfig(loss="sampled").resolved_loss(10) == "sampled"
     assert RetrievalConfig(loss="full").resolved_loss(10**9) == "full"
-    for bad in ({"loss": "softmax"}, {"cutoffs": ()}, {"cutoffs": (0,)}, {"warmup_steps": -1}):
+    bad_configs = (
+        {"loss": "softmax"},
+        {"cutoffs": ()},
+        {"cutoffs": (0,)},
+        {"warmup_steps": -1},
+        {"lr_decay": "linear"},
+        {"holdout": 0},
+        {"holdout": 1, "patience": 3},
+    )
+    for bad in bad_configs:
         with pytest.raises(ValueError):
             RetrievalConfig(**bad)
 
 
-def test_warmup_ramps_the_learning_rate_linearly_then_holds():
+def _lrs(warmup: int, decay: int | None, steps: int) -> list[float]:
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.Adam([p], lr=1e-2)
-    schedule = warmup_schedule(opt, 3)
+    schedule = lr_schedule(opt, warmup, decay)
     lrs = []
-    for _ in range(6):
+    for _ in range(steps):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         schedule.step()
-    assert lrs == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2, 1e-2])
-    opt = torch.optim.Adam([p], lr=1e-2)
-    warmup_schedule(opt, 0)
-    assert opt.param_groups[0]["lr"] == 1e-2
+    return lrs
+
+
+def test_warmup_ramps_the_learning_rate_linearly_then_holds():
+    assert _lrs(3, None, 6) == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2, 1e-2, 1e-2])
+    assert _lrs(0, None, 2) == pytest.approx([1e-2, 1e-2])
+
+
+def test_cosine_decay_follows_the_warmup_down_to_zero():
+    lrs = _lrs(2, 10, 12)
+    assert lrs[:2] == pytest.approx([1e-2 / 3, 2e-2 / 3])
+    # from step 2 on: the cosine from the peak (step 2) to 0 at step 10, then 0
+    expected = [1e-2 * 0.5 * (1 + math.cos(math.pi * (i - 2) / 8)) for i in range(2, 11)] + [0.0]
+    assert lrs[2:] == pytest.approx(expected, abs=1e-12)
+    assert lrs[2] == pytest.approx(1e-2) and all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
 
 
 @pytest.fixture(scope="module")
@@ -239,6 +261,22 @@ def test_training_reports_both_protocols_at_the_cutoffs(synth, loss):
     assert ("full softmax" in lines[0]) == (loss == "full") and "threads" in lines[0]
 
 
+def test_holdout_1_reports_the_last_model_and_writes_it_as_best(synth, tmp_path):
+    cfg = RetrievalConfig(dim=8, num_layers=1, max_len=20, epochs=2, batch_size=32, holdout=1, lr_decay="cosine")
+    lines = []
+    report = train_retrieval(synth, cfg, log=lines.append, out_dir=tmp_path / "ckpt")
+    two = train_retrieval(synth, replace(cfg, holdout=2), log=lambda _: None)
+    assert report.valid == {} and report.best_epoch is None and report.last_test == {}
+    assert "holdout 1" in lines[0]
+    assert report.train_events > two.train_events  # the validation targets are trained on
+    assert all("valid" not in point for point in report.curve)
+    best = load_sequence_checkpoint(tmp_path / "ckpt" / "best")
+    last = load_sequence_checkpoint(tmp_path / "ckpt" / "last")
+    assert best.meta["epoch"] == last.meta["epoch"] == 2 and best.meta["metrics"]["test"] == report.test
+    for (name, a), (_, b) in zip(best.model.state_dict().items(), last.model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
 def test_cli_cutoffs_exclude_seen_and_threads(synth, tmp_path, capsys):
     out = tmp_path / "r.json"
     argv = ["train", "--model", "sasrec", "--data", str(synth), "--max-steps", "2", "--dim", "8"]
@@ -250,6 +288,14 @@ def test_cli_cutoffs_exclude_seen_and_threads(synth, tmp_path, capsys):
     assert report["config"]["loss"] == "sampled" and report["config"]["num_negatives"] == 8
     assert report["config"]["cutoffs"] == [5, 10, 20] and "unseen/ndcg@20" in report["test"]
     assert torch.get_num_threads() == 1
+    assert (
+        main([*argv, "--holdout", "1", "--lr-decay", "cosine", "--out", str(tmp_path / "h1"), "--json", str(out)]) == 0
+    )
+    assert "(the last model)" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["config"]["holdout"] == 1 and report["config"]["lr_decay"] == "cosine" and report["valid"] == {}
+    assert main([*argv, "--holdout", "1", "--patience", "2"]) == 2
+    assert "holdout 1 trains on the validation targets" in capsys.readouterr().err
     assert main([*argv[:7], "--cutoffs", "5,x"]) == 2
     assert "--cutoffs takes comma-separated integers" in capsys.readouterr().err
     assert main(["train", "--data", str(synth), "--out", str(tmp_path / "c"), "--exclude-seen"]) == 2

@@ -66,6 +66,7 @@ from sterling.train.retrieval import (
     train_retrieval,
 )
 from sterling.train.sequence_checkpoint import load_sequence_checkpoint
+from sterling.train.sequence_model import LR_DECAYS
 
 __all__ = ["PUBLISHED", "QualityBenchConfig", "format_table", "run"]
 
@@ -105,7 +106,15 @@ class QualityBenchConfig:
     encoders: tuple[str, ...] = ENCODERS
     seeds: tuple[int, ...] = (0, 1)
     sequence: RetrievalConfig = field(
-        default_factory=lambda: RetrievalConfig(epochs=30, patience=4, cutoffs=(5, 10, 20, 50), exclude_seen=True)
+        default_factory=lambda: RetrievalConfig(
+            epochs=30,
+            lr=2e-3,
+            warmup_steps=100,
+            lr_decay="cosine",
+            holdout=1,
+            cutoffs=(5, 10, 20, 50),
+            exclude_seen=True,
+        )
     )
 
     def __post_init__(self) -> None:
@@ -118,9 +127,7 @@ class QualityBenchConfig:
     @classmethod
     def quick(cls) -> QualityBenchConfig:
         """A synthetic smoke run: one seed, two epochs of a small model."""
-        small = RetrievalConfig(
-            dim=16, num_layers=1, max_len=30, epochs=2, batch_size=32, cutoffs=(5, 10, 20), exclude_seen=True
-        )
+        small = replace(cls().sequence, dim=16, num_layers=1, max_len=30, epochs=2, batch_size=32, warmup_steps=2)
         return cls(datasets=("synthetic",), seeds=(0, 1), sequence=small)
 
 
@@ -314,9 +321,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="the folder holding ml-100k/ and ml-1m-subset/ (default: %(default)s)",
     )
     p.add_argument("--datasets", metavar="LIST", help="MovieLens folders to run (default: ml-100k,ml-1m-subset)")
+    p.add_argument("--encoders", metavar="LIST", help="user towers to run (default: hstu,sasrec)")
     p.add_argument("--seeds", metavar="LIST", help="seeds per encoder (default: 0,1)")
-    p.add_argument("--epochs", type=int, metavar="N", help="most epochs per run (default: 30)")
-    p.add_argument("--patience", type=int, metavar="N", help="stop a run after N epochs without a better validation")
+    p.add_argument("--epochs", type=int, metavar="N", help="epochs per run (default: 30)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 2e-3)")
+    p.add_argument("--warmup-steps", type=int, metavar="N", help="linear warm-up steps (default: 100)")
+    p.add_argument("--lr-decay", choices=LR_DECAYS, help="after the warm-up (default: cosine, to 0 at the last step)")
+    p.add_argument(
+        "--holdout",
+        type=int,
+        choices=(1, 2),
+        help="events kept out of training: 1, GR's (the test target; the last epoch is reported; default) or 2 "
+        "(validation too: the best validation epoch is reported)",
+    )
+    p.add_argument(
+        "--patience",
+        type=int,
+        metavar="N",
+        help="with --holdout 2: stop a run after N epochs without a better validation",
+    )
     p.add_argument("--threads", type=int, metavar="N", help="torch threads (default: the CPUs this process may use)")
     p.add_argument(
         "--workdir",
@@ -328,12 +351,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def cli(args: argparse.Namespace) -> int:
     cfg = QualityBenchConfig.quick() if args.quick else QualityBenchConfig()
-    sequence = cfg.sequence
-    if args.epochs is not None:
-        sequence = replace(sequence, epochs=args.epochs)
-    if args.patience is not None:
-        sequence = replace(sequence, patience=args.patience)
+    options = ("epochs", "lr", "warmup_steps", "lr_decay", "holdout", "patience")
+    sequence = replace(cfg.sequence, **{k: getattr(args, k) for k in options if getattr(args, k) is not None})
     changes: dict = {"sequence": sequence}
+    if args.encoders:
+        changes["encoders"] = tuple(e.strip() for e in args.encoders.split(",") if e.strip())
     if args.seeds:
         changes["seeds"] = tuple(int(s) for s in args.seeds.split(",") if s.strip())
     if args.datasets:

@@ -20,7 +20,10 @@ their most recent ``max_len`` events. Neither target, nor anything after
 it, is in the training data or in its own history. Users with fewer than three events are not
 evaluated; they train on their whole timeline (when it has two events or more). GR trains on all
 but the last event (``ignore_last_n = 1``) and has no validation set; holding out two events costs
-each user one training target and keeps validation clean of the test target.
+each user one training target and keeps validation clean of the test target. ``holdout = 1``
+(``RetrievalConfig.holdout``) is GR's split: training ends before the test target, so the
+validation target is trained on; nothing is then validated or selected, the run trains its
+``epochs`` and reports the last model.
 
 **Loss** (``RetrievalConfig.loss``). **Full softmax** (``"full"``, and ``"auto"`` when one step's
 logits, ``batch_size × max_len × N``, fit :data:`~sterling.train.sequence_model.FULL_SOFTMAX_LOGITS`,
@@ -36,7 +39,8 @@ softmax; and the **logQ correction**: each candidate's logit is lowered by the l
 being a candidate (:func:`~sterling.train.sequence_loss.candidate_log_q`: frequent targets are
 candidates more often), so the sampled softmax estimates the full one. GR samples 128 uniform
 negatives per position and masks only those equal to the positive. ``warmup_steps`` ramps the
-learning rate linearly from 0 (:func:`warmup_schedule`).
+learning rate linearly from 0, and ``lr_decay = "cosine"`` then decays it to 0 at the last
+planned step (:func:`lr_schedule`).
 
 **Multi-task** (``RetrievalConfig.multi_task``, ``sterling train --model hstu --multi-task``): the
 tasks are the dataset's labels (``users.parquet``'s roles; action bit ``j`` of a timeline event is
@@ -124,6 +128,7 @@ __all__ = [
     "load_catalog_timelines",
     "load_task_names",
     "load_timelines",
+    "lr_schedule",
     "multi_task_loss",
     "popularity_ranks",
     "protocol_ranks",
@@ -133,7 +138,6 @@ __all__ = [
     "task_bits",
     "task_metrics",
     "train_retrieval",
-    "warmup_schedule",
 ]
 
 CUTOFFS = (10, 50)
@@ -328,10 +332,22 @@ def load_timelines(data_dir: Path) -> tuple[UserTimelines, int]:
     return timelines, len(item_ids)
 
 
-def warmup_schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear learning-rate warm-up, stepped once per optimiser step: step ``i`` (0-based) runs at
-    ``lr · min(1, (i + 1) / (steps + 1))``, so ``steps = 0`` is the plain ``lr`` throughout."""
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / (steps + 1)))
+def lr_schedule(
+    opt: torch.optim.Optimizer, warmup_steps: int, decay_steps: int | None = None
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning rate per optimiser step ``i`` (0-based; stepped once per step): a linear
+    warm-up, ``lr · min(1, (i + 1) / (warmup_steps + 1))`` (``warmup_steps = 0``: none), then
+    ``lr`` (``decay_steps`` None) or a cosine decay that reaches 0 at step ``decay_steps``:
+    ``lr · (1 + cos(π · (i - w) / (decay_steps - w))) / 2`` from ``w = warmup_steps`` on."""
+
+    def factor(i: int) -> float:
+        warm = min(1.0, (i + 1) / (warmup_steps + 1))
+        if decay_steps is None or i < warmup_steps:
+            return warm
+        progress = min(1.0, (i - warmup_steps) / max(1, decay_steps - warmup_steps))
+        return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 #: The validation metric that selects the best epoch and drives early stopping.
@@ -372,22 +388,25 @@ def train_retrieval(
     if cfg.multi_task and not tasks:
         raise ValueError(f"{data_dir}: multi-task training needs the dataset's labels; users.parquet names none")
     actions = timelines.actions if cfg.multi_task else None
-    split = leave_last_out(timelines.offsets, timelines.item_rows, timelines.ts, cfg.max_len, actions)
+    split = leave_last_out(timelines.offsets, timelines.item_rows, timelines.ts, cfg.max_len, actions, cfg.holdout)
     model = SequenceRetriever(num_items, cfg, tasks)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98))
-    warmup = warmup_schedule(opt, cfg.warmup_steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     train = split.train
     if len(train) == 0:
         raise ValueError(f"{data_dir}: no user has two events to train on")
     per_epoch = math.ceil(len(train) / cfg.batch_size)
+    planned = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.epochs * per_epoch, cfg.max_steps)
+    schedule = lr_schedule(opt, cfg.warmup_steps, planned if cfg.lr_decay == "cosine" else None)
     loss_kind = cfg.resolved_loss(num_items)
     log_q = None
     if loss_kind == "sampled":
         targets = train.items[trained_positions(train.offsets) + 1]
         positions = targets.numel() / per_epoch  # trained positions per batch, on average
         log_q = candidate_log_q(torch.bincount(targets, minlength=num_items), positions, cfg.num_negatives)
-    every_epoch = out_dir is not None or cfg.patience is not None
+    # holdout 1 trains on the validation targets: nothing is validated or selected
+    validated = cfg.holdout == 2
+    every_epoch = validated and (out_dir is not None or cfg.patience is not None)
     if every_epoch and len(split.valid) == 0:
         raise ValueError(f"{data_dir}: no user has three events to validate on (needed by checkpoints and patience)")
     data_dir_txt = str(Path(data_dir).resolve())
@@ -400,6 +419,7 @@ def train_retrieval(
             else f"sampled softmax, {cfg.num_negatives} negatives, logQ"
         )
         + f"; {torch.get_num_threads()} threads"
+        + ("" if validated else "; holdout 1: trained on the validation targets, the last epoch reported")
         + (f"; tasks next + {', '.join(tasks)}" if tasks else "")
     )
 
@@ -426,7 +446,7 @@ def train_retrieval(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            warmup.step()
+            schedule.step()
             steps, total = steps + 1, total + loss.item()
             bar.update()
             bar.set_postfix(loss=f"{total / (i + 1):.4f}", refresh=False)
@@ -437,7 +457,9 @@ def train_retrieval(
         epochs_done = epoch + (i + 1) / per_epoch
         elapsed = time.perf_counter() - t0
         point = {"epoch": round(epochs_done, 3), "steps": steps, "loss": total / (i + 1), "train_s": elapsed}
-        periodic = cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs and not done
+        periodic = (
+            validated and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs and not done
+        )
         if every_epoch or periodic:
             point["valid"] = _evaluate(model, split.valid, cfg)
         curve.append(point)
@@ -469,7 +491,7 @@ def train_retrieval(
     # the last model
     last_valid = curve[-1]["valid"] if every_epoch and curve else None
     if last_valid is None:
-        last_valid = _evaluate(model, split.valid, cfg)
+        last_valid = _evaluate(model, split.valid, cfg) if validated else {}
     last_test = _evaluate(model, split.test, cfg)
     if out_dir is not None:
         path = save("last", last_epoch, steps, {"valid": last_valid, "test": last_test})
@@ -490,6 +512,9 @@ def train_retrieval(
             log(f"  best validation {SELECT_BY.upper()}: epoch {best_epoch} of {last_epoch} (the reported model)")
     else:
         last_test = {}
+        if out_dir is not None and not validated:  # holdout 1: the reported model is the last one
+            path = save("best", last_epoch, steps, {"valid": valid, "test": test})
+            log(f"  no held-out validation (holdout 1): the reported model is the last; wrote {path}")
     popular = ranking_metrics(popularity_ranks(train, split.test, num_items), cfg.cutoffs)
     if cfg.exclude_seen:
         unseen = ranking_metrics(popularity_ranks(train, split.test, num_items, exclude_seen=True), cfg.cutoffs)
@@ -513,6 +538,8 @@ def train_retrieval(
     )
     label = "" if best_epoch is None else f" (epoch {best_epoch})"
     for name, metrics in ((f"valid{label}", valid), (f"test{label}", test), ("popular (test)", popular)):
+        if not metrics:
+            continue
         log(f"  {name}: " + ", ".join(f"{k.upper()} {v:.4f}" for k, v in metrics.items()))
     if json_path is not None:
         log(f"  wrote {report.write_json(json_path)}")

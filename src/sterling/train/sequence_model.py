@@ -39,12 +39,14 @@ from torch import nn
 from sterling.models.ranker import make_encoder
 from sterling.models.towers import TaskQueries
 
-__all__ = ["ENCODERS", "LOSSES", "NEXT", "RetrievalConfig", "SequenceRetriever"]
+__all__ = ["ENCODERS", "LOSSES", "LR_DECAYS", "NEXT", "RetrievalConfig", "SequenceRetriever"]
 
 ENCODERS = ("hstu", "sasrec")
 #: ``full``: softmax over the whole catalogue; ``sampled``: in-batch targets + shared negatives
 #: with the logQ correction; ``auto``: full when one step's logits fit :data:`FULL_SOFTMAX_LOGITS`.
 LOSSES = ("auto", "full", "sampled")
+#: Learning rate after the warm-up: ``constant``, or ``cosine`` decay to 0 at the last planned step.
+LR_DECAYS = ("constant", "cosine")
 #: The most logits (positions x items) one step of ``loss="auto"`` computes over the whole
 #: catalogue: 2**28 floats, 1 GiB (128 users x 200 events x 10,485 items).
 FULL_SOFTMAX_LOGITS = 1 << 28
@@ -73,6 +75,12 @@ class RetrievalConfig:
         num_negatives (int): uniform random items added to a sampled softmax's candidates (512).
         temperature (float): softmax temperature of the cosine logits (0.05).
         warmup_steps (int): steps of linear learning-rate warm-up from 0 to ``lr`` (0: none).
+        lr_decay (str): after the warm-up, ``"constant"`` or ``"cosine"`` (to 0 at the last
+            planned step: ``epochs`` epochs, or ``max_steps``).
+        holdout (int): events at the end of each evaluated timeline kept out of training: 2 (the
+            validation and the test target) or 1 (GR's protocol: train on all but the test
+            target; there is no held-out validation, so nothing is selected by it: no
+            ``patience``, and the reported model is the last one).
         cutoffs (tuple[int, ...]): the k of the reported HR@k / NDCG@k (10 is always reported:
             it selects the best epoch).
         exclude_seen (bool): also evaluate with the user's earlier items removed from the
@@ -101,6 +109,8 @@ class RetrievalConfig:
     num_negatives: int = 512
     temperature: float = 0.05
     warmup_steps: int = 0
+    lr_decay: str = "constant"
+    holdout: int = 2
     cutoffs: tuple[int, ...] = (10, 50)
     exclude_seen: bool = False
     eval_every: int = 0
@@ -125,6 +135,12 @@ class RetrievalConfig:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {self.lr_decay!r}")
+        if self.holdout not in (1, 2):
+            raise ValueError(f"holdout must be 1 or 2, got {self.holdout}")
+        if self.holdout == 1 and self.patience is not None:
+            raise ValueError("patience selects epochs by validation, and holdout 1 trains on the validation targets")
         cutoffs = tuple(self.cutoffs)
         if not cutoffs or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in cutoffs):
             raise ValueError(f"cutoffs must be ints >= 1, got {self.cutoffs!r}")

@@ -82,18 +82,27 @@ def _ranges(
 
 
 def leave_last_out(
-    offsets: np.ndarray, items: np.ndarray, ts: np.ndarray, max_len: int, actions: np.ndarray | None = None
+    offsets: np.ndarray,
+    items: np.ndarray,
+    ts: np.ndarray,
+    max_len: int,
+    actions: np.ndarray | None = None,
+    holdout: int = 2,
 ) -> LeaveLastOut:
     """Split timelines (``offsets [U + 1]``, ``items``, ``ts`` ``[E]``, oldest first per user) into
     training sequences and validation / test histories with their targets (module docstring);
     with the events' action bitmasks ``actions [E]``, the sequences carry theirs and the held-out
-    sets their targets'."""
+    sets their targets'. ``holdout``: the events of an evaluated user kept out of training, 2
+    (the validation and the test target) or 1 (GR's ``ignore_last_n = 1``: only the test target;
+    the validation target is then a training target too, and ``valid`` is no longer held out)."""
+    if holdout not in (1, 2):
+        raise ValueError(f"holdout must be 1 or 2, got {holdout}")
     offsets, items, ts = (np.asarray(a, dtype=np.int64) for a in (offsets, items, ts))
     if actions is not None:
         actions = np.asarray(actions, dtype=np.int64)
     first, stop = offsets[:-1], offsets[1:]
     evaluated = (stop - first) >= 3
-    train_end = np.where(evaluated, stop - 2, stop)
+    train_end = np.where(evaluated, stop - holdout, stop)
     train_start = np.maximum(first, train_end - max_len)
     keep = (train_end - train_start) >= 2
     rows = np.arange(len(first), dtype=np.int64)
