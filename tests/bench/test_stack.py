@@ -5,6 +5,7 @@ that gives both stacks' rows and summaries."""
 
 import json
 import random
+import socket
 import urllib.error
 import urllib.request
 from dataclasses import replace
@@ -12,12 +13,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 pytest.importorskip("aiohttp")
 pytest.importorskip("faiss")
 
 from sterling.bench.stack import StackBenchConfig, _Service  # noqa: E402
-from sterling.bench.stack_probe import exact_answers, recall_at_k  # noqa: E402
+from sterling.bench.stack_probe import exact_answers, recall_at_k, smallest_reaching  # noqa: E402
 from sterling.bench.stack_wire import Pieces, pack, unpack  # noqa: E402
 from sterling.index.item_index import IndexConfig  # noqa: E402
 from sterling.testing.snapshots import build_serving_snapshot, request_mix  # noqa: E402
@@ -211,3 +214,35 @@ def test_a_tiny_quick_run_gives_both_stacks_rows_and_summaries(tmp_path, monkeyp
     tuning = result["stacks"]["conventional"]["tuning"]
     reached = tuning["faiss"][str(tuning["nprobe"])] >= tuning["sterling"]
     assert reached or tuning["nprobe"] == result["stacks"]["conventional"]["nlist"]
+    if reached and tuning["nprobe"] > 1:  # the smallest that reaches it: one fewer list falls short
+        assert tuning["faiss"][str(tuning["nprobe"] - 1)] < tuning["sterling"]
+
+
+@given(st.integers(1, 5000), st.integers(1, 5000))
+def test_nprobe_tuning_finds_the_smallest_reaching_nprobe(nlist, threshold):
+    calls = []
+
+    def reaches(nprobe):
+        assert 1 <= nprobe <= nlist
+        calls.append(nprobe)
+        return nprobe >= threshold
+
+    got = smallest_reaching(reaches, nlist)
+    assert got == min(threshold, nlist)
+    assert len(calls) <= 2 * max(1, nlist.bit_length()) + 1
+
+
+def test_a_failing_downstream_service_is_a_502_with_a_json_body(services, snapshot, tmp_path):
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    front = _Service(
+        "front", snapshot, tmp_path / "front.log", 1, "--nprobe", str(NLIST),
+        "--filter-url", services["filter"], "--ann-url", services["ann"], "--ranking-url", dead,
+    )  # fmt: skip
+    try:
+        status, body = _post(front.wait().url + "/v1/retrieve", {"history": [], "k": 5})
+    finally:
+        front.stop()
+    assert status == 502 and body["error"]["code"] == "upstream_error"
+    assert "ranking service" in body["error"]["message"]

@@ -17,8 +17,8 @@ process of its own:
 
 Both stacks exclude the history's items from the answer (sterling's ``exclude_seen`` default).
 
-**nprobe.** FAISS gets sterling's ``nlist``; its ``nprobe`` is the smallest power of two (or
-``nlist``) whose recall@K0 of the mix's task queries under their filters, against the exact
+**nprobe.** FAISS gets sterling's ``nlist``; its ``nprobe`` is the smallest (doubling, then
+bisecting; up to ``nlist``) whose recall@K0 of the mix's task queries under their filters, against the exact
 filtered top-K0 (brute force over the float item vectors), reaches sterling's index's at its
 ``nprobe`` (both measured here, the table kept in the JSON).
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sterling.bench.stack_wire import BadInput, Pieces, pack, unpack
+from sterling.bench.stack_wire import BadInput, Pieces, UpstreamError, pack, unpack
 
 __all__ = ["Front"]
 
@@ -115,11 +115,16 @@ class Front:
             loop.create_task(self._chain(batch, users, queries, start, times))
 
     async def _post(self, name: str, path: str, body: dict) -> dict:
-        async with self.session.post(self.urls[name] + path, json=body) as r:
-            answer = await r.json(content_type=None)
-            if r.status != 200:
-                raise RuntimeError(f"the {name} service answered {r.status}: {answer}")
-            return answer
+        from aiohttp import ClientError
+
+        try:
+            async with self.session.post(self.urls[name] + path, json=body) as r:
+                answer = await r.json(content_type=None)
+        except (ClientError, ValueError) as e:  # refused, reset, not JSON
+            raise UpstreamError(f"the {name} service at {self.urls[name]} failed: {e or type(e).__name__}") from e
+        if r.status != 200:
+            raise UpstreamError(f"the {name} service answered {r.status}: {answer}")
+        return answer
 
     async def _chain(self, batch: list[_Request], users, queries, start: float, times: dict) -> None:
         loop = asyncio.get_running_loop()

@@ -7,19 +7,22 @@
 * :func:`recall_at_k`: the share of the exact answers' ids a stack's answers hold.
 * :func:`tune_nprobe`: recall@K0 of the task queries under their filters (no exclusion) against the
   exact filtered top-K0: sterling's index at its ``nprobe``, and the ANN service's FAISS index at
-  rising ``nprobe`` (1, 2, 4, ..., ``nlist``) until it reaches sterling's.
+  rising ``nprobe`` (1, 2, 4, ..., ``nlist``) until it reaches sterling's, then bisected between
+  the last power of two that falls short and the first that reaches it: the smallest such
+  ``nprobe`` (recall rises with ``nprobe``).
 """
 
 from __future__ import annotations
 
 import json
 import urllib.request
+from collections.abc import Callable
 
 import torch
 
 from sterling.bench.stack_wire import Pieces, pack, unpack
 
-__all__ = ["exact_answers", "recall_at_k", "tune_nprobe"]
+__all__ = ["exact_answers", "recall_at_k", "smallest_reaching", "tune_nprobe"]
 
 
 def _exact_rows(pieces: Pieces, queries: torch.Tensor, flt: str | None, exclude: list[int], k0: int) -> torch.Tensor:
@@ -74,6 +77,22 @@ def _recall(found: list[set[int]], exact: list[set[int]]) -> float:
     return sum(len(f & e) for f, e in zip(found, exact)) / max(sum(map(len, exact)), 1)
 
 
+def smallest_reaching(reaches: Callable[[int], bool], nlist: int) -> int:
+    """The smallest ``nprobe`` in ``1 … nlist`` for which ``reaches`` holds, assuming it holds
+    from some point on (recall rises with ``nprobe``): doubling from 1, then bisecting between
+    the last power of two that falls short and the first that reaches; ``nlist`` when none does.
+    Calls ``reaches`` about ``2 log2(answer)`` times."""
+    lo, hi = 0, 1  # lo falls short (0: none tried), hi is the next try
+    reached = reaches(hi)
+    while not reached and hi < nlist:
+        lo, hi = hi, min(2 * hi, nlist)
+        reached = reaches(hi)
+    while reached and hi - lo > 1:  # bisect: lo falls short, hi reaches
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if reaches(mid) else (mid, hi)
+    return hi
+
+
 @torch.no_grad()
 def tune_nprobe(pieces: Pieces, mix: list[dict], filter_url: str, ann_url: str, nlist: int) -> dict:
     """FAISS's ``nprobe`` whose recall@K0 reaches sterling's index's (see the module doc): ``{"nprobe",
@@ -96,11 +115,10 @@ def tune_nprobe(pieces: Pieces, mix: list[dict], filter_url: str, ann_url: str, 
     allowed = dict(zip(distinct, results))
     requests = [{"queries": pack(q.numpy()), "allowed": allowed.get(f)} for q, f in zip(queries, filters)]
     faiss: dict[str, float] = {}
-    nprobe = 1
-    while True:
+
+    def reaches(nprobe: int) -> bool:
         rows = unpack(_post(ann_url + "/v1/search", {"k": k0, "nprobe": nprobe, "requests": requests})["rows"], "int64")
         faiss[str(nprobe)] = _recall([{int(i) for i in row if i >= 0} for row in rows.reshape(b * t, k0)], exact)
-        if faiss[str(nprobe)] >= sterling or nprobe >= nlist:
-            break
-        nprobe = min(2 * nprobe, nlist)
-    return {"nprobe": nprobe, "sterling": sterling, "faiss": faiss, "queries": b * t}
+        return faiss[str(nprobe)] >= sterling
+
+    return {"nprobe": smallest_reaching(reaches, nlist), "sterling": sterling, "faiss": faiss, "queries": b * t}

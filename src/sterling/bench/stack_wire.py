@@ -83,13 +83,18 @@ def _short(obj: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+class UpstreamError(RuntimeError):
+    """A service this one calls failed or could not be reached: answered 502."""
+
+
 def error_body(code: str, message: str) -> dict:
     return {"error": {"code": code, "message": message}}
 
 
 def make_app(routes: dict[str, Callable[[dict], Awaitable[dict]]]):
     """An aiohttp application: ``GET /readyz`` and a ``POST`` route per path, each handler given the
-    JSON body (a dict) and answering a dict; bad input answers a 400 JSON error."""
+    JSON body (a dict) and answering a dict; bad input answers a 400 JSON error, an
+    :class:`UpstreamError` a 502 one."""
     from aiohttp import web
 
     @web.middleware
@@ -101,6 +106,8 @@ def make_app(routes: dict[str, Callable[[dict], Awaitable[dict]]]):
             return web.json_response(error_body(codes.get(e.status, "http_error"), e.reason), status=e.status)
         except (ValueError, TypeError, KeyError, IndexError) as e:  # BadInput, FilterError, a bad JSON body
             return web.json_response(error_body("bad_request", str(e) or type(e).__name__), status=400)
+        except UpstreamError as e:
+            return web.json_response(error_body("upstream_error", str(e)), status=502)
 
     def post(fn):
         async def handle(request):
