@@ -398,10 +398,16 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         update_log=None if args.no_log else Path(args.log or default_log_path(Path(args.snapshot))),
     )
     if args.engine == "ray":
+        if args.threads is not None:
+            raise ValueError("--threads: only with the local engine (Ray replicas take theirs from Ray's num_cpus)")
         _serve_ray(config, args)
         return
     if args.shards is not None or args.replicas is not None:
         raise ValueError("--shards and --replicas: only with --engine ray")
+    if args.threads is not None:
+        from sterling.train.progress import set_threads
+
+        set_threads(args.threads)
     serve(config, host=args.host, port=args.port)
 
 
@@ -722,6 +728,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="NAME=FORMULA",
         help="a named Value Model formula requests may pick (repeatable)",
+    )
+    sv.add_argument(
+        "--threads", type=int, metavar="N", help="torch threads of the forward (default: torch's, one per core)"
     )
     sv.add_argument("--max-batch", type=int, default=8, help="most requests in one forward (1: no batching)")
     sv.add_argument("--max-wait-ms", type=float, default=2.0, help="longest a request waits for its batch to fill")

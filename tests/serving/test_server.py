@@ -476,6 +476,24 @@ def test_serve_refuses_a_busy_port_with_one_error_before_loading(snapshots, caps
     assert f"cannot listen on 127.0.0.1:{port}" in err and "in use" in err and "serving" not in err, err
 
 
+def test_serve_threads_sets_torch_threads_and_is_refused_with_ray(snapshots, capsys, monkeypatch):
+    import torch
+
+    from sterling.cli import main
+    from sterling.serving import server as server_module
+
+    _, a, _, _ = snapshots
+    before = torch.get_num_threads()
+    monkeypatch.setattr(server_module, "serve", lambda config, host, port: None)
+    try:
+        assert main(["serve", "--snapshot", str(a), "--threads", "1", "--insecure-no-auth", "--no-log"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert main(["serve", "--snapshot", str(a), "--engine", "ray", "--threads", "1", "--insecure-no-auth"]) == 2
+    assert "--threads: only with the local engine" in capsys.readouterr().err
+
+
 def test_rank_never_answers_a_null_score(snapshots):
     _, a, _, _ = snapshots
     config = ServerConfig(a, allow_no_auth=True, value_formulas=(("broken", "log(click - click)"),))

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import socket
 import subprocess
@@ -154,17 +153,6 @@ def run(cfg: StackBenchConfig, log=print) -> dict:
     """Build (or reuse) the snapshot, tune FAISS's nprobe, run both stacks' ladders and recall."""
     from sterling.bench.stack_wire import Pieces
 
-    threads = os.environ.get("OMP_NUM_THREADS")
-    if cfg.threads:
-        os.environ["OMP_NUM_THREADS"] = str(cfg.threads)  # sterling serve's torch threads (it has no flag)
-    try:
-        return _run(cfg, log, Pieces)
-    finally:
-        if cfg.threads:
-            os.environ.pop("OMP_NUM_THREADS") if threads is None else os.environ.update(OMP_NUM_THREADS=threads)
-
-
-def _run(cfg: StackBenchConfig, log, Pieces) -> dict:
     with tempfile.TemporaryDirectory(prefix="sterling-stack-") as tmp:
         root = Path(cfg.snapshot_dir or tmp)
         root.mkdir(parents=True, exist_ok=True)
@@ -180,7 +168,8 @@ def _run(cfg: StackBenchConfig, log, Pieces) -> dict:
         exact = exact_answers(pieces, probe)
         nlist = int(pieces.index.executor_tensors()["centroids"].shape[0])
         results, rows = {}, []
-        with ServerProcess(snapshot, cfg.max_batch, cfg.max_wait_ms, root / "stack-sterling.log") as server:
+        threads = ("--threads", str(cfg.threads)) if cfg.threads else ()
+        with ServerProcess(snapshot, cfg.max_batch, cfg.max_wait_ms, root / "stack-sterling.log", threads) as server:
             recall = recall_at_k(asyncio.run(_answers(server.url, probe)), exact)
             log(f"sterling: recall@k of the final answer {recall:.3f}")
             log(_HEADER)
