@@ -4,9 +4,12 @@ with identical budgets, the published references beside them.
 On each MovieLens set (ML-100K and the ML-1M subset, converted with
 :func:`~sterling.data.movielens.load_movielens`), for each encoder (``hstu``, ``sasrec``) and seed,
 :func:`~sterling.train.retrieval.train_retrieval` with :attr:`QualityBenchConfig.sequence` (only the
-encoder and the seed differ): the leave-last-out split, validation NDCG@10 after every epoch
-selecting the best epoch (``patience`` stops a run), the test targets ranked over the whole
-catalogue under two protocols:
+encoder and the seed differ). By default GR's split and budget: each user's timeline trains up to
+its last event (``holdout = 1``), 30 epochs at lr 2e-3 with 100 warm-up steps and a cosine decay,
+the last epoch's model reported (nothing is validated, so nothing is selected); ``holdout = 2``
+holds out the second-to-last event too, and validation NDCG@10 after every epoch selects the
+reported epoch (``patience`` stops a run). The test targets (the same users and targets either
+way) are ranked over the whole catalogue under two protocols:
 
 * **GR's**: the full corpus, the user's earlier items **not** excluded (keys ``hr@10`` …), the
   protocol of the generative-recommenders README table (spec ``roo.md`` §7.2);
@@ -25,8 +28,9 @@ difference of the means, and two standard errors of it:
   (the users are the sample, as in a paired t-test).
 
 ``z_seeds`` and ``z_users`` are the difference over each. The best checkpoint of each run is read
-back (:func:`~sterling.train.sequence_checkpoint.load_sequence_checkpoint`) to rank the test users
-one by one; its metrics equal the run's report (checked). A run whose folder under ``--workdir``
+back (:func:`~sterling.train.sequence_checkpoint.load_sequence_checkpoint`; with ``holdout = 1``
+it is the last model) to rank the test users one by one; its metrics equal the run's report
+(checked). A run whose folder under ``--workdir``
 already holds a finished run of the same configuration and data is read back, not trained again:
 runs can be split over processes (``--seeds 0`` and ``--seeds 1`` side by side, one thread each)
 and the table assembled by a last invocation over all of them.
