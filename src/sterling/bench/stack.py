@@ -68,7 +68,7 @@ class StackBenchConfig:
     torch's default)."""
 
     num_items: int = 1_000_000
-    rates: tuple[float, ...] = (25, 50, 75, 100, 125, 150, 200, 250, 300, 400)
+    rates: tuple[float, ...] = (10, 15, 20, 25, 30, 40, 50, 60, 75, 100, 125, 150, 200, 250, 300, 400)
     step_seconds: float = 8.0
     p99_budget_ms: float = 50.0
     max_batch: int = 8
@@ -283,6 +283,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--items", type=int, help="catalogue size (default 1,000,000)")
     p.add_argument("--snapshots", help="directory to build the snapshot in and reuse it from")
     p.add_argument("--threads", type=int, help="torch / OpenMP threads of every process (default torch's)")
+    p.add_argument("--rates", metavar="LIST", help="offered requests/s of the ladder's steps, e.g. 10,20,50")
     p.add_argument("--json", help="write the rows and the summary here")
     p.add_argument("--plot", help="write latency against offered load (PNG) here")
 
@@ -295,6 +296,14 @@ def cli(args: argparse.Namespace) -> int:
         cfg = replace(cfg, snapshot_dir=Path(args.snapshots))
     if args.threads:
         cfg = replace(cfg, threads=args.threads)
+    if args.rates:
+        try:
+            rates = tuple(float(r) for r in args.rates.split(",") if r.strip())
+        except ValueError:
+            raise ValueError(f"--rates takes comma-separated numbers, got {args.rates!r}") from None
+        if not rates or min(rates) <= 0:
+            raise ValueError(f"--rates must be positive, got {args.rates!r}")
+        cfg = replace(cfg, rates=tuple(sorted(rates)))
     result = run(cfg)
     print(format_table(result))
     write_json(args.json, result)
