@@ -130,7 +130,7 @@ class QualityBenchConfig:
 
     @classmethod
     def quick(cls) -> QualityBenchConfig:
-        """A synthetic smoke run: one seed, two epochs of a small model."""
+        """A synthetic smoke run: two seeds, two epochs of a small model."""
         small = replace(cls().sequence, dim=16, num_layers=1, max_len=30, epochs=2, batch_size=32, warmup_steps=2)
         return cls(datasets=("synthetic",), seeds=(0, 1), sequence=small)
 
