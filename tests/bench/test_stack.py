@@ -197,9 +197,9 @@ def test_a_tiny_quick_run_gives_both_stacks_rows_and_summaries(tmp_path, monkeyp
     monkeypatch.setattr(StackBenchConfig, "quick", classmethod(lambda cls: tiny))
     out, png = tmp_path / "stack.json", tmp_path / "stack.png"
     argv = ["bench", "stack", "--quick", "--items", "1200", "--threads", "1", "--json", str(out), "--plot", str(png)]
-    assert main([*argv, "--snapshots", str(tmp_path / "snaps"), "--rates", "50,20"]) == 0
+    assert main([*argv, "--snapshots", str(tmp_path / "snaps"), "--rates", "50,20", "--step-seconds", "2"]) == 0
     result = json.loads(out.read_text())
-    assert result["config"]["rates"] == [20.0, 50.0]
+    assert result["config"]["rates"] == [20.0, 50.0] and result["config"]["step_seconds"] == 2.0
     assert png.stat().st_size > 0 and str(png) in capsys.readouterr().out
     assert {r["mode"] for r in result["rows"]} == {"sterling", "conventional"}
     for r in result["rows"]:
@@ -212,9 +212,9 @@ def test_a_tiny_quick_run_gives_both_stacks_rows_and_summaries(tmp_path, monkeyp
         s = result["stacks"][name]
         assert set(s["stages_ms"]) >= stages and s["max_qps_at_p99_budget"] >= 0
         assert 0.9 <= s["recall_at_k"] <= 1.0 and s["rss_mb"] > 0 and s["cpu_s_per_request"] > 0
-    for bad in ("20,x", "0,20"):
-        assert main(["bench", "stack", "--quick", "--rates", bad]) == 2
-        assert "--rates" in capsys.readouterr().err
+    for flag, bad in (("--rates", "20,x"), ("--rates", "0,20"), ("--step-seconds", "0")):
+        assert main(["bench", "stack", "--quick", flag, bad]) == 2
+        assert flag in capsys.readouterr().err
     tuning = result["stacks"]["conventional"]["tuning"]
     reached = tuning["faiss"][str(tuning["nprobe"])] >= tuning["sterling"]
     assert reached or tuning["nprobe"] == result["stacks"]["conventional"]["nlist"]

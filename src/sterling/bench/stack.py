@@ -284,6 +284,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--snapshots", help="directory to build the snapshot in and reuse it from")
     p.add_argument("--threads", type=int, help="torch / OpenMP threads of every process (default torch's)")
     p.add_argument("--rates", metavar="LIST", help="offered requests/s of the ladder's steps, e.g. 10,20,50")
+    p.add_argument(
+        "--step-seconds", type=float, metavar="S", help="length of a ladder step (default 8; longer: steadier P99)"
+    )
     p.add_argument("--json", help="write the rows and the summary here")
     p.add_argument("--plot", help="write latency against offered load (PNG) here")
 
@@ -304,6 +307,10 @@ def cli(args: argparse.Namespace) -> int:
         if not rates or min(rates) <= 0:
             raise ValueError(f"--rates must be positive, got {args.rates!r}")
         cfg = replace(cfg, rates=tuple(sorted(rates)))
+    if args.step_seconds is not None:
+        if args.step_seconds <= 0:
+            raise ValueError(f"--step-seconds must be positive, got {args.step_seconds}")
+        cfg = replace(cfg, step_seconds=args.step_seconds)
     result = run(cfg)
     print(format_table(result))
     write_json(args.json, result)
