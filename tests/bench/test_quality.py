@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sterling.bench.quality import PUBLISHED, QualityBenchConfig, _paired, _user_metrics, format_table, run
+from sterling.bench.report import comma_list
 from sterling.cli import main
 from sterling.train.retrieval import UNSEEN, ranking_metrics
 
@@ -86,3 +87,11 @@ def test_cli_quick(tmp_path, capsys):
     assert (sequence["holdout"], sequence["patience"], sequence["lr"], sequence["lr_decay"]) == (2, 1, 3e-3, "constant")
     assert [r["model"] for r in result["rows"]] == ["sasrec", "most_popular"] and result["comparisons"] == []
     assert result["rows"][0]["best_epochs"][0] in (1, 2)
+
+
+def test_comma_list_options_convert_and_name_the_option():
+    assert comma_list(" 0, 1,", "--seeds", int) == (0, 1)
+    assert comma_list("hstu,sasrec", "--encoders") == ("hstu", "sasrec")
+    for bad in ("0,x", " , "):
+        with pytest.raises(ValueError, match="--seeds"):
+            comma_list(bad, "--seeds", int)

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from sterling.bench.ann import DEFAULT_MOVIELENS, machine
-from sterling.bench.report import Benchmark, mean_se, write_json
+from sterling.bench.report import Benchmark, comma_list, mean_se, write_json
 from sterling.train.progress import set_threads
 from sterling.train.retrieval import (
     UNSEEN,
@@ -359,11 +359,11 @@ def cli(args: argparse.Namespace) -> int:
     sequence = replace(cfg.sequence, **{k: getattr(args, k) for k in options if getattr(args, k) is not None})
     changes: dict = {"sequence": sequence}
     if args.encoders:
-        changes["encoders"] = tuple(e.strip() for e in args.encoders.split(",") if e.strip())
+        changes["encoders"] = comma_list(args.encoders, "--encoders")
     if args.seeds:
-        changes["seeds"] = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+        changes["seeds"] = comma_list(args.seeds, "--seeds", int)
     if args.datasets:
-        changes["datasets"] = tuple(d.strip() for d in args.datasets.split(",") if d.strip())
+        changes["datasets"] = comma_list(args.datasets, "--datasets")
     cfg = replace(cfg, **changes)
     set_threads(args.threads)
     root = None if args.movielens in (None, "none") else Path(args.movielens)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Benchmark", "mean_se", "write_json"]
+__all__ = ["Benchmark", "comma_list", "mean_se", "write_json"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,18 @@ class Benchmark:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], int]
+
+
+def comma_list(text: str, option: str, kind: type = str) -> tuple:
+    """The non-empty items of a comma-separated option value, each converted by ``kind``; a
+    ValueError naming ``option`` when one does not convert or none is given."""
+    try:
+        values = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated {kind.__name__} values, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{option} names nothing: {text!r}")
+    return values
 
 
 def write_json(path: str | Path | None, result: dict) -> None:

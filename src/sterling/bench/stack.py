@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from sterling.bench.ann import machine
-from sterling.bench.report import Benchmark, write_json
+from sterling.bench.report import Benchmark, comma_list, write_json
 from sterling.bench.serve import ServerProcess, Step, best_qps, cached_snapshot, wait_ready
 from sterling.bench.serve import ladder as serve_ladder
 from sterling.bench.stack_probe import exact_answers, recall_at_k, tune_nprobe
@@ -300,11 +300,8 @@ def cli(args: argparse.Namespace) -> int:
     if args.threads:
         cfg = replace(cfg, threads=args.threads)
     if args.rates:
-        try:
-            rates = tuple(float(r) for r in args.rates.split(",") if r.strip())
-        except ValueError:
-            raise ValueError(f"--rates takes comma-separated numbers, got {args.rates!r}") from None
-        if not rates or min(rates) <= 0:
+        rates = comma_list(args.rates, "--rates", float)
+        if min(rates) <= 0:
             raise ValueError(f"--rates must be positive, got {args.rates!r}")
         cfg = replace(cfg, rates=tuple(sorted(rates)))
     if args.step_seconds is not None:
