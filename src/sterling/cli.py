@@ -11,7 +11,7 @@ Sub-commands::
     sterling train --data DIR --out CKPT [--nproc N]   two-tower + OverArch on request batches (DDP), held-out recall
     sterling train --model hstu|sasrec --data DIR [--out CKPT] [--patience N] [--multi-task]
                    [--loss auto|full|sampled] [--warmup-steps N] [--lr-decay cosine] [--holdout 1|2]
-                   [--cutoffs 5,10,20] [--exclude-seen] [--threads N]
+                   [--query-time request|event] [--cutoffs 5,10,20] [--exclude-seen] [--threads N]
                                                     next-item retrieval, leave-last-out HR@k / NDCG@k
     sterling train --ranker --data DIR [--out CKPT] [--encoder hstu|sasrec]   request-level ranker (ROO), held-out AUC / NE / GAUC
     sterling publish --checkpoint CKPT --data DIR --out SNAP [--value FORMULA] [--export]
@@ -117,6 +117,7 @@ _RETRIEVAL_ONLY = (
     "warmup_steps",
     "lr_decay",
     "holdout",
+    "query_time",
     "cutoffs",
     "exclude_seen",
 )
@@ -282,6 +283,7 @@ def _train_retrieval(args: argparse.Namespace) -> None:
         "warmup_steps": args.warmup_steps,
         "lr_decay": args.lr_decay,
         "holdout": args.holdout,
+        "query_time": args.query_time,
         "cutoffs": None if args.cutoffs is None else _int_list(args.cutoffs, "--cutoffs"),
         "exclude_seen": args.exclude_seen,
     }
@@ -646,6 +648,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=(1, 2),
         help="events kept out of training per user: 2 (default: validation + test targets) or 1 (GR's: only the "
         "test target; no validation, so no --patience, and the last epoch is reported and written as best)",
+    )
+    r.add_argument(
+        "--query-time",
+        choices=("request", "event"),
+        help="HSTU's time bias measures a query's gaps from the time of the request it answers (request, default, "
+        "GR's: the next event's time; the target's in evaluation) or from its own last event (event)",
     )
     r.add_argument("--cutoffs", metavar="LIST", help="the k of HR@k / NDCG@k, e.g. 5,10,20 (10,50; 10 always)")
     r.add_argument(

@@ -28,3 +28,17 @@ def test_concat_padding_and_gather_match_lists(shape, data):
     index, new_off = jagged.gather_rows(off, torch.tensor(picks, dtype=torch.int64))
     got = out[index]
     assert [got[new_off[i] : new_off[i + 1]].tolist() for i in range(len(picks))] == [rows[p] for p in picks]
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=6), st.booleans())
+def test_next_values_match_lists(lengths, with_last):
+    values = torch.arange(sum(lengths)) * 10 + 1
+    last = -1 - torch.arange(len(lengths)) if with_last else None
+    off = offsets_of(lengths)
+    got = jagged.next_values(values, off, last)
+    want = []
+    for r in range(len(lengths)):
+        row = values[off[r] : off[r + 1]].tolist()
+        want += row[1:] + ([int(last[r]) if with_last else row[-1]] if row else [])
+    assert got.tolist() == want

@@ -109,6 +109,24 @@ def test_a_position_query_does_not_see_its_target(encoder):
     assert not torch.allclose(out[3:6], base[3:6])
 
 
+@pytest.mark.parametrize("query_time", ["request", "event"])
+def test_a_prefix_asked_at_the_next_event_time_is_the_training_query(query_time):
+    """Training's position-i query is the evaluation query of the history up to i, asked at the
+    next event's time (``request``) or at its own last event's (``event``)."""
+    torch.manual_seed(0)
+    cfg = RetrievalConfig(dim=16, max_len=20, dropout=0.0, query_time=query_time)
+    model = SequenceRetriever(50, cfg).eval()
+    items, ts = torch.randint(50, (8,)), torch.cumsum(torch.randint(1, 10**6, (8,)), 0)
+    with torch.no_grad():
+        full = model(items, ts, torch.tensor([0, 8]))
+        for i in range(7):
+            prefix = torch.tensor([0, i + 1])
+            asked = model(items[: i + 1], ts[: i + 1], prefix, ts[i + 1 : i + 2])[-1]
+            torch.testing.assert_close(asked, full[i], rtol=1e-5, atol=1e-6)
+            unasked = model(items[: i + 1], ts[: i + 1], prefix)[-1]  # no request time: the last event's
+            assert torch.allclose(unasked, full[i], rtol=1e-5, atol=1e-6) == (query_time == "event")
+
+
 # ----------------------------------------------------------------------------------------- loss
 
 
@@ -171,7 +189,7 @@ def test_full_corpus_ranks_equal_brute_force(encoder):
 
 def _brute_force_rank(model, data, u, num_items):
     one = data.history.rows(torch.tensor([u]))
-    query = model(one.items, one.ts, one.offsets)[-1]
+    query = model(one.items, one.ts, one.offsets, data.target_ts[u : u + 1])[-1]  # asked at the target's time
     scores = [float(query @ F.normalize(model.item_table.weight[i], dim=0)) for i in range(num_items)]
     target = scores[int(data.targets[u])]
     return sum(s > target for s in scores)

@@ -129,7 +129,7 @@ def test_ranks_with_seen_items_excluded_equal_brute_force(seed):
         full = query_ranks(model, data, chunk=3)[:, 0]
         with torch.no_grad():
             h = data.history
-            queries = model(h.items, h.ts, h.offsets)[h.offsets[1:] - 1]
+            queries = model(h.items, h.ts, h.offsets, data.target_ts)[h.offsets[1:] - 1]
             scores = queries @ model.item_vectors().T
         for u in range(len(data)):
             target = int(data.targets[u])
@@ -289,11 +289,27 @@ def test_cli_cutoffs_exclude_seen_and_threads(synth, tmp_path, capsys):
     assert report["config"]["cutoffs"] == [5, 10, 20] and "unseen/ndcg@20" in report["test"]
     assert torch.get_num_threads() == 1
     assert (
-        main([*argv, "--holdout", "1", "--lr-decay", "cosine", "--out", str(tmp_path / "h1"), "--json", str(out)]) == 0
+        main(
+            [
+                *argv,
+                "--holdout",
+                "1",
+                "--lr-decay",
+                "cosine",
+                "--query-time",
+                "event",
+                "--out",
+                str(tmp_path / "h1"),
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
     )
     assert "(the last model)" in capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["config"]["holdout"] == 1 and report["config"]["lr_decay"] == "cosine" and report["valid"] == {}
+    assert report["config"]["query_time"] == "event"
     assert main([*argv, "--holdout", "1", "--patience", "2"]) == 2
     assert "holdout 1 trains on the validation targets" in capsys.readouterr().err
     assert main([*argv[:7], "--cutoffs", "5,x"]) == 2

@@ -328,6 +328,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoders", metavar="LIST", help="user towers to run (default: hstu,sasrec)")
     p.add_argument("--seeds", metavar="LIST", help="seeds per encoder (default: 0,1)")
     p.add_argument("--epochs", type=int, metavar="N", help="epochs per run (default: 30)")
+    p.add_argument("--layers", type=int, metavar="N", help="encoder layers of both models (default: 2)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: 2e-3)")
     p.add_argument("--warmup-steps", type=int, metavar="N", help="linear warm-up steps (default: 100)")
     p.add_argument("--lr-decay", choices=LR_DECAYS, help="after the warm-up (default: cosine, to 0 at the last step)")
@@ -355,8 +356,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def cli(args: argparse.Namespace) -> int:
     cfg = QualityBenchConfig.quick() if args.quick else QualityBenchConfig()
-    options = ("epochs", "lr", "warmup_steps", "lr_decay", "holdout", "patience")
-    sequence = replace(cfg.sequence, **{k: getattr(args, k) for k in options if getattr(args, k) is not None})
+    options = {"epochs": "epochs", "num_layers": "layers", "lr": "lr", "warmup_steps": "warmup_steps"}
+    options |= {"lr_decay": "lr_decay", "holdout": "holdout", "patience": "patience"}
+    given = {field: getattr(args, arg) for field, arg in options.items() if getattr(args, arg) is not None}
+    sequence = replace(cfg.sequence, **given)
     changes: dict = {"sequence": sequence}
     if args.encoders:
         changes["encoders"] = comma_list(args.encoders, "--encoders")

@@ -95,12 +95,21 @@ def _time_bucket(gap: torch.Tensor, buckets: int) -> torch.Tensor:
     return (torch.log(gap.abs().clamp(min=1).float()) / 0.301).long().clamp(0, buckets - 1)
 
 
-def relative_index(positions: torch.Tensor, timestamps: torch.Tensor, norm_len: int, buckets: int) -> torch.Tensor:
+def relative_index(
+    positions: torch.Tensor,
+    timestamps: torch.Tensor,
+    norm_len: int,
+    buckets: int,
+    query_timestamps: torch.Tensor | None = None,
+) -> torch.Tensor:
     """int64 ``[B, n, n]``: the row of :meth:`RelativeBias.table` of each (query ``i``, key ``j``)
-    pair of padded ``positions``, ``timestamps [B, n]``: ``gap · buckets + bucket(t_i − t_j)``,
-    ``gap = clamp(p_i − p_j, 0, norm_len − 1)``. The same for every layer: computed once."""
+    pair of padded ``positions``, ``timestamps [B, n]``: ``gap · buckets + bucket(τ_i − t_j)``,
+    ``gap = clamp(p_i − p_j, 0, norm_len − 1)``, where a query's time ``τ_i`` is
+    ``query_timestamps [B, n]`` (e.g. the time of the request it answers; None: its own event's
+    ``t_i``). The same for every layer: computed once."""
     gap = (positions[:, :, None] - positions[:, None, :]).clamp(0, norm_len - 1)  # [B, n, n]
-    dt = timestamps[:, :, None] - timestamps[:, None, :]  # [B, n, n]
+    query = timestamps if query_timestamps is None else query_timestamps
+    dt = query[:, :, None] - timestamps[:, None, :]  # [B, n, n]
     return gap * buckets + _time_bucket(dt, buckets)
 
 
@@ -224,25 +233,36 @@ class HSTU(nn.Module):
         timestamps: torch.Tensor,
         num_targets: torch.Tensor,
         max_len: int | None = None,
+        query_timestamps: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Encoded tokens ``[L, D]`` of jagged ``x [L, D]`` (offsets ``[B + 1]``, timestamps
         ``int64 [L]`` in seconds, the last ``num_targets [B]`` tokens of each sequence candidates).
         ``max_len`` (at least the longest sequence) pads to a static width: no host sync, so
-        ``torch.export`` traces it; the result is the same."""
+        ``torch.export`` traces it; the result is the same. ``query_timestamps`` (int64 ``[L]``):
+        each token's time as a query, the time bias reading ``query_timestamps[i] − timestamps[j]``
+        (:func:`relative_index`; None: ``timestamps``)."""
         lens = jagged.lengths(offsets)
         n = max_len if max_len is not None else (int(lens.max()) if lens.numel() else 0)
         mask = target_aware_mask(offsets, num_targets, n).to(x.dtype)  # [B, n, n]
-        index = self._relative_index(offsets, token_positions(offsets, num_targets, x.shape[0]), timestamps, n)
+        positions = token_positions(offsets, num_targets, x.shape[0])
+        index = self._relative_index(offsets, positions, timestamps, n, query_timestamps)
         for layer in self.layers:
             x = layer(x, offsets, index, mask)
         return self.norm(x)
 
     def _relative_index(
-        self, offsets: torch.Tensor, positions: torch.Tensor, timestamps: torch.Tensor, n: int
+        self,
+        offsets: torch.Tensor,
+        positions: torch.Tensor,
+        timestamps: torch.Tensor,
+        n: int,
+        query_timestamps: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """:func:`relative_index` ``[B, n, n]`` of jagged ``positions``, ``timestamps [L]``."""
+        """:func:`relative_index` ``[B, n, n]`` of jagged ``positions``, ``timestamps`` and
+        ``query_timestamps`` ``[L]``."""
         pos, ts = jagged.to_padded(positions, offsets, n), jagged.to_padded(timestamps, offsets, n)  # [B, n]
-        return relative_index(pos, ts, self.cfg.norm_len, self.cfg.time_buckets)
+        query = None if query_timestamps is None else jagged.to_padded(query_timestamps, offsets, n)
+        return relative_index(pos, ts, self.cfg.norm_len, self.cfg.time_buckets, query)
 
     def encode_candidates(
         self,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["concat", "gather_rows", "lengths", "row_and_column", "to_padded", "from_padded"]
+__all__ = ["concat", "from_padded", "gather_rows", "lengths", "next_values", "row_and_column", "to_padded"]
 
 
 def lengths(offsets: torch.Tensor) -> torch.Tensor:
@@ -32,6 +32,15 @@ def row_and_column(offsets: torch.Tensor, total: int | None = None) -> tuple[tor
     else:
         row = torch.searchsorted(offsets, torch.arange(total), right=True) - 1
     return row, torch.arange(row.numel()) - offsets[row]
+
+
+def next_values(values: torch.Tensor, offsets: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+    """``[L]``: each value of jagged ``values [L]`` replaced by the next one in its row; a row's
+    last value by ``last[b]`` (``last [B]``; None: it stays). No host sync."""
+    row, col = row_and_column(offsets, values.shape[0])
+    is_last = col == lengths(offsets)[row] - 1
+    fill = values if last is None else last[row]
+    return torch.where(is_last, fill, values.roll(-1))
 
 
 def to_padded(values: torch.Tensor, offsets: torch.Tensor, max_len: int | None = None) -> torch.Tensor:

@@ -95,10 +95,11 @@ class SASRec(nn.Module):
         timestamps: torch.Tensor,
         num_targets: torch.Tensor,
         max_len: int | None = None,
+        query_timestamps: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Encoded tokens ``[L, D]`` of jagged ``x [L, D]`` (offsets ``[B + 1]``; ``timestamps``
-        unused, kept for the shared interface; the last ``num_targets [B]`` tokens are candidates;
-        ``max_len`` as in :meth:`sterling.models.hstu.HSTU.forward`)."""
+        and ``query_timestamps`` unused, kept for the shared interface; the last ``num_targets [B]``
+        tokens are candidates; ``max_len`` as in :meth:`sterling.models.hstu.HSTU.forward`)."""
         lens = jagged.lengths(offsets)
         n = max_len if max_len is not None else (int(lens.max()) if lens.numel() else 0)
         row, _ = jagged.row_and_column(offsets, x.shape[0])

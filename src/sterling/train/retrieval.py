@@ -178,7 +178,8 @@ def protocol_ranks(
     for s in range(0, len(data), chunk):
         rows = torch.arange(s, min(s + chunk, len(data)))
         h = data.history.rows(rows)
-        heads = model.all_queries(model(h.items, h.ts, h.offsets)[h.offsets[1:] - 1])  # [b, 1 + T, D]
+        request_ts = None if data.target_ts is None else data.target_ts[rows]
+        heads = model.all_queries(model(h.items, h.ts, h.offsets, request_ts)[h.offsets[1:] - 1])  # [b, 1 + T, D]
         targets = data.targets[rows]
         scores = heads.transpose(0, 1) @ items.T  # [1 + T, b, N]
         for ranks, exclude in zip(out, protocols, strict=True):

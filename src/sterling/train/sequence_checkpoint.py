@@ -86,7 +86,8 @@ def load_sequence_checkpoint(path: Path) -> SequenceCheckpoint:
     path = Path(path)
     meta, tensors, item_ids = read_catalog_checkpoint(path, KIND, "sterling train --model hstu|sasrec")
     try:
-        cfg = RetrievalConfig(**meta["retrieval"])
+        # written before query_time existed: the query's own event's time
+        cfg = RetrievalConfig(**{"query_time": "event", **meta["retrieval"]})
         num_items = int(meta["num_items"])
         tasks = tuple(meta.get("tasks", ()))
         module = SequenceRetriever(num_items, cfg, tasks)

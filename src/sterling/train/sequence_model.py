@@ -7,13 +7,16 @@ the user tower (:func:`~sterling.models.ranker.make_encoder`: HSTU or SASRec, ``
 so the mask is plain causal) encodes them, and the output at every position, L2-normalised, is a
 query for the **next** item. Items are scored by the inner product with their L2-normalised
 embeddings (cosine), divided by ``temperature`` in the loss. The same table embeds the inputs and
-the outputs, as in GR. HSTU's relative time bias reads the gaps between the events' timestamps (a
-query's time is its own event's; GR uses the next event's). Batches are jagged (values + offsets);
-only the encoder's attention pads, to the longest sequence of the batch::
+the outputs, as in GR. HSTU's relative time bias reads the gap from a query's time to each earlier
+event's timestamp; a query's time (``RetrievalConfig.query_time``) is by default that of the
+**request** it answers, as in GR: in training the next event's timestamp, in evaluation the
+target's, served the request's (``"event"``: the query's own last event, as checkpoints written
+before the option did). Batches are jagged (values + offsets); only the encoder's attention pads,
+to the longest sequence of the batch::
 
     items, ts                       int64 [L]      jagged, offsets [B + 1]
       → tokens √D · E[items]        [L, D]         dropout
-      → encoder (causal)            [L, D]
+      → encoder (causal)            [L, D]         HSTU: time bias from ts[i + 1] (the request's) − ts[j]
       → L2 normalise                [L, D]         position i: the query for event i + 1
 
 **Multi-task** (``RetrievalConfig.multi_task``, the model built with the dataset's task names, e.g.
@@ -36,10 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sterling.models import jagged
 from sterling.models.ranker import make_encoder
 from sterling.models.towers import TaskQueries
 
-__all__ = ["ENCODERS", "LOSSES", "LR_DECAYS", "NEXT", "RetrievalConfig", "SequenceRetriever"]
+__all__ = ["ENCODERS", "LOSSES", "LR_DECAYS", "NEXT", "QUERY_TIMES", "RetrievalConfig", "SequenceRetriever"]
 
 ENCODERS = ("hstu", "sasrec")
 #: ``full``: softmax over the whole catalogue; ``sampled``: in-batch targets + shared negatives
@@ -47,6 +51,9 @@ ENCODERS = ("hstu", "sasrec")
 LOSSES = ("auto", "full", "sampled")
 #: Learning rate after the warm-up: ``constant``, or ``cosine`` decay to 0 at the last planned step.
 LR_DECAYS = ("constant", "cosine")
+#: A query's time for HSTU's time bias: the ``request`` it answers (the next event's time; GR's) or
+#: its own last ``event``'s.
+QUERY_TIMES = ("request", "event")
 #: The most logits (positions x items) one step of ``loss="auto"`` computes over the whole
 #: catalogue: 2**28 floats, 1 GiB (128 users x 200 events x 10,485 items).
 FULL_SOFTMAX_LOGITS = 1 << 28
@@ -94,6 +101,9 @@ class RetrievalConfig:
             validation NDCG@10 (validates every epoch; None: run every epoch).
         multi_task (bool): also train one task query per task of the dataset (its labels: action
             bit ``j`` is task ``j``) beside the next query (module docstring).
+        query_time (str): the time HSTU's time bias measures a query's gaps from: ``"request"``
+            (GR's: the time of the request the query answers, i.e. of the next event) or
+            ``"event"`` (the query's own last event). SASRec reads no time.
     """
 
     encoder: str = "hstu"
@@ -119,6 +129,7 @@ class RetrievalConfig:
     max_steps: int | None = None
     patience: int | None = None
     multi_task: bool = False
+    query_time: str = "request"
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:
@@ -137,6 +148,8 @@ class RetrievalConfig:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.lr_decay not in LR_DECAYS:
             raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {self.lr_decay!r}")
+        if self.query_time not in QUERY_TIMES:
+            raise ValueError(f"query_time must be one of {QUERY_TIMES}, got {self.query_time!r}")
         if self.holdout not in (1, 2):
             raise ValueError(f"holdout must be 1 or 2, got {self.holdout}")
         if self.holdout == 1 and self.patience is not None:
@@ -202,12 +215,19 @@ class SequenceRetriever(nn.Module):
         weight = self.item_table.weight if rows is None else self.item_table(rows)
         return F.normalize(weight, dim=-1)
 
-    def forward(self, items: torch.Tensor, ts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, items: torch.Tensor, ts: torch.Tensor, offsets: torch.Tensor, request_ts: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Unit-norm queries ``[L, D]`` of the jagged sequences ``items``, ``ts`` (int64 ``[L]``,
-        offsets ``[B + 1]``): position ``i`` of a sequence encodes its events ``<= i``."""
+        offsets ``[B + 1]``): position ``i`` of a sequence encodes its events ``<= i``. With
+        ``query_time = "request"``, position ``i``'s time is event ``i + 1``'s and a sequence's
+        last position's is ``request_ts [B]`` (the time its next item is asked for; None: its own
+        event's)."""
         x = self.input_dropout(self.item_table(items) * math.sqrt(self.cfg.dim))
         num_targets = torch.zeros(offsets.numel() - 1, dtype=torch.int64)
-        return F.normalize(self.encoder(x, offsets, ts, num_targets), dim=-1)
+        query_ts = jagged.next_values(ts, offsets, request_ts) if self.cfg.query_time == "request" else None
+        out = self.encoder(x, offsets, ts, num_targets, query_timestamps=query_ts)
+        return F.normalize(out, dim=-1)
 
     def all_queries(self, queries: torch.Tensor) -> torch.Tensor:
         """Unit-norm queries ``[L, 1 + T, D]`` of :meth:`forward`'s ``[L, D]``: the next query

@@ -41,13 +41,16 @@ class EvalSet:
     """Histories and the next item of each: ``targets`` int64 ``[B]``, and its action bitmask
     ``target_actions`` int64 ``[B]`` (None: not loaded). ``seen_items`` int64 ``[S]`` (offsets
     ``seen_offsets [B + 1]``): every item of the user's timeline before the target, the history
-    not cut to ``max_len`` (None: not kept), what evaluation with seen items excluded removes."""
+    not cut to ``max_len`` (None: not kept), what evaluation with seen items excluded removes.
+    ``target_ts`` int64 ``[B]``: the target's timestamp, the time its request was made (None: not
+    kept; a query's time is then its last event's)."""
 
     history: Sequences
     targets: torch.Tensor
     target_actions: torch.Tensor | None = None
     seen_items: torch.Tensor | None = None
     seen_offsets: torch.Tensor | None = None
+    target_ts: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.history)
@@ -114,6 +117,7 @@ def leave_last_out(
         history = _ranges(offsets, items, ts, u, np.maximum(first[evaluated], at - max_len), at, actions)
         seen = _ranges(offsets, items, ts, u, first[evaluated], at)
         target_actions = None if actions is None else torch.from_numpy(actions[at].copy())
-        return EvalSet(history, torch.from_numpy(items[at].copy()), target_actions, seen.items, seen.offsets)
+        t = torch.from_numpy
+        return EvalSet(history, t(items[at].copy()), target_actions, seen.items, seen.offsets, t(ts[at].copy()))
 
     return LeaveLastOut(train, held_out(stop - 2), held_out(stop - 1))
