@@ -29,7 +29,8 @@ def retriever(encoder: str, seed: int = 0) -> SequenceRetriever:
 
 def tower_of(model: SequenceRetriever) -> SequenceUserTower:
     cfg = model.cfg
-    tower = SequenceUserTower(SequenceTowerConfig(cfg.encoder, cfg.dim, cfg.num_layers, cfg.num_heads, cfg.max_len))
+    sizes = (cfg.encoder, cfg.dim, cfg.num_layers, cfg.num_heads, cfg.max_len, cfg.query_time)
+    tower = SequenceUserTower(SequenceTowerConfig(*sizes))
     tower.encoder.load_state_dict(model.encoder.state_dict())
     return tower.eval()
 
@@ -53,14 +54,21 @@ def test_the_tower_is_the_retrievers_query_at_the_last_event(encoder, seed):
     hs = histories(rng, 5)
     items, offsets = jagged(hs)
     ts = torch.from_numpy(np.sort(rng.integers(0, 10**6, len(items))))
-    users = tower(model.item_table(items), torch.ones_like(items), offsets, {}, ts)  # [B, D]
-    with torch.no_grad():
-        queries = model(items, ts, offsets)  # [L, D]
-    for b, h in enumerate(hs):
-        if h:
-            torch.testing.assert_close(users[b], queries[int(offsets[b + 1]) - 1], rtol=1e-5, atol=1e-5)
-        else:
-            assert torch.equal(users[b], torch.zeros(D))
+    request_ts = torch.from_numpy(rng.integers(10**6, 2 * 10**6, len(hs)))  # after every event
+    vectors, actions = model.item_table(items), torch.ones_like(items)
+    for asked in (None, request_ts):  # with the requests' times, or without (then the last event's)
+        users = tower(vectors, actions, offsets, {}, ts, asked)  # [B, D]
+        with torch.no_grad():
+            queries = model(items, ts, offsets, asked)  # [L, D]
+        for b, h in enumerate(hs):
+            if h:
+                torch.testing.assert_close(users[b], queries[int(offsets[b + 1]) - 1], rtol=1e-5, atol=1e-5)
+            else:
+                assert torch.equal(users[b], torch.zeros(D))
+    if encoder == "hstu" and any(hs):  # the request's time is read: asked later, another query
+        assert not torch.allclose(
+            tower(vectors, actions, offsets, {}, ts), tower(vectors, actions, offsets, {}, ts, request_ts)
+        )
 
 
 @pytest.fixture(scope="module", params=["hstu", "sasrec"])
@@ -143,6 +151,7 @@ def test_publish_serves_a_trained_retrievers_checkpoint(tmp_path):
     ckpt = load_sequence_checkpoint(tmp_path / "ckpt" / "best")
     served = load_model(publish(tmp_path / "ckpt" / "best", data / "items.parquet", tmp_path / "snap", k0=20))
     assert served.config.tasks == (NEXT_TASK,) and served.overarch is None
+    assert served.user_tower.cfg.query_time == ckpt.model.cfg.query_time == "request"
     history = [int(i) for i in ckpt.item_ids[[3, 1, 4, 1, 5]]]
     answer = served.recommend(history, k=5, exclude_seen=True)
     stored = served.index.embeddings_of(ckpt.item_ids)  # [N, D]

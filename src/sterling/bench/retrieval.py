@@ -370,8 +370,8 @@ def _check_no_leak(seq_data: Path, item_ids: np.ndarray, held: HeldOut) -> None:
 
 def _sequence_inputs(model: RetrievalModel, held: HeldOut) -> list[UserInputs]:
     """The held-out requests' inputs of a served sequence model: the latest ``max_history`` events
-    before each request, with their action bitmasks (what a ranker stage reads) and timestamps
-    (HSTU's time bias)."""
+    before each request, with their action bitmasks (what a ranker stage reads), timestamps and
+    the request's time (HSTU's time bias)."""
     keep = model.config.max_history
     out = []
     for part in held.slices:
@@ -379,7 +379,8 @@ def _sequence_inputs(model: RetrievalModel, held: HeldOut) -> list[UserInputs]:
         actions = [a[-keep:].tolist() for a in held.history_actions[part]]
         x = model.inputs([h[-keep:].tolist() for h in hs], actions)
         stamps = np.concatenate([t[-keep:] for t in ts]) if ts else np.zeros(0, dtype=np.int64)
-        out.append(replace(x, history_ts=torch.from_numpy(stamps.astype(np.int64))))
+        request_ts = torch.from_numpy(np.asarray(held.ts[part], dtype=np.int64))
+        out.append(replace(x, history_ts=torch.from_numpy(stamps.astype(np.int64)), request_ts=request_ts))
     return out
 
 

@@ -16,7 +16,9 @@ It has the signature of :class:`~sterling.models.towers.UserTower` (plus optiona
 :class:`~sterling.retrieval.model.RetrievalModel` composes either. A request without history gets
 the zero vector (every item scores 0). Actions and features are not read: the retriever trains
 on item sequences alone. Timestamps (int64 seconds ``[L]``) feed HSTU's time bias; without them
-every gap is 0.
+every gap is 0. A tower trained with ``query_time = "request"`` (the retriever's default) reads a
+position's time as the next event's and the last position's as the request's (``request_ts [B]``;
+without it, the last event's), as in training.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sterling.models import jagged
 from sterling.models.ranker import make_encoder
 
 __all__ = ["SequenceTowerConfig", "SequenceUserTower"]
@@ -44,6 +47,8 @@ class SequenceTowerConfig:
         dim (int): token and embedding width ``D``.
         num_layers (int), num_heads (int): encoder depth and heads.
         max_len (int): most recent events read (the encoder's positions are ``max_len + 1``).
+        query_time (str): the retriever's ``RetrievalConfig.query_time``: ``"request"`` or
+            ``"event"`` (snapshots published before the option).
     """
 
     encoder: str
@@ -51,10 +56,13 @@ class SequenceTowerConfig:
     num_layers: int
     num_heads: int
     max_len: int
+    query_time: str = "event"
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        if self.query_time not in ("request", "event"):
+            raise ValueError(f"query_time must be 'request' or 'event', got {self.query_time!r}")
         if min(self.dim, self.num_layers, self.num_heads, self.max_len) < 1:
             raise ValueError(f"dim, num_layers, num_heads and max_len must be >= 1, got {self}")
 
@@ -98,12 +106,15 @@ class SequenceUserTower(nn.Module):
         history_offsets: torch.Tensor,
         features: dict[str, torch.Tensor],
         timestamps: torch.Tensor | None = None,
+        request_ts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         b, total = history_offsets.shape[0] - 1, history_vectors.shape[0]
         ts = torch.zeros_like(history_actions) if timestamps is None else timestamps  # [L]
+        query_ts = jagged.next_values(ts, history_offsets, request_ts) if self.cfg.query_time == "request" else None
         tokens = history_vectors * math.sqrt(self.cfg.dim)  # [L, D]
         width = self.cfg.max_len if torch.compiler.is_compiling() else None  # static under torch.export
-        out = self.encoder(tokens, history_offsets, ts, torch.zeros(b, dtype=torch.int64), width)  # [L, D]
+        none = torch.zeros(b, dtype=torch.int64)
+        out = self.encoder(tokens, history_offsets, ts, none, width, query_timestamps=query_ts)  # [L, D]
         out = torch.cat([F.normalize(out, dim=-1), out.new_zeros(1, out.shape[1])])  # [L + 1, D]: a zero row
         has_history = history_offsets[1:] > history_offsets[:-1]  # [B]
         return out[torch.where(has_history, history_offsets[1:] - 1, total)]  # [B, D]; no history → 0

@@ -161,8 +161,10 @@ class UserTower(nn.Module):
         history_offsets: torch.Tensor,
         features: dict[str, torch.Tensor],
         timestamps: torch.Tensor | None = None,
+        request_ts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """User embeddings ``[R, D]`` (``timestamps`` unused: the sequence towers' interface)."""
+        """User embeddings ``[R, D]`` (``timestamps`` and ``request_ts`` unused: the sequence
+        towers' interface)."""
         cfg = self.cfg
         starts = torch.arange(history_offsets.shape[0] - 1)  # gathers, not slices: no
         lengths = history_offsets[starts + 1] - history_offsets[starts]  # [R]  size-1 guards in export

@@ -28,6 +28,9 @@ class UserInputs:
             ``history_rows`` is not read.
         history_ts (torch.Tensor | None): int64 ``[L]`` event times in seconds (HSTU's time bias;
             None: every gap is 0). The two-tower user tower does not read them.
+        request_ts (torch.Tensor | None): int64 ``[B]`` the requests' times in seconds: an HSTU
+            tower trained with ``query_time = "request"`` measures its query's time gaps from them
+            (None: from each history's last event).
     """
 
     history_rows: torch.Tensor
@@ -36,6 +39,7 @@ class UserInputs:
     features: torch.Tensor
     history_vectors: torch.Tensor | None = None
     history_ts: torch.Tensor | None = None
+    request_ts: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:

@@ -225,7 +225,9 @@ class RetrievalModel(nn.Module):
         """User embeddings ``[B, D]`` and task queries ``[B, T, D]``."""
         history = self._history_of(inputs)  # [L, D]
         feats = {n: inputs.features[:, i] for i, n in enumerate(self.config.features)}
-        users = self.user_tower(history, inputs.history_actions, inputs.history_offsets, feats, inputs.history_ts)
+        users = self.user_tower(
+            history, inputs.history_actions, inputs.history_offsets, feats, inputs.history_ts, inputs.request_ts
+        )
         return users, self.task_queries(users)
 
     @torch.no_grad()

@@ -178,7 +178,7 @@ def _publish_sequence(
     served ones and these are the queries that retrieve its candidates."""
     ckpt = load_sequence_checkpoint(checkpoint)
     cfg = ckpt.model.cfg
-    towers = SequenceTowerConfig(cfg.encoder, cfg.dim, cfg.num_layers, cfg.num_heads, cfg.max_len)
+    towers = SequenceTowerConfig(cfg.encoder, cfg.dim, cfg.num_layers, cfg.num_heads, cfg.max_len, cfg.query_time)
     user_tower = SequenceUserTower(towers)
     user_tower.encoder.load_state_dict(ckpt.model.encoder.state_dict())
     names = (NEXT_TASK, *ckpt.model.tasks)
