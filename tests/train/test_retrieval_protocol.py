@@ -30,6 +30,7 @@ from sterling.train.retrieval import (
     train_retrieval,
 )
 from sterling.train.sequence_checkpoint import load_sequence_checkpoint
+from sterling.train.sequence_loss import FusedSoftmaxCrossEntropy, reference_cross_entropy
 from sterling.train.sequence_model import FULL_SOFTMAX_LOGITS
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -316,3 +317,25 @@ def test_cli_cutoffs_exclude_seen_and_threads(synth, tmp_path, capsys):
     assert "--cutoffs takes comma-separated integers" in capsys.readouterr().err
     assert main(["train", "--data", str(synth), "--out", str(tmp_path / "c"), "--exclude-seen"]) == 2
     assert "--exclude-seen" in capsys.readouterr().err
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    p=st.integers(1, 40), n=st.integers(1, 30), d=st.integers(1, 6), chunk=st.integers(1, 16), seed=st.integers(0, 999)
+)
+def test_fused_cross_entropy_equals_the_plain_one_with_its_gradients(p, n, d, chunk, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(p, d, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(n, d, dtype=torch.float64, generator=g, requires_grad=True)
+    targets = torch.randint(n, (p,), generator=g)
+    scale = float(torch.rand((), generator=g, dtype=torch.float64) * 20 + 0.1)
+    upstream = float(torch.randn((), generator=g, dtype=torch.float64))
+    fused = FusedSoftmaxCrossEntropy.apply(q, v, targets, scale, chunk)
+    (fused * upstream).backward()
+    got = (q.grad.clone(), v.grad.clone())
+    q.grad, v.grad = None, None
+    plain = reference_cross_entropy(q, v, targets, scale)
+    (plain * upstream).backward()
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[0], q.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got[1], v.grad, rtol=1e-10, atol=1e-12)

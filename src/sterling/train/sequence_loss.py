@@ -16,10 +16,12 @@ from sterling.train.sequence_model import SequenceRetriever
 from sterling.train.sequence_split import Sequences
 
 __all__ = [
+    "FusedSoftmaxCrossEntropy",
     "batch_loss",
     "candidate_log_q",
     "full_softmax_loss",
     "multi_task_loss",
+    "reference_cross_entropy",
     "sampled_softmax_loss",
     "task_bits",
     "trained_positions",
@@ -115,6 +117,53 @@ def multi_task_loss(
     return _head_losses(queries, positive, counts, embed(candidates), mask, bias, temperature)
 
 
+#: Positions per chunk of :class:`FusedSoftmaxCrossEntropy`: a ``[chunk, N]`` logit block of a few
+#: thousand items stays in the CPU's cache between the matmul, the softmax and the gradient.
+FUSED_CHUNK = 128
+
+
+class FusedSoftmaxCrossEntropy(torch.autograd.Function):
+    """The mean cross-entropy of ``targets [P]`` over the logits ``scale · queries [P, D] ·
+    vectors [N, D]ᵀ``, never holding the ``[P, N]`` logits: ``chunk`` positions at a time, the
+    forward computes each block's log-sum-exp and, while the block is in cache, its gradient
+    ``(softmax − onehot) · scale / P``, accumulated into ``∂/∂queries [P, D]`` and
+    ``∂/∂vectors [N, D]``; the backward only scales them. Equal to
+    ``F.cross_entropy(scale * queries @ vectors.T, targets)`` (:func:`reference_cross_entropy`, the
+    reference the tests compare it with), with three matmuls and one pass over each block instead
+    of the softmax's several passes over ``[P, N]`` in memory (the "fused linear cross-entropy" of
+    Liger-Kernel / Cut Cross-Entropy)."""
+
+    @staticmethod
+    def forward(ctx, queries, vectors, targets, scale, chunk=FUSED_CHUNK):
+        p = queries.shape[0]
+        grad_q = torch.empty_like(queries)
+        grad_v = torch.zeros_like(vectors)
+        total = queries.new_zeros(())
+        for s in range(0, p, chunk):
+            q, t = queries[s : s + chunk], targets[s : s + chunk]  # [c, D], [c]
+            logits = (q @ vectors.T).mul_(scale)  # [c, N]
+            lse = torch.logsumexp(logits, 1)  # [c]
+            rows = torch.arange(t.numel())
+            total += (lse - logits[rows, t]).sum()
+            grad = logits.sub_(lse[:, None]).exp_()  # the softmax, in place
+            grad[rows, t] -= 1.0
+            grad.mul_(scale / p)
+            grad_q[s : s + chunk] = grad @ vectors
+            grad_v.addmm_(grad.T, q)
+        ctx.save_for_backward(grad_q, grad_v)
+        return total / p
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_q, grad_v = ctx.saved_tensors
+        return grad_q * grad_out, grad_v * grad_out, None, None, None
+
+
+def reference_cross_entropy(queries: torch.Tensor, vectors: torch.Tensor, targets: torch.Tensor, scale: float):
+    """The reference of :class:`FusedSoftmaxCrossEntropy`: the whole ``[P, N]`` logits at once."""
+    return F.cross_entropy((queries * scale) @ vectors.T, targets)
+
+
 def _head_losses(
     queries: torch.Tensor,
     positive: torch.Tensor,
@@ -132,6 +181,9 @@ def _head_losses(
         keep = slice(None) if counts is None else counts[:, h]
         if counts is not None and not bool(keep.any()):
             losses.append(queries.new_zeros(()))
+            continue
+        if bias is None and mask is None:  # the full softmax: fused, no [P_h, C] logits kept
+            losses.append(FusedSoftmaxCrossEntropy.apply(queries[keep, h], vectors, positive[keep], 1.0 / temperature))
             continue
         logits = (queries[keep, h] / temperature) @ vectors.T  # [P_h, C]
         if bias is not None:
