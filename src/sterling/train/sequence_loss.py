@@ -142,10 +142,13 @@ class FusedSoftmaxCrossEntropy(torch.autograd.Function):
         for s in range(0, p, chunk):
             q, t = queries[s : s + chunk], targets[s : s + chunk]  # [c, D], [c]
             logits = (q @ vectors.T).mul_(scale)  # [c, N]
-            lse = torch.logsumexp(logits, 1)  # [c]
             rows = torch.arange(t.numel())
-            total += (lse - logits[rows, t]).sum()
-            grad = logits.sub_(lse[:, None]).exp_()  # the softmax, in place
+            target = logits[rows, t]  # [c]
+            peak = logits.amax(1)  # [c]
+            grad = logits.sub_(peak[:, None]).exp_()  # in place: one exp per logit
+            norm = grad.sum(1)  # [c]
+            total += (peak + norm.log() - target).sum()  # log-sum-exp − target logit
+            grad.div_(norm[:, None])  # the softmax
             grad[rows, t] -= 1.0
             grad.mul_(scale / p)
             grad_q[s : s + chunk] = grad @ vectors
