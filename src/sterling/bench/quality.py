@@ -5,7 +5,7 @@ On each MovieLens set (ML-100K and the ML-1M subset, converted with
 :func:`~sterling.data.movielens.load_movielens`), for each encoder (``hstu``, ``sasrec``) and seed,
 :func:`~sterling.train.retrieval.train_retrieval` with :attr:`QualityBenchConfig.sequence` (only the
 encoder and the seed differ). By default GR's split and budget: each user's timeline trains up to
-its last event (``holdout = 1``), 30 epochs at lr 2e-3 with 100 warm-up steps and a cosine decay,
+its last event (``holdout = 1``), 30 epochs at lr 4e-3 with 100 warm-up steps and a cosine decay,
 the last epoch's model reported (nothing is validated, so nothing is selected); ``holdout = 2``
 holds out the second-to-last event too, and validation NDCG@10 after every epoch selects the
 reported epoch (``patience`` stops a run). The test targets (the same users and targets either
@@ -112,7 +112,7 @@ class QualityBenchConfig:
     sequence: RetrievalConfig = field(
         default_factory=lambda: RetrievalConfig(
             epochs=30,
-            lr=2e-3,
+            lr=4e-3,
             warmup_steps=100,
             lr_decay="cosine",
             holdout=1,
@@ -329,7 +329,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", metavar="LIST", help="seeds per encoder (default: 0,1)")
     p.add_argument("--epochs", type=int, metavar="N", help="epochs per run (default: 30)")
     p.add_argument("--layers", type=int, metavar="N", help="encoder layers of both models (default: 2)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: 2e-3)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 4e-3)")
     p.add_argument("--warmup-steps", type=int, metavar="N", help="linear warm-up steps (default: 100)")
     p.add_argument("--lr-decay", choices=LR_DECAYS, help="after the warm-up (default: cosine, to 0 at the last step)")
     p.add_argument(
