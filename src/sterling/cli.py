@@ -11,7 +11,8 @@ Sub-commands::
     sterling train --data DIR --out CKPT [--nproc N]   two-tower + OverArch on request batches (DDP), held-out recall
     sterling train --model hstu|sasrec --data DIR [--out CKPT] [--patience N] [--multi-task]
                    [--loss auto|full|sampled] [--warmup-steps N] [--lr-decay cosine] [--holdout 1|2]
-                   [--query-time request|event] [--cutoffs 5,10,20] [--exclude-seen] [--threads N]
+                   [--query-time request|event] [--tie-order shuffled|stored] [--cutoffs 5,10,20]
+                   [--exclude-seen] [--threads N]
                                                     next-item retrieval, leave-last-out HR@k / NDCG@k
     sterling train --ranker --data DIR [--out CKPT] [--encoder hstu|sasrec]   request-level ranker (ROO), held-out AUC / NE / GAUC
     sterling publish --checkpoint CKPT --data DIR --out SNAP [--value FORMULA] [--export]
@@ -118,6 +119,7 @@ _RETRIEVAL_ONLY = (
     "lr_decay",
     "holdout",
     "query_time",
+    "tie_order",
     "cutoffs",
     "exclude_seen",
 )
@@ -284,6 +286,7 @@ def _train_retrieval(args: argparse.Namespace) -> None:
         "lr_decay": args.lr_decay,
         "holdout": args.holdout,
         "query_time": args.query_time,
+        "tie_order": args.tie_order,
         "cutoffs": None if args.cutoffs is None else _int_list(args.cutoffs, "--cutoffs"),
         "exclude_seen": args.exclude_seen,
     }
@@ -654,6 +657,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("request", "event"),
         help="HSTU's time bias measures a query's gaps from the time of the request it answers (request, default, "
         "GR's: the next event's time; the target's in evaluation) or from its own last event (event)",
+    )
+    r.add_argument(
+        "--tie-order",
+        choices=("shuffled", "stored"),
+        help="a user's events of the same second, in training and evaluation: shuffled (default: by a fixed hash "
+        "of user and item) or stored (by item id, an order a model learns to exploit)",
     )
     r.add_argument("--cutoffs", metavar="LIST", help="the k of HR@k / NDCG@k, e.g. 5,10,20 (10,50; 10 always)")
     r.add_argument(

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sterling.cli import main
 from sterling.data.synth import SynthConfig, generate
@@ -24,6 +26,7 @@ from sterling.train.retrieval import (
     sampled_softmax_loss,
     train_retrieval,
 )
+from sterling.train.sequence_split import shuffled_ties
 
 ML100K = Path("/work/shared/data/ml-100k")
 
@@ -90,6 +93,35 @@ def test_holdout_1_trains_on_all_but_the_test_target():
         assert max(dict(zip(split.train.users.tolist(), _rows(split.train)))[user]) == target - 1
     with pytest.raises(ValueError, match="holdout"):
         leave_last_out(offsets, items, ts, max_len=4, holdout=3)
+
+
+@settings(max_examples=30, deadline=None)
+@given(lengths=st.lists(st.integers(0, 12), min_size=1, max_size=6), seed=st.integers(0, 999))
+def test_shuffled_ties_permute_only_events_of_the_same_second(lengths, seed):
+    rng = np.random.default_rng(seed)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    ts = np.concatenate([np.sort(rng.integers(0, 4, n)) for n in lengths]).astype(np.int64)  # many ties
+    items = rng.integers(0, 20, offsets[-1])
+    user = np.repeat(np.arange(len(lengths)), lengths)
+    stored = np.lexsort((items, ts, user))  # the format's order: (user, ts, item)
+    items, ts = items[stored], ts[stored]
+    order = shuffled_ties(offsets, items, ts)
+    assert sorted(order.tolist()) == list(range(offsets[-1]))
+    assert np.array_equal(user[order], user) and np.array_equal(ts[order], ts)  # only within (user, ts) groups
+    assert np.array_equal(order, shuffled_ties(offsets, items, ts))  # fixed: the same in every run
+    split = leave_last_out(offsets, items, ts, max_len=5, ties="shuffled")
+    by_hand = leave_last_out(offsets, items[order], ts[order], max_len=5)
+    for got, want in ((split.train, by_hand.train), (split.test.history, by_hand.test.history)):
+        assert torch.equal(got.items, want.items) and torch.equal(got.offsets, want.offsets)
+    assert torch.equal(split.test.targets, by_hand.test.targets)
+
+
+def test_shuffled_ties_break_the_item_order_of_a_burst():
+    offsets, ts = np.array([0, 30]), np.zeros(30, dtype=np.int64)  # one burst of 30 items
+    order = shuffled_ties(offsets, np.arange(30), ts)
+    assert sorted(order.tolist()) == list(range(30)) and order.tolist() != list(range(30))
+    with pytest.raises(ValueError, match="ties"):
+        leave_last_out(offsets, np.arange(30), ts, max_len=4, ties="random")
 
 
 @pytest.mark.parametrize("encoder", ["hstu", "sasrec"])

@@ -289,28 +289,12 @@ def test_cli_cutoffs_exclude_seen_and_threads(synth, tmp_path, capsys):
     assert report["config"]["loss"] == "sampled" and report["config"]["num_negatives"] == 8
     assert report["config"]["cutoffs"] == [5, 10, 20] and "unseen/ndcg@20" in report["test"]
     assert torch.get_num_threads() == 1
-    assert (
-        main(
-            [
-                *argv,
-                "--holdout",
-                "1",
-                "--lr-decay",
-                "cosine",
-                "--query-time",
-                "event",
-                "--out",
-                str(tmp_path / "h1"),
-                "--json",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    flags = ["--holdout", "1", "--lr-decay", "cosine", "--query-time", "event", "--tie-order", "stored"]
+    assert main([*argv, *flags, "--out", str(tmp_path / "h1"), "--json", str(out)]) == 0
     assert "(the last model)" in capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["config"]["holdout"] == 1 and report["config"]["lr_decay"] == "cosine" and report["valid"] == {}
-    assert report["config"]["query_time"] == "event"
+    assert report["config"]["query_time"] == "event" and report["config"]["tie_order"] == "stored"
     assert main([*argv, "--holdout", "1", "--patience", "2"]) == 2
     assert "holdout 1 trains on the validation targets" in capsys.readouterr().err
     assert main([*argv[:7], "--cutoffs", "5,x"]) == 2

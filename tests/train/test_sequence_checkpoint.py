@@ -93,14 +93,15 @@ def test_round_trip_gives_the_same_queries_and_item_ids(tmp_path, encoder):
     assert set(files) == {"model.safetensors"}
 
 
-def test_a_checkpoint_written_before_query_time_reads_as_event_time(tmp_path):
+def test_a_checkpoint_written_before_query_time_and_tie_order_reads_as_then(tmp_path):
     model = SequenceRetriever(10, RetrievalConfig(dim=4, num_layers=1, max_len=4, query_time="event"))
     path = write_sequence_checkpoint(tmp_path / "old", model, np.arange(10), {})
     manifest = json.loads((path / "manifest.json").read_text())
-    del manifest["meta"]["retrieval"]["query_time"]  # what older sessions wrote
+    del manifest["meta"]["retrieval"]["query_time"], manifest["meta"]["retrieval"]["tie_order"]  # older sessions'
     (path / "manifest.json").write_text(json.dumps(manifest))
-    assert load_sequence_checkpoint(path).model.cfg.query_time == "event"
-    assert RetrievalConfig().query_time == "request"  # a new run's default: GR's
+    old = load_sequence_checkpoint(path).model.cfg
+    assert (old.query_time, old.tie_order) == ("event", "stored")
+    assert (RetrievalConfig().query_time, RetrievalConfig().tie_order) == ("request", "shuffled")  # a new run's
     with pytest.raises(ValueError, match="query_time"):
         RetrievalConfig(query_time="now")
 
@@ -159,7 +160,7 @@ def test_best_is_the_epoch_of_the_best_validation_ndcg(synth, tmp_path, encoder,
     assert np.array_equal(best.item_ids, item_ids) and np.array_equal(last.item_ids, item_ids)
 
     # the reported metrics are those of the saved models, evaluated again from disk
-    split = leave_last_out(timelines.offsets, timelines.item_rows, timelines.ts, cfg.max_len)
+    split = leave_last_out(timelines.offsets, timelines.item_rows, timelines.ts, cfg.max_len, ties=cfg.tie_order)
     assert ranking_metrics(evaluate_ranks(best.model, split.test)) == report.test
     assert ranking_metrics(evaluate_ranks(best.model, split.valid)) == report.valid
     last_test = ranking_metrics(evaluate_ranks(last.model, split.test))

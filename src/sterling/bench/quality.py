@@ -189,7 +189,8 @@ def _one_run(data_dir: Path, cfg: RetrievalConfig, test: EvalSet, work: Path, lo
 def _dataset(data_dir: Path, name: str, cfg: QualityBenchConfig, work: Path, log) -> tuple[list[dict], list[dict]]:
     """The rows (one per encoder) and the HSTU-vs-SASRec comparisons of one dataset."""
     timelines, _ = load_catalog_timelines(data_dir)  # the test users, the same for every run
-    test = leave_last_out(timelines.offsets, timelines.item_rows, timelines.ts, cfg.sequence.max_len).test
+    seq = cfg.sequence
+    test = leave_last_out(timelines.offsets, timelines.item_rows, timelines.ts, seq.max_len, ties=seq.tie_order).test
     runs = {}
     for encoder in cfg.encoders:
         runs[encoder] = []

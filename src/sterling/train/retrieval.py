@@ -389,7 +389,9 @@ def train_retrieval(
     if cfg.multi_task and not tasks:
         raise ValueError(f"{data_dir}: multi-task training needs the dataset's labels; users.parquet names none")
     actions = timelines.actions if cfg.multi_task else None
-    split = leave_last_out(timelines.offsets, timelines.item_rows, timelines.ts, cfg.max_len, actions, cfg.holdout)
+    split = leave_last_out(
+        timelines.offsets, timelines.item_rows, timelines.ts, cfg.max_len, actions, cfg.holdout, cfg.tie_order
+    )
     model = SequenceRetriever(num_items, cfg, tasks)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(cfg.seed)

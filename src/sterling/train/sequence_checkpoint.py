@@ -86,8 +86,8 @@ def load_sequence_checkpoint(path: Path) -> SequenceCheckpoint:
     path = Path(path)
     meta, tensors, item_ids = read_catalog_checkpoint(path, KIND, "sterling train --model hstu|sasrec")
     try:
-        # written before query_time existed: the query's own event's time
-        cfg = RetrievalConfig(**{"query_time": "event", **meta["retrieval"]})
+        # written before query_time / tie_order existed: the query's own event's time, stored ties
+        cfg = RetrievalConfig(**{"query_time": "event", "tie_order": "stored", **meta["retrieval"]})
         num_items = int(meta["num_items"])
         tasks = tuple(meta.get("tasks", ()))
         module = SequenceRetriever(num_items, cfg, tasks)

@@ -42,6 +42,7 @@ from torch import nn
 from sterling.models import jagged
 from sterling.models.ranker import make_encoder
 from sterling.models.towers import TaskQueries
+from sterling.train.sequence_split import TIE_ORDERS
 
 __all__ = ["ENCODERS", "LOSSES", "LR_DECAYS", "NEXT", "QUERY_TIMES", "RetrievalConfig", "SequenceRetriever"]
 
@@ -104,6 +105,10 @@ class RetrievalConfig:
         query_time (str): the time HSTU's time bias measures a query's gaps from: ``"request"``
             (GR's: the time of the request the query answers, i.e. of the next event) or
             ``"event"`` (the query's own last event). SASRec reads no time.
+        tie_order (str): a user's events of the same second in training and evaluation:
+            ``"shuffled"`` (by a fixed hash of user and item,
+            :func:`~sterling.train.sequence_split.shuffled_ties`) or ``"stored"`` (by item id, the
+            data format's order, which a model learns to exploit; runs before the option).
     """
 
     encoder: str = "hstu"
@@ -130,6 +135,7 @@ class RetrievalConfig:
     patience: int | None = None
     multi_task: bool = False
     query_time: str = "request"
+    tie_order: str = "shuffled"
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:
@@ -150,6 +156,8 @@ class RetrievalConfig:
             raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {self.lr_decay!r}")
         if self.query_time not in QUERY_TIMES:
             raise ValueError(f"query_time must be one of {QUERY_TIMES}, got {self.query_time!r}")
+        if self.tie_order not in TIE_ORDERS:
+            raise ValueError(f"tie_order must be one of {TIE_ORDERS}, got {self.tie_order!r}")
         if self.holdout not in (1, 2):
             raise ValueError(f"holdout must be 1 or 2, got {self.holdout}")
         if self.holdout == 1 and self.patience is not None:

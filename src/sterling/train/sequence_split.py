@@ -11,7 +11,11 @@ import torch
 
 from sterling.models import jagged
 
-__all__ = ["EvalSet", "LeaveLastOut", "Sequences", "leave_last_out"]
+__all__ = ["TIE_ORDERS", "EvalSet", "LeaveLastOut", "Sequences", "leave_last_out", "shuffled_ties"]
+
+#: The order of a user's events of the same second: ``stored`` (the data format's canonical order,
+#: by item id) or ``shuffled`` (by a fixed hash of the user and the item: no order a model can learn).
+TIE_ORDERS = ("shuffled", "stored")
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,25 @@ def _ranges(
     return Sequences(t(items[index].copy()), t(ts[index].copy()), t(out_offsets), t(users.copy()), acts)
 
 
+def shuffled_ties(offsets: np.ndarray, items: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """int64 ``[E]``: the permutation of timelines (``offsets [U + 1]``, ``items``, ``ts`` ``[E]``,
+    sorted by time within each user) that orders each user's events of the same second by a fixed
+    hash of (user, item) instead of their stored order; the rest stays in place.
+
+    Events of one second have no known order (MovieLens rates a page of movies at once), and the
+    stored one is by item id: a model trained and evaluated on it learns "ids ascend within a burst"
+    (on ML-100K, HSTU's HR@10 read 15% higher with it). The hash is the same in every run and for
+    every model, like the arbitrary order GR's unstable sort leaves."""
+    offsets, items, ts = (np.asarray(a, dtype=np.int64) for a in (offsets, items, ts))
+    user = np.repeat(np.arange(len(offsets) - 1, dtype=np.uint64), np.diff(offsets))
+    with np.errstate(over="ignore"):  # splitmix64 of (user, item): wrapping arithmetic
+        z = user * np.uint64(0x9E3779B97F4A7C15) + items.astype(np.uint64)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        key = z ^ (z >> np.uint64(31))
+    return np.lexsort((key, ts, user)).astype(np.int64)
+
+
 def leave_last_out(
     offsets: np.ndarray,
     items: np.ndarray,
@@ -91,18 +114,27 @@ def leave_last_out(
     max_len: int,
     actions: np.ndarray | None = None,
     holdout: int = 2,
+    ties: str = "stored",
 ) -> LeaveLastOut:
     """Split timelines (``offsets [U + 1]``, ``items``, ``ts`` ``[E]``, oldest first per user) into
     training sequences and validation / test histories with their targets (module docstring);
     with the events' action bitmasks ``actions [E]``, the sequences carry theirs and the held-out
     sets their targets'. ``holdout``: the events of an evaluated user kept out of training, 2
     (the validation and the test target) or 1 (GR's ``ignore_last_n = 1``: only the test target;
-    the validation target is then a training target too, and ``valid`` is no longer held out)."""
+    the validation target is then a training target too, and ``valid`` is no longer held out).
+    ``ties``: the order of a user's events of the same second (:data:`TIE_ORDERS`;
+    :func:`shuffled_ties`)."""
     if holdout not in (1, 2):
         raise ValueError(f"holdout must be 1 or 2, got {holdout}")
+    if ties not in TIE_ORDERS:
+        raise ValueError(f"ties must be one of {TIE_ORDERS}, got {ties!r}")
     offsets, items, ts = (np.asarray(a, dtype=np.int64) for a in (offsets, items, ts))
     if actions is not None:
         actions = np.asarray(actions, dtype=np.int64)
+    if ties == "shuffled":
+        order = shuffled_ties(offsets, items, ts)
+        items, ts = items[order], ts[order]
+        actions = None if actions is None else actions[order]
     first, stop = offsets[:-1], offsets[1:]
     evaluated = (stop - first) >= 3
     train_end = np.where(evaluated, stop - holdout, stop)
