@@ -57,14 +57,15 @@ and the heads are summed with weight 1.
 **Evaluation: full corpus.** The query at the last position of the history scores every item of
 the catalogue (no sampling); the target's rank is the number of items scoring strictly higher
 (:func:`~sterling.train.metrics.target_ranks`). History items are **not** excluded from the
-ranking, as in GR. HR@k and NDCG@k at ``cutoffs`` (10 always) and MRR for validation and test,
+ranking (GR's evaluation code excludes the history window, ``eval.py`` ``filter_invalid_ids=True``:
+that is the ``unseen/`` protocol below, up to the window). HR@k and NDCG@k at ``cutoffs`` (10 always) and MRR for validation and test,
 computed ``eval_chunk`` users at a time; a most-popular baseline (train-target counts) beside them.
 With ``exclude_seen`` the same metrics again with every item of the user's timeline before the
 target (not only the last ``max_len``) removed from the ranking, under keys ``unseen/hr@10`` …
 (the common protocol on data without repeats; the most-popular list too). A
 multi-task model adds, per task, ``hr@10:<task>``: the HR@10 of the task's query over the users
 whose held-out event has the task's bit, and ``hr@10:<task>(next)``: the next query's on the same
-users (:func:`task_metrics`). Model selection reads the next query's NDCG@10 (GR's protocol) either way.
+users (:func:`task_metrics`). Model selection reads the next query's full-corpus NDCG@10 either way.
 
 **Model selection and checkpoints.** With a checkpoint directory (``out_dir``) or ``patience``,
 the model is validated after every epoch; the epoch with the best validation NDCG@10 is the one
