@@ -33,9 +33,12 @@ from torch import nn
 from sterling.models import jagged
 from sterling.models.ranker import make_encoder
 
-__all__ = ["SequenceTowerConfig", "SequenceUserTower"]
+__all__ = ["QUERY_TIMES", "SequenceTowerConfig", "SequenceUserTower"]
 
 ENCODERS = ("hstu", "sasrec")
+#: A query's time for HSTU's time bias: the ``request`` it answers (the next event's time; GR's) or
+#: its own last ``event``'s.
+QUERY_TIMES = ("request", "event")
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,8 @@ class SequenceTowerConfig:
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
-        if self.query_time not in ("request", "event"):
-            raise ValueError(f"query_time must be 'request' or 'event', got {self.query_time!r}")
+        if self.query_time not in QUERY_TIMES:
+            raise ValueError(f"query_time must be one of {QUERY_TIMES}, got {self.query_time!r}")
         if min(self.dim, self.num_layers, self.num_heads, self.max_len) < 1:
             raise ValueError(f"dim, num_layers, num_heads and max_len must be >= 1, got {self}")
 

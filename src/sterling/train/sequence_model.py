@@ -41,6 +41,7 @@ from torch import nn
 
 from sterling.models import jagged
 from sterling.models.ranker import make_encoder
+from sterling.models.sequence_tower import QUERY_TIMES
 from sterling.models.towers import TaskQueries
 from sterling.train.sequence_split import TIE_ORDERS
 
@@ -52,9 +53,6 @@ ENCODERS = ("hstu", "sasrec")
 LOSSES = ("auto", "full", "sampled")
 #: Learning rate after the warm-up: ``constant``, or ``cosine`` decay to 0 at the last planned step.
 LR_DECAYS = ("constant", "cosine")
-#: A query's time for HSTU's time bias: the ``request`` it answers (the next event's time; GR's) or
-#: its own last ``event``'s.
-QUERY_TIMES = ("request", "event")
 #: The most logits (positions x items) one step of ``loss="auto"`` computes over the whole
 #: catalogue: 2**28 floats, 1 GiB (128 users x 200 events x 10,485 items).
 FULL_SOFTMAX_LOGITS = 1 << 28
