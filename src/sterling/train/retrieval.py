@@ -58,8 +58,8 @@ and the heads are summed with weight 1.
 the catalogue (no sampling); the target's rank is the number of items scoring strictly higher
 (:func:`~sterling.train.metrics.target_ranks`). History items are **not** excluded from the
 ranking (GR's evaluation code excludes the history window, ``eval.py`` ``filter_invalid_ids=True``:
-that is the ``unseen/`` protocol below, up to the window). HR@k and NDCG@k at ``cutoffs`` (10 always) and MRR for validation and test,
-computed ``eval_chunk`` users at a time; a most-popular baseline (train-target counts) beside them.
+that is the ``unseen/`` protocol below, up to the window). HR@k and NDCG@k at ``cutoffs`` (10
+always) and MRR for validation and test, computed ``eval_chunk`` users at a time; a most-popular baseline (train-target counts) beside them.
 With ``exclude_seen`` the same metrics again with every item of the user's timeline before the
 target (not only the last ``max_len``) removed from the ranking, under keys ``unseen/hr@10`` …
 (the common protocol on data without repeats; the most-popular list too). A
