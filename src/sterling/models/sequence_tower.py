@@ -33,12 +33,22 @@ from torch import nn
 from sterling.models import jagged
 from sterling.models.ranker import make_encoder
 
-__all__ = ["QUERY_TIMES", "SequenceTowerConfig", "SequenceUserTower"]
+__all__ = ["QUERY_TIMES", "SequenceTowerConfig", "SequenceUserTower", "query_timestamps"]
 
 ENCODERS = ("hstu", "sasrec")
 #: A query's time for HSTU's time bias: the ``request`` it answers (the next event's time; GR's) or
 #: its own last ``event``'s.
 QUERY_TIMES = ("request", "event")
+
+
+def query_timestamps(
+    query_time: str, ts: torch.Tensor, offsets: torch.Tensor, request_ts: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """Each position's time as a query (int64 ``[L]`` of jagged ``ts [L]``, offsets ``[B + 1]``) for
+    HSTU's time bias: with ``"request"``, the next event's time and, at a sequence's last position,
+    its request's (``request_ts [B]``; None: the last event's own); with ``"event"``, None (each
+    position's own time). The one rule training, evaluation and serving share."""
+    return jagged.next_values(ts, offsets, request_ts) if query_time == "request" else None
 
 
 @dataclass(frozen=True)
@@ -113,7 +123,7 @@ class SequenceUserTower(nn.Module):
     ) -> torch.Tensor:
         b, total = history_offsets.shape[0] - 1, history_vectors.shape[0]
         ts = torch.zeros_like(history_actions) if timestamps is None else timestamps  # [L]
-        query_ts = jagged.next_values(ts, history_offsets, request_ts) if self.cfg.query_time == "request" else None
+        query_ts = query_timestamps(self.cfg.query_time, ts, history_offsets, request_ts)
         tokens = history_vectors * math.sqrt(self.cfg.dim)  # [L, D]
         width = self.cfg.max_len if torch.compiler.is_compiling() else None  # static under torch.export
         none = torch.zeros(b, dtype=torch.int64)

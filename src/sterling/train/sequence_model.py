@@ -39,9 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sterling.models import jagged
 from sterling.models.ranker import make_encoder
-from sterling.models.sequence_tower import QUERY_TIMES
+from sterling.models.sequence_tower import QUERY_TIMES, query_timestamps
 from sterling.models.towers import TaskQueries
 from sterling.train.sequence_split import TIE_ORDERS
 
@@ -231,7 +230,7 @@ class SequenceRetriever(nn.Module):
         event's)."""
         x = self.input_dropout(self.item_table(items) * math.sqrt(self.cfg.dim))
         num_targets = torch.zeros(offsets.numel() - 1, dtype=torch.int64)
-        query_ts = jagged.next_values(ts, offsets, request_ts) if self.cfg.query_time == "request" else None
+        query_ts = query_timestamps(self.cfg.query_time, ts, offsets, request_ts)
         out = self.encoder(x, offsets, ts, num_targets, query_timestamps=query_ts)
         return F.normalize(out, dim=-1)
 
