@@ -11,7 +11,8 @@ Sub-commands::
     sterling train --data DIR --out CKPT [--nproc N]   two-tower + OverArch on request batches (DDP), held-out recall
     sterling train --model hstu|sasrec --data DIR [--out CKPT] [--patience N] [--multi-task]
                    [--loss auto|full|sampled] [--warmup-steps N] [--lr-decay cosine] [--holdout 1|2]
-                   [--query-time request|event] [--tie-order shuffled|stored] [--cutoffs 5,10,20]
+                   [--query-time request|event] [--tie-order shuffled|stored] [--train-events latest|all]
+                   [--cutoffs 5,10,20]
                    [--exclude-seen] [--threads N]
                                                     next-item retrieval, leave-last-out HR@k / NDCG@k
     sterling train --ranker --data DIR [--out CKPT] [--encoder hstu|sasrec]   request-level ranker (ROO), held-out AUC / NE / GAUC
@@ -108,7 +109,7 @@ def _cmd_stats(args: argparse.Namespace) -> None:
 
 
 RETRIEVAL_MODELS = ("hstu", "sasrec")
-_SEQUENCE_ONLY = ("max_len", "layers", "lr", "dropout")  # --model hstu|sasrec or --ranker
+_SEQUENCE_ONLY = ("max_len", "layers", "heads", "lr", "dropout")  # --model hstu|sasrec or --ranker
 _RETRIEVAL_ONLY = (
     "eval_every",
     "patience",
@@ -120,10 +121,11 @@ _RETRIEVAL_ONLY = (
     "holdout",
     "query_time",
     "tie_order",
+    "train_events",
     "cutoffs",
     "exclude_seen",
 )
-_RANKER_ONLY = ("encoder", "heads", "token_budget", "max_impressions")
+_RANKER_ONLY = ("encoder", "token_budget", "max_impressions")
 
 
 def _flags(args: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
@@ -275,6 +277,7 @@ def _train_retrieval(args: argparse.Namespace) -> None:
         "dim": args.dim,
         "max_len": args.max_len,
         "num_layers": args.layers,
+        "num_heads": args.heads,
         "lr": args.lr,
         "dropout": args.dropout,
         "eval_every": args.eval_every,
@@ -287,6 +290,7 @@ def _train_retrieval(args: argparse.Namespace) -> None:
         "holdout": args.holdout,
         "query_time": args.query_time,
         "tie_order": args.tie_order,
+        "train_events": args.train_events,
         "cutoffs": None if args.cutoffs is None else _int_list(args.cutoffs, "--cutoffs"),
         "exclude_seen": args.exclude_seen,
     }
@@ -609,6 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--max-len", type=int, metavar="N", help="most recent events per sequence (200) [200]")
     r.add_argument("--layers", type=int, metavar="N", help="encoder layers (2) [2]")
+    r.add_argument("--heads", type=int, metavar="N", help="attention heads, each dim / heads wide (1) [1]")
     r.add_argument("--lr", type=float, help="Adam learning rate (1e-3) [1e-3]")
     r.add_argument("--dropout", type=float, metavar="P", help="input and encoder dropout (0.2) [0.1]")
     r = t.add_argument_group("retrieval options (--model hstu|sasrec)")
@@ -664,6 +669,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a user's events of the same second, in training and evaluation: shuffled (default: by a fixed hash "
         "of user and item) or stored (by item id, an order a model learns to exploit)",
     )
+    r.add_argument(
+        "--train-events",
+        choices=("latest", "all"),
+        help="the events of a timeline trained on: latest (default, GR's: its most recent --max-len) or all (the "
+        "earlier ones too, in windows of --max-len, each event a target once)",
+    )
     r.add_argument("--cutoffs", metavar="LIST", help="the k of HR@k / NDCG@k, e.g. 5,10,20 (10,50; 10 always)")
     r.add_argument(
         "--exclude-seen",
@@ -674,7 +685,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rk = t.add_argument_group("ranker options (--ranker)")
     rk.add_argument("--encoder", choices=RETRIEVAL_MODELS, help="the ranker's user tower (hstu)")
-    rk.add_argument("--heads", type=int, metavar="N", help="attention heads (1)")
     rk.add_argument(
         "--token-budget", type=int, metavar="N", help="history events + impressions per step, whole requests (16384)"
     )

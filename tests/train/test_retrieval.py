@@ -26,7 +26,7 @@ from sterling.train.retrieval import (
     sampled_softmax_loss,
     train_retrieval,
 )
-from sterling.train.sequence_split import shuffled_ties
+from sterling.train.sequence_split import earlier_windows, shuffled_ties
 
 ML100K = Path("/work/shared/data/ml-100k")
 
@@ -93,6 +93,51 @@ def test_holdout_1_trains_on_all_but_the_test_target():
         assert max(dict(zip(split.train.users.tolist(), _rows(split.train)))[user]) == target - 1
     with pytest.raises(ValueError, match="holdout"):
         leave_last_out(offsets, items, ts, max_len=4, holdout=3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 30), min_size=1, max_size=6),
+    max_len=st.integers(2, 7),
+    holdout=st.sampled_from([1, 2]),
+)
+def test_all_train_events_make_every_training_event_a_target_once(lengths, max_len, holdout):
+    offsets, items, ts = _timelines(lengths)
+    latest = leave_last_out(offsets, items, ts, max_len=max_len, holdout=holdout)
+    split = leave_last_out(offsets, items, ts, max_len=max_len, holdout=holdout, train_events="all")
+    rows = _rows(split.train)
+    # the latest windows come first, unchanged; the evaluated sets do not depend on the option
+    assert rows[: len(latest.train)] == _rows(latest.train)
+    assert torch.equal(split.train.users[: len(latest.train)], latest.train.users)
+    assert torch.equal(split.test.targets, latest.test.targets) and torch.equal(
+        split.test.history.items, latest.test.history.items
+    )
+    assert torch.equal(split.train.ts, 10 * split.train.items)
+    for user in set(latest.train.users.tolist()):
+        windows = [r for u, r in zip(split.train.users.tolist(), rows) if u == user]
+        assert all(2 <= len(w) <= max_len and w == list(range(w[0], w[-1] + 1)) for w in windows)
+        # every trained event of the user but the first is a next-item target (a window's
+        # positions after its first) exactly once, and the first is in a window
+        first, end = int(offsets[user]), max(w[-1] for w in windows) + 1
+        targets = sorted(e for w in windows for e in w[1:])
+        assert targets == list(range(first + 1, end)) and min(w[0] for w in windows) == first
+        assert end == _rows(latest.train)[latest.train.users.tolist().index(user)][-1] + 1
+    with pytest.raises(ValueError, match="train_events"):
+        leave_last_out(offsets, items, ts, max_len=max_len, train_events="some")
+
+
+def test_earlier_windows_step_back_by_max_len_minus_one():
+    row, start, end = earlier_windows(np.array([0, 10, 30]), np.array([0, 17, 40]), 4)
+    assert row.tolist() == [1, 1, 1, 2, 2, 2, 2]
+    assert list(zip(start.tolist(), end.tolist())) == [
+        (14, 18),
+        (11, 15),
+        (10, 12),
+        (37, 41),
+        (34, 38),
+        (31, 35),
+        (30, 32),
+    ]
 
 
 @settings(max_examples=30, deadline=None)

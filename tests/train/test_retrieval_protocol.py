@@ -199,6 +199,8 @@ def test_config_resolves_the_loss_and_always_reports_cutoff_10():
         {"lr_decay": "linear"},
         {"holdout": 0},
         {"holdout": 1, "patience": 3},
+        {"train_events": "earlier"},
+        {"dim": 50, "num_heads": 3},
     )
     for bad in bad_configs:
         with pytest.raises(ValueError):
@@ -290,11 +292,13 @@ def test_cli_cutoffs_exclude_seen_and_threads(synth, tmp_path, capsys):
     assert report["config"]["cutoffs"] == [5, 10, 20] and "unseen/ndcg@20" in report["test"]
     assert torch.get_num_threads() == 1
     flags = ["--holdout", "1", "--lr-decay", "cosine", "--query-time", "event", "--tie-order", "stored"]
+    flags += ["--train-events", "all", "--heads", "2"]
     assert main([*argv, *flags, "--out", str(tmp_path / "h1"), "--json", str(out)]) == 0
     assert "(the last model)" in capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["config"]["holdout"] == 1 and report["config"]["lr_decay"] == "cosine" and report["valid"] == {}
     assert report["config"]["query_time"] == "event" and report["config"]["tie_order"] == "stored"
+    assert report["config"]["train_events"] == "all" and report["config"]["num_heads"] == 2
     assert main([*argv, "--holdout", "1", "--patience", "2"]) == 2
     assert "holdout 1 trains on the validation targets" in capsys.readouterr().err
     assert main([*argv[:7], "--cutoffs", "5,x"]) == 2

@@ -391,7 +391,14 @@ def train_retrieval(
         raise ValueError(f"{data_dir}: multi-task training needs the dataset's labels; users.parquet names none")
     actions = timelines.actions if cfg.multi_task else None
     split = leave_last_out(
-        timelines.offsets, timelines.item_rows, timelines.ts, cfg.max_len, actions, cfg.holdout, cfg.tie_order
+        timelines.offsets,
+        timelines.item_rows,
+        timelines.ts,
+        cfg.max_len,
+        actions,
+        cfg.holdout,
+        cfg.tie_order,
+        cfg.train_events,
     )
     model = SequenceRetriever(num_items, cfg, tasks)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98))

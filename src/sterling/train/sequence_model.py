@@ -42,7 +42,7 @@ from torch import nn
 from sterling.models.ranker import make_encoder
 from sterling.models.sequence_tower import QUERY_TIMES, query_timestamps
 from sterling.models.towers import TaskQueries
-from sterling.train.sequence_split import TIE_ORDERS
+from sterling.train.sequence_split import TIE_ORDERS, TRAIN_EVENTS
 
 __all__ = ["ENCODERS", "LOSSES", "LR_DECAYS", "NEXT", "QUERY_TIMES", "RetrievalConfig", "SequenceRetriever"]
 
@@ -106,6 +106,9 @@ class RetrievalConfig:
             ``"shuffled"`` (by a fixed hash of user and item,
             :func:`~sterling.train.sequence_split.shuffled_ties`) or ``"stored"`` (by item id, the
             data format's order, which a model learns to exploit; runs before the option).
+        train_events (str): the events of a timeline trained on: ``"latest"`` (its most recent
+            ``max_len``, GR's) or ``"all"`` (the earlier ones too, in windows of ``max_len``, each
+            event a next-item target once: :func:`~sterling.train.sequence_split.earlier_windows`).
     """
 
     encoder: str = "hstu"
@@ -133,12 +136,15 @@ class RetrievalConfig:
     multi_task: bool = False
     query_time: str = "request"
     tie_order: str = "shuffled"
+    train_events: str = "latest"
 
     def __post_init__(self) -> None:
         if self.encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
         if min(self.dim, self.num_layers, self.num_heads, self.max_len, self.batch_size, self.eval_chunk) < 1:
             raise ValueError("dim, num_layers, num_heads, max_len, batch_size and eval_chunk must be positive")
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not a multiple of num_heads {self.num_heads}")
         if self.max_len < 2:
             raise ValueError("max_len must be at least 2 (an input and its next item)")
         if self.num_negatives < 0 or self.epochs < 0 or self.eval_every < 0 or self.temperature <= 0:
@@ -155,6 +161,8 @@ class RetrievalConfig:
             raise ValueError(f"query_time must be one of {QUERY_TIMES}, got {self.query_time!r}")
         if self.tie_order not in TIE_ORDERS:
             raise ValueError(f"tie_order must be one of {TIE_ORDERS}, got {self.tie_order!r}")
+        if self.train_events not in TRAIN_EVENTS:
+            raise ValueError(f"train_events must be one of {TRAIN_EVENTS}, got {self.train_events!r}")
         if self.holdout not in (1, 2):
             raise ValueError(f"holdout must be 1 or 2, got {self.holdout}")
         if self.holdout == 1 and self.patience is not None:

@@ -11,11 +11,14 @@ import torch
 
 from sterling.models import jagged
 
-__all__ = ["TIE_ORDERS", "EvalSet", "LeaveLastOut", "Sequences", "leave_last_out", "shuffled_ties"]
+__all__ = ["TIE_ORDERS", "TRAIN_EVENTS", "EvalSet", "LeaveLastOut", "Sequences", "leave_last_out", "shuffled_ties"]
 
 #: The order of a user's events of the same second: ``stored`` (the data format's canonical order,
 #: by item id) or ``shuffled`` (by a fixed hash of the user and the item: no order a model can learn).
 TIE_ORDERS = ("shuffled", "stored")
+#: The events of a user's training timeline that are trained on: ``latest`` (its most recent
+#: ``max_len``, GR's) or ``all`` (also the earlier ones, in windows of ``max_len``: :func:`earlier_windows`).
+TRAIN_EVENTS = ("latest", "all")
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,20 @@ def shuffled_ties(offsets: np.ndarray, items: np.ndarray, ts: np.ndarray) -> np.
     return np.lexsort((key, ts, user)).astype(np.int64)
 
 
+def earlier_windows(first: np.ndarray, start: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The windows that cover the events before ``start [U]`` (a timeline's latest training window
+    begins there; its first event is at ``first [U]``): ``(row, window_start, window_end)``, each
+    ``[W]``, ``row`` the index into ``first``. Going back from ``start``, each window holds up to
+    ``max_len`` events and ends one event after the next one begins, so every event after ``first``
+    is a next-item target exactly once over all of a timeline's windows (the latest included)."""
+    stride = max_len - 1
+    count = np.where(start > first, -((first - start) // stride), 0)  # ceil((start - first) / stride)
+    row = np.repeat(np.arange(len(first), dtype=np.int64), count)
+    back = np.arange(int(count.sum()), dtype=np.int64) - np.repeat(np.cumsum(count) - count, count)  # 0, 1, …
+    end = start[row] + 1 - back * stride
+    return row, np.maximum(first[row], end - max_len), end
+
+
 def leave_last_out(
     offsets: np.ndarray,
     items: np.ndarray,
@@ -115,6 +132,7 @@ def leave_last_out(
     actions: np.ndarray | None = None,
     holdout: int = 2,
     ties: str = "stored",
+    train_events: str = "latest",
 ) -> LeaveLastOut:
     """Split timelines (``offsets [U + 1]``, ``items``, ``ts`` ``[E]``, oldest first per user) into
     training sequences and validation / test histories with their targets (module docstring);
@@ -123,11 +141,15 @@ def leave_last_out(
     (the validation and the test target) or 1 (GR's ``ignore_last_n = 1``: only the test target;
     the validation target is then a training target too, and ``valid`` is no longer held out).
     ``ties``: the order of a user's events of the same second (:data:`TIE_ORDERS`;
-    :func:`shuffled_ties`)."""
+    :func:`shuffled_ties`). ``train_events``: :data:`TRAIN_EVENTS`; with ``"all"`` a timeline longer
+    than ``max_len`` gives several training sequences (:func:`earlier_windows`), the latest first
+    in ``train``, then the earlier ones (their ``users`` repeat)."""
     if holdout not in (1, 2):
         raise ValueError(f"holdout must be 1 or 2, got {holdout}")
     if ties not in TIE_ORDERS:
         raise ValueError(f"ties must be one of {TIE_ORDERS}, got {ties!r}")
+    if train_events not in TRAIN_EVENTS:
+        raise ValueError(f"train_events must be one of {TRAIN_EVENTS}, got {train_events!r}")
     offsets, items, ts = (np.asarray(a, dtype=np.int64) for a in (offsets, items, ts))
     if actions is not None:
         actions = np.asarray(actions, dtype=np.int64)
@@ -141,7 +163,11 @@ def leave_last_out(
     train_start = np.maximum(first, train_end - max_len)
     keep = (train_end - train_start) >= 2
     rows = np.arange(len(first), dtype=np.int64)
-    train = _ranges(offsets, items, ts, rows[keep], train_start[keep], train_end[keep], actions)
+    users, starts, ends = rows[keep], train_start[keep], train_end[keep]
+    if train_events == "all":
+        row, start, end = earlier_windows(first[keep], starts, max_len)
+        users, starts, ends = (np.concatenate(p) for p in ((users, users[row]), (starts, start), (ends, end)))
+    train = _ranges(offsets, items, ts, users, starts, ends, actions)
 
     def held_out(target: np.ndarray) -> EvalSet:
         u = rows[evaluated]
