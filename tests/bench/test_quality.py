@@ -81,11 +81,12 @@ def test_cli_quick(tmp_path, capsys):
     assert result["config"]["sequence"]["holdout"] == 1 and result["rows"][0]["best_epochs"] == [None]
     argv = ["bench", "quality", "--quick", "--seeds", "0", "--encoders", "sasrec", "--holdout", "2"]
     argv += ["--patience", "1", "--lr", "3e-3", "--lr-decay", "constant", "--layers", "2", "--json", str(out)]
-    assert main(argv) == 0
+    assert main([*argv, "--heads", "2", "--train-events", "all"]) == 0
     result = json.loads(out.read_text())
     sequence = result["config"]["sequence"]
     assert (sequence["holdout"], sequence["patience"], sequence["lr"], sequence["lr_decay"]) == (2, 1, 3e-3, "constant")
     assert sequence["num_layers"] == 2 and QualityBenchConfig.quick().sequence.num_layers == 1
+    assert (sequence["num_heads"], sequence["train_events"]) == (2, "all")
     assert [r["model"] for r in result["rows"]] == ["sasrec", "most_popular"] and result["comparisons"] == []
     assert result["rows"][0]["best_epochs"][0] in (1, 2)
 

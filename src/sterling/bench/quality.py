@@ -73,6 +73,7 @@ from sterling.train.retrieval import (
 )
 from sterling.train.sequence_checkpoint import load_sequence_checkpoint
 from sterling.train.sequence_model import LR_DECAYS
+from sterling.train.sequence_split import TRAIN_EVENTS
 
 __all__ = ["PUBLISHED", "QualityBenchConfig", "format_table", "run"]
 
@@ -334,6 +335,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", metavar="LIST", help="seeds per encoder (default: 0,1)")
     p.add_argument("--epochs", type=int, metavar="N", help="epochs per run (default: 30)")
     p.add_argument("--layers", type=int, metavar="N", help="encoder layers of both models (default: 2)")
+    p.add_argument("--heads", type=int, metavar="N", help="attention heads of both models (default: 1)")
+    p.add_argument(
+        "--train-events",
+        choices=TRAIN_EVENTS,
+        help="trained events of a timeline: latest (its most recent 200, GR's; default) or all (earlier windows too)",
+    )
     p.add_argument("--lr", type=float, help="peak learning rate (default: 4e-3)")
     p.add_argument("--warmup-steps", type=int, metavar="N", help="linear warm-up steps (default: 100)")
     p.add_argument("--lr-decay", choices=LR_DECAYS, help="after the warm-up (default: cosine, to 0 at the last step)")
@@ -361,7 +368,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def cli(args: argparse.Namespace) -> int:
     cfg = QualityBenchConfig.quick() if args.quick else QualityBenchConfig()
-    options = {"epochs": "epochs", "num_layers": "layers", "lr": "lr", "warmup_steps": "warmup_steps"}
+    options = {"epochs": "epochs", "num_layers": "layers", "num_heads": "heads", "train_events": "train_events"}
+    options |= {"lr": "lr", "warmup_steps": "warmup_steps"}
     options |= {"lr_decay": "lr_decay", "holdout": "holdout", "patience": "patience"}
     given = {field: getattr(args, arg) for field, arg in options.items() if getattr(args, arg) is not None}
     sequence = replace(cfg.sequence, **given)
