@@ -143,7 +143,7 @@ def test_cli_writes_a_loadable_checkpoint(tmp_path, data, capsys):
         (["--ranker", "--patience", "2"], "--patience: only with --model hstu or sasrec"),
         (["--ranker", "--nproc", "2"], "--nproc"),
         (["--encoder", "sasrec", "--out", "x"], "--encoder: only with --ranker"),
-        (["--model", "hstu", "--heads", "2"], "--heads: only with --ranker"),
+        (["--heads", "2", "--out", "x"], "--heads: only with --model hstu or sasrec, or --ranker"),
         (["--layers", "2", "--out", "x"], "--layers: only with --model hstu or sasrec, or --ranker"),
     ],
 )

@@ -26,6 +26,7 @@ from sterling.train.retrieval import (
     sampled_softmax_loss,
     train_retrieval,
 )
+from sterling.train.sequence_model import LENGTH_GROUP
 from sterling.train.sequence_split import earlier_windows, shuffled_ties
 
 ML100K = Path("/work/shared/data/ml-100k")
@@ -184,6 +185,29 @@ def test_a_position_query_does_not_see_its_target(encoder):
     torch.testing.assert_close(out[:3], base[:3])
     torch.testing.assert_close(out[6:], base[6:])
     assert not torch.allclose(out[3:6], base[3:6])
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    encoder=st.sampled_from(["hstu", "sasrec"]),
+    query_time=st.sampled_from(["request", "event"]),
+    lengths=st.lists(st.integers(1, 20), min_size=LENGTH_GROUP + 1, max_size=3 * LENGTH_GROUP),
+    seed=st.integers(0, 999),
+)
+def test_a_batch_grouped_by_length_encodes_each_sequence_as_alone(encoder, query_time, lengths, seed):
+    """More sequences than :data:`LENGTH_GROUP` run in groups of similar length, each padded to
+    its own longest; every sequence's queries are what it gets alone (no padding at all)."""
+    torch.manual_seed(seed)
+    cfg = RetrievalConfig(encoder=encoder, dim=8, num_layers=2, max_len=20, dropout=0.0, query_time=query_time)
+    model = SequenceRetriever(30, cfg).eval()
+    offsets = torch.tensor([0, *np.cumsum(lengths)])
+    items, ts = torch.randint(30, (int(offsets[-1]),)), torch.randint(0, 10**6, (int(offsets[-1]),)).sort().values
+    request_ts = ts[offsets[1:] - 1] + torch.randint(0, 10**5, (len(lengths),))
+    with torch.no_grad():
+        batch = model(items, ts, offsets, request_ts)
+        for b, (start, stop) in enumerate(zip(offsets[:-1].tolist(), offsets[1:].tolist())):
+            alone = model(items[start:stop], ts[start:stop], torch.tensor([0, stop - start]), request_ts[b : b + 1])
+            torch.testing.assert_close(batch[start:stop], alone, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("query_time", ["request", "event"])

@@ -12,7 +12,7 @@ event's timestamp; a query's time (``RetrievalConfig.query_time``) is by default
 **request** it answers, as in GR: in training the next event's timestamp, in evaluation the
 target's, served the request's (``"event"``: the query's own last event, as checkpoints written
 before the option did). Batches are jagged (values + offsets); only the encoder's attention pads,
-to the longest sequence of the batch::
+each group of :data:`LENGTH_GROUP` sequences of similar length to its own longest::
 
     items, ts                       int64 [L]      jagged, offsets [B + 1]
       → tokens √D · E[items]        [L, D]         dropout
@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sterling.models import jagged
 from sterling.models.ranker import make_encoder
 from sterling.models.sequence_tower import QUERY_TIMES, query_timestamps
 from sterling.models.towers import TaskQueries
@@ -55,6 +56,8 @@ LR_DECAYS = ("constant", "cosine")
 #: The most logits (positions x items) one step of ``loss="auto"`` computes over the whole
 #: catalogue: 2**28 floats, 1 GiB (128 users x 200 events x 10,485 items).
 FULL_SOFTMAX_LOGITS = 1 << 28
+#: Sequences per padded group of :meth:`SequenceRetriever.forward`'s encoder (by length).
+LENGTH_GROUP = 16
 #: The name of the plain next-item query (the encoder's output itself).
 NEXT = "next"
 
@@ -237,10 +240,26 @@ class SequenceRetriever(nn.Module):
         last position's is ``request_ts [B]`` (the time its next item is asked for; None: its own
         event's)."""
         x = self.input_dropout(self.item_table(items) * math.sqrt(self.cfg.dim))
-        num_targets = torch.zeros(offsets.numel() - 1, dtype=torch.int64)
         query_ts = query_timestamps(self.cfg.query_time, ts, offsets, request_ts)
-        out = self.encoder(x, offsets, ts, num_targets, query_timestamps=query_ts)
-        return F.normalize(out, dim=-1)
+        return F.normalize(self._encode_by_length(x, ts, offsets, query_ts), dim=-1)
+
+    def _encode_by_length(
+        self, x: torch.Tensor, ts: torch.Tensor, offsets: torch.Tensor, query_ts: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The encoder's output ``[L, D]`` of the jagged tokens ``x [L, D]`` (offsets ``[B + 1]``),
+        run over groups of :data:`LENGTH_GROUP` sequences of similar length, each padded only to
+        its own longest: sequences never attend to each other, so the output is the encoder's over
+        the whole batch, with less of the attention's ``[B, n, n]`` work spent on padding."""
+        lens = jagged.lengths(offsets)
+        if lens.numel() <= LENGTH_GROUP:
+            return self.encoder(x, offsets, ts, torch.zeros_like(lens), query_timestamps=query_ts)
+        parts, where = [], []
+        for rows in torch.argsort(lens).split(LENGTH_GROUP):
+            index, group_offsets = jagged.gather_rows(offsets, rows)
+            q = None if query_ts is None else query_ts[index]
+            parts.append(self.encoder(x[index], group_offsets, ts[index], torch.zeros_like(rows), query_timestamps=q))
+            where.append(index)
+        return torch.cat(parts)[torch.argsort(torch.cat(where))]  # back in the input order
 
     def all_queries(self, queries: torch.Tensor) -> torch.Tensor:
         """Unit-norm queries ``[L, 1 + T, D]`` of :meth:`forward`'s ``[L, D]``: the next query
