@@ -8,7 +8,8 @@ encoder and the seed differ). By default GR's split and budget: each user's time
 its last event (``holdout = 1``), 30 epochs at lr 4e-3 with 100 warm-up steps and a cosine decay,
 the last epoch's model reported (nothing is validated, so nothing is selected); ``holdout = 2``
 holds out the second-to-last event too, and validation NDCG@10 after every epoch selects the
-reported epoch (``patience`` stops a run). The test targets (the same users and targets either
+reported epoch (``patience`` stops a run). ``--layers 8 --train-events all`` (both models 8 layers
+deep, every event of a timeline a training target) is the budget of docs/benchmarks.md's latest table. The test targets (the same users and targets either
 way) are ranked over the whole catalogue under two protocols:
 
 * **history kept**: the full corpus, the user's earlier items **not** excluded (keys ``hr@10`` …),
