@@ -9,8 +9,9 @@ its last event (``holdout = 1``), 30 epochs at lr 4e-3 with 100 warm-up steps an
 the last epoch's model reported (nothing is validated, so nothing is selected); ``holdout = 2``
 holds out the second-to-last event too, and validation NDCG@10 after every epoch selects the
 reported epoch (``patience`` stops a run). ``--layers 8 --train-events all`` (both models 8 layers
-deep, every event of a timeline a training target) is the budget of docs/benchmarks.md's latest table. The test targets (the same users and targets either
-way) are ranked over the whole catalogue under two protocols:
+deep, every event of a timeline a training target) is the budget of docs/benchmarks.md's latest
+table. The test targets (the same users and targets either way) are ranked over the whole catalogue
+under two protocols:
 
 * **history kept**: the full corpus, the user's earlier items **not** excluded (keys ``hr@10`` …),
   the protocol issue 21 sets its bar in (it calls it GR's);

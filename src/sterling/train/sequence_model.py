@@ -250,16 +250,12 @@ class SequenceRetriever(nn.Module):
         run over groups of :data:`LENGTH_GROUP` sequences of similar length, each padded only to
         its own longest: sequences never attend to each other, so the output is the encoder's over
         the whole batch, with less of the attention's ``[B, n, n]`` work spent on padding."""
-        lens = jagged.lengths(offsets)
-        if lens.numel() <= LENGTH_GROUP:
-            return self.encoder(x, offsets, ts, torch.zeros_like(lens), query_timestamps=query_ts)
-        parts, where = [], []
-        for rows in torch.argsort(lens).split(LENGTH_GROUP):
+        out = torch.empty_like(x)  # [L, D], each group's tokens written back in place
+        for rows in torch.argsort(jagged.lengths(offsets)).split(LENGTH_GROUP):
             index, group_offsets = jagged.gather_rows(offsets, rows)
             q = None if query_ts is None else query_ts[index]
-            parts.append(self.encoder(x[index], group_offsets, ts[index], torch.zeros_like(rows), query_timestamps=q))
-            where.append(index)
-        return torch.cat(parts)[torch.argsort(torch.cat(where))]  # back in the input order
+            out[index] = self.encoder(x[index], group_offsets, ts[index], torch.zeros_like(rows), query_timestamps=q)
+        return out
 
     def all_queries(self, queries: torch.Tensor) -> torch.Tensor:
         """Unit-norm queries ``[L, 1 + T, D]`` of :meth:`forward`'s ``[L, D]``: the next query
