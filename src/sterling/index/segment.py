@@ -55,7 +55,7 @@ from sterling.index.ivf import IVFLayout, kmeans
 from sterling.index.planner import CompiledFilter, FilterPlan, compile_filter, plan_batch
 from sterling.index.quant import Int8Codes, quantize
 from sterling.ops.int8_topk import int8_topk
-from sterling.ops.ivf_scan import Kernel, encode, ivf_scan
+from sterling.ops.ivf_scan import Kernel, encode, ivf_scan, list_bounds
 from sterling.ops.plan_program import bit_of, pack_rows
 
 __all__ = ["Segment"]
@@ -220,6 +220,14 @@ class Segment:
         if self._scan_kernel is Kernel.TRITON and torch.cuda.is_available():
             return tuple(a.cuda() for a in arrays)
         return arrays
+
+    @functools.cached_property
+    def _scan_bounds(self) -> torch.Tensor | None:
+        """The CPU scan's per-list int8 rounding bounds (:func:`sterling.ops.ivf_scan.list_bounds`),
+        computed once; None for the other kernels."""
+        if self._scan_kernel is not Kernel.CPU:
+            return None
+        return list_bounds(self.codes.codes, self.codes.scales, self.list_offsets)
 
     def compiled(self, expr: str) -> CompiledFilter:
         """``expr`` parsed, compiled to a Bloom plan and its selectivity estimated (cached)."""
@@ -391,6 +399,7 @@ class Segment:
             plan_of.to(dev),
             None if alive is None else alive.to(dev),
             kernel=self._scan_kernel,
+            bounds=self._scan_bounds,
         )  # [B, k0]
         scores, cand = scores.cpu(), cand.cpu()
         full = cand[:, -1] >= 0  # k0 candidates came back: more rows may pass

@@ -6,13 +6,13 @@ Bloom mask evaluated **only over those rows** by the query's plan program
 (:mod:`sterling.ops.plan_program`), the live rows (tombstones cleared), the scores of the surviving
 rows and one global top-k.
 
-The query stays float32 (the paper quantizes it too, for an int8 × int8 dot): on CPU the kernel
-widens the codes to float32 in registers, which measured as fast as an int8 dot at D = 64, and a
-float query leaves no query-quantization error, so the top-k needs no float re-scoring pass: it
-is already the top-k of the inner products with the stored vectors.
+Scores are inner products of the float32 query with the stored vectors (``codes * scale``): the CPU
+kernel quantizes the query to int8 only to cut rows on its dot-product units, with a bound that
+keeps every row that could enter the top-k, and scores the survivors exactly, so the top-k needs
+no re-scoring pass.
 
 Kernels: ``Kernel.REFERENCE`` (:mod:`sterling.ops.reference.ivf_scan`, pure PyTorch, the oracle),
-``Kernel.CPU`` (:mod:`sterling.ops.cpu.ivf_scan`, numba, fused, threaded) and ``Kernel.TRITON``
+``Kernel.CPU`` (:mod:`sterling.ops.cpu.ivf_scan`, numba, list-major, VNNI, threaded) and ``Kernel.TRITON``
 (:mod:`sterling.ops.triton.ivf_scan`, GPU; on CPU tensors under ``TRITON_INTERPRET=1``).
 """
 
@@ -25,7 +25,9 @@ from sterling.ops.kernel import Kernel, select
 from sterling.ops.plan_program import PlanProgram, encode
 from sterling.ops.reference import ivf_scan as reference
 
-__all__ = ["Kernel", "PlanProgram", "encode", "ivf_scan"]
+__all__ = ["Kernel", "PlanProgram", "encode", "ivf_scan", "list_bounds"]
+
+list_bounds = cpu.list_bounds
 
 
 def _triton(*args):
@@ -53,6 +55,7 @@ def ivf_scan(
     plan_of: torch.Tensor | None = None,
     alive: torch.Tensor | None = None,
     kernel: Kernel | None = None,
+    bounds: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k rows of each query's probed clusters that pass its Bloom plan, by int8 score.
 
@@ -73,6 +76,9 @@ def ivf_scan(
         alive (torch.Tensor | None): int64 [W], live-row words (a cleared bit: deleted row).
         kernel (Kernel | None): the implementation; None picks by device: ``TRITON`` for CUDA
             tensors, ``CPU`` otherwise.
+        bounds (torch.Tensor | None): float32 [nlist], :func:`list_bounds` of ``codes`` (the CPU
+            kernel's int8 cut; a caller that scans the same codes often keeps it, else it is
+            computed per call).
 
     Returns:
         tuple[torch.Tensor, torch.Tensor]: scores float32 [B, k], descending, and sorted rows
@@ -96,11 +102,14 @@ def ivf_scan(
         raise ValueError(f"plan_of must lie in [-1, {len(program)})")
     if alive is not None and (alive.dtype != torch.int64 or alive.shape != (words,)):
         raise ValueError(f"alive must be int64 [W={words}], got {_desc(alive)}")
+    if bounds is not None and (bounds.dtype != torch.float32 or bounds.shape != (len(list_offsets) - 1,)):
+        raise ValueError(f"bounds must be float32 [nlist={len(list_offsets) - 1}], got {_desc(bounds)}")
     if kernel is None:
         kernel = Kernel.TRITON if queries.is_cuda else Kernel.CPU
-    return select("ivf_scan", _KERNELS, kernel)(
-        queries, codes, scales, list_offsets, probes, k, bits, program, plan_of, alive
-    )
+    args = (queries, codes, scales, list_offsets, probes, k, bits, program, plan_of, alive)
+    if Kernel(kernel) is Kernel.CPU:
+        return cpu.ivf_scan(*args, bounds)
+    return select("ivf_scan", _KERNELS, kernel)(*args)
 
 
 def _validate(queries, codes, scales, list_offsets, probes, k) -> tuple[int, int]:

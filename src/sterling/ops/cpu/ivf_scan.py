@@ -1,19 +1,27 @@
-"""Fused CPU filtered int8 IVF scan (numba): Bloom words → surviving rows → int8 dot → running top-k.
+"""List-major CPU filtered int8 IVF scan (numba): Bloom words → 16-row int8 blocks → cut → exact top-k.
 
-What is fused (silvertorch.md §3.3, §4): for each (query, probed cluster) the kernel walks the
-cluster's Bloom words (64 rows each), runs the query's plan program on them (a few 64-bit ANDs /
-ORs), ANDs the live-row word and the cluster's edges, and only for the set bits computes the dot
-product of the int8 codes with the float query (see ``_dot``; vectorised by LLVM) and offers the score to the query's top-k heap.
-Nothing of size [B, N] or [B, P, L] is ever materialised, and filtered rows cost one bit test.
+What is fused (silvertorch.md §3.3, §4): for each (query, probed list) the query's plan program runs
+on the list's Bloom words only (a few 64-bit ANDs / ORs per 64 rows), ANDed with the live rows;
+filtered rows cost one bit. Nothing of size [B, N] or [B, P, L] is ever materialised.
 
-Loop order: **cluster-major within a chunk of queries.** The (query, probe) pairs of a chunk are
-bucketed by cluster (a counting sort), and each cluster is scanned for all the chunk's queries that
-probe it in turn, so its codes and Bloom words stay in cache across those queries instead of being
-re-read from memory once per query. Each query keeps its own buffer across clusters.
+**Loop order: list-major over the whole batch.** The (query, probed list) pairs are grouped by list
+(a counting sort, :func:`_bucket`) and each list is read once per batch for all the queries that
+probe it. When its members' passing rows outnumber its 16-row blocks, the list is re-laid once in
+blocks (:func:`sterling.ops.cpu.vnni.transpose16`) and each member scores every block holding a
+passing row with ``D / 4`` int8 dot-product instructions (:func:`sterling.ops.cpu.vnni.block_mask`,
+``vpdpbusd`` on AVX-512 VNNI), its query quantized to int8. Only rows whose int8 score clears the
+query's **cut** are scored exactly (float32 query · int8 codes × scale, ``_dot``) and offered to its
+running top-k: the cut is the running k-th exact score, divided by the query's step, less the
+list's rounding bound (:func:`list_bounds`), so no row that could enter the top-k is skipped (the
+bound argument of :mod:`sterling.ops.cpu.int8_topk`). A list few queries touch is scored row by
+row. Each query's first probed list is scanned first, query by query (:func:`_seed`), so its cut
+starts from its nearest list's scores.
 
-Threads: the batch is cut into one chunk per thread and the compiled function runs with the GIL
-released (``nogil``) on a small thread pool, so concurrent callers and torch's own threads compose
-(no numba threading layer is involved). Compiled once per machine and cached (``cache=True``).
+Threads: the lists are cut into one contiguous run per thread of about equal work; each thread keeps
+its own running top-k per query (starting from the seeded threshold, a valid lower bound for all),
+and the buffers are merged at the end. The compiled functions run with the GIL released (``nogil``)
+on a small thread pool, so concurrent callers and torch's own threads compose (no numba threading
+layer is involved). Compiled once per machine and cached (``cache=True``).
 
 Scores are ``dot(codes[r], queries[b]) * scales[r]`` in float32, the reference's definition up to
 the order of the float32 sum.
@@ -25,11 +33,14 @@ import numba
 import numpy as np
 import torch
 
-from sterling.ops.cpu.bits import cttz
-from sterling.ops.cpu.threads import run_chunked
+from sterling.ops.cpu.bits import cttz, popcount
+from sterling.ops.cpu.threads import run_chunked, run_parts
+from sterling.ops.cpu.vnni import block_mask, transpose16
 from sterling.ops.plan_program import PlanProgram
+from sterling.ops.quantize import QMAX
 
 _MIN_QUERIES_PER_THREAD = 4
+_SLACK = np.float32(1.0 + 2.0**-8)  # float32 rounding, on top of the query-rounding bound
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
@@ -111,8 +122,76 @@ def _select(vs, vr, n, k):
             return
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _offer(vs, vr, size, threshold, score, r, k):
+    """Offers ``score`` of row ``r`` to a query's buffer; returns the new size and threshold (a full
+    buffer is cut back to its k best by quickselect, whose k-th score becomes the threshold)."""
+    if score > threshold:
+        vs[size] = score
+        vr[size] = r
+        size += 1
+        if size == vs.shape[0]:
+            _select(vs, vr, size, k)
+            size = k
+            threshold = vs[0]
+            for i in range(1, k):
+                threshold = min(threshold, vs[i])
+    return size, threshold
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _cut(threshold, qscale, eps):
+    """The approximate-score cut of a query: a row whose int8 score ``a`` (query codes · row codes ×
+    row scale) is below it cannot beat ``threshold``: its float score is at most ``qscale * (a +
+    eps)`` (each query component is rounded by at most half a step)."""
+    if threshold == -np.inf:
+        return np.float32(-np.inf)
+    t = threshold / qscale
+    return np.float32(t - eps * _SLACK - abs(t) * np.float32(2.0**-20))
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _passing_words(bits, ops, prow, pstart, g, alive, has_alive, s, e, words, stack):
+    """``words`` [ceil((e - s) / 64)]: the rows of ``s:e`` that pass plan ``g`` (-1: all) and are
+    alive, re-based so that bit 0 of word 0 is row ``s``."""
+    ones = np.uint64(0xFFFFFFFFFFFFFFFF)
+    w0 = s >> 6
+    shift = np.uint64(s & 63)
+    prev = np.uint64(0)
+    for w in range(w0, ((e - 1) >> 6) + 1):
+        word = ones
+        if g >= 0:
+            word = _plan_word(bits, ops, prow, pstart[g], pstart[g + 1], w, stack)
+        if has_alive:
+            word &= alive[w]
+        i = w - w0
+        if shift == 0:
+            words[i] = word
+        else:
+            if i > 0:
+                words[i - 1] = prev | (word << (np.uint64(64) - shift))
+            words[i] = word >> shift
+        prev = word >> shift
+    n = e - s
+    if n & 63:
+        words[((n + 63) >> 6) - 1] &= (np.uint64(1) << np.uint64(n & 63)) - np.uint64(1)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _offer_rows(words, s, n, codes, scales, q, vs, vr, size, threshold, k):
+    """Scores every row set in ``words`` (rows ``s + bit``) exactly and offers it; returns the new
+    size and threshold."""
+    for i in range((n + 63) >> 6):
+        word = words[i]
+        while word != 0:
+            r = s + 64 * i + np.int64(cttz(word))
+            word &= word - np.uint64(1)
+            size, threshold = _offer(vs, vr, size, threshold, _dot(codes, r, q) * scales[r], r, k)
+    return size, threshold
+
+
 @numba.njit(nogil=True, cache=True)
-def _scan_chunk(
+def _seed(
     queries,
     codes,
     scales,
@@ -128,91 +207,199 @@ def _scan_chunk(
     depth,
     buf_s,
     buf_r,
-    out_s,
-    out_r,
-    b0,
-    b1,
+    sizes,
+    floor,
+    k,
+    lo,
+    hi,
 ):
-    """Scans queries ``b0:b1``; writes their top-k (descending) into ``out_s`` / ``out_r``.
-
-    Each query collects scores above its running threshold in a buffer (``buf_s`` / ``buf_r``,
-    [B, 2k]); a full buffer is cut back to its k best by quickselect, whose k-th score becomes
-    the new threshold. Amortised O(1) per candidate, where a k-heap pays O(log k) per insert."""
-    ones = np.uint64(0xFFFFFFFFFFFFFFFF)
-    nlist = offsets.shape[0] - 1
-    k = out_s.shape[1]
-    cap = buf_s.shape[1]
-    p = probes.shape[1]
+    """Queries ``lo:hi``: their first probed list scanned row by row, which starts their buffers and
+    thresholds (the nearest list holds good scores, so the list-major pass starts with a cut)."""
     stack = np.empty(max(depth, 1), np.uint64)
-    sizes = np.zeros(b1 - b0, np.int64)
-    floor = np.full(b1 - b0, -np.inf, np.float32)
-    # bucket the chunk's (query, probe) pairs by cluster
-    heads = np.zeros(nlist + 1, np.int64)
-    for b in range(b0, b1):
-        for j in range(p):
-            c = probes[b, j]
-            if c >= 0:
-                heads[c + 1] += 1
-    for c in range(nlist):
-        heads[c + 1] += heads[c]
-    fill = heads[:-1].copy()
-    members = np.empty(heads[nlist], np.int64)
-    for b in range(b0, b1):
-        for j in range(p):
-            c = probes[b, j]
-            if c >= 0:
-                members[fill[c]] = b
-                fill[c] += 1
-    for c in range(nlist):
+    words = np.empty(1, np.uint64)
+    for b in range(lo, hi):
+        c = probes[b, 0]
+        if c < 0:
+            continue
         s = offsets[c]
         e = offsets[c + 1]
         if s >= e:
             continue
+        if words.shape[0] < ((e - s + 63) >> 6):
+            words = np.empty((e - s + 63) >> 6, np.uint64)
+        _passing_words(bits, ops, prow, pstart, plan_of[b], alive, has_alive, s, e, words, stack)
+        sizes[b], floor[b] = _offer_rows(
+            words, s, e - s, codes, scales, queries[b], buf_s[b], buf_r[b], sizes[b], floor[b], k
+        )
+
+
+@numba.njit(nogil=True, cache=True)
+def _scan_lists(
+    queries,
+    qwords,
+    qfix,
+    qscale,
+    codes,
+    codes32,
+    scales,
+    offsets,
+    bounds,
+    heads,
+    members,
+    bits,
+    ops,
+    prow,
+    pstart,
+    plan_of,
+    alive,
+    has_alive,
+    depth,
+    buf_s,
+    buf_r,
+    sizes,
+    floor,
+    k,
+    c0,
+    c1,
+):
+    """Scans lists ``c0:c1`` for every query that probes them (``members[heads[c]:heads[c + 1]]``),
+    offering the rows that pass each query's plan to its buffer (``buf_s`` / ``buf_r`` [B, cap],
+    ``sizes`` / ``floor`` [B]: this thread's running top-k of every query).
+
+    A list whose members' passing rows outnumber its blocks of 16 rows is re-laid once in blocks
+    (:func:`sterling.ops.cpu.vnni.transpose16`) and each member scores a block with passing rows on
+    the dot-product units (:func:`sterling.ops.cpu.vnni.block_mask`); only rows whose int8 score
+    clears the member's cut (:func:`_cut`, with the list's rounding bound ``bounds[c]``) are scored
+    exactly (float query · codes × scale) and offered."""
+    groups = qwords.shape[1]
+    blocked = codes32.shape[1] == groups and groups % 16 == 0
+    stack = np.empty(max(depth, 1), np.uint64)
+    longest = 0
+    most = 0
+    for c in range(c0, c1):
+        longest = max(longest, offsets[c + 1] - offsets[c])
+        most = max(most, heads[c + 1] - heads[c])
+    tbuf = np.zeros(((longest + 15) >> 4) * 16 * groups if blocked else 1, np.int32)
+    words = np.zeros((most, ((longest + 63) >> 6) + 1), np.uint64)
+    for c in range(c0, c1):
+        s = offsets[c]
+        e = offsets[c + 1]
+        if s >= e or heads[c] == heads[c + 1]:
+            continue
+        n = e - s
+        passing = 0
+        for m in range(heads[c], heads[c + 1]):
+            mw = words[m - heads[c]]
+            _passing_words(bits, ops, prow, pstart, plan_of[members[m]], alive, has_alive, s, e, mw, stack)
+            for i in range((n + 63) >> 6):
+                passing += popcount(mw[i])
+        # blocks pay once the passing rows outnumber the blocks (a transposed block costs a few
+        # exact rows; a row scored alone is a cache miss unless the list was read in whole)
+        dense = blocked and passing * 16 >= n
+        if dense:
+            full = n >> 4
+            for blk in range(full):
+                for t in range(groups >> 4):
+                    transpose16(codes32, (s + 16 * blk) * groups + 16 * t, groups, tbuf, (blk * groups + 16 * t) * 16)
+            if n & 15:
+                base = full * groups * 16
+                tbuf[base : base + groups * 16] = 0
+                for i in range(n & 15):
+                    for j in range(groups):
+                        tbuf[base + 16 * j + i] = codes32[s + 16 * full + i, j] ^ np.int32(-2139062144)  # 0x80808080
         for m in range(heads[c], heads[c + 1]):
             b = members[m]
+            mw = words[m - heads[c]]
             vs = buf_s[b]
             vr = buf_r[b]
-            size = sizes[b - b0]
-            threshold = floor[b - b0]
-            g = plan_of[b]
+            size = sizes[b]
+            threshold = floor[b]
             q = queries[b]
-            for w in range(s >> 6, ((e - 1) >> 6) + 1):
-                word = ones
-                if g >= 0:
-                    word = _plan_word(bits, ops, prow, pstart[g], pstart[g + 1], w, stack)
-                if has_alive:
-                    word &= alive[w]
-                base = w << 6
-                if base < s:
-                    word &= ones << np.uint64(s - base)
-                if base + 64 > e:
-                    word &= (np.uint64(1) << np.uint64(e - base)) - np.uint64(1)
-                while word != 0:
-                    r = base + np.int64(cttz(word))
-                    word &= word - np.uint64(1)
-                    score = _dot(codes, r, q) * scales[r]
-                    if score > threshold:
-                        vs[size] = score
-                        vr[size] = r
-                        size += 1
-                        if size == cap:
-                            _select(vs, vr, size, k)
-                            size = k
-                            threshold = vs[0]
-                            for i in range(1, k):
-                                threshold = min(threshold, vs[i])
-            sizes[b - b0] = size
-            floor[b - b0] = threshold
-    # the k best of each buffer, descending; an unfilled tail stays -inf / -1
-    for b in range(b0, b1):
-        size = sizes[b - b0]
+            if not dense:
+                size, threshold = _offer_rows(mw, s, n, codes, scales, q, vs, vr, size, threshold, k)
+            else:
+                cut = _cut(threshold, qscale[b], bounds[c])
+                for blk in range((n + 15) >> 4):
+                    chunk = (mw[blk >> 2] >> np.uint64((blk & 3) << 4)) & np.uint64(0xFFFF)
+                    if chunk == 0:
+                        continue
+                    chunk &= block_mask(
+                        tbuf,
+                        blk * groups * 16,
+                        qwords,
+                        b * groups,
+                        groups,
+                        qfix[b],
+                        scales,
+                        s + 16 * blk,
+                        min(16, n - 16 * blk),
+                        cut,
+                    )
+                    while chunk != 0:
+                        r = s + 16 * blk + np.int64(cttz(chunk))
+                        chunk &= chunk - np.uint64(1)
+                        before = threshold
+                        size, threshold = _offer(vs, vr, size, threshold, _dot(codes, r, q) * scales[r], r, k)
+                        if threshold != before:
+                            cut = _cut(threshold, qscale[b], bounds[c])
+            sizes[b] = size
+            floor[b] = threshold
+
+
+@numba.njit(nogil=True, cache=True)
+def _merge(buf_s, buf_r, sizes, out_s, out_r, lo, hi):
+    """Queries ``lo:hi``: the k best of every thread's buffer, descending, into ``out_s`` / ``out_r``
+    (an unfilled tail stays -inf / -1)."""
+    k = out_s.shape[1]
+    threads = buf_s.shape[0]
+    vs = np.empty(threads * buf_s.shape[2], np.float32)
+    vr = np.empty(threads * buf_s.shape[2], np.int64)
+    for b in range(lo, hi):
+        size = 0
+        for t in range(threads):
+            for i in range(sizes[t, b]):
+                vs[size] = buf_s[t, b, i]
+                vr[size] = buf_r[t, b, i]
+                size += 1
         if size > k:
-            _select(buf_s[b], buf_r[b], size, k)
+            _select(vs, vr, size, k)
             size = k
-        order = np.argsort(-buf_s[b, :size])
+        order = np.argsort(-vs[:size])
         for i in range(size):
-            out_s[b, i] = buf_s[b, order[i]]
-            out_r[b, i] = buf_r[b, order[i]]
+            out_s[b, i] = vs[order[i]]
+            out_r[b, i] = vr[order[i]]
+
+
+@numba.njit(nogil=True, cache=True)
+def _bucket(probes, nlist):
+    """The (query, probed list) pairs grouped by list, past each query's first probe (which
+    :func:`_seed` scans): ``members[heads[c]:heads[c + 1]]`` are the queries probing list c,
+    ascending (a counting sort)."""
+    heads = np.zeros(nlist + 1, np.int64)
+    for b in range(probes.shape[0]):
+        for j in range(1, probes.shape[1]):
+            if probes[b, j] >= 0:
+                heads[probes[b, j] + 1] += 1
+    for c in range(nlist):
+        heads[c + 1] += heads[c]
+    fill = heads[:-1].copy()
+    members = np.empty(heads[nlist], np.int64)
+    for b in range(probes.shape[0]):
+        for j in range(1, probes.shape[1]):
+            c = probes[b, j]
+            if c >= 0:
+                members[fill[c]] = b
+                fill[c] += 1
+    return heads, members
+
+
+def list_bounds(codes: torch.Tensor, scales: torch.Tensor, list_offsets: torch.Tensor) -> torch.Tensor:
+    """float32 [nlist]: the largest ``scales[r] * sum_d |codes[r, d]| / 2`` of each list's rows (0 for
+    an empty list), the most a query's int8 rounding moves a row's score, in query steps."""
+    rows = codes.abs().sum(1, dtype=torch.int32).float() * scales / 2
+    lengths = list_offsets.diff()
+    owner = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    return torch.zeros(len(lengths)).scatter_reduce_(0, owner, rows, "amax")
 
 
 def ivf_scan(
@@ -226,22 +413,25 @@ def ivf_scan(
     program: PlanProgram,
     plan_of: torch.Tensor,
     alive: torch.Tensor | None,
+    bounds: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """See :func:`sterling.ops.ivf_scan.ivf_scan` (inputs assumed valid)."""
-    b = queries.shape[0]
+    """See :func:`sterling.ops.ivf_scan.ivf_scan` (inputs assumed valid); ``bounds`` is
+    :func:`list_bounds` of the codes (computed when None)."""
+    b, d = queries.shape
     out_s = np.full((b, k), -np.inf, dtype=np.float32)
     out_r = np.full((b, k), -1, dtype=np.int64)
-    buf_s = np.empty((b, 2 * k), dtype=np.float32)
-    buf_r = np.empty((b, 2 * k), dtype=np.int64)
-    words = bits.contiguous().numpy().view(np.uint64)
+    if b == 0 or not len(codes):
+        return torch.from_numpy(out_s), torch.from_numpy(out_r)
+    if bounds is None:
+        bounds = list_bounds(codes, scales, list_offsets)
+    offsets = list_offsets.contiguous().numpy()
+    probes_np = probes.contiguous().numpy()
+    q = queries.contiguous().numpy()
+    codes_np = codes.contiguous().numpy()
+    scales_np = scales.contiguous().numpy()
     live = (alive if alive is not None else torch.zeros(1, dtype=torch.int64)).contiguous().numpy().view(np.uint64)
-    args = (
-        queries.contiguous().numpy(),
-        codes.contiguous().numpy(),
-        scales.contiguous().numpy(),
-        list_offsets.contiguous().numpy(),
-        probes.contiguous().numpy(),
-        words,
+    plan = (
+        bits.contiguous().numpy().view(np.uint64),
         program.ops.contiguous().numpy(),
         program.rows.contiguous().numpy(),
         program.starts.contiguous().numpy(),
@@ -249,10 +439,51 @@ def ivf_scan(
         live,
         alive is not None,
         program.depth,
-        buf_s,
-        buf_r,
-        out_s,
-        out_r,
     )
-    run_chunked(_scan_chunk, args, b, _MIN_QUERIES_PER_THREAD)
+    heads, members = _bucket(probes_np, len(offsets) - 1)
+    # one contiguous run of lists per thread, of about equal work (rows × (members + 1))
+    count = np.diff(heads)
+    work = np.cumsum(np.diff(offsets) * (count + 1) * (count > 0))
+    threads = max(1, min(torch.get_num_threads(), int(np.count_nonzero(count))))
+    cap = 2 * k
+    buf_s = np.empty((threads, b, cap), dtype=np.float32)
+    buf_r = np.empty((threads, b, cap), dtype=np.int64)
+    sizes = np.zeros((threads, b), dtype=np.int64)
+    floor = np.full((threads, b), -np.inf, dtype=np.float32)
+    run_chunked(
+        _seed,
+        (q, codes_np, scales_np, offsets, probes_np, *plan, buf_s[0], buf_r[0], sizes[0], floor[0], k),
+        b,
+        _MIN_QUERIES_PER_THREAD,
+    )
+    floor[1:] = floor[0]  # a lower bound of every query's k-th score, for every thread
+    if len(members) and work[-1] > 0:
+        cuts = np.concatenate([[0], np.searchsorted(work, work[-1] * np.arange(1, threads) / threads), [len(work)]])
+        groups = -(-d // 4)
+        qscale = np.abs(q).max(1) / np.float32(QMAX)
+        qscale[qscale == 0] = 1
+        qpad = np.zeros((b, 4 * groups), dtype=np.int8)
+        qpad[:, :d] = np.rint(q / qscale[:, None])
+        shared = (
+            q,
+            qpad.view(np.int32),
+            128 * qpad.sum(1, dtype=np.int64),
+            qscale.astype(np.float32),
+            codes_np,
+            codes_np.view(np.int32) if d % 4 == 0 else np.zeros((0, 0), dtype=np.int32),
+            scales_np,
+            offsets,
+            bounds.contiguous().numpy(),
+            heads,
+            members,
+            *plan,
+        )
+        run_parts(
+            _scan_lists,
+            [
+                (*shared, buf_s[t], buf_r[t], sizes[t], floor[t], k, int(cuts[t]), int(cuts[t + 1]))
+                for t in range(threads)
+            ],
+        )
+    run_chunked(_merge, (buf_s, buf_r, sizes, out_s, out_r), b, _MIN_QUERIES_PER_THREAD)
     return torch.from_numpy(out_s), torch.from_numpy(out_r)

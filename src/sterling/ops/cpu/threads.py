@@ -20,14 +20,19 @@ def _pool() -> ThreadPoolExecutor:
     return _POOL
 
 
+def run_parts(fn: Callable[..., None], parts: list[tuple]) -> None:
+    """``fn(*args)`` for every ``args`` of ``parts`` on the shared pool (inline when one)."""
+    if len(parts) == 1:
+        fn(*parts[0])
+        return
+    jobs = [_pool().submit(fn, *args) for args in parts]
+    for job in jobs:
+        job.result()
+
+
 def run_chunked(fn: Callable[..., None], args: tuple, n: int, min_per_thread: int) -> None:
     """``fn(*args, lo, hi)`` over ``[0, n)`` cut into at most ``torch.get_num_threads()`` chunks of
     at least ``min_per_thread`` items, on the shared pool (inline when one chunk)."""
     threads = max(1, min(torch.get_num_threads(), n // min_per_thread))
-    if threads == 1:
-        fn(*args, 0, n)
-        return
     bounds = np.linspace(0, n, threads + 1).astype(np.int64)
-    jobs = [_pool().submit(fn, *args, int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
-    for job in jobs:
-        job.result()
+    run_parts(fn, [(*args, int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])])
