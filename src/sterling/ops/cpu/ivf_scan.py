@@ -14,12 +14,12 @@ query's **cut** are scored exactly (float32 query · int8 codes × scale, ``_dot
 running top-k: the cut is the running k-th exact score, divided by the query's step, less the
 list's rounding bound (:func:`list_bounds`), so no row that could enter the top-k is skipped (the
 bound argument of :mod:`sterling.ops.cpu.int8_topk`). A list few queries touch is scored row by
-row. Each query's first probed list is scanned first, query by query (:func:`_seed`), so its cut
-starts from its nearest list's scores.
+row. The batch runs in two rounds, each query's nearest list first, so the cut of the rest starts
+from the k-th score of that list.
 
-Threads: the lists are cut into one contiguous run per thread of about equal work; each thread keeps
-its own running top-k per query (starting from the seeded threshold, a valid lower bound for all),
-and the buffers are merged at the end. The compiled functions run with the GIL released (``nogil``)
+Threads: the lists of a round are cut into one contiguous run per thread of about equal work; each
+thread keeps its own running top-k per query, the largest k-th score of any thread (a lower bound of
+the final one) starts every thread's next round, and the buffers are merged at the end. The compiled functions run with the GIL released (``nogil``)
 on a small thread pool, so concurrent callers and torch's own threads compose (no numba threading
 layer is involved). Compiled once per machine and cached (``cache=True``).
 
@@ -153,25 +153,41 @@ def _cut(threshold, qscale, eps):
 @numba.njit(nogil=True, cache=True, inline="always")
 def _passing_words(bits, ops, prow, pstart, g, alive, has_alive, s, e, words, stack):
     """``words`` [ceil((e - s) / 64)]: the rows of ``s:e`` that pass plan ``g`` (-1: all) and are
-    alive, re-based so that bit 0 of word 0 is row ``s``."""
+    alive, re-based so that bit 0 of word 0 is row ``s`` (``words`` holds one word more, scratch).
+
+    A plan of one leaf (the AND or OR of a few Bloom rows, what a single-term filter compiles to)
+    runs row by row over the list's words (contiguous, vectorised); others run the plan program
+    word by word."""
     ones = np.uint64(0xFFFFFFFFFFFFFFFF)
     w0 = s >> 6
+    nw = ((e - 1) >> 6) + 1 - w0
+    t0 = pstart[g] if g >= 0 else 0
+    if g < 0:
+        words[:nw] = ones
+    elif pstart[g + 1] - t0 == 1 and ops[t0, 0] >= 2 and ops[t0, 0] <= 4:
+        code = ops[t0, 0]
+        words[:nw] = ones if code == 2 else np.uint64(0)
+        for i in range(ops[t0, 1], ops[t0, 2]):
+            row = bits[prow[i]]
+            for j in range(nw):
+                if code == 2:
+                    words[j] &= row[w0 + j]
+                else:
+                    words[j] |= row[w0 + j]
+        if code == 4:
+            for j in range(nw):
+                words[j] = ~words[j]
+    else:
+        for j in range(nw):
+            words[j] = _plan_word(bits, ops, prow, t0, pstart[g + 1], w0 + j, stack)
+    if has_alive:
+        for j in range(nw):
+            words[j] &= alive[w0 + j]
     shift = np.uint64(s & 63)
-    prev = np.uint64(0)
-    for w in range(w0, ((e - 1) >> 6) + 1):
-        word = ones
-        if g >= 0:
-            word = _plan_word(bits, ops, prow, pstart[g], pstart[g + 1], w, stack)
-        if has_alive:
-            word &= alive[w]
-        i = w - w0
-        if shift == 0:
-            words[i] = word
-        else:
-            if i > 0:
-                words[i - 1] = prev | (word << (np.uint64(64) - shift))
-            words[i] = word >> shift
-        prev = word >> shift
+    if shift:
+        words[nw] = 0
+        for j in range(nw):
+            words[j] = (words[j] >> shift) | (words[j + 1] << (np.uint64(64) - shift))
     n = e - s
     if n & 63:
         words[((n + 63) >> 6) - 1] &= (np.uint64(1) << np.uint64(n & 63)) - np.uint64(1)
@@ -188,49 +204,6 @@ def _offer_rows(words, s, n, codes, scales, q, vs, vr, size, threshold, k):
             word &= word - np.uint64(1)
             size, threshold = _offer(vs, vr, size, threshold, _dot(codes, r, q) * scales[r], r, k)
     return size, threshold
-
-
-@numba.njit(nogil=True, cache=True)
-def _seed(
-    queries,
-    codes,
-    scales,
-    offsets,
-    probes,
-    bits,
-    ops,
-    prow,
-    pstart,
-    plan_of,
-    alive,
-    has_alive,
-    depth,
-    buf_s,
-    buf_r,
-    sizes,
-    floor,
-    k,
-    lo,
-    hi,
-):
-    """Queries ``lo:hi``: their first probed list scanned row by row, which starts their buffers and
-    thresholds (the nearest list holds good scores, so the list-major pass starts with a cut)."""
-    stack = np.empty(max(depth, 1), np.uint64)
-    words = np.empty(1, np.uint64)
-    for b in range(lo, hi):
-        c = probes[b, 0]
-        if c < 0:
-            continue
-        s = offsets[c]
-        e = offsets[c + 1]
-        if s >= e:
-            continue
-        if words.shape[0] < ((e - s + 63) >> 6):
-            words = np.empty((e - s + 63) >> 6, np.uint64)
-        _passing_words(bits, ops, prow, pstart, plan_of[b], alive, has_alive, s, e, words, stack)
-        sizes[b], floor[b] = _offer_rows(
-            words, s, e - s, codes, scales, queries[b], buf_s[b], buf_r[b], sizes[b], floor[b], k
-        )
 
 
 @numba.njit(nogil=True, cache=True)
@@ -371,13 +344,12 @@ def _merge(buf_s, buf_r, sizes, out_s, out_r, lo, hi):
 
 
 @numba.njit(nogil=True, cache=True)
-def _bucket(probes, nlist):
-    """The (query, probed list) pairs grouped by list, past each query's first probe (which
-    :func:`_seed` scans): ``members[heads[c]:heads[c + 1]]`` are the queries probing list c,
-    ascending (a counting sort)."""
+def _bucket(probes, nlist, lo, hi):
+    """The (query, probed list) pairs of probe ranks ``lo:hi`` grouped by list:
+    ``members[heads[c]:heads[c + 1]]`` are the queries probing list c, ascending (a counting sort)."""
     heads = np.zeros(nlist + 1, np.int64)
     for b in range(probes.shape[0]):
-        for j in range(1, probes.shape[1]):
+        for j in range(lo, hi):
             if probes[b, j] >= 0:
                 heads[probes[b, j] + 1] += 1
     for c in range(nlist):
@@ -385,7 +357,7 @@ def _bucket(probes, nlist):
     fill = heads[:-1].copy()
     members = np.empty(heads[nlist], np.int64)
     for b in range(probes.shape[0]):
-        for j in range(1, probes.shape[1]):
+        for j in range(lo, hi):
             c = probes[b, j]
             if c >= 0:
                 members[fill[c]] = b
@@ -440,50 +412,57 @@ def ivf_scan(
         alive is not None,
         program.depth,
     )
-    heads, members = _bucket(probes_np, len(offsets) - 1)
-    # one contiguous run of lists per thread, of about equal work (rows × (members + 1))
-    count = np.diff(heads)
-    work = np.cumsum(np.diff(offsets) * (count + 1) * (count > 0))
-    threads = max(1, min(torch.get_num_threads(), int(np.count_nonzero(count))))
+    threads = torch.get_num_threads()
     cap = 2 * k
     buf_s = np.empty((threads, b, cap), dtype=np.float32)
     buf_r = np.empty((threads, b, cap), dtype=np.int64)
     sizes = np.zeros((threads, b), dtype=np.int64)
     floor = np.full((threads, b), -np.inf, dtype=np.float32)
-    run_chunked(
-        _seed,
-        (q, codes_np, scales_np, offsets, probes_np, *plan, buf_s[0], buf_r[0], sizes[0], floor[0], k),
-        b,
-        _MIN_QUERIES_PER_THREAD,
+    groups = -(-d // 4)
+    qscale = np.abs(q).max(1) / np.float32(QMAX)
+    qscale[qscale == 0] = 1
+    qpad = np.zeros((b, 4 * groups), dtype=np.int8)
+    qpad[:, :d] = np.rint(q / qscale[:, None])
+    shared = (
+        q,
+        qpad.view(np.int32),
+        128 * qpad.sum(1, dtype=np.int64),
+        qscale.astype(np.float32),
+        codes_np,
+        codes_np.view(np.int32) if d % 4 == 0 else np.zeros((0, 0), dtype=np.int32),
+        scales_np,
+        offsets,
+        bounds.contiguous().numpy(),
     )
-    floor[1:] = floor[0]  # a lower bound of every query's k-th score, for every thread
-    if len(members) and work[-1] > 0:
+    # each query's nearest list first: its k-th score there starts the cut of the rest
+    for lo, hi in ((0, 1), (1, probes_np.shape[1])):
+        heads, members = _bucket(probes_np, len(offsets) - 1, lo, hi)
+        count = np.diff(heads)
+        work = np.cumsum(np.diff(offsets) * (count + 1) * (count > 0))  # rows × (members + 1)
+        if not len(members) or work[-1] == 0:
+            continue
+        # one contiguous run of lists per thread, of about equal work
         cuts = np.concatenate([[0], np.searchsorted(work, work[-1] * np.arange(1, threads) / threads), [len(work)]])
-        groups = -(-d // 4)
-        qscale = np.abs(q).max(1) / np.float32(QMAX)
-        qscale[qscale == 0] = 1
-        qpad = np.zeros((b, 4 * groups), dtype=np.int8)
-        qpad[:, :d] = np.rint(q / qscale[:, None])
-        shared = (
-            q,
-            qpad.view(np.int32),
-            128 * qpad.sum(1, dtype=np.int64),
-            qscale.astype(np.float32),
-            codes_np,
-            codes_np.view(np.int32) if d % 4 == 0 else np.zeros((0, 0), dtype=np.int32),
-            scales_np,
-            offsets,
-            bounds.contiguous().numpy(),
-            heads,
-            members,
-            *plan,
-        )
         run_parts(
             _scan_lists,
             [
-                (*shared, buf_s[t], buf_r[t], sizes[t], floor[t], k, int(cuts[t]), int(cuts[t + 1]))
+                (
+                    *shared,
+                    heads,
+                    members,
+                    *plan,
+                    buf_s[t],
+                    buf_r[t],
+                    sizes[t],
+                    floor[t],
+                    k,
+                    int(cuts[t]),
+                    int(cuts[t + 1]),
+                )
                 for t in range(threads)
+                if cuts[t + 1] > cuts[t]
             ],
         )
+        floor[:] = floor.max(0)  # every thread's k-th score is a lower bound of the final one
     run_chunked(_merge, (buf_s, buf_r, sizes, out_s, out_r), b, _MIN_QUERIES_PER_THREAD)
     return torch.from_numpy(out_s), torch.from_numpy(out_r)
