@@ -6,10 +6,10 @@ filtered rows cost one bit. Nothing of size [B, N] or [B, P, L] is ever material
 
 **Loop order: list-major over the whole batch.** The (query, probed list) pairs are grouped by list
 (a counting sort, :func:`_bucket`) and each list is read once per batch for all the queries that
-probe it. When its members' passing rows outnumber its 16-row blocks, the list is re-laid once in
-blocks (:func:`sterling.ops.cpu.vnni.transpose16`) and each member scores every block holding a
-passing row with ``D / 4`` int8 dot-product instructions (:func:`sterling.ops.cpu.vnni.block_mask`,
-``vpdpbusd`` on AVX-512 VNNI), its query quantized to int8. Only rows whose int8 score clears the
+probe it. When its members' passing rows outnumber its 16-row blocks, the list is scored in
+blocks: 16 rows against every member at once, ``D / 4`` int8 dot-product instructions per member
+(:func:`sterling.ops.cpu.vnni.tile_dots`, ``vpdpbusd`` on AVX-512 VNNI, the rows held in registers),
+each query quantized to int8. Only rows whose int8 score clears the
 query's **cut** are scored exactly (float32 query · int8 codes × scale, ``_dot``) and offered to its
 running top-k: the cut is the running k-th exact score, divided by the query's step, less the
 list's rounding bound (:func:`list_bounds`), so no row that could enter the top-k is skipped (the
@@ -35,11 +35,12 @@ import torch
 
 from sterling.ops.cpu.bits import cttz, popcount
 from sterling.ops.cpu.threads import run_chunked, run_parts
-from sterling.ops.cpu.vnni import block_mask, transpose16
+from sterling.ops.cpu.vnni import prefetch, tile_dots, tile_masks
 from sterling.ops.plan_program import PlanProgram
 from sterling.ops.quantize import QMAX
 
 _MIN_QUERIES_PER_THREAD = 4
+_AHEAD = 64  # rows prefetched ahead of the block being scored
 _SLACK = np.float32(1.0 + 2.0**-8)  # float32 rounding, on top of the query-rounding bound
 
 
@@ -230,20 +231,24 @@ def _scan_lists(
     buf_s,
     buf_r,
     sizes,
-    floor,
+    floors,
+    t,
     k,
     c0,
     c1,
 ):
     """Scans lists ``c0:c1`` for every query that probes them (``members[heads[c]:heads[c + 1]]``),
     offering the rows that pass each query's plan to its buffer (``buf_s`` / ``buf_r`` [B, cap],
-    ``sizes`` / ``floor`` [B]: this thread's running top-k of every query).
+    ``sizes`` [B], ``floors[t]`` [B]: this thread's running top-k of every query). A query's
+    threshold is also raised to the other threads' (``floors`` [T, B], read as they run: each is
+    the k-th score of some rows, a lower bound of the final k-th).
 
-    A list whose members' passing rows outnumber its blocks of 16 rows is re-laid once in blocks
-    (:func:`sterling.ops.cpu.vnni.transpose16`) and each member scores a block with passing rows on
-    the dot-product units (:func:`sterling.ops.cpu.vnni.block_mask`); only rows whose int8 score
-    clears the member's cut (:func:`_cut`, with the list's rounding bound ``bounds[c]``) are scored
-    exactly (float query · codes × scale) and offered."""
+    A list whose members' passing rows outnumber its blocks of 16 rows is scored block by block:
+    each block's 16 rows against every member at once on the dot-product units
+    (:func:`sterling.ops.cpu.vnni.tile_dots`, the rows held in registers), and each member's
+    passing rows whose int8 score clears its cut (:func:`sterling.ops.cpu.vnni.tile_masks`,
+    :func:`_cut` with the list's rounding bound ``bounds[c]``) are scored exactly (float query ·
+    codes × scale) and offered. Other lists are scored row by row."""
     groups = qwords.shape[1]
     blocked = codes32.shape[1] == groups and groups % 16 == 0
     stack = np.empty(max(depth, 1), np.uint64)
@@ -252,71 +257,72 @@ def _scan_lists(
     for c in range(c0, c1):
         longest = max(longest, offsets[c + 1] - offsets[c])
         most = max(most, heads[c + 1] - heads[c])
-    tbuf = np.zeros(((longest + 15) >> 4) * 16 * groups if blocked else 1, np.int32)
     words = np.zeros((most, ((longest + 63) >> 6) + 1), np.uint64)
+    # the members of one list: query words, offsets, cuts, sums, masks
+    mq = np.zeros((most, groups), np.int32)
+    mfix = np.zeros(most, np.int64)
+    mcut = np.zeros(most, np.float32)
+    acc = np.zeros(most * 16, np.int32)
+    hits = np.zeros(most, np.int64)
+    floor = floors[t]
     for c in range(c0, c1):
         s = offsets[c]
         e = offsets[c + 1]
         if s >= e or heads[c] == heads[c + 1]:
             continue
         n = e - s
+        count = heads[c + 1] - heads[c]
         passing = 0
-        for m in range(heads[c], heads[c + 1]):
-            mw = words[m - heads[c]]
-            _passing_words(bits, ops, prow, pstart, plan_of[members[m]], alive, has_alive, s, e, mw, stack)
-            for i in range((n + 63) >> 6):
-                passing += popcount(mw[i])
-        # blocks pay once the passing rows outnumber the blocks (a transposed block costs a few
-        # exact rows; a row scored alone is a cache miss unless the list was read in whole)
-        dense = blocked and passing * 16 >= n
-        if dense:
-            full = n >> 4
-            for blk in range(full):
-                for t in range(groups >> 4):
-                    transpose16(codes32, (s + 16 * blk) * groups + 16 * t, groups, tbuf, (blk * groups + 16 * t) * 16)
-            if n & 15:
-                base = full * groups * 16
-                tbuf[base : base + groups * 16] = 0
-                for i in range(n & 15):
-                    for j in range(groups):
-                        tbuf[base + 16 * j + i] = codes32[s + 16 * full + i, j] ^ np.int32(-2139062144)  # 0x80808080
-        for m in range(heads[c], heads[c + 1]):
-            b = members[m]
-            mw = words[m - heads[c]]
-            vs = buf_s[b]
-            vr = buf_r[b]
-            size = sizes[b]
-            threshold = floor[b]
-            q = queries[b]
-            if not dense:
-                size, threshold = _offer_rows(mw, s, n, codes, scales, q, vs, vr, size, threshold, k)
-            else:
-                cut = _cut(threshold, qscale[b], bounds[c])
-                for blk in range((n + 15) >> 4):
-                    chunk = (mw[blk >> 2] >> np.uint64((blk & 3) << 4)) & np.uint64(0xFFFF)
-                    if chunk == 0:
-                        continue
-                    chunk &= block_mask(
-                        tbuf,
-                        blk * groups * 16,
-                        qwords,
-                        b * groups,
-                        groups,
-                        qfix[b],
-                        scales,
-                        s + 16 * blk,
-                        min(16, n - 16 * blk),
-                        cut,
+        for i in range(count):
+            b = members[heads[c] + i]
+            for other in range(floors.shape[0]):
+                floor[b] = max(floor[b], floors[other, b])
+            mw = words[i]
+            _passing_words(bits, ops, prow, pstart, plan_of[members[heads[c] + i]], alive, has_alive, s, e, mw, stack)
+            for j in range((n + 63) >> 6):
+                passing += popcount(mw[j])
+        # blocks pay once the passing rows outnumber them (scoring a block for every member costs
+        # about one exact row; a row scored alone is a cache miss unless the list is read in whole)
+        if not blocked or passing * 16 < n:
+            for i in range(count):
+                b = members[heads[c] + i]
+                sizes[b], floor[b] = _offer_rows(
+                    words[i], s, n, codes, scales, queries[b], buf_s[b], buf_r[b], sizes[b], floor[b], k
+                )
+            continue
+        for i in range(count):
+            b = members[heads[c] + i]
+            mq[i] = qwords[b]
+            mfix[i] = qfix[b]
+            mcut[i] = _cut(floor[b], qscale[b], bounds[c])
+        for blk in range((n + 15) >> 4):
+            r0 = s + 16 * blk
+            valid = min(16, e - r0)
+            # rows _AHEAD on (the next list's where this one ends: lists run in row order) come in
+            # from memory while this block is scored
+            for i in range(0, 16 * groups, 16):
+                prefetch(codes32, (r0 + _AHEAD) * groups + i)
+            prefetch(scales, r0 + _AHEAD)
+            for t in range(groups >> 4):
+                tile_dots(codes32, r0 * groups + 16 * t, groups, valid, mq, 16 * t, groups, count, acc, t == 0)
+            tile_masks(acc, count, mfix, scales, r0, valid, mcut, hits)
+            for i in range(count):
+                chunk = hits[i] & (words[i, blk >> 2] >> np.uint64((blk & 3) << 4)) & np.uint64(0xFFFF)
+                if chunk == 0:
+                    continue
+                b = members[heads[c] + i]
+                size = sizes[b]
+                threshold = floor[b]
+                while chunk != 0:
+                    r = r0 + np.int64(cttz(chunk))
+                    chunk &= chunk - np.uint64(1)
+                    size, threshold = _offer(
+                        buf_s[b], buf_r[b], size, threshold, _dot(codes, r, queries[b]) * scales[r], r, k
                     )
-                    while chunk != 0:
-                        r = s + 16 * blk + np.int64(cttz(chunk))
-                        chunk &= chunk - np.uint64(1)
-                        before = threshold
-                        size, threshold = _offer(vs, vr, size, threshold, _dot(codes, r, q) * scales[r], r, k)
-                        if threshold != before:
-                            cut = _cut(threshold, qscale[b], bounds[c])
-            sizes[b] = size
-            floor[b] = threshold
+                if threshold != floor[b]:
+                    mcut[i] = _cut(threshold, qscale[b], bounds[c])
+                sizes[b] = size
+                floor[b] = threshold
 
 
 @numba.njit(nogil=True, cache=True)
@@ -454,7 +460,8 @@ def ivf_scan(
                     buf_s[t],
                     buf_r[t],
                     sizes[t],
-                    floor[t],
+                    floor,
+                    t,
                     k,
                     int(cuts[t]),
                     int(cuts[t + 1]),

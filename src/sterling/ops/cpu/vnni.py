@@ -1,12 +1,14 @@
-"""int8 scoring of 16 rows at a time on the CPU's dot-product units (numba intrinsics in LLVM IR).
+"""int8 scoring of 16 rows against many queries on the CPU's dot-product units (numba intrinsics).
 
-The list-major scan (:mod:`sterling.ops.cpu.ivf_scan`) scores one list's rows against every query
-that probes it. The rows are first re-laid in **blocks of 16 rows**: block word ``16 * j + i`` holds
-bytes ``4j .. 4j + 3`` of row ``i`` (a 16 × 16 transpose of 32-bit words, :func:`transpose16`),
-offset to unsigned (``code + 128``). One ``vpdpbusd`` then multiplies 4 bytes of 16 rows by the
-same 4 bytes of the query, broadcast, and adds the 16 sums into 16 int32 lanes: ``D / 4``
-instructions score 16 rows (:func:`block_mask`), where a row-at-a-time dot pays a horizontal sum
-per row. The offset adds ``128 * sum(query codes)`` to every lane, which is subtracted.
+The list-major scan (:mod:`sterling.ops.cpu.ivf_scan`) scores a list's rows against every query
+that probes it, 16 rows at a time. :func:`tile_dots` loads 16 rows of 64 int8 codes (one *tile*:
+16 32-bit words per row), transposes them in registers (word ``j`` of the 16 rows in one vector),
+offsets the bytes to unsigned (``code + 128``) and, for each query, runs 16 ``vpdpbusd``: each
+multiplies 4 bytes of the 16 rows by the same 4 bytes of the query, broadcast, and adds the 16 sums
+into 16 int32 lanes. The rows stay in registers across the queries (a GEMM micro-kernel with the
+queries as its long side), where a row-at-a-time dot pays a horizontal sum per row. The offset adds
+``128 * sum(query codes)`` to every lane, which :func:`tile_masks` subtracts before it scales each
+row's sum and compares it with each query's cut.
 
 Without AVX-512 VNNI (or when numba compiles for a generic CPU) the same IR is written with plain
 vector multiplies and adds (``PORTABLE``), which LLVM lowers for whatever the CPU has; both are
@@ -22,7 +24,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["HAS_VNNI", "block_mask", "block_mask_portable", "transpose16"]
+__all__ = ["HAS_VNNI", "prefetch", "tile_dots", "tile_dots_portable", "tile_masks"]
 
 #: numba compiles for this machine's CPU and it has AVX-512 VNNI.
 HAS_VNNI = numba.config.CPU_NAME in (None, "host") and bool(llb.get_host_cpu_features().get("avx512vnni"))
@@ -38,15 +40,30 @@ def _const_vector(values) -> ir.Constant:
     return ir.Constant(_V16, [ir.Constant(_I32, int(v)) for v in values])
 
 
-def _pointer(context, builder, array_type, array, offset, element):
-    """Address of ``array[offset]`` (a 1-D array's element) as a pointer to ``element``."""
-    data = context.make_array(array_type)(context, builder, array).data
-    return builder.bitcast(builder.gep(data, [offset]), element.as_pointer())
+def _base(context, builder, array_type, array):
+    """The data pointer of a numba array argument."""
+    return context.make_array(array_type)(context, builder, array).data
 
 
 def _splat(builder, value, vtype=_V16):
     one = builder.insert_element(ir.Constant(vtype, ir.Undefined), value, ir.Constant(_I32, 0))
     return builder.shuffle_vector(one, ir.Constant(vtype, ir.Undefined), _const_vector([0] * 16))
+
+
+def _masked_load(builder, pointer, mask, vtype):
+    fn = cgutils.get_or_insert_function(
+        builder.module,
+        ir.FunctionType(vtype, [vtype.as_pointer(), _I32, _B16, vtype]),
+        f"llvm.masked.load.v16{'f32' if vtype is _F16 else 'i32'}.p0",
+    )
+    return builder.call(
+        fn, [builder.bitcast(pointer, vtype.as_pointer()), ir.Constant(_I32, 4), mask, ir.Constant(vtype, None)]
+    )
+
+
+def _lanes_below(builder, count):
+    """<16 x i1>: lane i set when i < count."""
+    return builder.icmp_signed("<", _const_vector(range(16)), _splat(builder, builder.trunc(count, _I32)))
 
 
 def _dpbusd_vnni(builder, acc, a, b):
@@ -69,80 +86,15 @@ def _dpbusd_plain(builder, acc, a, b):
     return acc
 
 
-def _block_mask_codegen(dpbusd):
-    def codegen(context, builder, sig, args):
-        tcodes, t0, qwords, q0, groups, qfix, scales, s0, valid, cut = args
-        words = _pointer(context, builder, sig.args[0], tcodes, t0, _I32)
-        query = _pointer(context, builder, sig.args[2], qwords, q0, _I32)
-        # 16 groups (64 dims) per step, into 4 independent sums (a dependent chain would wait out
-        # the instruction's latency 16 times)
-        slots = [cgutils.alloca_once_value(builder, ir.Constant(_V16, None)) for _ in range(4)]
-        with cgutils.for_range(builder, builder.sdiv(groups, ir.Constant(_I64, 16))) as loop:
-            tile = builder.mul(loop.index, ir.Constant(_I64, 16))
-            sums = [builder.load(slot) for slot in slots]
-            for j in range(16):
-                at = builder.add(tile, ir.Constant(_I64, j))
-                a_ptr = builder.gep(words, [builder.mul(at, ir.Constant(_I64, 16))])
-                a = builder.load(builder.bitcast(a_ptr, _V16.as_pointer()), align=4)
-                b = _splat(builder, builder.load(builder.gep(query, [at]), align=4))
-                sums[j % 4] = dpbusd(builder, sums[j % 4], a, b)
-            for slot, value in zip(slots, sums):
-                builder.store(value, slot)
-        total = [builder.load(slot) for slot in slots]
-        acc_value = builder.add(builder.add(total[0], total[1]), builder.add(total[2], total[3]))
-        acc = builder.sub(acc_value, _splat(builder, builder.trunc(qfix, _I32)))
-        lanes = builder.icmp_signed("<", _const_vector(range(16)), _splat(builder, builder.trunc(valid, _I32)))
-        scale_ptr = _pointer(context, builder, sig.args[6], scales, s0, _F16)
-        masked_load = cgutils.get_or_insert_function(
-            builder.module,
-            ir.FunctionType(_F16, [_F16.as_pointer(), _I32, _B16, _F16]),
-            "llvm.masked.load.v16f32.p0",
-        )
-        scale = builder.call(masked_load, [scale_ptr, ir.Constant(_I32, 4), lanes, ir.Constant(_F16, None)])
-        score = builder.fmul(builder.sitofp(acc, _F16), scale)
-        above = builder.and_(builder.fcmp_ordered(">=", score, _splat(builder, cut, _F16)), lanes)
-        return builder.zext(builder.bitcast(above, ir.IntType(16)), _I64)
-
-    return codegen
-
-
-def _block_mask_typer(dpbusd):
-    def typer(typingctx, tcodes, t0, qwords, q0, groups, qfix, scales, s0, valid, cut):
-        sig = types.uint64(
-            tcodes,
-            types.int64,
-            qwords,
-            types.int64,
-            types.int64,
-            types.int64,
-            scales,
-            types.int64,
-            types.int64,
-            types.float32,
-        )
-        return sig, _block_mask_codegen(dpbusd)
-
-    return typer
-
-
-block_mask_portable = intrinsic(_block_mask_typer(_dpbusd_plain))
-block_mask_portable.__doc__ = """Portable twin of :func:`block_mask` (plain vector IR)."""
-
-block_mask = intrinsic(_block_mask_typer(_dpbusd_vnni if HAS_VNNI else _dpbusd_plain))
-block_mask.__doc__ = """``block_mask(tcodes, t0, qwords, q0, groups, qfix, scales, s0, valid, cut)``: bit ``i`` set
-when row ``i < valid`` of the block at ``tcodes[t0:]`` (int32, ``16 * groups`` words, see the module
-docstring; ``groups`` a multiple of 16) scores ``(dot - qfix) * scales[s0 + i] >= cut``, with ``dot`` the int32 dot product of
-the row's offset codes and the query words ``qwords[q0 : q0 + groups]`` (int8 codes, 4 per word).
-Only ``scales[s0 : s0 + valid]`` is read."""
-
-
-def _transpose_codegen(context, builder, sig, args):
-    src, s_off, stride, dst, d_off = args
-    rows_ptr = context.make_array(sig.args[0])(context, builder, src).data
+def _transposed_tile(builder, rows_ptr, w0, stride, valid):
+    """The 16 words of 16 rows (row i at ``rows_ptr[w0 + i * stride]``; rows >= valid read as
+    zero, never loaded) as 16 vectors, vector j holding word j of every row, bytes offset to
+    unsigned."""
     rows = []
     for i in range(16):
-        at = builder.add(s_off, builder.mul(stride, ir.Constant(_I64, i)))
-        rows.append(builder.load(builder.bitcast(builder.gep(rows_ptr, [at]), _V16.as_pointer()), align=4))
+        at = builder.gep(rows_ptr, [builder.add(w0, builder.mul(stride, ir.Constant(_I64, i)))])
+        here = _splat(builder, builder.icmp_signed(">", valid, ir.Constant(_I64, i)), _B16)
+        rows.append(_masked_load(builder, at, here, _V16))
     for k in range(4):  # swap bit k of the row index with bit k of the column index
         bit = 1 << k
         for i in range(16):
@@ -155,18 +107,95 @@ def _transpose_codegen(context, builder, sig, args):
             rows[i | bit] = builder.shuffle_vector(
                 lo, hi, _const_vector([j | bit if not j & bit else 16 + j for j in range(16)])
             )
-    out = _pointer(context, builder, sig.args[3], dst, d_off, _I32)
     flip = _splat(builder, ir.Constant(_I32, 0x80808080))
-    for j in range(16):
-        at = builder.bitcast(builder.gep(out, [ir.Constant(_I64, 16 * j)]), _V16.as_pointer())
-        builder.store(builder.xor(rows[j], flip), at, align=4)
+    return [builder.xor(row, flip) for row in rows]
+
+
+def _tile_dots_codegen(dpbusd):
+    def codegen(context, builder, sig, args):
+        codes, w0, stride, valid, qwords, q0, qstride, count, acc, first = args
+        tile = _transposed_tile(builder, _base(context, builder, sig.args[0], codes), w0, stride, valid)
+        queries = _base(context, builder, sig.args[4], qwords)
+        sums_ptr = _base(context, builder, sig.args[8], acc)
+        with cgutils.for_range(builder, count) as loop:
+            m = loop.index
+            query = builder.gep(queries, [builder.add(q0, builder.mul(m, qstride))])
+            sums = [ir.Constant(_V16, None)] * 4  # 4 independent chains (latency)
+            for j in range(16):
+                b = _splat(builder, builder.load(builder.gep(query, [ir.Constant(_I64, j)]), align=4))
+                sums[j % 4] = dpbusd(builder, sums[j % 4], tile[j], b)
+            total = builder.add(builder.add(sums[0], sums[1]), builder.add(sums[2], sums[3]))
+            slot = builder.bitcast(builder.gep(sums_ptr, [builder.mul(m, ir.Constant(_I64, 16))]), _V16.as_pointer())
+            before = builder.load(slot, align=4)
+            builder.store(builder.select(first, total, builder.add(before, total)), slot, align=4)
+        return ir.Constant(_I64, 0)
+
+    return codegen
+
+
+def _tile_dots_typer(dpbusd):
+    def typer(typingctx, codes, w0, stride, valid, qwords, q0, qstride, count, acc, first):
+        i64 = types.int64
+        sig = types.int64(codes, i64, i64, i64, qwords, i64, i64, i64, acc, types.boolean)
+        return sig, _tile_dots_codegen(dpbusd)
+
+    return typer
+
+
+tile_dots_portable = intrinsic(_tile_dots_typer(_dpbusd_plain))
+tile_dots_portable.__doc__ = """Portable twin of :func:`tile_dots` (plain vector IR)."""
+
+tile_dots = intrinsic(_tile_dots_typer(_dpbusd_vnni if HAS_VNNI else _dpbusd_plain))
+tile_dots.__doc__ = """``tile_dots(codes, w0, stride, valid, qwords, q0, qstride, count, acc, first)``: for each
+query ``m < count``, ``acc[16 m + i]`` (int32) becomes (``first``) or grows by the dot product of
+row i's offset codes (``codes[w0 + i * stride :][:16]``, int32 words of 4 int8 codes, rows ``i >=
+valid`` read as codes 0, never loaded) with the query's words ``qwords[q0 + m * qstride :][:16]``
+(int8 codes, 4 per word): ``sum_d (code + 128) * q_d``. One call per 16-word tile of the rows."""
+
+
+def _tile_masks_codegen(context, builder, sig, args):
+    acc, count, fixes, scales, s0, valid, cuts, out = args
+    sums_ptr = _base(context, builder, sig.args[0], acc)
+    fix_ptr = _base(context, builder, sig.args[2], fixes)
+    cut_ptr = _base(context, builder, sig.args[6], cuts)
+    out_ptr = _base(context, builder, sig.args[7], out)
+    lanes = _lanes_below(builder, valid)
+    scale = _masked_load(builder, builder.gep(_base(context, builder, sig.args[3], scales), [s0]), lanes, _F16)
+    with cgutils.for_range(builder, count) as loop:
+        m = loop.index
+        slot = builder.bitcast(builder.gep(sums_ptr, [builder.mul(m, ir.Constant(_I64, 16))]), _V16.as_pointer())
+        fix = _splat(builder, builder.trunc(builder.load(builder.gep(fix_ptr, [m])), _I32))
+        score = builder.fmul(builder.sitofp(builder.sub(builder.load(slot, align=4), fix), _F16), scale)
+        cut = _splat(builder, builder.load(builder.gep(cut_ptr, [m])), _F16)
+        above = builder.and_(builder.fcmp_ordered(">=", score, cut), lanes)
+        builder.store(builder.zext(builder.bitcast(above, ir.IntType(16)), _I64), builder.gep(out_ptr, [m]))
     return ir.Constant(_I64, 0)
 
 
 @intrinsic
-def transpose16(typingctx, src, s_off, stride, dst, d_off):
-    """``transpose16(src, s_off, stride, dst, d_off)``: ``dst[d_off + 16 j + i] = src[s_off + i *
-    stride + j] ^ 0x80808080`` for ``i, j < 16`` (1-D int32 arrays: 16 rows of 16 words in, the
-    block layout of the module docstring out, every byte offset to unsigned)."""
-    sig = types.int64(src, types.int64, types.int64, dst, types.int64)
-    return sig, _transpose_codegen
+def tile_masks(typingctx, acc, count, fixes, scales, s0, valid, cuts, out):
+    """``tile_masks(acc, count, fixes, scales, s0, valid, cuts, out)``: for each query ``m <
+    count``, ``out[m]`` (int64) gets bit i for each row ``i < valid`` whose score ``(acc[16 m + i] -
+    fixes[m]) * scales[s0 + i]`` (float32) is at least ``cuts[m]``; only ``scales[s0 : s0 + valid]``
+    is read."""
+    i64 = types.int64
+    return types.int64(acc, i64, fixes, scales, i64, i64, cuts, out), _tile_masks_codegen
+
+
+def _prefetch_codegen(context, builder, sig, args):
+    array, index = args
+    at = builder.bitcast(builder.gep(_base(context, builder, sig.args[0], array), [index]), ir.IntType(8).as_pointer())
+    fn = cgutils.get_or_insert_function(
+        builder.module,
+        ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32]),
+        "llvm.prefetch.p0",
+    )
+    builder.call(fn, [at, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+    return ir.Constant(_I64, 0)
+
+
+@intrinsic
+def prefetch(typingctx, array, index):
+    """``prefetch(array, index)``: asks the CPU to bring the cache line of ``array.flat[index]`` in
+    (a hint: never faults, even past the end)."""
+    return types.int64(array, types.int64), _prefetch_codegen
