@@ -16,19 +16,21 @@ from sterling.ops.cpu.vnni import HAS_VNNI, tile_dots, tile_dots_portable, tile_
 def _dots(codes, w0, stride, valid, qwords, count, portable):
     """Both tiles of 128-dim rows (two calls, the second adding), by either kernel."""
     acc = np.zeros(count * 16, np.int32)
+    sel = np.arange(count)[::-1].copy()  # slot m scores query count - 1 - m
     for t in range(stride // 16):
         if portable:
-            tile_dots_portable(codes, w0 + 16 * t, stride, valid, qwords, 16 * t, stride, count, acc, t == 0)
+            tile_dots_portable(codes, w0 + 16 * t, stride, valid, qwords, 16 * t, stride, sel, count, acc, t == 0)
         else:
-            tile_dots(codes, w0 + 16 * t, stride, valid, qwords, 16 * t, stride, count, acc, t == 0)
+            tile_dots(codes, w0 + 16 * t, stride, valid, qwords, 16 * t, stride, sel, count, acc, t == 0)
     return acc
 
 
 @numba.njit
 def _masks(acc, count, fixes, scales, s0, valid, cuts):
     out = np.zeros(count, np.int64)
-    tile_masks(acc, count, fixes, scales, s0, valid, cuts, out)
-    return out
+    sel = np.arange(count)[::-1].copy()  # slot m cuts query count - 1 - m
+    tile_masks(acc, sel, count, fixes, scales, s0, valid, cuts, out)
+    return out[::-1]
 
 
 @settings(max_examples=60, deadline=None)
@@ -50,9 +52,9 @@ def test_tile_dots_are_offset_dot_products(seed, d, valid, first, count) -> None
     want[:, :valid] = q.astype(np.int64) @ (codes[first:].astype(np.int64) + 128).T
     words, stride = codes.view(np.int32).reshape(-1), d // 4
     args = (words, first * stride, stride, valid, q.view(np.int32).reshape(-1), count)
-    assert np.array_equal(_dots(*args, True).reshape(count, 16), want)
+    assert np.array_equal(_dots(*args, True).reshape(count, 16), want[::-1])
     if HAS_VNNI:
-        assert np.array_equal(_dots(*args, False).reshape(count, 16), want)
+        assert np.array_equal(_dots(*args, False).reshape(count, 16), want[::-1])
 
 
 @settings(max_examples=60, deadline=None)
@@ -61,13 +63,13 @@ def test_tile_masks_cut_each_querys_scaled_scores(seed, valid, s0, count) -> Non
     """Bit i of query m is set iff row i < valid scores ``(acc - fix) * scale >= cut`` in float32,
     cuts on the scores themselves (ties) and between them."""
     rng = np.random.default_rng(seed)
-    acc = rng.integers(-(2**20), 2**20, (count, 16)).astype(np.int32)
+    acc = rng.integers(-(2**20), 2**20, (count, 16)).astype(np.int32)  # slot m: query count - 1 - m
     fixes = rng.integers(-(2**15), 2**15, count)
     scales = (rng.random(s0 + valid) + 0.01).astype(np.float32)
     scores = np.float32(acc - fixes[:, None])[:, :valid] * scales[s0:]
     cuts = np.array([rng.choice(row) + rng.choice([0, 0.5, -0.5]) for row in scores], dtype=np.float32)
     want = [sum(1 << i for i in range(valid) if row[i] >= cut) for row, cut in zip(scores, cuts)]
-    assert _masks(acc.reshape(-1), count, fixes, scales, s0, valid, cuts).tolist() == want
+    assert _masks(acc[::-1].reshape(-1), count, fixes, scales, s0, valid, cuts).tolist() == want
 
 
 @pytest.mark.skipif(not HAS_VNNI, reason="the CPU has no AVX-512 VNNI")

@@ -36,7 +36,7 @@ import torch
 from sterling.ops.cpu.bits import cttz, popcount
 from sterling.ops.cpu.threads import run_chunked, run_parts
 from sterling.ops.cpu.vnni import prefetch, tile_dots, tile_masks
-from sterling.ops.plan_program import PlanProgram
+from sterling.ops.plan_program import ALL, NONE, PlanProgram
 from sterling.ops.quantize import QMAX
 
 _MIN_QUERIES_PER_THREAD = 4
@@ -152,9 +152,10 @@ def _cut(threshold, qscale, eps):
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _passing_words(bits, ops, prow, pstart, g, alive, has_alive, s, e, words, stack):
+def _passing_words(bits, base, ops, prow, pstart, g, alive, has_alive, s, e, words, stack):
     """``words`` [ceil((e - s) / 64)]: the rows of ``s:e`` that pass plan ``g`` (-1: all) and are
     alive, re-based so that bit 0 of word 0 is row ``s`` (``words`` holds one word more, scratch).
+    ``bits`` [R, *] holds the Bloom words from word column ``base`` on.
 
     A plan of one leaf (the AND or OR of a few Bloom rows, what a single-term filter compiles to)
     runs row by row over the list's words (contiguous, vectorised); others run the plan program
@@ -172,15 +173,15 @@ def _passing_words(bits, ops, prow, pstart, g, alive, has_alive, s, e, words, st
             row = bits[prow[i]]
             for j in range(nw):
                 if code == 2:
-                    words[j] &= row[w0 + j]
+                    words[j] &= row[w0 - base + j]
                 else:
-                    words[j] |= row[w0 + j]
+                    words[j] |= row[w0 - base + j]
         if code == 4:
             for j in range(nw):
                 words[j] = ~words[j]
     else:
         for j in range(nw):
-            words[j] = _plan_word(bits, ops, prow, t0, pstart[g + 1], w0 + j, stack)
+            words[j] = _plan_word(bits, ops, prow, t0, pstart[g + 1], w0 - base + j, stack)
     if has_alive:
         for j in range(nw):
             words[j] &= alive[w0 + j]
@@ -225,6 +226,7 @@ def _scan_lists(
     prow,
     pstart,
     plan_of,
+    plan_reads,
     alive,
     has_alive,
     depth,
@@ -264,6 +266,9 @@ def _scan_lists(
     mcut = np.zeros(most, np.float32)
     acc = np.zeros(most * 16, np.int32)
     hits = np.zeros(most, np.int64)
+    chunks = np.zeros(most, np.uint64)
+    sel = np.zeros(most, np.int64)
+    block_bits = np.zeros((bits.shape[0], ((longest + 63) >> 6) + 1), np.uint64)
     floor = floors[t]
     for c in range(c0, c1):
         s = offsets[c]
@@ -272,13 +277,28 @@ def _scan_lists(
             continue
         n = e - s
         count = heads[c + 1] - heads[c]
+        # members reading more Bloom row runs than there are rows: the list's runs of every row are
+        # copied out first (R short runs read side by side, then every member reads them from cache)
+        reads = 0
+        for i in range(count):
+            g = plan_of[members[heads[c] + i]]
+            reads += plan_reads[g] if g >= 0 else 0
+        local = bits
+        base = 0
+        if reads >= 2 * bits.shape[0]:
+            base = s >> 6
+            span = ((e - 1) >> 6) + 1 - base
+            for row in range(bits.shape[0]):
+                for j in range(span):
+                    block_bits[row, j] = bits[row, base + j]
+            local = block_bits
         passing = 0
         for i in range(count):
             b = members[heads[c] + i]
             for other in range(floors.shape[0]):
                 floor[b] = max(floor[b], floors[other, b])
             mw = words[i]
-            _passing_words(bits, ops, prow, pstart, plan_of[members[heads[c] + i]], alive, has_alive, s, e, mw, stack)
+            _passing_words(local, base, ops, prow, pstart, plan_of[b], alive, has_alive, s, e, mw, stack)
             for j in range((n + 63) >> 6):
                 passing += popcount(mw[j])
         # blocks pay once the passing rows outnumber them (scoring a block for every member costs
@@ -303,11 +323,20 @@ def _scan_lists(
             for i in range(0, 16 * groups, 16):
                 prefetch(codes32, (r0 + _AHEAD) * groups + i)
             prefetch(scales, r0 + _AHEAD)
-            for t in range(groups >> 4):
-                tile_dots(codes32, r0 * groups + 16 * t, groups, valid, mq, 16 * t, groups, count, acc, t == 0)
-            tile_masks(acc, count, mfix, scales, r0, valid, mcut, hits)
+            picked = 0  # the members with a passing row in the block
             for i in range(count):
-                chunk = hits[i] & (words[i, blk >> 2] >> np.uint64((blk & 3) << 4)) & np.uint64(0xFFFF)
+                chunks[i] = (words[i, blk >> 2] >> np.uint64((blk & 3) << 4)) & np.uint64(0xFFFF)
+                if chunks[i] != 0:
+                    sel[picked] = i
+                    picked += 1
+            if picked == 0:
+                continue
+            for t in range(groups >> 4):
+                tile_dots(codes32, r0 * groups + 16 * t, groups, valid, mq, 16 * t, groups, sel, picked, acc, t == 0)
+            tile_masks(acc, sel, picked, mfix, scales, r0, valid, mcut, hits)
+            for j in range(picked):
+                i = sel[j]
+                chunk = hits[j] & chunks[i]
                 if chunk == 0:
                     continue
                 b = members[heads[c] + i]
@@ -371,6 +400,15 @@ def _bucket(probes, nlist, lo, hi):
     return heads, members
 
 
+def _plan_reads(program: PlanProgram) -> np.ndarray:
+    """int64 [G]: the Bloom rows each plan reads per word (the rows of its leaves)."""
+    ops = program.ops.numpy()
+    leaf = (ops[:, 0] >= ALL) & (ops[:, 0] <= NONE)  # ALL, ANY, NONE: the leaves
+    reads = np.where(leaf, ops[:, 2] - ops[:, 1], 0)
+    starts = program.starts.numpy()
+    return np.array([reads[a:b].sum() for a, b in zip(starts[:-1], starts[1:])], dtype=np.int64)
+
+
 def list_bounds(codes: torch.Tensor, scales: torch.Tensor, list_offsets: torch.Tensor) -> torch.Tensor:
     """float32 [nlist]: the largest ``scales[r] * sum_d |codes[r, d]| / 2`` of each list's rows (0 for
     an empty list), the most a query's int8 rounding moves a row's score, in query steps."""
@@ -414,6 +452,7 @@ def ivf_scan(
         program.rows.contiguous().numpy(),
         program.starts.contiguous().numpy(),
         plan_of.contiguous().numpy(),
+        _plan_reads(program),
         live,
         alive is not None,
         program.depth,

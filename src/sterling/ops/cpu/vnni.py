@@ -113,13 +113,15 @@ def _transposed_tile(builder, rows_ptr, w0, stride, valid):
 
 def _tile_dots_codegen(dpbusd):
     def codegen(context, builder, sig, args):
-        codes, w0, stride, valid, qwords, q0, qstride, count, acc, first = args
+        codes, w0, stride, valid, qwords, q0, qstride, sel, count, acc, first = args
         tile = _transposed_tile(builder, _base(context, builder, sig.args[0], codes), w0, stride, valid)
         queries = _base(context, builder, sig.args[4], qwords)
-        sums_ptr = _base(context, builder, sig.args[8], acc)
+        picks = _base(context, builder, sig.args[7], sel)
+        sums_ptr = _base(context, builder, sig.args[9], acc)
         with cgutils.for_range(builder, count) as loop:
             m = loop.index
-            query = builder.gep(queries, [builder.add(q0, builder.mul(m, qstride))])
+            row = builder.load(builder.gep(picks, [m]))
+            query = builder.gep(queries, [builder.add(q0, builder.mul(row, qstride))])
             sums = [ir.Constant(_V16, None)] * 4  # 4 independent chains (latency)
             for j in range(16):
                 b = _splat(builder, builder.load(builder.gep(query, [ir.Constant(_I64, j)]), align=4))
@@ -134,9 +136,9 @@ def _tile_dots_codegen(dpbusd):
 
 
 def _tile_dots_typer(dpbusd):
-    def typer(typingctx, codes, w0, stride, valid, qwords, q0, qstride, count, acc, first):
+    def typer(typingctx, codes, w0, stride, valid, qwords, q0, qstride, sel, count, acc, first):
         i64 = types.int64
-        sig = types.int64(codes, i64, i64, i64, qwords, i64, i64, i64, acc, types.boolean)
+        sig = types.int64(codes, i64, i64, i64, qwords, i64, i64, sel, i64, acc, types.boolean)
         return sig, _tile_dots_codegen(dpbusd)
 
     return typer
@@ -146,40 +148,43 @@ tile_dots_portable = intrinsic(_tile_dots_typer(_dpbusd_plain))
 tile_dots_portable.__doc__ = """Portable twin of :func:`tile_dots` (plain vector IR)."""
 
 tile_dots = intrinsic(_tile_dots_typer(_dpbusd_vnni if HAS_VNNI else _dpbusd_plain))
-tile_dots.__doc__ = """``tile_dots(codes, w0, stride, valid, qwords, q0, qstride, count, acc, first)``: for each
-query ``m < count``, ``acc[16 m + i]`` (int32) becomes (``first``) or grows by the dot product of
+tile_dots.__doc__ = """``tile_dots(codes, w0, stride, valid, qwords, q0, qstride, sel, count, acc, first)``: for
+each ``m < count``, ``acc[16 m + i]`` (int32) becomes (``first``) or grows by the dot product of
 row i's offset codes (``codes[w0 + i * stride :][:16]``, int32 words of 4 int8 codes, rows ``i >=
-valid`` read as codes 0, never loaded) with the query's words ``qwords[q0 + m * qstride :][:16]``
-(int8 codes, 4 per word): ``sum_d (code + 128) * q_d``. One call per 16-word tile of the rows."""
+valid`` read as codes 0, never loaded) with the words of query ``sel[m]``, ``qwords[q0 + sel[m] *
+qstride :][:16]`` (int8 codes, 4 per word): ``sum_d (code + 128) * q_d``. One call per 16-word tile
+of the rows."""
 
 
 def _tile_masks_codegen(context, builder, sig, args):
-    acc, count, fixes, scales, s0, valid, cuts, out = args
+    acc, sel, count, fixes, scales, s0, valid, cuts, out = args
     sums_ptr = _base(context, builder, sig.args[0], acc)
-    fix_ptr = _base(context, builder, sig.args[2], fixes)
-    cut_ptr = _base(context, builder, sig.args[6], cuts)
-    out_ptr = _base(context, builder, sig.args[7], out)
+    picks = _base(context, builder, sig.args[1], sel)
+    fix_ptr = _base(context, builder, sig.args[3], fixes)
+    cut_ptr = _base(context, builder, sig.args[7], cuts)
+    out_ptr = _base(context, builder, sig.args[8], out)
     lanes = _lanes_below(builder, valid)
-    scale = _masked_load(builder, builder.gep(_base(context, builder, sig.args[3], scales), [s0]), lanes, _F16)
+    scale = _masked_load(builder, builder.gep(_base(context, builder, sig.args[4], scales), [s0]), lanes, _F16)
     with cgutils.for_range(builder, count) as loop:
         m = loop.index
+        row = builder.load(builder.gep(picks, [m]))
         slot = builder.bitcast(builder.gep(sums_ptr, [builder.mul(m, ir.Constant(_I64, 16))]), _V16.as_pointer())
-        fix = _splat(builder, builder.trunc(builder.load(builder.gep(fix_ptr, [m])), _I32))
+        fix = _splat(builder, builder.trunc(builder.load(builder.gep(fix_ptr, [row])), _I32))
         score = builder.fmul(builder.sitofp(builder.sub(builder.load(slot, align=4), fix), _F16), scale)
-        cut = _splat(builder, builder.load(builder.gep(cut_ptr, [m])), _F16)
+        cut = _splat(builder, builder.load(builder.gep(cut_ptr, [row])), _F16)
         above = builder.and_(builder.fcmp_ordered(">=", score, cut), lanes)
         builder.store(builder.zext(builder.bitcast(above, ir.IntType(16)), _I64), builder.gep(out_ptr, [m]))
     return ir.Constant(_I64, 0)
 
 
 @intrinsic
-def tile_masks(typingctx, acc, count, fixes, scales, s0, valid, cuts, out):
-    """``tile_masks(acc, count, fixes, scales, s0, valid, cuts, out)``: for each query ``m <
-    count``, ``out[m]`` (int64) gets bit i for each row ``i < valid`` whose score ``(acc[16 m + i] -
-    fixes[m]) * scales[s0 + i]`` (float32) is at least ``cuts[m]``; only ``scales[s0 : s0 + valid]``
-    is read."""
+def tile_masks(typingctx, acc, sel, count, fixes, scales, s0, valid, cuts, out):
+    """``tile_masks(acc, sel, count, fixes, scales, s0, valid, cuts, out)``: for each ``m < count``
+    (query ``q = sel[m]``), ``out[m]`` (int64) gets bit i for each row ``i < valid`` whose score
+    ``(acc[16 m + i] - fixes[q]) * scales[s0 + i]`` (float32) is at least ``cuts[q]``; only
+    ``scales[s0 : s0 + valid]`` is read."""
     i64 = types.int64
-    return types.int64(acc, i64, fixes, scales, i64, i64, cuts, out), _tile_masks_codegen
+    return types.int64(acc, sel, i64, fixes, scales, i64, i64, cuts, out), _tile_masks_codegen
 
 
 def _prefetch_codegen(context, builder, sig, args):
