@@ -34,8 +34,13 @@ def test_rows_and_exact_systems_recall():
         "qps",
         "build_s",
         "bytes_per_item",
+        "p50_batch1_ms",
     }
     assert rows and all(keys <= set(r) for r in rows)
+    assert all(r["p50_batch1_ms"] > 0 for r in rows)
+    sterling = [r for r in rows if r["system"] == "sterling"]
+    assert sterling and all(r["int8_gops"] > 0 and r["read_gbps"] > 0 for r in sterling)
+    assert result["peaks"]["int8_gops"] > 0 and result["peaks"]["read_gbps"] > 0
     assert {r["filter_mode"] for r in rows} == {"per_query", "shared"}
     assert {r["selectivity"] for r in rows} == {"50%", "10%", "1%"}
     for r in rows:
@@ -44,7 +49,8 @@ def test_rows_and_exact_systems_recall():
         if r["system"] == "sterling" and "exact" in r["config"]:  # exact over int8 vectors
             assert r["recall"] >= 0.9, r
     json.loads(json.dumps(result))
-    assert "sterling" in format_table(result)
+    assert "sterling" in format_table(result) and "peaks: int8 GEMM" in format_table(result)
+    assert result["machine"]["peak_rss_gb"] > 0
     assert "machine" in result and result["machine"]["cpus"]
 
 

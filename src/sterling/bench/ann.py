@@ -9,7 +9,9 @@ own filter** (``per_query``, as real per-user filters do) or the batch shares on
 
 Ground truth is the exact filtered top-k (brute force). Every row reports recall@k against it,
 queries per second at batch 1 and at the batch size (the median of up to 5 timed passes, see
-``_timed_qps``), build time and index bytes per item.
+``_timed_qps``), the median batch-1 latency, build time and index bytes per item. Sterling's rows
+add the roofline (:mod:`sterling.bench.roofline`): the int8 operations and bytes their scan does
+per second, beside an int8 GEMM's and a memory read's peak measured at the start of the run.
 
 Systems (peers need the ``[bench]`` extra; a missing peer is skipped and said so):
 
@@ -35,6 +37,7 @@ import importlib.metadata
 import math
 import os
 import platform
+import resource
 import tempfile
 import time
 from collections.abc import Callable
@@ -46,7 +49,9 @@ import torch
 
 from sterling.bench.peers import PEERS
 from sterling.bench.report import Benchmark, write_json
+from sterling.bench.roofline import measure_peaks, scan_work
 from sterling.index.attributes import AttributeStore
+from sterling.index.config import auto_nlist
 from sterling.index.item_index import IndexConfig, ItemIndex
 from sterling.testing.embeddings import structured
 
@@ -79,7 +84,7 @@ class AnnBenchConfig:
     batch: int = 256
     batch1_queries: int = 32
     nlist: int = 1024
-    nprobes: tuple[int, ...] = (16, 32, 64, 128, 256)
+    nprobes: tuple[int, ...] = (16, 32, 48, 64, 128, 256)
     hnsw_efs: tuple[int, ...] = (200, 800)
     seed: int = 0
 
@@ -170,13 +175,17 @@ def passing(cat: Catalogue, flt: str) -> np.ndarray:
 
 
 def ground_truth(cat: Catalogue, filters: list[str], k: int) -> list[set[int]]:
-    """Exact filtered top-k id sets per query."""
+    """Exact filtered top-k id sets per query: the passing rows of each distinct filter gathered
+    once and scored against all its queries (brute force)."""
     x = torch.from_numpy(cat.embeddings)
-    out = []
-    for q, flt in zip(torch.from_numpy(cat.queries), filters):
+    q = torch.from_numpy(cat.queries)
+    out: list[set[int]] = [set() for _ in filters]
+    for flt in dict.fromkeys(filters):
+        members = [i for i, f in enumerate(filters) if f == flt]
         rows = torch.from_numpy(np.flatnonzero(passing(cat, flt)))
-        scores = x[rows] @ q
-        out.append(set(rows[torch.topk(scores, min(k, len(rows))).indices].tolist()))
+        best = torch.topk(q[members] @ x[rows].T, min(k, len(rows)), dim=1).indices  # [M, k]
+        for i, picked in zip(members, rows[best].tolist()):
+            out[i] = set(picked)
     return out
 
 
@@ -211,6 +220,21 @@ def _timed_qps(
             results.append(search(cat.queries[s:end], filters[s:end]))
         passes.append(time.perf_counter() - t0)
     return limit / float(np.median(passes)), np.concatenate(results)
+
+
+def _batch1(
+    search: Searcher, cat: Catalogue, filters: list[str], limit: int, budget_s: float = 1.0
+) -> tuple[float, float]:
+    """Queries per second and the median latency (ms) of the first ``limit`` queries searched one at
+    a time, each call timed (passes repeated as in :func:`_timed_qps`)."""
+    search(cat.queries[:1], filters[:1])  # first-call costs (compilation, caches) are not latency
+    latencies: list[float] = []
+    while not latencies or (len(latencies) < 5 * limit and sum(latencies) < budget_s):
+        for i in range(limit):
+            t0 = time.perf_counter()
+            search(cat.queries[i : i + 1], filters[i : i + 1])
+            latencies.append(time.perf_counter() - t0)
+    return len(latencies) / sum(latencies), 1e3 * float(np.median(latencies))
 
 
 def _faiss_systems(cat: Catalogue, cfg: AnnBenchConfig) -> list[tuple[str, str, float, float, Searcher]]:
@@ -334,6 +358,7 @@ def _sterling_systems(cat: Catalogue, cfg: AnnBenchConfig) -> list[tuple[str, st
         def search(q: np.ndarray, filters: list[str]) -> np.ndarray:
             return index.search(torch.from_numpy(q), k=cfg.k, filter=filters, nprobe=nprobe).ids.numpy()
 
+        search.work = lambda q, filters: scan_work(index, torch.from_numpy(q), filters, cfg.k, nprobe)
         return search
 
     bytes_per_item = index.nbytes() / len(index)
@@ -385,7 +410,11 @@ def run(
     systems: tuple[str, ...] = SYSTEMS,
 ) -> dict:
     """Run the benchmark on the synthetic catalogue and, given ``movielens``, on MovieLens item
-    embeddings; returns ``{"machine": ..., "config": ..., "rows": [...], "skipped": [...]}``."""
+    embeddings; returns ``{"machine": ..., "config": ..., "peaks": ..., "rows": [...], "skipped":
+    [...]}``. The peaks (:func:`sterling.bench.roofline.measure_peaks`) are measured first, on the
+    same threads the systems get; the machine record ends with the run's peak resident memory."""
+    peaks = measure_peaks()
+    log(f"peaks: int8 GEMM {peaks.int8_gops:,.0f} GOP/s, memory read {peaks.read_gbps:,.1f} GB/s")
     runs = []
     if synthetic:
         log(f"catalogue: {cfg.n:,} × {cfg.d} (structured), {cfg.queries} queries, k={cfg.k}")
@@ -416,7 +445,14 @@ def run(
                 skipped.append(f"{name}: {e} (pip install 'sterling[bench]')")
                 log(f"skipping {name}: {e}")
         rows += _measure(cat, run_cfg, built, modes, log)
-    return {"machine": machine(), "config": asdict(cfg), "rows": rows, "skipped": sorted(set(skipped))}
+    info = {**machine(), "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    return {
+        "machine": info,
+        "config": asdict(cfg),
+        "peaks": asdict(peaks),
+        "rows": rows,
+        "skipped": sorted(set(skipped)),
+    }
 
 
 def _measure(cat: Catalogue, cfg: AnnBenchConfig, systems: list, modes: tuple[str, ...], log) -> list[dict]:
@@ -430,7 +466,7 @@ def _measure(cat: Catalogue, cfg: AnnBenchConfig, systems: list, modes: tuple[st
                 # hnswlib calls a Python filter function per visited node, and a Milvus Lite call
                 # costs tens of milliseconds (60 at 100k items): time them on fewer queries.
                 limit = few if system in ("hnswlib", "milvus") else cfg.queries
-                qps1, _ = _timed_qps(search, cat, filters, 1, few)
+                qps1, p50 = _batch1(search, cat, filters, few)
                 qps, found = _timed_qps(search, cat, filters, cfg.batch, limit)
                 row = {
                     "dataset": cat.dataset,
@@ -444,26 +480,50 @@ def _measure(cat: Catalogue, cfg: AnnBenchConfig, systems: list, modes: tuple[st
                     "recall": recall(found, truth[:limit], cfg.k),
                     "qps": qps,
                     "qps_batch1": qps1,
+                    "p50_batch1_ms": p50,
                     "build_s": build_s,
                     "bytes_per_item": bytes_per_item,
                 }
+                work = getattr(search, "work", None)
+                if work is not None:  # the roofline: achieved int8 operations and bytes per second
+                    done = [
+                        work(cat.queries[s : s + cfg.batch], filters[s : s + cfg.batch])
+                        for s in range(0, limit, cfg.batch)
+                    ]
+                    row["int8_gops"] = sum(w.ops for w in done) * qps / limit / 1e9
+                    row["read_gbps"] = sum(w.bytes for w in done) * qps / limit / 1e9
                 rows.append(row)
                 log(
                     f"{cat.dataset[:12]:<12} {label:>4} {mode:<9} {system:<16} {config:<34} recall {row['recall']:.3f}  "
-                    f"qps@{cfg.batch} {qps:9,.0f}  qps@1 {qps1:8,.0f}"
+                    f"qps@{cfg.batch} {qps:9,.0f}  qps@1 {qps1:8,.0f}  p50@1 {p50:6.2f} ms"
                 )
     return rows
 
 
 def format_table(result: dict) -> str:
-    """The rows as a fixed-width table."""
-    head = f"{'dataset':<12}  {'sel':>4}  {'mode':<9}  {'system':<16}  {'config':<34}  {'recall':>6}  {'qps@B':>9}  {'qps@1':>8}  {'build_s':>7}  {'B/item':>7}"
+    """The rows as a fixed-width table; sterling rows add the roofline: achieved int8 GOP/s and
+    GB/s, each with its share of the run's measured peak."""
+    peaks = result.get("peaks") or {}
+    head = (
+        f"{'dataset':<12}  {'sel':>4}  {'mode':<9}  {'system':<16}  {'config':<34}  {'recall':>6}  {'qps@B':>9}  "
+        f"{'qps@1':>8}  {'p50@1 ms':>8}  {'build_s':>7}  {'B/item':>7}  {'int8 GOP/s':>14}  {'GB/s':>12}"
+    )
     lines = [head, "-" * len(head)]
     for r in result["rows"]:
+        roof = ""
+        if "int8_gops" in r and peaks:
+            gops, gbps = r["int8_gops"], r["read_gbps"]
+            roof = (
+                f"  {gops:6,.0f} ({100 * gops / peaks['int8_gops']:3.0f}%)"
+                f"  {gbps:4.1f} ({100 * gbps / peaks['read_gbps']:3.0f}%)"
+            )
         lines.append(
             f"{r['dataset'][:12]:<12}  {r['selectivity']:>4}  {r['filter_mode']:<9}  {r['system']:<16}  {r['config']:<34}  "
-            f"{r['recall']:6.3f}  {r['qps']:9,.0f}  {r['qps_batch1']:8,.0f}  {r['build_s']:7.1f}  {r['bytes_per_item']:7.1f}"
+            f"{r['recall']:6.3f}  {r['qps']:9,.0f}  {r['qps_batch1']:8,.0f}  {r.get('p50_batch1_ms', float('nan')):8.2f}  "
+            f"{r['build_s']:7.1f}  {r['bytes_per_item']:7.1f}{roof}"
         )
+    if peaks:
+        lines.append(f"peaks: int8 GEMM {peaks['int8_gops']:,.0f} GOP/s, memory read {peaks['read_gbps']:,.1f} GB/s")
     return "\n".join(lines)
 
 
@@ -527,7 +587,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="100k items, fewer configurations (2-2.5 min on 2 cores, measured 134 s: 11-16 s of it the hnswlib "
         "build, 14 s LanceDB's, 26 s Milvus Lite's; 51 s without lancedb and milvus)",
     )
-    p.add_argument("--n", type=int, help="catalogue size (default 1,000,000; 100,000 with --quick)")
+    p.add_argument(
+        "--n", type=int, help="catalogue size (default 1,000,000; 100,000 with --quick); the IVF lists follow (√n)"
+    )
+    p.add_argument("--nprobes", help="comma-separated IVF probe counts (default 16,32,48,64,128,256)")
     p.add_argument("--json", dest="json_path", help="write the rows and the machine here")
     p.add_argument("--plot", help="write a recall/QPS plot (PNG) here")
     p.add_argument("--mode", choices=["per_query", "shared", "both"], default="both")
@@ -548,7 +611,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def cli(args: argparse.Namespace) -> int:
     cfg = AnnBenchConfig.quick() if args.quick else AnnBenchConfig()
     if args.n:
-        cfg = replace(cfg, n=args.n)
+        cfg = replace(cfg, n=args.n, nlist=auto_nlist(args.n))
+    if args.nprobes:
+        cfg = replace(cfg, nprobes=tuple(int(p) for p in args.nprobes.split(",")))
     modes = ("per_query", "shared") if args.mode == "both" else (args.mode,)
     movielens = args.movielens
     if movielens is None and DEFAULT_MOVIELENS.is_dir():
