@@ -7,9 +7,9 @@ from sterling.bench.roofline import ScanWork, scan_work
 from sterling.index.item_index import IndexConfig, ItemIndex
 
 
-def _index(n: int = 3000, d: int = 16) -> ItemIndex:
+def _index(n: int = 3000, d: int = 16, **config) -> ItemIndex:
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((n, d)).astype(np.float32))
-    return ItemIndex.build(x, [{"c": f"v{i % 4}"} for i in range(n)], config=IndexConfig(nlist=8))
+    return ItemIndex.build(x, [{"c": f"v{i % 4}"} for i in range(n)], config=IndexConfig(nlist=8, **config))
 
 
 def test_a_scan_reads_every_row_once_and_scores_it_for_every_query() -> None:
@@ -32,3 +32,10 @@ def test_probed_lists_count_per_query_and_once_per_batch() -> None:
 
 def test_a_filter_nothing_passes_costs_nothing() -> None:
     assert scan_work(_index(), torch.randn(3, 16), ["c:none"] * 3, k=10, nprobe=4) == ScanWork(0.0, 0.0)
+
+
+def test_a_gathered_filter_scores_its_passing_rows_only() -> None:
+    """A shared filter answered by gathering its rows (a quarter of them) costs a quarter of a scan."""
+    index = _index(gather_queries=2, gather_cost=0.0)
+    work = scan_work(index, torch.randn(10, 16), ["c:v1"] * 10, k=10, nprobe=8)
+    assert abs(work.ops / (2 * 16 * 750 * 10) - 1) < 0.3 and abs(work.bytes / (750 * 20) - 1) < 0.3

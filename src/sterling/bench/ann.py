@@ -57,6 +57,8 @@ from sterling.testing.embeddings import structured
 
 __all__ = ["AnnBenchConfig", "Catalogue", "make_catalogue", "run"]
 
+_TRUTH_ROWS = 1 << 20  # passing rows scored at a time by the ground truth
+
 #: every system the benchmark knows, in the order they run (the default ``--systems``).
 SYSTEMS = ("faiss", "hnswlib", "sterling", "lancedb", "milvus")
 
@@ -183,8 +185,21 @@ def ground_truth(cat: Catalogue, filters: list[str], k: int) -> list[set[int]]:
     for flt in dict.fromkeys(filters):
         members = [i for i, f in enumerate(filters) if f == flt]
         rows = torch.from_numpy(np.flatnonzero(passing(cat, flt)))
-        best = torch.topk(q[members] @ x[rows].T, min(k, len(rows)), dim=1).indices  # [M, k]
-        for i, picked in zip(members, rows[best].tolist()):
+        best_s = torch.full((len(members), 0), float("-inf"))
+        best_r = torch.zeros((len(members), 0), dtype=torch.int64)
+        for start in range(0, len(rows), _TRUTH_ROWS):  # [M, chunk] scores at a time (10M items)
+            chunk = rows[start : start + _TRUTH_ROWS]
+            scores = torch.cat([best_s, q[members] @ x[chunk].T], 1)
+            top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+            kept = best_r.shape[1]  # indices below it are earlier winners, the rest this chunk's rows
+            fresh = chunk[(top.indices - kept).clamp(min=0)]
+            best_r = (
+                torch.where(top.indices < kept, best_r.gather(1, top.indices.clamp(max=kept - 1)), fresh)
+                if kept
+                else fresh
+            )
+            best_s = top.values
+        for i, picked in zip(members, best_r.tolist()):
             out[i] = set(picked)
     return out
 

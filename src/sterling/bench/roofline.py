@@ -31,8 +31,8 @@ class Peaks:
 
 @dataclass(frozen=True)
 class ScanWork:
-    """The nominal work of one batch: int8 operations (2 per dimension of every probed row of every
-    query) and bytes (codes and scales of every list the batch probes, read once)."""
+    """The nominal work of one batch: int8 operations (2 per dimension of every row each query
+    scores) and bytes (the codes and scales of every row the batch scores, read once)."""
 
     ops: float
     bytes: float
@@ -50,32 +50,45 @@ def _best_seconds(fn, repeats: int) -> float:
 
 def measure_peaks(repeats: int = 5) -> Peaks:
     """The int8 peak: ``torch._int_mm`` of 2048 × 1024 by 1024 × 2048 (oneDNN's VNNI kernels where
-    the CPU has them); the read peak: the sum of a 512 MiB int32 tensor (larger than any cache).
+    the CPU has them); the read peak: the sum of a 512 MiB float32 tensor (larger than any cache).
     Both on torch's threads, best of ``repeats``."""
     gen = torch.Generator().manual_seed(0)
     a = torch.randint(-127, 128, (2048, 1024), generator=gen, dtype=torch.int8)
     b = torch.randint(-127, 128, (1024, 2048), generator=gen, dtype=torch.int8)
     gemm = _best_seconds(lambda: torch._int_mm(a, b), repeats)
-    big = torch.ones(128 * 2**20, dtype=torch.int32)
+    big = torch.ones(128 * 2**20, dtype=torch.float32)
     read = _best_seconds(lambda: big.sum(), repeats)
     return Peaks(2 * 2048 * 1024 * 2048 / gemm / 1e9, big.numel() * 4 / read / 1e9)
 
 
 def scan_work(index: ItemIndex, queries: torch.Tensor, filters: list[str | None], k: int, nprobe: int) -> ScanWork:
-    """The work of ``index.search(queries, k, filters, nprobe)`` as planned: each query's first
-    probes (:meth:`ItemIndex.plan`; a scan or a gathered filter counts every list), before any
-    widening of a query short of results."""
-    probes = index.plan(k, filters, nprobe).probes  # [B]
+    """The work of ``index.search(queries, k, filters, nprobe)`` as planned (its ``explain``): a
+    probed or scanned filter's queries score every row of their first probed lists (before any
+    widening of a query short of results), and the batch reads each such list once; a gathered
+    filter's queries score its estimated passing rows, read once."""
+    records = index.search(queries, k, filters, nprobe, explain=True).explain
     tensors = index.executor_tensors()
     centroids, row_list = tensors["centroids"], tensors["row_list"]
     nlist, dim = centroids.shape
     sizes = torch.bincount(row_list, minlength=nlist).double()  # [nlist]
+    ops = nbytes = 0.0
+    probes = torch.zeros(len(filters), dtype=torch.int64)
+    for record in records:
+        if "filter" not in record or record["plan"] == "none":
+            continue
+        mine = torch.tensor([f == record["filter"] for f in filters])
+        if record["plan"] == "gather":
+            rows = record["estimated_selectivity"] * len(index)
+            ops += 2 * dim * rows * int(mine.sum())
+            nbytes += rows * (dim + 4)
+        else:
+            probes[mine] = record["nprobe"]
     widest = int(probes.max()) if len(probes) else 0
-    if widest == 0:
-        return ScanWork(0.0, 0.0)
-    lists = torch.topk(queries.float() @ centroids.T, min(widest, nlist), dim=1).indices  # [B, P]
-    probed = torch.arange(lists.shape[1]) < probes[:, None]  # [B, P]
-    rows = sizes[lists].masked_fill(~probed, 0).sum()
-    touched = torch.zeros(nlist, dtype=torch.bool)
-    touched[lists[probed]] = True
-    return ScanWork(float(2 * dim * rows), float(sizes[touched].sum() * (dim + 4)))
+    if widest:
+        lists = torch.topk(queries.float() @ centroids.T, min(widest, nlist), dim=1).indices  # [B, P]
+        probed = torch.arange(lists.shape[1]) < probes[:, None]  # [B, P]
+        touched = torch.zeros(nlist, dtype=torch.bool)
+        touched[lists[probed]] = True
+        ops += float(2 * dim * sizes[lists].masked_fill(~probed, 0).sum())
+        nbytes += float(sizes[touched].sum() * (dim + 4))
+    return ScanWork(float(ops), float(nbytes))

@@ -6,6 +6,8 @@ import numpy as np
 
 __all__ = ["structured"]
 
+_CHUNK = 1 << 20
+
 
 def structured(rng: np.random.Generator, n: int, d: int, intrinsic: int = 10) -> np.ndarray:
     """float32 [n, d], unit norm: the recipe of ``faiss.contrib.datasets.SyntheticDataset`` (a
