@@ -18,6 +18,7 @@ Kernels: ``Kernel.REFERENCE`` (:mod:`sterling.ops.reference.ivf_scan`, pure PyTo
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from sterling.ops.cpu import ivf_scan as cpu
@@ -98,7 +99,7 @@ def ivf_scan(
     program.validate(bits.shape[0])
     if plan_of.dtype != torch.int64 or plan_of.shape != (b,):
         raise ValueError(f"plan_of must be int64 [B={b}], got {_desc(plan_of)}")
-    if b and (int(plan_of.min()) < -1 or int(plan_of.max()) >= len(program)):
+    if b and (_host(plan_of).min() < -1 or _host(plan_of).max() >= len(program)):
         raise ValueError(f"plan_of must lie in [-1, {len(program)})")
     if alive is not None and (alive.dtype != torch.int64 or alive.shape != (words,)):
         raise ValueError(f"alive must be int64 [W={words}], got {_desc(alive)}")
@@ -112,28 +113,37 @@ def ivf_scan(
     return select("ivf_scan", _KERNELS, kernel)(*args)
 
 
+def _host(t: torch.Tensor) -> np.ndarray:
+    """The values of ``t`` as a numpy array (a view on the CPU): small checks cost microseconds in
+    numpy and tens in torch, which a batch-1 search pays several times."""
+    return t.numpy() if t.device.type == "cpu" else t.cpu().numpy()
+
+
 def _validate(queries, codes, scales, list_offsets, probes, k) -> tuple[int, int]:
     if queries.dtype != torch.float32 or queries.dim() != 2:
         raise ValueError(f"queries must be float32 [B, D], got {_desc(queries)}")
     if codes.dtype != torch.int8 or codes.dim() != 2 or codes.shape[1] != queries.shape[1]:
         raise ValueError(f"codes must be int8 [N, D={queries.shape[1]}], got {_desc(codes)}")
     b, n = queries.shape[0], codes.shape[0]
-    if not bool(torch.isfinite(queries).all()):
+    finite = bool(torch.isfinite(queries).all()) if queries.is_cuda else bool(np.isfinite(_host(queries)).all())
+    if not finite:
         raise ValueError("queries contain NaN or inf")
     if scales.dtype != torch.float32 or scales.shape != (n,):
         raise ValueError(f"scales must be float32 [N={n}], got {_desc(scales)}")
     if list_offsets.dtype != torch.int64 or list_offsets.dim() != 1 or len(list_offsets) < 2:
         raise ValueError(f"list_offsets must be int64 [nlist + 1], got {_desc(list_offsets)}")
-    if int(list_offsets[0]) != 0 or int(list_offsets[-1]) != n or bool((list_offsets.diff() < 0).any()):
+    offsets = _host(list_offsets)
+    if offsets[0] != 0 or offsets[-1] != n or (np.diff(offsets) < 0).any():
         raise ValueError(f"list_offsets must rise from 0 to N={n}")
-    nlist = len(list_offsets) - 1
+    nlist = len(offsets) - 1
     if probes.dtype != torch.int64 or probes.dim() != 2 or probes.shape[0] != b:
         raise ValueError(f"probes must be int64 [B={b}, P], got {_desc(probes)}")
     if probes.numel():
-        if int(probes.min()) < -1 or int(probes.max()) >= nlist:
+        pr = _host(probes)
+        if pr.min() < -1 or pr.max() >= nlist:
             raise ValueError(f"probes must lie in [-1, nlist={nlist})")
-        srt = probes.sort(dim=1).values
-        if bool(((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any()):
+        srt = np.sort(pr, axis=1)
+        if ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any():
             raise ValueError("probes must not repeat a cluster within a query")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")

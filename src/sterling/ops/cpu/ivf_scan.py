@@ -379,9 +379,12 @@ def _merge(buf_s, buf_r, sizes, out_s, out_r, lo, hi):
 
 
 @numba.njit(nogil=True, cache=True)
-def _bucket(probes, nlist, lo, hi):
+def _bucket(probes, offsets, lo, hi, threads):
     """The (query, probed list) pairs of probe ranks ``lo:hi`` grouped by list:
-    ``members[heads[c]:heads[c + 1]]`` are the queries probing list c, ascending (a counting sort)."""
+    ``members[heads[c]:heads[c + 1]]`` are the queries probing list c, ascending (a counting sort),
+    and ``cuts`` [threads + 1] splits the lists into one contiguous run per thread of about equal
+    work (rows × (members + 1) of each probed list)."""
+    nlist = offsets.shape[0] - 1
     heads = np.zeros(nlist + 1, np.int64)
     for b in range(probes.shape[0]):
         for j in range(lo, hi):
@@ -397,16 +400,49 @@ def _bucket(probes, nlist, lo, hi):
             if c >= 0:
                 members[fill[c]] = b
                 fill[c] += 1
-    return heads, members
+    work = np.zeros(nlist + 1, np.int64)
+    for c in range(nlist):
+        count = heads[c + 1] - heads[c]
+        work[c + 1] = work[c] + ((offsets[c + 1] - offsets[c]) * (count + 1) if count else 0)
+    cuts = np.full(threads + 1, nlist, np.int64)
+    cuts[0] = 0
+    c = 0
+    for t in range(1, threads):
+        while c < nlist and work[c + 1] * threads < work[nlist] * t:
+            c += 1
+        cuts[t] = c
+    return heads, members, cuts
+
+
+@numba.njit(nogil=True, cache=True)
+def _quantize(q, groups):
+    """Each query's int8 codes (``round(q / step)``, zero-padded to ``4 * groups`` [B, 4 * groups]),
+    ``128 * sum(codes)`` [B] (the offset :func:`sterling.ops.cpu.vnni.tile_dots` adds) and step [B]
+    (``max |q| / QMAX``, 1 for a zero query)."""
+    b, d = q.shape
+    codes = np.zeros((b, 4 * groups), np.int8)
+    fix = np.zeros(b, np.int64)
+    steps = np.ones(b, np.float32)
+    for i in range(b):
+        top = np.float32(0)
+        for j in range(d):
+            top = max(top, abs(q[i, j]))
+        if top > 0:
+            steps[i] = top / np.float32(QMAX)
+        for j in range(d):
+            code = np.int8(np.rint(q[i, j] / steps[i]))
+            codes[i, j] = code
+            fix[i] += 128 * np.int64(code)
+    return codes, fix, steps
 
 
 def _plan_reads(program: PlanProgram) -> np.ndarray:
     """int64 [G]: the Bloom rows each plan reads per word (the rows of its leaves)."""
     ops = program.ops.numpy()
     leaf = (ops[:, 0] >= ALL) & (ops[:, 0] <= NONE)  # ALL, ANY, NONE: the leaves
-    reads = np.where(leaf, ops[:, 2] - ops[:, 1], 0)
+    total = np.concatenate([[0], np.cumsum(np.where(leaf, ops[:, 2] - ops[:, 1], 0))])
     starts = program.starts.numpy()
-    return np.array([reads[a:b].sum() for a, b in zip(starts[:-1], starts[1:])], dtype=np.int64)
+    return total[starts[1:]] - total[starts[:-1]]
 
 
 def list_bounds(codes: torch.Tensor, scales: torch.Tensor, list_offsets: torch.Tensor) -> torch.Tensor:
@@ -463,16 +499,12 @@ def ivf_scan(
     buf_r = np.empty((threads, b, cap), dtype=np.int64)
     sizes = np.zeros((threads, b), dtype=np.int64)
     floor = np.full((threads, b), -np.inf, dtype=np.float32)
-    groups = -(-d // 4)
-    qscale = np.abs(q).max(1) / np.float32(QMAX)
-    qscale[qscale == 0] = 1
-    qpad = np.zeros((b, 4 * groups), dtype=np.int8)
-    qpad[:, :d] = np.rint(q / qscale[:, None])
+    qcodes, qfix, qscale = _quantize(q, -(-d // 4))
     shared = (
         q,
-        qpad.view(np.int32),
-        128 * qpad.sum(1, dtype=np.int64),
-        qscale.astype(np.float32),
+        qcodes.view(np.int32),
+        qfix,
+        qscale,
         codes_np,
         codes_np.view(np.int32) if d % 4 == 0 else np.zeros((0, 0), dtype=np.int32),
         scales_np,
@@ -481,13 +513,9 @@ def ivf_scan(
     )
     # each query's nearest list first: its k-th score there starts the cut of the rest
     for lo, hi in ((0, 1), (1, probes_np.shape[1])):
-        heads, members = _bucket(probes_np, len(offsets) - 1, lo, hi)
-        count = np.diff(heads)
-        work = np.cumsum(np.diff(offsets) * (count + 1) * (count > 0))  # rows × (members + 1)
-        if not len(members) or work[-1] == 0:
+        heads, members, cuts = _bucket(probes_np, offsets, lo, hi, threads)
+        if not len(members):
             continue
-        # one contiguous run of lists per thread, of about equal work
-        cuts = np.concatenate([[0], np.searchsorted(work, work[-1] * np.arange(1, threads) / threads), [len(work)]])
         run_parts(
             _scan_lists,
             [

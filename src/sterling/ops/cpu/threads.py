@@ -21,11 +21,10 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def run_parts(fn: Callable[..., None], parts: list[tuple]) -> None:
-    """``fn(*args)`` for every ``args`` of ``parts`` on the shared pool (inline when one)."""
-    if len(parts) == 1:
-        fn(*parts[0])
-        return
-    jobs = [_pool().submit(fn, *args) for args in parts]
+    """``fn(*args)`` for every ``args`` of ``parts``: the first on the calling thread, the others on
+    the shared pool meanwhile (a hand-off costs tens of microseconds, a batch-1 search ~0.5 ms)."""
+    jobs = [_pool().submit(fn, *args) for args in parts[1:]]
+    fn(*parts[0])
     for job in jobs:
         job.result()
 
