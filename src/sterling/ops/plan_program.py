@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 TRUE, FALSE, ALL, ANY, NONE, AND, OR = range(7)
@@ -71,35 +72,48 @@ class PlanProgram:
         return len(self.starts) - 1
 
     def validate(self, num_bit_rows: int) -> None:
-        """Raises ValueError unless the program is well formed for ``num_bit_rows`` Bloom rows."""
+        """Raises ValueError unless the program is well formed for ``num_bit_rows`` Bloom rows
+        (vectorised over the ops: a batch's program is validated on every search)."""
         if self.ops.dtype != torch.int64 or self.ops.dim() != 2 or self.ops.shape[1] != 3:
             raise ValueError(f"program ops must be int64 [T, 3], got {self.ops.dtype} {list(self.ops.shape)}")
         for name in ("rows", "starts"):
             t = getattr(self, name)
             if t.dtype != torch.int64 or t.dim() != 1:
                 raise ValueError(f"program {name} must be int64 [*], got {t.dtype} {list(t.shape)}")
-        if len(self.starts) < 1 or int(self.starts[0]) != 0 or int(self.starts[-1]) != len(self.ops):
+        starts, rows = self.starts.numpy(), self.rows.numpy()
+        code, a, b = self.ops.numpy().T
+        if len(starts) < 1 or starts[0] != 0 or starts[-1] != len(code):
             raise ValueError("program starts must run from 0 to the number of ops")
-        if bool((self.starts.diff() < 1).any()):
+        if (np.diff(starts) < 1).any():
             raise ValueError("every plan needs at least one op")
-        if len(self.rows) and (int(self.rows.min()) < 0 or int(self.rows.max()) >= num_bit_rows):
+        if len(rows) and (rows.min() < 0 or rows.max() >= num_bit_rows):
             raise ValueError(f"program rows must lie in [0, {num_bit_rows})")
-        bounds = self.starts.tolist()
-        ops = self.ops.tolist()
-        for g in range(len(self)):
-            height = 0
-            for code, a, b in ops[bounds[g] : bounds[g + 1]]:
-                if code in (ALL, ANY, NONE) and not 0 <= a < b <= len(self.rows):
-                    raise ValueError(f"plan {g}: leaf reads rows[{a}:{b}] of {len(self.rows)}")
-                if code in (AND, OR) and not 1 <= a <= height:
-                    raise ValueError(f"plan {g}: combines {a} of {height} stacked words")
-                if not TRUE <= code <= OR:
-                    raise ValueError(f"plan {g}: unknown op code {code}")
-                height = height - a + 1 if code in (AND, OR) else height + 1
-                if height > self.depth:
-                    raise ValueError(f"plan {g} needs a stack deeper than depth={self.depth}")
-            if height != 1:
-                raise ValueError(f"plan {g} leaves {height} words on the stack, not 1")
+        plan = np.searchsorted(starts, np.arange(len(code)), side="right") - 1  # [T], each op's plan
+        combine = (code == AND) | (code == OR)
+        leaf = (code >= ALL) & (code <= NONE)
+        delta = np.where(combine, 1 - a, 1)
+        total = np.cumsum(delta)
+        height = total - np.concatenate([[0], total])[starts[:-1]][plan]  # [T], stack height after each op
+        errors = [
+            (
+                leaf & ~((0 <= a) & (a < b) & (b <= len(rows))),
+                lambda t: f"leaf reads rows[{a[t]}:{b[t]}] of {len(rows)}",
+            ),
+            (
+                combine & ~((1 <= a) & (a <= height - delta)),
+                lambda t: f"combines {a[t]} of {height[t] - delta[t]} stacked words",
+            ),
+            ((code < TRUE) | (code > OR), lambda t: f"unknown op code {code[t]}"),
+            (height > self.depth, lambda t: f"needs a stack deeper than depth={self.depth}"),
+        ]
+        first = [(int(np.argmax(bad)), say) for bad, say in errors if bad.any()]
+        if first:
+            t, say = min(first, key=lambda found: found[0])
+            raise ValueError(f"plan {plan[t]}: {say(t)}")
+        final = height[starts[1:] - 1] if len(code) else np.zeros(0, dtype=np.int64)
+        if (final != 1).any():
+            g = int(np.argmax(final != 1))
+            raise ValueError(f"plan {g} leaves {final[g]} words on the stack, not 1")
 
 
 def encode(plans: Sequence[_Plan]) -> PlanProgram:

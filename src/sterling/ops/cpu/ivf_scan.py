@@ -36,7 +36,7 @@ import torch
 from sterling.ops.cpu.bits import cttz, popcount
 from sterling.ops.cpu.threads import run_chunked, run_parts
 from sterling.ops.cpu.vnni import prefetch, tile_dots, tile_masks
-from sterling.ops.plan_program import ALL, NONE, PlanProgram
+from sterling.ops.plan_program import PlanProgram
 from sterling.ops.quantize import QMAX
 
 _MIN_QUERIES_PER_THREAD = 4
@@ -226,7 +226,6 @@ def _scan_lists(
     prow,
     pstart,
     plan_of,
-    plan_reads,
     alive,
     has_alive,
     depth,
@@ -282,7 +281,10 @@ def _scan_lists(
         reads = 0
         for i in range(count):
             g = plan_of[members[heads[c] + i]]
-            reads += plan_reads[g] if g >= 0 else 0
+            if g >= 0:
+                for op in range(pstart[g], pstart[g + 1]):
+                    if ops[op, 0] >= 2 and ops[op, 0] <= 4:  # a leaf: ALL, ANY or NONE of rows
+                        reads += ops[op, 2] - ops[op, 1]
         local = bits
         base = 0
         if reads >= 2 * bits.shape[0]:
@@ -436,15 +438,6 @@ def _quantize(q, groups):
     return codes, fix, steps
 
 
-def _plan_reads(program: PlanProgram) -> np.ndarray:
-    """int64 [G]: the Bloom rows each plan reads per word (the rows of its leaves)."""
-    ops = program.ops.numpy()
-    leaf = (ops[:, 0] >= ALL) & (ops[:, 0] <= NONE)  # ALL, ANY, NONE: the leaves
-    total = np.concatenate([[0], np.cumsum(np.where(leaf, ops[:, 2] - ops[:, 1], 0))])
-    starts = program.starts.numpy()
-    return total[starts[1:]] - total[starts[:-1]]
-
-
 def list_bounds(codes: torch.Tensor, scales: torch.Tensor, list_offsets: torch.Tensor) -> torch.Tensor:
     """float32 [nlist]: the largest ``scales[r] * sum_d |codes[r, d]| / 2`` of each list's rows (0 for
     an empty list), the most a query's int8 rounding moves a row's score, in query steps."""
@@ -488,7 +481,6 @@ def ivf_scan(
         program.rows.contiguous().numpy(),
         program.starts.contiguous().numpy(),
         plan_of.contiguous().numpy(),
-        _plan_reads(program),
         live,
         alive is not None,
         program.depth,

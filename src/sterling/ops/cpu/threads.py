@@ -33,5 +33,8 @@ def run_chunked(fn: Callable[..., None], args: tuple, n: int, min_per_thread: in
     """``fn(*args, lo, hi)`` over ``[0, n)`` cut into at most ``torch.get_num_threads()`` chunks of
     at least ``min_per_thread`` items, on the shared pool (inline when one chunk)."""
     threads = max(1, min(torch.get_num_threads(), n // min_per_thread))
+    if threads == 1:
+        fn(*args, 0, n)
+        return
     bounds = np.linspace(0, n, threads + 1).astype(np.int64)
     run_parts(fn, [(*args, int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])])
