@@ -413,9 +413,12 @@ class Segment:
         scores, cand = scores.cpu(), cand.cpu()
         full = cand[:, -1] >= 0  # k0 candidates came back: more rows may pass
         valid = cand >= 0
-        for expr in dict.fromkeys(filters):
+        groups: dict[str | None, list[int]] = {}
+        for i, expr in enumerate(filters):
+            groups.setdefault(expr, []).append(i)
+        for expr, group in groups.items():
             if expr is not None and not compiled[expr].plan.exact:
-                members = torch.tensor([i for i, f in enumerate(filters) if f == expr])
+                members = torch.tensor(group)
                 sub, ok = cand[members], valid[members]
                 passed = self.attributes.evaluate_rows(compiled[expr].node, sub[ok], expr)
                 ok[ok.clone()] = passed
