@@ -6,22 +6,27 @@ filtered rows cost one bit. Nothing of size [B, N] or [B, P, L] is ever material
 
 **Loop order: list-major over the whole batch.** The (query, probed list) pairs are grouped by list
 (a counting sort, :func:`_bucket`) and each list is read once per batch for all the queries that
-probe it. When its members' passing rows outnumber its 16-row blocks, the list is scored in
-blocks: 16 rows against every member at once, ``D / 4`` int8 dot-product instructions per member
-(:func:`sterling.ops.cpu.vnni.tile_dots`, ``vpdpbusd`` on AVX-512 VNNI, the rows held in registers),
-each query quantized to int8. Only rows whose int8 score clears the
-query's **cut** are scored exactly (float32 query · int8 codes × scale, ``_dot``) and offered to its
-running top-k: the cut is the running k-th exact score, divided by the query's step, less the
-list's rounding bound (:func:`list_bounds`), so no row that could enter the top-k is skipped (the
-bound argument of :mod:`sterling.ops.cpu.int8_topk`). A list few queries touch is scored row by
-row. The batch runs in two rounds, each query's nearest list first, so the cut of the rest starts
-from the k-th score of that list.
+probe it (its *members*); lists run in row order, so the rows 64 ahead are prefetched while a block
+is scored. When the members' passing rows outnumber the list's 16-row blocks, the list is scored
+block by block: a block's 16 rows against every member with a passing row in it, ``D / 4`` int8
+dot-product instructions per member (:func:`sterling.ops.cpu.vnni.tile_dots`, ``vpdpbusd`` on
+AVX-512 VNNI, the rows held in registers), each query quantized to int8. Only rows whose int8
+score clears the query's **cut** are scored exactly (float32 query · int8 codes × scale, ``_dot``)
+and offered to its running top-k: the cut is the running k-th exact score, divided by the query's
+step, less the list's rounding bound (:func:`list_bounds`), so no row that could enter the top-k is
+skipped (the bound argument of :mod:`sterling.ops.cpu.int8_topk`). A list whose members pass fewer
+rows than it has blocks is scored row by row. The batch runs in two rounds, each query's nearest
+list first, so the cut of the rest starts from the k-th score of that list. When the members of a
+list read more Bloom row runs than there are rows, the list's runs of every row are copied out
+first, then read from cache.
 
 Threads: the lists of a round are cut into one contiguous run per thread of about equal work; each
 thread keeps its own running top-k per query, the largest k-th score of any thread (a lower bound of
-the final one) starts every thread's next round, and the buffers are merged at the end. The compiled functions run with the GIL released (``nogil``)
-on a small thread pool, so concurrent callers and torch's own threads compose (no numba threading
-layer is involved). Compiled once per machine and cached (``cache=True``).
+the final one) starts every thread's next round and is read by the others as they run, and the
+buffers are merged at the end. The
+compiled functions run with the GIL released (``nogil``) on a small thread pool, so concurrent
+callers and torch's own threads compose (no numba threading layer is involved). Compiled once per
+machine and cached (``cache=True``).
 
 Scores are ``dot(codes[r], queries[b]) * scales[r]`` in float32, the reference's definition up to
 the order of the float32 sum.
@@ -258,7 +263,7 @@ def _scan_lists(
     for c in range(c0, c1):
         longest = max(longest, offsets[c + 1] - offsets[c])
         most = max(most, heads[c + 1] - heads[c])
-    words = np.zeros((most, ((longest + 63) >> 6) + 1), np.uint64)
+    words = np.zeros((most, ((longest + 63) >> 6) + 2), np.uint64)  # a list spans up to one word more
     # the members of one list: query words, offsets, cuts, sums, masks
     mq = np.zeros((most, groups), np.int32)
     mfix = np.zeros(most, np.int64)
@@ -333,8 +338,9 @@ def _scan_lists(
                     picked += 1
             if picked == 0:
                 continue
-            for t in range(groups >> 4):
-                tile_dots(codes32, r0 * groups + 16 * t, groups, valid, mq, 16 * t, groups, sel, picked, acc, t == 0)
+            for tile in range(groups >> 4):
+                at = 16 * tile
+                tile_dots(codes32, r0 * groups + at, groups, valid, mq, at, groups, sel, picked, acc, tile == 0)
             tile_masks(acc, sel, picked, mfix, scales, r0, valid, mcut, hits)
             for j in range(picked):
                 i = sel[j]
