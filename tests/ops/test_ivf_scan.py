@@ -180,6 +180,33 @@ def test_list_major_scan_equals_the_reference(seed, d, density, b, k, with_alive
     check_top_k(*ivf_scan(**p, kernel=Kernel.CPU), passing_scores(p), k)
 
 
+def test_ties_go_to_the_lower_row_whatever_the_batch_and_threads() -> None:
+    """Equal scores are ordered by row, so a query's answer does not depend on the queries it is
+    batched with or on how many threads split the lists (a served answer equals the model's)."""
+    gen = torch.Generator().manual_seed(0)
+    n, d, k = 3000, 64, 30
+    codes = torch.randint(-127, 128, (n, d), generator=gen, dtype=torch.int8)
+    codes[::2] = 0  # every even row scores 0 for any query
+    offsets = torch.tensor([0, 700, 1500, 2200, 3000])
+    queries = torch.randn(12, d, generator=gen)
+    queries[0] = 0  # every row ties at 0
+    probes = torch.stack([torch.randperm(4, generator=gen) for _ in range(12)])
+    args = dict(codes=codes, scales=torch.rand(n, generator=gen) + 0.01, list_offsets=offsets, k=k)
+    alone = ivf_scan(queries[:1], probes=probes[:1], **args, kernel=Kernel.CPU)
+    assert alone[1][0].tolist() == list(range(k))  # all tie: the k lowest rows, in order
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            batched = ivf_scan(queries, probes=probes, **args, kernel=Kernel.CPU)
+            assert torch.equal(batched[1][:1], alone[1]) and torch.equal(batched[0][:1], alone[0])
+            for i in range(1, 12):  # rows that tie at the k-th score still come back in row order
+                one = ivf_scan(queries[i : i + 1], probes=probes[i : i + 1], **args, kernel=Kernel.CPU)
+                assert torch.equal(batched[1][i], one[1][0])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_list_bounds_are_each_lists_largest_rounding_effect() -> None:
     gen = torch.Generator().manual_seed(0)
     codes = torch.randint(-127, 128, (50, 8), generator=gen, dtype=torch.int8)

@@ -10,7 +10,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-__all__ = ["cttz", "popcount", "set_bits"]
+__all__ = ["cttz", "float_bits", "bits_float", "popcount", "set_bits"]
 
 
 @intrinsic
@@ -31,6 +31,28 @@ def popcount(typingctx, x):
 
     def codegen(context, builder, signature, args):
         return builder.ctpop(args[0])
+
+    return sig, codegen
+
+
+@intrinsic
+def float_bits(typingctx, x):
+    """The IEEE bits of a float32, as a uint32 (a bit cast)."""
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@intrinsic
+def bits_float(typingctx, x):
+    """The float32 of IEEE bits given as a uint32 (a bit cast)."""
+    sig = types.float32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
 
     return sig, codegen
 

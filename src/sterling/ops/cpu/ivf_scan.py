@@ -38,7 +38,7 @@ import numba
 import numpy as np
 import torch
 
-from sterling.ops.cpu.bits import cttz, popcount
+from sterling.ops.cpu.bits import bits_float, cttz, float_bits, popcount
 from sterling.ops.cpu.threads import run_chunked, run_parts
 from sterling.ops.cpu.vnni import prefetch, tile_dots, tile_masks
 from sterling.ops.plan_program import PlanProgram
@@ -98,26 +98,46 @@ def _dot(codes, r, q):
     return acc
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _key(score, r):
+    """uint64 ordering (score, row) totally: the float's bits made order-preserving in the high
+    half, ``2^32 - 1 - r`` in the low half, so of equal scores the lower row is the larger key. Every
+    key of a real score is above 0, the empty threshold."""
+    bits = np.uint64(float_bits(score + np.float32(0)))  # -0.0 + 0 is +0.0: one zero
+    bits = (bits ^ np.uint64(0xFFFFFFFF)) if bits & np.uint64(0x80000000) else (bits | np.uint64(0x80000000))
+    return (bits << np.uint64(32)) | (np.uint64(0xFFFFFFFF) - np.uint64(r))
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _key_score(key):
+    bits = key >> np.uint64(32)
+    bits = (bits ^ np.uint64(0x80000000)) if bits & np.uint64(0x80000000) else (bits ^ np.uint64(0xFFFFFFFF))
+    return bits_float(np.uint32(bits))
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _key_row(key):
+    return np.int64(np.uint64(0xFFFFFFFF) - (key & np.uint64(0xFFFFFFFF)))
+
+
 @numba.njit(nogil=True, cache=True)
-def _select(vs, vr, n, k):
-    """Quickselect: reorders ``vs[:n]`` (and ``vr`` alongside) so that ``vs[:k]`` holds the k
-    largest scores (in no order)."""
+def _select(keys, n, k):
+    """Quickselect: reorders ``keys[:n]`` so that ``keys[:k]`` holds the k largest (in no order)."""
     lo = 0
     hi = n - 1
     while lo < hi:
         mid = (lo + hi) >> 1
-        a, b, c = vs[lo], vs[mid], vs[hi]
+        a, b, c = keys[lo], keys[mid], keys[hi]
         pivot = max(min(a, b), min(max(a, b), c))  # median of three
         i = lo
         j = hi
         while i <= j:
-            while vs[i] > pivot:
+            while keys[i] > pivot:
                 i += 1
-            while vs[j] < pivot:
+            while keys[j] < pivot:
                 j -= 1
             if i <= j:
-                vs[i], vs[j] = vs[j], vs[i]
-                vr[i], vr[j] = vr[j], vr[i]
+                keys[i], keys[j] = keys[j], keys[i]
                 i += 1
                 j -= 1
         if k - 1 <= j:
@@ -129,30 +149,32 @@ def _select(vs, vr, n, k):
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _offer(vs, vr, size, threshold, score, r, k):
-    """Offers ``score`` of row ``r`` to a query's buffer; returns the new size and threshold (a full
-    buffer is cut back to its k best by quickselect, whose k-th score becomes the threshold)."""
-    if score > threshold:
-        vs[size] = score
-        vr[size] = r
+def _offer(keys, size, threshold, score, r, k):
+    """Offers ``score`` of row ``r`` to a query's buffer of keys (:func:`_key`); returns the new size
+    and threshold key (a full buffer is cut back to its k best by quickselect, whose k-th key
+    becomes the threshold). Keys order ties by row, so the top-k is one set whatever the order
+    the rows come in (the lists' split across threads, the other queries of the batch)."""
+    key = _key(score, r)
+    if key > threshold:
+        keys[size] = key
         size += 1
-        if size == vs.shape[0]:
-            _select(vs, vr, size, k)
+        if size == keys.shape[0]:
+            _select(keys, size, k)
             size = k
-            threshold = vs[0]
+            threshold = keys[0]
             for i in range(1, k):
-                threshold = min(threshold, vs[i])
+                threshold = min(threshold, keys[i])
     return size, threshold
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
 def _cut(threshold, qscale, eps):
     """The approximate-score cut of a query: a row whose int8 score ``a`` (query codes · row codes ×
-    row scale) is below it cannot beat ``threshold``: its float score is at most ``qscale * (a +
-    eps)`` (each query component is rounded by at most half a step)."""
-    if threshold == -np.inf:
+    row scale) is below it cannot reach the threshold key's score: its float score is at most
+    ``qscale * (a + eps)`` (each query component is rounded by at most half a step)."""
+    if threshold == 0:
         return np.float32(-np.inf)
-    t = threshold / qscale
+    t = _key_score(threshold) / qscale
     return np.float32(t - eps * _SLACK - abs(t) * np.float32(2.0**-20))
 
 
@@ -201,7 +223,7 @@ def _passing_words(bits, base, ops, prow, pstart, g, alive, has_alive, s, e, wor
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _offer_rows(words, s, n, codes, scales, q, vs, vr, size, threshold, k):
+def _offer_rows(words, s, n, codes, scales, q, keys, size, threshold, k):
     """Scores every row set in ``words`` (rows ``s + bit``) exactly and offers it; returns the new
     size and threshold."""
     for i in range((n + 63) >> 6):
@@ -209,7 +231,7 @@ def _offer_rows(words, s, n, codes, scales, q, vs, vr, size, threshold, k):
         while word != 0:
             r = s + 64 * i + np.int64(cttz(word))
             word &= word - np.uint64(1)
-            size, threshold = _offer(vs, vr, size, threshold, _dot(codes, r, q) * scales[r], r, k)
+            size, threshold = _offer(keys, size, threshold, _dot(codes, r, q) * scales[r], r, k)
     return size, threshold
 
 
@@ -234,8 +256,7 @@ def _scan_lists(
     alive,
     has_alive,
     depth,
-    buf_s,
-    buf_r,
+    buf,
     sizes,
     floors,
     t,
@@ -244,10 +265,10 @@ def _scan_lists(
     c1,
 ):
     """Scans lists ``c0:c1`` for every query that probes them (``members[heads[c]:heads[c + 1]]``),
-    offering the rows that pass each query's plan to its buffer (``buf_s`` / ``buf_r`` [B, cap],
-    ``sizes`` [B], ``floors[t]`` [B]: this thread's running top-k of every query). A query's
-    threshold is also raised to the other threads' (``floors`` [T, B], read as they run: each is
-    the k-th score of some rows, a lower bound of the final k-th).
+    offering the rows that pass each query's plan to its buffer (``buf`` [B, cap] keys of
+    :func:`_key`, ``sizes`` [B], ``floors[t]`` [B] the threshold keys: this thread's running top-k
+    of every query). A query's threshold is also raised to the other threads' (``floors`` [T, B],
+    read as they run: each is the k-th key of some rows, at or below the final k-th).
 
     A list whose members' passing rows outnumber its blocks of 16 rows is scored block by block:
     each block's 16 rows against every member at once on the dot-product units
@@ -314,7 +335,7 @@ def _scan_lists(
             for i in range(count):
                 b = members[heads[c] + i]
                 sizes[b], floor[b] = _offer_rows(
-                    words[i], s, n, codes, scales, queries[b], buf_s[b], buf_r[b], sizes[b], floor[b], k
+                    words[i], s, n, codes, scales, queries[b], buf[b], sizes[b], floor[b], k
                 )
             continue
         for i in range(count):
@@ -353,9 +374,7 @@ def _scan_lists(
                 while chunk != 0:
                     r = r0 + np.int64(cttz(chunk))
                     chunk &= chunk - np.uint64(1)
-                    size, threshold = _offer(
-                        buf_s[b], buf_r[b], size, threshold, _dot(codes, r, queries[b]) * scales[r], r, k
-                    )
+                    size, threshold = _offer(buf[b], size, threshold, _dot(codes, r, queries[b]) * scales[r], r, k)
                 if threshold != floor[b]:
                     mcut[i] = _cut(threshold, qscale[b], bounds[c])
                 sizes[b] = size
@@ -363,27 +382,25 @@ def _scan_lists(
 
 
 @numba.njit(nogil=True, cache=True)
-def _merge(buf_s, buf_r, sizes, out_s, out_r, lo, hi):
-    """Queries ``lo:hi``: the k best of every thread's buffer, descending, into ``out_s`` / ``out_r``
-    (an unfilled tail stays -inf / -1)."""
+def _merge(buf, sizes, out_s, out_r, lo, hi):
+    """Queries ``lo:hi``: the k best keys of every thread's buffer, descending, into ``out_s`` /
+    ``out_r`` (an unfilled tail stays -inf / -1)."""
     k = out_s.shape[1]
-    threads = buf_s.shape[0]
-    vs = np.empty(threads * buf_s.shape[2], np.float32)
-    vr = np.empty(threads * buf_s.shape[2], np.int64)
+    threads = buf.shape[0]
+    keys = np.empty(threads * buf.shape[2], np.uint64)
     for b in range(lo, hi):
         size = 0
         for t in range(threads):
             for i in range(sizes[t, b]):
-                vs[size] = buf_s[t, b, i]
-                vr[size] = buf_r[t, b, i]
+                keys[size] = buf[t, b, i]
                 size += 1
         if size > k:
-            _select(vs, vr, size, k)
+            _select(keys, size, k)
             size = k
-        order = np.argsort(-vs[:size])
+        best = np.sort(keys[:size])[::-1]
         for i in range(size):
-            out_s[b, i] = vs[order[i]]
-            out_r[b, i] = vr[order[i]]
+            out_s[b, i] = _key_score(best[i])
+            out_r[b, i] = _key_row(best[i])
 
 
 @numba.njit(nogil=True, cache=True)
@@ -492,11 +509,9 @@ def ivf_scan(
         program.depth,
     )
     threads = torch.get_num_threads()
-    cap = 2 * k
-    buf_s = np.empty((threads, b, cap), dtype=np.float32)
-    buf_r = np.empty((threads, b, cap), dtype=np.int64)
+    buf = np.empty((threads, b, 2 * k), dtype=np.uint64)  # each thread's running top-k: keys
     sizes = np.zeros((threads, b), dtype=np.int64)
-    floor = np.full((threads, b), -np.inf, dtype=np.float32)
+    floor = np.zeros((threads, b), dtype=np.uint64)  # threshold keys, 0: none yet
     qcodes, qfix, qscale = _quantize(q, -(-d // 4))
     shared = (
         q,
@@ -522,8 +537,7 @@ def ivf_scan(
                     heads,
                     members,
                     *plan,
-                    buf_s[t],
-                    buf_r[t],
+                    buf[t],
                     sizes[t],
                     floor,
                     t,
@@ -536,5 +550,5 @@ def ivf_scan(
             ],
         )
         floor[:] = floor.max(0)  # every thread's k-th score is a lower bound of the final one
-    run_chunked(_merge, (buf_s, buf_r, sizes, out_s, out_r), b, _MIN_QUERIES_PER_THREAD)
+    run_chunked(_merge, (buf, sizes, out_s, out_r), b, _MIN_QUERIES_PER_THREAD)
     return torch.from_numpy(out_s), torch.from_numpy(out_r)
