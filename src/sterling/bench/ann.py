@@ -182,8 +182,10 @@ def ground_truth(cat: Catalogue, filters: list[str], k: int) -> list[set[int]]:
     x = torch.from_numpy(cat.embeddings)
     q = torch.from_numpy(cat.queries)
     out: list[set[int]] = [set() for _ in filters]
-    for flt in dict.fromkeys(filters):
-        members = [i for i, f in enumerate(filters) if f == flt]
+    groups: dict[str, list[int]] = {}
+    for i, flt in enumerate(filters):
+        groups.setdefault(flt, []).append(i)
+    for flt, members in groups.items():
         rows = torch.from_numpy(np.flatnonzero(passing(cat, flt)))
         best_s = torch.full((len(members), 0), float("-inf"))
         best_r = torch.zeros((len(members), 0), dtype=torch.int64)

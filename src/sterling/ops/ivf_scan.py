@@ -31,13 +31,17 @@ __all__ = ["Kernel", "PlanProgram", "encode", "ivf_scan", "list_bounds"]
 list_bounds = cpu.list_bounds
 
 
-def _triton(*args):
+def _reference(*args, bounds=None):
+    return reference.ivf_scan(*args)  # scores every passing row exactly: no int8 cut to bound
+
+
+def _triton(*args, bounds=None):
     from sterling.ops.triton import ivf_scan as gpu  # the [gpu] extra (triton); imported on first use
 
-    return gpu.ivf_scan(*args)
+    return gpu.ivf_scan(*args)  # float scores on the GPU: no int8 cut to bound
 
 
-_KERNELS = {Kernel.REFERENCE: reference.ivf_scan, Kernel.CPU: cpu.ivf_scan, Kernel.TRITON: _triton}
+_KERNELS = {Kernel.REFERENCE: _reference, Kernel.CPU: cpu.ivf_scan, Kernel.TRITON: _triton}
 
 
 def _desc(t: torch.Tensor) -> str:
@@ -107,10 +111,9 @@ def ivf_scan(
         raise ValueError(f"bounds must be float32 [nlist={len(list_offsets) - 1}], got {_desc(bounds)}")
     if kernel is None:
         kernel = Kernel.TRITON if queries.is_cuda else Kernel.CPU
-    args = (queries, codes, scales, list_offsets, probes, k, bits, program, plan_of, alive)
-    if Kernel(kernel) is Kernel.CPU:
-        return cpu.ivf_scan(*args, bounds)
-    return select("ivf_scan", _KERNELS, kernel)(*args)
+    return select("ivf_scan", _KERNELS, kernel)(
+        queries, codes, scales, list_offsets, probes, k, bits, program, plan_of, alive, bounds=bounds
+    )
 
 
 def _host(t: torch.Tensor) -> np.ndarray:

@@ -41,8 +41,8 @@ import torch
 from sterling.ops.cpu.bits import bits_float, cttz, float_bits, popcount
 from sterling.ops.cpu.threads import run_chunked, run_parts
 from sterling.ops.cpu.vnni import prefetch, tile_dots, tile_masks
-from sterling.ops.plan_program import PlanProgram
-from sterling.ops.quantize import QMAX
+from sterling.ops.plan_program import ALL, NONE, PlanProgram
+from sterling.ops.quantize import quantize_rows
 
 _MIN_QUERIES_PER_THREAD = 4
 _AHEAD = 64  # rows prefetched ahead of the block being scored
@@ -193,17 +193,17 @@ def _passing_words(bits, base, ops, prow, pstart, g, alive, has_alive, s, e, wor
     t0 = pstart[g] if g >= 0 else 0
     if g < 0:
         words[:nw] = ones
-    elif pstart[g + 1] - t0 == 1 and ops[t0, 0] >= 2 and ops[t0, 0] <= 4:
+    elif pstart[g + 1] - t0 == 1 and ALL <= ops[t0, 0] <= NONE:
         code = ops[t0, 0]
-        words[:nw] = ones if code == 2 else np.uint64(0)
+        words[:nw] = ones if code == ALL else np.uint64(0)
         for i in range(ops[t0, 1], ops[t0, 2]):
             row = bits[prow[i]]
             for j in range(nw):
-                if code == 2:
+                if code == ALL:
                     words[j] &= row[w0 - base + j]
                 else:
                     words[j] |= row[w0 - base + j]
-        if code == 4:
+        if code == NONE:
             for j in range(nw):
                 words[j] = ~words[j]
     else:
@@ -309,7 +309,7 @@ def _scan_lists(
             g = plan_of[members[heads[c] + i]]
             if g >= 0:
                 for op in range(pstart[g], pstart[g + 1]):
-                    if ops[op, 0] >= 2 and ops[op, 0] <= 4:  # a leaf: ALL, ANY or NONE of rows
+                    if ALL <= ops[op, 0] <= NONE:  # a leaf: ALL, ANY or NONE of rows
                         reads += ops[op, 2] - ops[op, 1]
         local = bits
         base = 0
@@ -439,28 +439,6 @@ def _bucket(probes, offsets, lo, hi, threads):
     return heads, members, cuts
 
 
-@numba.njit(nogil=True, cache=True)
-def _quantize(q, groups):
-    """Each query's int8 codes (``round(q / step)``, zero-padded to ``4 * groups`` [B, 4 * groups]),
-    ``128 * sum(codes)`` [B] (the offset :func:`sterling.ops.cpu.vnni.tile_dots` adds) and step [B]
-    (``max |q| / QMAX``, 1 for a zero query)."""
-    b, d = q.shape
-    codes = np.zeros((b, 4 * groups), np.int8)
-    fix = np.zeros(b, np.int64)
-    steps = np.ones(b, np.float32)
-    for i in range(b):
-        top = np.float32(0)
-        for j in range(d):
-            top = max(top, abs(q[i, j]))
-        if top > 0:
-            steps[i] = top / np.float32(QMAX)
-        for j in range(d):
-            code = np.int8(np.rint(q[i, j] / steps[i]))
-            codes[i, j] = code
-            fix[i] += 128 * np.int64(code)
-    return codes, fix, steps
-
-
 def list_bounds(codes: torch.Tensor, scales: torch.Tensor, list_offsets: torch.Tensor) -> torch.Tensor:
     """float32 [nlist]: the largest ``scales[r] * sum_d |codes[r, d]| / 2`` of each list's rows (0 for
     an empty list), the most a query's int8 rounding moves a row's score, in query steps."""
@@ -512,19 +490,22 @@ def ivf_scan(
     buf = np.empty((threads, b, 2 * k), dtype=np.uint64)  # each thread's running top-k: keys
     sizes = np.zeros((threads, b), dtype=np.int64)
     floor = np.zeros((threads, b), dtype=np.uint64)  # threshold keys, 0: none yet
-    qcodes, qfix, qscale = _quantize(q, -(-d // 4))
+    qcodes, qscale = quantize_rows(queries)  # the query side of the int8 cut
+    padded = np.zeros((b, 4 * -(-d // 4)), dtype=np.int8)  # whole 32-bit words of 4 codes
+    padded[:, :d] = qcodes.numpy()
     shared = (
         q,
-        qcodes.view(np.int32),
-        qfix,
-        qscale,
+        padded.view(np.int32),
+        128 * padded.sum(1, dtype=np.int64),  # what the unsigned offset of tile_dots adds
+        qscale.numpy(),
         codes_np,
         codes_np.view(np.int32) if d % 4 == 0 else np.zeros((0, 0), dtype=np.int32),
         scales_np,
         offsets,
         bounds.contiguous().numpy(),
     )
-    # each query's nearest list first: its k-th score there starts the cut of the rest
+    # each query's nearest list first: its k-th key there starts the cut of the rest (_scan_lists
+    # raises every member's threshold to the best any thread holds)
     for lo, hi in ((0, 1), (1, probes_np.shape[1])):
         heads, members, cuts = _bucket(probes_np, offsets, lo, hi, threads)
         if not len(members):
@@ -549,6 +530,5 @@ def ivf_scan(
                 if cuts[t + 1] > cuts[t]
             ],
         )
-        floor[:] = floor.max(0)  # every thread's k-th score is a lower bound of the final one
     run_chunked(_merge, (buf, sizes, out_s, out_r), b, _MIN_QUERIES_PER_THREAD)
     return torch.from_numpy(out_s), torch.from_numpy(out_r)

@@ -7,7 +7,6 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
 
 _POOL: ThreadPoolExecutor | None = None
@@ -31,10 +30,6 @@ def run_parts(fn: Callable[..., None], parts: list[tuple]) -> None:
 
 def run_chunked(fn: Callable[..., None], args: tuple, n: int, min_per_thread: int) -> None:
     """``fn(*args, lo, hi)`` over ``[0, n)`` cut into at most ``torch.get_num_threads()`` chunks of
-    at least ``min_per_thread`` items, on the shared pool (inline when one chunk)."""
+    at least ``min_per_thread`` items (:func:`run_parts`: the first on the calling thread)."""
     threads = max(1, min(torch.get_num_threads(), n // min_per_thread))
-    if threads == 1:
-        fn(*args, 0, n)
-        return
-    bounds = np.linspace(0, n, threads + 1).astype(np.int64)
-    run_parts(fn, [(*args, int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])])
+    run_parts(fn, [(*args, n * t // threads, n * (t + 1) // threads) for t in range(threads)])
