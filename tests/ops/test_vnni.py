@@ -72,6 +72,14 @@ def test_tile_masks_cut_each_querys_scaled_scores(seed, valid, s0, count) -> Non
     assert _masks(acc[::-1].reshape(-1), count, fixes, scales, s0, valid, cuts).tolist() == want
 
 
+@numba.njit
+def _fast_only(codes, qwords, sel, acc):
+    return tile_dots(codes, 0, 16, 16, qwords, 0, 16, sel, 1, acc, True)
+
+
 @pytest.mark.skipif(not HAS_VNNI, reason="the CPU has no AVX-512 VNNI")
 def test_the_fast_kernel_uses_vnni() -> None:
-    assert "vpdpbusd" in "".join(_dots.inspect_asm().values())
+    """Compiled alone (``_dots`` holds the portable twin too), the fast kernel issues vpdpbusd."""
+    args = (np.zeros(256, np.int32), np.zeros(16, np.int32), np.zeros(1, np.int64), np.zeros(16, np.int32))
+    _fast_only(*args)
+    assert "vpdpbusd" in "".join(_fast_only.inspect_asm().values())
