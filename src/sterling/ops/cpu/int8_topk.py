@@ -136,7 +136,7 @@ def _rescore(found, counts, queries, codes, scales, exact, lo, hi):
     """``exact[b, i]``: the float32 score of local row ``found[b, i]`` for ``i < counts[b]``."""
     for b in range(lo, hi):
         for i in range(counts[b]):
-            exact[b, i] = _dot(codes, found[b, i], queries[b]) * scales[found[b, i]]
+            exact[b, i] = _dot(codes, found[b, i], queries, b) * scales[found[b, i]]
 
 
 def int8_topk(

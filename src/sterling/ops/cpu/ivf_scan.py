@@ -87,14 +87,14 @@ def _plan_word(bits, ops, prow, t0, t1, w, stack):
 
 
 @numba.njit(nogil=True, cache=True, fastmath=True)
-def _dot(codes, r, q):
-    """float32 dot of int8 row ``codes[r]`` and the float32 query ``q``: the codes are widened
+def _dot(codes, r, queries, b):
+    """float32 dot of int8 row ``codes[r]`` and the float32 query ``queries[b]``: the codes are widened
     in registers (vpmovsxbd + vcvtdq2ps + FMA on AVX-512), as fast as an int8 dot here, and the
     query needs no quantization. ``fastmath`` lets LLVM reorder the sum to vectorise it (numba
     would widen int8 products to int64 otherwise)."""
     acc = np.float32(0)
-    for i in range(q.shape[0]):
-        acc += np.float32(codes[r, i]) * q[i]
+    for i in range(queries.shape[1]):
+        acc += np.float32(codes[r, i]) * queries[b, i]
     return acc
 
 
@@ -122,43 +122,47 @@ def _key_row(key):
 
 @numba.njit(nogil=True, cache=True)
 def _select(keys, n, k):
-    """Quickselect: reorders ``keys[:n]`` so that ``keys[:k]`` holds the k largest (in no order)."""
+    """Quickselect: reorders ``keys[:n]`` so that ``keys[:k]`` holds the k largest (in no order).
+    Each pass partitions without a data-dependent branch (every element is swapped, the split
+    point advances by the comparison), so a random buffer costs no mispredicted jumps."""
     lo = 0
-    hi = n - 1
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        a, b, c = keys[lo], keys[mid], keys[hi]
+    hi = n
+    while hi - lo > 1:
+        a, b, c = keys[lo], keys[(lo + hi) >> 1], keys[hi - 1]
         pivot = max(min(a, b), min(max(a, b), c))  # median of three
-        i = lo
-        j = hi
-        while i <= j:
-            while keys[i] > pivot:
-                i += 1
-            while keys[j] < pivot:
-                j -= 1
-            if i <= j:
-                keys[i], keys[j] = keys[j], keys[i]
-                i += 1
-                j -= 1
-        if k - 1 <= j:
-            hi = j
-        elif k - 1 >= i:
-            lo = i
-        else:
+        split = lo
+        for i in range(lo, hi):  # keys[lo:split] > pivot >= keys[split:i + 1]
+            v = keys[i]
+            keys[i] = keys[split]
+            keys[split] = v
+            split += v > pivot
+        if split > k:
+            hi = split
+        elif split == k:
             return
+        else:  # keys[:split] are among the k largest, and so is the pivot, the largest of the rest
+            for i in range(split, hi):
+                if keys[i] == pivot:
+                    keys[i] = keys[split]
+                    keys[split] = pivot
+                    break
+            lo = split + 1
+            if lo == k:
+                return
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _offer(keys, size, threshold, score, r, k):
-    """Offers ``score`` of row ``r`` to a query's buffer of keys (:func:`_key`); returns the new size
+def _offer(buf, b, size, threshold, score, r, k):
+    """Offers ``score`` of row ``r`` to query ``b``'s buffer of keys ``buf[b]`` (:func:`_key`); returns the new size
     and threshold key (a full buffer is cut back to its k best by quickselect, whose k-th key
     becomes the threshold). Keys order ties by row, so the top-k is one set whatever the order
     the rows come in (the lists' split across threads, the other queries of the batch)."""
     key = _key(score, r)
     if key > threshold:
-        keys[size] = key
+        buf[b, size] = key
         size += 1
-        if size == keys.shape[0]:
+        if size == buf.shape[1]:
+            keys = buf[b]
             _select(keys, size, k)
             size = k
             threshold = keys[0]
@@ -179,59 +183,64 @@ def _cut(threshold, qscale, eps):
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _passing_words(bits, base, ops, prow, pstart, g, alive, has_alive, s, e, words, stack):
-    """``words`` [ceil((e - s) / 64)]: the rows of ``s:e`` that pass plan ``g`` (-1: all) and are
-    alive, re-based so that bit 0 of word 0 is row ``s`` (``words`` holds one word more, scratch).
+def _passing_words(bits, base, ops, prow, pstart, g, alive, has_alive, s, e, words, m, stack):
+    """``words[m]`` [ceil((e - s) / 64)]: the rows of ``s:e`` that pass plan ``g`` (-1: all) and are
+    alive, re-based so that bit 0 of word 0 is row ``s`` (``words[m]`` holds one word more, scratch).
     ``bits`` [R, *] holds the Bloom words from word column ``base`` on.
 
     A plan of one leaf (the AND or OR of a few Bloom rows, what a single-term filter compiles to)
     runs row by row over the list's words (contiguous, vectorised); others run the plan program
-    word by word."""
+    word by word. Arrays are indexed, never sliced: a view of an array the threads share would
+    count its references on one cache line from both cores."""
     ones = np.uint64(0xFFFFFFFFFFFFFFFF)
     w0 = s >> 6
     nw = ((e - 1) >> 6) + 1 - w0
     t0 = pstart[g] if g >= 0 else 0
     if g < 0:
-        words[:nw] = ones
+        for j in range(nw):
+            words[m, j] = ones
     elif pstart[g + 1] - t0 == 1 and ALL <= ops[t0, 0] <= NONE:
         code = ops[t0, 0]
-        words[:nw] = ones if code == ALL else np.uint64(0)
+        start = ones if code == ALL else np.uint64(0)
+        for j in range(nw):
+            words[m, j] = start
         for i in range(ops[t0, 1], ops[t0, 2]):
-            row = bits[prow[i]]
-            for j in range(nw):
-                if code == ALL:
-                    words[j] &= row[w0 - base + j]
-                else:
-                    words[j] |= row[w0 - base + j]
+            row = prow[i]
+            if code == ALL:
+                for j in range(nw):
+                    words[m, j] &= bits[row, w0 - base + j]
+            else:
+                for j in range(nw):
+                    words[m, j] |= bits[row, w0 - base + j]
         if code == NONE:
             for j in range(nw):
-                words[j] = ~words[j]
+                words[m, j] = ~words[m, j]
     else:
         for j in range(nw):
-            words[j] = _plan_word(bits, ops, prow, t0, pstart[g + 1], w0 - base + j, stack)
+            words[m, j] = _plan_word(bits, ops, prow, t0, pstart[g + 1], w0 - base + j, stack)
     if has_alive:
         for j in range(nw):
-            words[j] &= alive[w0 + j]
+            words[m, j] &= alive[w0 + j]
     shift = np.uint64(s & 63)
     if shift:
-        words[nw] = 0
+        words[m, nw] = 0
         for j in range(nw):
-            words[j] = (words[j] >> shift) | (words[j + 1] << (np.uint64(64) - shift))
+            words[m, j] = (words[m, j] >> shift) | (words[m, j + 1] << (np.uint64(64) - shift))
     n = e - s
     if n & 63:
-        words[((n + 63) >> 6) - 1] &= (np.uint64(1) << np.uint64(n & 63)) - np.uint64(1)
+        words[m, ((n + 63) >> 6) - 1] &= (np.uint64(1) << np.uint64(n & 63)) - np.uint64(1)
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _offer_rows(words, s, n, codes, scales, q, keys, size, threshold, k):
-    """Scores every row set in ``words`` (rows ``s + bit``) exactly and offers it; returns the new
-    size and threshold."""
+def _offer_rows(words, m, s, n, codes, scales, queries, buf, b, size, threshold, k):
+    """Scores every row set in ``words[m]`` (rows ``s + bit``) exactly against query ``b`` and
+    offers it; returns the new size and threshold."""
     for i in range((n + 63) >> 6):
-        word = words[i]
+        word = words[m, i]
         while word != 0:
             r = s + 64 * i + np.int64(cttz(word))
             word &= word - np.uint64(1)
-            size, threshold = _offer(keys, size, threshold, _dot(codes, r, q) * scales[r], r, k)
+            size, threshold = _offer(buf, b, size, threshold, _dot(codes, r, queries, b) * scales[r], r, k)
     return size, threshold
 
 
@@ -325,22 +334,22 @@ def _scan_lists(
             b = members[heads[c] + i]
             for other in range(floors.shape[0]):
                 floor[b] = max(floor[b], floors[other, b])
-            mw = words[i]
-            _passing_words(local, base, ops, prow, pstart, plan_of[b], alive, has_alive, s, e, mw, stack)
+            _passing_words(local, base, ops, prow, pstart, plan_of[b], alive, has_alive, s, e, words, i, stack)
             for j in range((n + 63) >> 6):
-                passing += popcount(mw[j])
+                passing += popcount(words[i, j])
         # blocks pay once the passing rows outnumber them (scoring a block for every member costs
         # about one exact row; a row scored alone is a cache miss unless the list is read in whole)
         if not blocked or passing * 16 < n:
             for i in range(count):
                 b = members[heads[c] + i]
                 sizes[b], floor[b] = _offer_rows(
-                    words[i], s, n, codes, scales, queries[b], buf[b], sizes[b], floor[b], k
+                    words, i, s, n, codes, scales, queries, buf, b, sizes[b], floor[b], k
                 )
             continue
         for i in range(count):
             b = members[heads[c] + i]
-            mq[i] = qwords[b]
+            for j in range(groups):
+                mq[i, j] = qwords[b, j]
             mfix[i] = qfix[b]
             mcut[i] = _cut(floor[b], qscale[b], bounds[c])
         for blk in range((n + 15) >> 4):
@@ -374,7 +383,7 @@ def _scan_lists(
                 while chunk != 0:
                     r = r0 + np.int64(cttz(chunk))
                     chunk &= chunk - np.uint64(1)
-                    size, threshold = _offer(buf[b], size, threshold, _dot(codes, r, queries[b]) * scales[r], r, k)
+                    size, threshold = _offer(buf, b, size, threshold, _dot(codes, r, queries, b) * scales[r], r, k)
                 if threshold != floor[b]:
                     mcut[i] = _cut(threshold, qscale[b], bounds[c])
                 sizes[b] = size
