@@ -342,9 +342,7 @@ def _scan_lists(
         if not blocked or passing * 16 < n:
             for i in range(count):
                 b = members[heads[c] + i]
-                sizes[b], floor[b] = _offer_rows(
-                    words, i, s, n, codes, scales, queries, buf, b, sizes[b], floor[b], k
-                )
+                sizes[b], floor[b] = _offer_rows(words, i, s, n, codes, scales, queries, buf, b, sizes[b], floor[b], k)
             continue
         for i in range(count):
             b = members[heads[c] + i]
