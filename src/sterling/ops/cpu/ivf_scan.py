@@ -151,24 +151,18 @@ def _select(keys, n, k):
                 return
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
-def _offer(buf, b, size, threshold, score, r, k):
-    """Offers ``score`` of row ``r`` to query ``b``'s buffer of keys ``buf[b]`` (:func:`_key`); returns the new size
-    and threshold key (a full buffer is cut back to its k best by quickselect, whose k-th key
-    becomes the threshold). Keys order ties by row, so the top-k is one set whatever the order
-    the rows come in (the lists' split across threads, the other queries of the batch)."""
-    key = _key(score, r)
-    if key > threshold:
-        buf[b, size] = key
-        size += 1
-        if size == buf.shape[1]:
-            keys = buf[b]
-            _select(keys, size, k)
-            size = k
-            threshold = keys[0]
-            for i in range(1, k):
-                threshold = min(threshold, keys[i])
-    return size, threshold
+@numba.njit(nogil=True, cache=True)
+def _compact(buf, b, k):
+    """Cuts query ``b``'s full buffer of keys ``buf[b]`` (:func:`_key`) back to its k best
+    (quickselect) and returns the k-th, the new threshold key: a row is offered (appended) only
+    when its key is above the threshold. Keys order ties by row, so the top-k is one set whatever
+    the order the rows come in (the lists' split across threads, the other queries of the batch)."""
+    keys = buf[b]
+    _select(keys, keys.shape[0], k)
+    threshold = keys[0]
+    for i in range(1, k):
+        threshold = min(threshold, keys[i])
+    return threshold
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
@@ -182,66 +176,84 @@ def _cut(threshold, qscale, eps):
     return np.float32(t - eps * _SLACK - abs(t) * np.float32(2.0**-20))
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
-def _passing_words(bits, base, ops, prow, pstart, g, alive, has_alive, s, e, words, m, stack):
-    """``words[m]`` [ceil((e - s) / 64)]: the rows of ``s:e`` that pass plan ``g`` (-1: all) and are
-    alive, re-based so that bit 0 of word 0 is row ``s`` (``words[m]`` holds one word more, scratch).
-    ``bits`` [R, *] holds the Bloom words from word column ``base`` on.
+@numba.njit(nogil=True, cache=True)
+def _member_words(bits, base, ops, prow, pstart, plan_of, alive, has_alive, members, m0, m1, s, e, words, stack):
+    """``words[i]`` [ceil((e - s) / 64)] for each member ``i`` (query ``members[m0 + i]``, ``i < m1 -
+    m0``) of the list of rows ``s:e``: the rows that pass its plan (``plan_of``; -1: all) and are
+    alive, re-based so that bit 0 of word 0 is row ``s`` (``words[i]`` holds one word more,
+    scratch); returns the passing rows of all members. ``bits`` [R, *] holds the Bloom words from
+    word column ``base`` on.
 
     A plan of one leaf (the AND or OR of a few Bloom rows, what a single-term filter compiles to)
     runs row by row over the list's words (contiguous, vectorised); others run the plan program
-    word by word. Arrays are indexed, never sliced: a view of an array the threads share would
-    count its references on one cache line from both cores."""
+    word by word. One call per list, arrays indexed in place: numba counts the references of
+    every array a function receives, two atomic operations per array and call."""
     ones = np.uint64(0xFFFFFFFFFFFFFFFF)
     w0 = s >> 6
     nw = ((e - 1) >> 6) + 1 - w0
-    t0 = pstart[g] if g >= 0 else 0
-    if g < 0:
-        for j in range(nw):
-            words[m, j] = ones
-    elif pstart[g + 1] - t0 == 1 and ALL <= ops[t0, 0] <= NONE:
-        code = ops[t0, 0]
-        start = ones if code == ALL else np.uint64(0)
-        for j in range(nw):
-            words[m, j] = start
-        for i in range(ops[t0, 1], ops[t0, 2]):
-            row = prow[i]
-            if code == ALL:
-                for j in range(nw):
-                    words[m, j] &= bits[row, w0 - base + j]
-            else:
-                for j in range(nw):
-                    words[m, j] |= bits[row, w0 - base + j]
-        if code == NONE:
-            for j in range(nw):
-                words[m, j] = ~words[m, j]
-    else:
-        for j in range(nw):
-            words[m, j] = _plan_word(bits, ops, prow, t0, pstart[g + 1], w0 - base + j, stack)
-    if has_alive:
-        for j in range(nw):
-            words[m, j] &= alive[w0 + j]
-    shift = np.uint64(s & 63)
-    if shift:
-        words[m, nw] = 0
-        for j in range(nw):
-            words[m, j] = (words[m, j] >> shift) | (words[m, j + 1] << (np.uint64(64) - shift))
     n = e - s
-    if n & 63:
-        words[m, ((n + 63) >> 6) - 1] &= (np.uint64(1) << np.uint64(n & 63)) - np.uint64(1)
+    passing = 0
+    for m in range(m1 - m0):
+        g = plan_of[members[m0 + m]]
+        t0 = pstart[g] if g >= 0 else 0
+        if g < 0:
+            for j in range(nw):
+                words[m, j] = ones
+        elif pstart[g + 1] - t0 == 1 and ALL <= ops[t0, 0] <= NONE:
+            code = ops[t0, 0]
+            start = ones if code == ALL else np.uint64(0)
+            for j in range(nw):
+                words[m, j] = start
+            for i in range(ops[t0, 1], ops[t0, 2]):
+                row = prow[i]
+                if code == ALL:
+                    for j in range(nw):
+                        words[m, j] &= bits[row, w0 - base + j]
+                else:
+                    for j in range(nw):
+                        words[m, j] |= bits[row, w0 - base + j]
+            if code == NONE:
+                for j in range(nw):
+                    words[m, j] = ~words[m, j]
+        else:
+            for j in range(nw):
+                words[m, j] = _plan_word(bits, ops, prow, t0, pstart[g + 1], w0 - base + j, stack)
+        if has_alive:
+            for j in range(nw):
+                words[m, j] &= alive[w0 + j]
+        shift = np.uint64(s & 63)
+        if shift:
+            words[m, nw] = 0
+            for j in range(nw):
+                words[m, j] = (words[m, j] >> shift) | (words[m, j + 1] << (np.uint64(64) - shift))
+        if n & 63:
+            words[m, ((n + 63) >> 6) - 1] &= (np.uint64(1) << np.uint64(n & 63)) - np.uint64(1)
+        for j in range((n + 63) >> 6):
+            passing += popcount(words[m, j])
+    return passing
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
-def _offer_rows(words, m, s, n, codes, scales, queries, buf, b, size, threshold, k):
-    """Scores every row set in ``words[m]`` (rows ``s + bit``) exactly against query ``b`` and
-    offers it; returns the new size and threshold."""
-    for i in range((n + 63) >> 6):
-        word = words[m, i]
-        while word != 0:
-            r = s + 64 * i + np.int64(cttz(word))
-            word &= word - np.uint64(1)
-            size, threshold = _offer(buf, b, size, threshold, _dot(codes, r, queries, b) * scales[r], r, k)
-    return size, threshold
+@numba.njit(nogil=True, cache=True)
+def _offer_rows(words, members, m0, m1, s, n, codes, scales, queries, buf, sizes, floor, k):
+    """Scores every row set in ``words[i]`` (rows ``s + bit``) exactly against query ``members[m0 +
+    i]`` and offers it to the query's buffer, for every member ``i`` of a list of ``n`` rows."""
+    for m in range(m1 - m0):
+        b = members[m0 + m]
+        size = sizes[b]
+        threshold = floor[b]
+        for i in range((n + 63) >> 6):
+            word = words[m, i]
+            while word != 0:
+                r = s + 64 * i + np.int64(cttz(word))
+                word &= word - np.uint64(1)
+                key = _key(_dot(codes, r, queries, b) * scales[r], r)
+                if key > threshold:
+                    buf[b, size] = key
+                    size += 1
+                    if size == buf.shape[1]:
+                        size, threshold = k, _compact(buf, b, k)
+        sizes[b] = size
+        floor[b] = threshold
 
 
 @numba.njit(nogil=True, cache=True)
@@ -329,20 +341,19 @@ def _scan_lists(
                 for j in range(span):
                     block_bits[row, j] = bits[row, base + j]
             local = block_bits
-        passing = 0
         for i in range(count):
             b = members[heads[c] + i]
             for other in range(floors.shape[0]):
                 floor[b] = max(floor[b], floors[other, b])
-            _passing_words(local, base, ops, prow, pstart, plan_of[b], alive, has_alive, s, e, words, i, stack)
-            for j in range((n + 63) >> 6):
-                passing += popcount(words[i, j])
+        m0 = heads[c]
+        m1 = heads[c + 1]
+        passing = _member_words(
+            local, base, ops, prow, pstart, plan_of, alive, has_alive, members, m0, m1, s, e, words, stack
+        )
         # blocks pay once the passing rows outnumber them (scoring a block for every member costs
         # about one exact row; a row scored alone is a cache miss unless the list is read in whole)
         if not blocked or passing * 16 < n:
-            for i in range(count):
-                b = members[heads[c] + i]
-                sizes[b], floor[b] = _offer_rows(words, i, s, n, codes, scales, queries, buf, b, sizes[b], floor[b], k)
+            _offer_rows(words, members, m0, m1, s, n, codes, scales, queries, buf, sizes, floor, k)
             continue
         for i in range(count):
             b = members[heads[c] + i]
@@ -381,7 +392,12 @@ def _scan_lists(
                 while chunk != 0:
                     r = r0 + np.int64(cttz(chunk))
                     chunk &= chunk - np.uint64(1)
-                    size, threshold = _offer(buf, b, size, threshold, _dot(codes, r, queries, b) * scales[r], r, k)
+                    key = _key(_dot(codes, r, queries, b) * scales[r], r)
+                    if key > threshold:
+                        buf[b, size] = key
+                        size += 1
+                        if size == buf.shape[1]:
+                            size, threshold = k, _compact(buf, b, k)
                 if threshold != floor[b]:
                     mcut[i] = _cut(threshold, qscale[b], bounds[c])
                 sizes[b] = size
