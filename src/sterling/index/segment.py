@@ -56,6 +56,7 @@ from sterling.index.quant import Int8Codes, quantize
 from sterling.ops.int8_topk import int8_topk
 from sterling.ops.ivf_scan import Kernel, encode, ivf_scan, list_bounds
 from sterling.ops.plan_program import bit_of, pack_rows
+from sterling.ops.row_topk import row_topk
 
 __all__ = ["Segment"]
 
@@ -221,6 +222,12 @@ class Segment:
             return self.config.kernel
         return Kernel.TRITON if torch.cuda.is_available() else Kernel.CPU
 
+    @property
+    def _host_kernel(self) -> Kernel:
+        """The kernel of the ops that run on the host whatever the scan's (the probe's top-k, the
+        gather plan's ``int8_topk``): the scan's, with the CPU one for Triton."""
+        return Kernel.CPU if self._scan_kernel is Kernel.TRITON else self._scan_kernel
+
     @functools.cached_property
     def _scan_arrays(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """codes, scales, list offsets and Bloom bits on the scan kernel's device (copied once to
@@ -352,8 +359,7 @@ class Segment:
         passing = self._passing(flt, alive)
         if not len(passing):
             return torch.full((q.shape[0], k), float("-inf")), torch.full((q.shape[0], k), -1, dtype=torch.int64)
-        kernel = Kernel.CPU if self._scan_kernel is Kernel.TRITON else self._scan_kernel
-        return int8_topk(q, self.codes.codes, self.codes.row_scales(), passing, k, kernel=kernel)
+        return int8_topk(q, self.codes.codes, self.codes.row_scales(), passing, k, kernel=self._host_kernel)
 
     def _passing(self, flt: CompiledFilter | None, alive: torch.Tensor | None) -> torch.Tensor:
         """int64 [M], ascending: the live rows (all if ``alive`` is None) passing ``flt`` exactly:
@@ -388,7 +394,7 @@ class Segment:
         if widest >= self.nlist:
             probe_ids = torch.arange(self.nlist).expand(b, -1).clone()
         else:
-            probe_ids = torch.topk(q @ self.centroids.T, widest, dim=1).indices
+            probe_ids = row_topk(q @ self.centroids.T, widest, kernel=self._host_kernel)
         probe_ids[torch.arange(probe_ids.shape[1]) >= probes[:, None]] = -1  # each query its own count
         # one candidate count for the batch: a typical filter's, not the outliers' (a starved query is
         # scanned again); never above N

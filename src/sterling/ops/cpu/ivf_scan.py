@@ -38,7 +38,8 @@ import numba
 import numpy as np
 import torch
 
-from sterling.ops.cpu.bits import bits_float, cttz, float_bits, popcount
+from sterling.ops.cpu.bits import cttz, popcount
+from sterling.ops.cpu.keys import compact, key, key_row, key_score, select_largest
 from sterling.ops.cpu.threads import run_chunked, run_parts
 from sterling.ops.cpu.vnni import prefetch, tile_dots, tile_masks
 from sterling.ops.plan_program import ALL, NONE, PlanProgram
@@ -99,80 +100,13 @@ def _dot(codes, r, queries, b):
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _key(score, r):
-    """uint64 ordering (score, row) totally: the float's bits made order-preserving in the high
-    half, ``2^32 - 1 - r`` in the low half, so of equal scores the lower row is the larger key. Every
-    key of a real score is above 0, the empty threshold."""
-    bits = np.uint64(float_bits(score + np.float32(0)))  # -0.0 + 0 is +0.0: one zero
-    bits = (bits ^ np.uint64(0xFFFFFFFF)) if bits & np.uint64(0x80000000) else (bits | np.uint64(0x80000000))
-    return (bits << np.uint64(32)) | (np.uint64(0xFFFFFFFF) - np.uint64(r))
-
-
-@numba.njit(nogil=True, cache=True, inline="always")
-def _key_score(key):
-    bits = key >> np.uint64(32)
-    bits = (bits ^ np.uint64(0x80000000)) if bits & np.uint64(0x80000000) else (bits ^ np.uint64(0xFFFFFFFF))
-    return bits_float(np.uint32(bits))
-
-
-@numba.njit(nogil=True, cache=True, inline="always")
-def _key_row(key):
-    return np.int64(np.uint64(0xFFFFFFFF) - (key & np.uint64(0xFFFFFFFF)))
-
-
-@numba.njit(nogil=True, cache=True)
-def _select(keys, n, k):
-    """Quickselect: reorders ``keys[:n]`` so that ``keys[:k]`` holds the k largest (in no order).
-    Each pass partitions without a data-dependent branch (every element is swapped, the split
-    point advances by the comparison), so a random buffer costs no mispredicted jumps."""
-    lo = 0
-    hi = n
-    while hi - lo > 1:
-        a, b, c = keys[lo], keys[(lo + hi) >> 1], keys[hi - 1]
-        pivot = max(min(a, b), min(max(a, b), c))  # median of three
-        split = lo
-        for i in range(lo, hi):  # keys[lo:split] > pivot >= keys[split:i + 1]
-            v = keys[i]
-            keys[i] = keys[split]
-            keys[split] = v
-            split += v > pivot
-        if split > k:
-            hi = split
-        elif split == k:
-            return
-        else:  # keys[:split] are among the k largest, and so is the pivot, the largest of the rest
-            for i in range(split, hi):
-                if keys[i] == pivot:
-                    keys[i] = keys[split]
-                    keys[split] = pivot
-                    break
-            lo = split + 1
-            if lo == k:
-                return
-
-
-@numba.njit(nogil=True, cache=True)
-def _compact(buf, b, k):
-    """Cuts query ``b``'s full buffer of keys ``buf[b]`` (:func:`_key`) back to its k best
-    (quickselect) and returns the k-th, the new threshold key: a row is offered (appended) only
-    when its key is above the threshold. Keys order ties by row, so the top-k is one set whatever
-    the order the rows come in (the lists' split across threads, the other queries of the batch)."""
-    keys = buf[b]
-    _select(keys, keys.shape[0], k)
-    threshold = keys[0]
-    for i in range(1, k):
-        threshold = min(threshold, keys[i])
-    return threshold
-
-
-@numba.njit(nogil=True, cache=True, inline="always")
 def _cut(threshold, qscale, eps):
     """The approximate-score cut of a query: a row whose int8 score ``a`` (query codes · row codes ×
     row scale) is below it cannot reach the threshold key's score: its float score is at most
     ``qscale * (a + eps)`` (each query component is rounded by at most half a step)."""
     if threshold == 0:
         return np.float32(-np.inf)
-    t = _key_score(threshold) / qscale
+    t = key_score(threshold) / qscale
     return np.float32(t - eps * _SLACK - abs(t) * np.float32(2.0**-20))
 
 
@@ -246,12 +180,12 @@ def _offer_rows(words, members, m0, m1, s, n, codes, scales, queries, buf, sizes
             while word != 0:
                 r = s + 64 * i + np.int64(cttz(word))
                 word &= word - np.uint64(1)
-                key = _key(_dot(codes, r, queries, b) * scales[r], r)
-                if key > threshold:
-                    buf[b, size] = key
+                entry = key(_dot(codes, r, queries, b) * scales[r], r)
+                if entry > threshold:
+                    buf[b, size] = entry
                     size += 1
                     if size == buf.shape[1]:
-                        size, threshold = k, _compact(buf, b, k)
+                        size, threshold = k, compact(buf, b, k)
         sizes[b] = size
         floor[b] = threshold
 
@@ -287,7 +221,7 @@ def _scan_lists(
 ):
     """Scans lists ``c0:c1`` for every query that probes them (``members[heads[c]:heads[c + 1]]``),
     offering the rows that pass each query's plan to its buffer (``buf`` [B, cap] keys of
-    :func:`_key`, ``sizes`` [B], ``floors[t]`` [B] the threshold keys: this thread's running top-k
+    :func:`sterling.ops.cpu.keys.key`, ``sizes`` [B], ``floors[t]`` [B] the threshold keys: this thread's running top-k
     of every query). A query's threshold is also raised to the other threads' (``floors`` [T, B],
     read as they run: each is the k-th key of some rows, at or below the final k-th).
 
@@ -392,12 +326,12 @@ def _scan_lists(
                 while chunk != 0:
                     r = r0 + np.int64(cttz(chunk))
                     chunk &= chunk - np.uint64(1)
-                    key = _key(_dot(codes, r, queries, b) * scales[r], r)
-                    if key > threshold:
-                        buf[b, size] = key
+                    entry = key(_dot(codes, r, queries, b) * scales[r], r)
+                    if entry > threshold:
+                        buf[b, size] = entry
                         size += 1
                         if size == buf.shape[1]:
-                            size, threshold = k, _compact(buf, b, k)
+                            size, threshold = k, compact(buf, b, k)
                 if threshold != floor[b]:
                     mcut[i] = _cut(threshold, qscale[b], bounds[c])
                 sizes[b] = size
@@ -418,12 +352,12 @@ def _merge(buf, sizes, out_s, out_r, lo, hi):
                 keys[size] = buf[t, b, i]
                 size += 1
         if size > k:
-            _select(keys, size, k)
+            select_largest(keys, size, k)
             size = k
         best = np.sort(keys[:size])[::-1]
         for i in range(size):
-            out_s[b, i] = _key_score(best[i])
-            out_r[b, i] = _key_row(best[i])
+            out_s[b, i] = key_score(best[i])
+            out_r[b, i] = key_row(best[i])
 
 
 @numba.njit(nogil=True, cache=True)
