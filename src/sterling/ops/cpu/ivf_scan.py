@@ -246,8 +246,13 @@ def _scan_lists(
     mcut = np.zeros(most, np.float32)
     acc = np.zeros(most * 16, np.int32)
     hits = np.zeros(most, np.int64)
-    chunks = np.zeros(most, np.uint64)
     sel = np.zeros(most, np.int64)
+    # each block's members with a passing row in it, and those rows (16 bits): [block, member slot]
+    blocks = (longest + 15) >> 4
+    picks = np.zeros(blocks, np.int64)
+    pick_member = np.zeros((blocks, most), np.int64)
+    pick_chunk = np.zeros((blocks, most), np.uint64)
+    chunks = np.zeros(most, np.uint64)
     block_bits = np.zeros((bits.shape[0], ((longest + 63) >> 6) + 1), np.uint64)
     floor = floors[t]
     for c in range(c0, c1):
@@ -295,6 +300,17 @@ def _scan_lists(
                 mq[i, j] = qwords[b, j]
             mfix[i] = qfix[b]
             mcut[i] = _cut(floor[b], qscale[b], bounds[c])
+        picks[: (n + 15) >> 4] = 0
+        for i in range(count):  # only the nonzero 16-bit chunks of each member's words are visited
+            for w in range((n + 63) >> 6):
+                word = words[i, w]
+                while word != 0:
+                    at = np.int64(cttz(word)) >> 4
+                    blk = 4 * w + at
+                    pick_member[blk, picks[blk]] = i
+                    pick_chunk[blk, picks[blk]] = (word >> np.uint64(16 * at)) & np.uint64(0xFFFF)
+                    picks[blk] += 1
+                    word &= ~(np.uint64(0xFFFF) << np.uint64(16 * at))
         for blk in range((n + 15) >> 4):
             r0 = s + 16 * blk
             valid = min(16, e - r0)
@@ -303,21 +319,19 @@ def _scan_lists(
             for i in range(0, 16 * groups, 16):
                 prefetch(codes32, (r0 + _AHEAD) * groups + i)
             prefetch(scales, r0 + _AHEAD)
-            picked = 0  # the members with a passing row in the block
-            for i in range(count):
-                chunks[i] = (words[i, blk >> 2] >> np.uint64((blk & 3) << 4)) & np.uint64(0xFFFF)
-                if chunks[i] != 0:
-                    sel[picked] = i
-                    picked += 1
+            picked = picks[blk]  # the members with a passing row in the block
             if picked == 0:
                 continue
+            for j in range(picked):
+                sel[j] = pick_member[blk, j]
+                chunks[j] = pick_chunk[blk, j]
             for tile in range(groups >> 4):
                 at = 16 * tile
                 tile_dots(codes32, r0 * groups + at, groups, valid, mq, at, groups, sel, picked, acc, tile == 0)
             tile_masks(acc, sel, picked, mfix, scales, r0, valid, mcut, hits)
             for j in range(picked):
                 i = sel[j]
-                chunk = hits[j] & chunks[i]
+                chunk = hits[j] & chunks[j]
                 if chunk == 0:
                     continue
                 b = members[heads[c] + i]
