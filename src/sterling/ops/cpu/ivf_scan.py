@@ -458,7 +458,9 @@ def ivf_scan(
         program.depth,
     )
     threads = torch.get_num_threads()
-    buf = np.empty((threads, b, 2 * k), dtype=np.uint64)  # each thread's running top-k: keys
+    # each thread's running top-k: keys; compacted at 1.5 k (at 2 k the threshold lags: ~13% more rows
+    # are re-scored at 10%, at 1.25 k the compactions cost more than they save)
+    buf = np.empty((threads, b, k + max(k // 2, 1)), dtype=np.uint64)
     sizes = np.zeros((threads, b), dtype=np.int64)
     floor = np.zeros((threads, b), dtype=np.uint64)  # threshold keys, 0: none yet
     qcodes, qscale = quantize_rows(queries)  # the query side of the int8 cut
