@@ -16,9 +16,9 @@ and offered to its running top-k: the cut is the running k-th exact score, divid
 step, less the list's rounding bound (:func:`list_bounds`), so no row that could enter the top-k is
 skipped (the bound argument of :mod:`sterling.ops.cpu.int8_topk`). A list whose members pass fewer
 rows than it has blocks is scored row by row. The batch runs in two rounds, each query's nearest
-list first, so the cut of the rest starts from the k-th score of that list. When the members of a
-list read more Bloom row runs than there are rows, the list's runs of every row are copied out
-first, then read from cache.
+list first, so the cut of the rest starts from the k-th score of that list. While a list runs, the
+Bloom runs the next list's members will read are prefetched (a Bloom row is a long array: the runs
+of one list are far apart in memory).
 
 Threads: the lists of a round are cut into one contiguous run per thread of about equal work; each
 thread keeps its own running top-k per query, the largest k-th score of any thread (a lower bound of
@@ -111,12 +111,11 @@ def _cut(threshold, qscale, eps):
 
 
 @numba.njit(nogil=True, cache=True)
-def _member_words(bits, base, ops, prow, pstart, plan_of, alive, has_alive, members, m0, m1, s, e, words, stack):
+def _member_words(bits, ops, prow, pstart, plan_of, alive, has_alive, members, m0, m1, s, e, words, stack):
     """``words[i]`` [ceil((e - s) / 64)] for each member ``i`` (query ``members[m0 + i]``, ``i < m1 -
     m0``) of the list of rows ``s:e``: the rows that pass its plan (``plan_of``; -1: all) and are
     alive, re-based so that bit 0 of word 0 is row ``s`` (``words[i]`` holds one word more,
-    scratch); returns the passing rows of all members. ``bits`` [R, *] holds the Bloom words from
-    word column ``base`` on.
+    scratch); returns the passing rows of all members. ``bits``: the Bloom words [R, W].
 
     A plan of one leaf (the AND or OR of a few Bloom rows, what a single-term filter compiles to)
     runs row by row over the list's words (contiguous, vectorised); others run the plan program
@@ -142,16 +141,16 @@ def _member_words(bits, base, ops, prow, pstart, plan_of, alive, has_alive, memb
                 row = prow[i]
                 if code == ALL:
                     for j in range(nw):
-                        words[m, j] &= bits[row, w0 - base + j]
+                        words[m, j] &= bits[row, w0 + j]
                 else:
                     for j in range(nw):
-                        words[m, j] |= bits[row, w0 - base + j]
+                        words[m, j] |= bits[row, w0 + j]
             if code == NONE:
                 for j in range(nw):
                     words[m, j] = ~words[m, j]
         else:
             for j in range(nw):
-                words[m, j] = _plan_word(bits, ops, prow, t0, pstart[g + 1], w0 - base + j, stack)
+                words[m, j] = _plan_word(bits, ops, prow, t0, pstart[g + 1], w0 + j, stack)
         if has_alive:
             for j in range(nw):
                 words[m, j] &= alive[w0 + j]
@@ -253,7 +252,7 @@ def _scan_lists(
     pick_member = np.zeros((blocks, most), np.int64)
     pick_chunk = np.zeros((blocks, most), np.uint64)
     chunks = np.zeros(most, np.uint64)
-    block_bits = np.zeros((bits.shape[0], ((longest + 63) >> 6) + 1), np.uint64)
+    seen = np.full(bits.shape[0], -1, np.int64)  # the next list a Bloom row was prefetched for
     floor = floors[t]
     for c in range(c0, c1):
         s = offsets[c]
@@ -262,33 +261,32 @@ def _scan_lists(
             continue
         n = e - s
         count = heads[c + 1] - heads[c]
-        # members reading more Bloom row runs than there are rows: the list's runs of every row are
-        # copied out first (R short runs read side by side, then every member reads them from cache)
-        reads = 0
-        for i in range(count):
-            g = plan_of[members[heads[c] + i]]
-            if g >= 0:
-                for op in range(pstart[g], pstart[g + 1]):
-                    if ALL <= ops[op, 0] <= NONE:  # a leaf: ALL, ANY or NONE of rows
-                        reads += ops[op, 2] - ops[op, 1]
-        local = bits
-        base = 0
-        if reads >= 2 * bits.shape[0]:
-            base = s >> 6
-            span = ((e - 1) >> 6) + 1 - base
-            for row in range(bits.shape[0]):
-                for j in range(span):
-                    block_bits[row, j] = bits[row, base + j]
-            local = block_bits
+        # the Bloom runs the next list's members read come in from memory while this list runs
+        nxt = c + 1
+        while nxt < c1 and heads[nxt] == heads[nxt + 1]:
+            nxt += 1
+        if nxt < c1:
+            w_lo = offsets[nxt] >> 6
+            w_hi = ((offsets[nxt + 1] - 1) >> 6) + 1
+            for i in range(heads[nxt], heads[nxt + 1]):
+                g = plan_of[members[i]]
+                if g >= 0:
+                    for op in range(pstart[g], pstart[g + 1]):
+                        if ALL <= ops[op, 0] <= NONE:
+                            for at in range(ops[op, 1], ops[op, 2]):
+                                row = prow[at]
+                                if seen[row] != nxt:
+                                    seen[row] = nxt
+                                    for w in range(w_lo, w_hi, 8):
+                                        prefetch(bits, row * bits.shape[1] + w)
+                                    prefetch(bits, row * bits.shape[1] + w_hi - 1)
         for i in range(count):
             b = members[heads[c] + i]
             for other in range(floors.shape[0]):
                 floor[b] = max(floor[b], floors[other, b])
         m0 = heads[c]
         m1 = heads[c + 1]
-        passing = _member_words(
-            local, base, ops, prow, pstart, plan_of, alive, has_alive, members, m0, m1, s, e, words, stack
-        )
+        passing = _member_words(bits, ops, prow, pstart, plan_of, alive, has_alive, members, m0, m1, s, e, words, stack)
         # blocks pay once the passing rows outnumber them (scoring a block for every member costs
         # about one exact row; a row scored alone is a cache miss unless the list is read in whole)
         if not blocked or passing * 16 < n:
