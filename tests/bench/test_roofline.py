@@ -36,6 +36,6 @@ def test_a_filter_nothing_passes_costs_nothing() -> None:
 
 def test_a_gathered_filter_scores_its_passing_rows_only() -> None:
     """A shared filter answered by gathering its rows (a quarter of them) costs a quarter of a scan."""
-    index = _index(gather_queries=2, gather_cost=0.0)
+    index = _index(gather_queries=2, gather_cost=0.0, gather_fixed=0.0)
     work = scan_work(index, torch.randn(10, 16), ["c:v1"] * 10, k=10, nprobe=8)
     assert abs(work.ops / (2 * 16 * 750 * 10) - 1) < 0.3 and abs(work.bytes / (750 * 20) - 1) < 0.3

@@ -61,6 +61,7 @@ def cases(draw):
         min_candidates=draw(st.sampled_from([0.0, 0.0, 16.0])),
         gather_queries=draw(st.sampled_from([2, 3, 64])),
         gather_cost=draw(st.sampled_from([0.0, 6.0])),
+        gather_fixed=draw(st.sampled_from([0.0, 6.0])),
         sample_size=draw(st.sampled_from([64, 16384])),
         kernel=draw(st.sampled_from(["cpu", "reference"])),
     )
@@ -120,7 +121,7 @@ def test_planned_execution_equals_search(case):
 def test_gather_scan_ivf_and_none_plans_all_match():
     n = 4000
     attrs = [{"common": "yes", "rare": "r" if i % 400 == 0 else "no", "year": 1990 + i % 30} for i in range(n)]
-    config = IndexConfig(nlist=64, nprobe=2, min_candidates=0, kernel="cpu")
+    config = IndexConfig(nlist=64, nprobe=2, min_candidates=0, kernel="cpu", gather_fixed=0.0)
     index = ItemIndex.build(clustered(n, 16, 0), attrs, config=config)
     index.delete(torch.arange(0, n, 7))
     queries = torch.randn(13, 16, generator=torch.Generator().manual_seed(0))

@@ -27,8 +27,8 @@ def test_plan_batch_gathers_a_shared_selective_filter_only():
     attrs = AttributeStore.build([{"a": f"v{i % 100}"} for i in range(n)])
     seg = Segment.build(torch.randn(n, 4), attrs, config=IndexConfig(nlist=64, gather_queries=4, gather_rows=500))
     shared, lone = "a:v7", "a:v8"
-    plans = plan_batch([shared] * 4 + [lone, None], seg.compiled, 10, 4, len(seg), seg.nlist, seg.config)
-    assert plans[shared].gather and plans[shared].probes == 0 and plans[shared].queries == 4
+    plans = plan_batch([shared] * 40 + [lone, None], seg.compiled, 10, 4, len(seg), seg.nlist, seg.config)
+    assert plans[shared].gather and plans[shared].probes == 0 and plans[shared].queries == 40
     assert not plans[lone].gather and plans[lone].probes > 0
     assert plans[None].filter is None and plans[None].share == 1.0 and plans[None].probes == 4
     assert 0.0 < plans[shared].share < 0.05

@@ -40,6 +40,7 @@ def cases(draw):
         min_candidates=draw(st.sampled_from([0.0, 16.0])),
         gather_queries=draw(st.sampled_from([1, 64])),
         gather_cost=draw(st.sampled_from([0.0, 6.0, 1e9])),
+        gather_fixed=draw(st.sampled_from([0.0, 6.0])),
         sample_size=draw(st.sampled_from([4, 64])),
         bloom=BloomConfig(
             dedicated_bits=draw(st.sampled_from([0, 2, 64])),
@@ -146,3 +147,5 @@ def test_config_validation():
         IndexConfig(scan_selectivity=2.0)
     with pytest.raises(ValueError, match="gather_cost must be >= 0, got -1"):
         IndexConfig(gather_cost=-1)
+    with pytest.raises(ValueError, match="gather_fixed must be >= 0, got nan"):
+        IndexConfig(gather_fixed=float("nan"))

@@ -11,8 +11,10 @@ is half the lists or more, or ``s <= scan_selectivity``, the plan is a **scan** 
 the Bloom words make a filter-then-scan (a filtered row costs one bit test). A filter shared by
 ``gather_queries`` or more queries and expected to pass at most ``gather_rows`` rows is answered
 instead by **gathering** its passing rows once and one int8 matrix product (FAISS's pre-filtering,
-exact; :func:`sterling.ops.int8_topk.int8_topk`) when that is cheaper: a gathered row costs about
-``gather_cost`` probed rows, so when ``gather_cost * s * nlist <= probes``. A filter whose Bloom plan
+exact; :func:`sterling.ops.int8_topk.int8_topk`) when that is cheaper for its ``q`` queries: a
+gathered row costs a query about ``gather_cost`` probed rows and the gather itself ``gather_fixed``
+probed rows per segment row, so when ``(gather_cost * s + gather_fixed / q) * nlist <= probes``. A
+filter whose Bloom plan
 is constant false is planned as no scan at all (:func:`plan_batch`).
 """
 
@@ -120,7 +122,7 @@ def plan_batch(
             count >= config.gather_queries
             and share * n <= config.gather_rows
             and probes > 0
-            and config.gather_cost * share * nlist <= probes
+            and (config.gather_cost * share + config.gather_fixed / count) * nlist <= probes
         )
         plans[expr] = FilterPlan(flt, share, count, 0 if gather else probes, gather)
     return plans
