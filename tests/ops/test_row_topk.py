@@ -50,3 +50,13 @@ def test_nearest_first_lower_column_on_ties() -> None:
 def test_bad_input(scores: torch.Tensor, k: int, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         row_topk(scores, k)
+
+
+@settings(max_examples=100, deadline=None)
+@given(problem=problems())
+def test_unordered_keeps_the_same_columns_and_the_largest_first(problem: tuple[torch.Tensor, int]) -> None:
+    scores, k = problem
+    expected = row_topk(scores, k, kernel=Kernel.REFERENCE)
+    got = row_topk(scores, k, ordered=False, kernel=Kernel.CPU)
+    assert torch.equal(got.sort(1).values, expected.sort(1).values)
+    assert torch.equal(got[:, :1], expected[:, :1])

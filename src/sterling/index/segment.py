@@ -394,7 +394,9 @@ class Segment:
         if widest >= self.nlist:
             probe_ids = torch.arange(self.nlist).expand(b, -1).clone()
         else:
-            probe_ids = row_topk(q @ self.centroids.T, widest, kernel=self._host_kernel)
+            # nearest first (the scan's first round); the rest in order where a query keeps a prefix
+            ordered = bool((probes < widest).any())
+            probe_ids = row_topk(q @ self.centroids.T, widest, ordered, kernel=self._host_kernel)
         probe_ids[torch.arange(probe_ids.shape[1]) >= probes[:, None]] = -1  # each query its own count
         # one candidate count for the batch: a typical filter's, not the outliers' (a starved query is
         # scanned again); never above N

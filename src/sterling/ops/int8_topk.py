@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from sterling.ops.cpu import int8_topk as cpu
-from sterling.ops.kernel import Kernel, select
+from sterling.ops.kernel import Kernel, all_finite, select
 from sterling.ops.reference import int8_topk as reference
 
 __all__ = ["Kernel", "int8_topk"]
@@ -57,7 +57,7 @@ def int8_topk(
         raise ValueError(f"codes must be int8 [N, D] with D={queries.shape[1]}, got {codes.dtype} {list(codes.shape)}")
     if scales.dtype != torch.float32 or scales.shape != (codes.shape[0],):
         raise ValueError(f"scales must be float32 [N] with N={codes.shape[0]}, got {scales.dtype} {list(scales.shape)}")
-    if not bool(torch.isfinite(queries).all()):
+    if not all_finite(queries):
         raise ValueError("queries hold NaN or infinite values")
     if rows is not None and (rows.dim() != 1 or rows.dtype != torch.int64):
         raise ValueError(f"rows must be int64 [M], got {rows.dtype} {list(rows.shape)}")

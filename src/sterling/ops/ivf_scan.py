@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from sterling.ops.cpu import ivf_scan as cpu
-from sterling.ops.kernel import Kernel, select
+from sterling.ops.kernel import Kernel, all_finite, host, select
 from sterling.ops.plan_program import PlanProgram, encode
 from sterling.ops.reference import ivf_scan as reference
 
@@ -103,7 +103,7 @@ def ivf_scan(
     program.validate(bits.shape[0])
     if plan_of.dtype != torch.int64 or plan_of.shape != (b,):
         raise ValueError(f"plan_of must be int64 [B={b}], got {_desc(plan_of)}")
-    if b and (_host(plan_of).min() < -1 or _host(plan_of).max() >= len(program)):
+    if b and (host(plan_of).min() < -1 or host(plan_of).max() >= len(program)):
         raise ValueError(f"plan_of must lie in [-1, {len(program)})")
     if alive is not None and (alive.dtype != torch.int64 or alive.shape != (words,)):
         raise ValueError(f"alive must be int64 [W={words}], got {_desc(alive)}")
@@ -116,33 +116,26 @@ def ivf_scan(
     )
 
 
-def _host(t: torch.Tensor) -> np.ndarray:
-    """The values of ``t`` as a numpy array (a view on the CPU): small checks cost microseconds in
-    numpy and tens in torch, which a batch-1 search pays several times."""
-    return t.numpy() if t.device.type == "cpu" else t.cpu().numpy()
-
-
 def _validate(queries, codes, scales, list_offsets, probes, k) -> tuple[int, int]:
     if queries.dtype != torch.float32 or queries.dim() != 2:
         raise ValueError(f"queries must be float32 [B, D], got {_desc(queries)}")
     if codes.dtype != torch.int8 or codes.dim() != 2 or codes.shape[1] != queries.shape[1]:
         raise ValueError(f"codes must be int8 [N, D={queries.shape[1]}], got {_desc(codes)}")
     b, n = queries.shape[0], codes.shape[0]
-    finite = bool(torch.isfinite(queries).all()) if queries.is_cuda else bool(np.isfinite(_host(queries)).all())
-    if not finite:
+    if not all_finite(queries):
         raise ValueError("queries contain NaN or inf")
     if scales.dtype != torch.float32 or scales.shape != (n,):
         raise ValueError(f"scales must be float32 [N={n}], got {_desc(scales)}")
     if list_offsets.dtype != torch.int64 or list_offsets.dim() != 1 or len(list_offsets) < 2:
         raise ValueError(f"list_offsets must be int64 [nlist + 1], got {_desc(list_offsets)}")
-    offsets = _host(list_offsets)
+    offsets = host(list_offsets)
     if offsets[0] != 0 or offsets[-1] != n or (np.diff(offsets) < 0).any():
         raise ValueError(f"list_offsets must rise from 0 to N={n}")
     nlist = len(offsets) - 1
     if probes.dtype != torch.int64 or probes.dim() != 2 or probes.shape[0] != b:
         raise ValueError(f"probes must be int64 [B={b}, P], got {_desc(probes)}")
     if probes.numel():
-        pr = _host(probes)
+        pr = host(probes)
         if pr.min() < -1 or pr.max() >= nlist:
             raise ValueError(f"probes must lie in [-1, nlist={nlist})")
         srt = np.sort(pr, axis=1)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from sterling.ops.cpu import row_topk as cpu
-from sterling.ops.kernel import Kernel, select
+from sterling.ops.kernel import Kernel, all_finite, select
 from sterling.ops.reference import row_topk as reference
 
 __all__ = ["Kernel", "row_topk"]
@@ -23,13 +23,15 @@ __all__ = ["Kernel", "row_topk"]
 _KERNELS = {Kernel.REFERENCE: reference.row_topk, Kernel.CPU: cpu.row_topk}
 
 
-def row_topk(scores: torch.Tensor, k: int, kernel: Kernel = Kernel.CPU) -> torch.Tensor:
+def row_topk(scores: torch.Tensor, k: int, ordered: bool = True, kernel: Kernel = Kernel.CPU) -> torch.Tensor:
     """int64 [B, k]: the columns of the k largest scores of each row, largest first; of equal
     scores the lower column first.
 
     Args:
         scores (torch.Tensor): float32 [B, C], finite.
         k (int): columns per row, 0 <= k <= C.
+        ordered (bool): all k in order; False: only the largest first, the others in any order
+            (no sort: the probe of a batch whose queries all probe k lists).
         kernel (Kernel): the implementation.
 
     Example::
@@ -40,6 +42,6 @@ def row_topk(scores: torch.Tensor, k: int, kernel: Kernel = Kernel.CPU) -> torch
         raise ValueError(f"scores must be float32 [B, C], got {scores.dtype} {list(scores.shape)}")
     if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= scores.shape[1]:
         raise ValueError(f"k must be an int in [0, {scores.shape[1]}], got {k!r}")
-    if not bool(torch.isfinite(scores).all()):
+    if not all_finite(scores):
         raise ValueError("scores must be finite")
-    return select("row_topk", _KERNELS, kernel)(scores, k)
+    return select("row_topk", _KERNELS, kernel)(scores, k, ordered)

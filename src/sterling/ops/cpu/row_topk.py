@@ -1,5 +1,6 @@
 """Top-k columns of each row on the CPU (numba): each row's scores as (score, column) keys
-(:func:`sterling.ops.cpu.keys.key`), a branch-free quickselect of the k largest, a sort of those k;
+(:func:`sterling.ops.cpu.keys.key`), a branch-free quickselect of the k largest, a sort of those k
+(or only the largest moved first);
 rows split across the shared thread pool. About 2x ``torch.topk`` for the probe of a search (256
 queries × 1,024 lists)."""
 
@@ -16,9 +17,9 @@ _MIN_ROWS_PER_THREAD = 16
 
 
 @numba.njit(nogil=True, cache=True)
-def _row_topk(scores, out, lo, hi):
+def _row_topk(scores, ordered, out, lo, hi):
     """Rows ``lo:hi`` of ``scores`` (float32 [B, C]): their k = ``out.shape[1]`` best columns into
-    ``out``, best first."""
+    ``out``, best first (all in order if ``ordered``)."""
     c = scores.shape[1]
     k = out.shape[1]
     keys = np.empty(c, np.uint64)
@@ -26,14 +27,20 @@ def _row_topk(scores, out, lo, hi):
         for j in range(c):
             keys[j] = key(scores[b, j], j)
         select_largest(keys, c, k)
-        best = np.sort(keys[:k])
+        if ordered:
+            keys[:k] = np.sort(keys[:k])[::-1]
+        else:
+            top = 0
+            for i in range(1, k):
+                top = i if keys[i] > keys[top] else top
+            keys[0], keys[top] = keys[top], keys[0]
         for i in range(k):
-            out[b, i] = key_row(best[k - 1 - i])
+            out[b, i] = key_row(keys[i])
 
 
-def row_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+def row_topk(scores: torch.Tensor, k: int, ordered: bool = True) -> torch.Tensor:
     """See :func:`sterling.ops.row_topk.row_topk` (inputs assumed valid)."""
     out = np.empty((scores.shape[0], k), dtype=np.int64)
     if k and scores.shape[0]:
-        run_chunked(_row_topk, (scores.contiguous().numpy(), out), scores.shape[0], _MIN_ROWS_PER_THREAD)
+        run_chunked(_row_topk, (scores.contiguous().numpy(), ordered, out), scores.shape[0], _MIN_ROWS_PER_THREAD)
     return torch.from_numpy(out)
