@@ -420,17 +420,18 @@ class Segment:
         )  # [B, k0]
         scores, cand = scores.cpu(), cand.cpu()
         full = cand[:, -1] >= 0  # k0 candidates came back: more rows may pass
-        valid = cand >= 0
+        found = cand.numpy()
+        checked = found >= 0  # numpy: a few small index ops per distinct filter, tens of them a batch
         groups: dict[str | None, list[int]] = {}
         for i, expr in enumerate(filters):
             groups.setdefault(expr, []).append(i)
         for expr, group in groups.items():
             if expr is not None and not compiled[expr].plan.exact:
-                members = torch.tensor(group)
-                sub, ok = cand[members], valid[members]
-                passed = self.attributes.evaluate_rows(compiled[expr].node, sub[ok], expr)
-                ok[ok.clone()] = passed
-                valid[members] = ok
+                ok = checked[group]
+                rows = torch.from_numpy(found[group][ok])
+                ok[ok] = self.attributes.evaluate_rows(compiled[expr].node, rows, expr).numpy()
+                checked[group] = ok
+        valid = torch.from_numpy(checked)
         if k0 > k or not bool(valid.all()):  # drop the failed candidates, keep the k best
             top = torch.topk(scores.masked_fill(~valid, float("-inf")), min(k, k0), dim=1)
             scores, cand = top.values, torch.where(torch.isfinite(top.values), cand.gather(1, top.indices), -1)
