@@ -52,11 +52,28 @@ def test_bad_input(scores: torch.Tensor, k: int, message: str) -> None:
         row_topk(scores, k)
 
 
-@settings(max_examples=100, deadline=None)
-@given(problem=problems())
-def test_unordered_keeps_the_same_columns_and_the_largest_first(problem: tuple[torch.Tensor, int]) -> None:
+@pytest.mark.parametrize(
+    ("counts", "message"),
+    [
+        (torch.tensor([1, 2]), "counts must be int64 \\[B=3\\]"),
+        (torch.tensor([1, 2, 2], dtype=torch.int32), "counts must be int64"),
+        (torch.tensor([1, 0, 2]), "counts must lie in \\[1, k=2\\]"),
+        (torch.tensor([1, 3, 2]), "counts must lie in \\[1, k=2\\]"),
+    ],
+)
+def test_bad_counts(counts: torch.Tensor, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        row_topk(torch.zeros(3, 4), 2, counts)
+
+
+@settings(max_examples=150, deadline=None)
+@given(problem=problems(), data=st.data())
+def test_per_row_counts_keep_the_same_columns_and_the_largest_first(problem: tuple[torch.Tensor, int], data) -> None:
     scores, k = problem
-    expected = row_topk(scores, k, kernel=Kernel.REFERENCE)
-    got = row_topk(scores, k, ordered=False, kernel=Kernel.CPU)
+    b = scores.shape[0]
+    counts = torch.tensor(data.draw(st.lists(st.integers(min(k, 1), k), min_size=b, max_size=b)), dtype=torch.int64)
+    expected = row_topk(scores, k, counts, kernel=Kernel.REFERENCE)
+    got = row_topk(scores, k, counts, kernel=Kernel.CPU)
     assert torch.equal(got.sort(1).values, expected.sort(1).values)
     assert torch.equal(got[:, :1], expected[:, :1])
+    assert torch.equal(got < 0, torch.arange(k) >= counts[:, None])

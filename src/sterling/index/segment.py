@@ -393,11 +393,10 @@ class Segment:
         widest = int(probes.max())
         if widest >= self.nlist:
             probe_ids = torch.arange(self.nlist).expand(b, -1).clone()
+            probe_ids[torch.arange(self.nlist) >= probes[:, None]] = -1  # each query its own count
         else:
-            # nearest first (the scan's first round); the rest in order where a query keeps a prefix
-            ordered = bool((probes < widest).any())
-            probe_ids = row_topk(q @ self.centroids.T, widest, ordered, kernel=self._host_kernel)
-        probe_ids[torch.arange(probe_ids.shape[1]) >= probes[:, None]] = -1  # each query its own count
+            # each query its own count of nearest lists, the nearest first (the scan's first round)
+            probe_ids = row_topk(q @ self.centroids.T, widest, probes, kernel=self._host_kernel)
         # one candidate count for the batch: a typical filter's, not the outliers' (a starved query is
         # scanned again); never above N
         factor = min(4.0, _upper_quartile([1.0] + [compiled[e].candidates_factor() for e in used]))

@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 
 
-def row_topk(scores: torch.Tensor, k: int, ordered: bool = True) -> torch.Tensor:
+def row_topk(scores: torch.Tensor, k: int, counts: torch.Tensor | None = None) -> torch.Tensor:
     """See :func:`sterling.ops.row_topk.row_topk` (inputs assumed valid): a stable sort keeps the
-    lower column first among equal scores (in order whether ``ordered`` or not)."""
-    return torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    lower column first among equal scores; with ``counts`` each row's prefix, in order, then -1."""
+    top = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    if counts is not None:
+        top = top.masked_fill(torch.arange(k) >= counts[:, None], -1)
+    return top
