@@ -42,7 +42,7 @@ from sterling.ops.cpu.bits import cttz, popcount
 from sterling.ops.cpu.keys import compact, key, key_row, key_score, select_largest
 from sterling.ops.cpu.threads import run_chunked, run_parts
 from sterling.ops.cpu.vnni import prefetch, tile_dots, tile_masks
-from sterling.ops.plan_program import ALL, NONE, PlanProgram
+from sterling.ops.plan_program import ALL, AND, ANY, FALSE, NONE, TRUE, PlanProgram
 from sterling.ops.quantize import quantize_rows
 
 _MIN_QUERIES_PER_THREAD = 4
@@ -50,41 +50,45 @@ _AHEAD = 64  # rows prefetched ahead of the block being scored
 _SLACK = np.float32(1.0 + 2.0**-8)  # float32 rounding, on top of the query-rounding bound
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
-def _plan_word(bits, ops, prow, t0, t1, w, stack):
-    """The plan ``ops[t0:t1]`` evaluated on word column ``w`` of ``bits`` (uint64 [R, W])."""
+@numba.njit(nogil=True, cache=True)
+def _plan_words(bits, ops, prow, t0, t1, w0, nw, words, m, stack):
+    """``words[m, j]`` for ``j < nw``: the plan ``ops[t0:t1]`` evaluated on word column ``w0 + j``
+    of ``bits`` (uint64 [R, W]), word by word. One call per member, the words inside (numba counts
+    the references of every array a function receives: see :func:`_member_words`)."""
     ones = np.uint64(0xFFFFFFFFFFFFFFFF)
     zero = np.uint64(0)
-    sp = 0
-    for t in range(t0, t1):
-        code = ops[t, 0]
-        a = ops[t, 1]
-        b = ops[t, 2]
-        if code == 0:
-            v = ones
-        elif code == 1:
-            v = zero
-        elif code == 2:
-            v = ones
-            for i in range(a, b):
-                v &= bits[prow[i], w]
-        elif code == 3 or code == 4:
-            v = zero
-            for i in range(a, b):
-                v |= bits[prow[i], w]
-            if code == 4:
-                v = ~v
-        else:
-            v = stack[sp - 1]
-            for i in range(2, a + 1):
-                if code == 5:
-                    v &= stack[sp - i]
-                else:
-                    v |= stack[sp - i]
-            sp -= a
-        stack[sp] = v
-        sp += 1
-    return stack[0]
+    for j in range(nw):
+        w = w0 + j
+        sp = 0
+        for t in range(t0, t1):
+            code = ops[t, 0]
+            a = ops[t, 1]
+            b = ops[t, 2]
+            if code == TRUE:
+                v = ones
+            elif code == FALSE:
+                v = zero
+            elif code == ALL:
+                v = ones
+                for i in range(a, b):
+                    v &= bits[prow[i], w]
+            elif code == ANY or code == NONE:
+                v = zero
+                for i in range(a, b):
+                    v |= bits[prow[i], w]
+                if code == NONE:
+                    v = ~v
+            else:
+                v = stack[sp - 1]
+                for i in range(2, a + 1):
+                    if code == AND:
+                        v &= stack[sp - i]
+                    else:
+                        v |= stack[sp - i]
+                sp -= a
+            stack[sp] = v
+            sp += 1
+        words[m, j] = stack[0]
 
 
 @numba.njit(nogil=True, cache=True, fastmath=True)
@@ -149,8 +153,7 @@ def _member_words(bits, ops, prow, pstart, plan_of, alive, has_alive, members, m
                 for j in range(nw):
                     words[m, j] = ~words[m, j]
         else:
-            for j in range(nw):
-                words[m, j] = _plan_word(bits, ops, prow, t0, pstart[g + 1], w0 + j, stack)
+            _plan_words(bits, ops, prow, t0, pstart[g + 1], w0, nw, words, m, stack)
         if has_alive:
             for j in range(nw):
                 words[m, j] &= alive[w0 + j]
