@@ -44,6 +44,7 @@ from sterling.index.filter import (
     is_feature_name,
     parse,
 )
+from sterling.ops.kernel import host
 
 _MAX_EXACT_INT = 2**53
 _SCALAR_TYPES = frozenset({str, int, float, type(None)})
@@ -284,7 +285,7 @@ class AttributeStore:
         rows = torch.as_tensor(rows, dtype=torch.int64)
         if rows.dim() != 1:
             raise ValueError(f"rows must be 1-D, got shape {list(rows.shape)}")
-        if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= self.num_items):
+        if len(rows) and (host(rows).min() < 0 or host(rows).max() >= self.num_items):
             raise IndexError(f"rows out of range for {self.num_items} items")
         gathered: dict[str, Column] = {}
 
