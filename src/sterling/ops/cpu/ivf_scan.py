@@ -170,29 +170,6 @@ def _member_words(bits, ops, prow, pstart, plan_of, alive, has_alive, members, m
 
 
 @numba.njit(nogil=True, cache=True)
-def _offer_rows(words, members, m0, m1, s, n, codes, scales, queries, buf, sizes, floor, k):
-    """Scores every row set in ``words[i]`` (rows ``s + bit``) exactly against query ``members[m0 +
-    i]`` and offers it to the query's buffer, for every member ``i`` of a list of ``n`` rows."""
-    for m in range(m1 - m0):
-        b = members[m0 + m]
-        size = sizes[b]
-        threshold = floor[b]
-        for i in range((n + 63) >> 6):
-            word = words[m, i]
-            while word != 0:
-                r = s + 64 * i + np.int64(cttz(word))
-                word &= word - np.uint64(1)
-                entry = key(_dot(codes, r, queries, b) * scales[r], r)
-                if entry > threshold:
-                    buf[b, size] = entry
-                    size += 1
-                    if size == buf.shape[1]:
-                        size, threshold = k, compact(buf, b, k)
-        sizes[b] = size
-        floor[b] = threshold
-
-
-@numba.njit(nogil=True, cache=True)
 def _scan_lists(
     queries,
     qwords,
@@ -223,16 +200,18 @@ def _scan_lists(
 ):
     """Scans lists ``c0:c1`` for every query that probes them (``members[heads[c]:heads[c + 1]]``),
     offering the rows that pass each query's plan to its buffer (``buf`` [B, cap] keys of
-    :func:`sterling.ops.cpu.keys.key`, ``sizes`` [B], ``floors[t]`` [B] the threshold keys: this thread's running top-k
-    of every query). A query's threshold is also raised to the other threads' (``floors`` [T, B],
-    read as they run: each is the k-th key of some rows, at or below the final k-th).
+    :func:`sterling.ops.cpu.keys.key`, ``sizes`` [B], ``floors[t]`` [B] the threshold keys: this
+    thread's running top-k of every query). A query's threshold is also raised to the other
+    threads' (``floors`` [T, B], read as they run: each is the k-th key of some rows, at or below
+    the final k-th).
 
-    A list whose members' passing rows outnumber its blocks of 16 rows is scored block by block:
-    each block's 16 rows against every member at once on the dot-product units
-    (:func:`sterling.ops.cpu.vnni.tile_dots`, the rows held in registers), and each member's
-    passing rows whose int8 score clears its cut (:func:`sterling.ops.cpu.vnni.tile_masks`,
-    :func:`_cut` with the list's rounding bound ``bounds[c]``) are scored exactly (float query ·
-    codes × scale) and offered. Other lists are scored row by row."""
+    A list runs block by block of 16 rows, each block for the members with a passing row in it.
+    Where the members' passing rows outnumber the list's blocks, a block's 16 rows are first scored
+    against those members at once on the dot-product units (:func:`sterling.ops.cpu.vnni.tile_dots`,
+    the rows held in registers), and only the passing rows whose int8 score clears the member's cut
+    (:func:`sterling.ops.cpu.vnni.tile_masks`, :func:`_cut` with the list's rounding bound
+    ``bounds[c]``) are scored exactly (float query · codes × scale) and offered; in a sparser list
+    every passing row is."""
     groups = qwords.shape[1]
     blocked = codes32.shape[1] == groups and groups % 16 == 0
     stack = np.empty(max(depth, 1), np.uint64)
@@ -291,16 +270,15 @@ def _scan_lists(
         m1 = heads[c + 1]
         passing = _member_words(bits, ops, prow, pstart, plan_of, alive, has_alive, members, m0, m1, s, e, words, stack)
         # blocks pay once the passing rows outnumber them (scoring a block for every member costs
-        # about one exact row; a row scored alone is a cache miss unless the list is read in whole)
-        if not blocked or passing * 16 < n:
-            _offer_rows(words, members, m0, m1, s, n, codes, scales, queries, buf, sizes, floor, k)
-            continue
-        for i in range(count):
-            b = members[heads[c] + i]
-            for j in range(groups):
-                mq[i, j] = qwords[b, j]
-            mfix[i] = qfix[b]
-            mcut[i] = _cut(floor[b], qscale[b], bounds[c])
+        # about one exact row); in a sparser list every passing row is scored exactly
+        tiled = blocked and passing * 16 >= n
+        if tiled:
+            for i in range(count):
+                b = members[heads[c] + i]
+                for j in range(groups):
+                    mq[i, j] = qwords[b, j]
+                mfix[i] = qfix[b]
+                mcut[i] = _cut(floor[b], qscale[b], bounds[c])
         picks[: (n + 15) >> 4] = 0
         for i in range(count):  # only the nonzero 16-bit chunks of each member's words are visited
             for w in range((n + 63) >> 6):
@@ -315,24 +293,24 @@ def _scan_lists(
         for blk in range((n + 15) >> 4):
             r0 = s + 16 * blk
             valid = min(16, e - r0)
-            # rows _AHEAD on (the next list's where this one ends: lists run in row order) come in
-            # from memory while this block is scored
-            for i in range(0, 16 * groups, 16):
-                prefetch(codes32, (r0 + _AHEAD) * groups + i)
-            prefetch(scales, r0 + _AHEAD)
+            if tiled:  # rows _AHEAD on (the next list's where this one ends: lists run in row order)
+                for i in range(0, 16 * groups, 16):  # come in from memory while this block is scored
+                    prefetch(codes32, (r0 + _AHEAD) * groups + i)
+                prefetch(scales, r0 + _AHEAD)
             picked = picks[blk]  # the members with a passing row in the block
             if picked == 0:
                 continue
             for j in range(picked):
                 sel[j] = pick_member[blk, j]
                 chunks[j] = pick_chunk[blk, j]
-            for tile in range(groups >> 4):
-                at = 16 * tile
-                tile_dots(codes32, r0 * groups + at, groups, valid, mq, at, groups, sel, picked, acc, tile == 0)
-            tile_masks(acc, sel, picked, mfix, scales, r0, valid, mcut, hits)
+            if tiled:
+                for tile in range(groups >> 4):
+                    at = 16 * tile
+                    tile_dots(codes32, r0 * groups + at, groups, valid, mq, at, groups, sel, picked, acc, tile == 0)
+                tile_masks(acc, sel, picked, mfix, scales, r0, valid, mcut, hits)
             for j in range(picked):
                 i = sel[j]
-                chunk = hits[j] & chunks[j]
+                chunk = (chunks[j] & np.uint64(hits[j])) if tiled else chunks[j]
                 if chunk == 0:
                     continue
                 b = members[heads[c] + i]
@@ -347,7 +325,7 @@ def _scan_lists(
                         size += 1
                         if size == buf.shape[1]:
                             size, threshold = k, compact(buf, b, k)
-                if threshold != floor[b]:
+                if tiled and threshold != floor[b]:
                     mcut[i] = _cut(threshold, qscale[b], bounds[c])
                 sizes[b] = size
                 floor[b] = threshold
