@@ -14,8 +14,7 @@ instead by **gathering** its passing rows once and one int8 matrix product (FAIS
 exact; :func:`sterling.ops.int8_topk.int8_topk`) when that is cheaper for its ``q`` queries: a
 gathered row costs a query about ``gather_cost`` probed rows and the gather itself ``gather_fixed``
 probed rows per segment row, so when ``(gather_cost * s + gather_fixed / q) * nlist <= probes``. A
-filter whose Bloom plan
-is constant false is planned as no scan at all (:func:`plan_batch`).
+filter whose Bloom plan is constant false is planned as no scan at all (:func:`plan_batch`).
 """
 
 from __future__ import annotations
