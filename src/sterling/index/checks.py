@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from sterling.ops.kernel import host
+
 __all__ = [
     "as_ids",
     "as_matrix",
@@ -32,7 +34,7 @@ def as_matrix(x: Any, name: str, allow_vector: bool = False) -> torch.Tensor:
         want = "[B, D] or [D]" if allow_vector else "[N, D]"
         raise ValueError(f"{name} must have shape {want} with D >= 1, got {list(t.shape)}")
     t = t.to(torch.float32, copy=True).contiguous()
-    finite = np.isfinite(t.numpy()).all(axis=1)  # numpy: microseconds where torch takes tens
+    finite = np.isfinite(host(t)).all(axis=1)  # numpy: microseconds where torch takes tens
     if not finite.all():
         raise ValueError(f"{name} contain NaN or inf (row {int(np.argmin(finite))})")
     return t

@@ -7,15 +7,17 @@ times the two scales. A positive per-query factor never changes the ranking with
 only rescales the reported scores. A zero row (all components 0) gets scale 1 and codes 0; NaN or
 ±inf anywhere is a ValueError.
 
-Computed in numpy: the query side runs right before the numba kernels, and a parallel torch op there
-leaves GNU OpenMP workers spinning on the cores the kernel needs (measured: the list-major scan of a
-1M batch 10 → 16 ms after quantizing its 256 queries with torch).
+Computed in numpy (on the CPU, whatever the tensors' device): the query side runs right before the
+numba kernels, and a parallel torch op there leaves GNU OpenMP workers spinning on the cores the
+kernel needs (``docs/benchmarks.md``, issue 23: ``GOMP_SPINCOUNT=300000 python bench/ivf_kernel.py``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from sterling.ops.kernel import host
 
 __all__ = ["QMAX", "float_matrix", "int8_codes", "quantize_rows"]
 
@@ -33,17 +35,17 @@ def float_matrix(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def int8_codes(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """int8 codes ``[N, D]`` of float32 ``x`` ``[N, D]`` under ``scales`` broadcastable to ``[N, 1]``
-    (CPU tensors; rounding half to even)."""
-    steps = np.rint(x.detach().numpy() / scales.detach().numpy())
+    """int8 codes ``[N, D]`` (on the CPU) of float32 ``x`` ``[N, D]`` under ``scales`` broadcastable
+    to ``[N, 1]`` (rounding half to even)."""
+    steps = np.rint(host(x.detach()) / host(scales.detach()))
     return torch.from_numpy(np.clip(steps, -QMAX, QMAX).astype(np.int8))
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes int8 ``[N, D]`` and scales float32 ``[N]`` of ``x`` (float ``[N, D]``, finite, on the CPU),
-    one scale per row (see the module docstring)."""
+    """Codes int8 ``[N, D]`` and scales float32 ``[N]`` (on the CPU) of ``x`` (float ``[N, D]``,
+    finite), one scale per row (see the module docstring)."""
     x = float_matrix(x, "x")
-    a = x.detach().numpy()
+    a = host(x.detach())
     amax = np.abs(a).max(axis=1) if a.shape[1] else np.zeros(len(a), dtype=np.float32)
     scales = torch.from_numpy(np.where(amax > 0, amax / np.float32(QMAX), np.float32(1)).astype(np.float32))
     return int8_codes(x, scales[:, None]), scales
