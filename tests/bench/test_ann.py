@@ -1,9 +1,12 @@
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+import sterling.bench.ann as ann
 from sterling.bench.ann import AnnBenchConfig, format_table, make_catalogue, passing, run
 
 TINY = AnnBenchConfig(
@@ -110,3 +113,17 @@ def test_the_plot_has_a_row_per_dataset_and_mode_and_one_legend(tmp_path, monkey
     labels = [t.get_text() for t in legend.get_texts()]
     assert {"faiss-flat", "sterling", f"batch {TINY.batch}", "batch 1"} <= set(labels)
     assert all(ax.get_legend() is None for ax in fig.axes)
+
+
+def test_ground_truth_in_chunks_is_brute_force(monkeypatch) -> None:
+    """The ground truth scores the passing rows in chunks (10M items) and merges each chunk's best:
+    the same id sets as one brute-force top-k per query, with chunks far smaller than the rows."""
+    cat = make_catalogue(replace(AnnBenchConfig.quick(), n=5000, queries=12))
+    x, q = torch.from_numpy(cat.embeddings), torch.from_numpy(cat.queries)
+    monkeypatch.setattr(ann, "_TRUTH_ROWS", 97)
+    for filters in cat.filters.values():
+        want = []
+        for i, flt in enumerate(filters):
+            rows = torch.from_numpy(np.flatnonzero(passing(cat, flt)))
+            want.append(set(rows[torch.topk(x[rows] @ q[i], min(30, len(rows))).indices].tolist()))
+        assert ann.ground_truth(cat, filters, 30) == want

@@ -191,16 +191,11 @@ def ground_truth(cat: Catalogue, filters: list[str], k: int) -> list[set[int]]:
         best_r = torch.zeros((len(members), 0), dtype=torch.int64)
         for start in range(0, len(rows), _TRUTH_ROWS):  # [M, chunk] scores at a time (10M items)
             chunk = rows[start : start + _TRUTH_ROWS]
-            scores = torch.cat([best_s, q[members] @ x[chunk].T], 1)
-            top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
-            kept = best_r.shape[1]  # indices below it are earlier winners, the rest this chunk's rows
-            fresh = chunk[(top.indices - kept).clamp(min=0)]
-            best_r = (
-                torch.where(top.indices < kept, best_r.gather(1, top.indices.clamp(max=kept - 1)), fresh)
-                if kept
-                else fresh
-            )
-            best_s = top.values
+            top = torch.topk(q[members] @ x[chunk].T, min(k, len(chunk)), dim=1)  # the chunk's best
+            scores = torch.cat([best_s, top.values], 1)
+            found = torch.cat([best_r, chunk[top.indices]], 1)
+            best = torch.topk(scores, min(k, scores.shape[1]), dim=1)  # merged with the earlier winners
+            best_s, best_r = best.values, found.gather(1, best.indices)
         for i, picked in zip(members, best_r.tolist()):
             out[i] = set(picked)
     return out
