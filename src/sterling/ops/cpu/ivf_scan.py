@@ -287,8 +287,14 @@ def _scan_lists(
                     at = np.int64(cttz(word)) >> 4
                     blk = 4 * w + at
                     pick_member[blk, picks[blk]] = i
-                    pick_chunk[blk, picks[blk]] = (word >> np.uint64(16 * at)) & np.uint64(0xFFFF)
+                    chunk = (word >> np.uint64(16 * at)) & np.uint64(0xFFFF)
+                    pick_chunk[blk, picks[blk]] = chunk
                     picks[blk] += 1
+                    while not tiled and chunk != 0:  # the rows scored exactly come in side by side
+                        r = s + 16 * blk + np.int64(cttz(chunk))
+                        chunk &= chunk - np.uint64(1)
+                        prefetch(codes, r * codes.shape[1])
+                        prefetch(scales, r)
                     word &= ~(np.uint64(0xFFFF) << np.uint64(16 * at))
         for blk in range((n + 15) >> 4):
             r0 = s + 16 * blk
@@ -479,7 +485,7 @@ def ivf_scan(
                     int(cuts[t + 1]),
                 )
                 for t in range(threads)
-                if cuts[t + 1] > cuts[t]
+                if heads[cuts[t + 1]] > heads[cuts[t]]  # a thread without pairs is not handed any
             ],
         )
     run_chunked(_merge, (buf, sizes, out_s, out_r), b, _MIN_QUERIES_PER_THREAD)
