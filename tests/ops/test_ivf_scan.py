@@ -300,9 +300,20 @@ def test_validation(change: dict, message: str) -> None:
         ([[ANY, 0, 1], [ANY, 0, 1]], [0], "leaves 2 words"),
         ([[9, 0, 0]], [], "unknown op code 9"),
         ([[ANY, 0, 1]], [5], "rows must lie in"),
+        ([[ANY, 0, 1]] * 5 + [[AND, 5, 0]], [0], "plan 0: needs a stack deeper than depth=4"),
+        ([[TRUE, 0, 0], [OR, 0, 0]], [], "combines 0 of 1"),
     ],
 )
 def test_malformed_programs_are_refused(ops, rows, message) -> None:
     program = PlanProgram(torch.tensor(ops), torch.tensor(rows, dtype=torch.int64), torch.tensor([0, len(ops)]), 4)
     with pytest.raises(ValueError, match=message):
         program.validate(num_bit_rows=2)
+
+
+@pytest.mark.parametrize(
+    "starts, message", [([0, 0, 1], "every plan needs at least one op"), ([0, 2], "run from 0 to the number of ops")]
+)
+def test_malformed_plan_starts_are_refused(starts, message) -> None:
+    program = PlanProgram(torch.tensor([[ANY, 0, 1]]), torch.tensor([0]), torch.tensor(starts), 1)
+    with pytest.raises(ValueError, match=message):
+        program.validate(num_bit_rows=1)

@@ -44,6 +44,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from sterling.index.attributes import AttributeStore
@@ -338,12 +339,12 @@ class Segment:
                 members = [i for i, p in current.items() if (p >= self.nlist) == scan]
                 if not members:
                     continue
-                idx = torch.tensor(members)
                 counts = torch.tensor([current[i] for i in members])
+                idx = slice(None) if len(members) == b else torch.tensor(members)  # whole batch: no copies
                 s, r = self._search(queries[idx], [filters[i] for i in members], compiled, kk, counts, alive)
                 scores[idx, :kk], rows[idx, :kk] = s, r
                 if not scan:
-                    short += [m for m, few in zip(members, ((r >= 0).sum(1) < kk).tolist()) if few]
+                    short += [members[j] for j in np.flatnonzero((r.numpy() >= 0).sum(1) < kk)]
             for i in short:
                 widened[i] = widened.get(i, 0) + 1
             current = {i: min(self.nlist, 4 * current[i]) for i in short}
@@ -417,10 +418,9 @@ class Segment:
             kernel=self._scan_kernel,
             bounds=self._scan_bounds,
         )  # [B, k0]
-        scores, cand = scores.cpu(), cand.cpu()
-        full = cand[:, -1] >= 0  # k0 candidates came back: more rows may pass
-        found = cand.numpy()
-        checked = found >= 0  # numpy: a few small index ops per distinct filter, tens of them a batch
+        scores, cand = scores.cpu(), cand.cpu()  # [B, k0], k0 >= k
+        found = cand.numpy()  # numpy: a few small index ops per distinct filter, tens of them a batch
+        checked = found >= 0
         groups: dict[str | None, list[int]] = {}
         for i, expr in enumerate(filters):
             groups.setdefault(expr, []).append(i)
@@ -430,17 +430,15 @@ class Segment:
                 rows = torch.from_numpy(found[group][ok])
                 ok[ok] = self.attributes.evaluate_rows(compiled[expr].node, rows, expr).numpy()
                 checked[group] = ok
-        valid = torch.from_numpy(checked)
-        if k0 > k or not bool(valid.all()):  # drop the failed candidates, keep the k best
-            top = torch.topk(scores.masked_fill(~valid, float("-inf")), min(k, k0), dim=1)
+        # k0 candidates came back (more rows may pass) but fewer than k were verified
+        starved = np.flatnonzero((found[:, -1] >= 0) & (checked.sum(1) < k))
+        if k0 > k or not checked.all():  # drop the failed candidates, keep the k best
+            valid = torch.from_numpy(checked)
+            top = torch.topk(scores.masked_fill(~valid, float("-inf")), k, dim=1)
             scores, cand = top.values, torch.where(torch.isfinite(top.values), cand.gather(1, top.indices), -1)
-        rows = torch.full((b, k), -1, dtype=torch.int64)
-        rows[:, : cand.shape[1]] = cand
-        scores = torch.cat([scores, torch.full((b, k - scores.shape[1]), float("-inf"))], 1)
-        starved = torch.nonzero(full & (valid.sum(1) < k)).view(-1)
         if len(starved) and k0 < len(self):
-            again = starved.tolist()
-            scores[starved], rows[starved] = self._search(
-                q[starved], [filters[i] for i in again], compiled, k, probes[starved], alive, 4 * k0
+            again = torch.from_numpy(starved)
+            scores[again], cand[again] = self._search(
+                q[again], [filters[i] for i in starved], compiled, k, probes[again], alive, 4 * k0
             )
-        return scores, rows
+        return scores, cand

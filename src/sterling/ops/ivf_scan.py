@@ -18,6 +18,7 @@ Kernels: ``Kernel.REFERENCE`` (:mod:`sterling.ops.reference.ivf_scan`, pure PyTo
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import torch
 
@@ -128,19 +129,45 @@ def _validate(queries, codes, scales, list_offsets, probes, k) -> tuple[int, int
         raise ValueError(f"scales must be float32 [N={n}], got {_desc(scales)}")
     if list_offsets.dtype != torch.int64 or list_offsets.dim() != 1 or len(list_offsets) < 2:
         raise ValueError(f"list_offsets must be int64 [nlist + 1], got {_desc(list_offsets)}")
-    offsets = host(list_offsets)
-    if offsets[0] != 0 or offsets[-1] != n or (np.diff(offsets) < 0).any():
-        raise ValueError(f"list_offsets must rise from 0 to N={n}")
-    nlist = len(offsets) - 1
+    nlist = len(list_offsets) - 1
     if probes.dtype != torch.int64 or probes.dim() != 2 or probes.shape[0] != b:
         raise ValueError(f"probes must be int64 [B={b}, P], got {_desc(probes)}")
-    if probes.numel():
-        pr = host(probes)
-        if pr.min() < -1 or pr.max() >= nlist:
-            raise ValueError(f"probes must lie in [-1, nlist={nlist})")
-        srt = np.sort(pr, axis=1)
-        if ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any():
-            raise ValueError("probes must not repeat a cluster within a query")
+    defect = _layout_defect(host(list_offsets), n, host(probes))
+    if defect == _FALLING:
+        raise ValueError(f"list_offsets must rise from 0 to N={n}")
+    if defect == _PROBE_RANGE:
+        raise ValueError(f"probes must lie in [-1, nlist={nlist})")
+    if defect == _PROBE_REPEAT:
+        raise ValueError("probes must not repeat a cluster within a query")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     return b, n
+
+
+_OK, _FALLING, _PROBE_RANGE, _PROBE_REPEAT = range(4)
+
+
+@numba.njit(cache=True)
+def _layout_defect(offsets, n, probes):
+    """The first defect of the list layout and the probes, in one pass (they are checked on every
+    search): ``_FALLING`` (offsets not rising from 0 to ``n``), ``_PROBE_RANGE``, ``_PROBE_REPEAT``
+    (a cluster twice in one query's row), or ``_OK``."""
+    nlist = len(offsets) - 1
+    if offsets[0] != 0 or offsets[nlist] != n:
+        return _FALLING
+    for c in range(nlist):
+        if offsets[c + 1] < offsets[c]:
+            return _FALLING
+    for b in range(probes.shape[0]):
+        for j in range(probes.shape[1]):
+            if probes[b, j] < -1 or probes[b, j] >= nlist:
+                return _PROBE_RANGE
+    seen = np.full(nlist, -1, np.int64)  # the last query that probed each cluster
+    for b in range(probes.shape[0]):
+        for j in range(probes.shape[1]):
+            c = probes[b, j]
+            if c >= 0:
+                if seen[c] == b:
+                    return _PROBE_REPEAT
+                seen[c] = b
+    return _OK

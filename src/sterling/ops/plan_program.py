@@ -24,8 +24,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import numpy as np
+import numba
 import torch
+
+from sterling.ops.kernel import host
 
 TRUE, FALSE, ALL, ANY, NONE, AND, OR = range(7)
 _CODES = {"true": TRUE, "false": FALSE, "all": ALL, "any": ANY, "none": NONE, "and": AND, "or": OR}
@@ -73,47 +75,66 @@ class PlanProgram:
 
     def validate(self, num_bit_rows: int) -> None:
         """Raises ValueError unless the program is well formed for ``num_bit_rows`` Bloom rows
-        (vectorised over the ops: a batch's program is validated on every search)."""
+        (one compiled pass, :func:`_first_error`: a batch's program is validated on every search)."""
         if self.ops.dtype != torch.int64 or self.ops.dim() != 2 or self.ops.shape[1] != 3:
             raise ValueError(f"program ops must be int64 [T, 3], got {self.ops.dtype} {list(self.ops.shape)}")
         for name in ("rows", "starts"):
             t = getattr(self, name)
             if t.dtype != torch.int64 or t.dim() != 1:
                 raise ValueError(f"program {name} must be int64 [*], got {t.dtype} {list(t.shape)}")
-        starts, rows = self.starts.numpy(), self.rows.numpy()
-        code, a, b = self.ops.numpy().T
-        if len(starts) < 1 or starts[0] != 0 or starts[-1] != len(code):
+        starts, rows, ops = host(self.starts), host(self.rows), host(self.ops)
+        if len(starts) < 1 or starts[0] != 0 or starts[-1] != len(ops):
             raise ValueError("program starts must run from 0 to the number of ops")
-        if (np.diff(starts) < 1).any():
+        kind, plan, _, x, y = _first_error(ops, rows, starts, num_bit_rows, self.depth)
+        if kind == _EMPTY_PLAN:
             raise ValueError("every plan needs at least one op")
-        if len(rows) and (rows.min() < 0 or rows.max() >= num_bit_rows):
+        if kind == _ROW_RANGE:
             raise ValueError(f"program rows must lie in [0, {num_bit_rows})")
-        plan = np.searchsorted(starts, np.arange(len(code)), side="right") - 1  # [T], each op's plan
-        combine = (code == AND) | (code == OR)
-        leaf = (code >= ALL) & (code <= NONE)
-        delta = np.where(combine, 1 - a, 1)
-        total = np.cumsum(delta)
-        height = total - np.concatenate([[0], total])[starts[:-1]][plan]  # [T], stack height after each op
-        errors = [
-            (
-                leaf & ~((0 <= a) & (a < b) & (b <= len(rows))),
-                lambda t: f"leaf reads rows[{a[t]}:{b[t]}] of {len(rows)}",
-            ),
-            (
-                combine & ~((1 <= a) & (a <= height - delta)),
-                lambda t: f"combines {a[t]} of {height[t] - delta[t]} stacked words",
-            ),
-            ((code < TRUE) | (code > OR), lambda t: f"unknown op code {code[t]}"),
-            (height > self.depth, lambda t: f"needs a stack deeper than depth={self.depth}"),
-        ]
-        first = [(int(np.argmax(bad)), say) for bad, say in errors if bad.any()]
-        if first:
-            t, say = min(first, key=lambda found: found[0])
-            raise ValueError(f"plan {plan[t]}: {say(t)}")
-        final = height[starts[1:] - 1] if len(code) else np.zeros(0, dtype=np.int64)
-        if (final != 1).any():
-            g = int(np.argmax(final != 1))
-            raise ValueError(f"plan {g} leaves {final[g]} words on the stack, not 1")
+        messages = {
+            _LEAF: lambda: f"leaf reads rows[{x}:{y}] of {len(rows)}",
+            _COMBINE: lambda: f"combines {x} of {y} stacked words",
+            _UNKNOWN: lambda: f"unknown op code {x}",
+            _DEEP: lambda: f"needs a stack deeper than depth={self.depth}",
+            _LEFT: lambda: f"leaves {x} words on the stack, not 1",
+        }
+        if kind in messages:
+            raise ValueError(f"plan {plan}: {messages[kind]()}")
+
+
+_OK, _EMPTY_PLAN, _ROW_RANGE, _LEAF, _COMBINE, _UNKNOWN, _DEEP, _LEFT = range(8)
+
+
+@numba.njit(cache=True)
+def _first_error(ops, rows, starts, num_bit_rows, depth):
+    """The first defect of a program whose ``starts`` run from 0 to ``len(ops)``, in one pass (a
+    batch's program is validated on every search): ``(kind, plan, op, x, y)``, kind ``_OK`` when
+    there is none. Plans are checked in order, each op by op (leaf rows, combine arity, op code,
+    stack depth), then its final stack."""
+    for g in range(len(starts) - 1):
+        if starts[g + 1] <= starts[g]:
+            return _EMPTY_PLAN, g, 0, 0, 0
+    for i in range(len(rows)):
+        if rows[i] < 0 or rows[i] >= num_bit_rows:
+            return _ROW_RANGE, 0, i, 0, 0
+    for g in range(len(starts) - 1):
+        height = 0
+        for t in range(starts[g], starts[g + 1]):
+            code, a, b = ops[t, 0], ops[t, 1], ops[t, 2]
+            if ALL <= code <= NONE and not (0 <= a < b <= len(rows)):
+                return _LEAF, g, t, a, b
+            if code == AND or code == OR:
+                if not 1 <= a <= height:
+                    return _COMBINE, g, t, a, height
+                height += 1 - a
+            elif TRUE <= code <= NONE:
+                height += 1
+            else:
+                return _UNKNOWN, g, t, code, 0
+            if height > depth:
+                return _DEEP, g, t, 0, 0
+        if height != 1:
+            return _LEFT, g, 0, height, 0
+    return _OK, 0, 0, 0, 0
 
 
 def encode(plans: Sequence[_Plan]) -> PlanProgram:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sterling.ops.kernel import host
+from sterling.ops.kernel import all_finite, host
 
 __all__ = ["QMAX", "float_matrix", "int8_codes", "quantize_rows"]
 
@@ -29,7 +29,7 @@ def float_matrix(x: torch.Tensor, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
         got = f"{x.dtype} {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{name} must be a float tensor [N, D], got {got}")
-    if not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         raise ValueError(f"{name} contains NaN or inf")
     return x.float()
 
@@ -37,15 +37,18 @@ def float_matrix(x: torch.Tensor, name: str) -> torch.Tensor:
 def int8_codes(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """int8 codes ``[N, D]`` (on the CPU) of float32 ``x`` ``[N, D]`` under ``scales`` broadcastable
     to ``[N, 1]`` (rounding half to even)."""
-    steps = np.rint(host(x.detach()) / host(scales.detach()))
-    return torch.from_numpy(np.clip(steps, -QMAX, QMAX).astype(np.int8))
+    return torch.from_numpy(_codes(host(x.detach()), host(scales.detach())))
+
+
+def _codes(x: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    steps = np.rint(x / scales)
+    return np.minimum(np.maximum(steps, -QMAX, out=steps), QMAX, out=steps).astype(np.int8)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes int8 ``[N, D]`` and scales float32 ``[N]`` (on the CPU) of ``x`` (float ``[N, D]``,
     finite), one scale per row (see the module docstring)."""
-    x = float_matrix(x, "x")
-    a = host(x.detach())
+    a = host(float_matrix(x, "x").detach())
     amax = np.abs(a).max(axis=1) if a.shape[1] else np.zeros(len(a), dtype=np.float32)
-    scales = torch.from_numpy(np.where(amax > 0, amax / np.float32(QMAX), np.float32(1)).astype(np.float32))
-    return int8_codes(x, scales[:, None]), scales
+    scales = np.where(amax > 0, amax / np.float32(QMAX), np.float32(1)).astype(np.float32)
+    return torch.from_numpy(_codes(a, scales[:, None])), torch.from_numpy(scales)
