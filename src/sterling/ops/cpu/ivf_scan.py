@@ -20,13 +20,14 @@ list first, so the cut of the rest starts from the k-th score of that list. Whil
 Bloom runs the next list's members will read are prefetched (a Bloom row is a long array: the runs
 of one list are far apart in memory).
 
-Threads: the lists of a round are cut into one contiguous run per thread of about equal work; each
-thread keeps its own running top-k per query, the largest k-th score of any thread (a lower bound of
-the final one) starts every thread's next round and is read by the others as they run, and the
-buffers are merged at the end. The
-compiled functions run with the GIL released (``nogil``) on a small thread pool, so concurrent
-callers and torch's own threads compose (no numba threading layer is involved). Compiled once per
-machine and cached (``cache=True``).
+Threads: the lists of a round are cut into contiguous runs of about equal work, 8 per thread, which
+the threads claim one at a time (an atomic counter) until none is left, so a thread that starts
+late or meets slower lists takes fewer. Each thread keeps its own running top-k per query, the
+largest k-th score of any thread (a lower bound of the final one) starts every thread's next round
+and is read by the others as they run, and the buffers are merged at the end. The compiled
+functions run with the GIL released (``nogil``) on the calling thread and the shared helpers
+(:mod:`sterling.ops.cpu.threads`), so concurrent callers and torch's own threads compose (no numba
+threading layer is involved). Compiled once per machine and cached (``cache=True``).
 
 Scores are ``dot(codes[r], queries[b]) * scales[r]`` in float32, the reference's definition up to
 the order of the float32 sum.
@@ -38,6 +39,7 @@ import numba
 import numpy as np
 import torch
 
+from sterling.ops.cpu.atomics import fetch_add
 from sterling.ops.cpu.bits import cttz, popcount
 from sterling.ops.cpu.keys import compact, key, key_row, key_score, select_largest
 from sterling.ops.cpu.threads import run_chunked, run_parts
@@ -46,6 +48,7 @@ from sterling.ops.plan_program import ALL, AND, ANY, FALSE, NONE, TRUE, PlanProg
 from sterling.ops.quantize import quantize_rows
 
 _MIN_QUERIES_PER_THREAD = 4
+_RUNS_PER_THREAD = 8  # runs of lists a round is cut into, per thread: threads claim them as they go
 _AHEAD = 64  # rows prefetched ahead of the block being scored
 _SLACK = np.float32(1.0 + 2.0**-8)  # float32 rounding, on top of the query-rounding bound
 
@@ -195,10 +198,12 @@ def _scan_lists(
     floors,
     t,
     k,
-    c0,
-    c1,
+    cuts,
+    claims,
 ):
-    """Scans lists ``c0:c1`` for every query that probes them (``members[heads[c]:heads[c + 1]]``),
+    """Claims runs of lists (run j is lists ``cuts[j]:cuts[j + 1]``; ``claims[0]``, the next run, is
+    shared by the threads) until none is left, and scans each list for every query that probes it
+    (``members[heads[c]:heads[c + 1]]``),
     offering the rows that pass each query's plan to its buffer (``buf`` [B, cap] keys of
     :func:`sterling.ops.cpu.keys.key`, ``sizes`` [B], ``floors[t]`` [B] the threshold keys: this
     thread's running top-k of every query). A query's threshold is also raised to the other
@@ -217,7 +222,7 @@ def _scan_lists(
     stack = np.empty(max(depth, 1), np.uint64)
     longest = 0
     most = 0
-    for c in range(c0, c1):
+    for c in range(cuts[0], cuts[-1]):
         longest = max(longest, offsets[c + 1] - offsets[c])
         most = max(most, heads[c + 1] - heads[c])
     words = np.zeros((most, ((longest + 63) >> 6) + 2), np.uint64)  # a list spans up to one word more
@@ -236,105 +241,112 @@ def _scan_lists(
     chunks = np.zeros(most, np.uint64)
     seen = np.full(bits.shape[0], -1, np.int64)  # the next list a Bloom row was prefetched for
     floor = floors[t]
-    for c in range(c0, c1):
-        s = offsets[c]
-        e = offsets[c + 1]
-        if s >= e or heads[c] == heads[c + 1]:
-            continue
-        n = e - s
-        count = heads[c + 1] - heads[c]
-        # the Bloom runs the next list's members read come in from memory while this list runs
-        nxt = c + 1
-        while nxt < c1 and heads[nxt] == heads[nxt + 1]:
-            nxt += 1
-        if nxt < c1:
-            w_lo = offsets[nxt] >> 6
-            w_hi = ((offsets[nxt + 1] - 1) >> 6) + 1
-            for i in range(heads[nxt], heads[nxt + 1]):
-                g = plan_of[members[i]]
-                if g >= 0:
-                    for op in range(pstart[g], pstart[g + 1]):
-                        if ALL <= ops[op, 0] <= NONE:
-                            for at in range(ops[op, 1], ops[op, 2]):
-                                row = prow[at]
-                                if seen[row] != nxt:
-                                    seen[row] = nxt
-                                    for w in range(w_lo, w_hi, 8):
-                                        prefetch(bits, row * bits.shape[1] + w)
-                                    prefetch(bits, row * bits.shape[1] + w_hi - 1)
-        for i in range(count):
-            b = members[heads[c] + i]
-            for other in range(floors.shape[0]):
-                floor[b] = max(floor[b], floors[other, b])
-        m0 = heads[c]
-        m1 = heads[c + 1]
-        passing = _member_words(bits, ops, prow, pstart, plan_of, alive, has_alive, members, m0, m1, s, e, words, stack)
-        # blocks pay once the passing rows outnumber them (scoring a block for every member costs
-        # about one exact row); in a sparser list every passing row is scored exactly
-        tiled = blocked and passing * 16 >= n
-        if tiled:
+    while True:  # claim the next run of lists until none is left
+        run = fetch_add(claims, 0, 1)
+        if run >= len(cuts) - 1:
+            break
+        c1 = cuts[run + 1]
+        for c in range(cuts[run], c1):
+            s = offsets[c]
+            e = offsets[c + 1]
+            if s >= e or heads[c] == heads[c + 1]:
+                continue
+            n = e - s
+            count = heads[c + 1] - heads[c]
+            # the Bloom runs the next list's members read come in from memory while this list runs
+            nxt = c + 1
+            while nxt < c1 and heads[nxt] == heads[nxt + 1]:
+                nxt += 1
+            if nxt < c1:
+                w_lo = offsets[nxt] >> 6
+                w_hi = ((offsets[nxt + 1] - 1) >> 6) + 1
+                for i in range(heads[nxt], heads[nxt + 1]):
+                    g = plan_of[members[i]]
+                    if g >= 0:
+                        for op in range(pstart[g], pstart[g + 1]):
+                            if ALL <= ops[op, 0] <= NONE:
+                                for at in range(ops[op, 1], ops[op, 2]):
+                                    row = prow[at]
+                                    if seen[row] != nxt:
+                                        seen[row] = nxt
+                                        for w in range(w_lo, w_hi, 8):
+                                            prefetch(bits, row * bits.shape[1] + w)
+                                        prefetch(bits, row * bits.shape[1] + w_hi - 1)
             for i in range(count):
                 b = members[heads[c] + i]
-                for j in range(groups):
-                    mq[i, j] = qwords[b, j]
-                mfix[i] = qfix[b]
-                mcut[i] = _cut(floor[b], qscale[b], bounds[c])
-        picks[: (n + 15) >> 4] = 0
-        for i in range(count):  # only the nonzero 16-bit chunks of each member's words are visited
-            for w in range((n + 63) >> 6):
-                word = words[i, w]
-                while word != 0:
-                    at = np.int64(cttz(word)) >> 4
-                    blk = 4 * w + at
-                    pick_member[blk, picks[blk]] = i
-                    chunk = (word >> np.uint64(16 * at)) & np.uint64(0xFFFF)
-                    pick_chunk[blk, picks[blk]] = chunk
-                    picks[blk] += 1
-                    while not tiled and chunk != 0:  # the rows scored exactly come in side by side
-                        r = s + 16 * blk + np.int64(cttz(chunk))
-                        chunk &= chunk - np.uint64(1)
-                        prefetch(codes, r * codes.shape[1])
-                        prefetch(scales, r)
-                    word &= ~(np.uint64(0xFFFF) << np.uint64(16 * at))
-        for blk in range((n + 15) >> 4):
-            r0 = s + 16 * blk
-            valid = min(16, e - r0)
-            if tiled:  # rows _AHEAD on (the next list's where this one ends: lists run in row order)
-                for i in range(0, 16 * groups, 16):  # come in from memory while this block is scored
-                    prefetch(codes32, (r0 + _AHEAD) * groups + i)
-                prefetch(scales, r0 + _AHEAD)
-            picked = picks[blk]  # the members with a passing row in the block
-            if picked == 0:
-                continue
-            for j in range(picked):
-                sel[j] = pick_member[blk, j]
-                chunks[j] = pick_chunk[blk, j]
+                for other in range(floors.shape[0]):
+                    floor[b] = max(floor[b], floors[other, b])
+            m0 = heads[c]
+            m1 = heads[c + 1]
+            passing = _member_words(
+                bits, ops, prow, pstart, plan_of, alive, has_alive, members, m0, m1, s, e, words, stack
+            )
+            # blocks pay once the passing rows outnumber them (scoring a block for every member costs
+            # about one exact row); in a sparser list every passing row is scored exactly
+            tiled = blocked and passing * 16 >= n
             if tiled:
-                for tile in range(groups >> 4):
-                    at = 16 * tile
-                    tile_dots(codes32, r0 * groups + at, groups, valid, mq, at, groups, sel, picked, acc, tile == 0)
-                tile_masks(acc, sel, picked, mfix, scales, r0, valid, mcut, hits)
-            for j in range(picked):
-                i = sel[j]
-                chunk = (chunks[j] & np.uint64(hits[j])) if tiled else chunks[j]
-                if chunk == 0:
+                for i in range(count):
+                    b = members[heads[c] + i]
+                    for j in range(groups):
+                        mq[i, j] = qwords[b, j]
+                    mfix[i] = qfix[b]
+                    mcut[i] = _cut(floor[b], qscale[b], bounds[c])
+            picks[: (n + 15) >> 4] = 0
+            for i in range(count):  # only the nonzero 16-bit chunks of each member's words are visited
+                for w in range((n + 63) >> 6):
+                    word = words[i, w]
+                    while word != 0:
+                        at = np.int64(cttz(word)) >> 4
+                        blk = 4 * w + at
+                        pick_member[blk, picks[blk]] = i
+                        chunk = (word >> np.uint64(16 * at)) & np.uint64(0xFFFF)
+                        pick_chunk[blk, picks[blk]] = chunk
+                        picks[blk] += 1
+                        while not tiled and chunk != 0:  # the rows scored exactly come in side by side
+                            r = s + 16 * blk + np.int64(cttz(chunk))
+                            chunk &= chunk - np.uint64(1)
+                            prefetch(codes, r * codes.shape[1])
+                            prefetch(scales, r)
+                        word &= ~(np.uint64(0xFFFF) << np.uint64(16 * at))
+            for blk in range((n + 15) >> 4):
+                r0 = s + 16 * blk
+                valid = min(16, e - r0)
+                if tiled:  # rows _AHEAD on (the next list's where this one ends: lists run in row order)
+                    for i in range(0, 16 * groups, 16):  # come in from memory while this block is scored
+                        prefetch(codes32, (r0 + _AHEAD) * groups + i)
+                    prefetch(scales, r0 + _AHEAD)
+                picked = picks[blk]  # the members with a passing row in the block
+                if picked == 0:
                     continue
-                b = members[heads[c] + i]
-                size = sizes[b]
-                threshold = floor[b]
-                while chunk != 0:
-                    r = r0 + np.int64(cttz(chunk))
-                    chunk &= chunk - np.uint64(1)
-                    entry = key(_dot(codes, r, queries, b) * scales[r], r)
-                    if entry > threshold:
-                        buf[b, size] = entry
-                        size += 1
-                        if size == buf.shape[1]:
-                            size, threshold = k, compact(buf, b, k)
-                if tiled and threshold != floor[b]:
-                    mcut[i] = _cut(threshold, qscale[b], bounds[c])
-                sizes[b] = size
-                floor[b] = threshold
+                for j in range(picked):
+                    sel[j] = pick_member[blk, j]
+                    chunks[j] = pick_chunk[blk, j]
+                if tiled:
+                    for tile in range(groups >> 4):
+                        at = 16 * tile
+                        tile_dots(codes32, r0 * groups + at, groups, valid, mq, at, groups, sel, picked, acc, tile == 0)
+                    tile_masks(acc, sel, picked, mfix, scales, r0, valid, mcut, hits)
+                for j in range(picked):
+                    i = sel[j]
+                    chunk = (chunks[j] & np.uint64(hits[j])) if tiled else chunks[j]
+                    if chunk == 0:
+                        continue
+                    b = members[heads[c] + i]
+                    size = sizes[b]
+                    threshold = floor[b]
+                    while chunk != 0:
+                        r = r0 + np.int64(cttz(chunk))
+                        chunk &= chunk - np.uint64(1)
+                        entry = key(_dot(codes, r, queries, b) * scales[r], r)
+                        if entry > threshold:
+                            buf[b, size] = entry
+                            size += 1
+                            if size == buf.shape[1]:
+                                size, threshold = k, compact(buf, b, k)
+                    if tiled and threshold != floor[b]:
+                        mcut[i] = _cut(threshold, qscale[b], bounds[c])
+                    sizes[b] = size
+                    floor[b] = threshold
 
 
 @numba.njit(nogil=True, cache=True)
@@ -360,11 +372,11 @@ def _merge(buf, sizes, out_s, out_r, lo, hi):
 
 
 @numba.njit(nogil=True, cache=True)
-def _bucket(probes, offsets, lo, hi, threads):
+def _bucket(probes, offsets, lo, hi, runs):
     """The (query, probed list) pairs of probe ranks ``lo:hi`` grouped by list:
     ``members[heads[c]:heads[c + 1]]`` are the queries probing list c, ascending (a counting sort),
-    and ``cuts`` [threads + 1] splits the lists into one contiguous run per thread of about equal
-    work (rows × (members + 1) of each probed list)."""
+    and ``cuts`` [runs + 1] splits the lists into ``runs`` contiguous runs of about equal work
+    (rows × (members + 1) of each probed list)."""
     nlist = offsets.shape[0] - 1
     heads = np.zeros(nlist + 1, np.int64)
     for b in range(probes.shape[0]):
@@ -385,11 +397,11 @@ def _bucket(probes, offsets, lo, hi, threads):
     for c in range(nlist):
         count = heads[c + 1] - heads[c]
         work[c + 1] = work[c] + ((offsets[c + 1] - offsets[c]) * (count + 1) if count else 0)
-    cuts = np.full(threads + 1, nlist, np.int64)
+    cuts = np.full(runs + 1, nlist, np.int64)
     cuts[0] = 0
     c = 0
-    for t in range(1, threads):
-        while c < nlist and work[c + 1] * threads < work[nlist] * t:
+    for t in range(1, runs):
+        while c < nlist and work[c + 1] * runs < work[nlist] * t:
             c += 1
         cuts[t] = c
     return heads, members, cuts
@@ -465,28 +477,12 @@ def ivf_scan(
     # each query's nearest list first: its k-th key there starts the cut of the rest (_scan_lists
     # raises every member's threshold to the best any thread holds)
     for lo, hi in ((0, 1), (1, probes_np.shape[1])):
-        heads, members, cuts = _bucket(probes_np, offsets, lo, hi, threads)
-        if not len(members):
-            continue
-        run_parts(
-            _scan_lists,
-            [
-                (
-                    *shared,
-                    heads,
-                    members,
-                    *plan,
-                    buf[t],
-                    sizes[t],
-                    floor,
-                    t,
-                    k,
-                    int(cuts[t]),
-                    int(cuts[t + 1]),
-                )
-                for t in range(threads)
-                if heads[cuts[t + 1]] > heads[cuts[t]]  # a thread without pairs is not handed any
-            ],
-        )
+        runs = threads * _RUNS_PER_THREAD
+        heads, members, cuts = _bucket(probes_np, offsets, lo, hi, runs)
+        busy = int(np.count_nonzero(heads[cuts[1:]] > heads[cuts[:-1]]))  # runs with (query, list) pairs
+        claims = np.zeros(1, dtype=np.int64)  # the next run
+        parts = [(*shared, heads, members, *plan, buf[t], sizes[t], floor, t, k, cuts, claims) for t in range(threads)]
+        if busy:
+            run_parts(_scan_lists, parts[:busy])
     run_chunked(_merge, (buf, sizes, out_s, out_r), b, _MIN_QUERIES_PER_THREAD)
     return torch.from_numpy(out_s), torch.from_numpy(out_r)

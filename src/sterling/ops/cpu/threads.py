@@ -1,35 +1,121 @@
-"""The one thread pool the CPU kernels share: each cuts a batch into one chunk per torch thread
-and runs its compiled (``nogil``) function on the chunks side by side."""
+"""The helper threads the CPU kernels share: a kernel call's compiled (``nogil``) function runs on
+the calling thread and on helpers side by side, over parts the threads claim as they come.
+
+The calling thread never waits for a helper to start: it takes the first part at once and then
+any part no helper has claimed yet, so a helper woken late (a sleeping thread takes tens of
+microseconds to run again here, where a batch-1 search lasts ~0.5 ms) costs nothing and a kernel
+call with one thread's work stays on the calling thread. It waits only for the helpers that did
+start, spinning with the GIL released, so that a helper returning from its compiled function takes
+the GIL and gives it back while the caller does not need it (a ``ThreadPoolExecutor``'s future
+made the caller sleep on a lock and be woken, and handed the GIL to and fro, each time).
+"""
 
 from __future__ import annotations
 
+import itertools
 import os
+import threading
+import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from queue import SimpleQueue
 
+import numba
+import numpy as np
 import torch
 
-_POOL: ThreadPoolExecutor | None = None
+from sterling.ops.cpu.atomics import fetch_add, load
+
+__all__ = ["run_chunked", "run_parts"]
+
+_STARTED, _FINISHED = 0, 1
+_SPINS = 1 << 18  # about a millisecond of polling before the caller naps between polls
+_NAP_S = 5e-5
 
 
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="sterling-cpu-op")
-    return _POOL
+class _Job:
+    """One kernel call's parts, claimed in order by the caller and the helpers."""
+
+    __slots__ = ("fn", "parts", "slots", "state", "errors")
+
+    def __init__(self, fn: Callable[..., None], parts: list[tuple]) -> None:
+        self.fn, self.parts = fn, parts
+        self.slots = itertools.count()  # next() is atomic under the GIL
+        self.state = np.zeros(2, dtype=np.int64)  # helpers that started the job, that finished it
+        self.errors: list[BaseException] = []
+
+    def work(self) -> None:
+        for i in self.slots:
+            if i >= len(self.parts):
+                return
+            self.fn(*self.parts[i])
+
+
+class _Helpers:
+    """Daemon threads serving one queue of jobs (a forked child starts with none)."""
+
+    def __init__(self) -> None:
+        self.jobs: SimpleQueue[_Job] = SimpleQueue()
+        self.count = 0
+        self.lock = threading.Lock()
+
+    def post(self, job: _Job, helpers: int) -> None:
+        with self.lock:
+            while self.count < helpers:
+                threading.Thread(target=self._serve, daemon=True, name=f"sterling-cpu-op-{self.count}").start()
+                self.count += 1
+        for _ in range(helpers):
+            self.jobs.put(job)
+
+    def _serve(self) -> None:
+        while True:
+            job = self.jobs.get()
+            _count(job.state, _STARTED)
+            try:
+                job.work()
+            except BaseException as error:  # raised on the calling thread
+                job.errors.append(error)
+            _count(job.state, _FINISHED)
+
+
+_HELPERS = _Helpers()
+os.register_at_fork(after_in_child=lambda: globals().update(_HELPERS=_Helpers()))
+
+
+@numba.njit(cache=True)
+def _count(state, i):
+    """``state[i] += 1``, atomically (two helpers may count at once)."""
+    fetch_add(state, i, 1)
+
+
+@numba.njit(nogil=True, cache=True)
+def _finished(state, spins):
+    """Whether every helper that started a job has finished it, polled up to ``spins`` times."""
+    for _ in range(spins):
+        if load(state, _FINISHED) >= load(state, _STARTED):
+            return True
+    return False
 
 
 def run_parts(fn: Callable[..., None], parts: list[tuple]) -> None:
-    """``fn(*args)`` for every ``args`` of ``parts``: the first on the calling thread, the others on
-    the shared pool meanwhile (a hand-off costs tens of microseconds, a batch-1 search ~0.5 ms)."""
-    jobs = [_pool().submit(fn, *args) for args in parts[1:]]
-    fn(*parts[0])
-    for job in jobs:
-        job.result()
+    """``fn(*args)`` for every ``args`` of ``parts``, on the calling thread and up to
+    ``torch.get_num_threads() - 1`` helpers, each part on whichever thread claims it first (the
+    calling thread claims the first). Returns when all are done; a helper's error is raised."""
+    helpers = min(len(parts), max(torch.get_num_threads(), 1), os.cpu_count() or 1) - 1
+    if helpers <= 0:
+        for args in parts:
+            fn(*args)
+        return
+    job = _Job(fn, parts)
+    _HELPERS.post(job, helpers)
+    job.work()
+    while not _finished(job.state, _SPINS):
+        time.sleep(_NAP_S)
+    if job.errors:
+        raise job.errors[0]
 
 
 def run_chunked(fn: Callable[..., None], args: tuple, n: int, min_per_thread: int) -> None:
     """``fn(*args, lo, hi)`` over ``[0, n)`` cut into at most ``torch.get_num_threads()`` chunks of
-    at least ``min_per_thread`` items (:func:`run_parts`: the first on the calling thread)."""
+    at least ``min_per_thread`` items (:func:`run_parts`)."""
     threads = max(1, min(torch.get_num_threads(), n // min_per_thread))
     run_parts(fn, [(*args, n * t // threads, n * (t + 1) // threads) for t in range(threads)])
