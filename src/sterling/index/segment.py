@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,13 +57,34 @@ from sterling.index.planner import CompiledFilter, FilterPlan, compile_filter, p
 from sterling.index.quant import Int8Codes, quantize
 from sterling.ops.int8_topk import int8_topk
 from sterling.ops.ivf_scan import Kernel, encode, ivf_scan, list_bounds
-from sterling.ops.plan_program import bit_of, pack_rows
+from sterling.ops.plan_program import PlanProgram, bit_of, pack_rows
 from sterling.ops.row_topk import row_topk
 
 __all__ = ["Segment"]
 
 _PLAN_CACHE_SIZE = 4096
 _WORDS_CACHE_SIZE = 256  # filter_words entries: N / 8 bytes each (32 MiB at a million rows)
+_BATCH_CACHE_SIZE = 256  # batch plans and scan programs, by the batch's filters: a serving loop
+# repeats a few filter lists (batch 1: a filter), where planning one costs tens of microseconds
+
+
+def _remember(cache: dict, key: Any, limit: int, make: Callable[[], Any]) -> Any:
+    """``cache[key]``, made by ``make()`` on a miss; a full cache is emptied first."""
+    value = cache.get(key)
+    if value is None:
+        if len(cache) >= limit:
+            cache.clear()
+        value = cache[key] = make()
+    return value
+
+
+@dataclass(frozen=True)
+class _ScanProgram:
+    """What the scan of a batch reads of its filters (:meth:`Segment._search`)."""
+
+    program: PlanProgram  # the plans of the distinct filters that are not constant true
+    plan_of: torch.Tensor  # int64 [B]: each query's plan, -1 for none
+    factor: float  # candidates kept per result: a typical filter's (upper quartile), at most 4
 
 
 def _upper_quartile(values: list[float]) -> float:
@@ -73,6 +95,18 @@ def _upper_quartile(values: list[float]) -> float:
     low = int(at)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (at - low)
+
+
+def _scan_program(filters: list[str | None], compiled: dict[str | None, CompiledFilter | None]) -> _ScanProgram:
+    """The plan program of a batch's distinct filters and each query's plan; the candidate factor
+    is a typical filter's, not the outliers' (a starved query is scanned again)."""
+    used = [e for e in dict.fromkeys(filters) if e is not None and compiled[e].plan.constant is not True]
+    slot = {e: i for i, e in enumerate(used)}
+    return _ScanProgram(
+        encode([compiled[e].plan for e in used]),
+        torch.tensor([slot.get(e, -1) for e in filters], dtype=torch.int64),
+        min(4.0, _upper_quartile([1.0] + [compiled[e].candidates_factor() for e in used])),
+    )
 
 
 @dataclass(frozen=True)
@@ -101,6 +135,10 @@ class Segment:
     config: IndexConfig
     _filters: dict[str, CompiledFilter] = field(default_factory=dict, init=False, repr=False, compare=False)
     _words: dict[str | None, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _plans: dict[tuple, dict[str | None, FilterPlan]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    _programs: dict[tuple, _ScanProgram] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def build(
@@ -248,26 +286,24 @@ class Segment:
 
     def compiled(self, expr: str) -> CompiledFilter:
         """``expr`` parsed, compiled to a Bloom plan and its selectivity estimated (cached)."""
-        cached = self._filters.get(expr)
-        if cached is None:
-            rows, inside = self._sample_rows
-            compiled = compile_filter(expr, self.bloom, self.attributes, rows, self.sample, inside)
-            if len(self._filters) >= _PLAN_CACHE_SIZE:
-                self._filters.clear()
-            cached = self._filters[expr] = compiled
-        return cached
+        rows, inside = self._sample_rows
+        return _remember(
+            self._filters,
+            expr,
+            _PLAN_CACHE_SIZE,
+            lambda: compile_filter(expr, self.bloom, self.attributes, rows, self.sample, inside),
+        )
 
     def filter_words(self, expr: str | None) -> torch.Tensor:
         """int64 [ceil(N / 64)]: the rows passing ``expr`` exactly (None: every row), packed as
         :func:`pack_rows` does (Bloom candidates, checked exactly; cached, do not modify)."""
-        words = self._words.get(expr)
-        if words is None:
+
+        def pack() -> torch.Tensor:
             mask = torch.zeros(len(self), dtype=torch.bool)
             mask[self._passing(None if expr is None else self.compiled(expr), None)] = True
-            if len(self._words) >= _WORDS_CACHE_SIZE:
-                self._words.clear()
-            words = self._words[expr] = pack_rows(mask)
-        return words
+            return pack_rows(mask)
+
+        return _remember(self._words, expr, _WORDS_CACHE_SIZE, pack)
 
     def plan_probes(self, filters: list[str | None], k: int, nprobe: int | None = None) -> torch.Tensor:
         """int64 [B]: the lists :meth:`search` probes first for each query (before widening), one
@@ -277,8 +313,14 @@ class Segment:
         return torch.tensor([self.nlist if plans[f].gather else plans[f].probes for f in filters], dtype=torch.int64)
 
     def _plan(self, filters: list[str | None], k: int, nprobe: int | None) -> dict[str | None, FilterPlan]:
-        """The plan of every distinct filter of a batch (:func:`sterling.index.planner.plan_batch`)."""
-        return plan_batch(filters, self.compiled, k, nprobe, len(self), self.nlist, self.config)
+        """The plan of every distinct filter of a batch (:func:`sterling.index.planner.plan_batch`;
+        cached by the batch's filters, k and nprobe)."""
+        return _remember(
+            self._plans,
+            (tuple(filters), k, nprobe),
+            _BATCH_CACHE_SIZE,
+            lambda: plan_batch(filters, self.compiled, k, nprobe, len(self), self.nlist, self.config),
+        )
 
     def search(
         self,
@@ -387,10 +429,7 @@ class Segment:
         than k verified candidates (while more rows may pass) are scanned again for 4× the
         candidates."""
         b = q.shape[0]
-        used = [e for e in dict.fromkeys(filters) if e is not None and compiled[e].plan.constant is not True]
-        slot = {e: i for i, e in enumerate(used)}
-        program = encode([compiled[e].plan for e in used])
-        plan_of = torch.tensor([slot.get(e, -1) for e in filters], dtype=torch.int64)
+        scan = _remember(self._programs, tuple(filters), _BATCH_CACHE_SIZE, lambda: _scan_program(filters, compiled))
         widest = int(probes.max())
         if widest >= self.nlist:
             probe_ids = torch.arange(self.nlist).expand(b, -1).clone()
@@ -398,10 +437,7 @@ class Segment:
         else:
             # each query its own count of nearest lists, the nearest first (the scan's first round)
             probe_ids = row_topk(q @ self.centroids.T, widest, probes, kernel=self._host_kernel)
-        # one candidate count for the batch: a typical filter's, not the outliers' (a starved query is
-        # scanned again); never above N
-        factor = min(4.0, _upper_quartile([1.0] + [compiled[e].candidates_factor() for e in used]))
-        k0 = min(k0 or math.ceil(k * factor), max(len(self), k))
+        k0 = min(k0 or math.ceil(k * scan.factor), max(len(self), k))  # never above N
         codes, scales, offsets, bits = self._scan_arrays
         dev = codes.device
         scores, cand = ivf_scan(
@@ -412,8 +448,8 @@ class Segment:
             probe_ids.to(dev),
             k0,
             bits,
-            program,
-            plan_of.to(dev),
+            scan.program,
+            scan.plan_of.to(dev),
             None if alive is None else alive.to(dev),
             kernel=self._scan_kernel,
             bounds=self._scan_bounds,
