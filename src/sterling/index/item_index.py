@@ -303,7 +303,8 @@ class ItemIndex:
             kept = keep.gather(1, first)
             scores = scores.gather(1, first).masked_fill(~kept, float("-inf"))
             rows = rows.gather(1, first).masked_fill(~kept, -1)
-        ids = torch.where(rows >= 0, state.gather(state.main.ids, state.fresh.ids, rows.clamp(min=0)), -1)
+        ids = state.gather(state.main.ids, state.fresh.ids, rows.clamp(min=0))
+        ids[rows < 0] = -1
         return SearchResult(ids, scores, rows, records if explain else None)
 
     def check_filter(self, expr: str) -> None:

@@ -468,10 +468,12 @@ class Segment:
                 checked[group] = ok
         # k0 candidates came back (more rows may pass) but fewer than k were verified
         starved = np.flatnonzero((found[:, -1] >= 0) & (checked.sum(1) < k))
-        if k0 > k or not checked.all():  # drop the failed candidates, keep the k best
-            valid = torch.from_numpy(checked)
-            top = torch.topk(scores.masked_fill(~valid, float("-inf")), k, dim=1)
-            scores, cand = top.values, torch.where(torch.isfinite(top.values), cand.gather(1, top.indices), -1)
+        if k0 > k or not checked.all():  # each query's first k verified candidates: its k best
+            rank = np.cumsum(checked, axis=1) - 1  # [B, k0], the scan's candidates come in score order
+            at, j = np.nonzero(checked & (rank < k))
+            best_s, best_r = np.full((b, k), -np.inf, dtype=np.float32), np.full((b, k), -1, dtype=np.int64)
+            best_s[at, rank[at, j]], best_r[at, rank[at, j]] = scores.numpy()[at, j], found[at, j]
+            scores, cand = torch.from_numpy(best_s), torch.from_numpy(best_r)
         if len(starved) and k0 < len(self):
             again = torch.from_numpy(starved)
             scores[again], cand[again] = self._search(

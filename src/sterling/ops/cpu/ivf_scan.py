@@ -311,10 +311,13 @@ def _scan_lists(
             for blk in range((n + 15) >> 4):
                 r0 = s + 16 * blk
                 valid = min(16, e - r0)
-                if tiled:  # rows _AHEAD on (the next list's where this one ends: lists run in row order)
-                    for i in range(0, 16 * groups, 16):  # come in from memory while this block is scored
-                        prefetch(codes32, (r0 + _AHEAD) * groups + i)
-                    prefetch(scales, r0 + _AHEAD)
+                if tiled:  # the rows _AHEAD on come in from memory while this block is scored
+                    ahead = r0 + _AHEAD
+                    if ahead >= e and nxt < c1:  # past this list: the next probed list's first rows
+                        ahead += offsets[nxt] - e
+                    for i in range(0, 16 * groups, 16):
+                        prefetch(codes32, ahead * groups + i)
+                    prefetch(scales, ahead)
                 picked = picks[blk]  # the members with a passing row in the block
                 if picked == 0:
                     continue
