@@ -42,7 +42,7 @@ import torch
 from sterling.ops.cpu.atomics import fetch_add
 from sterling.ops.cpu.bits import cttz, popcount
 from sterling.ops.cpu.keys import compact, key, key_row, key_score, select_largest
-from sterling.ops.cpu.threads import run_chunked, run_parts
+from sterling.ops.cpu.threads import finish_parts, run_chunked, run_parts, start_parts
 from sterling.ops.cpu.vnni import prefetch, tile_dots, tile_masks
 from sterling.ops.plan_program import ALL, AND, ANY, FALSE, NONE, TRUE, PlanProgram
 from sterling.ops.quantize import quantize_rows
@@ -458,11 +458,12 @@ def ivf_scan(
         program.depth,
     )
     threads = torch.get_num_threads()
-    # each thread's running top-k: keys; compacted at 1.5 k (at 2 k the threshold lags: ~13% more rows
-    # are re-scored at 10%, at 1.25 k the compactions cost more than they save)
-    buf = np.empty((threads, b, k + max(k // 2, 1)), dtype=np.uint64)
-    sizes = np.zeros((threads, b), dtype=np.int64)
-    floor = np.zeros((threads, b), dtype=np.uint64)  # threshold keys, 0: none yet
+    # each thread's running top-k, and one more for the nearest lists: keys; compacted at 1.5 k (at 2 k
+    # the threshold lags: ~13% more rows are re-scored at 10%, at 1.25 k the compactions cost more
+    # than they save)
+    buf = np.empty((threads + 1, b, k + max(k // 2, 1)), dtype=np.uint64)
+    sizes = np.zeros((threads + 1, b), dtype=np.int64)
+    floor = np.zeros((threads + 1, b), dtype=np.uint64)  # threshold keys, 0: none yet
     qcodes, qscale = quantize_rows(queries)  # the query side of the int8 cut
     padded = np.zeros((b, 4 * -(-d // 4)), dtype=np.int8)  # whole 32-bit words of 4 codes
     padded[:, :d] = qcodes.numpy()
@@ -477,15 +478,25 @@ def ivf_scan(
         offsets,
         bounds.contiguous().numpy(),
     )
-    # each query's nearest list first: its k-th key there starts the cut of the rest (_scan_lists
-    # raises every member's threshold to the best any thread holds)
-    for lo, hi in ((0, 1), (1, probes_np.shape[1])):
-        runs = threads * _RUNS_PER_THREAD
-        heads, members, cuts = _bucket(probes_np, offsets, lo, hi, runs)
+
+    def parts(lo: int, hi: int, slots: list[int]) -> list[tuple]:
+        """The scan of probe ranks ``lo:hi``, in runs of lists the threads of ``slots`` claim."""
+        heads, members, cuts = _bucket(probes_np, offsets, lo, hi, len(slots) * _RUNS_PER_THREAD)
         busy = int(np.count_nonzero(heads[cuts[1:]] > heads[cuts[:-1]]))  # runs with (query, list) pairs
         claims = np.zeros(1, dtype=np.int64)  # the next run
-        parts = [(*shared, heads, members, *plan, buf[t], sizes[t], floor, t, k, cuts, claims) for t in range(threads)]
-        if busy:
-            run_parts(_scan_lists, parts[:busy])
+        return [(*shared, heads, members, *plan, buf[t], sizes[t], floor, t, k, cuts, claims) for t in slots[:busy]]
+
+    # each query's nearest list first: its k-th key there starts the cut of the rest (_scan_lists
+    # raises every member's threshold to the best any thread holds). A few queries' nearest lists
+    # take the calling thread less time than a helper takes to wake (tens of microseconds): it
+    # scans them alone, in a buffer of its own, while the helpers wake and start on the rest.
+    slots, probed = list(range(threads)), probes_np.shape[1]
+    if b <= _MIN_QUERIES_PER_THREAD:
+        rest = start_parts(_scan_lists, parts(1, probed, slots))
+        run_parts(_scan_lists, parts(0, 1, [threads]))
+    else:
+        run_parts(_scan_lists, parts(0, 1, slots))
+        rest = start_parts(_scan_lists, parts(1, probed, slots))
+    finish_parts(rest)
     run_chunked(_merge, (buf, sizes, out_s, out_r), b, _MIN_QUERIES_PER_THREAD)
     return torch.from_numpy(out_s), torch.from_numpy(out_r)

@@ -25,11 +25,12 @@ import torch
 
 from sterling.ops.cpu.atomics import fetch_add, load
 
-__all__ = ["run_chunked", "run_parts"]
+__all__ = ["finish_parts", "run_chunked", "run_parts", "start_parts"]
 
 _STARTED, _FINISHED = 0, 1
 _SPINS = 1 << 18  # about a millisecond of polling before the caller naps between polls
 _NAP_S = 5e-5
+_CORES = os.cpu_count() or 1
 
 
 class _Job:
@@ -96,22 +97,32 @@ def _finished(state, spins):
     return False
 
 
-def run_parts(fn: Callable[..., None], parts: list[tuple]) -> None:
-    """``fn(*args)`` for every ``args`` of ``parts``, on the calling thread and up to
-    ``torch.get_num_threads() - 1`` helpers, each part on whichever thread claims it first (the
-    calling thread claims the first). Returns when all are done; a helper's error is raised."""
-    helpers = min(len(parts), max(torch.get_num_threads(), 1), os.cpu_count() or 1) - 1
-    if helpers <= 0:
-        for args in parts:
-            fn(*args)
-        return
+def start_parts(fn: Callable[..., None], parts: list[tuple]) -> _Job:
+    """Posts ``fn(*args)`` for every ``args`` of ``parts`` to up to ``torch.get_num_threads() - 1``
+    helpers, which claim parts as they wake (tens of microseconds); :func:`finish_parts` runs the
+    parts left on the calling thread. Between the two the caller may do other work."""
     job = _Job(fn, parts)
-    _HELPERS.post(job, helpers)
+    helpers = min(len(parts), max(torch.get_num_threads(), 1), _CORES) - 1
+    if helpers > 0:
+        _HELPERS.post(job, helpers)
+    return job
+
+
+def finish_parts(job: _Job) -> None:
+    """Runs the parts of ``job`` no helper has claimed on the calling thread, then waits for the
+    helpers that did (spinning with the GIL released); a helper's error is raised."""
     job.work()
     while not _finished(job.state, _SPINS):
         time.sleep(_NAP_S)
     if job.errors:
         raise job.errors[0]
+
+
+def run_parts(fn: Callable[..., None], parts: list[tuple]) -> None:
+    """``fn(*args)`` for every ``args`` of ``parts``, on the calling thread and up to
+    ``torch.get_num_threads() - 1`` helpers, each part on whichever thread claims it first (the
+    calling thread claims the first). Returns when all are done; a helper's error is raised."""
+    finish_parts(start_parts(fn, parts))
 
 
 def run_chunked(fn: Callable[..., None], args: tuple, n: int, min_per_thread: int) -> None:
