@@ -126,6 +126,24 @@ def test_plans_follow_selectivity():
     assert auto_nlist(1_000_000) == 1024 and auto_nlist(1000) == 1
 
 
+def test_small_batches_plans_are_cached_and_answer_the_same():
+    n = 2000
+    attrs = [{"tag": f"t{i % 7}"} for i in range(n)]
+    seg = Segment.build(clustered(n, 8, 1), AttributeStore.build(attrs), config=IndexConfig(nlist=16, nprobe=3))
+    q, filters = torch.randn(3, 8), ["tag:t1", None, "tag:t1 OR tag:t2"]
+    first = seg.search(q, filters, k=12)
+    kept = (len(seg._plans), len(seg._programs))
+    assert kept[0] == 1 and kept[1] >= 1  # a program per kernel call (a widened query's is its own)
+    again = seg.search(q, filters, k=12)  # from the caches
+    assert torch.equal(first[1], again[1]) and torch.equal(first[0], again[0]) and first[2] == again[2]
+    assert (len(seg._plans), len(seg._programs)) == kept
+    seg.search(q, filters, k=5)  # another k: another plan
+    kept = (len(seg._plans), len(seg._programs))
+    assert kept[0] == 2
+    seg.search(torch.randn(17, 8), [f"tag:t{i % 3}" for i in range(17)], k=12)  # many queries: not kept
+    assert (len(seg._plans), len(seg._programs)) == kept
+
+
 def test_recall_on_clustered_data():
     n, d = 20000, 32
     x = torch.nn.functional.normalize(clustered(n, d, 3), dim=1)

@@ -201,8 +201,7 @@ class ItemIndex:
 
     def ids_of(self, rows: torch.Tensor) -> torch.Tensor:
         """int64 [...]: the external id of each row (int64 [...]), -1 where the row is -1."""
-        state = self._state
-        return torch.where(rows >= 0, state.gather(state.main.ids, state.fresh.ids, rows.clamp(min=0)), -1)
+        return _ids_of(self._state, rows)
 
     def vectors(self, rows: torch.Tensor) -> torch.Tensor:
         """float32 [..., D]: the stored (int8, dequantized) vectors of ``rows`` int64 [...] (>= 0)."""
@@ -303,9 +302,7 @@ class ItemIndex:
             kept = keep.gather(1, first)
             scores = scores.gather(1, first).masked_fill(~kept, float("-inf"))
             rows = rows.gather(1, first).masked_fill(~kept, -1)
-        ids = state.gather(state.main.ids, state.fresh.ids, rows.clamp(min=0))
-        ids[rows < 0] = -1
-        return SearchResult(ids, scores, rows, records if explain else None)
+        return SearchResult(_ids_of(state, rows), scores, rows, records if explain else None)
 
     def check_filter(self, expr: str) -> None:
         """Parses ``expr`` and compiles it over the index's features (cached, as a search would).
@@ -493,6 +490,13 @@ class ItemIndex:
         if _SNAPSHOT_META not in snapshot.meta or _SNAPSHOT_FILE not in snapshot.tensors:
             raise SnapshotError(f"snapshot {path} holds no item index")
         return cls.from_snapshot_parts(snapshot.meta[_SNAPSHOT_META], snapshot.tensors[_SNAPSHOT_FILE])
+
+
+def _ids_of(state: IndexState, rows: torch.Tensor) -> torch.Tensor:
+    """int64 [...]: the external id of each row of ``state`` (int64 [...]), -1 where the row is -1."""
+    ids = state.gather(state.main.ids, state.fresh.ids, rows.clamp(min=0))  # a new tensor
+    ids[rows < 0] = -1
+    return ids
 
 
 def _excluded_rows(state: IndexState, exclude: Sequence[Sequence[int] | None] | None, b: int) -> torch.Tensor:

@@ -64,18 +64,28 @@ __all__ = ["Segment"]
 
 _PLAN_CACHE_SIZE = 4096
 _WORDS_CACHE_SIZE = 256  # filter_words entries: N / 8 bytes each (32 MiB at a million rows)
-_BATCH_CACHE_SIZE = 256  # batch plans and scan programs, by the batch's filters: a serving loop
-# repeats a few filter lists (batch 1: a filter), where planning one costs tens of microseconds
+_BATCH_CACHE_SIZE = 256  # batch plans and scan programs, by the batch's filters
+_CACHED_BATCH = 16  # queries of the batches whose plans are cached: a request's few queries, which a
+# serving loop repeats (planning one costs tens of microseconds); a batch of many users' filters rarely
+# repeats, and caching it would flatter a benchmark that searches the same batch again and again
 
 
 def _remember(cache: dict, key: Any, limit: int, make: Callable[[], Any]) -> Any:
-    """``cache[key]``, made by ``make()`` on a miss; a full cache is emptied first."""
+    """``cache[key]``, made by ``make()`` on a miss (a key of None: made, not kept); a full cache is
+    emptied first."""
+    if key is None:
+        return make()
     value = cache.get(key)
     if value is None:
         if len(cache) >= limit:
             cache.clear()
         value = cache[key] = make()
     return value
+
+
+def _batch_key(filters: list[str | None], *more: Any) -> tuple | None:
+    """The cache key of a batch's plans: its filters (and ``more``), None for a large batch."""
+    return (tuple(filters), *more) if len(filters) <= _CACHED_BATCH else None
 
 
 @dataclass(frozen=True)
@@ -314,10 +324,10 @@ class Segment:
 
     def _plan(self, filters: list[str | None], k: int, nprobe: int | None) -> dict[str | None, FilterPlan]:
         """The plan of every distinct filter of a batch (:func:`sterling.index.planner.plan_batch`;
-        cached by the batch's filters, k and nprobe)."""
+        a small batch's cached by its filters, k and nprobe)."""
         return _remember(
             self._plans,
-            (tuple(filters), k, nprobe),
+            _batch_key(filters, k, nprobe),
             _BATCH_CACHE_SIZE,
             lambda: plan_batch(filters, self.compiled, k, nprobe, len(self), self.nlist, self.config),
         )
@@ -429,7 +439,9 @@ class Segment:
         than k verified candidates (while more rows may pass) are scanned again for 4× the
         candidates."""
         b = q.shape[0]
-        scan = _remember(self._programs, tuple(filters), _BATCH_CACHE_SIZE, lambda: _scan_program(filters, compiled))
+        scan = _remember(
+            self._programs, _batch_key(filters), _BATCH_CACHE_SIZE, lambda: _scan_program(filters, compiled)
+        )
         widest = int(probes.max())
         if widest >= self.nlist:
             probe_ids = torch.arange(self.nlist).expand(b, -1).clone()

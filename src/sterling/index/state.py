@@ -19,6 +19,7 @@ from sterling.index.id_map import IdMap
 from sterling.index.quant import Int8Codes, dequantize
 from sterling.index.segment import Segment
 from sterling.ops.filtered_topk import filtered_topk
+from sterling.ops.kernel import host
 from sterling.ops.plan_program import bit_of, pack_rows
 
 __all__ = ["FreshRows", "IndexState", "compacted", "empty_fresh", "locate", "search_fresh", "without"]
@@ -103,8 +104,8 @@ class IndexState:
         """``main [N, ...]`` and ``fresh [F, ...]`` stacked as the index's rows, at ``rows`` int64
         [...] (in ``[0, N + F)``), without copying either."""
         n = main.shape[0]
-        if not len(fresh):
-            return main[rows] if n else main.new_zeros(*rows.shape, *main.shape[1:])
+        if not len(fresh):  # numpy's indexing: microseconds fewer than torch's, a search pays it
+            return torch.from_numpy(host(main)[host(rows)]) if n else main.new_zeros(*rows.shape, *main.shape[1:])
         out = main[rows.clamp(max=max(n - 1, 0))] if n else fresh.new_zeros(*rows.shape, *fresh.shape[1:])
         is_fresh = rows >= n
         out[is_fresh] = fresh[rows[is_fresh] - n]
