@@ -101,7 +101,7 @@ def test_a_helpers_error_is_raised_on_the_caller() -> None:
 def test_the_caller_does_all_parts_when_no_helper_serves() -> None:
     before, helpers = torch.get_num_threads(), threads._HELPERS
     threads._HELPERS = threads._Helpers()
-    threads._HELPERS.count = 8  # as in a forked child's stale state: nothing serves the queue
+    threads._HELPERS.threads = [threading.Thread(target=lambda: None)] * 8  # nothing serves the queue
     torch.set_num_threads(4)
     try:
         done = []

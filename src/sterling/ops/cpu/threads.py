@@ -12,6 +12,7 @@ made the caller sleep on a lock and be woken, and handed the GIL to and fro, eac
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import threading
@@ -52,24 +53,34 @@ class _Job:
 
 
 class _Helpers:
-    """Daemon threads serving one queue of jobs (a forked child starts with none)."""
+    """Daemon threads serving one queue of jobs (a forked child starts with none), stopped and
+    joined at exit: a daemon thread still in a kernel when the interpreter finalizes is killed
+    mid-call, which aborts the process (C++ frames of numba's dispatcher on its stack)."""
 
     def __init__(self) -> None:
-        self.jobs: SimpleQueue[_Job] = SimpleQueue()
-        self.count = 0
+        self.jobs: SimpleQueue[_Job | None] = SimpleQueue()
+        self.threads: list[threading.Thread] = []
         self.lock = threading.Lock()
 
     def post(self, job: _Job, helpers: int) -> None:
         with self.lock:
-            while self.count < helpers:
-                threading.Thread(target=self._serve, daemon=True, name=f"sterling-cpu-op-{self.count}").start()
-                self.count += 1
+            while len(self.threads) < helpers:
+                thread = threading.Thread(target=self._serve, daemon=True, name=f"sterling-cpu-op-{len(self.threads)}")
+                thread.start()
+                self.threads.append(thread)
         for _ in range(helpers):
             self.jobs.put(job)
 
+    def stop(self) -> None:
+        with self.lock:
+            for _ in self.threads:
+                self.jobs.put(None)
+            for thread in self.threads:
+                thread.join()
+            self.threads.clear()
+
     def _serve(self) -> None:
-        while True:
-            job = self.jobs.get()
+        while (job := self.jobs.get()) is not None:
             _count(job.state, _STARTED)
             try:
                 job.work()
@@ -79,6 +90,7 @@ class _Helpers:
 
 
 _HELPERS = _Helpers()
+atexit.register(lambda: _HELPERS.stop())
 os.register_at_fork(after_in_child=lambda: globals().update(_HELPERS=_Helpers()))
 
 
