@@ -134,6 +134,9 @@ def run_parts(fn: Callable[..., None], parts: list[tuple]) -> None:
     """``fn(*args)`` for every ``args`` of ``parts``, on the calling thread and up to
     ``torch.get_num_threads() - 1`` helpers, each part on whichever thread claims it first (the
     calling thread claims the first). Returns when all are done; a helper's error is raised."""
+    if len(parts) == 1:  # no job to share (batch 1's probe, merge and nearest list)
+        fn(*parts[0])
+        return
     finish_parts(start_parts(fn, parts))
 
 
