@@ -48,6 +48,7 @@ from sterling.ops.plan_program import ALL, AND, ANY, FALSE, NONE, TRUE, PlanProg
 from sterling.ops.quantize import quantize_rows
 
 _MIN_QUERIES_PER_THREAD = 4
+_FEW_QUERIES = 4  # batches whose nearest lists the calling thread scans alone while the helpers wake
 _RUNS_PER_THREAD = 8  # runs of lists a round is cut into, per thread: threads claim them as they go
 _AHEAD = 64  # rows prefetched ahead of the block being scored
 _SLACK = np.float32(1.0 + 2.0**-8)  # float32 rounding, on top of the query-rounding bound
@@ -491,7 +492,7 @@ def ivf_scan(
     # take the calling thread less time than a helper takes to wake (tens of microseconds): it
     # scans them alone, in a buffer of its own, while the helpers wake and start on the rest.
     slots, probed = list(range(threads)), probes_np.shape[1]
-    if b <= _MIN_QUERIES_PER_THREAD:
+    if b <= _FEW_QUERIES:
         rest = start_parts(_scan_lists, parts(1, probed, slots))
         run_parts(_scan_lists, parts(0, 1, [threads]))
     else:
