@@ -71,6 +71,31 @@ def test_the_caller_waits_for_a_helpers_part() -> None:
         torch.set_num_threads(before)
 
 
+def test_concurrent_callers_each_get_all_their_parts() -> None:
+    """Callers on several threads (a server's) share the helpers: every call's parts run once and
+    every call returns."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    failures = []
+
+    def caller(seed: int) -> None:
+        for call in range(200):
+            hits = np.zeros(6, dtype=np.int64)
+            run_parts(_mark, [(hits, i, 200 * ((seed + call + i) % 3)) for i in range(5)])
+            if hits[:5].tolist() != [1] * 5:
+                failures.append((seed, call, hits.tolist()))
+
+    try:
+        callers = [threading.Thread(target=caller, args=(seed,)) for seed in range(3)]
+        for c in callers:
+            c.start()
+        for c in callers:
+            c.join(timeout=60)
+        assert not any(c.is_alive() for c in callers) and not failures
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_run_chunked_covers_the_range_once() -> None:
     seen = np.zeros(1000, dtype=np.int64)
 
