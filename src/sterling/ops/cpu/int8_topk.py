@@ -16,8 +16,8 @@
 
 The result is the exact top-k of the float scores (up to float32 rounding of near ties), so
 nothing is lost to the query's quantization. The batch is cut into chunks of queries (the int32
-matrix stays under ``_MAX_SCORES`` entries) and each chunk's cut and re-score run on the shared
-thread pool with the GIL released.
+matrix stays under ``_MAX_SCORES`` entries) and each chunk's cut and re-score run on the calling
+thread and the shared helpers (:mod:`sterling.ops.cpu.threads`) with the GIL released.
 """
 
 from __future__ import annotations

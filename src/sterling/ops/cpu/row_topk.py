@@ -1,7 +1,7 @@
 """Top-k columns of each row on the CPU (numba): each row's scores as (score, column) keys
 (:func:`sterling.ops.cpu.keys.key`), a branch-free quickselect of the k largest, a sort of those k
 (or, with per-row counts, a second quickselect and only the largest moved first); rows split
-across the shared thread pool."""
+across the calling thread and the shared helpers (:mod:`sterling.ops.cpu.threads`)."""
 
 from __future__ import annotations
 
