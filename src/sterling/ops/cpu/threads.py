@@ -29,7 +29,7 @@ from sterling.ops.cpu.atomics import fetch_add, load
 __all__ = ["finish_parts", "run_chunked", "run_parts", "start_parts"]
 
 _STARTED, _FINISHED = 0, 1
-_SPINS = 1 << 18  # ~70 us of polling (2 cores, Zen 5) before the caller naps between polls
+_SPINS = 1 << 18  # polls (atomic reads) before the caller naps between polls: a short wait
 _NAP_S = 5e-5
 _CORES = os.cpu_count() or 1
 
