@@ -66,8 +66,8 @@ class BloomConfig:
     bits_per_term: float = 10.0
     width_quantile: float = 0.99
     min_hashed_width: int = 64
-    dedicated_bits: int = 64
-    dedicated_min_freq: float = 0.02
+    dedicated_bits: int = 128
+    dedicated_min_freq: float = 0.005
     numeric_buckets: int = 16
     seed: int = 0
 
