@@ -6,8 +6,9 @@ filtered rows cost one bit. Nothing of size [B, N] or [B, P, L] is ever material
 
 **Loop order: list-major over the whole batch.** The (query, probed list) pairs are grouped by list
 (a counting sort, :func:`_bucket`) and each list is read once per batch for all the queries that
-probe it (its *members*); lists run in row order, so the rows 64 ahead are prefetched while a block
-is scored. When the members' passing rows outnumber the list's 16-row blocks, the list is scored
+probe it (its *members*, those of one plan side by side: a plan's passing rows are found once for
+all its members); lists run in row order, so the rows 64 ahead are prefetched while a block is
+scored. When the members' passing rows outnumber the list's 16-row blocks, the list is scored
 block by block: a block's 16 rows against every member with a passing row in it, ``D / 4`` int8
 dot-product instructions per member (:func:`sterling.ops.cpu.vnni.tile_dots`, ``vpdpbusd`` on
 AVX-512 VNNI, the rows held in registers), each query quantized to int8. Only rows whose int8
@@ -119,11 +120,15 @@ def _cut(threshold, qscale, eps):
 
 
 @numba.njit(nogil=True, cache=True)
-def _member_words(bits, ops, prow, pstart, plan_of, alive, has_alive, members, m0, m1, s, e, words, stack):
-    """``words[i]`` [ceil((e - s) / 64)] for each member ``i`` (query ``members[m0 + i]``, ``i < m1 -
-    m0``) of the list of rows ``s:e``: the rows that pass its plan (``plan_of``; -1: all) and are
-    alive, re-based so that bit 0 of word 0 is row ``s`` (``words[i]`` holds one word more,
-    scratch); returns the passing rows of all members. ``bits``: the Bloom words [R, W].
+def _member_words(
+    bits, ops, prow, pstart, plan_of, alive, has_alive, members, m0, m1, s, e, words, firsts, passing, stack
+):
+    """Groups the members ``m0:m1`` of the list of rows ``s:e`` by plan (:func:`_bucket` puts the
+    members of one plan side by side) and returns the number of groups: group ``j`` is
+    ``members[firsts[j]:firsts[j + 1]]``, ``words[j]`` [ceil((e - s) / 64)] the rows that pass its
+    plan (``plan_of``; -1: all) and are alive, re-based so that bit 0 of word 0 is row ``s``
+    (``words[j]`` holds one word more, scratch), and ``passing[j]`` their count. ``bits``: the
+    Bloom words [R, W].
 
     A plan of one leaf (the AND or OR of a few Bloom rows, what a single-term filter compiles to)
     runs row by row over the list's words (contiguous, vectorised); others run the plan program
@@ -133,9 +138,15 @@ def _member_words(bits, ops, prow, pstart, plan_of, alive, has_alive, members, m
     w0 = s >> 6
     nw = ((e - 1) >> 6) + 1 - w0
     n = e - s
-    passing = 0
-    for m in range(m1 - m0):
-        g = plan_of[members[m0 + m]]
+    groups = 0
+    at = m0
+    while at < m1:
+        g = plan_of[members[at]]
+        firsts[groups] = at
+        while at < m1 and plan_of[members[at]] == g:
+            at += 1
+        m = groups
+        groups += 1
         t0 = pstart[g] if g >= 0 else 0
         if g < 0:
             for j in range(nw):
@@ -168,9 +179,12 @@ def _member_words(bits, ops, prow, pstart, plan_of, alive, has_alive, members, m
                 words[m, j] = (words[m, j] >> shift) | (words[m, j + 1] << (np.uint64(64) - shift))
         if n & 63:
             words[m, ((n + 63) >> 6) - 1] &= (np.uint64(1) << np.uint64(n & 63)) - np.uint64(1)
+        count = 0
         for j in range((n + 63) >> 6):
-            passing += popcount(words[m, j])
-    return passing
+            count += popcount(words[m, j])
+        passing[m] = count
+    firsts[groups] = m1
+    return groups
 
 
 @numba.njit(nogil=True, cache=True)
@@ -227,6 +241,8 @@ def _scan_lists(
         longest = max(longest, offsets[c + 1] - offsets[c])
         most = max(most, heads[c + 1] - heads[c])
     words = np.zeros((most, ((longest + 63) >> 6) + 2), np.uint64)  # a list spans up to one word more
+    firsts = np.zeros(most + 1, np.int64)  # each plan's first member
+    passing = np.zeros(most, np.int64)  # each plan's passing rows
     # the members of one list: query words, offsets, cuts, sums, masks
     mq = np.zeros((most, groups), np.int32)
     mfix = np.zeros(most, np.int64)
@@ -279,12 +295,30 @@ def _scan_lists(
                     floor[b] = max(floor[b], floors[other, b])
             m0 = heads[c]
             m1 = heads[c + 1]
-            passing = _member_words(
-                bits, ops, prow, pstart, plan_of, alive, has_alive, members, m0, m1, s, e, words, stack
+            plans = _member_words(
+                bits,
+                ops,
+                prow,
+                pstart,
+                plan_of,
+                alive,
+                has_alive,
+                members,
+                m0,
+                m1,
+                s,
+                e,
+                words,
+                firsts,
+                passing,
+                stack,
             )
+            rows = 0  # the passing rows of all members
+            for j in range(plans):
+                rows += passing[j] * (firsts[j + 1] - firsts[j])
             # blocks pay once the passing rows outnumber them (scoring a block for every member costs
             # about one exact row); in a sparser list every passing row is scored exactly
-            tiled = blocked and passing * 16 >= n
+            tiled = blocked and rows * 16 >= n
             if tiled:
                 for i in range(count):
                     b = members[heads[c] + i]
@@ -293,16 +327,17 @@ def _scan_lists(
                     mfix[i] = qfix[b]
                     mcut[i] = _cut(floor[b], qscale[b], bounds[c])
             picks[: (n + 15) >> 4] = 0
-            for i in range(count):  # only the nonzero 16-bit chunks of each member's words are visited
+            for j in range(plans):  # only the nonzero 16-bit chunks of each plan's words are visited
                 for w in range((n + 63) >> 6):
-                    word = words[i, w]
+                    word = words[j, w]
                     while word != 0:
                         at = np.int64(cttz(word)) >> 4
                         blk = 4 * w + at
-                        pick_member[blk, picks[blk]] = i
                         chunk = (word >> np.uint64(16 * at)) & np.uint64(0xFFFF)
-                        pick_chunk[blk, picks[blk]] = chunk
-                        picks[blk] += 1
+                        for i in range(firsts[j] - m0, firsts[j + 1] - m0):  # the plan's members
+                            pick_member[blk, picks[blk]] = i
+                            pick_chunk[blk, picks[blk]] = chunk
+                            picks[blk] += 1
                         while not tiled and chunk != 0:  # the rows scored exactly come in side by side
                             r = s + 16 * blk + np.int64(cttz(chunk))
                             chunk &= chunk - np.uint64(1)
@@ -376,10 +411,10 @@ def _merge(buf, sizes, out_s, out_r, lo, hi):
 
 
 @numba.njit(nogil=True, cache=True)
-def _bucket(probes, offsets, lo, hi, runs):
+def _bucket(probes, offsets, lo, hi, runs, order):
     """The (query, probed list) pairs of probe ranks ``lo:hi`` grouped by list:
-    ``members[heads[c]:heads[c + 1]]`` are the queries probing list c, ascending (a counting sort),
-    and ``cuts`` [runs + 1] splits the lists into ``runs`` contiguous runs of about equal work
+    ``members[heads[c]:heads[c + 1]]`` are the queries probing list c in the order of ``order`` (a
+    counting sort; queries ordered by plan put each list's members of one plan side by side), and ``cuts`` [runs + 1] splits the lists into ``runs`` contiguous runs of about equal work
     (rows × (members + 1) of each probed list)."""
     nlist = offsets.shape[0] - 1
     heads = np.zeros(nlist + 1, np.int64)
@@ -391,7 +426,7 @@ def _bucket(probes, offsets, lo, hi, runs):
         heads[c + 1] += heads[c]
     fill = heads[:-1].copy()
     members = np.empty(heads[nlist], np.int64)
-    for b in range(probes.shape[0]):
+    for b in order:
         for j in range(lo, hi):
             c = probes[b, j]
             if c >= 0:
@@ -480,9 +515,11 @@ def ivf_scan(
         bounds.contiguous().numpy(),
     )
 
+    by_plan = np.argsort(plan[4], kind="stable")  # the queries, those of one plan side by side
+
     def parts(lo: int, hi: int, slots: list[int]) -> list[tuple]:
         """The scan of probe ranks ``lo:hi``, in runs of lists the threads of ``slots`` claim."""
-        heads, members, cuts = _bucket(probes_np, offsets, lo, hi, len(slots) * _RUNS_PER_THREAD)
+        heads, members, cuts = _bucket(probes_np, offsets, lo, hi, len(slots) * _RUNS_PER_THREAD, by_plan)
         busy = int(np.count_nonzero(heads[cuts[1:]] > heads[cuts[:-1]]))  # runs with (query, list) pairs
         claims = np.zeros(1, dtype=np.int64)  # the next run
         return [(*shared, heads, members, *plan, buf[t], sizes[t], floor, t, k, cuts, claims) for t in slots[:busy]]
