@@ -296,22 +296,7 @@ def _scan_lists(
             m0 = heads[c]
             m1 = heads[c + 1]
             plans = _member_words(
-                bits,
-                ops,
-                prow,
-                pstart,
-                plan_of,
-                alive,
-                has_alive,
-                members,
-                m0,
-                m1,
-                s,
-                e,
-                words,
-                firsts,
-                passing,
-                stack,
+                bits, ops, prow, pstart, plan_of, alive, has_alive, members, m0, m1, s, e, words, firsts, passing, stack
             )
             rows = 0  # the passing rows of all members
             for j in range(plans):
