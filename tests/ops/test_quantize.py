@@ -4,8 +4,32 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from sterling.ops.quantize import QMAX, quantize_rows
+from sterling.ops.quantize import QMAX, int8_codes, quantize_rows
+from sterling.ops.reference import quantize as reference
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 9), d=st.integers(0, 70), seed=st.integers(0, 2**31 - 1), halves=st.booleans())
+def test_quantize_rows_equals_reference(n: int, d: int, seed: int, halves: bool) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen) * torch.rand(n, 1, generator=gen) * 100
+    if halves and n and d:  # ties: components half a step between two codes, and a zero row
+        x = torch.randint(-254, 255, (n, d), generator=gen).float() / 2
+        x[:, 0] = 127.0
+        x[0] = 0.0
+    codes, scales = quantize_rows(x)
+    want_codes, want_scales = reference.quantize_rows(x)
+    assert torch.equal(scales, want_scales) and torch.equal(codes, want_codes)
+    scale = torch.tensor([0.37])
+    assert torch.equal(int8_codes(x, scale), (x / scale).round().clamp(-QMAX, QMAX).to(torch.int8))
+
+
+def test_int8_codes_needs_one_scale_or_one_per_row() -> None:
+    with pytest.raises(ValueError, match="one scale per row"):
+        int8_codes(torch.ones(3, 2), torch.ones(2))
 
 
 def test_one_scale_per_row() -> None:
