@@ -317,3 +317,19 @@ def test_malformed_plan_starts_are_refused(starts, message) -> None:
     program = PlanProgram(torch.tensor([[ANY, 0, 1]]), torch.tensor([0]), torch.tensor(starts), 1)
     with pytest.raises(ValueError, match=message):
         program.validate(num_bit_rows=1)
+
+
+def test_a_checked_program_is_checked_again_once_changed() -> None:
+    program = PlanProgram(torch.tensor([[ANY, 0, 1]]), torch.tensor([1]), torch.tensor([0, 1]), 1)
+    program.validate(num_bit_rows=2)
+    program.validate(num_bit_rows=2)  # the same tensors: not checked again
+    with pytest.raises(ValueError, match="rows must lie in"):
+        program.validate(num_bit_rows=1)  # another row count is
+    program.rows[0] = 5  # an in-place change is
+    with pytest.raises(ValueError, match="rows must lie in"):
+        program.validate(num_bit_rows=2)
+    program.rows[0] = 1
+    program.validate(num_bit_rows=2)
+    program.ops[0, 2] = 2  # ops too
+    with pytest.raises(ValueError, match="leaf reads rows"):
+        program.validate(num_bit_rows=2)

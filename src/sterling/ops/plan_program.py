@@ -75,7 +75,12 @@ class PlanProgram:
 
     def validate(self, num_bit_rows: int) -> None:
         """Raises ValueError unless the program is well formed for ``num_bit_rows`` Bloom rows
-        (one compiled pass, :func:`_first_error`: a batch's program is validated on every search)."""
+        (one compiled pass, :func:`_first_error`: a batch's program is validated on every search).
+        A program found well formed is not checked again for the same row count while its tensors
+        stay the ones checked (the same storage, shape and version: an in-place change bumps it)."""
+        checked = (num_bit_rows, *((t.data_ptr(), t.shape, t._version) for t in (self.ops, self.rows, self.starts)))
+        if self.__dict__.get("_checked") == checked:
+            return
         if self.ops.dtype != torch.int64 or self.ops.dim() != 2 or self.ops.shape[1] != 3:
             raise ValueError(f"program ops must be int64 [T, 3], got {self.ops.dtype} {list(self.ops.shape)}")
         for name in ("rows", "starts"):
@@ -99,6 +104,7 @@ class PlanProgram:
         }
         if kind in messages:
             raise ValueError(f"plan {plan}: {messages[kind]()}")
+        object.__setattr__(self, "_checked", checked)
 
 
 _OK, _EMPTY_PLAN, _ROW_RANGE, _LEAF, _COMBINE, _UNKNOWN, _DEEP, _LEFT = range(8)
