@@ -399,8 +399,9 @@ def _merge(buf, sizes, out_s, out_r, lo, hi):
 def _bucket(probes, offsets, lo, hi, runs, order):
     """The (query, probed list) pairs of probe ranks ``lo:hi`` grouped by list:
     ``members[heads[c]:heads[c + 1]]`` are the queries probing list c in the order of ``order`` (a
-    counting sort; queries ordered by plan put each list's members of one plan side by side), and ``cuts`` [runs + 1] splits the lists into ``runs`` contiguous runs of about equal work
-    (rows × (members + 1) of each probed list)."""
+    counting sort; queries ordered by plan put each list's members of one plan side by side), and
+    ``cuts`` [runs + 1] splits the lists into ``runs`` contiguous runs of about equal work (rows ×
+    (members + 1) of each probed list)."""
     nlist = offsets.shape[0] - 1
     heads = np.zeros(nlist + 1, np.int64)
     for b in range(probes.shape[0]):
