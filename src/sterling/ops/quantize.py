@@ -22,7 +22,7 @@ import torch
 
 from sterling.ops.kernel import all_finite, host
 
-__all__ = ["QMAX", "float_matrix", "int8_codes", "quantize_rows"]
+__all__ = ["QMAX", "float_matrix", "int8_codes", "quantize_finite_rows", "quantize_rows"]
 
 QMAX = 127
 
@@ -52,7 +52,13 @@ def int8_codes(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes int8 ``[N, D]`` and scales float32 ``[N]`` (on the CPU) of ``x`` (float ``[N, D]``,
     finite), one scale per row (see the module docstring)."""
-    a = host(float_matrix(x, "x").detach())
+    return quantize_finite_rows(float_matrix(x, "x"))
+
+
+def quantize_finite_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rows` of ``x`` already known to be float32 ``[N, D]`` and finite (the kernels'
+    queries, which their dispatchers check), without checking it again."""
+    a = host(x.detach())
     codes = np.empty(a.shape, dtype=np.int8)
     scales = np.empty(len(a), dtype=np.float32)
     _quantize(a, codes, scales)

@@ -31,7 +31,7 @@ import torch
 from sterling.ops.cpu.bits import cttz
 from sterling.ops.cpu.ivf_scan import _dot
 from sterling.ops.cpu.threads import run_chunked
-from sterling.ops.quantize import quantize_rows
+from sterling.ops.quantize import quantize_finite_rows
 
 _MAX_SCORES = 1 << 22  # int32 entries of one chunk's score matrix (16 MiB: stays in cache)
 _MIN_QUERIES_PER_THREAD = 4
@@ -157,7 +157,7 @@ def int8_topk(
         )
         eps = float(_l1_bound(codes_np, scales_np)) / 2 * _SLACK
         groups = min(m, _GROUPS_PER_RESULT * k)
-        qcodes, _ = quantize_rows(queries)
+        qcodes, _ = quantize_finite_rows(queries)
         rhs = codes.T if codes.shape[1] > 1 else codes.reshape(1, -1)  # torch 2.13 misreads strides (1, 1)
         step = max(1, _MAX_SCORES // m)
         for lo in range(0, b, step):

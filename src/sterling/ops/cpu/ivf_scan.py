@@ -46,7 +46,7 @@ from sterling.ops.cpu.keys import compact, key, key_row, key_score, select_large
 from sterling.ops.cpu.threads import finish_parts, run_chunked, run_parts, start_parts
 from sterling.ops.cpu.vnni import prefetch, tile_dots, tile_masks
 from sterling.ops.plan_program import ALL, AND, ANY, FALSE, NONE, TRUE, PlanProgram
-from sterling.ops.quantize import quantize_rows
+from sterling.ops.quantize import quantize_finite_rows
 
 _MIN_QUERIES_PER_THREAD = 4
 _FEW_QUERIES = 4  # batches whose nearest lists the calling thread scans alone while the helpers wake
@@ -486,7 +486,7 @@ def ivf_scan(
     buf = np.empty((threads + 1, b, k + max(k // 2, 1)), dtype=np.uint64)
     sizes = np.zeros((threads + 1, b), dtype=np.int64)
     floor = np.zeros((threads + 1, b), dtype=np.uint64)  # threshold keys, 0: none yet
-    qcodes, qscale = quantize_rows(queries)  # the query side of the int8 cut
+    qcodes, qscale = quantize_finite_rows(queries)  # the query side of the int8 cut
     padded = np.zeros((b, 4 * -(-d // 4)), dtype=np.int8)  # whole 32-bit words of 4 codes
     padded[:, :d] = qcodes.numpy()
     shared = (
