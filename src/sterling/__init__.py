@@ -7,11 +7,13 @@ The public Python API::
     res = index.search(queries, k=10, filter="genre:Drama AND NOT year:1995")
 
 Threads: torch's CPU build runs on GNU OpenMP, whose idle worker threads busy-wait for about
-300,000 spins (milliseconds) after every parallel torch op. Sterling's CPU kernels run their own
-threads right after such ops (the centroid product, the int8 product), and a spinning OpenMP
-thread then holds a core they need: measured on 2 cores, searches ran 25-45% slower. Unless the
-environment already sets it, importing sterling **before torch** caps the spin at 10,000
-(``GOMP_SPINCOUNT``, read once when torch loads), which keeps back-to-back torch ops fast.
+300,000 spins (milliseconds) after every parallel torch op. A spinning OpenMP thread holds a core
+that sterling's CPU kernels (their own threads) need: measured on 2 cores, searches ran 25-45%
+slower when a parallel torch op came right before the scan. So an IVF search runs none (the probe
+of the centroids is a numba kernel, :mod:`sterling.ops.nearest_lists`); the gather plan's int8
+product (``torch._int_mm``) still is one. Unless the environment already sets it, importing
+sterling **before torch** caps the spin at 10,000 (``GOMP_SPINCOUNT``, read once when torch
+loads), which keeps back-to-back torch ops fast.
 """
 
 import os

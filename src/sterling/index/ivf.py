@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sterling.ops.nearest_lists import nearest_lists
+
 _CHUNK_ELEMS = 1 << 22  # distance-block elements: [chunk, nlist] float32 = 16 MiB
 
 
@@ -245,7 +247,8 @@ class IVFLayout:
         return nearest(x, self.centroids)[0]
 
     def probe(self, queries: torch.Tensor, nprobe: int) -> torch.Tensor:
-        """The ``nprobe`` clusters whose centroids have the largest inner product with each query.
+        """The ``nprobe`` clusters whose centroids have the largest inner product with each query
+        (:func:`sterling.ops.nearest_lists.nearest_lists`).
 
         Args:
             queries (torch.Tensor): float [B, D].
@@ -260,4 +263,4 @@ class IVFLayout:
         q = _check_matrix(queries, "queries")
         if q.shape[1] != self.dim:
             raise ValueError(f"queries have D={q.shape[1]}, the layout D={self.dim}")
-        return (q @ self.centroids.T).topk(nprobe, dim=1).indices
+        return nearest_lists(q, self.centroids, nprobe)

@@ -57,8 +57,8 @@ from sterling.index.planner import CompiledFilter, FilterPlan, compile_filter, p
 from sterling.index.quant import Int8Codes, quantize
 from sterling.ops.int8_topk import int8_topk
 from sterling.ops.ivf_scan import Kernel, encode, ivf_scan, list_bounds
+from sterling.ops.nearest_lists import nearest_lists
 from sterling.ops.plan_program import PlanProgram, bit_of, pack_rows
-from sterling.ops.row_topk import row_topk
 
 __all__ = ["Segment"]
 
@@ -448,7 +448,7 @@ class Segment:
             probe_ids[torch.arange(self.nlist) >= probes[:, None]] = -1  # each query its own count
         else:
             # each query its own count of nearest lists, the nearest first (the scan's first round)
-            probe_ids = row_topk(q @ self.centroids.T, widest, probes, kernel=self._host_kernel)
+            probe_ids = nearest_lists(q, self.centroids, widest, probes, kernel=self._host_kernel)
         k0 = min(k0 or math.ceil(k * scan.factor), max(len(self), k))  # never above N
         codes, scales, offsets, bits = self._scan_arrays
         dev = codes.device
