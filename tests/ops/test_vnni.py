@@ -26,11 +26,15 @@ def _dots(codes, w0, stride, valid, qwords, count, portable):
 
 
 @numba.njit
-def _masks(acc, count, fixes, scales, s0, valid, cuts):
-    out = np.zeros(count, np.int64)
+def _masks(acc, count, fixes, scales, s0, valid, cuts, chunks):
+    """Each query's rows left, by query (0: none), and the slots listed, in order."""
+    out = np.full(count, -1, np.int64)
     sel = np.arange(count)[::-1].copy()  # slot m cuts query count - 1 - m
-    tile_masks(acc, sel, count, fixes, scales, s0, valid, cuts, out)
-    return out[::-1]
+    found = tile_masks(acc, sel, count, fixes, scales, s0, valid, cuts, chunks[::-1].copy(), out)
+    rows = np.zeros(count, np.int64)
+    for x in range(found):
+        rows[count - 1 - (out[x] & 0xFFFFFFFF)] = out[x] >> 32
+    return rows, out[:found] & 0xFFFFFFFF
 
 
 @settings(max_examples=60, deadline=None)
@@ -60,16 +64,22 @@ def test_tile_dots_are_offset_dot_products(seed, d, valid, first, count) -> None
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**31), valid=st.integers(1, 16), s0=st.integers(0, 4), count=st.integers(1, 6))
 def test_tile_masks_cut_each_querys_scaled_scores(seed, valid, s0, count) -> None:
-    """Bit i of query m is set iff row i < valid scores ``(acc - fix) * scale >= cut`` in float32,
-    cuts on the scores themselves (ties) and between them."""
+    """Bit i of query m is set iff row i < valid scores ``(acc - fix) * scale >= cut`` in float32
+    and is wanted (its chunk bit), cuts on the scores themselves (ties) and between them; exactly
+    the slots with a bit left are listed, in slot order."""
     rng = np.random.default_rng(seed)
     acc = rng.integers(-(2**20), 2**20, (count, 16)).astype(np.int32)  # slot m: query count - 1 - m
     fixes = rng.integers(-(2**15), 2**15, count)
     scales = (rng.random(s0 + valid) + 0.01).astype(np.float32)
     scores = np.float32(acc - fixes[:, None])[:, :valid] * scales[s0:]
     cuts = np.array([rng.choice(row) + rng.choice([0, 0.5, -0.5]) for row in scores], dtype=np.float32)
-    want = [sum(1 << i for i in range(valid) if row[i] >= cut) for row, cut in zip(scores, cuts)]
-    assert _masks(acc[::-1].reshape(-1), count, fixes, scales, s0, valid, cuts).tolist() == want
+    chunks = rng.choice([0, 0xFFFF, 0xFFFFFFFF, *rng.integers(0, 1 << 16, 3)], count).astype(np.uint64)
+    want = [
+        sum(1 << i for i in range(valid) if row[i] >= cut) & int(chunk) for row, cut, chunk in zip(scores, cuts, chunks)
+    ]
+    rows, slots = _masks(acc[::-1].reshape(-1), count, fixes, scales, s0, valid, cuts, chunks)
+    assert rows.tolist() == want
+    assert slots.tolist() == [count - 1 - q for q in range(count - 1, -1, -1) if want[q]]
 
 
 @numba.njit

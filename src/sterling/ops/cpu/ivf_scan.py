@@ -349,12 +349,17 @@ def _scan_lists(
                     for tile in range(groups >> 4):
                         at = 16 * tile
                         tile_dots(codes32, r0 * groups + at, groups, valid, mq, at, groups, sel, picked, acc, tile == 0)
-                    tile_masks(acc, sel, picked, mfix, scales, r0, valid, mcut, hits)
-                for j in range(picked):
+                    found = tile_masks(acc, sel, picked, mfix, scales, r0, valid, mcut, chunks, hits)
+                else:
+                    found = picked
+                for x in range(found):  # the members with a row to score exactly: slot j, rows chunk
+                    if tiled:
+                        j = hits[x] & 0xFFFFFFFF
+                        chunk = np.uint64(hits[x]) >> np.uint64(32)
+                    else:
+                        j = x
+                        chunk = chunks[x]
                     i = sel[j]
-                    chunk = (chunks[j] & np.uint64(hits[j])) if tiled else chunks[j]
-                    if chunk == 0:
-                        continue
                     b = members[heads[c] + i]
                     size = sizes[b]
                     threshold = floor[b]

@@ -8,7 +8,8 @@ multiplies 4 bytes of the 16 rows by the same 4 bytes of the query, broadcast, a
 into 16 int32 lanes. The rows stay in registers across the queries (a GEMM micro-kernel with the
 queries as its long side), where a row-at-a-time dot pays a horizontal sum per row. The offset adds
 ``128 * sum(query codes)`` to every lane, which :func:`tile_masks` subtracts before it scales each
-row's sum and compares it with each query's cut.
+row's sum and compares it with each query's cut; it lists only the queries with a row left (most
+have none), so the caller's exact scoring visits no other.
 
 Without AVX-512 VNNI (or when numba compiles for a generic CPU) the same IR is written with plain
 vector multiplies and adds (``PORTABLE``), which LLVM lowers for whatever the CPU has; both are
@@ -157,14 +158,16 @@ of the rows."""
 
 
 def _tile_masks_codegen(context, builder, sig, args):
-    acc, sel, count, fixes, scales, s0, valid, cuts, out = args
+    acc, sel, count, fixes, scales, s0, valid, cuts, chunks, out = args
     sums_ptr = _base(context, builder, sig.args[0], acc)
     picks = _base(context, builder, sig.args[1], sel)
     fix_ptr = _base(context, builder, sig.args[3], fixes)
     cut_ptr = _base(context, builder, sig.args[7], cuts)
-    out_ptr = _base(context, builder, sig.args[8], out)
+    chunk_ptr = _base(context, builder, sig.args[8], chunks)
+    out_ptr = _base(context, builder, sig.args[9], out)
     lanes = _lanes_below(builder, valid)
     scale = _masked_load(builder, builder.gep(_base(context, builder, sig.args[4], scales), [s0]), lanes, _F16)
+    found = cgutils.alloca_once_value(builder, ir.Constant(_I64, 0))
     with cgutils.for_range(builder, count) as loop:
         m = loop.index
         row = builder.load(builder.gep(picks, [m]))
@@ -173,18 +176,22 @@ def _tile_masks_codegen(context, builder, sig, args):
         score = builder.fmul(builder.sitofp(builder.sub(builder.load(slot, align=4), fix), _F16), scale)
         cut = _splat(builder, builder.load(builder.gep(cut_ptr, [row])), _F16)
         above = builder.and_(builder.fcmp_ordered(">=", score, cut), lanes)
-        builder.store(builder.zext(builder.bitcast(above, ir.IntType(16)), _I64), builder.gep(out_ptr, [m]))
-    return ir.Constant(_I64, 0)
+        hit = builder.and_(builder.zext(builder.bitcast(above, ir.IntType(16)), _I64), builder.load(builder.gep(chunk_ptr, [m])))
+        at = builder.load(found)  # branch-free: every slot is written, a hit advances the end
+        builder.store(builder.or_(builder.shl(hit, ir.Constant(_I64, 32)), m), builder.gep(out_ptr, [at]))
+        builder.store(builder.add(at, builder.zext(builder.icmp_unsigned("!=", hit, ir.Constant(_I64, 0)), _I64)), found)
+    return builder.load(found)
 
 
 @intrinsic
-def tile_masks(typingctx, acc, sel, count, fixes, scales, s0, valid, cuts, out):
-    """``tile_masks(acc, sel, count, fixes, scales, s0, valid, cuts, out)``: for each ``m < count``
-    (query ``q = sel[m]``), ``out[m]`` (int64) gets bit i for each row ``i < valid`` whose score
-    ``(acc[16 m + i] - fixes[q]) * scales[s0 + i]`` (float32) is at least ``cuts[q]``; only
-    ``scales[s0 : s0 + valid]`` is read."""
+def tile_masks(typingctx, acc, sel, count, fixes, scales, s0, valid, cuts, chunks, out):
+    """``tile_masks(acc, sel, count, fixes, scales, s0, valid, cuts, chunks, out)``: for each ``m <
+    count`` (query ``q = sel[m]``), the rows ``i < valid`` whose score ``(acc[16 m + i] - fixes[q]) *
+    scales[s0 + i]`` (float32) is at least ``cuts[q]``, as bits, ANDed with ``chunks[m]`` (the rows
+    wanted); each m with a row left is appended to ``out`` (int64 [count]) as ``rows << 32 | m``,
+    in order, and their number is returned. Only ``scales[s0 : s0 + valid]`` is read."""
     i64 = types.int64
-    return types.int64(acc, sel, i64, fixes, scales, i64, i64, cuts, out), _tile_masks_codegen
+    return types.int64(acc, sel, i64, fixes, scales, i64, i64, cuts, chunks, out), _tile_masks_codegen
 
 
 def _prefetch_codegen(context, builder, sig, args):
