@@ -176,10 +176,14 @@ def _tile_masks_codegen(context, builder, sig, args):
         score = builder.fmul(builder.sitofp(builder.sub(builder.load(slot, align=4), fix), _F16), scale)
         cut = _splat(builder, builder.load(builder.gep(cut_ptr, [row])), _F16)
         above = builder.and_(builder.fcmp_ordered(">=", score, cut), lanes)
-        hit = builder.and_(builder.zext(builder.bitcast(above, ir.IntType(16)), _I64), builder.load(builder.gep(chunk_ptr, [m])))
+        hit = builder.and_(
+            builder.zext(builder.bitcast(above, ir.IntType(16)), _I64), builder.load(builder.gep(chunk_ptr, [m]))
+        )
         at = builder.load(found)  # branch-free: every slot is written, a hit advances the end
         builder.store(builder.or_(builder.shl(hit, ir.Constant(_I64, 32)), m), builder.gep(out_ptr, [at]))
-        builder.store(builder.add(at, builder.zext(builder.icmp_unsigned("!=", hit, ir.Constant(_I64, 0)), _I64)), found)
+        builder.store(
+            builder.add(at, builder.zext(builder.icmp_unsigned("!=", hit, ir.Constant(_I64, 0)), _I64)), found
+        )
     return builder.load(found)
 
 
