@@ -42,7 +42,7 @@ import torch
 
 from sterling.ops.cpu.atomics import fetch_add
 from sterling.ops.cpu.bits import cttz, popcount
-from sterling.ops.cpu.keys import compact, key, key_row, key_score, select_largest
+from sterling.ops.cpu.keys import compact, key, key_row, key_score, select_largest, sort_descending
 from sterling.ops.cpu.threads import finish_parts, run_chunked, run_parts, start_parts
 from sterling.ops.cpu.vnni import prefetch, tile_dots, tile_masks
 from sterling.ops.plan_program import ALL, AND, ANY, FALSE, NONE, TRUE, PlanProgram
@@ -385,6 +385,7 @@ def _merge(buf, sizes, out_s, out_r, lo, hi):
     k = out_s.shape[1]
     threads = buf.shape[0]
     keys = np.empty(threads * buf.shape[2], np.uint64)
+    best = np.empty(k, np.uint64)
     for b in range(lo, hi):
         size = 0
         for t in range(threads):
@@ -394,7 +395,7 @@ def _merge(buf, sizes, out_s, out_r, lo, hi):
         if size > k:
             select_largest(keys, size, k)
             size = k
-        best = np.sort(keys[:size])[::-1]
+        sort_descending(keys, size, best)
         for i in range(size):
             out_s[b, i] = key_score(best[i])
             out_r[b, i] = key_row(best[i])

@@ -1,8 +1,9 @@
 """IVF probe on the CPU (numba): each query's inner products with the centroids (a vectorised
 float32 dot per centroid), as (score, list) keys (:func:`sterling.ops.cpu.keys.key`), a cut from a
 sample of the keys, a branch-free quickselect of the p largest of those above it, and the largest
-moved first (or, without per-row counts, a sort of the p); queries split across the calling
-thread and the shared helpers (:mod:`sterling.ops.cpu.threads`). No torch op runs (see
+moved first (or, without per-row counts, the p sorted:
+:func:`sterling.ops.cpu.keys.sort_descending`); queries split across the calling thread and the
+shared helpers (:mod:`sterling.ops.cpu.threads`). No torch op runs (see
 :mod:`sterling.ops.nearest_lists`)."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import numba
 import numpy as np
 import torch
 
-from sterling.ops.cpu.keys import key, key_row, select_largest
+from sterling.ops.cpu.keys import key, key_row, select_largest, sort_descending
 from sterling.ops.cpu.threads import run_chunked
 
 _MIN_QUERIES_PER_THREAD = 16
@@ -77,21 +78,23 @@ def _nearest(queries, centroids, counts, out, finite, lo, hi):
     p = out.shape[1]
     scores = np.empty(c, np.float32)
     keys = np.empty(c, np.uint64)
+    ordered = np.empty(p, np.uint64)
     for b in range(lo, hi):
         if not _scores(queries, b, centroids, scores):
             finite[0] = False
             return
         _keep_largest(scores, keys, p)
         if len(counts) == 0:
-            keys[:p] = np.sort(keys[:p])[::-1]
-            n = p
-        else:
-            n = counts[b]
-            select_largest(keys, p, n)
-            top = 0
-            for i in range(1, n):
-                top = i if keys[i] > keys[top] else top
-            keys[0], keys[top] = keys[top], keys[0]
+            sort_descending(keys, p, ordered)
+            for i in range(p):
+                out[b, i] = key_row(ordered[i])
+            continue
+        n = counts[b]
+        select_largest(keys, p, n)
+        top = 0
+        for i in range(1, n):
+            top = i if keys[i] > keys[top] else top
+        keys[0], keys[top] = keys[top], keys[0]
         for i in range(n):
             out[b, i] = key_row(keys[i])
         for i in range(n, p):
