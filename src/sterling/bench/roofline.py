@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from sterling.index.item_index import ItemIndex
+from sterling.ops.nearest_lists import nearest_lists
 
 __all__ = ["Peaks", "ScanWork", "measure_peaks", "scan_work"]
 
@@ -85,7 +86,7 @@ def scan_work(index: ItemIndex, queries: torch.Tensor, filters: list[str | None]
             probes[mine] = record["nprobe"]
     widest = int(probes.max()) if len(probes) else 0
     if widest:
-        lists = torch.topk(queries.float() @ centroids.T, min(widest, nlist), dim=1).indices  # [B, P]
+        lists = nearest_lists(queries.float(), centroids, min(widest, nlist))  # [B, P], the search's probe
         probed = torch.arange(lists.shape[1]) < probes[:, None]  # [B, P]
         touched = torch.zeros(nlist, dtype=torch.bool)
         touched[lists[probed]] = True
