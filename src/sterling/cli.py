@@ -45,7 +45,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from sterling.bench.report import Benchmark
+from sterling.bench.report import Benchmark, comma_list
 
 __all__ = ["main"]
 
@@ -194,17 +194,6 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
-def _int_list(text: str, option: str) -> tuple[int, ...]:
-    """``"5,10,20"`` → ``(5, 10, 20)``; a clear error for anything else."""
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ValueError(f"{option} takes comma-separated integers, got {text!r}") from None
-    if not values:
-        raise ValueError(f"{option} takes comma-separated integers, got {text!r}")
-    return values
-
-
 def _nan_to_none(value):
     """``value`` (JSON-like) with every NaN float replaced by None, so it is strict JSON."""
     if isinstance(value, dict):
@@ -291,7 +280,7 @@ def _train_retrieval(args: argparse.Namespace) -> None:
         "query_time": args.query_time,
         "tie_order": args.tie_order,
         "train_events": args.train_events,
-        "cutoffs": None if args.cutoffs is None else _int_list(args.cutoffs, "--cutoffs"),
+        "cutoffs": None if args.cutoffs is None else comma_list(args.cutoffs, "--cutoffs", int),
         "exclude_seen": args.exclude_seen,
     }
     cfg = RetrievalConfig(

@@ -1,4 +1,5 @@
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import torch
 
 import sterling.bench.ann as ann
 from sterling.bench.ann import AnnBenchConfig, format_table, make_catalogue, passing, run
+from sterling.cli import main
 
 TINY = AnnBenchConfig(
     n=3000, d=16, k=10, queries=12, batch=4, batch1_queries=3, nlist=16, nprobes=(16,), hnsw_efs=(64,)
@@ -127,3 +129,18 @@ def test_ground_truth_in_chunks_is_brute_force(monkeypatch) -> None:
             rows = torch.from_numpy(np.flatnonzero(passing(cat, flt)))
             want.append(set(rows[torch.topk(x[rows] @ q[i], min(30, len(rows))).indices].tolist()))
         assert ann.ground_truth(cat, filters, 30) == want
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--nprobes", "3.5,8", "--nprobes takes comma-separated integers, got '3.5,8'"),
+        ("--nprobes", "8,0", "--nprobes takes probe counts >= 1"),
+        ("--nprobes", ",", "--nprobes names nothing"),
+        ("--systems", "faiss,annoy", "unknown systems \\['annoy'\\]"),
+    ],
+)
+def test_bad_options_are_named(flag: str, value: str, message: str, capsys) -> None:
+    """A bad option value is a one-line error naming the option (exit status 2), before any build."""
+    assert main(["bench", "ann", "--n", "1000", "--movielens", "none", flag, value]) == 2
+    assert re.search(message, capsys.readouterr().err)

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from sterling.bench.peers import PEERS
-from sterling.bench.report import Benchmark, write_json
+from sterling.bench.report import Benchmark, comma_list, write_json
 from sterling.bench.roofline import measure_peaks, scan_work
 from sterling.index.attributes import AttributeStore
 from sterling.index.config import auto_nlist
@@ -625,12 +625,15 @@ def cli(args: argparse.Namespace) -> int:
     if args.n:
         cfg = replace(cfg, n=args.n, nlist=auto_nlist(args.n))
     if args.nprobes:
-        cfg = replace(cfg, nprobes=tuple(int(p) for p in args.nprobes.split(",")))
+        nprobes = comma_list(args.nprobes, "--nprobes", int)
+        if min(nprobes) < 1:
+            raise ValueError(f"--nprobes takes probe counts >= 1, got {args.nprobes!r}")
+        cfg = replace(cfg, nprobes=nprobes)
     modes = ("per_query", "shared") if args.mode == "both" else (args.mode,)
     movielens = args.movielens
     if movielens is None and DEFAULT_MOVIELENS.is_dir():
         movielens = DEFAULT_MOVIELENS
-    systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
+    systems = comma_list(args.systems, "--systems")
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
         raise ValueError(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")

@@ -39,7 +39,8 @@ def comma_list(text: str, option: str, kind: type = str) -> tuple:
     try:
         values = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
     except ValueError:
-        raise ValueError(f"{option} takes comma-separated {kind.__name__} values, got {text!r}") from None
+        noun = {int: "integers", float: "numbers"}.get(kind, f"{kind.__name__} values")
+        raise ValueError(f"{option} takes comma-separated {noun}, got {text!r}") from None
     if not values:
         raise ValueError(f"{option} names nothing: {text!r}")
     return values
